@@ -1,0 +1,29 @@
+# `make test` and `make demo` set everything up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch first and pinned to a release in range, so pip takes the local CPU wheel
+# instead of resolving a multi-GB CUDA build for the unpinned dependency.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -n 2 --dist loadfile
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/samlm demo
+
+bench: $(STAMP)
+	$(VENV)/bin/samlm bench --steps 20 --json runs/bench.json
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+from samlm.cli import main
+
+raise SystemExit(main())

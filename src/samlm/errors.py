@@ -1,0 +1,14 @@
+"""User-facing errors: one clear line, exit code 2, never a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in the user's flags, config, data or model, reported as one line.
+
+    The CLI catches it, prints ``samlm: error: <message>`` to stderr and exits with code 2.
+    """
+
+    exit_code = 2
+
+
+class NonFiniteLossError(UserError):
+    """Training produced non-finite losses for more consecutive steps than allowed."""
