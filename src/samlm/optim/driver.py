@@ -1,0 +1,403 @@
+"""The step driver: every forward/backward pass of one optimizer step, in one place.
+
+For a SAM-family optimizer, one step over the (micro-)batch is, for each m-sharpness group:
+
+    1. ascent    forward+backward on the group's first ⌈ascent_fraction·rows⌉ rows at w,
+                 under no_sync (per-replica ε) unless ``sync_ascent``
+    2. clean     (functional descent only) r = ∂L/∂outputs at w for the group's other rows,
+                 a forward without a parameter backward
+    3. perturb   w ← w + ε
+    4. descent   forward+backward on all the group's rows at w+ε, accumulated across micro-
+                 batches and groups; only the step's very last backward syncs gradients
+    5. restore   w ← saved copy (bitwise)
+
+then one base-optimizer step on the accumulated descent gradient (unscaled, clipped, and
+skipped if non-finite). Micro-batch losses are weighted by their share of rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .batching import GroupPlan, Piece, as_micro_batches, batch_rows, plan_step, slice_rows
+from .sam import SharpnessAware
+
+Forward = Callable[..., Tensor]
+Loss = Callable[[Tensor, object], Tensor]
+
+
+@dataclass
+class StepStats:
+    loss: float                     # mean loss at w (ascent rows; all rows for plain optimizers)
+    loss_perturbed: float           # mean loss at w+ε over all rows
+    grad_norm: float                # ‖g‖ of the ascent gradient (scaled by the rule's T or 1/P)
+    eps_norm: float                 # ‖ε‖
+    update_grad_norm: float         # ‖d‖ of the descent gradient fed to the base optimizer
+    skipped: bool                   # the base step was not taken (non-finite gradient)
+    ascent_nonfinite: bool          # the ascent gradient was non-finite (ε = 0 or step skipped)
+    logit_path_norm: Optional[float] = None       # ‖g_SAM − g_F‖, with split=True
+    functional_path_norm: Optional[float] = None  # ‖g_F − g‖, with split=True
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class _Passes:
+    """Runs forward/backward on pieces of the step's micro-batches with the step's settings."""
+
+    def __init__(self, micro_batches, forward, loss, model, scaler, autocast_dtype, device):
+        self.micro_batches = micro_batches
+        self.forward_fn = forward
+        self.loss_fn = loss
+        self.model = model
+        self.scaler = scaler
+        self.autocast = (
+            (lambda: torch.autocast(device_type=device.type, dtype=autocast_dtype))
+            if autocast_dtype is not None
+            else contextlib.nullcontext
+        )
+
+    def no_sync(self, skip_sync: bool = True):
+        if skip_sync and self.model is not None and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def forward(self, piece: Piece):
+        batch = slice_rows(self.micro_batches[piece.micro], piece.start, piece.stop)
+        with self.autocast():
+            return self.forward_fn(batch), batch
+
+    def loss(self, outputs: Tensor, batch) -> Tensor:
+        with self.autocast():
+            value = self.loss_fn(outputs, batch)
+        if not (isinstance(value, Tensor) and value.dim() == 0):
+            raise ValueError("loss(outputs, batch) must return a scalar tensor (the batch's mean loss)")
+        return value
+
+    def backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def backward_outputs(self, outputs: Tensor, cotangent: Tensor) -> None:
+        """Jᵀ·cotangent into p.grad: the VJP of a fixed output cotangent."""
+        if self.scaler is not None:
+            cotangent = cotangent * self.scaler.get_scale()
+        outputs.backward(cotangent.to(outputs.dtype))
+
+
+def _outputs_tensor(outputs, what: str) -> Tensor:
+    if not isinstance(outputs, Tensor):
+        raise ValueError(
+            f"{what} needs forward(batch) to return the output tensor (logits), got {type(outputs).__name__}"
+        )
+    return outputs
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _descent_params(optimizer) -> list[Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+
+
+def _unscale_and_check(optimizer, scaler, max_grad_norm) -> Tensor:
+    """Unscale (GradScaler), clip if asked, and return ‖d‖ (non-finite if any entry is)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_grad_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def _validate_step_args(batch, forward, loss):
+    if not callable(forward) or not callable(loss):
+        raise ValueError("train_step(batch, forward, loss): forward and loss must be callables")
+    micro_batches = as_micro_batches(batch)
+    return micro_batches, [batch_rows(b) for b in micro_batches]
+
+
+def _device_of(optimizer) -> torch.device:
+    return next(p for g in optimizer.param_groups for p in g["params"]).device
+
+
+def plain_step(optimizer: torch.optim.Optimizer, batch, forward: Forward, loss: Loss, *,
+               model=None, scaler=None, autocast_dtype=None, max_grad_norm=None, split=False) -> StepStats:
+    """One step of a plain optimizer with the same conventions as the SAM driver."""
+    if split:
+        raise ValueError("split=True needs a SAM-family optimizer (it splits SAM's extra gradient)")
+    micro_batches, sizes = _validate_step_args(batch, forward, loss)
+    total = sum(sizes)
+    passes = _Passes(micro_batches, forward, loss, model, scaler, autocast_dtype, _device_of(optimizer))
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros(())
+    for k, size in enumerate(sizes):
+        with passes.no_sync(skip_sync=k < len(sizes) - 1):
+            outputs, rows = passes.forward(Piece(k, 0, size))
+            value = passes.loss(outputs, rows)
+            passes.backward(value * (size / total))
+        loss_sum = loss_sum.to(value.device) + _at_least_fp32(value) * (size / total)
+    update_norm = _unscale_and_check(optimizer, scaler, max_grad_norm)
+    skipped = _finish_step(optimizer, scaler, update_norm)
+    loss_value, norm_value = torch.stack([loss_sum, update_norm.to(loss_sum)]).tolist()
+    return StepStats(loss_value, loss_value, norm_value, 0.0, norm_value, skipped, False)
+
+
+def _finish_step(optimizer, scaler, update_norm: Tensor, on_step: Callable[[], None] = lambda: None) -> bool:
+    """Take ``optimizer``'s step unless the descent gradient is non-finite. Returns skipped."""
+    if scaler is not None:
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale_before  # GradScaler backs off exactly when it skipped
+    else:
+        skipped = not bool(torch.isfinite(update_norm))
+        if not skipped:
+            optimizer.step()
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        on_step()
+    return skipped
+
+
+def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Loss, *,
+                         model=None, scaler=None, autocast_dtype=None, max_grad_norm=None,
+                         split: bool = False) -> StepStats:
+    """One SAM-family optimizer step over ``batch`` (a list = accumulated micro-batches).
+
+    Args:
+        model: the (possibly DDP-wrapped) module; its ``no_sync()`` keeps the ascent pass
+            and all but the last descent backward local to the replica.
+        scaler: a ``torch.amp.GradScaler`` for fp16: the ascent gradient is unscaled before
+            ε is computed; a non-finite ascent gradient skips the step as GradScaler would.
+        autocast_dtype: run forward and loss under ``torch.autocast`` with this dtype.
+        max_grad_norm: clip the descent gradient before the base step.
+        split: also measure SAM's extra gradient split into its logit path
+            ‖g_SAM − g_F‖ and functional path ‖g_F − g‖ (costs one extra VJP per piece and,
+            when ascent_fraction < 1, a clean backward on the rest of the batch).
+    """
+    micro_batches, sizes = _validate_step_args(batch, forward, loss)
+    plans = plan_step(sizes, opt.ascent_fraction, opt.m)
+    total = sum(sizes)
+    device = _device_of(opt)
+    passes = _Passes(micro_batches, forward, loss, model, scaler, autocast_dtype, device)
+    functional = opt.descent == "functional"
+    params = _descent_params(opt)
+    split_buffers = _SplitBuffers(params) if split else None
+
+    opt.zero_grad(set_to_none=True)
+    f32 = dict(dtype=torch.promote_types(params[0].dtype, torch.float32), device=device)
+    loss_clean, loss_perturbed = torch.zeros((), **f32), torch.zeros((), **f32)
+    grad_norms, eps_norms, oks = [], [], []
+    descent_so_far: Optional[list] = None  # m > 1: earlier groups' descent gradients, set aside
+    for index, plan in enumerate(plans):
+        if index > 0:
+            descent_so_far = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+
+        # 1-2. ascent gradient at w (and, when needed, the clean output cotangents r(w))
+        need_cotangents = functional or split
+        ascent_loss, cotangents = _ascent(passes, plan, total, need_cotangents, split_buffers, params)
+        loss_clean += ascent_loss * (plan.ascent_rows / sum(pl.ascent_rows for pl in plans))
+        if need_cotangents:
+            _clean_cotangents(passes, plan, total, cotangents, split_buffers, params)
+        if opt.sync_ascent:
+            _all_reduce_mean([p.grad for p in params if p.grad is not None])
+        if scaler is not None and _ascent_overflowed(opt, scaler):
+            return _skip_for_overflow(opt, scaler, loss_clean)
+
+        # 3. perturb
+        grad_norm, eps_norm, ok = opt.perturb()
+        grad_norms.append(grad_norm), eps_norms.append(eps_norm), oks.append(ok)
+        for p, g in zip(params, descent_so_far or [None] * len(params)):
+            p.grad = g  # the descent accumulates onto earlier groups' gradients
+
+        # 4. descent at w+ε
+        try:
+            last_group = index == len(plans) - 1
+            loss_perturbed += _descent(passes, plan, total, functional, cotangents, split_buffers,
+                                       params, sync_at_end=last_group)
+        finally:
+            # 5. restore w exactly, even if a pass raised
+            opt.restore()
+
+    update_norm = _unscale_and_check(opt.base_optimizer, scaler, max_grad_norm)
+    skipped = _finish_step(opt.base_optimizer, scaler, update_norm, on_step=opt.after_base_step)
+    grad_norm = torch.stack(grad_norms).square().mean().sqrt()
+    eps_norm = torch.stack(eps_norms).square().mean().sqrt()
+    ascent_nonfinite = ~torch.stack([torch.isfinite(n) for n in grad_norms]).all()
+    zero_norm = torch.stack([n == 0 for n in grad_norms]).any()
+    split_norms = split_buffers.norms(params, functional) if split else []
+    values = torch.stack([v.to(device=device, dtype=f32["dtype"]) for v in (
+        loss_clean, loss_perturbed, grad_norm, eps_norm, update_norm.to(device), ascent_nonfinite, zero_norm,
+        *split_norms)]).tolist()  # the step's one host sync
+    if skipped:
+        opt.counters["skipped_steps"] += 1
+    opt.counters["ascent_nonfinite"] += int(values[5])
+    opt.counters["zero_grad_norm"] += int(values[6] and not values[5])
+    stats = StepStats(values[0], values[1], values[2], values[3], values[4], skipped, bool(values[5]))
+    if split:
+        stats.logit_path_norm, stats.functional_path_norm = values[7], values[8]
+    return stats
+
+
+def _ascent(passes: _Passes, plan: GroupPlan, total: int, need_cotangents: bool, split_buffers, params):
+    """Ascent gradient of the mean loss over the group's ascent rows, into p.grad."""
+    ascent_rows = plan.ascent_rows
+    loss_sum = None
+    cotangents: dict[Piece, Tensor] = {}
+    for piece in plan.ascent:
+        weight = piece.rows / ascent_rows
+        with passes.no_sync():
+            outputs, rows = passes.forward(piece)
+            value = passes.loss(outputs, rows)
+            if need_cotangents:
+                outputs = _outputs_tensor(outputs, "Functional-SAM")
+                (r,) = torch.autograd.grad(value, outputs, retain_graph=True)
+                cotangents[piece] = _at_least_fp32(r)  # ∂(piece mean loss)/∂outputs at w
+                if split_buffers is not None:
+                    split_buffers.add_clean(torch.autograd.grad(
+                        outputs, params, r * (piece.rows / total), retain_graph=True, allow_unused=True))
+                passes.backward_outputs(outputs, r * weight)
+            else:
+                passes.backward(value * weight)
+        term = _at_least_fp32(value) * weight
+        loss_sum = term if loss_sum is None else loss_sum + term
+    return loss_sum, cotangents
+
+
+def _clean_cotangents(passes: _Passes, plan: GroupPlan, total: int, cotangents: dict, split_buffers, params):
+    """r(w) for the group's rows outside the ascent prefix: a forward at w, no parameter backward
+    (unless split=True, which also needs the clean gradient g on these rows)."""
+    ascent_by_micro = {p.micro: p for p in plan.ascent}
+    for piece in plan.descent:
+        done = ascent_by_micro.get(piece.micro)
+        start = done.stop if done is not None and done.start == piece.start else piece.start
+        if start >= piece.stop:
+            continue
+        rest = Piece(piece.micro, start, piece.stop)
+        with passes.no_sync(), torch.set_grad_enabled(split_buffers is not None):
+            outputs, rows = passes.forward(rest)
+        outputs = _outputs_tensor(outputs, "Functional-SAM")
+        leaf = outputs if split_buffers is not None else outputs.detach().requires_grad_()
+        with torch.enable_grad():
+            (r,) = torch.autograd.grad(passes.loss(leaf, rows), leaf, retain_graph=split_buffers is not None)
+        cotangents[rest] = _at_least_fp32(r)
+        if split_buffers is not None:
+            with passes.no_sync():
+                split_buffers.add_clean(torch.autograd.grad(
+                    outputs, params, r * (rest.rows / total), allow_unused=True))
+
+
+def _cotangent_for(piece: Piece, cotangents: dict) -> Tensor:
+    """Concatenate the stored r(w) sub-pieces that make up this descent piece, in row order."""
+    parts = sorted((p for p in cotangents if p.micro == piece.micro and piece.start <= p.start < piece.stop),
+                   key=lambda p: p.start)
+    mean_parts = [cotangents[p] * (p.rows / piece.rows) for p in parts]  # per-piece mean → piece mean
+    return mean_parts[0] if len(mean_parts) == 1 else torch.cat(mean_parts, dim=0)
+
+
+def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cotangents: dict,
+             split_buffers, params, sync_at_end: bool) -> Tensor:
+    """Descent gradient at w+ε, weighted by each piece's share of the step's rows, into p.grad."""
+    loss_sum = None
+    last = len(plan.descent) - 1
+    for j, piece in enumerate(plan.descent):
+        weight = piece.rows / total
+        with passes.no_sync(skip_sync=not (sync_at_end and j == last)):
+            outputs, rows = passes.forward(piece)
+            if functional or split_buffers is not None:
+                outputs = _outputs_tensor(outputs, "Functional-SAM")
+                r_clean = _cotangent_for(piece, cotangents) * weight
+                value = passes.loss(outputs, rows)
+                (r_perturbed,) = torch.autograd.grad(value, outputs, retain_graph=True)
+                r_perturbed = r_perturbed * weight
+                used, other = (r_clean, r_perturbed) if functional else (r_perturbed, r_clean)
+                if split_buffers is not None:
+                    split_buffers.add_other(torch.autograd.grad(
+                        outputs, params, other.to(outputs.dtype), retain_graph=True, allow_unused=True))
+                passes.backward_outputs(outputs, used)
+            else:
+                value = passes.loss(outputs, rows)
+                passes.backward(value * weight)
+        term = _at_least_fp32(value) * weight
+        loss_sum = term if loss_sum is None else loss_sum + term
+    return loss_sum
+
+
+class _SplitBuffers:
+    """Accumulates g (clean) and the descent's counterpart (g_F or g_SAM) for split=True."""
+
+    def __init__(self, params):
+        self.clean = [torch.zeros_like(_at_least_fp32(p)) for p in params]
+        self.other = [torch.zeros_like(_at_least_fp32(p)) for p in params]
+
+    @staticmethod
+    def _add(buffers, grads):
+        for b, g in zip(buffers, grads):
+            if g is not None:
+                b.add_(g)
+
+    def add_clean(self, grads):
+        self._add(self.clean, grads)
+
+    def add_other(self, grads):
+        self._add(self.other, grads)
+
+    def norms(self, params, functional: bool) -> list[Tensor]:
+        """(‖δ_logit‖, ‖δ_func‖) with δ_logit = g_SAM − g_F and δ_func = g_F − g."""
+        descent = [_at_least_fp32(p.grad) if p.grad is not None else torch.zeros_like(b) for p, b in zip(params, self.clean)]
+        g_sam, g_f = (self.other, descent) if functional else (descent, self.other)
+        logit = torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(g_sam, g_f)]).norm()
+        func = torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(g_f, self.clean)]).norm()
+        return [logit, func]
+
+
+def _all_reduce_mean(tensors: list[Tensor]) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(dist.get_world_size())
+
+
+def _ascent_overflowed(opt: SharpnessAware, scaler) -> bool:
+    """fp16: unscale the ascent gradient in place; True if it is non-finite (one host sync)."""
+    inv_scale = 1.0 / scaler.get_scale()
+    grads = [p.grad for p in opt._params_with_grad()]
+    torch._foreach_mul_(grads, inv_scale)
+    norm = torch.nn.utils.get_total_norm(grads)
+    if bool(torch.isfinite(norm)):
+        return False
+    return True
+
+
+def _skip_for_overflow(opt: SharpnessAware, scaler, loss_clean: Tensor) -> StepStats:
+    """The ascent gradient overflowed: skip the perturbation and the step, and let GradScaler
+    back off its scale exactly as it does for a non-finite gradient."""
+    scaler.unscale_(opt.base_optimizer)  # records the inf for this optimizer
+    scaler.step(opt.base_optimizer)      # skipped: inf found
+    scaler.update()                      # backs the scale off
+    opt.zero_grad(set_to_none=True)
+    opt.counters["skipped_steps"] += 1
+    opt.counters["ascent_nonfinite"] += 1
+    nan = float("nan")
+    return StepStats(float(loss_clean), nan, nan, 0.0, nan, True, True)
+
+
+def train_step(optimizer: torch.optim.Optimizer, batch, forward: Forward, loss: Loss, **kwargs) -> StepStats:
+    """One optimizer step for any optimizer: SAM-family wrappers run their passes, plain
+    optimizers one forward/backward per micro-batch. Same arguments as ``sharpness_aware_step``."""
+    if isinstance(optimizer, SharpnessAware):
+        return sharpness_aware_step(optimizer, batch, forward, loss, **kwargs)
+    return plain_step(optimizer, batch, forward, loss, **kwargs)

@@ -1,0 +1,318 @@
+"""The SAM family as one optimizer wrapper with two pluggable parts.
+
+A step of every variant is
+
+    g   = ∇L_a(w)                         ascent gradient, on a micro-batch a of the batch
+    ε   = rule(w, g)                      the perturbation (perturbations.py)
+    d   = ∇L(w+ε)            (standard)   descent gradient at the perturbed point, or
+    d   = J(w+ε)ᵀ r(w)       (functional) its functional path only: r = ∂L/∂outputs at w
+    w  ← base_step(w, d)                  weights restored bitwise before the base step
+
+This module holds the state and the math of the step; ``driver.py`` runs the passes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, perturbation_norm, squared_norm
+from .preconditioners import Preconditioners, find_reader
+
+DESCENTS = ("standard", "functional")
+
+
+class SharpnessAware(torch.optim.Optimizer):
+    """Wraps a base optimizer *instance*; ``param_groups`` are the base optimizer's own list.
+
+    Args:
+        base: any ``torch.optim.Optimizer``; it takes the final step at the restored weights.
+        perturbation: a rule object (``Euclidean``, ``Adaptive``, ``Preconditioned`` or your own).
+        descent: ``"standard"`` (∇L(w+ε)) or ``"functional"`` (J(w+ε)ᵀ r(w), Functional-SAM).
+        ascent_fraction: the ascent gradient uses the first ⌈ascent_fraction·b⌉ rows of each
+            group's batch (Bahri et al.: 0.25; 1.0 is classic SAM).
+        m: m-sharpness groups; each group of b/m rows gets its own ε and the groups' SAM
+            gradients are averaged.
+        sync_ascent: under torch.distributed, all-reduce the ascent gradient so every replica
+            uses the same global ε (exact global SAM). Off by default: per-replica ε, as in
+            Foret et al. and the paper, i.e. m-sharpness with m = number of replicas.
+        grad_norm_fn: how to reduce the squared norm of local tensors to a global one (FSDP
+            passes an all-reduce over shards); default: local sum.
+    """
+
+    def __init__(
+        self,
+        base: torch.optim.Optimizer,
+        perturbation: PerturbationRule,
+        *,
+        descent: str = "standard",
+        ascent_fraction: float = 0.25,
+        m: int = 1,
+        sync_ascent: bool = False,
+        grad_norm_fn: Optional[Callable[[Tensor], Tensor]] = None,
+    ):
+        if not isinstance(base, torch.optim.Optimizer):
+            raise ValueError(
+                f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}"
+            )
+        if isinstance(base, SharpnessAware):
+            raise ValueError("base is already a SAM optimizer; wrap the plain base optimizer instead")
+        if not isinstance(perturbation, PerturbationRule):
+            raise ValueError(
+                "perturbation must provide rho, needs_preconditioner, scaled_gradient() and direction()"
+            )
+        if descent not in DESCENTS:
+            raise ValueError(f"descent must be one of {DESCENTS}, got {descent!r}")
+        if not (isinstance(ascent_fraction, (int, float)) and 0 < ascent_fraction <= 1):
+            raise ValueError(f"ascent_fraction must be in (0, 1], got {ascent_fraction!r}")
+        if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
+            raise ValueError(f"m must be an integer >= 1, got {m!r}")
+        if perturbation.needs_preconditioner and find_reader(base) is None:
+            raise ValueError(
+                f"{type(perturbation).__name__} perturbation needs a base optimizer with second moments "
+                f"(Adam, AdamW, Adafactor, or one registered with register_preconditioner); "
+                f"got {type(base).__name__}"
+            )
+        self.base_optimizer = base
+        self.perturbation = perturbation
+        self.descent = descent
+        self.ascent_fraction = float(ascent_fraction)
+        self.m = m
+        self.sync_ascent = sync_ascent
+        self.grad_norm_fn = grad_norm_fn
+        self.counters = {"steps": 0, "skipped_steps": 0, "ascent_nonfinite": 0, "zero_grad_norm": 0}
+        self._saved: Optional[list[Tensor]] = None  # weights at w while perturbed: not state
+        self._perturbed = False
+        # torch.optim.Optimizer.__init__ assigns self.param_groups = [] and re-adds each group;
+        # the property below routes that to the base, which ends up with its same group dicts.
+        super().__init__(list(base.param_groups), base.defaults)
+
+    # -- param_groups are the base optimizer's, always (LR schedulers act on either) --------
+    @property
+    def param_groups(self):
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        self.base_optimizer.param_groups = groups
+
+    @property
+    def rho(self) -> float:
+        return self.perturbation.rho
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.base_optimizer.add_param_group(param_group)
+
+    def _params_with_grad(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    # -- the math of one step ---------------------------------------------------------------
+    def _global_norm(self, squared: Tensor) -> Tensor:
+        if self.grad_norm_fn is not None:
+            squared = self.grad_norm_fn(squared)
+        return squared.sqrt()
+
+    @torch.no_grad()
+    def perturb(self) -> tuple[Tensor, Tensor, Tensor]:
+        """w ← w + ε(w, g) with g in ``p.grad``; saves w for an exact restore.
+
+        Returns (‖scaled g‖, ‖ε‖, ok). ``ok`` is False when g is non-finite or zero; then
+        ε = 0 (an unperturbed step), decided on the device without a host sync.
+        """
+        if self._perturbed:
+            raise RuntimeError("perturb() called twice without restore(); call restore() first")
+        params = self._params_with_grad()
+        if not params:
+            raise RuntimeError("no parameter has a gradient: run backward on the ascent loss first")
+        grads = [p.grad for p in params]
+        precond = self._preconditioner(params)
+        norm = self._global_norm(perturbation_norm(self.perturbation, params, grads, precond).square())
+        ok = torch.isfinite(norm) & (norm > 0)
+        scale = torch.where(ok, self.perturbation.rho / (norm + 1e-12), torch.zeros_like(norm))
+
+        self._save_weights(params)
+        eps_sq = torch.zeros_like(norm)
+        for p, g in zip(params, grads):
+            # out of place: direction() may return p.grad itself
+            eps = torch.where(ok, self.perturbation.direction(p, g, precond(p)) * scale, 0.0)
+            eps_sq += squared_norm(eps)
+            p.add_(eps.to(p.dtype))
+        self._perturbed = True
+        return norm, self._global_norm(eps_sq), ok
+
+    def _preconditioner(self, params):
+        if self.perturbation.needs_preconditioner:
+            return Preconditioners(self.base_optimizer, params)
+        return lambda param: None
+
+    def _save_weights(self, params: list[Tensor]) -> None:
+        # One parameter-sized buffer, reused across steps; never part of state_dict().
+        if self._saved is None or len(self._saved) != len(params) or any(
+            s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
+            for s, p in zip(self._saved, params)
+        ):
+            self._saved = [torch.empty_like(p) for p in params]
+        self._saved_params = params
+        torch._foreach_copy_(self._saved, [p.detach() for p in params])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """w+ε → w, bitwise: a copy of the saved weights, never w+ε−ε."""
+        if not self._perturbed:
+            return
+        for p, saved in zip(self._saved_params, self._saved):
+            p.copy_(saved)
+        self._perturbed = False
+
+    def base_step(self) -> None:
+        self.base_optimizer.step()
+        self.after_base_step()
+
+    def after_base_step(self) -> None:
+        self.counters["steps"] += 1
+        self._opt_called = True  # tells LR schedulers that an optimizer step happened
+
+    # -- the surface PyTorch users know (davda54/sam) ---------------------------------------
+    def _require_standard(self, what: str) -> None:
+        if self.descent == "functional":
+            raise RuntimeError(
+                f"{type(self).__name__}.{what} is not available: the functional descent needs the "
+                "clean output cotangent r(w); use opt.train_step(batch, forward, loss)"
+            )
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to w+ε using the gradient currently in ``p.grad`` (computed at w)."""
+        self._require_standard("first_step()")
+        norm, _, ok = self.perturb()
+        if not bool(ok):  # one host sync: this surface reports through counters only
+            self.counters["ascent_nonfinite" if not bool(torch.isfinite(norm)) else "zero_grad_norm"] += 1
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w and take the base optimizer's step with the gradient computed at w+ε."""
+        self._require_standard("second_step()")
+        self.restore()
+        self.base_step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+        """SAM step with a closure that recomputes the loss and calls backward.
+
+        As in davda54/sam, the gradient at w must already be in ``p.grad``. Returns the
+        closure's loss (at w+ε).
+        """
+        self._require_standard("step(closure)")
+        if closure is None:
+            raise ValueError(
+                "SAM.step() needs a closure that re-evaluates the loss and calls backward(); "
+                "or use opt.train_step(batch, forward, loss), or first_step()/second_step()"
+            )
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            loss = closure()
+        self.second_step()
+        return loss
+
+    def train_step(self, batch, forward, loss, **kwargs):
+        """One optimizer step that owns all passes; see ``samlm.optim.driver.train_step``."""
+        from .driver import sharpness_aware_step
+
+        return sharpness_aware_step(self, batch, forward, loss, **kwargs)
+
+    # -- checkpointing: the base optimizer's full state, nothing transient ------------------
+    def config(self) -> dict:
+        return {
+            "class": type(self).__name__,
+            "perturbation": type(self.perturbation).__name__,
+            "rho": self.perturbation.rho,
+            "descent": self.descent,
+            "ascent_fraction": self.ascent_fraction,
+            "m": self.m,
+            "sync_ascent": self.sync_ascent,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "base_optimizer": self.base_optimizer.state_dict(),
+            "counters": dict(self.counters),
+            "config": self.config(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "base_optimizer" not in state_dict:
+            if "state" in state_dict and "param_groups" in state_dict:
+                # A plain optimizer's state dict: load it into the base optimizer.
+                self.base_optimizer.load_state_dict(state_dict)
+                return
+            raise ValueError("not a samlm optimizer state dict: it has no 'base_optimizer' entry")
+        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self.counters.update(state_dict.get("counters", {}))
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "class")
+        return f"{type(self).__name__}({cfg},\n  base={self.base_optimizer!r})"
+
+
+def _wrap_base(base, base_optimizer, base_kwargs, name):
+    """Accept an optimizer instance, or davda54's (params, base_optimizer_cls, **kwargs)."""
+    if isinstance(base, torch.optim.Optimizer):
+        if base_optimizer is not None or base_kwargs:
+            raise ValueError(f"{name}: pass either an optimizer instance or (params, optimizer class, **kwargs)")
+        return base
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        return base_optimizer(base, **base_kwargs)
+    raise ValueError(
+        f"{name} wraps a torch.optim.Optimizer instance, e.g. {name}(torch.optim.AdamW(model.parameters()))"
+    )
+
+
+class SAM(SharpnessAware):
+    """Sharpness-Aware Minimization (Foret et al.) with Bahri et al.'s micro-batch ascent.
+
+    ``SAM(base)`` wraps an optimizer instance. davda54/sam's form
+    ``SAM(params, torch.optim.SGD, rho=0.05, adaptive=False, lr=0.1)`` also works.
+    """
+
+    def __init__(self, base, base_optimizer=None, *, rho: float = 0.05, adaptive: bool = False,
+                 eta: float = 0.0, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
+        sam_kwargs = {k: kwargs.pop(k) for k in ("sync_ascent", "grad_norm_fn") if k in kwargs}
+        base = _wrap_base(base, base_optimizer, kwargs, type(self).__name__)
+        rule = Adaptive(rho=rho, eta=eta) if adaptive else Euclidean(rho=rho)
+        super().__init__(base, rule, ascent_fraction=ascent_fraction, m=m, **sam_kwargs)
+
+
+class ASAM(SharpnessAware):
+    """Adaptive SAM (Kwon et al. 2021): ε = ρ T²g/‖Tg‖, T = |w| + η."""
+
+    def __init__(self, base, rho: float = 0.5, eta: float = 0.01, *, ascent_fraction: float = 0.25,
+                 m: int = 1, **kwargs):
+        super().__init__(base, Adaptive(rho=rho, eta=eta), ascent_fraction=ascent_fraction, m=m, **kwargs)
+
+
+class FunctionalSAM(SharpnessAware):
+    """Functional-SAM (Singh et al. 2025): descend along J(w+ε)ᵀ r(w), the functional path only."""
+
+    def __init__(self, base, rho: float = 0.05, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
+        super().__init__(base, Euclidean(rho=rho), descent="functional",
+                         ascent_fraction=ascent_fraction, m=m, **kwargs)
+
+
+class PreconditionedSAM(SharpnessAware):
+    """Preconditioned SAM (Singh et al. 2025): ε ∝ g/(√v̂+eps) with ‖ε‖₂ = ρ, v̂ from the base optimizer."""
+
+    def __init__(self, base, rho: float = 0.05, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
+        super().__init__(base, Preconditioned(rho=rho), ascent_fraction=ascent_fraction, m=m, **kwargs)
+
+
+class PreconditionedFunctionalSAM(SharpnessAware):
+    """Preconditioned Functional-SAM (Singh et al. 2025): the preconditioned ε, the functional descent."""
+
+    def __init__(self, base, rho: float = 0.05, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
+        super().__init__(base, Preconditioned(rho=rho), descent="functional",
+                         ascent_fraction=ascent_fraction, m=m, **kwargs)

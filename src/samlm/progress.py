@@ -1,0 +1,25 @@
+"""Terminal output for long runs: a tqdm progress bar and status lines that do not break it."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+def progress_enabled(requested: bool = True) -> bool:
+    """Show a bar only when asked and stderr is a terminal (never in logs, CI or tests)."""
+    return bool(requested) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+def progress_bar(total: int, *, initial: int = 0, enabled: bool = True, desc: str = "train") -> tqdm:
+    """A step counter bar; disabled (a cheap no-op object) unless :func:`progress_enabled`."""
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+        disable=not progress_enabled(enabled), leave=True,
+    )
+
+
+def say(message: str) -> None:
+    """One status line on stderr, printed above an active progress bar."""
+    tqdm.write(f"samlm: {message}", file=sys.stderr)

@@ -1,0 +1,578 @@
+"""The training loop shared by the pretraining and fine-tuning harnesses.
+
+One call, :func:`train`, runs ``config.steps`` optimizer steps::
+
+    for each step:
+        batch   = grad_accum micro-batches from the resumable train iterator
+        stats   = samlm.optim.train_step(optimizer, batch, forward, loss)   # any optimizer
+        scheduler.step()
+        every eval_every / sharpness_every steps (and at the end):
+            evaluate(model), sharpness(model) -> one line of metrics.jsonl
+        every save_every steps (and at the end, and on SIGINT/SIGTERM): a checkpoint
+
+Run directory (``config.out_dir``)::
+
+    metrics.jsonl                one JSON line per measurement (see ``_measurement``)
+    checkpoints/checkpoint-<step>/{model.safetensors, state.pt, manifest.json}   (samlm.io)
+    summary.json                 written by the harness from ``LoopResult.summary()``
+
+Exact resume: a checkpoint holds the weights, the optimizer / scheduler / grad-scaler
+state, every RNG, the data iterator position, the loop counters (including the partial sums
+of the current logging window) and the metrics history. ``resume=True`` restores all of it
+and rewrites ``metrics.jsonl`` to the checkpoint's history, dropping lines written after the
+checkpoint, so on CPU the resumed run continues bitwise identically to an uninterrupted one
+(only wall-clock fields — ``tokens_per_s``, ``step_s`` — differ).
+
+Non-finite steps: a step whose loss is NaN/Inf or whose update the optimizer skipped
+(``StepStats.skipped``) is counted. ``nonfinite="skip"`` keeps going; ``"stop"`` raises
+``NonFiniteLossError`` after ``max_consecutive_nonfinite`` such steps in a row. Weights that
+are NaN/Inf are never saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from samlm import io
+from samlm.data.text import count_targets, lm_loss
+from samlm.errors import NonFiniteLossError, UserError
+from samlm.models import lm_forward
+from samlm.optim import train_step
+from samlm.progress import progress_bar, say
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_STATE_FORMAT = "samlm-train-state"
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class ResumableIterator(Protocol):
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class LoopConfig:
+    """Everything that controls the loop (not the model, optimizer or data)."""
+
+    out_dir: str | Path
+    steps: int
+    eval_every: int = 100            # 0: evaluate only at the end
+    save_every: int = 0              # 0: checkpoint only at the end (and on a signal)
+    keep_checkpoints: int = 2
+    grad_accum: int = 1              # micro-batches per optimizer step
+    sharpness_every: int = 0         # 0: never
+    split: bool = False              # train_step(split=True): logit/functional path norms (SAM only)
+    max_grad_norm: float | None = None
+    nonfinite: str = "skip"          # "skip" | "stop"
+    max_consecutive_nonfinite: int = 5
+    resume: bool = False             # continue from the latest good checkpoint in out_dir
+    overwrite: bool = False          # allow starting over in a directory that holds a run
+    eval_at_start: bool = False      # also evaluate the initial model (a step-0 line)
+    progress: bool = True            # tqdm bar (only shown on a terminal)
+    handle_signals: bool = True      # SIGINT/SIGTERM: finish the step, checkpoint, return
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise UserError(f"steps must be >= 0, got {self.steps}")
+        for name in ("eval_every", "save_every", "sharpness_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.grad_accum < 1:
+            raise UserError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.keep_checkpoints < 1:
+            raise UserError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise UserError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got '{self.nonfinite}'")
+        if self.max_consecutive_nonfinite < 1:
+            raise UserError(f"max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+# --------------------------------------------------------------------------- loop state
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last metrics line (their means go into the next line)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    sums: dict[str, float] = field(default_factory=dict)   # finite StepStats values, summed
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, stats: Mapping[str, Any], tokens: int, seconds: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        for key, value in stats.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {f"train_{k}": self.sums[k] / self.counts[k] for k in self.sums}
+
+
+@dataclass
+class _LoopState:
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    nonfinite_steps: int = 0        # steps with a non-finite loss or a skipped update
+    nonfinite_streak: int = 0
+    ascent_nonfinite_steps: int = 0
+    last_lr: float | None = None
+    window: _Window = field(default_factory=_Window)
+    history: list[dict] = field(default_factory=list)
+
+    def to_state(self) -> dict:
+        # JSON strings keep the checkpoint free of anything weights_only loading refuses.
+        d = asdict(self)
+        d["window"] = json.dumps(d["window"])
+        d["history"] = json.dumps(io._json_safe(self.history))
+        return d
+
+    @classmethod
+    def from_state(cls, d: Mapping[str, Any]) -> "_LoopState":
+        d = dict(d)
+        d["window"] = _Window(**json.loads(d["window"]))
+        d["history"] = json.loads(d["history"])
+        return cls(**d)
+
+
+@dataclass
+class LoopResult:
+    """What a run did; ``summary()`` is the JSON the harness writes to ``summary.json``."""
+
+    out_dir: Path
+    config: LoopConfig
+    step: int                        # steps done in total (across resumes)
+    start_step: int                  # where this call started (0, or the resumed checkpoint's step)
+    history: list[dict]              # every metrics line, as in metrics.jsonl
+    tokens: int
+    train_seconds: float
+    nonfinite_steps: int
+    ascent_nonfinite_steps: int
+    interrupted: str | None = None   # "SIGINT" / "SIGTERM" if a signal ended the run early
+    checkpoint: Path | None = None   # the last checkpoint written or loaded
+
+    @property
+    def completed(self) -> bool:
+        return self.step >= self.config.steps
+
+    @property
+    def final(self) -> dict | None:
+        """The last metrics line that has evaluation results."""
+        evaluated = [r for r in self.history if any(k.startswith("val") for k in r)]
+        return evaluated[-1] if evaluated else (self.history[-1] if self.history else None)
+
+    def best(self) -> dict[str, dict]:
+        """Best value and step of every evaluation metric (loss/ppl/error: lowest; else highest)."""
+        best: dict[str, dict] = {}
+        for record in self.history:
+            for key, value in record.items():
+                if not key.startswith("val") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                if not math.isfinite(value):
+                    continue
+                lower = lower_is_better(key)
+                current = best.get(key)
+                if current is None or (value < current["value"] if lower else value > current["value"]):
+                    best[key] = {"value": value, "step": record["step"], "mode": "min" if lower else "max"}
+        return best
+
+    def summary(self) -> dict:
+        return io._json_safe({
+            "step": self.step,
+            "steps": self.config.steps,
+            "completed": self.completed,
+            "interrupted": self.interrupted,
+            "final": self.final,
+            "best": self.best(),
+            "tokens": self.tokens,
+            "train_seconds": self.train_seconds,
+            "step_s": self.train_seconds / self.step if self.step else None,
+            "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
+            "nonfinite_steps": self.nonfinite_steps,
+            "ascent_nonfinite_steps": self.ascent_nonfinite_steps,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "loop_config": self.config.as_dict(),
+        })
+
+
+def lower_is_better(metric: str) -> bool:
+    name = metric.lower()
+    return any(word in name for word in ("loss", "ppl", "perplexity", "error", "bpb", "bits"))
+
+
+# --------------------------------------------------------------------------- helpers for harnesses
+
+
+def count_input_tokens(batch) -> int:
+    """Tokens a batch feeds the model: attention_mask.sum() if present, else input_ids.numel()."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    if isinstance(batch, (tuple, list)):
+        return int(batch[0].numel())
+    return int(batch.numel())
+
+
+def lm_evaluator(
+    val_batches: list,
+    *,
+    forward_factory: Callable[[nn.Module], Callable] = lm_forward,
+    prefix: str = "val",
+) -> Callable[[nn.Module], dict[str, float]]:
+    """``evaluate(model) -> {"val_loss", "val_ppl"}``: token-weighted mean loss over fixed batches."""
+    if not val_batches:
+        raise UserError("no validation batches")
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        forward = forward_factory(model)
+        device = next(model.parameters()).device
+        total_loss, total_tokens = 0.0, 0
+        for batch in val_batches:
+            batch = _to_device(batch, device)
+            tokens = count_targets(batch)
+            total_loss += float(lm_loss(forward(batch), batch)) * tokens
+            total_tokens += tokens
+        mean = total_loss / max(total_tokens, 1)
+        return {f"{prefix}_loss": mean, f"{prefix}_ppl": math.exp(min(mean, 700.0))}
+
+    return evaluate
+
+
+def _to_device(batch, device):
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(v.to(device) if isinstance(v, torch.Tensor) else v for v in batch)
+    return batch.to(device)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a 2nd SIGINT stops at once).
+
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if self.enabled:
+            for name in self.SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self.received = name
+        say(f"received {name}: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: ResumableIterator,
+    *,
+    config: LoopConfig,
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    scheduler=None,
+    forward: Callable | None = None,
+    loss: Callable = lm_loss,
+    sharpness: Callable[[nn.Module], Mapping[str, Any]] | None = None,
+    scaler=None,
+    count_tokens: Callable[[Any], int] = count_input_tokens,
+    on_step: Callable[[int, dict], None] | None = None,
+    step_kwargs: Mapping[str, Any] | None = None,
+) -> LoopResult:
+    """Train ``model`` for ``config.steps`` optimizer steps; see the module docstring.
+
+    Args:
+        optimizer: a torch optimizer or a samlm SAM-family wrapper (both go through
+            ``samlm.optim.train_step``).
+        train_batches: an endless iterator of micro-batches with ``state_dict()`` /
+            ``load_state_dict()`` (e.g. ``LMDataset.train_batches``).
+        evaluate: ``evaluate(model) -> {"val_loss": ...}``, called in eval mode.
+        scheduler: stepped once per optimizer step; saved and restored.
+        forward / loss: the optimizer contract's callables (default: causal LM logits and
+            token-mean cross-entropy).
+        sharpness: ``sharpness(model) -> dict`` every ``config.sharpness_every`` steps.
+        scaler: an optional ``torch.amp.GradScaler`` (passed to train_step, checkpointed).
+        on_step: ``on_step(step, stats_dict)`` after every step (hooks and tests).
+        step_kwargs: extra keyword arguments for ``train_step`` (e.g. ``autocast_dtype``).
+    """
+    config.validate()
+    out_dir = Path(config.out_dir)
+    forward = forward or lm_forward(model)
+    run = _Run(model, optimizer, train_batches, config, scheduler, scaler)
+    state, checkpoint = run.start()
+    start_step = state.step
+    step_args = dict(step_kwargs or {}, model=model, max_grad_norm=config.max_grad_norm, scaler=scaler)
+    if config.split:
+        step_args["split"] = True
+
+    def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
+        record = _measurement(step, state, model, evaluate if do_eval else None, sharpness if do_sharpness else None)
+        state.history.append(record)
+        io.append_jsonl(out_dir / METRICS_FILE, record)
+
+    bar = progress_bar(config.steps, initial=state.step, enabled=config.progress)
+    interrupted = None
+    try:
+        with _StopSignals(config.handle_signals) as signals:
+            if config.eval_at_start and state.step == 0 and not state.history and evaluate is not None:
+                measure(0, do_eval=True, do_sharpness=False)
+            while state.step < config.steps:
+                stats = _one_step(run, state, forward, loss, count_tokens, step_args)
+                _apply_nonfinite_policy(state, stats, config)
+                bar.update(1)
+                bar.set_postfix(_postfix(stats, state), refresh=False)
+
+                step = state.step
+                is_last = step == config.steps
+                do_eval = evaluate is not None and (is_last or _due(step, config.eval_every))
+                do_sharpness = sharpness is not None and _due(step, config.sharpness_every)
+                if do_eval or do_sharpness or (is_last and evaluate is None):
+                    measure(step, do_eval, do_sharpness)
+                if on_step is not None:
+                    on_step(step, stats)
+                interrupted = signals.received
+                if is_last or interrupted or _due(step, config.save_every):
+                    checkpoint = run.save(state)
+                if interrupted:
+                    say(f"stopped at step {step} by {interrupted}; checkpoint {checkpoint}")
+                    break
+    finally:
+        bar.close()
+    return LoopResult(
+        out_dir=out_dir, config=config, step=state.step, start_step=start_step, history=state.history,
+        tokens=state.tokens, train_seconds=state.train_seconds, nonfinite_steps=state.nonfinite_steps,
+        ascent_nonfinite_steps=state.ascent_nonfinite_steps, interrupted=interrupted, checkpoint=checkpoint,
+    )
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_args) -> dict:
+    """Draw the micro-batches, take one optimizer step, step the scheduler, update counters."""
+    micro_batches = [next(run.train_batches) for _ in range(run.config.grad_accum)]
+    batch = micro_batches if len(micro_batches) > 1 else micro_batches[0]
+    lr = current_lr(run.optimizer)
+    started = time.perf_counter()
+    stats = train_step(run.optimizer, batch, forward, loss, **step_args).as_dict()
+    if run.scheduler is not None:
+        run.scheduler.step()
+    seconds = time.perf_counter() - started
+    tokens = sum(count_tokens(b) for b in micro_batches)
+
+    state.step += 1
+    state.tokens += tokens
+    state.train_seconds += seconds
+    state.last_lr = lr
+    state.window.add(stats, tokens, seconds)
+    return stats
+
+
+def _apply_nonfinite_policy(state: _LoopState, stats: Mapping[str, Any], config: LoopConfig) -> None:
+    loss_value = stats.get("loss", float("nan"))
+    nonfinite = bool(stats.get("skipped")) or not math.isfinite(loss_value)
+    if stats.get("ascent_nonfinite"):
+        state.ascent_nonfinite_steps += 1
+    if not nonfinite:
+        state.nonfinite_streak = 0
+        return
+    state.nonfinite_steps += 1
+    state.nonfinite_streak += 1
+    if config.nonfinite == "stop" and state.nonfinite_streak >= config.max_consecutive_nonfinite:
+        raise NonFiniteLossError(
+            f"training stopped at step {state.step}: {state.nonfinite_streak} consecutive steps with a "
+            f"non-finite loss or gradient (loss={loss_value}); lower the learning rate or rho, or use "
+            "nonfinite='skip'"
+        )
+
+
+def _measurement(step: int, state: _LoopState, model: nn.Module, evaluate, sharpness) -> dict:
+    """One metrics line: training means since the last line, then evaluation and sharpness.
+
+    Fields: step, train_<StepStats field> means (train_loss, train_grad_norm, ...), val metrics
+    from ``evaluate``, ``sharpness`` (a dict) when measured, lr (of the last step), tokens
+    (total so far), tokens_per_s and step_s (over the window), nonfinite_steps (total so far).
+    """
+    window = state.window
+    record: dict[str, Any] = {"step": step}
+    record.update(window.means())
+    if evaluate is not None:
+        record.update(_in_eval_mode(model, evaluate))
+    if sharpness is not None:
+        record["sharpness"] = dict(_in_eval_mode(model, sharpness))
+    record["lr"] = state.last_lr
+    record["tokens"] = state.tokens
+    record["tokens_per_s"] = window.tokens / window.seconds if window.seconds else None
+    record["step_s"] = window.seconds / window.steps if window.steps else None
+    record["nonfinite_steps"] = state.nonfinite_steps
+    state.window = _Window()
+    return io._json_safe(record)
+
+
+def _in_eval_mode(model: nn.Module, fn: Callable[[nn.Module], Mapping[str, Any]]) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        return dict(fn(model))
+    finally:
+        model.train(was_training)
+
+
+def _postfix(stats: Mapping[str, Any], state: _LoopState) -> dict:
+    window = state.window
+    postfix = {"loss": f"{stats.get('loss', float('nan')):.4f}"}
+    if window.seconds:
+        postfix["tok/s"] = f"{window.tokens / window.seconds:,.0f}"
+    if state.nonfinite_steps:
+        postfix["nonfinite"] = state.nonfinite_steps
+    return postfix
+
+
+# --------------------------------------------------------------------------- run directory + checkpoints
+
+
+class _Run:
+    """The stateful objects of a run, and how they go to and come back from a checkpoint."""
+
+    def __init__(self, model, optimizer, train_batches, config: LoopConfig, scheduler, scaler):
+        self.model = model
+        self.optimizer = optimizer
+        self.train_batches = train_batches
+        self.config = config
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_root = self.out_dir / CHECKPOINTS_DIR
+
+    def start(self) -> tuple[_LoopState, Path | None]:
+        """Fresh state, or the state of the latest good checkpoint when resuming."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        metrics = self.out_dir / METRICS_FILE
+        has_checkpoints = bool(io.checkpoint_dirs(self.checkpoint_root))
+        if self.config.resume and has_checkpoints:
+            checkpoint = io.load_latest_checkpoint(self.checkpoint_root)
+            for path, why in checkpoint.skipped:
+                say(f"skipped checkpoint {path}: {why}")
+            state = self.restore(checkpoint)
+            # Drop lines written after the checkpoint (they will be written again).
+            io.write_jsonl(metrics, state.history)
+            say(f"resumed from {checkpoint.path} at step {state.step}")
+            return state, checkpoint.path
+        if self.config.resume:
+            say(f"no checkpoint in {self.checkpoint_root}: starting from step 0")
+        elif (metrics.exists() or has_checkpoints) and not self.config.overwrite:
+            raise UserError(
+                f"{self.out_dir} already holds a run (metrics.jsonl or checkpoints); "
+                "resume it, or allow overwriting, or choose another output directory"
+            )
+        self._clear_previous_run()
+        return _LoopState(), None
+
+    def _clear_previous_run(self) -> None:
+        (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
+        for _, path in io.checkpoint_dirs(self.checkpoint_root):
+            shutil.rmtree(path)
+
+    def save(self, state: _LoopState) -> Path:
+        extra = {
+            "format": TRAIN_STATE_FORMAT,
+            "loop": state.to_state(),
+            "config": json.dumps(self.config.as_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": self.train_batches.state_dict(),
+            "rng": io.capture_rng_state(),
+        }
+        try:
+            return io.save_checkpoint(
+                self.checkpoint_root, state.step, self.model.state_dict(), extra, keep=self.config.keep_checkpoints
+            )
+        except io.NonFiniteWeightsError as exc:
+            previous = io.checkpoint_dirs(self.checkpoint_root)
+            last_good = previous[-1][1] if previous else "none"
+            raise NonFiniteLossError(f"{exc}; the weights diverged. Last checkpoint: {last_good}") from None
+
+    def restore(self, checkpoint: io.Checkpoint) -> _LoopState:
+        extra = checkpoint.extra_state
+        if extra.get("format") != TRAIN_STATE_FORMAT:
+            raise UserError(f"{checkpoint.path} is not a samlm training checkpoint")
+        self._load_model(checkpoint)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        _load_optional("scheduler", self.scheduler, extra.get("scheduler"), checkpoint.path)
+        _load_optional("grad scaler", self.scaler, extra.get("scaler"), checkpoint.path)
+        self.train_batches.load_state_dict(extra["data"])
+        io.restore_rng_state(extra["rng"])
+        return _LoopState.from_state(extra["loop"])
+
+    def _load_model(self, checkpoint: io.Checkpoint) -> None:
+        result = self.model.load_state_dict(checkpoint.model_state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise UserError(
+                f"checkpoint {checkpoint.path} does not match the model: "
+                f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+            )
+
+
+def _load_optional(what: str, obj, state, path: Path) -> None:
+    if obj is None and state is None:
+        return
+    if obj is None or state is None:
+        raise UserError(
+            f"checkpoint {path} was saved {'with' if state is not None else 'without'} a {what}, "
+            f"but this run has {'none' if obj is None else 'one'}"
+        )
+    obj.load_state_dict(state)
