@@ -79,6 +79,15 @@ class CheckpointError(Exception):
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore, once at import
+    os.umask(mask)
+    return mask
+
+
+_DEFAULT_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def fsync_dir(directory: PathLike) -> None:
     """Make a rename/creation inside ``directory`` durable (no-op where unsupported)."""
     try:
@@ -99,6 +108,8 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates files as 0600; give the result the permissions a plain open() would.
+        os.chmod(tmp_name, path.stat().st_mode & 0o7777 if path.exists() else _DEFAULT_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -117,18 +128,18 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
 
 def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
     """Atomic JSON write; tensors/numpy scalars become numbers, NaN/Inf become strings."""
-    atomic_write_text(path, json.dumps(_json_safe(obj), indent=indent) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=indent) + "\n")
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """Plain-JSON version of ``obj``: tensors/numpy scalars to numbers, NaN/Inf to strings.
 
     Strict JSON has no NaN; writing "nan" keeps files readable by any JSON parser.
     """
     if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
         obj = obj.item()
     if isinstance(obj, np.generic):
@@ -151,7 +162,7 @@ def append_jsonl(path: PathLike, record: Mapping[str, Any]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(_json_safe(record)) + "\n").encode("utf-8")
+    line = (json.dumps(json_safe(record)) + "\n").encode("utf-8")
     existed = path.exists()
     with open(path, "ab") as f:
         _cut_torn_tail(f)
@@ -215,7 +226,7 @@ def read_jsonl(path: PathLike) -> list[dict]:
 
 def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> None:
     """Replace a JSON-lines file atomically with ``records``."""
-    text = "".join(json.dumps(_json_safe(r)) + "\n" for r in records)
+    text = "".join(json.dumps(json_safe(r)) + "\n" for r in records)
     atomic_write_text(path, text)
 
 

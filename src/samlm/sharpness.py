@@ -355,9 +355,10 @@ def top_eigenvalue(matvec: MatVec, params: Sequence[Tensor], *, iters: int = 20,
 
     ``method="lanczos"`` (default): Lanczos with full reorthogonalization, which also gives the k
     largest Ritz values and the smallest one for free; it keeps ``iters + 1`` parameter-sized vectors
-    (in the parameters' dtype, at least float32). ``method="power"``: power iteration (two parameter-
-    sized vectors, slower convergence; k must be 1). Stops after ``iters`` matvecs or once the
-    residual of each requested pair is ≤ ``tol`` · max|λ|. Deterministic given ``seed``: the start
+    (in the parameters' dtype, at least float32). ``method="power"``: power iteration (a few parameter-
+    sized vectors, slower convergence, k must be 1); when the dominant eigenvalue is negative a
+    second, shifted run on A − λ_dom I finds λ_max (``iters`` caps each run). Stops after ``iters``
+    matvecs or once the residual of each requested pair is ≤ ``tol`` · max|λ|. Deterministic given ``seed``: the start
     vector comes from a private CPU generator, never the global RNG.
     """
     params = list(params)
@@ -494,7 +495,7 @@ def sam_path_split(params: Sequence[Tensor], batch: Batch, forward: Forward, los
                 z = _outputs(forward, b)
                 r_eps, value, _ = _output_grad(z, b, loss)
                 sam_parts.append(_vjp(z, params, r_eps, retain_graph=True))
-                func_parts.append(_vjp(z, params, r_eps))
+                func_parts.append(_vjp(z, params, r))
                 perturbed_losses.append(value.item())
     return SamPathSplit(g=g, g_sam=_mean(sam_parts), g_func=_mean(func_parts), eps=eps,
                         loss=sum(losses) / len(losses), loss_perturbed=sum(perturbed_losses) / len(batches))

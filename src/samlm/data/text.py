@@ -248,8 +248,10 @@ def encode_text(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tenso
             return torch.empty(0, dtype=torch.long)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
     chunks = list(_newline_chunks(text, chunk_chars))
+    if not chunks:
+        return torch.empty(0, dtype=torch.long)
     encoded = tokenizer(chunks, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor([i for ids in encoded for i in ids], dtype=torch.long)
+    return torch.cat([torch.tensor(ids, dtype=torch.long) for ids in encoded])
 
 
 def _newline_chunks(text: str, size: int) -> Iterator[str]:

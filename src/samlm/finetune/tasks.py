@@ -130,7 +130,10 @@ def _strip_multirc_html(text: str) -> str:
 
 
 def mark_wsc_spans(fields: Mapping[str, Any]) -> str:
-    """WSC text with ``* noun *`` and ``# pronoun #`` marked at their word indices (T5's ``wsc``)."""
+    """WSC text with ``* noun *`` and ``# pronoun #`` marked at their word indices (T5's ``wsc``).
+
+    A span that is not at its word index is left unmarked, as in T5.
+    """
 
     def mark(text: str, span: str, index: int, symbol: str) -> str:
         pattern = r"^((?:\S+\s){%d})(%s)" % (index, re.escape(span))
@@ -138,7 +141,8 @@ def mark_wsc_spans(fields: Mapping[str, Any]) -> str:
 
     text = mark(fields["text"], fields["span1_text"], fields["span1_index"], "*")
     # Marking span 1 adds two words ("*" twice) before span 2 when span 2 comes later.
-    span2_index = fields["span2_index"] + (2 if fields["span1_index"] < fields["span2_index"] else 0)
+    shift = 2 if fields["span1_index"] < fields["span2_index"] else 0
+    span2_index = fields["span2_index"] + shift
     return mark(text, fields["span2_text"], span2_index, "#")
 
 
@@ -169,8 +173,9 @@ def pad_punctuation(text: str) -> str:
 
 
 def _tydiqa_inputs(fields: Mapping[str, Any]) -> str:
-    text = f"question: {pad_punctuation(fields['question'])} context: {pad_punctuation(fields['context'])}"
-    return re.sub(r"\s+", " ", text)
+    question, context = pad_punctuation(fields["question"]), pad_punctuation(fields["context"])
+    text = f"question: {question} context: {context}"
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def _question_inputs(prefix: str) -> Callable[[Mapping[str, Any]], str]:
@@ -269,7 +274,7 @@ def _build_registry() -> dict[str, Task]:
             format_inputs=_multirc_inputs),
         Task("superglue/record", GENERATION, (), ("f1", "em"), _STANDARD_SPLITS, ("validation",),
              ("passage", "query", "entities"), "aps/super_glue", "record", _record_inputs,
-             _pair("query", "passage")),
+             lambda f: (f["query"], _record_passage(f["passage"]))),
         _classification("superglue/rte", _ENTAILMENT, acc, ("premise", "hypothesis"),
                         ("hypothesis", "premise"), _pair("premise", "hypothesis"), "rte"),
         _classification("superglue/wic", _FALSE_TRUE, acc, ("word", "sentence1", "sentence2"),
@@ -444,7 +449,7 @@ def one_example_per_answer(examples: Sequence[Example]) -> list[Example]:
     """
     expanded = []
     for example in examples:
-        if len(example.answers) <= 1:
+        if not example.answers:
             expanded.append(example)
             continue
         for i, answer in enumerate(example.answers):
@@ -502,8 +507,10 @@ def _hub_row(task: Task, record: Mapping[str, Any], n: int, where: str) -> Row:
     if name == "cbqa/triviaqa":
         answer = record["answer"] or {}
         values = [answer.get("value") or "", *(answer.get("aliases") or [])]
+        # Unanswered (test) rows hold the placeholder value "<unk>".
+        answers = tuple(dict.fromkeys(v for v in values if v and v != "<unk>"))
         return Row(str(record.get("question_id", n)), {"question": record["question"]},
-                   answers=tuple(dict.fromkeys(v for v in values if v)), where=where)
+                   answers=answers, where=where)
     if name == "tydiqa/goldp":
         return formats.tydiqa_row(record["id"], record["question"], record["context"],
                                   list(record["answers"]["text"]), where)
@@ -544,7 +551,8 @@ def subsample(examples: Sequence[Example], rate: float, seed: int = 0) -> list[E
       a larger one (both take a prefix of one seeded permutation).
     """
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
-        hint = f" (did you mean {rate / 100:g}?)" if isinstance(rate, (int, float)) and 1 < rate <= 100 else ""
+        percent = isinstance(rate, (int, float)) and 1 < rate <= 100
+        hint = f" (did you mean {rate / 100:g}?)" if percent else ""
         raise UserError(f"subsample rate must be in (0, 1], got {rate!r}{hint}")
     if not examples:
         raise UserError("cannot subsample an empty list of examples")

@@ -33,15 +33,18 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,7 +52,7 @@ from samlm import io
 from samlm.data.text import count_targets, lm_loss
 from samlm.errors import NonFiniteLossError, UserError
 from samlm.models import lm_forward
-from samlm.optim import train_step
+from samlm.optim import SharpnessAware, train_step
 from samlm.progress import progress_bar, say
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,6 +85,7 @@ class LoopConfig:
     resume: bool = False             # continue from the latest good checkpoint in out_dir
     overwrite: bool = False          # allow starting over in a directory that holds a run
     eval_at_start: bool = False      # also evaluate the initial model (a step-0 line)
+    seed: int | None = None          # fresh start: seed python/numpy/torch RNGs (dropout); resume restores them
     progress: bool = True            # tqdm bar (only shown on a terminal)
     handle_signals: bool = True      # SIGINT/SIGTERM: finish the step, checkpoint, return
 
@@ -149,7 +153,7 @@ class _LoopState:
         # JSON strings keep the checkpoint free of anything weights_only loading refuses.
         d = asdict(self)
         d["window"] = json.dumps(d["window"])
-        d["history"] = json.dumps(io._json_safe(self.history))
+        d["history"] = json.dumps(io.json_safe(self.history))
         return d
 
     @classmethod
@@ -182,19 +186,19 @@ class LoopResult:
 
     @property
     def final(self) -> dict | None:
-        """The last metrics line that has evaluation results."""
-        evaluated = [r for r in self.history if any(k.startswith("val") for k in r)]
+        """The last metrics line that has evaluation results (else the last line)."""
+        evaluated = [r for r in self.history if evaluation_metrics(r)]
         return evaluated[-1] if evaluated else (self.history[-1] if self.history else None)
 
     def best(self) -> dict[str, dict]:
-        """Best value and step of every evaluation metric (loss/ppl/error: lowest; else highest)."""
+        """Best value and step of every evaluation metric (loss/ppl/error: lowest; else highest).
+
+        Chosen separately for each metric, as Bahri et al. pick the best checkpoint per
+        task-metric pair.
+        """
         best: dict[str, dict] = {}
         for record in self.history:
-            for key, value in record.items():
-                if not key.startswith("val") or not isinstance(value, (int, float)) or isinstance(value, bool):
-                    continue
-                if not math.isfinite(value):
-                    continue
+            for key, value in evaluation_metrics(record).items():
                 lower = lower_is_better(key)
                 current = best.get(key)
                 if current is None or (value < current["value"] if lower else value > current["value"]):
@@ -202,7 +206,7 @@ class LoopResult:
         return best
 
     def summary(self) -> dict:
-        return io._json_safe({
+        return io.json_safe({
             "step": self.step,
             "steps": self.config.steps,
             "completed": self.completed,
@@ -218,6 +222,20 @@ class LoopResult:
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
             "loop_config": self.config.as_dict(),
         })
+
+
+# Fields of a metrics line written by the loop itself; every other number came from evaluate().
+LOOP_FIELDS = frozenset({"step", "lr", "tokens", "tokens_per_s", "step_s", "nonfinite_steps", "sharpness"})
+
+
+def evaluation_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics line that came from ``evaluate(model)``."""
+    return {
+        key: value
+        for key, value in record.items()
+        if key not in LOOP_FIELDS and not key.startswith("train_")
+        and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
 
 
 def lower_is_better(metric: str) -> bool:
@@ -272,6 +290,13 @@ def _to_device(batch, device):
     return batch.to(device)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and CUDA) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
@@ -301,11 +326,11 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        # Only set a flag: printing or saving from inside a signal handler can deadlock.
         name = signal.Signals(signum).name
         if self.received is not None and name == "SIGINT":
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
         self.received = name
-        say(f"received {name}: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)")
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
@@ -355,6 +380,8 @@ def train(
     start_step = state.step
     step_args = dict(step_kwargs or {}, model=model, max_grad_norm=config.max_grad_norm, scaler=scaler)
     if config.split:
+        if not isinstance(optimizer, SharpnessAware):
+            raise UserError("split=True measures SAM's logit/functional paths: it needs a SAM-family optimizer")
         step_args["split"] = True
 
     def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
@@ -383,10 +410,12 @@ def train(
                 if on_step is not None:
                     on_step(step, stats)
                 interrupted = signals.received
+                if interrupted:
+                    say(f"received {interrupted}: saving a checkpoint at step {step}, then stopping")
                 if is_last or interrupted or _due(step, config.save_every):
                     checkpoint = run.save(state)
                 if interrupted:
-                    say(f"stopped at step {step} by {interrupted}; checkpoint {checkpoint}")
+                    say(f"stopped at step {step}; resume from {checkpoint}")
                     break
     finally:
         bar.close()
@@ -403,13 +432,18 @@ def _due(step: int, every: int) -> bool:
 
 def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_args) -> dict:
     """Draw the micro-batches, take one optimizer step, step the scheduler, update counters."""
-    micro_batches = [next(run.train_batches) for _ in range(run.config.grad_accum)]
+    started = time.perf_counter()  # step time includes fetching the data
+    device = next(run.model.parameters()).device
+    micro_batches = [_to_device(next(run.train_batches), device) for _ in range(run.config.grad_accum)]
     batch = micro_batches if len(micro_batches) > 1 else micro_batches[0]
     lr = current_lr(run.optimizer)
-    started = time.perf_counter()
     stats = train_step(run.optimizer, batch, forward, loss, **step_args).as_dict()
     if run.scheduler is not None:
-        run.scheduler.step()
+        # The schedule follows the loop's step count, skipped steps included; torch warns
+        # when a scheduler steps without an optimizer step, which is intended here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            run.scheduler.step()
     seconds = time.perf_counter() - started
     tokens = sum(count_tokens(b) for b in micro_batches)
 
@@ -459,7 +493,7 @@ def _measurement(step: int, state: _LoopState, model: nn.Module, evaluate, sharp
     record["step_s"] = window.seconds / window.steps if window.steps else None
     record["nonfinite_steps"] = state.nonfinite_steps
     state.window = _Window()
-    return io._json_safe(record)
+    return io.json_safe(record)
 
 
 def _in_eval_mode(model: nn.Module, fn: Callable[[nn.Module], Mapping[str, Any]]) -> dict:
@@ -503,9 +537,7 @@ class _Run:
         metrics = self.out_dir / METRICS_FILE
         has_checkpoints = bool(io.checkpoint_dirs(self.checkpoint_root))
         if self.config.resume and has_checkpoints:
-            checkpoint = io.load_latest_checkpoint(self.checkpoint_root)
-            for path, why in checkpoint.skipped:
-                say(f"skipped checkpoint {path}: {why}")
+            checkpoint = io.load_latest_checkpoint(self.checkpoint_root)  # warns about bad ones
             state = self.restore(checkpoint)
             # Drop lines written after the checkpoint (they will be written again).
             io.write_jsonl(metrics, state.history)
@@ -519,6 +551,8 @@ class _Run:
                 "resume it, or allow overwriting, or choose another output directory"
             )
         self._clear_previous_run()
+        if self.config.seed is not None:
+            seed_everything(self.config.seed)
         return _LoopState(), None
 
     def _clear_previous_run(self) -> None:
