@@ -1,0 +1,242 @@
+"""Benchmark step time and peak memory of AdamW, the PyPI peer's SAM and every samlm method.
+
+All methods run side by side in one process, round-robin step by step, on identical
+GPT-2-style models and the same batches, so the ratios against AdamW are not skewed by
+drift in the machine's speed. Peak memory is measured per method: on CUDA with the
+allocator's peak, on CPU as the peak resident-set growth of a fresh child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from .errors import UserError
+from .io import atomic_write_json
+from .optim import SAM_METHODS, train_step
+
+METHODS = ("adamw", "peer_sam", "sam_full", "sam", "asam", "fsam", "psam", "pfsam")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--ascent-fraction", type=float, default=0.25)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _check(args) -> list[str]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if "adamw" not in methods:
+        methods.insert(0, "adamw")  # the reference of every ratio
+    for name in ("layers", "width", "heads", "vocab", "batch", "seq", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.width % args.heads:
+        raise UserError(f"--width {args.width} must be divisible by --heads {args.heads}")
+    if not 0 < args.ascent_fraction <= 1:
+        raise UserError(f"--ascent-fraction must be in (0, 1], got {args.ascent_fraction}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return methods
+
+
+def build_model(args) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads, vocab_size=args.vocab,
+                        n_positions=args.seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=args.vocab - 1, eos_token_id=args.vocab - 1)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).to(args.device)
+
+
+def lm_loss(logits, batch):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+class _PeerStep:
+    """pytorch-optimizer's SAM used as its README shows: two full-batch passes per step."""
+
+    def __init__(self, model, args):
+        from pytorch_optimizer import SAM as PeerSAM
+
+        self.model = model
+        self.opt = PeerSAM(model.parameters(), base_optimizer=torch.optim.AdamW, rho=args.rho, lr=1e-4)
+
+    def __call__(self, batch, forward, autocast):
+        with autocast():
+            loss = lm_loss(forward(batch), batch)
+        loss.backward()
+        self.opt.first_step(zero_grad=True)
+        with autocast():
+            lm_loss(forward(batch), batch).backward()
+        self.opt.second_step(zero_grad=True)
+
+
+def make_stepper(name: str, model, args):
+    """A callable(batch, forward, autocast) that takes one optimizer step of ``name``."""
+    if name == "peer_sam":
+        return _PeerStep(model, args)
+    base = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if name == "adamw":
+        opt = base
+    else:
+        method = "sam" if name == "sam_full" else name
+        fraction = 1.0 if name == "sam_full" else args.ascent_fraction
+        opt = SAM_METHODS[method](base, rho=args.rho if method != "asam" else 10 * args.rho,
+                                  ascent_fraction=fraction)
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def step(batch, forward, autocast):
+        train_step(opt, batch, forward, lm_loss, autocast_dtype=autocast_dtype)
+
+    step.optimizer = opt
+    return step
+
+
+def _autocast_factory(args):
+    if args.dtype == "bf16":
+        return lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device_type="cpu", enabled=False)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
+    reference = build_model(args)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(args.device)
+               for _ in range(4)]
+    models = {name: copy.deepcopy(reference) for name in methods}
+    steppers = {name: make_stepper(name, models[name], args) for name in methods}
+    autocast = _autocast_factory(args)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for i in range(args.warmup + args.steps):
+        for name in methods:  # round-robin: every method sees the same machine conditions
+            model = models[name]
+            forward = lambda batch, model=model: model(input_ids=batch).logits  # noqa: E731
+            _sync(args.device)
+            start = time.perf_counter()
+            steppers[name](batches[i % len(batches)], forward, autocast)
+            _sync(args.device)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_memory_child(args_dict, name, queue):
+    args = argparse.Namespace(**args_dict)
+    model = build_model(args)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    stepper = make_stepper(name, model, args)
+    forward = lambda b: model(input_ids=b).logits  # noqa: E731
+    # The high-water mark must start here: ru_maxrss would include the parent's peak (it
+    # survives exec), so reset VmHWM to the current RSS through clear_refs.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mb("VmRSS")
+    for _ in range(3):
+        stepper(batch, forward, _autocast_factory(args))
+    queue.put(_status_mb("VmHWM") - before)
+
+
+def peak_memory_mb(args, name: str) -> float:
+    """Peak memory a method's steps add on top of its model: CUDA allocator peak, or the
+    resident-set growth of a fresh process on CPU."""
+    if args.device.startswith("cuda"):
+        model = build_model(args)
+        batch = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+        stepper = make_stepper(name, model, args)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(3):
+            stepper(batch, lambda b: model(input_ids=b).logits, _autocast_factory(args))
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del model, stepper
+        torch.cuda.empty_cache()
+        return peak
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_peak_memory_child, args=(vars(args), name, queue))
+    child.start()
+    value = queue.get(timeout=600)
+    child.join()
+    return value
+
+
+def machine_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def run(args) -> int:
+    methods = _check(args)
+    times = time_methods(args, methods)
+    params = sum(p.numel() for p in build_model(args).parameters())
+    reference = statistics.median(times["adamw"])
+    results = {}
+    for name in methods:
+        step_s = statistics.median(times[name])
+        results[name] = {"step_s": round(step_s, 5), "ratio": round(step_s / reference, 3)}
+        if not args.no_memory:
+            results[name]["peak_mem_mb"] = round(peak_memory_mb(args, name), 1)
+    config = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "batch", "seq", "steps",
+                                            "warmup", "rho", "ascent_fraction", "device", "dtype")}
+    config.update(parameters=params, param_mb=round(params * 4 / 2**20, 1), machine=machine_description(args.device),
+                  torch=torch.__version__)
+    report = {"config": config, "methods": results}
+    print(format_table(report))
+    if args.json:
+        atomic_write_json(args.json, report)
+    return 0
+
+
+def format_table(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"samlm bench: GPT-2 {cfg['layers']}L/{cfg['width']}d/{cfg['heads']}h, vocab {cfg['vocab']}, "
+        f"batch {cfg['batch']}x{cfg['seq']}, {cfg['parameters'] / 1e6:.2f}M params ({cfg['param_mb']} MB fp32), "
+        f"{cfg['dtype']}, {cfg['machine']}, median of {cfg['steps']} steps",
+        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'peak mem (MB)':>14}",
+    ]
+    for name, row in report["methods"].items():
+        mem = f"{row['peak_mem_mb']:.1f}" if "peak_mem_mb" in row else "-"
+        lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {mem:>14}")
+    return "\n".join(lines)
