@@ -1,0 +1,13 @@
+"""The shipped examples run as written."""
+
+import pathlib
+import runpy
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_quickstart_runs_every_method(capsys):
+    runpy.run_path(str(EXAMPLES / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    for name in ("SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM", "davda54"):
+        assert name in out
