@@ -16,6 +16,7 @@ COMMANDS = {
     "pretrain": "samlm.train.pretrain",
     "finetune": "samlm.finetune.harness",
     "compare": "samlm.compare",
+    "finetune-compare": "samlm.finetune.compare",
     "sharpness": "samlm.sharpness_cli",
     "bench": "samlm.bench",
     "demo": "samlm.demo",
