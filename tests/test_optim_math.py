@@ -10,8 +10,16 @@ from torch.func import functional_call, vjp
 import samlm
 from samlm.optim import Adaptive, Euclidean, SharpnessAware
 
-torch.set_default_dtype(torch.float64)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """These tests compare against references in float64; other test files keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def make_problem(seed=0, rows=16, classes=5):
@@ -229,7 +237,7 @@ def test_preconditioner_is_the_base_optimizers_own_denominator(base_factory):
             scale = (step * direction).sum() / direction.square().sum()  # least-squares Δw = c·g/P
             torch.testing.assert_close(step, scale * direction, rtol=1e-3, atol=1e-4 * step.abs().max().item())
     finally:
-        torch.set_default_dtype(torch.float64)
+        torch.set_default_dtype(torch.float64)  # the autouse fixture restores float32 afterwards
 
 
 def test_ascent_pass_sees_exactly_the_first_rows():

@@ -3,7 +3,8 @@
 For a SAM-family optimizer, one step over the (micro-)batch is, for each m-sharpness group:
 
     1. ascent    forward+backward on the group's first ⌈ascent_fraction·rows⌉ rows at w,
-                 under no_sync (per-replica ε) unless ``sync_ascent``
+                 under no_sync (per-replica ε); with ``sync_ascent`` its last backward syncs
+                 (DDP all-reduce, FSDP reduce-scatter: the global mean ascent gradient)
     2. clean     (functional descent only) r = ∂L/∂outputs at w for the group's other rows,
                  a forward without a parameter backward
     3. perturb   w ← w + ε
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor
 
 from .batching import GroupPlan, Piece, as_micro_batches, batch_rows, plan_step, slice_rows
-from .sam import SharpnessAware
+from .perturbations import squared_norm
+from .sam import SharpnessAware, local_tensor
 
 Forward = Callable[..., Tensor]
 Loss = Callable[[Tensor, object], Tensor]
@@ -62,9 +64,19 @@ class _Passes:
             else contextlib.nullcontext
         )
 
+    @property
+    def reduces_gradients(self) -> bool:
+        """The model reduces gradients across replicas itself (DDP, FSDP1: ``no_sync``; FSDP2:
+        ``set_requires_gradient_sync``)."""
+        return self.model is not None and (
+            hasattr(self.model, "no_sync") or hasattr(self.model, "set_requires_gradient_sync"))
+
     def no_sync(self, skip_sync: bool = True):
-        if skip_sync and self.model is not None and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
+        if skip_sync and self.model is not None:
+            if hasattr(self.model, "no_sync"):
+                return self.model.no_sync()
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                return _fsdp2_no_sync(self.model)
         return contextlib.nullcontext()
 
     def forward(self, piece: Piece):
@@ -85,8 +97,60 @@ class _Passes:
     def backward_outputs(self, outputs: Tensor, cotangent: Tensor) -> None:
         """Jᵀ·cotangent into p.grad: the VJP of a fixed output cotangent."""
         if self.scaler is not None:
-            cotangent = cotangent * self.scaler.get_scale()
+            cotangent = self.scaler.scale(cotangent)  # scale(), not get_scale(): it initialises the scaler
         outputs.backward(cotangent.to(outputs.dtype))
+
+
+@contextlib.contextmanager
+def _fsdp2_no_sync(model):
+    """FSDP2 (``fully_shard``) has no ``no_sync()``: accumulate unsharded gradients locally."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _sharding(model) -> Optional[str]:
+    """"fsdp1" (``FullyShardedDataParallel``), "fsdp2" (``fully_shard``) or None."""
+    if model is None:
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    if isinstance(model, FullyShardedDataParallel):
+        return "fsdp1"
+    return "fsdp2" if isinstance(model, FSDPModule) else None
+
+
+def _check_sharded(opt: SharpnessAware, sharding: Optional[str], plans, split: bool) -> None:
+    if sharding is None:
+        return
+    if not opt.sync_ascent:
+        raise ValueError(
+            "FSDP shards the gradient, so a replica cannot form its own ε: use sync_ascent=True and "
+            "grad_norm_fn=samlm.distributed.sharded_grad_norm_fn() (samlm.distributed.sam_kwargs_for('fsdp'))"
+        )
+    if split:
+        raise ValueError("split=True is not supported with FSDP (it differentiates through the model twice)")
+    clean_rows = any(plan.ascent_rows < sum(p.rows for p in plan.descent) for plan in plans)
+    if sharding == "fsdp1" and opt.descent == "functional" and clean_rows:
+        raise ValueError(
+            "Functional-SAM with ascent_fraction < 1 needs a forward without backward at w, which "
+            "FullyShardedDataParallel (FSDP1) leaves with stale gathered weights: use FSDP2 "
+            "(torch.distributed.fsdp.fully_shard, samlm.distributed.prepare(strategy='fsdp')) or ascent_fraction=1.0"
+        )
+
+
+def _reshard_fsdp2(model) -> None:
+    """FSDP2 keeps the root's gathered weights after a forward, for the backward that usually
+    follows; after a forward without backward they would be stale once w moves: free them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _outputs_tensor(outputs, what: str) -> Tensor:
@@ -105,16 +169,30 @@ def _descent_params(optimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
 
 
-def _unscale_and_check(optimizer, scaler, max_grad_norm) -> Tensor:
-    """Unscale (GradScaler), clip if asked, and return ‖d‖ (non-finite if any entry is)."""
+def _unscale_and_check(optimizer, scaler, max_grad_norm, norm_fn=None) -> Tensor:
+    """Unscale (GradScaler), clip if asked, and return ‖d‖ (non-finite if any entry is).
+
+    ``norm_fn`` (a SAM wrapper's ``grad_norm_fn``) reduces the local squared norm to the
+    global one, e.g. summed over FSDP shards, so clipping uses the global norm."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if not params:
-        return torch.zeros(())
+    if norm_fn is None:
+        if not params:
+            return torch.zeros(())
+        if max_grad_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    # norm_fn may be a collective: every process calls it, even one whose shards are empty
+    grads = [local_tensor(p.grad) for p in params]  # FSDP2: this process's shards
+    squares = [squared_norm(g).to(torch.float64 if g.dtype == torch.float64 else torch.float32) for g in grads]
+    local = torch.stack(squares).sum() if squares else torch.zeros((), device=_device_of(optimizer))
+    total = norm_fn(local).sqrt()
     if max_grad_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+        coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return total
 
 
 def _validate_step_args(batch, forward, loss):
@@ -174,8 +252,10 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
     """One SAM-family optimizer step over ``batch`` (a list = accumulated micro-batches).
 
     Args:
-        model: the (possibly DDP-wrapped) module; its ``no_sync()`` keeps the ascent pass
-            and all but the last descent backward local to the replica.
+        model: the (possibly DDP/FSDP-wrapped) module; its ``no_sync()`` (FSDP2:
+            ``set_requires_gradient_sync``) keeps the ascent pass (unless ``sync_ascent``) and
+            all but the last descent backward local to the replica. FSDP needs
+            ``sync_ascent=True`` and a shard-summing ``grad_norm_fn`` (samlm.distributed).
         scaler: a ``torch.amp.GradScaler`` for fp16: the ascent gradient is unscaled before
             ε is computed; a non-finite ascent gradient skips the step as GradScaler would.
         autocast_dtype: run forward and loss under ``torch.autocast`` with this dtype.
@@ -191,6 +271,13 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
     passes = _Passes(micro_batches, forward, loss, model, scaler, autocast_dtype, device)
     functional = opt.descent == "functional"
     params = _descent_params(opt)
+    sharding = _sharding(model)
+    _check_sharded(opt, sharding, plans, split)
+    sharded = sharding is not None
+    # The ascent gradient is averaged over replicas (sync_ascent) by the model's own reduction
+    # on its last backward (DDP all-reduce, FSDP reduce-scatter); without a DDP/FSDP model, by
+    # an explicit all-reduce.
+    sync_ascent_in_model = opt.sync_ascent and passes.reduces_gradients
     split_buffers = _SplitBuffers(params) if split else None
 
     opt.zero_grad(set_to_none=True)
@@ -206,13 +293,16 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
 
         # 1-2. ascent gradient at w (and, when needed, the clean output cotangents r(w))
         need_cotangents = functional or split
-        ascent_loss, cotangents = _ascent(passes, plan, total, need_cotangents, split_buffers, params)
+        ascent_loss, cotangents = _ascent(passes, plan, total, need_cotangents, split_buffers, params,
+                                          sync_at_end=sync_ascent_in_model)
         loss_clean += ascent_loss * (plan.ascent_rows / sum(pl.ascent_rows for pl in plans))
         if need_cotangents:
             _clean_cotangents(passes, plan, total, cotangents, split_buffers, params)
-        if opt.sync_ascent:
+            if sharding == "fsdp2":
+                _reshard_fsdp2(model)
+        if opt.sync_ascent and not sync_ascent_in_model:
             _all_reduce_mean([p.grad for p in params if p.grad is not None])
-        if scaler is not None and _ascent_overflowed(opt, scaler):
+        if scaler is not None and _ascent_overflowed(opt, scaler, agree=passes.reduces_gradients):
             return _skip_for_overflow(opt, scaler, loss_clean)
 
         # 3. perturb
@@ -223,14 +313,16 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
 
         # 4. descent at w+ε
         try:
+            # FSDP keeps unsynced gradients in its own buffers, which the next group's synced
+            # ascent would flush: there every group's descent ends with a reduction.
             last_group = index == len(plans) - 1
             loss_perturbed += _descent(passes, plan, total, functional, cotangents, split_buffers,
-                                       params, sync_at_end=last_group)
+                                       params, sync_at_end=last_group or sharded)
         finally:
             # 5. restore w exactly, even if a pass raised
             opt.restore()
 
-    update_norm = _unscale_and_check(opt.base_optimizer, scaler, max_grad_norm)
+    update_norm = _unscale_and_check(opt.base_optimizer, scaler, max_grad_norm, opt.grad_norm_fn)
     skipped = _finish_step(opt.base_optimizer, scaler, update_norm, on_step=opt.after_base_step)
     grad_norm = torch.stack(grad_norms).square().mean().sqrt()
     eps_norm = torch.stack(eps_norms).square().mean().sqrt()
@@ -250,29 +342,42 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
     return stats
 
 
-def _ascent(passes: _Passes, plan: GroupPlan, total: int, need_cotangents: bool, split_buffers, params):
-    """Ascent gradient of the mean loss over the group's ascent rows, into p.grad."""
+def _ascent(passes: _Passes, plan: GroupPlan, total: int, need_cotangents: bool, split_buffers, params,
+            sync_at_end: bool = False):
+    """Ascent gradient of the mean loss over the group's ascent rows, into p.grad. Local to the
+    replica (no_sync), unless ``sync_at_end``: then the last piece's backward reduces it."""
     ascent_rows = plan.ascent_rows
     loss_sum = None
     cotangents: dict[Piece, Tensor] = {}
-    for piece in plan.ascent:
+    last = len(plan.ascent) - 1
+    for j, piece in enumerate(plan.ascent):
         weight = piece.rows / ascent_rows
-        with passes.no_sync():
+        with passes.no_sync(skip_sync=not (sync_at_end and j == last)):
             outputs, rows = passes.forward(piece)
-            value = passes.loss(outputs, rows)
             if need_cotangents:
                 outputs = _outputs_tensor(outputs, "Functional-SAM")
-                (r,) = torch.autograd.grad(value, outputs, retain_graph=True)
+                value, r = _loss_and_cotangent(passes, outputs, rows)
                 cotangents[piece] = _at_least_fp32(r)  # ∂(piece mean loss)/∂outputs at w
                 if split_buffers is not None:
                     split_buffers.add_clean(torch.autograd.grad(
                         outputs, params, r * (piece.rows / total), retain_graph=True, allow_unused=True))
                 passes.backward_outputs(outputs, r * weight)
             else:
+                value = passes.loss(outputs, rows)
                 passes.backward(value * weight)
         term = _at_least_fp32(value) * weight
         loss_sum = term if loss_sum is None else loss_sum + term
     return loss_sum, cotangents
+
+
+def _loss_and_cotangent(passes: _Passes, outputs: Tensor, rows) -> tuple[Tensor, Tensor]:
+    """The loss and r = ∂loss/∂outputs, through the loss alone (on a detached copy of the
+    outputs): the model's graph is traversed once, by the backward that follows. FSDP1 frees
+    its gathered weights after the first traversal that reaches its output hooks."""
+    leaf = outputs.detach().requires_grad_()
+    value = passes.loss(leaf, rows)
+    (r,) = torch.autograd.grad(value, leaf)
+    return value, r
 
 
 def _clean_cotangents(passes: _Passes, plan: GroupPlan, total: int, cotangents: dict, split_buffers, params):
@@ -318,8 +423,7 @@ def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cot
             if functional or split_buffers is not None:
                 outputs = _outputs_tensor(outputs, "Functional-SAM")
                 r_clean = _cotangent_for(piece, cotangents) * weight
-                value = passes.loss(outputs, rows)
-                (r_perturbed,) = torch.autograd.grad(value, outputs, retain_graph=True)
+                value, r_perturbed = _loss_and_cotangent(passes, outputs, rows)
                 r_perturbed = r_perturbed * weight
                 used, other = (r_clean, r_perturbed) if functional else (r_perturbed, r_clean)
                 if split_buffers is not None:
@@ -371,20 +475,32 @@ def _all_reduce_mean(tensors: list[Tensor]) -> None:
             t.div_(dist.get_world_size())
 
 
-def _ascent_overflowed(opt: SharpnessAware, scaler) -> bool:
-    """fp16: unscale the ascent gradient in place; True if it is non-finite (one host sync)."""
+def _ascent_overflowed(opt: SharpnessAware, scaler, agree: bool = False) -> bool:
+    """fp16: unscale the ascent gradient in place; True if it is non-finite (one host sync).
+
+    ``agree``: replicas of a DDP/FSDP model decide together (an all-reduce MAX of the flag),
+    so that all skip or none does; one replica skipping alone would leave the others waiting
+    in the descent's gradient all-reduce."""
     inv_scale = 1.0 / scaler.get_scale()
-    grads = [p.grad for p in opt._params_with_grad()]
+    grads = [local_tensor(p.grad) for p in opt._params_with_grad()]
     torch._foreach_mul_(grads, inv_scale)
     norm = torch.nn.utils.get_total_norm(grads)
-    if bool(torch.isfinite(norm)):
-        return False
-    return True
+    found = (~torch.isfinite(norm)).to(torch.float32)
+    if agree:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            found = found.clone()
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return bool(found)
 
 
 def _skip_for_overflow(opt: SharpnessAware, scaler, loss_clean: Tensor) -> StepStats:
     """The ascent gradient overflowed: skip the perturbation and the step, and let GradScaler
     back off its scale exactly as it does for a non-finite gradient."""
+    # A replica whose own ascent gradient was finite skips with the others: mark its gradient
+    # non-finite so that its GradScaler skips and backs off identically.
+    local_tensor(opt._params_with_grad()[0].grad).fill_(float("inf"))
     scaler.unscale_(opt.base_optimizer)  # records the inf for this optimizer
     scaler.step(opt.base_optimizer)      # skipped: inf found
     scaler.update()                      # backs the scale off

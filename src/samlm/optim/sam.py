@@ -24,6 +24,18 @@ from .preconditioners import Preconditioners, find_reader
 DESCENTS = ("standard", "functional")
 
 
+def local_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
+    """This process's shard of a DTensor (FSDP2 parameters, gradients, optimizer state), else
+    ``t`` itself. Under no_grad it is the DTensor's own storage: in-place ops act on it."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _on_shards(precond, owner: dict):
+    """``precond`` keyed by a DTensor parameter → keyed by its local shard, returning shards."""
+    return lambda shard: local_tensor(precond(owner[id(shard)]))
+
+
 class SharpnessAware(torch.optim.Optimizer):
     """Wraps a base optimizer *instance*; ``param_groups`` are the base optimizer's own list.
 
@@ -126,8 +138,14 @@ class SharpnessAware(torch.optim.Optimizer):
         params = self._params_with_grad()
         if not params:
             raise RuntimeError("no parameter has a gradient: run backward on the ascent loss first")
-        grads = [p.grad for p in params]
+        grads = [local_tensor(p.grad) for p in params]
         precond = self._preconditioner(params)
+        shards = [local_tensor(p) for p in params]
+        if any(shard is not p for shard, p in zip(shards, params)):
+            # FSDP2 (DTensor): the math runs on this process's shards; grad_norm_fn sums the norms.
+            owner = {id(shard): p for shard, p in zip(shards, params)}
+            precond = _on_shards(precond, owner)
+            params = shards
         norm = self._global_norm(perturbation_norm(self.perturbation, params, grads, precond).square())
         ok = torch.isfinite(norm) & (norm > 0)
         scale = torch.where(ok, self.perturbation.rho / (norm + 1e-12), torch.zeros_like(norm))
