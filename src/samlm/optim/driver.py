@@ -420,16 +420,20 @@ def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cot
         weight = piece.rows / total
         with passes.no_sync(skip_sync=not (sync_at_end and j == last)):
             outputs, rows = passes.forward(piece)
-            if functional or split_buffers is not None:
-                outputs = _outputs_tensor(outputs, "Functional-SAM")
+            if split_buffers is not None:
+                outputs = _outputs_tensor(outputs, "split=True")
                 r_clean = _cotangent_for(piece, cotangents) * weight
                 value, r_perturbed = _loss_and_cotangent(passes, outputs, rows)
                 r_perturbed = r_perturbed * weight
                 used, other = (r_clean, r_perturbed) if functional else (r_perturbed, r_clean)
-                if split_buffers is not None:
-                    split_buffers.add_other(torch.autograd.grad(
-                        outputs, params, other.to(outputs.dtype), retain_graph=True, allow_unused=True))
+                split_buffers.add_other(torch.autograd.grad(
+                    outputs, params, other.to(outputs.dtype), retain_graph=True, allow_unused=True))
                 passes.backward_outputs(outputs, used)
+            elif functional:
+                outputs = _outputs_tensor(outputs, "Functional-SAM")
+                with torch.no_grad():  # L(w+ε) for the stats only: the descent uses r(w)
+                    value = passes.loss(outputs.detach(), rows)
+                passes.backward_outputs(outputs, _cotangent_for(piece, cotangents) * weight)
             else:
                 value = passes.loss(outputs, rows)
                 passes.backward(value * weight)
