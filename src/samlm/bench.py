@@ -56,6 +56,14 @@ def _check(args) -> list[str]:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.width % args.heads:
         raise UserError(f"--width {args.width} must be divisible by --heads {args.heads}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if not (args.rho >= 0 and args.rho < float("inf")):
+        raise UserError(f"--rho must be a finite number >= 0, got {args.rho}")
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {args.device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
     if not 0 < args.ascent_fraction <= 1:
         raise UserError(f"--ascent-fraction must be in (0, 1], got {args.ascent_fraction}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -8,6 +8,7 @@ config. ``lm_forward(model)`` adapts a model to the optimizer contract's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from torch import nn
 from samlm.errors import UserError
 
 ARCHITECTURES = ("gpt2", "llama")
+MAX_SEED = 2**63  # torch.manual_seed takes a 64-bit signed seed
 
 
 def build_decoder(
@@ -47,7 +49,10 @@ def build_decoder(
     are set in the config (our tokenizers define their own).
     """
     _check_shape(arch, layers, width, heads, context, vocab_size, dropout)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise UserError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     config = _make_config(arch, layers, width, heads, context, vocab_size, dropout, tie_embeddings, mlp_ratio)
+    _check_fits_in_memory(arch, config, layers, width, context, vocab_size, tie_embeddings)
     config._attn_implementation = attn_implementation
     model_class = _model_class(arch)
     # fork_rng: building a model must not shift the RNG stream the training run relies on.
@@ -72,6 +77,37 @@ def _check_shape(arch, layers, width, heads, context, vocab_size, dropout) -> No
         raise UserError(f"llama needs an even head size for rotary embeddings; width/heads = {width // heads}")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def estimate_parameters(arch: str, config, layers: int, width: int, context: int, vocab_size: int,
+                        tie_embeddings: bool) -> int:
+    """Parameters of a decoder from its shape, without building it (within a few per cent)."""
+    embeddings = vocab_size * width * (1 if tie_embeddings else 2)
+    if arch == "gpt2":
+        inner = config.n_inner or 4 * width
+        per_layer = 4 * width * width + 2 * width * inner + 9 * width + inner
+        return embeddings + context * width + layers * per_layer + 2 * width
+    hidden = config.intermediate_size
+    return embeddings + layers * (4 * width * width + 3 * width * hidden + 2 * width) + width
+
+
+def _check_fits_in_memory(arch, config, layers, width, context, vocab_size, tie_embeddings) -> None:
+    """Refuse a model whose fp32 weights alone exceed the machine's memory (a typo in a flag)."""
+    params = estimate_parameters(arch, config, layers, width, context, vocab_size, tie_embeddings)
+    memory = _physical_memory_bytes()
+    if memory is not None and params * 4 > memory:
+        raise UserError(
+            f"a {arch} of {layers} layers x {width} wide (context {context}, vocab {vocab_size}) has about "
+            f"{params / 1e9:.1f}B parameters: {params * 4 / 2**30:.0f} GiB of fp32 weights, more than this "
+            f"machine's {memory / 2**30:.0f} GiB of memory"
+        )
 
 
 def _make_config(arch, layers, width, heads, context, vocab_size, dropout, tie_embeddings, mlp_ratio):
@@ -129,21 +165,43 @@ def load_causal_lm(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = str(path) if local else spec
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise UserError(f"could not load the model config of '{spec}': {_first_line(exc)}") from None
-    if type(config) not in AutoModelForCausalLM._model_mapping and not trust_remote_code:
-        raise UserError(
-            f"'{spec}' is a '{getattr(config, 'model_type', type(config).__name__)}' model, "
-            "not a causal (decoder-only) language model"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, dtype=dtype)
-    except Exception as exc:
-        raise UserError(f"could not load model '{spec}': {_first_line(exc)}") from None
+    with quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise config_error(spec, exc) from None
+        if type(config) not in AutoModelForCausalLM._model_mapping and not trust_remote_code:
+            raise UserError(
+                f"'{spec}' is a '{getattr(config, 'model_type', type(config).__name__)}' model, "
+                "not a causal (decoder-only) language model"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, dtype=dtype)
+        except Exception as exc:
+            raise UserError(f"could not load model '{spec}': {_first_line(exc)}") from None
     model.train()
     return model
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No load reports or progress bars from transformers (errors still raise).
+
+    A "Loading weights" bar on stderr would break the one-line error convention of the CLI
+    when a mistake is found after loading, and clutters logs otherwise.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _looks_like_local_path(spec: str) -> bool:
@@ -167,6 +225,15 @@ def _check_model_dir(path: Path) -> None:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def config_error(spec: str, exc: Exception) -> UserError:
+    """The one-line error for a model config that cannot be loaded."""
+    text = str(exc)
+    if "custom code" in text or "trust_remote_code" in text:
+        return UserError(f"'{spec}' ships its own model code, which samlm runs only with --trust-remote-code; "
+                         "read that code first, then pass the flag if you trust it")
+    return UserError(f"could not load the model config of '{spec}': {_first_line(exc)}")
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:

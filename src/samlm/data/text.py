@@ -22,6 +22,7 @@ Conventions (shared by every harness):
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +41,11 @@ IGNORE_INDEX = -100  # label value that lm_loss skips (padding)
 # Hub datasets too large to download whole: streamed, and cut at max_chars.
 STREAMING_DATASETS = {"c4", "allenai/c4", "HuggingFaceFW/fineweb", "HuggingFaceFW/fineweb-edu", "openwebtext"}
 DEFAULT_STREAMING_MAX_CHARS = 50_000_000
-_PATH_SUFFIXES = {".txt", ".text", ".md", ".raw"}
+_PATH_SUFFIXES = {".txt", ".text", ".md", ".raw", ".jsonl", ".json", ".csv", ".tsv", ".gz"}
+JSONL_TEXT_FIELD = "text"
+# Files that make a directory a tokenizer directory (one of them is enough).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "special_tokens_map.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 Batch = dict[str, torch.Tensor]
 
@@ -61,6 +66,8 @@ def load_corpus(
     * ``"tinyshakespeare"`` (default): shipped in ``samlm/resources``;
     * a local text file (UTF-8) or a directory of ``*.txt`` files (recursive, sorted by
       relative path, joined with a blank line);
+    * a local ``.jsonl`` file: one JSON object per line, whose ``"text"`` field is a
+      document (documents joined with a blank line; blank lines skipped);
     * ``"hf:NAME[:CONFIG][:SPLIT]"`` or a bare ``"NAME[:CONFIG][:SPLIT]"`` that is not a local
       path: a Hugging Face ``datasets`` dataset (split defaults to ``train``; the ``text``
       column, documents joined with a blank line). ``streaming`` defaults to True for the
@@ -68,7 +75,8 @@ def load_corpus(
       ``max_chars`` (default 50M characters).
 
     ``max_chars`` truncates any corpus. Raises ``UserError`` for a missing file, invalid UTF-8
-    (naming the file, byte offset and line), an empty corpus, or a dataset that fails to load.
+    (naming the file, byte offset and line), a ``.jsonl`` line that is not JSON or has no
+    ``"text"`` string (naming the file and line), an empty corpus, or a dataset that fails to load.
     """
     spec = os.fspath(spec)
     text, origin = _read_corpus(spec, max_chars=max_chars, streaming=streaming)
@@ -87,6 +95,8 @@ def _read_corpus(spec: str, *, max_chars, streaming) -> tuple[str, str]:
         return _read_hub_dataset(spec[3:], max_chars=max_chars, streaming=streaming), f"'{spec}'"
     path = Path(spec).expanduser()
     if path.is_file():
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl_corpus(path), str(path)
         return read_utf8(path), str(path)
     if path.is_dir():
         return _read_directory(path), str(path)
@@ -115,6 +125,30 @@ def read_utf8(path: Path) -> str:
             f"{path} is not valid UTF-8: byte {exc.start} (line {line}, column {column}) "
             f"is {data[exc.start:exc.start + 1]!r}"
         ) from None
+
+
+def _read_jsonl_corpus(path: Path) -> str:
+    """The ``"text"`` fields of a JSON-lines file, joined with a blank line."""
+    documents = []
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object with a '{JSONL_TEXT_FIELD}' field, "
+                            f"found {type(record).__name__}")
+        if JSONL_TEXT_FIELD not in record:
+            fields = ", ".join(map(str, list(record)[:8])) or "none"
+            raise UserError(f"{path}:{number}: no '{JSONL_TEXT_FIELD}' field (fields: {fields})")
+        text = record[JSONL_TEXT_FIELD]
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{number}: '{JSONL_TEXT_FIELD}' should be a string, found {type(text).__name__}")
+        if text:
+            documents.append(text)
+    return DOCUMENT_SEPARATOR.join(documents)
 
 
 def _read_directory(directory: Path) -> str:
@@ -222,6 +256,10 @@ def load_tokenizer(name_or_path: str | os.PathLike = "bytes", *, trust_remote_co
     path = Path(spec).expanduser()
     if not path.exists() and (_looks_like_path(spec) or path.is_absolute()):
         raise UserError(f"tokenizer directory {spec} not found")
+    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from a bare config.json (every text -> 0 tokens)
+        raise UserError(f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:4])}, ...); "
+                        "pass --tokenizer bytes or a directory/hub id with a tokenizer")
     from transformers import AutoTokenizer
 
     try:
@@ -251,7 +289,12 @@ def encode_text(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tenso
     if not chunks:
         return torch.empty(0, dtype=torch.long)
     encoded = tokenizer(chunks, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.cat([torch.tensor(ids, dtype=torch.long) for ids in encoded])
+    tokens = torch.cat([torch.tensor(ids, dtype=torch.long) for ids in encoded])
+    if tokens.numel() == 0 and text.strip():
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        raise UserError(f"tokenizer '{name}' turned {len(text)} characters into no tokens (an empty vocabulary?); "
+                        "use another --tokenizer")
+    return tokens
 
 
 def _newline_chunks(text: str, size: int) -> Iterator[str]:
@@ -348,9 +391,12 @@ class LMDataset:
 
     def val_batches(self, batch_size: int, max_batches: int | None = None) -> list[Batch]:
         """The validation windows in order, as a fixed list of batches (last one may be smaller)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
         n_windows = (self.val_tokens.numel() - 1) // self.context
         starts = torch.arange(n_windows) * self.context
-        batches = [_windows(self.val_tokens, s, self.context) for s in starts.split(batch_size)]
+        # min(): a batch larger than the split is the whole split (and torch cannot take > 2**63 - 1)
+        batches = [_windows(self.val_tokens, s, self.context) for s in starts.split(min(batch_size, max(n_windows, 1)))]
         return batches[:max_batches] if max_batches is not None else batches
 
     @property

@@ -15,6 +15,11 @@ Run directory (``--out``)::
     summary.json       best and final value + step of every metric, the overall score, the config
     checkpoints/checkpoint-<step>/   weights (safetensors) + optimizer/data/RNG state
 
+``--dry-run`` checks everything (flags, model config, data files, the run directory) and
+prints the resolved settings, writing nothing. Exit codes: 0 done, 2 a mistake (one line
+``samlm: error: ...``), 130 stopped by SIGINT/SIGTERM after saving a checkpoint (continue with
+``--resume``); see docs/reliability.md.
+
 Metric keys are ``<task>/<metric>`` (``glue/rte/accuracy``), or ``<task>:<split>/<metric>``
 when the evaluation split is not the task's only default one (MNLI's two validation splits,
 ``--eval-split``).
@@ -57,6 +62,9 @@ SAM_CHOICES = ("sam", "asam", "fsam", "psam", "pfsam")
 BASE_CHOICES = ("adafactor", "adamw", "sgd")
 KIND_CHOICES = (CLASSIFICATION, REGRESSION, GENERATION)
 RUN_CONFIG_FILE = "finetune.json"
+DEFAULT_MAX_NONFINITE = 5
+MAX_SEED = 2**63
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 SUMMARY_FILE = "summary.json"
 SUMMARY_FORMAT = "samlm-finetune-summary"
 GENERIC_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
@@ -65,7 +73,7 @@ GENERIC_SPLIT_NAMES = {"validation": ("validation", "dev", "val"), "train": ("tr
 # Settings that must not change when a run is resumed (steps and eval/save cadence may; the
 # training data is checked by its fingerprint, the architecture when the weights load).
 RESUME_KEYS = (
-    "tasks", "columns", "labels", "kind", "optimizer", "base", "rho",
+    "model", "tasks", "columns", "labels", "kind", "optimizer", "base", "rho",
     "ascent_fraction", "m", "lr", "weight_decay", "lr_schedule", "warmup_steps", "batch",
     "grad_accum", "subsample", "subsample_seed", "mixture_limit", "seed", "max_input_length",
     "max_target_length", "max_grad_norm", "eval_split", "eval_examples",
@@ -89,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--overwrite", action="store_true", help="start over in a --out that holds a run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the flags, model config, data and --out, print the resolved settings, "
+                             "and stop (writes nothing)")
 
 
 def add_run_arguments(parser, *, model_required: bool = True) -> None:
@@ -138,7 +149,11 @@ def add_run_arguments(parser, *, model_required: bool = True) -> None:
     parser.add_argument("--max-target-length", type=int, default=128,
                         help="target tokens (truncated) and the decoding budget of generation tasks")
     parser.add_argument("--nonfinite", choices=("skip", "stop"), default="skip",
-                        help="on a non-finite loss: skip the step, or stop after 5 in a row")
+                        help="on a non-finite loss or gradient: skip the step, or stop after "
+                             "--max-nonfinite in a row (exit 2); NaN weights are never saved")
+    parser.add_argument("--max-nonfinite", type=int, default=DEFAULT_MAX_NONFINITE, metavar="N",
+                        help=f"with --nonfinite stop: consecutive non-finite steps allowed (default "
+                             f"{DEFAULT_MAX_NONFINITE})")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (weights stay fp32)")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -147,8 +162,13 @@ def add_run_arguments(parser, *, model_required: bool = True) -> None:
 
 def run(args: argparse.Namespace) -> int:
     plan = prepare(args)
+    if getattr(args, "dry_run", False):
+        print(json.dumps(plan.settings, indent=2, default=str))
+        say(f"dry run: flags, model config, data and {plan.out_dir} are fine; nothing was written")
+        return 0
     result = execute(plan)
-    return 130 if result.get("interrupted") else 0
+    # 130: stopped by a signal before the last step (a checkpoint was saved; --resume continues).
+    return 0 if result.get("completed") else 130
 
 
 # --------------------------------------------------------------------------- planning
@@ -185,11 +205,14 @@ def prepare(args: argparse.Namespace) -> Plan:
     from samlm.finetune import modeling
 
     _check_numbers(args)
+    _check_out_dir(args)
     tasks = _resolve_tasks(args)
     info = modeling.inspect_model(args.model, trust_remote_code=args.trust_remote_code)
     modeling.check_tasks(info, tasks)
     train, sizes, eval_sets = _load_data(args, tasks)
     settings = _resolve_settings(args, info, tasks)
+    if settings["resume"] and _holds_run(Path(args.out)):
+        _check_resume_config(Path(args.out), settings)
     return Plan(settings=settings, out_dir=Path(args.out), info=info, tasks=tasks, train=train,
                 train_sizes=sizes, eval_sets=eval_sets, device=_device(args.device))
 
@@ -208,8 +231,16 @@ def _check_numbers(args) -> None:
     for flag, value in (("--eval-every", args.eval_every), ("--save-every", args.save_every),
                         ("--eval-examples", args.eval_examples), ("--warmup-steps", args.warmup_steps),
                         ("--weight-decay", args.weight_decay)):
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:  # "not >=" also catches NaN
             raise UserError(f"{flag} must be >= 0, got {value}")
+    if not math.isfinite(args.weight_decay):
+        raise UserError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    for flag, value in (("--seed", args.seed), ("--subsample-seed", args.subsample_seed)):
+        if not 0 <= value < MAX_SEED:
+            raise UserError(f"{flag} must be an integer in [0, 2**63), got {value}")
+    max_nonfinite = getattr(args, "max_nonfinite", DEFAULT_MAX_NONFINITE)
+    if max_nonfinite < 1:
+        raise UserError(f"--max-nonfinite must be >= 1, got {max_nonfinite}")
     if not (0 < args.subsample <= 1):
         hint = f" (did you mean {args.subsample / 100:g}?)" if 1 < args.subsample <= 100 else ""
         raise UserError(f"--subsample must be in (0, 1], got {args.subsample:g}{hint}")
@@ -229,8 +260,28 @@ def _check_numbers(args) -> None:
         raise UserError(f"--rho must be > 0, got {args.rho}")
     if args.ascent_fraction is not None and not (0 < args.ascent_fraction <= 1):
         raise UserError(f"--ascent-fraction must be in (0, 1], got {args.ascent_fraction}")
+    for flag, value in (("--lr", args.lr), ("--rho", args.rho), ("--weight-decay", args.weight_decay)):
+        if value is not None and abs(value) > FLOAT32_MAX:
+            raise UserError(f"{flag} {value:g} is beyond float32's range (<= {FLOAT32_MAX:.3g}), in which "
+                            "the weights are updated")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
+
+
+def _holds_run(out: Path) -> bool:
+    from samlm.train.loop import CHECKPOINTS_DIR, METRICS_FILE
+
+    return (out / METRICS_FILE).exists() or bool(io.checkpoint_dirs(out / CHECKPOINTS_DIR))
+
+
+def _check_out_dir(args) -> None:
+    """Refuse an --out that is a file, or that holds a run, unless --resume/--overwrite (writes nothing)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    if _holds_run(out) and not args.resume and not args.overwrite:
+        raise UserError(f"{out} already holds a run (metrics.jsonl or checkpoints); "
+                        "pass --resume to continue it, --overwrite to start over, or choose another --out")
 
 
 def _resolve_tasks(args) -> list[Task]:
@@ -325,6 +376,9 @@ def _resolve_settings(args, info, tasks: Sequence[Task]) -> dict[str, Any]:
     batch = args.batch or defaults["batch"]
     if batch % args.grad_accum:
         raise UserError(f"--batch {batch} is not divisible by --grad-accum {args.grad_accum}")
+    if sam and batch % args.m:
+        raise UserError(f"--m {args.m} does not divide --batch {batch}: each of the m groups needs an equal "
+                        "share of the batch's rows")
     if args.bf16 and not _device(args.device).type == "cuda":
         raise UserError("--bf16 needs a CUDA device")
     save_every = args.save_every if args.save_every is not None else args.eval_every
@@ -365,6 +419,7 @@ def _resolve_settings(args, info, tasks: Sequence[Task]) -> dict[str, Any]:
         "max_target_length": args.max_target_length,
         "max_grad_norm": args.max_grad_norm,
         "nonfinite": args.nonfinite,
+        "max_nonfinite": getattr(args, "max_nonfinite", DEFAULT_MAX_NONFINITE),
         "device": args.device,
         "bf16": args.bf16,
         "trust_remote_code": args.trust_remote_code,
@@ -536,11 +591,11 @@ def execute(plan: Plan) -> dict:
     """Load the model, train, write ``summary.json``; returns the summary."""
     from samlm.finetune.modeling import load_finetune_model
     from samlm.optim import build_optimizer
-    from samlm.train.loop import CHECKPOINTS_DIR, METRICS_FILE, LoopConfig, train
+    from samlm.train.loop import LoopConfig, clear_run, train
 
     s = plan.settings
     out = plan.out_dir
-    holds_run = (out / METRICS_FILE).exists() or bool(io.checkpoint_dirs(out / CHECKPOINTS_DIR))
+    holds_run = _holds_run(out)
     if holds_run and not s["resume"] and not s["overwrite"]:
         raise UserError(f"{out} already holds a run (metrics.jsonl or checkpoints); "
                         "pass --resume to continue it, --overwrite to start over, or choose another --out")
@@ -566,7 +621,9 @@ def execute(plan: Plan) -> dict:
 
     # Written only now that everything loaded: a failed start leaves no trace in --out.
     if not (s["resume"] and holds_run):
-        (out / SUMMARY_FILE).unlink(missing_ok=True)
+        # Starting over: the old run goes before the new finetune.json comes, so a crash in
+        # between cannot pair the new settings with the old checkpoints.
+        clear_run(out)
     io.atomic_write_json(out / RUN_CONFIG_FILE, s)
     total = sum(len(v) for v in plan.train.values())
     say(f"fine-tuning {plan.info.spec} ({plan.info.family}, {plan.info.model_type}) on {', '.join(plan.train)}: "
@@ -577,6 +634,7 @@ def execute(plan: Plan) -> dict:
     config = LoopConfig(
         out_dir=out, steps=s["steps"], eval_every=s["eval_every"], save_every=s["save_every"],
         grad_accum=s["grad_accum"], max_grad_norm=s["max_grad_norm"], nonfinite=s["nonfinite"],
+        max_consecutive_nonfinite=s.get("max_nonfinite", DEFAULT_MAX_NONFINITE),
         resume=s["resume"], overwrite=s["overwrite"], seed=s["seed"],
     )
     result = train(model, optimizer, batches, config=config, evaluate=evaluate, scheduler=scheduler,
@@ -605,13 +663,24 @@ def _check_resume_config(out: Path, settings: Mapping[str, Any]) -> None:
         return
     try:
         previous = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    changed = [k for k in RESUME_KEYS if k in previous and previous[k] != settings.get(k)]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is unreadable ({type(exc).__name__}: {exc}); cannot check that --resume continues "
+                        "the same run; start over with --overwrite") from None
+    if not isinstance(previous, dict):
+        raise UserError(f"{path} is not a samlm finetune configuration; start over with --overwrite")
+    changed = [k for k in RESUME_KEYS if k in previous and not _same_setting(k, previous[k], settings.get(k))]
     if changed:
         k = changed[0]
         raise UserError(f"--resume with different settings: {k} was {previous[k]!r}, now {settings.get(k)!r}; "
                         "resume with the original flags, or start over with --overwrite")
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    if key == "model" and isinstance(old, str) and isinstance(new, str) and old != new:
+        # The same local directory spelled differently ("t5" and "./t5") is the same model.
+        before, now = Path(old).expanduser(), Path(new).expanduser()
+        return before.exists() and now.exists() and before.resolve() == now.resolve()
+    return old == new
 
 
 def _report(summary: Mapping[str, Any], out: Path) -> None:

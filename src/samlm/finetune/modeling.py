@@ -41,7 +41,8 @@ from samlm.errors import UserError
 from samlm.finetune.formats import Example
 from samlm.finetune.metrics import postprocess_generation
 from samlm.finetune.tasks import CLASSIFICATION, GENERATION, REGRESSION, Task
-from samlm.models import _check_model_dir, _first_line, _looks_like_local_path
+from samlm.models import _check_model_dir, _first_line, _looks_like_local_path, config_error
+from samlm.models import quiet_transformers as _quiet_transformers
 
 SEQ2SEQ = "seq2seq"
 CLASSIFIER = "classifier"
@@ -116,7 +117,7 @@ def inspect_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         except Exception as exc:
-            raise UserError(f"could not load the model config of '{spec}': {_first_line(exc)}") from None
+            raise config_error(spec, exc) from None
     family = _family(config)
     model_type = str(getattr(config, "model_type", type(config).__name__))
     if family is None:
@@ -201,23 +202,6 @@ def paper_defaults(info: ModelInfo, optimizer: str | None = None) -> dict[str, A
 
 
 # --------------------------------------------------------------------------- loading
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No load reports or progress bars from transformers (errors still raise)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def load_finetune_model(

@@ -26,7 +26,17 @@ checkpoint, so on CPU the resumed run continues bitwise identically to an uninte
 Non-finite steps: a step whose loss is NaN/Inf or whose update the optimizer skipped
 (``StepStats.skipped``) is counted. ``nonfinite="skip"`` keeps going; ``"stop"`` raises
 ``NonFiniteLossError`` after ``max_consecutive_nonfinite`` such steps in a row. Weights that
-are NaN/Inf are never saved.
+are NaN/Inf are never saved: a save that meets them raises ``NonFiniteLossError`` (whatever
+the policy) and the previous checkpoint stays the newest one on disk.
+
+Signals: SIGINT and SIGTERM ask the loop to stop; it finishes the current step (and its
+evaluation), saves a checkpoint and returns with ``LoopResult.interrupted`` set. A second
+SIGINT raises ``KeyboardInterrupt`` at once (the last checkpoint written stays valid). The
+harnesses turn an interrupted result into exit code 130 (``samlm.cli``).
+
+Crash safety: every file goes through :mod:`samlm.io` (atomic writes, checkpoints verified by
+sha256 on load, torn ``metrics.jsonl`` tails dropped), so a ``kill -9`` at any moment leaves a
+run that ``resume=True`` continues exactly from its newest good checkpoint.
 """
 
 from __future__ import annotations
@@ -56,9 +66,11 @@ from samlm.optim import SharpnessAware, train_step
 from samlm.progress import progress_bar, say
 
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"   # written by the harnesses; removed when a run starts over
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_STATE_FORMAT = "samlm-train-state"
 NONFINITE_POLICIES = ("skip", "stop")
+MAX_SEED = 2**63  # torch.manual_seed takes a 64-bit signed seed
 
 
 class ResumableIterator(Protocol):
@@ -103,6 +115,12 @@ class LoopConfig:
             raise UserError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got '{self.nonfinite}'")
         if self.max_consecutive_nonfinite < 1:
             raise UserError(f"max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED):
+            raise UserError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.resume and self.overwrite:
+            raise UserError("resume and overwrite contradict each other; choose one")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:  # NaN too
+            raise UserError(f"max_grad_norm must be > 0 (or None: no clipping), got {self.max_grad_norm}")
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -373,6 +391,7 @@ def train(
         step_kwargs: extra keyword arguments for ``train_step`` (e.g. ``autocast_dtype``).
     """
     config.validate()
+    _check_optimizer_settings(optimizer)
     out_dir = Path(config.out_dir)
     forward = forward or lm_forward(model)
     run = _Run(model, optimizer, train_batches, config, scheduler, scaler)
@@ -435,9 +454,21 @@ def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_
     started = time.perf_counter()  # step time includes fetching the data
     device = next(run.model.parameters()).device
     micro_batches = [_to_device(next(run.train_batches), device) for _ in range(run.config.grad_accum)]
+    if not run.step_plan_checked:
+        _check_step_plan(run.optimizer, micro_batches)
+        run.step_plan_checked = True
     batch = micro_batches if len(micro_batches) > 1 else micro_batches[0]
     lr = current_lr(run.optimizer)
-    stats = train_step(run.optimizer, batch, forward, loss, **step_args).as_dict()
+    try:
+        stats = train_step(run.optimizer, batch, forward, loss, **step_args).as_dict()
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        # torch refuses a step size beyond float32 (e.g. lr / Adam's bias correction): divergence.
+        raise NonFiniteLossError(
+            f"training stopped at step {state.step + 1}: the optimizer's step size overflowed float32 "
+            f"(lr={lr:g}: {_first_line(exc)}); lower the learning rate"
+        ) from None
     if run.scheduler is not None:
         # The schedule follows the loop's step count, skipped steps included; torch warns
         # when a scheduler steps without an optimizer step, which is intended here.
@@ -455,6 +486,56 @@ def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_
     return stats
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_optimizer_settings(optimizer: torch.optim.Optimizer) -> None:
+    """Every number an optimizer step multiplies with must be finite and fit in float32.
+
+    torch applies ``lr``, ``weight_decay``, ``eps``, ... to fp32 weights; a value beyond
+    float32's range (``lr=1e39``) fails inside the step with an overflow traceback, and NaN
+    silently ruins the weights. Checked before anything is written.
+    """
+    def bad(value) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX))
+
+    settings: list[tuple[str, Any]] = []
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key == "params":
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            settings.extend((key, v) for v in values)
+    if isinstance(optimizer, SharpnessAware):
+        settings.append(("rho", optimizer.rho))
+    for key, value in settings:
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if bad(value):
+            name = "lr" if key == "initial_lr" else key
+            raise UserError(f"optimizer setting {name}={value!r} is not a finite number within float32's range "
+                            f"(|x| <= {_FLOAT32_MAX:.3g})")
+
+
+def _check_step_plan(optimizer, micro_batches: list) -> None:
+    """A SAM-family optimizer must be able to split a step's rows into its m groups.
+
+    Checked on the first step of a run, so that a batch that ``m`` does not divide (or too small
+    for any ascent row) is one ``UserError`` line before anything is trained or saved.
+    """
+    if not isinstance(optimizer, SharpnessAware):
+        return
+    from samlm.optim.batching import batch_rows, plan_step
+
+    try:
+        sizes = [batch_rows(b) for b in micro_batches]
+        plan_step(sizes, optimizer.ascent_fraction, optimizer.m)
+    except ValueError as exc:
+        rows = " + ".join(str(batch_rows(b)) for b in micro_batches) if micro_batches else "0"
+        raise UserError(f"cannot split a training step of {rows} rows for SAM: {exc}") from None
+
+
 def _apply_nonfinite_policy(state: _LoopState, stats: Mapping[str, Any], config: LoopConfig) -> None:
     loss_value = stats.get("loss", float("nan"))
     nonfinite = bool(stats.get("skipped")) or not math.isfinite(loss_value)
@@ -468,8 +549,8 @@ def _apply_nonfinite_policy(state: _LoopState, stats: Mapping[str, Any], config:
     if config.nonfinite == "stop" and state.nonfinite_streak >= config.max_consecutive_nonfinite:
         raise NonFiniteLossError(
             f"training stopped at step {state.step}: {state.nonfinite_streak} consecutive steps with a "
-            f"non-finite loss or gradient (loss={loss_value}); lower the learning rate or rho, or use "
-            "nonfinite='skip'"
+            f"non-finite loss or gradient (loss={loss_value}); lower the learning rate or rho, or keep going "
+            "with --nonfinite skip"
         )
 
 
@@ -530,6 +611,7 @@ class _Run:
         self.scaler = scaler
         self.out_dir = Path(config.out_dir)
         self.checkpoint_root = self.out_dir / CHECKPOINTS_DIR
+        self.step_plan_checked = False
 
     def start(self) -> tuple[_LoopState, Path | None]:
         """Fresh state, or the state of the latest good checkpoint when resuming."""
@@ -541,7 +623,9 @@ class _Run:
             state = self.restore(checkpoint)
             # Drop lines written after the checkpoint (they will be written again).
             io.write_jsonl(metrics, state.history)
-            say(f"resumed from {checkpoint.path} at step {state.step}")
+            skipped = ", ".join(path.name for path, _ in checkpoint.skipped)
+            say(f"resumed from {checkpoint.path} at step {state.step}"
+                + (f" (newer checkpoint(s) {skipped} unusable, see the warning above)" if skipped else ""))
             return state, checkpoint.path
         if self.config.resume:
             say(f"no checkpoint in {self.checkpoint_root}: starting from step 0")
@@ -556,9 +640,7 @@ class _Run:
         return _LoopState(), None
 
     def _clear_previous_run(self) -> None:
-        (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
-        for _, path in io.checkpoint_dirs(self.checkpoint_root):
-            shutil.rmtree(path)
+        clear_run(self.out_dir)
 
     def save(self, state: _LoopState) -> Path:
         extra = {
@@ -582,23 +664,55 @@ class _Run:
 
     def restore(self, checkpoint: io.Checkpoint) -> _LoopState:
         extra = checkpoint.extra_state
-        if extra.get("format") != TRAIN_STATE_FORMAT:
+        if not isinstance(extra, Mapping) or extra.get("format") != TRAIN_STATE_FORMAT:
             raise UserError(f"{checkpoint.path} is not a samlm training checkpoint")
         self._load_model(checkpoint)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        _load_optional("scheduler", self.scheduler, extra.get("scheduler"), checkpoint.path)
-        _load_optional("grad scaler", self.scaler, extra.get("scaler"), checkpoint.path)
-        self.train_batches.load_state_dict(extra["data"])
-        io.restore_rng_state(extra["rng"])
-        return _LoopState.from_state(extra["loop"])
+        try:
+            self.optimizer.load_state_dict(extra["optimizer"])
+            _load_optional("scheduler", self.scheduler, extra.get("scheduler"), checkpoint.path)
+            _load_optional("grad scaler", self.scaler, extra.get("scaler"), checkpoint.path)
+            self.train_batches.load_state_dict(extra["data"])
+            io.restore_rng_state(extra["rng"])
+            return _LoopState.from_state(extra["loop"])
+        except UserError:
+            raise
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            # A checkpoint of another optimizer / schedule / data pipeline: a different run.
+            raise UserError(
+                f"checkpoint {checkpoint.path} does not match this run ({type(exc).__name__}: "
+                f"{_first_line(exc)}); resume with the flags it was saved with, or start over"
+            ) from None
 
     def _load_model(self, checkpoint: io.Checkpoint) -> None:
-        result = self.model.load_state_dict(checkpoint.model_state, strict=False)
+        try:
+            result = self.model.load_state_dict(checkpoint.model_state, strict=False)
+        except RuntimeError as exc:  # shapes differ: another architecture
+            raise UserError(
+                f"checkpoint {checkpoint.path} does not match the model: {_first_line(exc)}"
+            ) from None
         if result.missing_keys or result.unexpected_keys:
             raise UserError(
                 f"checkpoint {checkpoint.path} does not match the model: "
                 f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
             )
+
+
+def clear_run(out_dir: str | Path) -> None:
+    """Delete the results of a previous run in ``out_dir`` (metrics, summary, checkpoints).
+
+    Used when starting over (``overwrite``). Checkpoints go newest first, so an interruption
+    part way never leaves a newer checkpoint next to an older run's metrics.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    for _, path in reversed(io.checkpoint_dirs(out_dir / CHECKPOINTS_DIR)):
+        shutil.rmtree(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_optional(what: str, obj, state, path: Path) -> None:
