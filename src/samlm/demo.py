@@ -1,13 +1,14 @@
 """Run the demo: AdamW, SAM, Functional-SAM and preconditioned F-SAM on Tiny Shakespeare (minutes on a CPU).
 
 ``samlm demo`` (``make demo``) is ``samlm compare`` with fixed settings chosen to fit in about
-3-4 minutes on a 2-core CPU: a byte-level GPT-2-style model (4 layers × 64 wide, context 64,
-≈220k parameters) trained for 400 steps of 32 × 64 tokens on the built-in Tiny Shakespeare
+3-4 minutes on a 2-core CPU: a byte-level GPT-2-style model (3 layers × 64 wide, context 64,
+≈170k parameters) trained for 400 steps of 32 × 64 tokens on the built-in Tiny Shakespeare
 corpus, with AdamW and the SAM family at the ρ each got from a sweep over
-{0.01, 0.02, 0.05, 0.1} (SAM) and {0.05, 0.1, 0.2, 0.5} (F-SAM, preconditioned F-SAM) at this
-setting (see README, "The demo"), two seeds each. Two runs go at a time in worker processes of
-one torch thread: on two cores this is ~1.6x faster than one run with two threads, and it
-degrades gracefully when other processes compete for the cores, which two-thread runs do not.
+{0.01, 0.02, 0.05, 0.1, 0.2} (SAM) and {0.05, 0.1, 0.2, 0.5} (F-SAM, preconditioned F-SAM)
+(see README, "The ρ sweep behind the defaults"), two seeds each. Two runs go at a time in worker processes of
+one torch thread: on two idle cores this gives ~1.25x the throughput of one run with two
+threads, and it degrades gracefully when other processes compete for the cores, which
+two-thread runs do not (they slowed down up to 10x on a shared machine).
 
 It prints the table (mean ± std over seeds, plus the paired difference to AdamW) and writes
 ``runs/demo/{report.md, results.csv, val_loss.png, sharpness.png}`` and every run's directory.

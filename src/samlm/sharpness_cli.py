@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rho", type=float, default=None,
                        help="rho of the SAM path split (default: the run's --sharpness-rho, else 0.05)")
     group.add_argument("--seed", type=int, default=0, help="start vector of the eigensolver")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     group.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
@@ -107,6 +108,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--rho must be a finite number > 0, got {args.rho}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be a positive integer, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     if args.run_dir is not None:
         config, model, dataset, step = _load_run(Path(args.run_dir))
