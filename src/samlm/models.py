@@ -146,6 +146,25 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def load_model_config(path_or_id: str | os.PathLike, *, trust_remote_code: bool = False):
+    """(source, config) of a local model directory or a hub id; ``source`` is what
+    ``from_pretrained`` gets. A missing directory, one without ``config.json`` or an unreadable
+    config is a one-line ``UserError``."""
+    spec = os.fspath(path_or_id)
+    path = Path(spec).expanduser()
+    local = path.exists() or _looks_like_local_path(spec)
+    if local:
+        _check_model_dir(path)
+    source = str(path) if local else spec
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        try:
+            return source, AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise config_error(spec, exc) from None
+
+
 def load_causal_lm(
     path_or_id: str | os.PathLike,
     *,
@@ -158,18 +177,10 @@ def load_causal_lm(
     or a failed download are all ``UserError``s with one clear line.
     """
     spec = os.fspath(path_or_id)
-    path = Path(spec).expanduser()
-    local = path.exists() or _looks_like_local_path(spec)
-    if local:
-        _check_model_dir(path)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    source, config = load_model_config(spec, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM
 
-    source = str(path) if local else spec
     with quiet_transformers():
-        try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except Exception as exc:
-            raise config_error(spec, exc) from None
         if type(config) not in AutoModelForCausalLM._model_mapping and not trust_remote_code:
             raise UserError(
                 f"'{spec}' is a '{getattr(config, 'model_type', type(config).__name__)}' model, "

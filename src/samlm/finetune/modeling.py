@@ -30,7 +30,6 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ from samlm.errors import UserError
 from samlm.finetune.formats import Example
 from samlm.finetune.metrics import postprocess_generation
 from samlm.finetune.tasks import CLASSIFICATION, GENERATION, REGRESSION, Task
-from samlm.models import _check_model_dir, _first_line, _looks_like_local_path, config_error
+from samlm.models import _first_line, load_model_config
 from samlm.models import quiet_transformers as _quiet_transformers
 
 SEQ2SEQ = "seq2seq"
@@ -106,18 +105,7 @@ def inspect_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -
     seq2seq LM nor an encoder that takes a classification head (e.g. a causal LM).
     """
     spec = os.fspath(spec)
-    path = Path(spec).expanduser()
-    local = path.exists() or _looks_like_local_path(spec)
-    if local:
-        _check_model_dir(path)
-    source = str(path) if local else spec
-    from transformers import AutoConfig
-
-    with _quiet_transformers():
-        try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except Exception as exc:
-            raise config_error(spec, exc) from None
+    source, config = load_model_config(spec, trust_remote_code=trust_remote_code)
     family = _family(config)
     model_type = str(getattr(config, "model_type", type(config).__name__))
     if family is None:
