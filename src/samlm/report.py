@@ -355,6 +355,11 @@ def plot_val_loss(runs: Sequence[Run], path: str | Path, *, title: str = "") -> 
         ax.set_ylabel("val loss (nats/token)")
         ax.grid(alpha=0.3)
     zoom.legend(fontsize=8)
+    return _finish_figure(plt, fig, path, title)
+
+
+def _finish_figure(plt, fig, path, title: str) -> Path:
+    """Title, atomic save and close: the common end of every plot."""
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
@@ -384,12 +389,7 @@ def plot_sharpness(runs: Sequence[Run], path: str | Path, *, title: str = "") ->
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    _save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return _finish_figure(plt, fig, path, title)
 
 
 # --------------------------------------------------------------------------- the report
