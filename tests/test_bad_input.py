@@ -245,12 +245,7 @@ CASES = {
     "no command": (lambda m, t: [], "a command is required"),
     "unknown command": (lambda m, t: ["train"], "invalid choice: 'train'"),
     "demo --steps 0": (lambda m, t: ["demo", "--steps", 0], "--steps must be a positive integer"),
-}
-OUT_COMMANDS = {"finetune", "pretrain", "compare", "demo"}
-
-# Mistakes in files this change may not edit (reported; see docs/reliability.md): a traceback or
-# a late error today. strict: the test starts failing once fixed, so the marker gets removed.
-KNOWN_BUGS = {
+    # ---- formerly late or tracebacks (bench, sharpness, pretrain's step split and float32 range)
     "bench --rho -1": (lambda m, t: ["bench", "--rho", -1, "--methods", "sam", "--steps", 1, "--layers", 1,
                                      "--width", 8, "--heads", 1, "--batch", 2, "--seq", 4, "--no-memory"],
                        "--rho"),
@@ -259,14 +254,20 @@ KNOWN_BUGS = {
                                         "--width", 8, "--heads", 1, "--batch", 2, "--seq", 4, "--no-memory"],
                           "--warmup"),
     "sharpness --seed 2**70": (lambda m, t: ["sharpness", "--model", m["gpt2"], "--tokenizer", "bytes", "--context", 8,
-                                             "--max-chars", 4000, "--iters", 1, "--seed", 2**70], "--seed"),
+                                             "--max-chars", 4000, "--iters", 1, "--seed", 2**70],
+                               "--seed must be an integer in [0, 2**63)"),
+    "pretrain --m 3 with batch 4": (lambda m, t: ["pretrain", *TINY_PRETRAIN, "--optimizer", "sam", "--m", 3],
+                                    "cannot split a step of 4 rows for SAM"),
+    "pretrain --lr 1e39": (lambda m, t: ["pretrain", *TINY_PRETRAIN, "--lr", 1e39], "--lr 1e+39 is beyond float32's range"),
+    "pretrain --max-nonfinite 0": (lambda m, t: ["pretrain", *TINY_PRETRAIN, "--max-nonfinite", 0],
+                                   "--max-nonfinite must be a positive integer"),
+    "pretrain --device": (lambda m, t: ["pretrain", *TINY_PRETRAIN, "--device", "tpu9"], "unknown --device 'tpu9'"),
+    "pretrain --mixed-precision fp16 on CPU": (lambda m, t: ["pretrain", *TINY_PRETRAIN, "--mixed-precision", "fp16"],
+                                               "fp16 needs a CUDA device"),
+    "pretrain --strategy": (lambda m, t: ["pretrain", *TINY_PRETRAIN, "--strategy", "zero3"],
+                            "argument --strategy: invalid choice: 'zero3'"),
 }
-
-
-# bench.py now validates these; they join the regular matrix.
-for _fixed in ("bench --rho -1", "bench --device", "bench --warmup -1"):
-    CASES[_fixed] = KNOWN_BUGS.pop(_fixed)
-
+OUT_COMMANDS = {"finetune", "pretrain", "compare", "demo"}
 
 def _run_case(build, expected, models, tmp_path, capsys):
     argv = [str(a) for a in build(models, tmp_path)]
@@ -288,26 +289,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, models, tmp_path,
     _run_case(build, expected, models, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("case", list(KNOWN_BUGS))
-@pytest.mark.xfail(strict=True, reason="traceback in bench.py / sharpness_cli.py (values not validated); reported, "
-                                        "see docs/reliability.md")
-def test_known_bugs_in_files_outside_this_change(case, models, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    build, expected = KNOWN_BUGS[case]
-    _run_case(build, expected, models, tmp_path, capsys)
-
-
-@pytest.mark.parametrize("flags, expected", [
-    (["--optimizer", "sam", "--m", 3], "m=3 must divide the batch size 4"),
-    (["--lr", 1e39], "optimizer setting lr=1e+39 is not a finite number within float32's range"),
-])
-def test_pretrain_mistakes_caught_by_the_loop_leave_complete_files_only(flags, expected, tmp_path, capsys):
-    """Caught by the training loop before its first step (pretrain.py writes config.json before)."""
+def test_pretrain_dry_run_checks_everything_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
-    code = run_cli(["pretrain", *TINY_PRETRAIN, *flags, "--out", out])
-    assert_one_line_error(code, capsys.readouterr().err, expected)
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
-    assert_complete_files_only(out)
+    assert run_cli(["pretrain", *TINY_PRETRAIN, "--optimizer", "sam", "--out", out, "--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)["resolved"]
+    assert resolved["total_steps"] == 2 and resolved["parallel"]["world_size"] == 1
+    assert not out.exists()
 
 
 def test_out_that_is_a_file_is_refused(models, tmp_path, capsys):

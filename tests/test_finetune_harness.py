@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from samlm import cli, io
 from samlm.finetune import demo_data_dir, harness, load_task, modeling
+from tinymodels import save_bert
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 GLUE = FIXTURES / "glue"
@@ -49,17 +50,7 @@ def _fixture_words():
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
-
-    path = tmp_path_factory.mktemp("bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_fixture_words()]
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertForMaskedLM(config).save_pretrained(path)
-    return path
+    return save_bert(tmp_path_factory.mktemp("bert"), _fixture_words())
 
 
 @pytest.fixture(scope="module")

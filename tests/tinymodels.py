@@ -67,3 +67,18 @@ def without_timing(value):
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def save_bert(path: Path, words, *, dropout: float = 0.1) -> Path:
+    """A 2-layer, 32-wide BERT whose word-level vocabulary is ``words`` (plus the special tokens)."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertForMaskedLM(config).save_pretrained(path)
+    return path

@@ -115,6 +115,14 @@ def _os_error_message(err: OSError) -> str:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        if "samlm.distributed" in sys.modules:  # a process group joined under torchrun / accelerate launch
+            sys.modules["samlm.distributed"].cleanup()
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command_run = getattr(args, _RUN_ATTR, None)

@@ -277,6 +277,143 @@ def shard_model(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
     return model
 
 
+# -- data: each process takes its rows of the global batch -----------------------------------
+class RankShard:
+    """Every process reads the same global micro-batches and keeps rows
+    ``[rank·b/N, (rank+1)·b/N)`` of each: the world trains on exactly the batches a single
+    process would, and the data position (``state_dict``) is the same on every rank, so one
+    checkpoint resumes all of them. Reading the whole batch costs nothing next to the model."""
+
+    def __init__(self, batches, rank: int, world_size: int):
+        self.batches = batches
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> "RankShard":
+        return self
+
+    def __next__(self):
+        from samlm.errors import UserError
+        from samlm.optim.batching import batch_rows, slice_rows
+
+        batch = next(self.batches)
+        rows = batch_rows(batch)
+        if rows % self.world_size:
+            raise UserError(f"a micro-batch of {rows} rows cannot be split evenly over {self.world_size} "
+                            f"processes: make the batch a multiple of {self.world_size}")
+        share = rows // self.world_size
+        return slice_rows(batch, self.rank * share, (self.rank + 1) * share)
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.batches.load_state_dict(state)
+
+
+def shard_batches(batches, rank: Optional[int] = None, world_size: Optional[int] = None):
+    """``batches`` itself in a world of one, else a :class:`RankShard` of it."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return batches if world_size == 1 else RankShard(batches, rank, world_size)
+
+
+def agree(values: Tensor, op: str = "sum") -> Tensor:
+    """All-reduce a small tensor (``sum`` or ``max``) so every process takes the same decision;
+    the tensor itself in a world of one. It travels on the backend's device (NCCL: CUDA)."""
+    if not is_distributed():
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    reduced = values.to(device).clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return reduced.to(values.device)
+
+
+# -- checkpoints: full (unsharded) state on the main process -------------------------------------
+def is_fsdp2(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _full_state_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def model_state_to_save(module: nn.Module) -> dict[str, Tensor]:
+    """The model's full state dict (FSDP2: gathered from the shards onto the CPU of rank 0, an
+    empty dict elsewhere; a collective, so every process calls it)."""
+    if not is_fsdp2(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_full_state_options(cpu_offload=True))
+
+
+def load_model_state(module: nn.Module, state: Mapping[str, Tensor]):
+    """Load a full state dict (as saved by :func:`model_state_to_save`); FSDP2 re-shards it.
+    Returns ``(missing_keys, unexpected_keys)``."""
+    if not is_fsdp2(module):
+        result = module.load_state_dict(state, strict=False)
+        return result.missing_keys, result.unexpected_keys
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    own = set(module.state_dict())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if not (missing or unexpected):
+        set_model_state_dict(module, dict(state), options=_full_state_options())
+    return missing, unexpected
+
+
+def optimizer_state_to_save(module: nn.Module, optimizer) -> dict:
+    """The optimizer's state dict; under FSDP2 with the base optimizer's sharded state gathered
+    to full tensors keyed by parameter name (``"sharded": True`` marks that format)."""
+    if not is_fsdp2(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    full = get_optimizer_state_dict(module, base, options=_full_state_options(cpu_offload=True))
+    state = {"sharded": True, "base_optimizer": full}
+    if base is not optimizer:
+        state.update(counters=dict(optimizer.counters), config=optimizer.config())
+    return state
+
+
+def load_optimizer_state(module: nn.Module, optimizer, state: Mapping) -> None:
+    """Inverse of :func:`optimizer_state_to_save` (raises ``ValueError`` on a format mismatch)."""
+    sharded = bool(state.get("sharded"))
+    if sharded != is_fsdp2(module):
+        saved = "with FSDP" if sharded else "without FSDP"
+        now = "with" if is_fsdp2(module) else "without"
+        raise ValueError(f"the checkpoint's optimizer state was saved {saved}; this run is {now} FSDP: "
+                         "resume with the strategy it was saved with")
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    base = getattr(optimizer, "base_optimizer", optimizer)
+    set_optimizer_state_dict(module, base, optim_state_dict=state["base_optimizer"], options=_full_state_options())
+    if base is not optimizer:
+        optimizer.counters.update(state.get("counters", {}))
+
+
+def all_finite(tensors) -> bool:
+    """Every process's tensors (its shards under FSDP) are finite: agreed across processes."""
+    local = all(bool(torch.isfinite(_local(t)).all()) for t in tensors if t.is_floating_point())
+    return bool(agree(torch.tensor([0.0 if local else 1.0]), op="max") == 0)
+
+
+def _local(t: Tensor) -> Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 # -- mixed precision ----------------------------------------------------------------------------
 def amp_settings(mixed_precision: str, device: torch.device | str):
     """``(autocast_dtype, scaler)`` for ``train_step``: bf16 → (bfloat16, None); fp16 →

@@ -21,5 +21,10 @@ def progress_bar(total: int, *, initial: int = 0, enabled: bool = True, desc: st
 
 
 def say(message: str) -> None:
-    """One status line on stderr, printed above an active progress bar."""
+    """One status line on stderr, printed above an active progress bar (by the main process
+    only, when several train together)."""
+    from samlm.distributed import is_main_process
+
+    if not is_main_process():
+        return
     tqdm.write(f"samlm: {message}", file=sys.stderr)

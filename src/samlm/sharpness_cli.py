@@ -106,8 +106,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
         raise UserError(f"--rho must be a finite number > 0, got {args.rho}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**63:  # torch generators take a 64-bit signed seed
+        raise UserError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be a positive integer, got {args.threads}")

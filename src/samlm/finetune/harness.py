@@ -28,6 +28,7 @@ when the evaluation split is not the task's only default one (MNLI's two validat
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -154,10 +155,13 @@ def add_run_arguments(parser, *, model_required: bool = True) -> None:
     parser.add_argument("--max-nonfinite", type=int, default=DEFAULT_MAX_NONFINITE, metavar="N",
                         help=f"with --nonfinite stop: consecutive non-finite steps allowed (default "
                              f"{DEFAULT_MAX_NONFINITE})")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (weights stay fp32)")
+    parser.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (weights stay fp32); = --mixed-precision bf16")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the model repository (off by default)")
+    from samlm.train import parallel
+
+    parallel.add_arguments(parser, device_flag=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -379,8 +383,11 @@ def _resolve_settings(args, info, tasks: Sequence[Task]) -> dict[str, Any]:
     if sam and batch % args.m:
         raise UserError(f"--m {args.m} does not divide --batch {batch}: each of the m groups needs an equal "
                         "share of the batch's rows")
-    if args.bf16 and not _device(args.device).type == "cuda":
-        raise UserError("--bf16 needs a CUDA device")
+    mixed_precision = getattr(args, "mixed_precision", None)
+    if args.bf16:
+        if mixed_precision not in (None, "bf16"):
+            raise UserError(f"--bf16 contradicts --mixed-precision {mixed_precision}")
+        mixed_precision = "bf16"
     save_every = args.save_every if args.save_every is not None else args.eval_every
     return {
         "model": args.model,
@@ -421,7 +428,10 @@ def _resolve_settings(args, info, tasks: Sequence[Task]) -> dict[str, Any]:
         "nonfinite": args.nonfinite,
         "max_nonfinite": getattr(args, "max_nonfinite", DEFAULT_MAX_NONFINITE),
         "device": args.device,
-        "bf16": args.bf16,
+        "bf16": mixed_precision == "bf16",
+        "mixed_precision": mixed_precision,
+        "strategy": getattr(args, "strategy", "auto"),
+        "sync_ascent": bool(getattr(args, "sync_ascent", False)),
         "trust_remote_code": args.trust_remote_code,
         "resume": args.resume,
         "overwrite": args.overwrite,
@@ -438,15 +448,10 @@ def _method_default_rho(optimizer: str) -> float:
 
 
 def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise UserError(f"unknown --device {spec!r}; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {spec}: CUDA is not available on this machine")
-    return device
+    from samlm.train.parallel import resolve_device
+
+    device = resolve_device(spec)
+    return device if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------- the training data stream
@@ -574,6 +579,7 @@ def build_summary(result, plan: Plan, extra: Mapping[str, Any]) -> dict:
                   "note": "best: from each task-metric's best checkpoint (Bahri et al.); final: last evaluation"},
         "config": plan.settings,
         "model": {**plan.info.describe(), **extra.get("model", {})},
+        "parallel": extra.get("parallel", {"world_size": 1}),
         "data": {
             name: {"train_examples": len(plan.train[name]), "train_examples_before_subsample": plan.train_sizes[name],
                    "eval": {es.key: {"split": es.split, "examples": len(es.examples)}
@@ -589,8 +595,10 @@ def build_summary(result, plan: Plan, extra: Mapping[str, Any]) -> dict:
 
 def execute(plan: Plan) -> dict:
     """Load the model, train, write ``summary.json``; returns the summary."""
+    from samlm import distributed
     from samlm.finetune.modeling import load_finetune_model
     from samlm.optim import build_optimizer
+    from samlm.train import parallel
     from samlm.train.loop import LoopConfig, clear_run, train
 
     s = plan.settings
@@ -602,29 +610,39 @@ def execute(plan: Plan) -> dict:
     if s["resume"] and holds_run:
         _check_resume_config(out, s)
 
+    info = parallel.setup(s["device"])
+    parallel.check_global_batch(s["micro_batch"], info.world_size, flag="--batch / --grad-accum (the micro-batch)")
     first_task = plan.tasks[0]
     fm = load_finetune_model(plan.info, first_task, seed=s["seed"], max_input_length=s["max_input_length"],
-                             max_target_length=s["max_target_length"], device=plan.device)
-    model = fm.model
+                             max_target_length=s["max_target_length"], device=info.device)
+    par = parallel.parallelize(fm.model, info, strategy=s["strategy"], sync_ascent=s["sync_ascent"],
+                               mixed_precision=s["mixed_precision"], sam=s["base"] is not None)
+    if par.strategy == "fsdp" and "adafactor" in (s["optimizer"], s["base"]):
+        raise UserError("Adafactor's factored second moments need whole weight matrices, which FSDP shards "
+                        "across processes: use --base adamw (or --optimizer adamw) with FSDP, or DDP")
+    if s["resume"] and holds_run:
+        _check_resume_parallel(out, par.describe())
+    model = par.module
     try:
         optimizer = build_optimizer(
             s["optimizer"], model.parameters(), base=s["base"] or "adamw", lr=s["lr"], rho=s["rho"],
             ascent_fraction=s["ascent_fraction"] if s["ascent_fraction"] is not None else 0.25,
-            m=s["m"] or 1, weight_decay=s["weight_decay"])
+            m=s["m"] or 1, weight_decay=s["weight_decay"], sam_kwargs=par.sam_kwargs)
     except ValueError as exc:
         raise UserError(f"cannot build optimizer {s['optimizer']}: {exc}") from None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(s["lr_schedule"], s["warmup_steps"], s["steps"]))
     sampler = MixtureSampler(plan.train, limit=s["mixture_limit"], seed=s["seed"])
-    batches = TrainBatches(sampler, fm.collate, s["micro_batch"], data_fingerprint(plan.train))
-    autocast = torch.bfloat16 if s["bf16"] else None
-    evaluate = make_evaluator(fm, plan.eval_sets, s["eval_batch"], autocast_dtype=autocast)
+    batches = distributed.shard_batches(TrainBatches(sampler, fm.collate, s["micro_batch"], data_fingerprint(plan.train)),
+                                        info.rank, info.world_size)
+    evaluate = make_evaluator(fm, plan.eval_sets, s["eval_batch"], autocast_dtype=par.autocast_dtype)
 
     # Written only now that everything loaded: a failed start leaves no trace in --out.
-    if not (s["resume"] and holds_run):
-        # Starting over: the old run goes before the new finetune.json comes, so a crash in
-        # between cannot pair the new settings with the old checkpoints.
-        clear_run(out)
-    io.atomic_write_json(out / RUN_CONFIG_FILE, s)
+    if info.is_main:
+        if not (s["resume"] and holds_run):
+            # Starting over: the old run goes before the new finetune.json comes, so a crash in
+            # between cannot pair the new settings with the old checkpoints.
+            clear_run(out)
+        io.atomic_write_json(out / RUN_CONFIG_FILE, dict(s, parallel=par.describe()))
     total = sum(len(v) for v in plan.train.values())
     say(f"fine-tuning {plan.info.spec} ({plan.info.family}, {plan.info.model_type}) on {', '.join(plan.train)}: "
         f"{total} training examples, {s['optimizer']}"
@@ -637,13 +655,32 @@ def execute(plan: Plan) -> dict:
         max_consecutive_nonfinite=s.get("max_nonfinite", DEFAULT_MAX_NONFINITE),
         resume=s["resume"], overwrite=s["overwrite"], seed=s["seed"],
     )
-    result = train(model, optimizer, batches, config=config, evaluate=evaluate, scheduler=scheduler,
-                   forward=fm.forward, loss=fm.loss,
-                   step_kwargs={"autocast_dtype": autocast} if autocast is not None else None)
-    summary = build_summary(result, plan, {"model": {"parameters": sum(p.numel() for p in model.parameters())}})
-    io.atomic_write_json(out / SUMMARY_FILE, summary)
+    result = train(par.model, optimizer, batches, config=config, evaluate=evaluate, scheduler=scheduler,
+                   forward=functools.partial(fm.forward, module=par.model), loss=fm.loss,
+                   scaler=par.scaler, step_kwargs=par.step_kwargs)
+    summary = build_summary(result, plan, {"model": {"parameters": sum(p.numel() for p in model.parameters())},
+                                           "parallel": par.describe()})
+    if info.is_main:
+        io.atomic_write_json(out / SUMMARY_FILE, summary)
     _report(summary, out)
+    distributed.barrier()
     return summary
+
+
+def _check_resume_parallel(out: Path, now: Mapping[str, Any]) -> None:
+    """The processes, strategy and precision of a resumed run are those it was saved with."""
+    try:
+        before = json.loads((out / RUN_CONFIG_FILE).read_text()).get("parallel")
+    except (OSError, ValueError, AttributeError):
+        return  # _check_resume_config has reported an unreadable file already
+    if before is None:
+        before = {"world_size": 1}
+    changed = [k for k in before if before.get(k) != now.get(k)]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume with a different launch: {k} was {before[k]!r}, now {now.get(k)!r}; "
+                        "resume with the same number of processes, --strategy and --mixed-precision, "
+                        "or start over with --overwrite")
 
 
 def _schedule(kind: str, warmup: int, steps: int):

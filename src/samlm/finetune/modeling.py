@@ -323,14 +323,17 @@ class FinetuneModel:
 
     # ---- the optimizer contract
 
-    def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        """Logits in fp32: ``[B, T, V]`` decoder logits, or ``[B, C]`` class logits."""
+    def forward(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> Tensor:
+        """Logits in fp32: ``[B, T, V]`` decoder logits, or ``[B, C]`` class logits.
+
+        ``module``: run this wrapper of the model instead (DDP/FSDP during training)."""
+        module = self.model if module is None else module
         if self.family == SEQ2SEQ:
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
+            out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
         else:
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-            out = self.model(**inputs)
+            out = module(**inputs)
         return out.logits.float()
 
     def loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:

@@ -44,15 +44,18 @@ def build_base_optimizer(name: str, params, *, lr: float, weight_decay: float = 
 
 
 def build_optimizer(name: str, params, *, base: str = "adamw", lr: float, rho=None,
-                    ascent_fraction: float = 0.25, m: int = 1, **base_kwargs):
-    """``adamw`` (or ``base``) alone, or a SAM-family method (sam|asam|fsam|psam|pfsam) around it."""
+                    ascent_fraction: float = 0.25, m: int = 1, sam_kwargs=None, **base_kwargs):
+    """``adamw`` (or ``base``) alone, or a SAM-family method (sam|asam|fsam|psam|pfsam) around it.
+
+    ``sam_kwargs``: further SharpnessAware arguments (``sync_ascent``, ``grad_norm_fn``; see
+    ``samlm.distributed.Prepared.sam_kwargs``), ignored by a plain optimizer."""
     if name in BASE_OPTIMIZERS:
         return build_base_optimizer(name, params, lr=lr, **base_kwargs)
     if name not in SAM_METHODS:
         raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES + BASE_OPTIMIZERS[1:]}, got {name!r}")
     inner = build_base_optimizer(base, params, lr=lr, **base_kwargs)
     kwargs = {} if rho is None else {"rho": rho}
-    return SAM_METHODS[name](inner, ascent_fraction=ascent_fraction, m=m, **kwargs)
+    return SAM_METHODS[name](inner, ascent_fraction=ascent_fraction, m=m, **kwargs, **dict(sam_kwargs or {}))
 
 
 __all__ = [

@@ -34,6 +34,14 @@ evaluation), saves a checkpoint and returns with ``LoopResult.interrupted`` set.
 SIGINT raises ``KeyboardInterrupt`` at once (the last checkpoint written stays valid). The
 harnesses turn an interrupted result into exit code 130 (``samlm.cli``).
 
+Data parallelism (``torchrun``/``accelerate launch``): pass the DDP/FSDP-wrapped model; every
+process runs this loop on its own rows (``samlm.distributed.shard_batches``). Each step, the
+processes agree on the step's statistics (means over processes), its token count (summed) and
+whether a signal asked to stop, so all of them evaluate, save and stop at the same step. Only
+the main process writes files and prints; checkpoints hold the full, unwrapped model (FSDP2
+shards gathered), so a run resumes on any number of processes of the same strategy.
+Evaluation and sharpness run on the unwrapped model, on every process.
+
 Crash safety: every file goes through :mod:`samlm.io` (atomic writes, checkpoints verified by
 sha256 on load, torn ``metrics.jsonl`` tails dropped), so a ``kill -9`` at any moment leaves a
 run that ``resume=True`` continues exactly from its newest good checkpoint.
@@ -58,7 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from samlm import io
+from samlm import distributed, io
 from samlm.data.text import count_targets, lm_loss
 from samlm.errors import NonFiniteLossError, UserError
 from samlm.models import lm_forward
@@ -394,8 +402,11 @@ def train(
     _check_optimizer_settings(optimizer)
     out_dir = Path(config.out_dir)
     forward = forward or lm_forward(model)
+    module = distributed.unwrap_model(model)   # evaluated, measured and saved without DDP/FSDP1
+    main = distributed.is_main_process()
     run = _Run(model, optimizer, train_batches, config, scheduler, scaler)
     state, checkpoint = run.start()
+    distributed.barrier()  # the main process has cleaned or rewritten the run directory
     start_step = state.step
     step_args = dict(step_kwargs or {}, model=model, max_grad_norm=config.max_grad_norm, scaler=scaler)
     if config.split:
@@ -404,11 +415,12 @@ def train(
         step_args["split"] = True
 
     def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
-        record = _measurement(step, state, model, evaluate if do_eval else None, sharpness if do_sharpness else None)
+        record = _measurement(step, state, module, evaluate if do_eval else None, sharpness if do_sharpness else None)
         state.history.append(record)
-        io.append_jsonl(out_dir / METRICS_FILE, record)
+        if main:
+            io.append_jsonl(out_dir / METRICS_FILE, record)
 
-    bar = progress_bar(config.steps, initial=state.step, enabled=config.progress)
+    bar = progress_bar(config.steps, initial=state.step, enabled=config.progress and main)
     interrupted = None
     try:
         with _StopSignals(config.handle_signals) as signals:
@@ -428,7 +440,7 @@ def train(
                     measure(step, do_eval, do_sharpness)
                 if on_step is not None:
                     on_step(step, stats)
-                interrupted = signals.received
+                interrupted = _agree_on_stop(signals.received)
                 if interrupted:
                     say(f"received {interrupted}: saving a checkpoint at step {step}, then stopping")
                 if is_last or interrupted or _due(step, config.save_every):
@@ -450,7 +462,8 @@ def _due(step: int, every: int) -> bool:
 
 
 def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_args) -> dict:
-    """Draw the micro-batches, take one optimizer step, step the scheduler, update counters."""
+    """Draw the micro-batches, take one optimizer step, step the scheduler, update counters.
+    Returns the step's statistics (agreed across processes)."""
     started = time.perf_counter()  # step time includes fetching the data
     device = next(run.model.parameters()).device
     micro_batches = [_to_device(next(run.train_batches), device) for _ in range(run.config.grad_accum)]
@@ -475,8 +488,9 @@ def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             run.scheduler.step()
-    seconds = time.perf_counter() - started
     tokens = sum(count_tokens(b) for b in micro_batches)
+    stats, tokens = _agree_across_processes(stats, tokens)
+    seconds = time.perf_counter() - started
 
     state.step += 1
     state.tokens += tokens
@@ -484,6 +498,30 @@ def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_
     state.last_lr = lr
     state.window.add(stats, tokens, seconds)
     return stats
+
+
+def _agree_across_processes(stats: dict, tokens: int) -> tuple[dict, int]:
+    """Under data parallelism every process must take the same decisions (non-finite policy,
+    evaluation, saving): one small all-reduce gives all of them the mean of each statistic
+    (NaN anywhere stays NaN), any skipped step and the total tokens."""
+    if not distributed.is_distributed():
+        return stats, tokens
+    keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)))
+    values = torch.tensor([float(stats[k]) for k in keys] + [float(tokens)], dtype=torch.float64)
+    total = distributed.agree(values).tolist()
+    world = distributed.get_world_size()
+    agreed = dict(stats)
+    for key, value in zip(keys, total):
+        agreed[key] = value > 0 if isinstance(stats[key], bool) else value / world
+    return agreed, int(total[-1])
+
+
+def _agree_on_stop(received: str | None) -> str | None:
+    """The signal that stops the run, if any process received one (all stop at the same step)."""
+    if not distributed.is_distributed():
+        return received
+    anyone = distributed.agree(torch.tensor([0.0 if received is None else 1.0]), op="max")
+    return (received or "a signal to another process") if float(anyone) > 0 else None
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -604,6 +642,8 @@ class _Run:
 
     def __init__(self, model, optimizer, train_batches, config: LoopConfig, scheduler, scaler):
         self.model = model
+        self.module = distributed.unwrap_model(model)
+        self.main = distributed.is_main_process()
         self.optimizer = optimizer
         self.train_batches = train_batches
         self.config = config
@@ -615,14 +655,16 @@ class _Run:
 
     def start(self) -> tuple[_LoopState, Path | None]:
         """Fresh state, or the state of the latest good checkpoint when resuming."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = self.out_dir / METRICS_FILE
         has_checkpoints = bool(io.checkpoint_dirs(self.checkpoint_root))
         if self.config.resume and has_checkpoints:
             checkpoint = io.load_latest_checkpoint(self.checkpoint_root)  # warns about bad ones
             state = self.restore(checkpoint)
             # Drop lines written after the checkpoint (they will be written again).
-            io.write_jsonl(metrics, state.history)
+            if self.main:
+                io.write_jsonl(metrics, state.history)
             skipped = ", ".join(path.name for path, _ in checkpoint.skipped)
             say(f"resumed from {checkpoint.path} at step {state.step}"
                 + (f" (newer checkpoint(s) {skipped} unusable, see the warning above)" if skipped else ""))
@@ -634,20 +676,34 @@ class _Run:
                 f"{self.out_dir} already holds a run (metrics.jsonl or checkpoints); "
                 "resume it, or allow overwriting, or choose another output directory"
             )
-        self._clear_previous_run()
+        if self.main:
+            clear_run(self.out_dir)
         if self.config.seed is not None:
             seed_everything(self.config.seed)
         return _LoopState(), None
 
-    def _clear_previous_run(self) -> None:
-        clear_run(self.out_dir)
-
     def save(self, state: _LoopState) -> Path:
+        """Write a checkpoint (main process; the others take part in gathering FSDP shards)."""
+        path = self.checkpoint_root / f"{io.CHECKPOINT_PREFIX}{state.step}"
+        if distributed.is_distributed() and not distributed.all_finite(self.module.parameters()):
+            # Every process stops here together (a single rank raising would leave the others waiting).
+            previous = io.checkpoint_dirs(self.checkpoint_root)
+            last_good = previous[-1][1] if previous else "none"
+            raise NonFiniteLossError(f"weights at step {state.step} are not finite; the weights diverged. "
+                                     f"Last checkpoint: {last_good}")
+        model_state = distributed.model_state_to_save(self.module)
+        optimizer_state = distributed.optimizer_state_to_save(self.module, self.optimizer)
+        if self.main:
+            path = self._write(state, model_state, optimizer_state)
+        distributed.barrier()
+        return path
+
+    def _write(self, state: _LoopState, model_state: dict, optimizer_state: dict) -> Path:
         extra = {
             "format": TRAIN_STATE_FORMAT,
             "loop": state.to_state(),
             "config": json.dumps(self.config.as_dict()),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "data": self.train_batches.state_dict(),
@@ -655,7 +711,7 @@ class _Run:
         }
         try:
             return io.save_checkpoint(
-                self.checkpoint_root, state.step, self.model.state_dict(), extra, keep=self.config.keep_checkpoints
+                self.checkpoint_root, state.step, model_state, extra, keep=self.config.keep_checkpoints
             )
         except io.NonFiniteWeightsError as exc:
             previous = io.checkpoint_dirs(self.checkpoint_root)
@@ -668,7 +724,7 @@ class _Run:
             raise UserError(f"{checkpoint.path} is not a samlm training checkpoint")
         self._load_model(checkpoint)
         try:
-            self.optimizer.load_state_dict(extra["optimizer"])
+            distributed.load_optimizer_state(self.module, self.optimizer, extra["optimizer"])
             _load_optional("scheduler", self.scheduler, extra.get("scheduler"), checkpoint.path)
             _load_optional("grad scaler", self.scaler, extra.get("scaler"), checkpoint.path)
             self.train_batches.load_state_dict(extra["data"])
@@ -685,15 +741,15 @@ class _Run:
 
     def _load_model(self, checkpoint: io.Checkpoint) -> None:
         try:
-            result = self.model.load_state_dict(checkpoint.model_state, strict=False)
+            missing, unexpected = distributed.load_model_state(self.module, checkpoint.model_state)
         except RuntimeError as exc:  # shapes differ: another architecture
             raise UserError(
                 f"checkpoint {checkpoint.path} does not match the model: {_first_line(exc)}"
             ) from None
-        if result.missing_keys or result.unexpected_keys:
+        if missing or unexpected:
             raise UserError(
                 f"checkpoint {checkpoint.path} does not match the model: "
-                f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
 
 

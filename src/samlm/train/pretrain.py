@@ -62,7 +62,10 @@ MAX_DEFAULT_WARMUP = 1000
 RESUMABLE_CHANGES = frozenset({
     "out", "resume", "overwrite", "progress", "eval_every", "save_every", "keep_checkpoints",
     "sharpness", "sharpness_every", "nonfinite", "steps", "tokens_per_param", "warmup", "threads",
+    "device", "strategy", "mixed_precision", "sync_ascent",   # compared in their resolved form below
+    "max_nonfinite", "dry_run",
 })
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # lr, rho, ... multiply fp32 weights
 # Summary keys that are wall-clock measurements (differ between otherwise identical runs).
 TIMING_KEYS = frozenset({"step_s", "tokens_per_s", "train_seconds", "wall_seconds", "sharpness_seconds"})
 
@@ -118,10 +121,17 @@ class PretrainConfig:
     sharpness_rho: float = 0.05
     split: bool = False               # per-step logit/functional path norms (SAM family)
     nonfinite: str = "skip"
+    max_nonfinite: int = 5            # --nonfinite stop: consecutive non-finite steps allowed
+    dry_run: bool = False             # check everything, write nothing
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
     threads: int | None = None        # torch.set_num_threads for the run (None: leave as is)
+    # devices and processes (samlm.train.parallel)
+    device: str = "auto"
+    strategy: str = "auto"
+    sync_ascent: bool = False
+    mixed_precision: str | None = None  # None: accelerate's setting, else "no"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "PretrainConfig":
@@ -149,6 +159,7 @@ class _Resolved:
     tokens_per_step: int
     train_tokens: int
     val_tokens: int
+    parallel: dict                    # world_size, strategy, mixed_precision, sync_ascent
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -169,6 +180,9 @@ def _nonnegative_int(name: str, value) -> None:
 
 def _finite(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and abs(value) > FLOAT32_MAX:
+        raise UserError(f"--{name.replace('_', '-')} {value:g} is beyond float32's range (|x| <= {FLOAT32_MAX:.3g}), "
+                        "in which the weights are updated")
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -231,8 +245,8 @@ def validate(config: PretrainConfig) -> None:
         raise UserError(f"--param-count must be one of {', '.join(PARAM_COUNTS)}, got '{config.param_count}'")
     if config.warmup is not None:
         _nonnegative_int("warmup", config.warmup)
-    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
-        raise UserError(f"--seed must be an integer >= 0, got {config.seed!r}")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
+        raise UserError(f"--seed must be an integer in [0, 2**63), got {config.seed!r}")
     for name in ("eval_every", "val_batches", "save_every", "sharpness_every"):
         _nonnegative_int(name.replace("_", "-"), getattr(config, name))
     _positive_int("keep-checkpoints", config.keep_checkpoints)
@@ -243,13 +257,39 @@ def validate(config: PretrainConfig) -> None:
         raise UserError("--split measures SAM's logit/functional paths: it needs a SAM-family --optimizer")
     if config.nonfinite not in ("skip", "stop"):
         raise UserError(f"--nonfinite must be skip or stop, got '{config.nonfinite}'")
+    _positive_int("max-nonfinite", config.max_nonfinite)
     if config.threads is not None:
         _positive_int("threads", config.threads)
+    from samlm.train import parallel
+
+    parallel.resolve_device(config.device)
+    if config.strategy not in parallel.STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(parallel.STRATEGIES)}, got '{config.strategy}'")
+    if config.mixed_precision is not None and config.mixed_precision not in parallel.MIXED_PRECISION:
+        raise UserError(f"--mixed-precision must be one of {', '.join(parallel.MIXED_PRECISION)}, "
+                        f"got '{config.mixed_precision}'")
     if config.resume and config.overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a directory")
+
+
+def _check_step_split(config: PretrainConfig, world_size: int) -> None:
+    """Each process's rows of a step (batch/processes × grad-accum) must split into --m groups,
+    each with an ascent row: checked before anything is written."""
+    if config.optimizer == "adamw":
+        return
+    from samlm.optim.batching import plan_step
+
+    rows = config.batch // world_size
+    try:
+        plan_step([rows] * config.grad_accum, config.ascent_fraction, config.m)
+    except ValueError as exc:
+        per = f" per process ({world_size} processes)" if world_size > 1 else ""
+        raise UserError(f"cannot split a step of {rows * config.grad_accum} rows{per} for SAM "
+                        f"(--batch {config.batch}, --grad-accum {config.grad_accum}, --m {config.m}, "
+                        f"--ascent-fraction {config.ascent_fraction:g}): {exc}") from None
 
 
 def _check_out_dir(config: PretrainConfig) -> None:
@@ -271,6 +311,7 @@ def identity(record: Mapping[str, Any]) -> dict:
     config["warmup_steps"] = resolved.get("warmup_steps")
     config["rho"] = resolved.get("rho")
     config["tokenizer"] = resolved.get("tokenizer")
+    config["parallel"] = resolved.get("parallel")
     return config
 
 
@@ -418,10 +459,12 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     ``summary["completed"]`` is False when a signal (Ctrl-C, SIGTERM) stopped the run early; its
     checkpoint and results so far are on disk and ``resume=True`` continues it exactly.
     """
+    from samlm import distributed
     from samlm.data.text import load_tokenizer, tokenizer_vocab_size
     from samlm.models import count_parameters
     from samlm.optim import build_optimizer
-    from samlm.train.loop import LoopConfig, lm_evaluator, train
+    from samlm.train import parallel
+    from samlm.train.loop import LoopConfig, clear_run, lm_evaluator, train
 
     started = time.perf_counter()
     if not isinstance(config, PretrainConfig):
@@ -430,6 +473,10 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     _check_out_dir(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    info = parallel.setup(config.device)
+    parallel.check_global_batch(config.batch, info.world_size)
+    _check_step_split(config, info.world_size)
+    main = info.is_main
 
     tokenizer_name = resolve_tokenizer_name(config)
     tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=config.trust_remote_code)
@@ -439,6 +486,12 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     params = count_parameters(model)
     non_embedding = count_parameters(model, exclude_embeddings=True)
     total_steps, warmup_steps = resolve_steps(config, params, non_embedding)
+    par = parallel.parallelize(model, info, strategy=config.strategy, sync_ascent=config.sync_ascent,
+                               mixed_precision=config.mixed_precision, sam=config.optimizer != "adamw")
+    if par.strategy == "fsdp" and config.sharpness:
+        raise UserError("sharpness measurements need the whole model on each process: "
+                        "pass --no-sharpness with --strategy fsdp")
+    model = par.module
     rho = None
     if config.optimizer != "adamw":
         rho = DEFAULT_RHO[config.optimizer] if config.rho is None else config.rho
@@ -449,11 +502,13 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
         non_embedding_params=non_embedding, vocab_size=vocab_size,
         tokens_per_step=config.batch * config.grad_accum * config.context,
         train_tokens=int(dataset.train_tokens.numel()), val_tokens=int(dataset.val_tokens.numel()),
+        parallel=par.describe(),
     )
     record = {"config": config.as_dict(), "resolved": resolved.as_dict()}
     _check_resume_matches(config, record)
 
     train_batches = dataset.train_batches(config.batch, seed=config.seed)  # checks batch vs corpus size
+    train_batches = distributed.shard_batches(train_batches, info.rank, info.world_size)
     val = dataset.val_batches(config.batch, max_batches=config.val_batches or None)
     evaluate = lm_evaluator(val)
     probe = None
@@ -464,7 +519,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     optimizer = build_optimizer(
         config.optimizer, model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
         betas=(config.beta1, config.beta2), eps=config.adam_eps, ascent_fraction=config.ascent_fraction,
-        m=config.m, **({} if rho is None else {"rho": rho}),
+        m=config.m, sam_kwargs=par.sam_kwargs, **({} if rho is None else {"rho": rho}),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(total_steps, warmup_steps, config.min_lr_ratio))
@@ -472,17 +527,24 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
         out_dir=config.out, steps=total_steps, eval_every=config.eval_every, save_every=config.save_every,
         keep_checkpoints=config.keep_checkpoints, grad_accum=config.grad_accum,
         sharpness_every=config.sharpness_every if probe is not None else 0, split=config.split,
-        max_grad_norm=config.clip, nonfinite=config.nonfinite, resume=config.resume,
-        overwrite=config.overwrite, seed=config.seed, progress=config.progress,
+        max_grad_norm=config.clip, nonfinite=config.nonfinite, max_consecutive_nonfinite=config.max_nonfinite,
+        resume=config.resume, overwrite=config.overwrite, seed=config.seed, progress=config.progress,
     )
+    if config.dry_run:
+        return {"dry_run": True, **record, **_environment(info.world_size)}
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.overwrite or not config.resume:
-        (out / SUMMARY_FILE).unlink(missing_ok=True)
-    io.atomic_write_json(out / CONFIG_FILE, dict(record, **_environment()))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            # The old run goes before the new config.json comes: a crash in between never pairs
+            # the new settings with the old checkpoints.
+            clear_run(out)
+        elif not config.resume:
+            (out / SUMMARY_FILE).unlink(missing_ok=True)
+        io.atomic_write_json(out / CONFIG_FILE, dict(record, **_environment(info.world_size)))
 
-    result = train(model, optimizer, train_batches, config=loop_config, evaluate=evaluate, scheduler=scheduler,
-                   sharpness=probe, on_step=on_step)
+    result = train(par.model, optimizer, train_batches, config=loop_config, evaluate=evaluate, scheduler=scheduler,
+                   sharpness=probe, on_step=on_step, scaler=par.scaler, step_kwargs=par.step_kwargs)
 
     history = list(result.history)
     if probe is not None and result.completed and not (history and history[-1].get("step") == result.step
@@ -495,26 +557,31 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
         finally:
             model.train()
         line = io.json_safe(line)
-        io.append_jsonl(out / "metrics.jsonl", line)
+        if main:
+            io.append_jsonl(out / "metrics.jsonl", line)
         history.append(line)
-    summary = build_summary(config, resolved, result, history, wall_seconds=time.perf_counter() - started)
-    io.atomic_write_json(out / SUMMARY_FILE, summary)
+    summary = build_summary(config, resolved, result, history, wall_seconds=time.perf_counter() - started,
+                            world_size=info.world_size)
+    if main:
+        io.atomic_write_json(out / SUMMARY_FILE, summary)
+    distributed.barrier()
     return summary
 
 
-def _environment() -> dict:
+def _environment(world_size: int = 1) -> dict:
     import samlm
 
     return {
         "samlm_version": samlm.__version__,
         "torch_version": torch.__version__,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "processes": world_size,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
     }
 
 
 def build_summary(config: PretrainConfig, resolved: _Resolved, result, history: list[dict], *,
-                  wall_seconds: float) -> dict:
+                  wall_seconds: float, world_size: int = 1) -> dict:
     """Flat headline numbers first, then the loop's summary and the full configuration."""
     loop = result.summary()
     final = loop.get("final") or {}
@@ -557,7 +624,7 @@ def build_summary(config: PretrainConfig, resolved: _Resolved, result, history: 
         "config": config.as_dict(),
         "resolved": resolved.as_dict(),
     }
-    summary.update(_environment())
+    summary.update(_environment(world_size))
     return io.json_safe(summary)
 
 
@@ -631,9 +698,15 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, single_run: bool 
                        help="rho of the logit/functional path split (the same for every optimizer)")
     group.add_argument("--split", action="store_true", help="log SAM's logit/functional path norms every step")
     group.add_argument("--nonfinite", choices=("skip", "stop"), default=d.nonfinite,
-                       help="on a NaN/Inf loss: skip the step, or stop after 5 in a row")
+                       help="on a NaN/Inf loss: skip the step, or stop after --max-nonfinite in a row")
+    group.add_argument("--max-nonfinite", type=int, default=d.max_nonfinite, metavar="N",
+                       help=f"with --nonfinite stop: consecutive non-finite steps allowed (default {d.max_nonfinite})")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    if single_run:  # compare runs its jobs itself, one process each
+        from samlm.train import parallel
+
+        parallel.add_arguments(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -643,6 +716,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", default=PretrainConfig.out, help="run directory (default runs/pretrain)")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    group.add_argument("--dry-run", action="store_true",
+                       help="check flags, data, model and --out, print the resolved run; write nothing")
 
 
 def _parse_betas(text: str) -> tuple[float, float]:
@@ -676,9 +751,13 @@ def config_from_args(args: argparse.Namespace, **overrides) -> PretrainConfig:
         sharpness=not args.no_sharpness, sharpness_every=args.sharpness_every,
         sharpness_iters=args.sharpness_iters, sharpness_batches=args.sharpness_batches,
         sharpness_batch_size=args.sharpness_batch_size, sharpness_rho=args.sharpness_rho, split=args.split,
-        nonfinite=args.nonfinite, progress=not args.no_progress, threads=args.threads,
+        nonfinite=args.nonfinite, max_nonfinite=args.max_nonfinite, progress=not args.no_progress,
+        threads=args.threads,
+        device=getattr(args, "device", d.device), strategy=getattr(args, "strategy", d.strategy),
+        sync_ascent=getattr(args, "sync_ascent", d.sync_ascent),
+        mixed_precision=getattr(args, "mixed_precision", d.mixed_precision),
     )
-    for name in ("optimizer", "rho", "seed", "out", "resume", "overwrite"):
+    for name in ("optimizer", "rho", "seed", "out", "resume", "overwrite", "dry_run"):
         if hasattr(args, name):
             values[name] = getattr(args, name)
     values.update(overrides)
@@ -696,7 +775,7 @@ def format_result(summary: Mapping[str, Any]) -> str:
         f"{summary['optimizer']}" + (f" rho={summary['rho']:g}" if summary.get("rho") is not None else "")
         + f" seed={summary['seed']}: step {summary['step']}/{summary['steps']}"
         + ("" if summary.get("completed") else f" (stopped by {summary.get('interrupted')})"),
-        f"  val loss {num('val_loss')} (ppl {num('val_ppl', '.3f')}), best {num('best_val_loss')}"
+        f"  val loss {num('val_loss')} (ppl {num('val_ppl', '.6g')}), best {num('best_val_loss')}"
         f" at step {summary.get('best_val_loss_step')}, train loss {num('train_loss')}",
     ]
     if summary.get("hessian_lambda_max") is not None:
@@ -710,11 +789,18 @@ def format_result(summary: Mapping[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from samlm.distributed import is_main_process
+
     config = config_from_args(args)
     summary = pretrain(config)
-    print(format_result(summary))
-    print(f"  results: {Path(config.out) / SUMMARY_FILE}")
-    if not summary.get("completed"):
-        print(f"  resume with the same flags and --resume (out: {config.out})")
-        return 130
-    return 0
+    if summary.get("dry_run"):
+        if is_main_process():
+            print(json.dumps(summary, indent=2, default=str))
+            say(f"dry run: flags, data, model and {config.out} are fine; nothing was written")
+        return 0
+    if is_main_process():
+        print(format_result(summary))
+        print(f"  results: {Path(config.out) / SUMMARY_FILE}")
+        if not summary.get("completed"):
+            print(f"  resume with the same flags and --resume (out: {config.out})")
+    return 0 if summary.get("completed") else 130
