@@ -197,6 +197,70 @@ def test_preconditioned_eps_has_norm_rho_and_direction_g_over_p():
         assert torch.equal(p, w0)
 
 
+def perturbed_weights(opt, model, batch, poison=False):
+    """ε after one perturb() from the gradient of ``batch`` at w (then restored), and the stats."""
+    opt.zero_grad()
+    ce(model(batch[0]), batch).backward()
+    if poison:
+        next(model.parameters()).grad[0, 0] = float("nan")
+    w = [p.detach().clone() for p in model.parameters()]
+    norm, eps_norm, ok = opt.perturb()
+    eps = [p.detach() - w0 for p, w0 in zip(model.parameters(), w)]
+    opt.restore()
+    for p, w0 in zip(model.parameters(), w):
+        assert torch.equal(p, w0)
+    return eps, float(norm), float(eps_norm), bool(ok)
+
+
+@pytest.mark.parametrize("method", [samlm.SAM, samlm.ASAM, samlm.PreconditionedSAM])
+@pytest.mark.parametrize("chunk_elements", [1, 100])
+def test_perturbation_in_chunks_equals_one_pass_over_all_tensors(method, chunk_elements, monkeypatch):
+    """ε is formed a chunk of tensors at a time (bounded temporaries); chunks change nothing."""
+    from samlm.optim import perturbations
+
+    model, batch = make_problem(14)
+    opt = method(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt.train_step(batch, forward_of(model), ce)  # the preconditioned rule needs moments
+    whole = perturbed_weights(opt, model, batch)
+    monkeypatch.setattr(perturbations, "CHUNK_ELEMENTS", chunk_elements)  # 1: a tensor per chunk
+    chunked = perturbed_weights(opt, model, batch)
+    assert chunked[1:] == pytest.approx(whole[1:], rel=1e-13)
+    for a, b in zip(chunked[0], whole[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("poison", [False, True], ids=["finite", "nan-gradient"])
+@pytest.mark.parametrize("method", [samlm.SAM, samlm.ASAM, samlm.PreconditionedSAM])
+def test_device_side_choice_of_eps_equals_the_host_side_one(method, poison, monkeypatch):
+    """On an accelerator, ε = 0 for a non-finite gradient is chosen on the device (no host sync);
+    on the CPU by reading the flag. Both give the same ε, bitwise."""
+    from samlm.optim import perturbations
+
+    model, batch = make_problem(15)
+    opt = method(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt.train_step(batch, forward_of(model), ce)
+    host = perturbed_weights(opt, model, batch, poison)
+    monkeypatch.setattr(perturbations, "_readable_without_sync", lambda t: False)
+    device = perturbed_weights(opt, model, batch, poison)
+    assert host[3] == device[3] == (not poison)
+    assert host[2] == device[2] and (host[2] == 0.0) == poison  # the same ‖ε‖, 0 for a bad gradient
+    for a, b in zip(host[0], device[0]):
+        assert torch.equal(a, b)
+        assert not poison or not a.any()
+
+
+def test_sum_of_squares_accumulates_mixed_dtypes_in_at_least_float32():
+    from samlm.optim.perturbations import sum_of_squares
+
+    g = torch.Generator().manual_seed(16)
+    tensors = [torch.randn(5, generator=g, dtype=torch.float32), torch.randn(7, generator=g, dtype=torch.float64),
+               torch.randn(300, generator=g, dtype=torch.float32).to(torch.bfloat16)]
+    total = sum_of_squares(tensors)
+    assert total.dtype == torch.float64
+    assert float(total) == pytest.approx(sum(float(t.double().square().sum()) for t in tensors), rel=1e-6)
+    assert sum_of_squares(tensors[2:]).dtype == torch.float32  # bf16 accumulates in float32
+
+
 @pytest.mark.parametrize("pair", [(samlm.PreconditionedSAM, samlm.SAM),
                                   (samlm.PreconditionedFunctionalSAM, samlm.FunctionalSAM)])
 def test_preconditioned_first_step_equals_plain_variant(pair):

@@ -361,7 +361,7 @@ def _ascent(passes: _Passes, plan: GroupPlan, total: int, need_cotangents: bool,
                 if split_buffers is not None:
                     split_buffers.add_clean(torch.autograd.grad(
                         outputs, params, r * (piece.rows / total), retain_graph=True, allow_unused=True))
-                passes.backward_outputs(outputs, r * weight)
+                passes.backward_outputs(outputs, _scaled(r, weight))
             else:
                 value = passes.loss(outputs, rows)
                 passes.backward(value * weight)
@@ -403,12 +403,22 @@ def _clean_cotangents(passes: _Passes, plan: GroupPlan, total: int, cotangents: 
                     outputs, params, r * (rest.rows / total), allow_unused=True))
 
 
-def _cotangent_for(piece: Piece, cotangents: dict) -> Tensor:
-    """Concatenate the stored r(w) sub-pieces that make up this descent piece, in row order."""
+def _scaled(t: Tensor, factor: float) -> Tensor:
+    return t if factor == 1 else t * factor
+
+
+def _cotangent_for(piece: Piece, cotangents: dict, weight: float) -> Tensor:
+    """``weight`` times the stored r(w) sub-pieces that make up this descent piece, in row order,
+    each rescaled from its own mean loss to the piece's: one output tensor, no concatenation."""
     parts = sorted((p for p in cotangents if p.micro == piece.micro and piece.start <= p.start < piece.stop),
                    key=lambda p: p.start)
-    mean_parts = [cotangents[p] * (p.rows / piece.rows) for p in parts]  # per-piece mean → piece mean
-    return mean_parts[0] if len(mean_parts) == 1 else torch.cat(mean_parts, dim=0)
+    if len(parts) == 1:
+        return _scaled(cotangents[parts[0]], parts[0].rows / piece.rows * weight)
+    first = cotangents[parts[0]]
+    out = first.new_empty((sum(p.rows for p in parts), *first.shape[1:]))
+    for p in parts:
+        torch.mul(cotangents[p], p.rows / piece.rows * weight, out=out[p.start - piece.start:p.stop - piece.start])
+    return out
 
 
 def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cotangents: dict,
@@ -422,9 +432,9 @@ def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cot
             outputs, rows = passes.forward(piece)
             if split_buffers is not None:
                 outputs = _outputs_tensor(outputs, "split=True")
-                r_clean = _cotangent_for(piece, cotangents) * weight
+                r_clean = _cotangent_for(piece, cotangents, weight)
                 value, r_perturbed = _loss_and_cotangent(passes, outputs, rows)
-                r_perturbed = r_perturbed * weight
+                r_perturbed = _scaled(r_perturbed, weight)
                 used, other = (r_clean, r_perturbed) if functional else (r_perturbed, r_clean)
                 split_buffers.add_other(torch.autograd.grad(
                     outputs, params, other.to(outputs.dtype), retain_graph=True, allow_unused=True))
@@ -433,7 +443,7 @@ def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cot
                 outputs = _outputs_tensor(outputs, "Functional-SAM")
                 with torch.no_grad():  # L(w+ε) for the stats only: the descent uses r(w)
                     value = passes.loss(outputs.detach(), rows)
-                passes.backward_outputs(outputs, _cotangent_for(piece, cotangents) * weight)
+                passes.backward_outputs(outputs, _cotangent_for(piece, cotangents, weight))
             else:
                 value = passes.loss(outputs, rows)
                 passes.backward(value * weight)

@@ -18,7 +18,7 @@ of optax's gradient transformations). ``P`` is the base optimizer's precondition
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -98,18 +98,81 @@ class Preconditioned:
         return self.scaled_gradient(param, grad, precond)
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def squared_norm(t: Tensor) -> Tensor:
     """‖t‖², accumulated in at least float32 (float64 stays float64)."""
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(t, dtype=acc).square()
+    return torch.linalg.vector_norm(t, dtype=_accumulator(t.dtype)).square()
+
+
+def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """Σ ‖t‖² over a list of tensors (one foreach norm per accumulator dtype), accumulated in
+    at least float32."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(_accumulator(t.dtype), []).append(t)
+    dtype = torch.float64 if torch.float64 in by_dtype else torch.float32
+    norms = [n.to(dtype) for acc, ts in by_dtype.items() for n in torch._foreach_norm(ts, 2, dtype=acc)]
+    return torch.stack(norms).square().sum()
+
+
+# The perturbation is computed a chunk of tensors at a time, with foreach ops over the chunk:
+# temporaries (ε, and the scaled gradients of rules other than Euclidean) exist for one chunk
+# of at most this many elements, never for every parameter at once.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunks(params: Sequence[Tensor], grads: Sequence[Tensor]):
+    chunk: list[tuple[Tensor, Tensor]] = []
+    size = 0
+    for p, g in zip(params, grads):
+        if chunk and size + p.numel() > CHUNK_ELEMENTS:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((p, g))
+        size += p.numel()
+    if chunk:
+        yield chunk
 
 
 def perturbation_norm(rule: PerturbationRule, params, grads, precond) -> Tensor:
-    """‖scaled_gradient‖₂ over all local tensors.
+    """‖scaled_gradient‖₂ over all local tensors. (Euclidean: ‖g‖, with no copies of g.)"""
+    return sum(
+        sum_of_squares([rule.scaled_gradient(p, g, precond(p)) for p, g in chunk])
+        for chunk in _chunks(params, grads)
+    ).sqrt()
 
-    ``precond(param)`` gives P or None; it is called per tensor so no set of
-    parameter-sized temporaries is held at once.
+
+@torch.no_grad()
+def add_perturbation_(rule: PerturbationRule, params, grads, precond, scale: Tensor, ok: Tensor) -> Tensor:
+    """w ← w + ε in place, ε = scale · direction(w, g), or ε = 0 where ``ok`` is False.
+
+    ``scale`` (ρ/‖scaled_gradient‖) and ``ok`` are 0-dim tensors on the gradients' device.
+    Returns ‖ε‖² over these local tensors.
     """
-    squares = [squared_norm(rule.scaled_gradient(p, g, precond(p))) for p, g in zip(params, grads)]
-    dtype = torch.promote_types(torch.float32, squares[0].dtype)
-    return torch.stack([s.to(dtype) for s in squares]).sum().sqrt()
+    eps_sq = 0
+    for chunk in _chunks(params, grads):
+        # out of place: direction() may return p.grad itself (Euclidean does)
+        eps = torch._foreach_mul([rule.direction(p, g, precond(p)) for p, g in chunk], scale)
+        _zero_unless(ok, eps)
+        eps_sq = eps_sq + sum_of_squares(eps)
+        torch._foreach_add_([p for p, _ in chunk], [e.to(p.dtype) for e, (p, _) in zip(eps, chunk)])
+    return eps_sq
+
+
+def _zero_unless(ok: Tensor, tensors: list[Tensor]) -> None:
+    """Zero ``tensors`` in place unless ``ok`` (a 0-dim bool tensor)."""
+    if _readable_without_sync(ok):
+        if not bool(ok):
+            torch._foreach_zero_(tensors)
+    else:  # decided on the device: one masked fill per tensor, no host sync
+        not_ok = ~ok
+        for t in tensors:
+            t.masked_fill_(not_ok, 0.0)
+
+
+def _readable_without_sync(t: Tensor) -> bool:
+    """Reading a CPU tensor's value is free; an accelerator's would wait for its queued work."""
+    return t.device.type == "cpu"

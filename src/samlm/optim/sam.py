@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, perturbation_norm, squared_norm
+from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, add_perturbation_, perturbation_norm
 from .preconditioners import Preconditioners, find_reader
 
 DESCENTS = ("standard", "functional")
@@ -151,12 +151,7 @@ class SharpnessAware(torch.optim.Optimizer):
         scale = torch.where(ok, self.perturbation.rho / (norm + 1e-12), torch.zeros_like(norm))
 
         self._save_weights(params)
-        eps_sq = torch.zeros_like(norm)
-        for p, g in zip(params, grads):
-            # out of place: direction() may return p.grad itself
-            eps = torch.where(ok, self.perturbation.direction(p, g, precond(p)) * scale, 0.0)
-            eps_sq += squared_norm(eps)
-            p.add_(eps.to(p.dtype))
+        eps_sq = add_perturbation_(self.perturbation, params, grads, precond, scale, ok)
         self._perturbed = True
         return norm, self._global_norm(eps_sq), ok
 
@@ -180,8 +175,7 @@ class SharpnessAware(torch.optim.Optimizer):
         """w+ε → w, bitwise: a copy of the saved weights, never w+ε−ε."""
         if not self._perturbed:
             return
-        for p, saved in zip(self._saved_params, self._saved):
-            p.copy_(saved)
+        torch._foreach_copy_(self._saved_params, self._saved)
         self._perturbed = False
 
     def base_step(self) -> None:
