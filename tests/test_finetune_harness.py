@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from samlm import cli, io
 from samlm.finetune import demo_data_dir, harness, load_task, modeling
-from tinymodels import save_bert
+from tinymodels import save_bert, save_t5
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 GLUE = FIXTURES / "glue"
@@ -28,16 +28,7 @@ TIMING = {"tokens_per_s", "step_s"}
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
-
-    path = tmp_path_factory.mktemp("t5")
-    config = T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, vocab_size=384,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        T5ForConditionalGeneration(config).save_pretrained(path)
-    ByT5Tokenizer().save_pretrained(path)
-    return path
+    return save_t5(tmp_path_factory.mktemp("t5"))
 
 
 def _fixture_words():

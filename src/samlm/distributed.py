@@ -293,14 +293,11 @@ class RankShard:
         return self
 
     def __next__(self):
-        from samlm.errors import UserError
         from samlm.optim.batching import batch_rows, slice_rows
 
         batch = next(self.batches)
         rows = batch_rows(batch)
-        if rows % self.world_size:
-            raise UserError(f"a micro-batch of {rows} rows cannot be split evenly over {self.world_size} "
-                            f"processes: make the batch a multiple of {self.world_size}")
+        check_batch_split(rows, self.world_size, "a micro-batch of")
         share = rows // self.world_size
         return slice_rows(batch, self.rank * share, (self.rank + 1) * share)
 
@@ -309,6 +306,15 @@ class RankShard:
 
     def load_state_dict(self, state) -> None:
         self.batches.load_state_dict(state)
+
+
+def check_batch_split(rows: int, world_size: int, what: str = "--batch") -> None:
+    """Each of ``world_size`` processes takes rows/world_size rows (``UserError`` otherwise)."""
+    if rows % world_size:
+        from samlm.errors import UserError
+
+        raise UserError(f"{what} {rows} cannot be split evenly over {world_size} processes: "
+                        f"use a multiple of {world_size}")
 
 
 def shard_batches(batches, rank: Optional[int] = None, world_size: Optional[int] = None):
@@ -405,13 +411,10 @@ def load_optimizer_state(module: nn.Module, optimizer, state: Mapping) -> None:
 
 def all_finite(tensors) -> bool:
     """Every process's tensors (its shards under FSDP) are finite: agreed across processes."""
-    local = all(bool(torch.isfinite(_local(t)).all()) for t in tensors if t.is_floating_point())
+    from samlm.optim.sam import local_tensor
+
+    local = all(bool(torch.isfinite(local_tensor(t)).all()) for t in tensors if t.is_floating_point())
     return bool(agree(torch.tensor([0.0 if local else 1.0]), op="max") == 0)
-
-
-def _local(t: Tensor) -> Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 # -- mixed precision ----------------------------------------------------------------------------

@@ -611,7 +611,7 @@ def execute(plan: Plan) -> dict:
         _check_resume_config(out, s)
 
     info = parallel.setup(s["device"])
-    parallel.check_global_batch(s["micro_batch"], info.world_size, flag="--batch / --grad-accum (the micro-batch)")
+    distributed.check_batch_split(s["micro_batch"], info.world_size, "--batch / --grad-accum (the micro-batch)")
     first_task = plan.tasks[0]
     fm = load_finetune_model(plan.info, first_task, seed=s["seed"], max_input_length=s["max_input_length"],
                              max_target_length=s["max_target_length"], device=info.device)

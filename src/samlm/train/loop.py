@@ -402,8 +402,6 @@ def train(
     _check_optimizer_settings(optimizer)
     out_dir = Path(config.out_dir)
     forward = forward or lm_forward(model)
-    module = distributed.unwrap_model(model)   # evaluated, measured and saved without DDP/FSDP1
-    main = distributed.is_main_process()
     run = _Run(model, optimizer, train_batches, config, scheduler, scaler)
     state, checkpoint = run.start()
     distributed.barrier()  # the main process has cleaned or rewritten the run directory
@@ -415,12 +413,12 @@ def train(
         step_args["split"] = True
 
     def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
-        record = _measurement(step, state, module, evaluate if do_eval else None, sharpness if do_sharpness else None)
+        record = _measurement(step, state, run.module, evaluate if do_eval else None, sharpness if do_sharpness else None)
         state.history.append(record)
-        if main:
+        if run.main:
             io.append_jsonl(out_dir / METRICS_FILE, record)
 
-    bar = progress_bar(config.steps, initial=state.step, enabled=config.progress and main)
+    bar = progress_bar(config.steps, initial=state.step, enabled=config.progress and run.main)
     interrupted = None
     try:
         with _StopSignals(config.handle_signals) as signals:
@@ -642,8 +640,8 @@ class _Run:
 
     def __init__(self, model, optimizer, train_batches, config: LoopConfig, scheduler, scaler):
         self.model = model
-        self.module = distributed.unwrap_model(model)
-        self.main = distributed.is_main_process()
+        self.module = distributed.unwrap_model(model)  # evaluated, measured and saved without DDP/FSDP1
+        self.main = distributed.is_main_process()      # the one process that writes
         self.optimizer = optimizer
         self.train_batches = train_batches
         self.config = config

@@ -129,10 +129,3 @@ def parallelize(model: nn.Module, info: distributed.DistInfo, *, strategy: str =
         sam_kwargs["sync_ascent"] = True
     return Parallel(prepared=prepared, mixed_precision=mixed, autocast_dtype=autocast_dtype, scaler=scaler,
                     sam_kwargs=sam_kwargs)
-
-
-def check_global_batch(rows: int, world_size: int, flag: str = "--batch") -> None:
-    """Each process takes rows/world_size rows of every micro-batch."""
-    if rows % world_size:
-        raise UserError(f"{flag} {rows} cannot be split evenly over {world_size} processes: "
-                        f"use a multiple of {world_size}")

@@ -474,7 +474,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     info = parallel.setup(config.device)
-    parallel.check_global_batch(config.batch, info.world_size)
+    distributed.check_batch_split(config.batch, info.world_size)
     _check_step_split(config, info.world_size)
     main = info.is_main
 
