@@ -11,3 +11,13 @@ def one_thread_per_test():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def float32_default():
+    """Every test starts from torch's float32 default (a module that wants float64 sets it in its
+    own fixture), whatever an earlier test in the same xdist worker left behind."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(previous)

@@ -16,15 +16,6 @@ from samlm.optim import train_step
 METHODS = [samlm.SAM, samlm.ASAM, samlm.FunctionalSAM, samlm.PreconditionedSAM, samlm.PreconditionedFunctionalSAM]
 
 
-@pytest.fixture(autouse=True)
-def float32_default():
-    """Another test module may set float64 as the default dtype for its process (xdist worker)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def make_problem(seed=0, rows=16):
     g = torch.Generator().manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5))

@@ -13,6 +13,7 @@ from samlm.cli import main
 from samlm.compare import CompareConfig, compare, parse_rho, run_name
 from samlm.errors import UserError
 from samlm.train.pretrain import PretrainConfig, pretrain
+from tinymodels import Crash, crash_at
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -162,17 +163,6 @@ def test_compare_end_to_end_then_skips_finished_runs(tmp_path):
     again = compare(config, on_run=lambda name, summary: ran.append(name))
     assert len(ran) == 4 and again.skipped == ["adamw-seed0", "sam-rho0.05-seed0", "adamw-seed1", "sam-rho0.05-seed1"]
     assert (out / "report.md").read_text() == text
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def on_step(current, stats):
-        if current == step:
-            raise Crash(f"simulated crash after step {step}")
-    return on_step
 
 
 def test_compare_resumes_an_interrupted_run(tmp_path):

@@ -23,15 +23,6 @@ VOCAB = 32
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def float32_default():
-    """Another test module may set float64 as the default dtype for its process (xdist worker)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def tiny_gpt2(seed=0, dropout=0.0, cls=GPT2LMHeadModel, **config):
     torch.manual_seed(seed)
     return cls(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,

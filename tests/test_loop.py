@@ -14,18 +14,10 @@ from samlm.errors import NonFiniteLossError, UserError
 from samlm.models import build_decoder
 from samlm.optim import build_optimizer
 from samlm.train import LoopConfig, lm_evaluator, train
+from tinymodels import Crash, crash_at
 
 CONTEXT = 16
 TIMING_FIELDS = {"tokens_per_s", "step_s"}
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core box, more threads spin and stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +72,6 @@ def assert_same_state(a, b):
 def _state_tensors(state_dict):
     state = state_dict.get("base_optimizer", state_dict)["state"]
     return [[v for v in s.values() if isinstance(v, torch.Tensor)] for s in state.values()]
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def on_step(current, stats):
-        if current == step:
-            raise Crash(f"simulated crash after step {step}")
-    return on_step
 
 
 @pytest.mark.parametrize("optimizer, grad_accum", [("adamw", 1), ("sam", 2)])

@@ -11,15 +11,6 @@ from samlm.models import build_decoder, count_parameters, lm_forward, load_causa
 TINY = dict(layers=2, width=32, heads=4, context=16, vocab_size=257)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core box, more threads spin and stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("arch, cls", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")])
 def test_tiny_decoders_build_and_run(arch, cls):
     rng_before = torch.get_rng_state()

@@ -82,3 +82,15 @@ def save_bert(path: Path, words, *, dropout: float = 0.1) -> Path:
         torch.manual_seed(0)
         BertForMaskedLM(config).save_pretrained(path)
     return path
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_at` to simulate a crash in the middle of a run."""
+
+
+def crash_at(step):
+    """An ``on_step`` hook that raises :class:`Crash` after ``step``."""
+    def on_step(current, stats):
+        if current == step:
+            raise Crash(f"simulated crash after step {step}")
+    return on_step
