@@ -41,3 +41,28 @@ def test_bad_bench_flags_end_in_one_line(flags, message, capsys):
     assert main(TINY + flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+
+
+def test_floors_add_each_methods_extra_passes_to_the_adamw_step_of_the_same_round():
+    """sam's floor is AdamW + the ascent pass, fsam's adds the clean forward, sam_full's and the
+    peer's a full pass; ratios are per-round pairs, so a slow round moves both sides."""
+    from samlm.bench import ratios
+
+    times = {"adamw": [1.0, 2.0, 1.0], "sam": [1.3, 2.6, 1.3], "fsam": [1.6, 3.2, 1.6], "sam_full": [2.1, 4.2, 2.1],
+             "pass:ascent": [0.25, 0.5, 0.25], "pass:clean_forward": [0.25, 0.5, 0.25], "pass:full": [1.0, 2.0, 1.0]}
+    rows = ratios(times, ["adamw", "sam", "fsam", "sam_full"])
+    assert rows["adamw"] == {"step_s": 1.0, "ratio": 1.0, "floor": 1.0, "over_floor": 1.0}
+    assert (rows["sam"]["ratio"], rows["sam"]["floor"], rows["sam"]["over_floor"]) == (1.3, 1.25, 1.04)
+    assert (rows["fsam"]["ratio"], rows["fsam"]["floor"]) == (1.6, 1.5)
+    assert (rows["sam_full"]["ratio"], rows["sam_full"]["floor"]) == (2.1, 2.0)
+
+
+def test_bench_reports_the_bare_passes_and_floors(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(TINY + ["--no-memory", "--methods", "sam,fsam,sam_full", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["passes_s"]) == {"ascent", "clean_forward", "full"}
+    methods = report["methods"]
+    assert methods["adamw"]["floor"] == 1.0
+    assert 1.0 < methods["sam"]["floor"] <= methods["fsam"]["floor"]
+    assert all(row["over_floor"] > 0 for row in methods.values())

@@ -172,6 +172,22 @@ def _run_fp16_overflow_on_one_replica(info, results):
     results["fp16"] = out
 
 
+def make_batchnorm_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.Tanh(), torch.nn.Linear(12, 5))
+
+
+def _run_batchnorm(info, results):
+    """DDP broadcasts rank 0's buffers in place before forwards; the frozen passes must still
+    leave each replica with the statistics of its own ascent rows at w."""
+    model = make_batchnorm_model()
+    wrapped = distributed.prepare(model, strategy="ddp", info=info).model
+    opt = samlm.SAM(torch.optim.SGD(wrapped.parameters(), lr=0.1), ascent_fraction=ASCENT_FRACTION)
+    opt.train_step(rank_rows(global_batches()[0], info.rank), lambda b: wrapped(b[0]), ce, model=wrapped)
+    bn = model[1]
+    results["batchnorm"] = [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
+
+
 def _run_sharded_norm(info, results):
     """Each rank holds half of a gradient: the reduced norm equals the unsharded norm."""
     full = [torch.arange(10.0) - 3, torch.linspace(-1, 2, 7)]
@@ -216,6 +232,7 @@ def _worker_main(out_dir: str) -> None:
         _run_case(name, info, results)
     _run_fp16_overflow_on_one_replica(info, results)
     _run_sharded_norm(info, results)
+    _run_batchnorm(info, results)
     _run_fsdp_refusals(info, results)
     torch.save(results, Path(out_dir) / f"rank{info.rank}.pt")
     distributed.barrier()
@@ -370,6 +387,18 @@ def test_fp16_overflow_on_one_replica_skips_the_step_on_every_replica(results):
         assert fp16["scales"] == [2.0 ** 9, 2.0 ** 9]  # backed off once, then a normal step
         assert fp16["counters"]["skipped_steps"] == 1 and fp16["counters"]["steps"] == 1
     torch.testing.assert_close(results[0]["fp16"]["params"], results[1]["fp16"]["params"], rtol=0, atol=0)
+
+
+def test_ddp_replicas_keep_the_running_statistics_of_their_own_ascent_rows(results):
+    a = int(ROWS * ASCENT_FRACTION)
+    for rank, res in enumerate(results):
+        reference = make_batchnorm_model()
+        reference(rank_rows(global_batches()[0], rank)[0][:a])  # one train-mode forward at w
+        bn = reference[1]
+        expected = [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+        for actual, want in zip(res["batchnorm"], expected):
+            torch.testing.assert_close(actual, want, rtol=0, atol=1e-12)
+    assert not torch.allclose(results[0]["batchnorm"][0], results[1]["batchnorm"][0])  # really per replica
 
 
 # -- single-process parts -----------------------------------------------------------------------------

@@ -248,7 +248,8 @@ def test_fuzz_bench(in_world, monkeypatch, argv):
 
     from samlm import bench
 
-    monkeypatch.setattr(bench, "time_methods", lambda args, methods: {m: [0.01] for m in methods})
+    passes = [f"pass:{kind}" for kind in ("ascent", "clean_forward", "full")]
+    monkeypatch.setattr(bench, "time_methods", lambda args, methods: {m: [0.01] for m in [*methods, *passes]})
     monkeypatch.setattr(bench, "peak_memory_mb", lambda args, name: 1.0)
     monkeypatch.setattr(bench, "build_model", lambda args: torch.nn.Linear(1, 1))
     check_cli(argv)

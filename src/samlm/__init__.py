@@ -13,6 +13,7 @@ from .optim import (
     SharpnessAware,
     StepStats,
     build_optimizer,
+    frozen_running_stats,
     register_preconditioner,
     train_step,
 )
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
     "SharpnessAware", "Euclidean", "Adaptive", "Preconditioned", "PerturbationRule",
-    "StepStats", "train_step", "build_optimizer", "register_preconditioner",
+    "StepStats", "train_step", "build_optimizer", "register_preconditioner", "frozen_running_stats",
 ]

@@ -2,8 +2,15 @@
 
 All methods run side by side in one process, round-robin step by step, on identical
 GPT-2-style models and the same batches, so the ratios against AdamW are not skewed by
-drift in the machine's speed. Peak memory is measured per method: on CUDA with the
-allocator's peak, on CPU as the peak resident-set growth of a fresh child process.
+drift in the machine's speed. Ratios are medians of per-round ratios, each against the AdamW
+step of the same round. Peak memory is measured per method: on CUDA with the allocator's peak,
+on CPU as the peak resident-set growth of a fresh child process.
+
+The bare passes a step is made of (the ascent forward+backward on the first rows, F-SAM's
+no-grad forward on the others, a full-batch forward+backward) are timed in the same rounds.
+They give each method's *floor*: AdamW's step plus the extra passes the method must run, over
+AdamW's step. No exact implementation of the method can go below it; ``over_floor`` is what
+the implementation adds on top (perturbation, restore, bookkeeping).
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import multiprocessing
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -24,6 +33,12 @@ from .io import atomic_write_json
 from .optim import SAM_METHODS, train_step
 
 METHODS = ("adamw", "peer_sam", "sam_full", "sam", "asam", "fsam", "psam", "pfsam")
+# The extra passes each method runs on top of AdamW's one forward+backward of the batch.
+EXTRA_PASSES = {
+    "adamw": (), "peer_sam": ("full",), "sam_full": ("full",),
+    "sam": ("ascent",), "asam": ("ascent",), "psam": ("ascent",),
+    "fsam": ("ascent", "clean_forward"), "pfsam": ("ascent", "clean_forward"),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +140,37 @@ def make_stepper(name: str, model, args):
     return step
 
 
+class _Passes:
+    """The bare passes of a step, without any optimizer: ``full`` (forward+backward on the
+    batch), ``ascent`` (forward+backward on the first ⌈ascent_fraction·b⌉ rows) and
+    ``clean_forward`` (a no-grad forward and the output cotangent on the remaining rows)."""
+
+    def __init__(self, model, args):
+        self.model = model
+        self.ascent_rows = math.ceil(args.ascent_fraction * args.batch - 1e-9)  # as samlm.optim.batching
+
+    def full(self, batch, forward, autocast):
+        self._backward(batch, forward, autocast)
+
+    def ascent(self, batch, forward, autocast):
+        self._backward(batch[:self.ascent_rows], forward, autocast)
+
+    def clean_forward(self, batch, forward, autocast):
+        rest = batch[self.ascent_rows:]
+        if len(rest) == 0:
+            return
+        with torch.no_grad(), autocast():
+            logits = forward(rest)
+        leaf = logits.detach().requires_grad_()
+        torch.autograd.grad(lm_loss(leaf, rest), leaf)
+
+    def _backward(self, batch, forward, autocast):
+        self.model.zero_grad(set_to_none=True)
+        with autocast():
+            loss = lm_loss(forward(batch), batch)
+        loss.backward()
+
+
 def _autocast_factory(args):
     if args.dtype == "bf16":
         return lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
@@ -137,16 +183,27 @@ def _sync(device):
 
 
 def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
+    """Per-round step times of every method, and of every bare pass the methods need (keyed
+    ``pass:NAME``), in one round-robin."""
     reference = build_model(args)
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(args.device)
                for _ in range(4)]
     models = {name: copy.deepcopy(reference) for name in methods}
     steppers = {name: make_stepper(name, models[name], args) for name in methods}
+    passes_model = copy.deepcopy(reference)
+    probes = _Passes(passes_model, args)
+    for kind in sorted({kind for name in methods for kind in EXTRA_PASSES[name]}):
+        steppers[f"pass:{kind}"] = getattr(probes, kind)
+        models[f"pass:{kind}"] = passes_model
     autocast = _autocast_factory(args)
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    order = list(steppers)
     for i in range(args.warmup + args.steps):
-        for name in methods:  # round-robin: every method sees the same machine conditions
+        # Round-robin, so every method sees the same machine conditions, in a fresh order each
+        # round, so that no method always follows the same neighbour (allocator, cache state).
+        random.Random(i).shuffle(order)
+        for name in order:
             model = models[name]
             forward = lambda batch, model=model: model(input_ids=batch).logits  # noqa: E731
             _sync(args.device)
@@ -214,22 +271,36 @@ def machine_description(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
+def ratios(times: dict[str, list[float]], methods: list[str]) -> dict[str, dict[str, float]]:
+    """Each method's median step time, median per-round ratio against AdamW, and floor (AdamW's
+    step plus the method's extra bare passes, over AdamW's step; per round, then the median)."""
+    adamw = times["adamw"]
+    rows = {}
+    for name in methods:
+        per_round = [t / a for t, a in zip(times[name], adamw)]
+        floor = [1 + sum(times[f"pass:{kind}"][i] for kind in EXTRA_PASSES[name]) / a
+                 for i, a in enumerate(adamw)]
+        ratio, floor_ratio = statistics.median(per_round), statistics.median(floor)
+        rows[name] = {"step_s": round(statistics.median(times[name]), 5), "ratio": round(ratio, 3),
+                      "floor": round(floor_ratio, 3), "over_floor": round(ratio / floor_ratio, 3)}
+    return rows
+
+
 def run(args) -> int:
     methods = _check(args)
     times = time_methods(args, methods)
     params = sum(p.numel() for p in build_model(args).parameters())
-    reference = statistics.median(times["adamw"])
-    results = {}
+    results = ratios(times, methods)
+    passes = {kind: round(statistics.median(t), 5) for name, t in times.items()
+              if name.startswith("pass:") for kind in [name[5:]]}
     for name in methods:
-        step_s = statistics.median(times[name])
-        results[name] = {"step_s": round(step_s, 5), "ratio": round(step_s / reference, 3)}
         if not args.no_memory:
             results[name]["peak_mem_mb"] = round(peak_memory_mb(args, name), 1)
     config = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "batch", "seq", "steps",
                                             "warmup", "rho", "ascent_fraction", "device", "dtype")}
     config.update(parameters=params, param_mb=round(params * 4 / 2**20, 1), machine=machine_description(args.device),
                   torch=torch.__version__)
-    report = {"config": config, "methods": results}
+    report = {"config": config, "methods": results, "passes_s": passes}
     print(format_table(report))
     if args.json:
         atomic_write_json(args.json, report)
@@ -242,9 +313,13 @@ def format_table(report: dict) -> str:
         f"samlm bench: GPT-2 {cfg['layers']}L/{cfg['width']}d/{cfg['heads']}h, vocab {cfg['vocab']}, "
         f"batch {cfg['batch']}x{cfg['seq']}, {cfg['parameters'] / 1e6:.2f}M params ({cfg['param_mb']} MB fp32), "
         f"{cfg['dtype']}, {cfg['machine']}, median of {cfg['steps']} steps",
-        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'peak mem (MB)':>14}",
+        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'floor':>7} {'x floor':>8} {'peak mem (MB)':>14}",
     ]
     for name, row in report["methods"].items():
         mem = f"{row['peak_mem_mb']:.1f}" if "peak_mem_mb" in row else "-"
-        lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {mem:>14}")
+        lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {row['floor']:>7.3f} "
+                     f"{row['over_floor']:>8.3f} {mem:>14}")
+    passes = ", ".join(f"{kind} {seconds:.4f} s" for kind, seconds in report.get("passes_s", {}).items())
+    if passes:
+        lines.append(f"bare passes (median): {passes}; floor = (AdamW step + a method's extra passes) / AdamW step")
     return "\n".join(lines)

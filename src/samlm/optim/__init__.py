@@ -7,6 +7,7 @@ import torch
 from .driver import StepStats, plain_step, sharpness_aware_step, train_step
 from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned
 from .preconditioners import register_preconditioner
+from .running_stats import RUNNING_STATS, frozen_running_stats, norm_layers
 from .sam import (
     ASAM,
     SAM,
@@ -61,6 +62,6 @@ def build_optimizer(name: str, params, *, base: str = "adamw", lr: float, rho=No
 __all__ = [
     "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
     "SharpnessAware", "Euclidean", "Adaptive", "Preconditioned", "PerturbationRule",
-    "register_preconditioner", "StepStats", "train_step", "plain_step", "sharpness_aware_step",
+    "register_preconditioner", "frozen_running_stats", "norm_layers", "RUNNING_STATS", "StepStats", "train_step", "plain_step", "sharpness_aware_step",
     "build_optimizer", "build_base_optimizer", "OPTIMIZER_NAMES", "SAM_METHODS",
 ]

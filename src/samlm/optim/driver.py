@@ -12,6 +12,9 @@ For a SAM-family optimizer, one step over the (micro-)batch is, for each m-sharp
                  batches and groups; only the step's very last backward syncs gradients
     5. restore   w ← saved copy (bitwise)
 
+Norm layers' running statistics move in one of these passes only, by the optimizer's
+``running_stats`` policy (running_stats.py); the other passes leave them bitwise unchanged.
+
 then one base-optimizer step on the accumulated descent gradient (unscaled, clipped, and
 skipped if non-finite). Micro-batch losses are weighted by their share of rows.
 """
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from .batching import GroupPlan, Piece, as_micro_batches, batch_rows, plan_step, slice_rows
 from .perturbations import squared_norm
+from .running_stats import frozen_running_stats, norm_layers
 from .sam import SharpnessAware, local_tensor
 
 Forward = Callable[..., Tensor]
@@ -153,6 +157,17 @@ def _reshard_fsdp2(model) -> None:
             module.reshard()
 
 
+def _stats_module(model, forward) -> Optional[torch.nn.Module]:
+    """The module whose norm layers' running statistics the step manages: ``model``, else
+    ``forward`` itself when it is a module (or a module's bound method)."""
+    if model is not None:
+        return model
+    for candidate in (forward, getattr(forward, "__self__", None)):
+        if isinstance(candidate, torch.nn.Module):
+            return candidate
+    return None
+
+
 def _outputs_tensor(outputs, what: str) -> Tensor:
     if not isinstance(outputs, Tensor):
         raise ValueError(
@@ -256,6 +271,8 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
             ``set_requires_gradient_sync``) keeps the ascent pass (unless ``sync_ascent``) and
             all but the last descent backward local to the replica. FSDP needs
             ``sync_ascent=True`` and a shard-summing ``grad_norm_fn`` (samlm.distributed).
+            Its norm layers' running statistics follow ``opt.running_stats`` (without ``model``:
+            those of ``forward`` when it is a module).
         scaler: a ``torch.amp.GradScaler`` for fp16: the ascent gradient is unscaled before
             ε is computed; a non-finite ascent gradient skips the step as GradScaler would.
         autocast_dtype: run forward and loss under ``torch.autocast`` with this dtype.
@@ -279,6 +296,12 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
     # an explicit all-reduce.
     sync_ascent_in_model = opt.sync_ascent and passes.reduces_gradients
     split_buffers = _SplitBuffers(params) if split else None
+    stats_layers = norm_layers(module) if (module := _stats_module(model, forward)) is not None else []
+
+    def running_stats_move_in(phase: str):
+        if opt.running_stats in ("all", phase) or not stats_layers:
+            return contextlib.nullcontext()
+        return frozen_running_stats(stats_layers)
 
     opt.zero_grad(set_to_none=True)
     f32 = dict(dtype=torch.promote_types(params[0].dtype, torch.float32), device=device)
@@ -293,11 +316,13 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
 
         # 1-2. ascent gradient at w (and, when needed, the clean output cotangents r(w))
         need_cotangents = functional or split
-        ascent_loss, cotangents = _ascent(passes, plan, total, need_cotangents, split_buffers, params,
-                                          sync_at_end=sync_ascent_in_model)
+        with running_stats_move_in("ascent"):
+            ascent_loss, cotangents = _ascent(passes, plan, total, need_cotangents, split_buffers, params,
+                                              sync_at_end=sync_ascent_in_model)
         loss_clean += ascent_loss * (plan.ascent_rows / sum(pl.ascent_rows for pl in plans))
         if need_cotangents:
-            _clean_cotangents(passes, plan, total, cotangents, split_buffers, params)
+            with running_stats_move_in("clean"):
+                _clean_cotangents(passes, plan, total, cotangents, split_buffers, params)
             if sharding == "fsdp2":
                 _reshard_fsdp2(model)
         if opt.sync_ascent and not sync_ascent_in_model:
@@ -316,8 +341,9 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
             # FSDP keeps unsynced gradients in its own buffers, which the next group's synced
             # ascent would flush: there every group's descent ends with a reduction.
             last_group = index == len(plans) - 1
-            loss_perturbed += _descent(passes, plan, total, functional, cotangents, split_buffers,
-                                       params, sync_at_end=last_group or sharded)
+            with running_stats_move_in("descent"):
+                loss_perturbed += _descent(passes, plan, total, functional, cotangents, split_buffers,
+                                           params, sync_at_end=last_group or sharded)
         finally:
             # 5. restore w exactly, even if a pass raised
             opt.restore()

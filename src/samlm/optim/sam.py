@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, add_perturbation_, perturbation_norm
 from .preconditioners import Preconditioners, find_reader
+from .running_stats import check_policy
 
 DESCENTS = ("standard", "functional")
 
@@ -52,6 +53,10 @@ class SharpnessAware(torch.optim.Optimizer):
             Foret et al. and the paper, i.e. m-sharpness with m = number of replicas.
         grad_norm_fn: how to reduce the squared norm of local tensors to a global one (FSDP
             passes an all-reduce over shards); default: local sum.
+        running_stats: which pass of ``train_step`` updates the running statistics of the
+            model's norm layers (BatchNorm): ``"ascent"`` (at w, default), ``"descent"`` (at
+            w+ε, every row once) or ``"all"``; the others leave them bitwise unchanged
+            (running_stats.py). Needs ``train_step(..., model=module)`` or a module as forward.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class SharpnessAware(torch.optim.Optimizer):
         m: int = 1,
         sync_ascent: bool = False,
         grad_norm_fn: Optional[Callable[[Tensor], Tensor]] = None,
+        running_stats: str = "ascent",
     ):
         if not isinstance(base, torch.optim.Optimizer):
             raise ValueError(
@@ -81,6 +87,7 @@ class SharpnessAware(torch.optim.Optimizer):
             raise ValueError(f"ascent_fraction must be in (0, 1], got {ascent_fraction!r}")
         if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
             raise ValueError(f"m must be an integer >= 1, got {m!r}")
+        check_policy(running_stats)
         if perturbation.needs_preconditioner and find_reader(base) is None:
             raise ValueError(
                 f"{type(perturbation).__name__} perturbation needs a base optimizer with second moments "
@@ -94,6 +101,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self.m = m
         self.sync_ascent = sync_ascent
         self.grad_norm_fn = grad_norm_fn
+        self.running_stats = running_stats
         self.counters = {"steps": 0, "skipped_steps": 0, "ascent_nonfinite": 0, "zero_grad_norm": 0}
         self._saved: Optional[list[Tensor]] = None  # weights at w while perturbed: not state
         self._perturbed = False
@@ -247,6 +255,7 @@ class SharpnessAware(torch.optim.Optimizer):
             "ascent_fraction": self.ascent_fraction,
             "m": self.m,
             "sync_ascent": self.sync_ascent,
+            "running_stats": self.running_stats,
         }
 
     def state_dict(self) -> dict:
@@ -293,7 +302,7 @@ class SAM(SharpnessAware):
 
     def __init__(self, base, base_optimizer=None, *, rho: float = 0.05, adaptive: bool = False,
                  eta: float = 0.0, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
-        sam_kwargs = {k: kwargs.pop(k) for k in ("sync_ascent", "grad_norm_fn") if k in kwargs}
+        sam_kwargs = {k: kwargs.pop(k) for k in ("sync_ascent", "grad_norm_fn", "running_stats") if k in kwargs}
         base = _wrap_base(base, base_optimizer, kwargs, type(self).__name__)
         rule = Adaptive(rho=rho, eta=eta) if adaptive else Euclidean(rho=rho)
         super().__init__(base, rule, ascent_fraction=ascent_fraction, m=m, **sam_kwargs)
