@@ -21,3 +21,12 @@ def float32_default():
     torch.set_default_dtype(torch.float32)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def float64_default():
+    """float64 for the test, for modules pinned against float64 references:
+    ``pytestmark = pytest.mark.usefixtures("float64_default")`` (runs after float32_default)."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)

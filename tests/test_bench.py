@@ -51,7 +51,7 @@ def test_floors_add_each_methods_extra_passes_to_the_adamw_step_of_the_same_roun
     times = {"adamw": [1.0, 2.0, 1.0], "sam": [1.3, 2.6, 1.3], "fsam": [1.6, 3.2, 1.6], "sam_full": [2.1, 4.2, 2.1],
              "pass:ascent": [0.25, 0.5, 0.25], "pass:clean_forward": [0.25, 0.5, 0.25], "pass:full": [1.0, 2.0, 1.0]}
     rows = ratios(times, ["adamw", "sam", "fsam", "sam_full"])
-    assert rows["adamw"] == {"step_s": 1.0, "ratio": 1.0, "floor": 1.0, "over_floor": 1.0}
+    assert rows["adamw"] == {"step_s": 1.0, "ratio": 1.0, "ratio_iqr": [1.0, 1.0], "floor": 1.0, "over_floor": 1.0}
     assert (rows["sam"]["ratio"], rows["sam"]["floor"], rows["sam"]["over_floor"]) == (1.3, 1.25, 1.04)
     assert (rows["fsam"]["ratio"], rows["fsam"]["floor"]) == (1.6, 1.5)
     assert (rows["sam_full"]["ratio"], rows["sam_full"]["floor"]) == (2.1, 2.0)

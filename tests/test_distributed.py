@@ -27,6 +27,8 @@ import torch
 import samlm
 from samlm import distributed
 
+pytestmark = pytest.mark.usefixtures("float64_default")  # the references are float64
+
 ROWS = 8            # rows per replica per step
 STEPS = 2
 ASCENT_FRACTION = 0.5
@@ -269,14 +271,6 @@ def results(tmp_path_factory):
     for proc, output in zip(procs, outputs):
         assert proc.returncode == 0, output[-4000:]
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def reference_sync(method, clip=None):

@@ -10,16 +10,8 @@ from torch.func import functional_call, vjp
 import samlm
 from samlm.optim import Adaptive, Euclidean, SharpnessAware
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """These tests compare against references in float64; other test files keep float32."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+# These tests compare against references in float64; other test files keep float32.
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]
 
 
 def make_problem(seed=0, rows=16, classes=5):

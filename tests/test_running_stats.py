@@ -10,12 +10,7 @@ import samlm
 from samlm.optim import frozen_running_stats, norm_layers
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class Net(torch.nn.Module):

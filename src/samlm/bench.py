@@ -272,8 +272,9 @@ def machine_description(device: str) -> str:
 
 
 def ratios(times: dict[str, list[float]], methods: list[str]) -> dict[str, dict[str, float]]:
-    """Each method's median step time, median per-round ratio against AdamW, and floor (AdamW's
-    step plus the method's extra bare passes, over AdamW's step; per round, then the median)."""
+    """Each method's median step time, median per-round ratio against AdamW (and its quartiles:
+    the machine's noise), and floor (AdamW's step plus the method's extra bare passes, over
+    AdamW's step; per round, then the median)."""
     adamw = times["adamw"]
     rows = {}
     for name in methods:
@@ -281,7 +282,9 @@ def ratios(times: dict[str, list[float]], methods: list[str]) -> dict[str, dict[
         floor = [1 + sum(times[f"pass:{kind}"][i] for kind in EXTRA_PASSES[name]) / a
                  for i, a in enumerate(adamw)]
         ratio, floor_ratio = statistics.median(per_round), statistics.median(floor)
+        q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else (ratio,) * 3
         rows[name] = {"step_s": round(statistics.median(times[name]), 5), "ratio": round(ratio, 3),
+                      "ratio_iqr": [round(q1, 3), round(q3, 3)],
                       "floor": round(floor_ratio, 3), "over_floor": round(ratio / floor_ratio, 3)}
     return rows
 
@@ -313,11 +316,12 @@ def format_table(report: dict) -> str:
         f"samlm bench: GPT-2 {cfg['layers']}L/{cfg['width']}d/{cfg['heads']}h, vocab {cfg['vocab']}, "
         f"batch {cfg['batch']}x{cfg['seq']}, {cfg['parameters'] / 1e6:.2f}M params ({cfg['param_mb']} MB fp32), "
         f"{cfg['dtype']}, {cfg['machine']}, median of {cfg['steps']} steps",
-        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'floor':>7} {'x floor':>8} {'peak mem (MB)':>14}",
+        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'IQR':>13} {'floor':>7} {'x floor':>8} {'peak mem (MB)':>14}",
     ]
     for name, row in report["methods"].items():
         mem = f"{row['peak_mem_mb']:.1f}" if "peak_mem_mb" in row else "-"
-        lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {row['floor']:>7.3f} "
+        q1, q3 = row.get("ratio_iqr", (row["ratio"], row["ratio"]))
+        lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {f'{q1:.3f}-{q3:.3f}':>13} {row['floor']:>7.3f} "
                      f"{row['over_floor']:>8.3f} {mem:>14}")
     passes = ", ".join(f"{kind} {seconds:.4f} s" for kind, seconds in report.get("passes_s", {}).items())
     if passes:
