@@ -318,7 +318,7 @@ def test_nan_weights_are_never_saved_through_the_harness(t5_dir, tmp_path, capsy
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "samlm"
 # (file, call) pairs that write something that is not a result of a run.
-WRITE_ALLOWED = {("bench.py", "open"): "/proc/self/clear_refs: resets the kernel's memory high-water mark"}
+WRITE_ALLOWED = {("bench.py", "open"): "os.devnull: silences the profiler's own log lines while it measures memory"}
 
 
 def _writes(tree: ast.AST):

@@ -254,3 +254,61 @@ def test_sam_converges_to_a_flatter_minimum_than_its_base_optimizer():
         return top_hessian_eigenvalue(model, x, y)
 
     assert train(sam=True) < 0.8 * train(sam=False)
+
+
+# -- memory: exact tensor-byte peaks from the profiler's allocation events ---------------------------
+def _bench_args(**shape):
+    import argparse
+
+    return argparse.Namespace(**shape, rho=0.05, ascent_fraction=0.25, device="cpu", dtype="fp32")
+
+
+ACTIVATION_BOUND = dict(layers=2, width=64, heads=2, vocab=64, batch=8, seq=32)
+OUTPUT_BOUND = dict(layers=1, width=16, heads=2, vocab=512, batch=8, seq=32)  # logits ≫ parameters
+
+
+@pytest.mark.parametrize("name", ["sam", "asam", "fsam", "psam", "pfsam", "sam_full"])
+def test_extra_peak_memory_is_one_parameter_copy(name):
+    """Beyond AdamW's own step, a SAM step holds the saved weights w and nothing else."""
+    from samlm import bench
+
+    args = _bench_args(**ACTIVATION_BOUND)
+    param_mb = sum(p.numel() for p in bench.build_model(args).parameters()) * 4 / 2**20
+    extra = bench.peak_memory_mb(args, name) - bench.peak_memory_mb(args, "adamw")
+    assert extra == pytest.approx(param_mb, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["fsam", "pfsam"])
+def test_functional_sam_adds_at_most_its_output_cotangent_where_outputs_dominate(name):
+    """F-SAM must keep r(w), one output-sized buffer, from the clean pass to its descent; no
+    second copy of it, and neither it nor the logits are held through the backward."""
+    from samlm import bench
+
+    args = _bench_args(**OUTPUT_BOUND)
+    param_mb = sum(p.numel() for p in bench.build_model(args).parameters()) * 4 / 2**20
+    output_mb = args.batch * args.seq * args.vocab * 4 / 2**20
+    extra = bench.peak_memory_mb(args, name) - bench.peak_memory_mb(args, "adamw")
+    assert param_mb < extra <= param_mb + output_mb * 1.01
+
+
+def test_plain_train_step_peaks_no_higher_than_a_hand_written_loop():
+    """samlm.optim.train_step with a plain optimizer does not keep the outputs alive through
+    the backward (for an LM they are B×T×V)."""
+    from samlm import bench
+
+    args = _bench_args(**OUTPUT_BOUND)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+
+    def hand_written():
+        model = bench.build_model(args)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run():
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                bench.lm_loss(model(input_ids=batch).logits, batch).backward()
+                opt.step()
+        return run
+
+    loop_mb = bench._cpu_peak_tensor_mb(hand_written())
+    assert bench.peak_memory_mb(args, "adamw") <= loop_mb * 1.001

@@ -3,8 +3,9 @@
 All methods run side by side in one process, round-robin step by step, on identical
 GPT-2-style models and the same batches, so the ratios against AdamW are not skewed by
 drift in the machine's speed. Ratios are medians of per-round ratios, each against the AdamW
-step of the same round. Peak memory is measured per method: on CUDA with the allocator's peak,
-on CPU as the peak resident-set growth of a fresh child process.
+step of the same round. Peak memory is the peak of live tensor bytes over a method's first
+steps on a fresh model: CUDA's allocator peak, or on CPU the same from the profiler's
+allocation events (exact, unlike the resident set, which the C allocator blurs).
 
 The bare passes a step is made of (the ascent forward+backward on the first rows, F-SAM's
 no-grad forward on the others, a full-batch forward+backward) are timed in the same rounds.
@@ -16,14 +17,15 @@ the implementation adds on top (perturbation, restore, bookkeeping).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
-import multiprocessing
 import os
 import platform
 import random
 import statistics
+import sys
 import time
 
 import torch
@@ -215,54 +217,69 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
     return times
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's own start/stop lines, which its C++ logger writes to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _peak_memory_child(args_dict, name, queue):
-    args = argparse.Namespace(**args_dict)
-    model = build_model(args)
-    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    stepper = make_stepper(name, model, args)
-    forward = lambda b: model(input_ids=b).logits  # noqa: E731
-    # The high-water mark must start here: ru_maxrss would include the parent's peak (it
-    # survives exec), so reset VmHWM to the current RSS through clear_refs.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_mb("VmRSS")
-    for _ in range(3):
-        stepper(batch, forward, _autocast_factory(args))
-    queue.put(_status_mb("VmHWM") - before)
+def _cpu_peak_tensor_mb(run) -> float:
+    """Peak of the tensor bytes that ``run()`` allocates and holds at once, over those live
+    before it: torch's CPU allocator reports every allocation and free to the profiler, so
+    this is exact and repeatable, and means what CUDA's ``max_memory_allocated`` means."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if _is_memory_event(e)),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _is_memory_event(event) -> bool:
+    try:
+        return event.name() == "[memory]"
+    except UnicodeDecodeError:  # some op names come back undecodable; they are not memory events
+        return False
 
 
 def peak_memory_mb(args, name: str) -> float:
-    """Peak memory a method's steps add on top of its model: CUDA allocator peak, or the
-    resident-set growth of a fresh process on CPU."""
-    if args.device.startswith("cuda"):
-        model = build_model(args)
-        batch = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
-        stepper = make_stepper(name, model, args)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    """Peak tensor memory of a method's first steps on a fresh model, on top of the model
+    itself: optimizer state, gradients, activations and any SAM buffer. CUDA: the allocator's
+    peak; CPU: the same quantity, from the profiler's allocation events."""
+    model = build_model(args)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    batch = batch.to(args.device)
+    stepper = make_stepper(name, model, args)
+    autocast = _autocast_factory(args)
+
+    def run():
         for _ in range(3):
-            stepper(batch, lambda b: model(input_ids=b).logits, _autocast_factory(args))
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        del model, stepper
-        torch.cuda.empty_cache()
-        return peak
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_peak_memory_child, args=(vars(args), name, queue))
-    child.start()
-    value = queue.get(timeout=600)
-    child.join()
-    return value
+            stepper(batch, lambda b: model(input_ids=b).logits, autocast)
+
+    if not args.device.startswith("cuda"):
+        return _cpu_peak_tensor_mb(run)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del model, stepper
+    torch.cuda.empty_cache()
+    return peak
 
 
 def machine_description(device: str) -> str:
@@ -299,6 +316,9 @@ def run(args) -> int:
     for name in methods:
         if not args.no_memory:
             results[name]["peak_mem_mb"] = round(peak_memory_mb(args, name), 1)
+    if not args.no_memory:
+        for row in results.values():
+            row["extra_mem_mb"] = round(row["peak_mem_mb"] - results["adamw"]["peak_mem_mb"], 1)
     config = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "batch", "seq", "steps",
                                             "warmup", "rho", "ascent_fraction", "device", "dtype")}
     config.update(parameters=params, param_mb=round(params * 4 / 2**20, 1), machine=machine_description(args.device),
@@ -316,13 +336,13 @@ def format_table(report: dict) -> str:
         f"samlm bench: GPT-2 {cfg['layers']}L/{cfg['width']}d/{cfg['heads']}h, vocab {cfg['vocab']}, "
         f"batch {cfg['batch']}x{cfg['seq']}, {cfg['parameters'] / 1e6:.2f}M params ({cfg['param_mb']} MB fp32), "
         f"{cfg['dtype']}, {cfg['machine']}, median of {cfg['steps']} steps",
-        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'IQR':>13} {'floor':>7} {'x floor':>8} {'peak mem (MB)':>14}",
+        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'IQR':>13} {'floor':>7} {'x floor':>8} {'peak MB':>9} {'+ vs AdamW':>10}",
     ]
     for name, row in report["methods"].items():
-        mem = f"{row['peak_mem_mb']:.1f}" if "peak_mem_mb" in row else "-"
+        mem = f"{row['peak_mem_mb']:>9.1f} {row['extra_mem_mb']:>+10.1f}" if "peak_mem_mb" in row else f"{'-':>9} {'-':>10}"
         q1, q3 = row.get("ratio_iqr", (row["ratio"], row["ratio"]))
         lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {f'{q1:.3f}-{q3:.3f}':>13} {row['floor']:>7.3f} "
-                     f"{row['over_floor']:>8.3f} {mem:>14}")
+                     f"{row['over_floor']:>8.3f} {mem}")
     passes = ", ".join(f"{kind} {seconds:.4f} s" for kind, seconds in report.get("passes_s", {}).items())
     if passes:
         lines.append(f"bare passes (median): {passes}; floor = (AdamW step + a method's extra passes) / AdamW step")

@@ -98,11 +98,32 @@ class _Passes:
     def backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def backward_outputs(self, outputs: Tensor, cotangent: Tensor) -> None:
-        """Jᵀ·cotangent into p.grad: the VJP of a fixed output cotangent."""
-        if self.scaler is not None:
-            cotangent = self.scaler.scale(cotangent)  # scale(), not get_scale(): it initialises the scaler
-        outputs.backward(cotangent.to(outputs.dtype))
+def _vjp_root(outputs: Tensor, cotangent: Tensor) -> Tensor:
+    """A scalar whose backward is the VJP Jᵀ·cotangent into p.grad (``passes.backward(root)``).
+
+    The cotangent is an output-sized buffer (B×T×V for an LM). Through this root, autograd
+    alone holds it and frees it once the output layer's backward has used it;
+    ``outputs.backward(cotangent)`` would keep it, and the outputs, alive through the whole
+    backward, where the step's memory peaks. Callers pass the cotangent as a temporary and
+    drop their own reference to ``outputs`` before the backward.
+    """
+    return _SendCotangent.apply(outputs, cotangent)
+
+
+class _SendCotangent(torch.autograd.Function):
+    """A scalar 0 whose backward sends ``cotangent`` (times the incoming gradient: 1, or
+    GradScaler's power-of-two scale, in at least fp32) into ``outputs``."""
+
+    @staticmethod
+    def forward(ctx, outputs: Tensor, cotangent: Tensor) -> Tensor:
+        ctx.save_for_backward(cotangent.detach())
+        ctx.outputs_dtype = outputs.dtype
+        return torch.zeros((), dtype=torch.float32, device=outputs.device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (cotangent,) = ctx.saved_tensors
+        return (_at_least_fp32(cotangent) * grad).to(ctx.outputs_dtype), None
 
 
 @contextlib.contextmanager
@@ -235,6 +256,7 @@ def plain_step(optimizer: torch.optim.Optimizer, batch, forward: Forward, loss: 
         with passes.no_sync(skip_sync=k < len(sizes) - 1):
             outputs, rows = passes.forward(Piece(k, 0, size))
             value = passes.loss(outputs, rows)
+            del outputs  # not held through the backward: the graph keeps what it needs
             passes.backward(value * (size / total))
         loss_sum = loss_sum.to(value.device) + _at_least_fp32(value) * (size / total)
     update_norm = _unscale_and_check(optimizer, scaler, max_grad_norm)
@@ -315,12 +337,11 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
                 p.grad = None
 
         # 1-2. ascent gradient at w (and, when needed, the clean output cotangents r(w))
-        need_cotangents = functional or split
+        cotangents = _Cotangents(plan, total) if functional or split else None
         with running_stats_move_in("ascent"):
-            ascent_loss, cotangents = _ascent(passes, plan, total, need_cotangents, split_buffers, params,
-                                              sync_at_end=sync_ascent_in_model)
+            ascent_loss = _ascent(passes, plan, cotangents, split_buffers, params, sync_at_end=sync_ascent_in_model)
         loss_clean += ascent_loss * (plan.ascent_rows / sum(pl.ascent_rows for pl in plans))
-        if need_cotangents:
+        if cotangents is not None:
             with running_stats_move_in("clean"):
                 _clean_cotangents(passes, plan, total, cotangents, split_buffers, params)
             if sharding == "fsdp2":
@@ -368,32 +389,62 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
     return stats
 
 
-def _ascent(passes: _Passes, plan: GroupPlan, total: int, need_cotangents: bool, split_buffers, params,
-            sync_at_end: bool = False):
+class _Cotangents:
+    """One group's clean output cotangents r(w), kept as its descent will use them: one buffer
+    per descent piece, each part written in place as ∂(part's mean loss)/∂outputs scaled to the
+    part's share of the step's loss. The descent reads a piece's buffer once, without a copy or
+    concatenation, and frees it."""
+
+    def __init__(self, plan: GroupPlan, total: int):
+        self.total = total
+        self.pieces = {piece.micro: piece for piece in plan.descent}  # ≤ 1 piece per micro-batch
+        self.buffers: dict[int, Tensor] = {}
+
+    def put(self, part: Piece, r: Tensor) -> None:
+        piece = self.pieces[part.micro]
+        scale = part.rows / piece.rows * (piece.rows / self.total)
+        r = _at_least_fp32(r)
+        if part.rows == piece.rows:
+            self.buffers[part.micro] = _scaled(r, scale)
+            return
+        if part.micro not in self.buffers:
+            self.buffers[part.micro] = r.new_empty((piece.rows, *r.shape[1:]))
+        torch.mul(r, scale, out=self.buffers[part.micro][part.start - piece.start:part.stop - piece.start])
+
+    def take(self, piece: Piece) -> Tensor:
+        return self.buffers.pop(piece.micro)
+
+
+def _ascent(passes: _Passes, plan: GroupPlan, cotangents: Optional[_Cotangents], split_buffers, params,
+            sync_at_end: bool = False) -> Tensor:
     """Ascent gradient of the mean loss over the group's ascent rows, into p.grad. Local to the
-    replica (no_sync), unless ``sync_at_end``: then the last piece's backward reduces it."""
+    replica (no_sync), unless ``sync_at_end``: then the last piece's backward reduces it.
+    ``cotangents``: also keep r(w) on these rows (functional descent, split)."""
     ascent_rows = plan.ascent_rows
     loss_sum = None
-    cotangents: dict[Piece, Tensor] = {}
     last = len(plan.ascent) - 1
     for j, piece in enumerate(plan.ascent):
         weight = piece.rows / ascent_rows
         with passes.no_sync(skip_sync=not (sync_at_end and j == last)):
             outputs, rows = passes.forward(piece)
-            if need_cotangents:
+            if cotangents is not None:
                 outputs = _outputs_tensor(outputs, "Functional-SAM")
                 value, r = _loss_and_cotangent(passes, outputs, rows)
-                cotangents[piece] = _at_least_fp32(r)  # ∂(piece mean loss)/∂outputs at w
+                cotangents.put(piece, r)  # ∂(piece mean loss)/∂outputs at w
                 if split_buffers is not None:
                     split_buffers.add_clean(torch.autograd.grad(
-                        outputs, params, r * (piece.rows / total), retain_graph=True, allow_unused=True))
-                passes.backward_outputs(outputs, _scaled(r, weight))
+                        outputs, params, r * (piece.rows / cotangents.total), retain_graph=True,
+                        allow_unused=True))
+                root = _vjp_root(outputs, _scaled(r, weight))
+                del outputs, r
+                passes.backward(root)
             else:
                 value = passes.loss(outputs, rows)
+                del outputs
                 passes.backward(value * weight)
         term = _at_least_fp32(value) * weight
         loss_sum = term if loss_sum is None else loss_sum + term
-    return loss_sum, cotangents
+    return loss_sum
 
 
 def _loss_and_cotangent(passes: _Passes, outputs: Tensor, rows) -> tuple[Tensor, Tensor]:
@@ -406,7 +457,7 @@ def _loss_and_cotangent(passes: _Passes, outputs: Tensor, rows) -> tuple[Tensor,
     return value, r
 
 
-def _clean_cotangents(passes: _Passes, plan: GroupPlan, total: int, cotangents: dict, split_buffers, params):
+def _clean_cotangents(passes: _Passes, plan: GroupPlan, total: int, cotangents: _Cotangents, split_buffers, params):
     """r(w) for the group's rows outside the ascent prefix: a forward at w, no parameter backward
     (unless split=True, which also needs the clean gradient g on these rows)."""
     ascent_by_micro = {p.micro: p for p in plan.ascent}
@@ -422,7 +473,7 @@ def _clean_cotangents(passes: _Passes, plan: GroupPlan, total: int, cotangents: 
         leaf = outputs if split_buffers is not None else outputs.detach().requires_grad_()
         with torch.enable_grad():
             (r,) = torch.autograd.grad(passes.loss(leaf, rows), leaf, retain_graph=split_buffers is not None)
-        cotangents[rest] = _at_least_fp32(r)
+        cotangents.put(rest, r)
         if split_buffers is not None:
             with passes.no_sync():
                 split_buffers.add_clean(torch.autograd.grad(
@@ -433,21 +484,7 @@ def _scaled(t: Tensor, factor: float) -> Tensor:
     return t if factor == 1 else t * factor
 
 
-def _cotangent_for(piece: Piece, cotangents: dict, weight: float) -> Tensor:
-    """``weight`` times the stored r(w) sub-pieces that make up this descent piece, in row order,
-    each rescaled from its own mean loss to the piece's: one output tensor, no concatenation."""
-    parts = sorted((p for p in cotangents if p.micro == piece.micro and piece.start <= p.start < piece.stop),
-                   key=lambda p: p.start)
-    if len(parts) == 1:
-        return _scaled(cotangents[parts[0]], parts[0].rows / piece.rows * weight)
-    first = cotangents[parts[0]]
-    out = first.new_empty((sum(p.rows for p in parts), *first.shape[1:]))
-    for p in parts:
-        torch.mul(cotangents[p], p.rows / piece.rows * weight, out=out[p.start - piece.start:p.stop - piece.start])
-    return out
-
-
-def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cotangents: dict,
+def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cotangents: Optional[_Cotangents],
              split_buffers, params, sync_at_end: bool) -> Tensor:
     """Descent gradient at w+ε, weighted by each piece's share of the step's rows, into p.grad."""
     loss_sum = None
@@ -458,20 +495,23 @@ def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cot
             outputs, rows = passes.forward(piece)
             if split_buffers is not None:
                 outputs = _outputs_tensor(outputs, "split=True")
-                r_clean = _cotangent_for(piece, cotangents, weight)
+                r_clean = cotangents.take(piece)
                 value, r_perturbed = _loss_and_cotangent(passes, outputs, rows)
                 r_perturbed = _scaled(r_perturbed, weight)
                 used, other = (r_clean, r_perturbed) if functional else (r_perturbed, r_clean)
                 split_buffers.add_other(torch.autograd.grad(
                     outputs, params, other.to(outputs.dtype), retain_graph=True, allow_unused=True))
-                passes.backward_outputs(outputs, used)
+                passes.backward(_vjp_root(outputs, used))
             elif functional:
                 outputs = _outputs_tensor(outputs, "Functional-SAM")
                 with torch.no_grad():  # L(w+ε) for the stats only: the descent uses r(w)
                     value = passes.loss(outputs.detach(), rows)
-                passes.backward_outputs(outputs, _cotangent_for(piece, cotangents, weight))
+                root = _vjp_root(outputs, cotangents.take(piece))
+                del outputs
+                passes.backward(root)
             else:
                 value = passes.loss(outputs, rows)
+                del outputs
                 passes.backward(value * weight)
         term = _at_least_fp32(value) * weight
         loss_sum = term if loss_sum is None else loss_sum + term
