@@ -43,3 +43,16 @@ for step in range(3):
     loss(forward(batch), batch).backward()
     opt.second_step(zero_grad=True)  # restore w exactly, then the SGD step
 print("davda54-style SAM: done")
+
+# A model with BatchNorm: one pass per step moves its running statistics (here the ascent, at w).
+net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+xy = (torch.randn(32, 8), torch.randint(0, 3, (32,)))
+opt = samlm.SAM(torch.optim.SGD(net.parameters(), lr=0.1), rho=0.05, running_stats="ascent")
+opt.train_step(xy, lambda b: net(b[0]), lambda out, b: torch.nn.functional.cross_entropy(out, b[1]), model=net)
+two_step = samlm.SAM(torch.optim.SGD(net.parameters(), lr=0.1), rho=0.05)
+torch.nn.functional.cross_entropy(net(xy[0]), xy[1]).backward()
+two_step.first_step(zero_grad=True)
+with samlm.frozen_running_stats(net):  # the pass at w + eps leaves the statistics alone
+    torch.nn.functional.cross_entropy(net(xy[0]), xy[1]).backward()
+two_step.second_step(zero_grad=True)
+print(f"BatchNorm: {int(net[1].num_batches_tracked)} running-statistics updates in 2 SAM steps")
