@@ -142,7 +142,7 @@ def make_stepper(name: str, model, args):
     return step
 
 
-class _Passes:
+class _BarePasses:
     """The bare passes of a step, without any optimizer: ``full`` (forward+backward on the
     batch), ``ascent`` (forward+backward on the first ⌈ascent_fraction·b⌉ rows) and
     ``clean_forward`` (a no-grad forward and the output cotangent on the remaining rows)."""
@@ -194,7 +194,7 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
     models = {name: copy.deepcopy(reference) for name in methods}
     steppers = {name: make_stepper(name, models[name], args) for name in methods}
     passes_model = copy.deepcopy(reference)
-    probes = _Passes(passes_model, args)
+    probes = _BarePasses(passes_model, args)
     for kind in sorted({kind for name in methods for kind in EXTRA_PASSES[name]}):
         steppers[f"pass:{kind}"] = getattr(probes, kind)
         models[f"pass:{kind}"] = passes_model

@@ -98,6 +98,7 @@ class _Passes:
     def backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
+
 def _vjp_root(outputs: Tensor, cotangent: Tensor) -> Tensor:
     """A scalar whose backward is the VJP Jᵀ·cotangent into p.grad (``passes.backward(root)``).
 
@@ -318,7 +319,8 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
     # an explicit all-reduce.
     sync_ascent_in_model = opt.sync_ascent and passes.reduces_gradients
     split_buffers = _SplitBuffers(params) if split else None
-    stats_layers = norm_layers(module) if (module := _stats_module(model, forward)) is not None else []
+    stats_module = _stats_module(model, forward)
+    stats_layers = norm_layers(stats_module) if stats_module is not None else []
 
     def running_stats_move_in(phase: str):
         if opt.running_stats in ("all", phase) or not stats_layers:
