@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import random
@@ -33,6 +32,7 @@ import torch
 from .errors import UserError
 from .io import atomic_write_json
 from .optim import SAM_METHODS, train_step
+from .optim.batching import plan_step
 
 METHODS = ("adamw", "peer_sam", "sam_full", "sam", "asam", "fsam", "psam", "pfsam")
 # The extra passes each method runs on top of AdamW's one forward+backward of the batch.
@@ -149,7 +149,7 @@ class _BarePasses:
 
     def __init__(self, model, args):
         self.model = model
-        self.ascent_rows = math.ceil(args.ascent_fraction * args.batch - 1e-9)  # as samlm.optim.batching
+        self.ascent_rows = plan_step([args.batch], args.ascent_fraction, 1)[0].ascent_rows  # as the driver
 
     def full(self, batch, forward, autocast):
         self._backward(batch, forward, autocast)
@@ -311,8 +311,8 @@ def run(args) -> int:
     times = time_methods(args, methods)
     params = sum(p.numel() for p in build_model(args).parameters())
     results = ratios(times, methods)
-    passes = {kind: round(statistics.median(t), 5) for name, t in times.items()
-              if name.startswith("pass:") for kind in [name[5:]]}
+    passes = {name.removeprefix("pass:"): round(statistics.median(t), 5)
+              for name, t in times.items() if name.startswith("pass:")}
     for name in methods:
         if not args.no_memory:
             results[name]["peak_mem_mb"] = round(peak_memory_mb(args, name), 1)
