@@ -20,7 +20,7 @@ from importlib import resources
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-from samlm.hf import SAMTrainer
+from samlm.integrations.hf import SAMTrainer
 
 
 def main(argv=None):

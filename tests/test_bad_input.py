@@ -111,21 +111,21 @@ CASES = {
     "finetune wrong type": (lambda m, t: ft(m, "--task", "glue/rte", "--steps", "ten"),
                             "argument --steps: invalid int value: 'ten'"),
     "finetune --rho -1": (lambda m, t: ft(m, "--task", "glue/rte", "--optimizer", "sam", "--rho", -1),
-                          "--rho must be > 0, got -1"),
+                          "--rho must be a finite number >= 0.0, got -1.0"),
     "finetune --ascent-fraction 0": (lambda m, t: ft(m, "--task", "glue/rte", "--optimizer", "sam",
-                                                     "--ascent-fraction", 0), "--ascent-fraction must be in (0, 1]"),
+                                                     "--ascent-fraction", 0), "--ascent-fraction must be a finite number in (0.0, 1.0]"),
     "finetune --subsample 1.5": (lambda m, t: ft(m, "--task", "glue/rte", "--subsample", 1.5),
                                  "--subsample must be in (0, 1], got 1.5"),
-    "finetune --steps 0": (lambda m, t: ft(m, "--task", "glue/rte", "--steps", 0), "--steps must be >= 1, got 0"),
+    "finetune --steps 0": (lambda m, t: ft(m, "--task", "glue/rte", "--steps", 0), "--steps must be a positive integer, got 0"),
     "finetune --m 3 vs batch 4": (lambda m, t: ft(m, "--task", "glue/rte", "--optimizer", "sam", "--batch", 4,
                                                   "--m", 3), "--m 3 does not divide --batch 4"),
-    "finetune --lr nan": (lambda m, t: ft(m, "--task", "glue/rte", "--lr", "nan"), "--lr must be > 0, got nan"),
+    "finetune --lr nan": (lambda m, t: ft(m, "--task", "glue/rte", "--lr", "nan"), "--lr must be a finite number > 0.0, got nan"),
     "finetune --lr 1e39": (lambda m, t: ft(m, "--task", "glue/rte", "--lr", 1e39), "beyond float32's range"),
     "finetune --weight-decay nan": (lambda m, t: ft(m, "--task", "glue/rte", "--weight-decay", "nan"),
-                                    "--weight-decay must be >= 0, got nan"),
+                                    "--weight-decay must be a finite number >= 0.0, got nan"),
     "finetune --seed -1": (lambda m, t: ft(m, "--task", "glue/rte", "--seed", -1), "--seed must be an integer in [0, 2**63)"),
     "finetune --max-nonfinite 0": (lambda m, t: ft(m, "--task", "glue/rte", "--max-nonfinite", 0),
-                                   "--max-nonfinite must be >= 1"),
+                                   "--max-nonfinite must be a positive integer"),
     "finetune --nonfinite maybe": (lambda m, t: ft(m, "--task", "glue/rte", "--nonfinite", "maybe"),
                                    "argument --nonfinite: invalid choice: 'maybe'"),
     "finetune --resume --overwrite": (lambda m, t: ft(m, "--task", "glue/rte", "--resume", "--overwrite"),
@@ -236,8 +236,9 @@ CASES = {
     # ---- bench
     "bench unknown flag": (lambda m, t: ["bench", "--bogus"], "unrecognized arguments: --bogus"),
     "bench wrong type": (lambda m, t: ["bench", "--steps", "1.5"], "argument --steps: invalid int value: '1.5'"),
-    "bench --steps 0": (lambda m, t: ["bench", "--steps", 0], "--steps must be >= 1"),
-    "bench --ascent-fraction 0": (lambda m, t: ["bench", "--ascent-fraction", 0], "--ascent-fraction must be in (0, 1]"),
+    "bench --steps 0": (lambda m, t: ["bench", "--steps", 0], "--steps must be a positive integer"),
+    "bench --ascent-fraction 0": (lambda m, t: ["bench", "--ascent-fraction", 0],
+                                  "--ascent-fraction must be a finite number in (0.0, 1.0]"),
     "bench --width/--heads": (lambda m, t: ["bench", "--width", 10, "--heads", 3], "divisible by --heads 3"),
     "bench unknown method": (lambda m, t: ["bench", "--methods", "sam,lion"], "unknown method(s) lion"),
     "bench --dtype": (lambda m, t: ["bench", "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
@@ -247,12 +248,12 @@ CASES = {
     "demo --steps 0": (lambda m, t: ["demo", "--steps", 0], "--steps must be a positive integer"),
     # ---- formerly late or tracebacks (bench, sharpness, pretrain's step split and float32 range)
     "bench --rho -1": (lambda m, t: ["bench", "--rho", -1, "--methods", "sam", "--steps", 1, "--layers", 1,
-                                     "--width", 8, "--heads", 1, "--batch", 2, "--seq", 4, "--no-memory"],
+                                     "--width", 8, "--heads", 1, "--batch", 2, "--context", 4, "--no-memory"],
                        "--rho"),
     "bench --device": (lambda m, t: ["bench", "--device", "tpu9"], "--device"),
-    "bench --warmup -1": (lambda m, t: ["bench", "--warmup", -1, "--methods", "adamw", "--steps", 1, "--layers", 1,
-                                        "--width", 8, "--heads", 1, "--batch", 2, "--seq", 4, "--no-memory"],
-                          "--warmup"),
+    "bench --untimed-steps -1": (lambda m, t: ["bench", "--untimed-steps", -1, "--methods", "adamw", "--steps", 1, "--layers", 1,
+                                        "--width", 8, "--heads", 1, "--batch", 2, "--context", 4, "--no-memory"],
+                          "--untimed-steps"),
     "sharpness --seed 2**70": (lambda m, t: ["sharpness", "--model", m["gpt2"], "--tokenizer", "bytes", "--context", 8,
                                              "--max-chars", 4000, "--iters", 1, "--seed", 2**70],
                                "--seed must be an integer in [0, 2**63)"),
@@ -339,9 +340,9 @@ def test_existing_run_needs_resume_or_overwrite(harness, finished_runs, capsys):
 @pytest.mark.parametrize("harness, change, expected", [
     ("pretrain", ["--lr", "0.01"], "cannot resume"),
     ("pretrain", ["--width", "64"], "width (32 in the run, 64 now)"),
-    ("finetune", ["--lr", "0.01"], "--resume with different settings: lr was 0.001, now 0.01"),
-    ("finetune", ["--batch", "4"], "--resume with different settings: batch was 2, now 4"),
-    ("finetune", ["--model", "t5-copy"], "--resume with different settings: model was"),
+    ("finetune", ["--lr", "0.01"], "different configuration: lr (0.001 in the run, 0.01 now)"),
+    ("finetune", ["--batch", "4"], "different configuration: batch (2 in the run, 4 now)"),
+    ("finetune", ["--model", "t5-copy"], "different configuration: model ("),
 ])
 def test_resume_with_another_configuration_is_refused(harness, change, expected, finished_runs, models, capsys):
     argv, out = finished_runs[harness]
@@ -357,12 +358,12 @@ def test_finetune_dry_run_checks_everything_and_writes_nothing(models, finished_
     out = tmp_path / "dry"
     assert run_cli([*ft(models, "--task", "glue/rte", "--data-dir", GLUE), "--out", out, "--dry-run"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["tasks"] == ["glue/rte"] and "dry run" in captured.err
+    assert json.loads(captured.out)["resolved"]["tasks"] == ["glue/rte"] and "dry run" in captured.err
     assert not out.exists()
     # The run-directory checks are part of it too.
     argv, existing = finished_runs["finetune"]
     code = run_cli([*argv, "--lr", "0.01", "--out", existing, "--resume", "--dry-run"])
-    assert_one_line_error(code, capsys.readouterr().err, "--resume with different settings")
+    assert_one_line_error(code, capsys.readouterr().err, "different configuration: lr")
 
 
 # --------------------------------------------------------------------------- the CLI's last line of defence
@@ -377,7 +378,7 @@ def test_finetune_dry_run_checks_everything_and_writes_nothing(models, finished_
 def test_machine_errors_are_one_line(error, expected, monkeypatch, capsys):
     import torch
 
-    from samlm.train import pretrain
+    from samlm.cli import pretrain
 
     if error == "oom":
         error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
@@ -393,7 +394,7 @@ def test_machine_errors_are_one_line(error, expected, monkeypatch, capsys):
 
 
 def test_a_bug_is_still_a_traceback(monkeypatch):
-    from samlm.train import pretrain
+    from samlm.cli import pretrain
 
     def buggy_run(args):
         raise RuntimeError("index out of range in self")

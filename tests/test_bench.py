@@ -7,7 +7,7 @@ import pytest
 from samlm.cli import main
 
 TINY = ["bench", "--layers", "1", "--width", "16", "--heads", "2", "--vocab", "32", "--batch", "8",
-        "--seq", "8", "--steps", "1", "--warmup", "1"]
+        "--context", "8", "--steps", "1", "--untimed-steps", "1"]
 
 
 def test_bench_reports_every_method_with_ratios_against_adamw(tmp_path, capsys):
@@ -34,8 +34,11 @@ def test_bench_measures_peak_memory_per_method(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--methods", "sam,nope"], "unknown method(s) nope"),
     (["--width", "15"], "--width 15 must be divisible by --heads 2"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--ascent-fraction", "2"], "--ascent-fraction must be in (0, 1]"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--ascent-fraction", "2"], "--ascent-fraction must be a finite number in (0.0, 1.0]"),
+    (["--untimed-steps", "-1"], "--untimed-steps must be an integer >= 0"),
+    (["--context", "0"], "--context must be a positive integer"),
+    (["--rho", "-1"], "--rho must be a finite number >= 0"),
 ])
 def test_bad_bench_flags_end_in_one_line(flags, message, capsys):
     assert main(TINY + flags) == 2
@@ -46,7 +49,7 @@ def test_bad_bench_flags_end_in_one_line(flags, message, capsys):
 def test_floors_add_each_methods_extra_passes_to_the_adamw_step_of_the_same_round():
     """sam's floor is AdamW + the ascent pass, fsam's adds the clean forward, sam_full's and the
     peer's a full pass; ratios are per-round pairs, so a slow round moves both sides."""
-    from samlm.bench import ratios
+    from samlm.studies.bench import ratios
 
     times = {"adamw": [1.0, 2.0, 1.0], "sam": [1.3, 2.6, 1.3], "fsam": [1.6, 3.2, 1.6], "sam_full": [2.1, 4.2, 2.1],
              "pass:ascent": [0.25, 0.5, 0.25], "pass:clean_forward": [0.25, 0.5, 0.25], "pass:full": [1.0, 2.0, 1.0]}
@@ -66,3 +69,21 @@ def test_bench_reports_the_bare_passes_and_floors(tmp_path):
     assert methods["adamw"]["floor"] == 1.0
     assert 1.0 < methods["sam"]["floor"] <= methods["fsam"]["floor"]
     assert all(row["over_floor"] > 0 for row in methods.values())
+
+
+def test_methods_rho_and_extra_passes_come_from_the_registry(tmp_path):
+    from samlm.optim.registry import SAM_FAMILY, method
+    from samlm.studies import bench
+
+    assert bench.bench_methods() == ("adamw", "peer_sam", "sam_full", *SAM_FAMILY)
+    for name in SAM_FAMILY:
+        assert bench.extra_passes(name) == method(name).extra_passes
+    assert bench.extra_passes("adamw") == () and bench.extra_passes("peer_sam") == ("full",)
+    out = tmp_path / "bench.json"
+    assert main(TINY + ["--no-memory", "--methods", "sam,asam,peer_sam", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rhos = {name: row.get("rho") for name, row in report["methods"].items()}
+    assert rhos == {"adamw": None, "sam": 0.05, "asam": 0.5, "peer_sam": 0.05}
+    assert report["config"]["rho"] is None and report["config"]["context"] == 8
+    assert main(TINY + ["--no-memory", "--methods", "asam", "--rho", "0.2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["methods"]["asam"]["rho"] == 0.2

@@ -1,4 +1,4 @@
-"""samlm.report on hand-made run files, samlm compare end to end, and the demo's configuration."""
+"""samlm.studies.report on hand-made run files, samlm compare end to end, and the demo's configuration."""
 
 import argparse
 import csv
@@ -8,11 +8,12 @@ import json
 
 import pytest
 
-from samlm import io, report
+from samlm import io
+from samlm.studies import report
 from samlm.cli import main
-from samlm.compare import CompareConfig, compare, parse_rho, run_name
+from samlm.studies.compare import CompareConfig, compare, parse_rho, run_name
 from samlm.errors import UserError
-from samlm.train.pretrain import PretrainConfig, pretrain
+from samlm.harness.pretrain import PretrainConfig, pretrain
 from tinymodels import Crash, crash_at
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -199,23 +200,30 @@ def test_compare_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
 
 
 def test_demo_plan():
-    from samlm.demo import DEMO_BASE, add_arguments, demo_config
+    from samlm.cli.demo import add_arguments
+    from samlm.studies.demo import DEMO_BASE, demo_config
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    config = demo_config(parser.parse_args([]))
+
+    def from_flags(argv):
+        args = parser.parse_args(argv)
+        return demo_config(out=args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
+                           resume=args.resume)
+
+    config = from_flags([])
     names = [name for name, _ in config.plan()]
     assert len(names) == 8 and names[:4] == ["adamw-seed0", "sam-rho0.1-seed0", "fsam-rho0.1-seed0",
                                              "pfsam-rho0.2-seed0"]
     assert config.jobs == 2 and config.overwrite and config.out == "runs/demo"
     assert {c.steps for _, c in config.plan()} == {DEMO_BASE.steps}
-    quick = demo_config(parser.parse_args(["--steps", "3", "--seeds", "0", "--resume"]))
+    quick = from_flags(["--steps", "3", "--seeds", "0", "--resume"])
     assert len(quick.plan()) == 4 and not quick.overwrite and quick.base.sharpness_every == 0
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     """The demo command's whole path (parallel workers included), on a tiny model."""
-    import samlm.demo as demo
+    import samlm.studies.demo as demo
 
     monkeypatch.setattr(demo, "DEMO_BASE", dataclasses.replace(TINY, sharpness_every=2, threads=1))
     monkeypatch.setattr(demo, "DEMO_OPTIMIZERS", ("adamw", "fsam"))

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from samlm import cli, io
-from samlm.finetune import demo_data_dir
+from samlm.data import demo_data_dir
 from tinymodels import read_json, run_samlm, save_t5, without_timing
 
 KILL_SEED = int(os.environ.get("SAMLM_KILL_SEED", "6"))
@@ -271,7 +271,7 @@ def test_step_size_overflowing_float32_is_one_line(tmp_path, capsys):
 def test_finetune_max_nonfinite_sets_the_patience(t5_dir, tmp_path, capsys, monkeypatch):
     import dataclasses
 
-    from samlm.train import loop
+    from samlm.harness import loop
 
     real_step = loop.train_step
     calls = {"n": 0}
@@ -291,7 +291,7 @@ def test_finetune_max_nonfinite_sets_the_patience(t5_dir, tmp_path, capsys, monk
 
 
 def test_nan_weights_are_never_saved_through_the_harness(t5_dir, tmp_path, capsys, monkeypatch):
-    from samlm.train import loop
+    from samlm.harness import loop
 
     real_step = loop.train_step
     calls = {"n": 0}

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import samlm
-from samlm import distributed
+from samlm.integrations import distributed
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # the references are float64
 

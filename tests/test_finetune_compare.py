@@ -1,4 +1,4 @@
-"""samlm.finetune.compare: paper-style tables of baseline vs SAM x data fraction x seed."""
+"""samlm.studies.finetune_compare: paper-style tables of baseline vs SAM x data fraction x seed."""
 
 import csv
 import io as stdio
@@ -10,7 +10,7 @@ import torch
 
 from samlm.cli import OneLineParser
 from samlm.errors import UserError
-from samlm.finetune import compare
+from samlm.studies import finetune_compare as compare
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 
@@ -137,9 +137,11 @@ def t5_dir(tmp_path_factory):
 
 
 def compare_cli(*argv):
+    from samlm.cli import finetune_compare as command
+
     parser = OneLineParser(prog="samlm finetune-compare")
-    compare.add_arguments(parser)
-    return compare.run(parser.parse_args([str(a) for a in argv]))
+    command.add_arguments(parser)
+    return command.run(parser.parse_args([str(a) for a in argv]))
 
 
 def test_grid_runs_then_reports_and_skips_done_runs(t5_dir, tmp_path, capsys):
@@ -165,7 +167,7 @@ def test_grid_runs_then_reports_and_skips_done_runs(t5_dir, tmp_path, capsys):
 
 
 def test_grid_flag_errors(t5_dir, tmp_path):
-    with pytest.raises(UserError, match="unknown optimizer 'samm'"):
+    with pytest.raises(UserError, match="unknown optimizer.s. samm"):
         compare_cli("--out", tmp_path / "x", "--model", t5_dir, "--task", "glue/rte", "--optimizers", "samm")
     with pytest.raises(UserError, match="nothing to compare"):
         compare_cli("--out", tmp_path / "x")

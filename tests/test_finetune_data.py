@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from samlm.errors import UserError
-from samlm.finetune import (
+from samlm.data import (
     MIXTURES,
     Example,
     MixtureSampler,
@@ -31,8 +31,8 @@ from samlm.finetune import (
     subsample,
     task_names,
 )
-from samlm.finetune.formats import parse_webquestions_target
-from samlm.finetune.tasks import mark_wsc_spans, pad_punctuation
+from samlm.data.formats import parse_webquestions_target
+from samlm.data.tasks import mark_wsc_spans, pad_punctuation
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 GLUE = FIXTURES / "glue"

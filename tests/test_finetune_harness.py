@@ -15,7 +15,10 @@ import torch
 from safetensors import safe_open
 
 from samlm import cli, io
-from samlm.finetune import demo_data_dir, harness, load_task, modeling
+from samlm.data import TASKS, demo_data_dir, load_task
+from samlm.harness.finetune import build as finetune_build
+from samlm.harness import finetune as harness
+from samlm.models import finetune as modeling
 from tinymodels import save_bert, save_t5
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
@@ -86,7 +89,7 @@ def test_t5_rte_end_to_end_with_paper_defaults(t5_dir, tmp_path):
     # Bahri et al. defaults for a T5 no wider than Small: Adafactor base, lr 1e-3, rho 0.05, 1/4 ascent.
     assert (config["optimizer"], config["base"], config["lr"], config["rho"], config["ascent_fraction"]) == (
         "sam", "adafactor", 1e-3, 0.05, 0.25)
-    assert config["family"] == "seq2seq" and config["t5_size"] == "small"
+    assert summary["resolved"]["family"] == "seq2seq" and summary["resolved"]["t5_size"] == "small"
     acc = summary["metrics"]["glue/rte/accuracy"]
     assert acc["mode"] == "max" and acc["final_step"] == 4 and acc["best_step"] in (2, 4)
     values = [r["glue/rte/accuracy"] for r in records]
@@ -95,7 +98,7 @@ def test_t5_rte_end_to_end_with_paper_defaults(t5_dir, tmp_path):
     assert summary["score"]["best"] == acc["best"]
     assert summary["data"]["glue/rte"]["train_examples"] == 3
     assert (out / "checkpoints" / "checkpoint-4" / "manifest.json").is_file()
-    assert json.loads((out / "finetune.json").read_text())["optimizer"] == "sam"
+    assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == "sam"
 
 
 @pytest.mark.parametrize("d_model,model_type,rho,size", [
@@ -118,19 +121,19 @@ def test_defaults_resolved_without_flags(t5_dir, bert_dir, tmp_path):
     parser = cli.build_parser()
     args = parser.parse_args(["finetune", "--model", str(t5_dir), "--task", "glue/rte", "--data-dir", str(GLUE),
                               "--out", str(tmp_path / "x")])
-    s = harness.prepare(args).settings
-    assert (s["optimizer"], s["base"], s["lr"], s["batch"], s["rho"]) == ("adafactor", None, 1e-3, 128, None)
+    s = harness.prepare(harness.config_from_args(args)).config
+    assert (s.optimizer, s.base, s.lr, s.batch, s.rho) == ("adafactor", None, 1e-3, 128, None)
     args = parser.parse_args(["finetune", "--model", str(bert_dir), "--task", "glue/sst2", "--data-dir", str(GLUE),
                               "--optimizer", "asam", "--out", str(tmp_path / "y")])
-    s = harness.prepare(args).settings
-    assert (s["optimizer"], s["base"], s["lr"], s["batch"], s["rho"]) == ("asam", "adamw", 2e-5, 32, 0.5)
+    s = harness.prepare(harness.config_from_args(args)).config
+    assert (s.optimizer, s.base, s.lr, s.batch, s.rho) == ("asam", "adamw", 2e-5, 32, 0.5)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()   # prepare writes nothing
 
 
 def test_seq2seq_batch_forward_and_loss_contract(t5_dir):
     info = modeling.inspect_model(t5_dir)
     examples = load_task("glue/rte", GLUE, "train")
-    fm = modeling.load_finetune_model(info, harness.TASKS["glue/rte"], max_input_length=64)
+    fm = modeling.load_finetune_model(info, TASKS["glue/rte"], max_input_length=64)
     batch = fm.collate(examples)
     labels = batch["labels"]
     assert batch["input_ids"].shape[0] == labels.shape[0] == 3
@@ -142,7 +145,7 @@ def test_seq2seq_batch_forward_and_loss_contract(t5_dir):
     manual = torch.nn.functional.cross_entropy(logits[mask], labels[mask])   # token mean over real targets
     assert torch.allclose(fm.loss(logits, batch), manual)
     fm.model.eval()
-    predictions, loss = fm.predict(harness.TASKS["glue/rte"], examples, batch_size=2)
+    predictions, loss = fm.predict(TASKS["glue/rte"], examples, batch_size=2)
     assert len(predictions) == 3 and all(p in (-1, 0, 1) for p in predictions) and loss > 0
 
 
@@ -187,7 +190,7 @@ def test_bert_sst2_classifier(bert_dir, tmp_path):
     assert finetune("--model", bert_dir, "--task", "glue/sst2", "--data-dir", GLUE, "--optimizer", "fsam",
                     "--steps", 3, "--batch", 2, "--eval-every", 0, "--out", out) == 0
     summary = read_summary(out)
-    assert summary["config"]["family"] == "classifier"
+    assert summary["resolved"]["family"] == "classifier"
     assert (summary["config"]["base"], summary["config"]["lr"]) == ("adamw", 2e-5)
     assert set(summary["metrics"]) == {"glue/sst2/accuracy", "glue/sst2/loss"}
     head = weights(out / "checkpoints" / "checkpoint-3")["classifier.weight"]
@@ -231,7 +234,7 @@ def test_crash_leaves_complete_checkpoints_only_and_resumes(t5_dir, tmp_path, mo
     from samlm.errors import UserError
 
     calls = {"n": 0}
-    real = harness.compute_metrics
+    real = finetune_build.compute_metrics
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -239,7 +242,7 @@ def test_crash_leaves_complete_checkpoints_only_and_resumes(t5_dir, tmp_path, mo
             raise UserError("simulated failure during evaluation")
         return real(*a, **k)
 
-    monkeypatch.setattr(harness, "compute_metrics", failing)
+    monkeypatch.setattr(finetune_build, "compute_metrics", failing)
     out = tmp_path / "run"
     argv = ["--model", t5_dir, "--task", "glue/rte", "--data-dir", GLUE, "--steps", 4, "--batch", 2,
             "--eval-every", 2, "--out", out]
@@ -248,7 +251,7 @@ def test_crash_leaves_complete_checkpoints_only_and_resumes(t5_dir, tmp_path, mo
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
     io.verify_checkpoint(out / "checkpoints" / "checkpoint-2")
     assert not list(out.rglob(".tmp*")) and not list(out.rglob("*.tmp"))
-    monkeypatch.setattr(harness, "compute_metrics", real)
+    monkeypatch.setattr(finetune_build, "compute_metrics", real)
     assert finetune(*argv, "--resume") == 0
     assert read_summary(out)["completed"]
     # Changing a setting on resume is refused.
@@ -320,8 +323,8 @@ def test_user_errors_are_one_line(case, t5_dir, bert_dir, gpt2_dir, tmp_path, ca
 
 
 def test_score_is_the_glue_average_over_best_values():
-    from samlm.finetune import benchmark_average, get_task
-    from samlm.finetune.metrics import AVERAGED_TASKS
+    from samlm.data import benchmark_average, get_task
+    from samlm.data.metrics import AVERAGED_TASKS
 
     values, eval_keys, scores = {}, {}, {}
     for i, name in enumerate(AVERAGED_TASKS["glue"]):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from samlm.errors import UserError
-from samlm.finetune import (
+from samlm.data import (
     INVALID,
     Example,
     benchmark_average,

@@ -173,12 +173,12 @@ FINETUNE_BASE = ["--model", "t5", "--task", "glue/rte", "--data-dir", str(GLUE),
 @FUZZ
 @given(argv=fuzzed_argv("finetune", FINETUNE_BASE, ["--dry-run"]))
 def test_fuzz_finetune(in_world, monkeypatch, argv):
-    from samlm.finetune import harness
+    from samlm.cli import finetune as command
 
     def no_training(plan):   # a guard: --dry-run must stop before this
         raise AssertionError("finetune --dry-run started training")
 
-    monkeypatch.setattr(harness, "execute", no_training)
+    monkeypatch.setattr(command, "execute", no_training)
     check_cli(argv)
 
 
@@ -187,26 +187,27 @@ PRETRAIN_BASE = ["--layers", "2", "--width", "32", "--heads", "2", "--context", 
 
 
 def _validate_pretrain(args):
-    from samlm.train import pretrain
+    from samlm.harness import pretrain
+    from samlm.harness.rundir import RunDir
 
     config = pretrain.config_from_args(args)
     pretrain.validate(config)
-    pretrain._check_out_dir(config)
+    RunDir(config.out).check_start(resume=config.resume, overwrite=config.overwrite)
     return 0
 
 
 @FUZZ
 @given(argv=fuzzed_argv("pretrain", PRETRAIN_BASE))
 def test_fuzz_pretrain(in_world, monkeypatch, argv):
-    from samlm.train import pretrain
+    from samlm.cli import pretrain as command
 
-    monkeypatch.setattr(pretrain, "run", _validate_pretrain)
+    monkeypatch.setattr(command, "run", _validate_pretrain)
     check_cli(argv)
 
 
 def _validate_compare(args):
-    from samlm import compare
-    from samlm.train.pretrain import validate
+    from samlm.cli import compare
+    from samlm.harness.pretrain import validate
 
     config = compare.config_from_cli(args)
     for _, run_config in config.plan():
@@ -219,9 +220,9 @@ def _validate_compare(args):
 @FUZZ
 @given(argv=fuzzed_argv("compare", PRETRAIN_BASE))
 def test_fuzz_compare(in_world, monkeypatch, argv):
-    from samlm import compare
+    from samlm.cli import compare as command
 
-    monkeypatch.setattr(compare, "run", _validate_compare)
+    monkeypatch.setattr(command, "run", _validate_compare)
     check_cli(argv)
 
 
@@ -230,7 +231,7 @@ def test_fuzz_compare(in_world, monkeypatch, argv):
                       fuzzed_argv("sharpness", ["--model", "gpt2", "--tokenizer", "bytes", "--context", "8",
                                                 "--max-chars", "4000"])))
 def test_fuzz_sharpness(in_world, monkeypatch, argv):
-    from samlm import sharpness_cli
+    from samlm.cli import sharpness as sharpness_cli
 
     def cheap_probe(batches, **kwargs):   # the eigensolver is the only thing stubbed
         return lambda model: {"hessian_lambda_max": 1.0, "iters": 1, "converged": True, "seconds": 0.0,
@@ -241,12 +242,12 @@ def test_fuzz_sharpness(in_world, monkeypatch, argv):
 
 
 @FUZZ
-@given(argv=fuzzed_argv("bench", ["--layers", "1", "--width", "8", "--heads", "1", "--batch", "2", "--seq", "4",
+@given(argv=fuzzed_argv("bench", ["--layers", "1", "--width", "8", "--heads", "1", "--batch", "2", "--context", "4",
                                   "--steps", "1", "--no-memory"]))
 def test_fuzz_bench(in_world, monkeypatch, argv):
     import torch
 
-    from samlm import bench
+    from samlm.studies import bench
 
     passes = [f"pass:{kind}" for kind in ("ascent", "clean_forward", "full")]
     monkeypatch.setattr(bench, "time_methods", lambda args, methods: {m: [0.01] for m in [*methods, *passes]})

@@ -1,4 +1,4 @@
-"""samlm.hf.SAMTrainer: Hugging Face Trainer with SAM-family steps, on tiny GPT-2s built from configs."""
+"""samlm.integrations.hf.SAMTrainer: Hugging Face Trainer with SAM-family steps, on tiny GPT-2s built from configs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 from transformers.utils import logging as hf_logging
 
 import samlm
-from samlm.hf import SAMTrainer, TrainerOptimizer, _refuse_deepspeed, token_loss_kind
+from samlm.integrations.hf import SAMTrainer, TrainerOptimizer, _refuse_deepspeed, token_loss_kind
 
 hf_logging.set_verbosity_error()
 VOCAB = 32

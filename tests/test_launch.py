@@ -26,9 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from samlm import cli, distributed, io
-from samlm.finetune import demo_data_dir
-from samlm.train import loop as train_loop
+from samlm import cli, io
+from samlm.integrations import distributed
+from samlm.data import demo_data_dir
+from samlm.harness import loop as train_loop
 from tinymodels import SUBPROCESS_ENV, save_bert, save_t5
 
 PRETRAIN = ["pretrain", "--layers", "1", "--width", "32", "--heads", "2", "--context", "32", "--batch", "8",

@@ -1,4 +1,4 @@
-"""samlm.train.loop: exact resume, signals, non-finite policy, metrics and checkpoints."""
+"""samlm.harness.loop: exact resume, signals, non-finite policy, metrics and checkpoints."""
 
 import math
 import os
@@ -13,7 +13,7 @@ from samlm.data import LMDataset, lm_loss
 from samlm.errors import NonFiniteLossError, UserError
 from samlm.models import build_decoder
 from samlm.optim import build_optimizer
-from samlm.train import LoopConfig, lm_evaluator, train
+from samlm.harness.loop import LoopConfig, lm_evaluator, train
 from tinymodels import Crash, crash_at
 
 CONTEXT = 16
@@ -51,7 +51,7 @@ def make_run(dataset, optimizer="adamw", total_steps=8, dropout=0.1):
 def run(dataset, out_dir, steps=8, optimizer="adamw", on_step=None, loss=lm_loss, **config):
     parts = make_run(dataset, optimizer)
     defaults = dict(eval_every=2, save_every=4, progress=False, seed=1234)
-    result = train(**parts, loss=loss, on_step=on_step, config=LoopConfig(out_dir=out_dir, steps=steps, **(defaults | config)))
+    result = train(**parts, loss=loss, on_step=on_step, config=LoopConfig(out=out_dir, steps=steps, **(defaults | config)))
     return result, parts
 
 
@@ -114,7 +114,7 @@ def test_run_directory_layout_and_summary(dataset, tmp_path):
         return {"lambda_max": 1.5}
 
     parts = make_run(dataset)
-    config = LoopConfig(out_dir=tmp_path, steps=4, eval_every=2, sharpness_every=3, eval_at_start=True, progress=False)
+    config = LoopConfig(out=tmp_path, steps=4, eval_every=2, sharpness_every=3, eval_at_start=True, progress=False)
     result = train(**parts, sharpness=sharpness, config=config)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl"]
@@ -182,7 +182,7 @@ def test_nonfinite_skip_counts_and_continues(dataset, tmp_path):
 def test_nonfinite_stop_after_consecutive_steps(dataset, tmp_path):
     always_nan = nan_loss_on(set(range(100)))
     with pytest.raises(NonFiniteLossError, match="step 3: 3 consecutive steps with a non-finite loss"):
-        run(dataset, tmp_path, steps=6, loss=always_nan, nonfinite="stop", max_consecutive_nonfinite=3)
+        run(dataset, tmp_path, steps=6, loss=always_nan, nonfinite="stop", max_nonfinite=3)
 
 
 def test_diverged_weights_are_never_saved(dataset, tmp_path):
@@ -192,7 +192,7 @@ def test_diverged_weights_are_never_saved(dataset, tmp_path):
                 next(parts["model"].parameters())[0] = float("nan")
 
     parts = make_run(dataset)
-    config = LoopConfig(out_dir=tmp_path, steps=6, eval_every=0, save_every=2, progress=False, seed=0)
+    config = LoopConfig(out=tmp_path, steps=6, eval_every=0, save_every=2, progress=False, seed=0)
     with pytest.raises(NonFiniteLossError, match="refusing to save checkpoint at step 4"):
         train(**parts, on_step=poison, config=config)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]

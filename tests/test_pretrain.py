@@ -12,13 +12,8 @@ from safetensors.torch import load_file
 
 from samlm import io
 from samlm.cli import main
-from samlm.train.pretrain import (
-    TIMING_KEYS,
-    PretrainConfig,
-    lr_schedule,
-    pretrain,
-    resolve_steps,
-)
+from samlm.harness.pretrain import TIMING_KEYS, PretrainConfig, pretrain
+from samlm.harness.pretrain.build import lr_schedule, resolve_steps
 
 TINY = dict(layers=2, width=32, heads=2, context=16, batch=4, max_chars=20_000, val_batches=2,
             sharpness_iters=3, sharpness_batch_size=4, progress=False)
@@ -107,7 +102,7 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
 
 
 def test_tokens_per_param_budget():
-    config = PretrainConfig(tokens_per_param=20, batch=8, grad_accum=2, context=32)
+    config = PretrainConfig(tokens_per_param=20, batch=16, grad_accum=2, context=32)  # 16 sequences per step
     assert resolve_steps(config, params=1000, non_embedding_params=600) == (40, 2)  # ceil(20*1000/512)
     config.param_count = "non-embedding"
     assert resolve_steps(config, params=1000, non_embedding_params=600)[0] == 24
@@ -194,7 +189,7 @@ BAD_FLAGS = [
     (["--steps", "5", "--tokens-per-param", "20"], "either --steps or --tokens-per-param"),
     (["--batch", "0"], "--batch must be a positive integer"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),
-    (["--betas", "0.9"], "--betas must be two numbers"),
+    (["--betas", "0.9"], "argument --betas: must be two numbers"),
     (["--ascent-fraction", "1.5"], "--ascent-fraction must be a finite number in (0.0, 1.0]"),
     (["--steps", "4", "--warmup", "4"], "--warmup 4 must be smaller than the number of steps (4)"),
     (["--resume", "--overwrite"], "contradict"),

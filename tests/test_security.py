@@ -126,6 +126,7 @@ def test_a_malicious_pickle_in_a_model_directory_never_runs(tmp_path, capsys):
     model_dir.mkdir()
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=32).save_pretrained(model_dir)
     torch.save({"transformer.wte.weight": _Payload(marker)}, model_dir / "pytorch_model.bin")
+    capsys.readouterr()  # transformers' own warnings while the test wrote the config
     code = cli.main(["pretrain", "--model", str(model_dir), "--tokenizer", "bytes", "--steps", "1",
                      "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""samlm.sharpness against closed forms: explicit Hessians, Gauss-Newton matrices and spectra (float64)."""
+"""samlm.diagnostics.sharpness against closed forms: explicit Hessians, Gauss-Newton matrices and spectra (float64)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import hessian, jacobian
 
-from samlm.sharpness import (
+from samlm.diagnostics.sharpness import (
     functional_hessian_top_eigenvalue,
     functional_hessian_vector_product,
     gauss_newton_vector_product,

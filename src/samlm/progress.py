@@ -23,8 +23,18 @@ def progress_bar(total: int, *, initial: int = 0, enabled: bool = True, desc: st
 def say(message: str) -> None:
     """One status line on stderr, printed above an active progress bar (by the main process
     only, when several train together)."""
-    from samlm.distributed import is_main_process
-
-    if not is_main_process():
+    if not _is_main_process():
         return
     tqdm.write(f"samlm: {message}", file=sys.stderr)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a process group, or the only process (torch.distributed directly: this plumbing
+    sits below the integrations layer)."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0

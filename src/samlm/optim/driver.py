@@ -12,11 +12,16 @@ For a SAM-family optimizer, one step over the (micro-)batch is, for each m-sharp
                  batches and groups; only the step's very last backward syncs gradients
     5. restore   w ← saved copy (bitwise)
 
+then one base-optimizer step on the accumulated descent gradient (unscaled, clipped, and
+skipped if non-finite). Micro-batch losses are weighted by their share of rows. The optimizer's
+descent rule (descents.py) runs each descent piece's backward.
+
 Norm layers' running statistics move in one of these passes only, by the optimizer's
 ``running_stats`` policy (running_stats.py); the other passes leave them bitwise unchanged.
+``split=True`` measures the logit/functional split (split.py) after the passes, at w with each
+group's ε, leaving the step itself unchanged.
 
-then one base-optimizer step on the accumulated descent gradient (unscaled, clipped, and
-skipped if non-finite). Micro-batch losses are weighted by their share of rows.
+This module sees the optimizer through its public API only and imports no optimizer class.
 """
 
 from __future__ import annotations
@@ -29,16 +34,19 @@ import torch
 from torch import Tensor
 
 from .batching import GroupPlan, Piece, as_micro_batches, batch_rows, plan_step, slice_rows
-from .perturbations import squared_norm
+from .descents import at_least_fp32, loss_and_cotangent, outputs_tensor, vjp_root
+from .perturbations import local_tensor, squared_norm
 from .running_stats import frozen_running_stats, norm_layers
-from .sam import SharpnessAware, local_tensor
+from .split import path_gradients
 
 Forward = Callable[..., Tensor]
 Loss = Callable[[Tensor, object], Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StepStats:
+    """What one optimizer step measured (floats; built by keyword)."""
+
     loss: float                     # mean loss at w (ascent rows; all rows for plain optimizers)
     loss_perturbed: float           # mean loss at w+ε over all rows
     grad_norm: float                # ‖g‖ of the ascent gradient (scaled by the rule's T or 1/P)
@@ -83,10 +91,16 @@ class _Passes:
                 return _fsdp2_no_sync(self.model)
         return contextlib.nullcontext()
 
-    def forward(self, piece: Piece):
-        batch = slice_rows(self.micro_batches[piece.micro], piece.start, piece.stop)
+    def rows(self, piece: Piece):
+        return slice_rows(self.micro_batches[piece.micro], piece.start, piece.stop)
+
+    def outputs(self, batch):
         with self.autocast():
-            return self.forward_fn(batch), batch
+            return self.forward_fn(batch)
+
+    def forward(self, piece: Piece):
+        batch = self.rows(piece)
+        return self.outputs(batch), batch
 
     def loss(self, outputs: Tensor, batch) -> Tensor:
         with self.autocast():
@@ -97,34 +111,6 @@ class _Passes:
 
     def backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-
-def _vjp_root(outputs: Tensor, cotangent: Tensor) -> Tensor:
-    """A scalar whose backward is the VJP Jᵀ·cotangent into p.grad (``passes.backward(root)``).
-
-    The cotangent is an output-sized buffer (B×T×V for an LM). Through this root, autograd
-    alone holds it and frees it once the output layer's backward has used it;
-    ``outputs.backward(cotangent)`` would keep it, and the outputs, alive through the whole
-    backward, where the step's memory peaks. Callers pass the cotangent as a temporary and
-    drop their own reference to ``outputs`` before the backward.
-    """
-    return _SendCotangent.apply(outputs, cotangent)
-
-
-class _SendCotangent(torch.autograd.Function):
-    """A scalar 0 whose backward sends ``cotangent`` (times the incoming gradient: 1, or
-    GradScaler's power-of-two scale, in at least fp32) into ``outputs``."""
-
-    @staticmethod
-    def forward(ctx, outputs: Tensor, cotangent: Tensor) -> Tensor:
-        ctx.save_for_backward(cotangent.detach())
-        ctx.outputs_dtype = outputs.dtype
-        return torch.zeros((), dtype=torch.float32, device=outputs.device)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (cotangent,) = ctx.saved_tensors
-        return (_at_least_fp32(cotangent) * grad).to(ctx.outputs_dtype), None
 
 
 @contextlib.contextmanager
@@ -150,22 +136,22 @@ def _sharding(model) -> Optional[str]:
     return "fsdp2" if isinstance(model, FSDPModule) else None
 
 
-def _check_sharded(opt: SharpnessAware, sharding: Optional[str], plans, split: bool) -> None:
+def _check_sharded(opt, sharding: Optional[str], plans, split: bool) -> None:
     if sharding is None:
         return
     if not opt.sync_ascent:
         raise ValueError(
             "FSDP shards the gradient, so a replica cannot form its own ε: use sync_ascent=True and "
-            "grad_norm_fn=samlm.distributed.sharded_grad_norm_fn() (samlm.distributed.sam_kwargs_for('fsdp'))"
+            "grad_norm_fn=samlm.integrations.distributed.sharded_grad_norm_fn() (samlm.integrations.distributed.sam_kwargs_for('fsdp'))"
         )
     if split:
         raise ValueError("split=True is not supported with FSDP (it differentiates through the model twice)")
     clean_rows = any(plan.ascent_rows < sum(p.rows for p in plan.descent) for plan in plans)
-    if sharding == "fsdp1" and opt.descent == "functional" and clean_rows:
+    if sharding == "fsdp1" and opt.descent_rule.needs_clean_cotangent and clean_rows:
         raise ValueError(
             "Functional-SAM with ascent_fraction < 1 needs a forward without backward at w, which "
             "FullyShardedDataParallel (FSDP1) leaves with stale gathered weights: use FSDP2 "
-            "(torch.distributed.fsdp.fully_shard, samlm.distributed.prepare(strategy='fsdp')) or ascent_fraction=1.0"
+            "(torch.distributed.fsdp.fully_shard, samlm.integrations.distributed.prepare(strategy='fsdp')) or ascent_fraction=1.0"
         )
 
 
@@ -188,18 +174,6 @@ def _stats_module(model, forward) -> Optional[torch.nn.Module]:
         if isinstance(candidate, torch.nn.Module):
             return candidate
     return None
-
-
-def _outputs_tensor(outputs, what: str) -> Tensor:
-    if not isinstance(outputs, Tensor):
-        raise ValueError(
-            f"{what} needs forward(batch) to return the output tensor (logits), got {type(outputs).__name__}"
-        )
-    return outputs
-
-
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _descent_params(optimizer) -> list[Tensor]:
@@ -259,14 +233,15 @@ def plain_step(optimizer: torch.optim.Optimizer, batch, forward: Forward, loss: 
             value = passes.loss(outputs, rows)
             del outputs  # not held through the backward: the graph keeps what it needs
             passes.backward(value * (size / total))
-        loss_sum = loss_sum.to(value.device) + _at_least_fp32(value) * (size / total)
+        loss_sum = loss_sum.to(value.device) + at_least_fp32(value) * (size / total)
     update_norm = _unscale_and_check(optimizer, scaler, max_grad_norm)
     skipped = _finish_step(optimizer, scaler, update_norm)
     loss_value, norm_value = torch.stack([loss_sum, update_norm.to(loss_sum)]).tolist()
-    return StepStats(loss_value, loss_value, norm_value, 0.0, norm_value, skipped, False)
+    return StepStats(loss=loss_value, loss_perturbed=loss_value, grad_norm=norm_value, eps_norm=0.0,
+                     update_grad_norm=norm_value, skipped=skipped, ascent_nonfinite=False)
 
 
-def _finish_step(optimizer, scaler, update_norm: Tensor, on_step: Callable[[], None] = lambda: None) -> bool:
+def _finish_step(optimizer, scaler, update_norm: Tensor) -> bool:
     """Take ``optimizer``'s step unless the descent gradient is non-finite. Returns skipped."""
     if scaler is not None:
         scale_before = scaler.get_scale()
@@ -279,37 +254,36 @@ def _finish_step(optimizer, scaler, update_norm: Tensor, on_step: Callable[[], N
             optimizer.step()
     if skipped:
         optimizer.zero_grad(set_to_none=True)
-    else:
-        on_step()
     return skipped
 
 
-def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Loss, *,
+def sharpness_aware_step(opt, batch, forward: Forward, loss: Loss, *,
                          model=None, scaler=None, autocast_dtype=None, max_grad_norm=None,
                          split: bool = False) -> StepStats:
-    """One SAM-family optimizer step over ``batch`` (a list = accumulated micro-batches).
+    """One step of ``opt`` (a SharpnessAware) over ``batch`` (a list = accumulated micro-batches).
 
     Args:
         model: the (possibly DDP/FSDP-wrapped) module; its ``no_sync()`` (FSDP2:
             ``set_requires_gradient_sync``) keeps the ascent pass (unless ``sync_ascent``) and
             all but the last descent backward local to the replica. FSDP needs
-            ``sync_ascent=True`` and a shard-summing ``grad_norm_fn`` (samlm.distributed).
+            ``sync_ascent=True`` and a shard-summing ``grad_norm_fn`` (samlm.integrations.distributed).
             Its norm layers' running statistics follow ``opt.running_stats`` (without ``model``:
             those of ``forward`` when it is a module).
         scaler: a ``torch.amp.GradScaler`` for fp16: the ascent gradient is unscaled before
             ε is computed; a non-finite ascent gradient skips the step as GradScaler would.
         autocast_dtype: run forward and loss under ``torch.autocast`` with this dtype.
         max_grad_norm: clip the descent gradient before the base step.
-        split: also measure SAM's extra gradient split into its logit path
-            ‖g_SAM − g_F‖ and functional path ‖g_F − g‖ (costs one extra VJP per piece and,
-            when ascent_fraction < 1, a clean backward on the rest of the batch).
+        split: also measure SAM's extra gradient split into its logit path ‖g_SAM − g_F‖ and
+            functional path ‖g_F − g‖ over the step's rows with its ε (split.py: a forward and
+            backward at w and a forward and two VJPs at w+ε, after the step's passes; running
+            statistics and the RNG are left as they were, so the step is unchanged).
     """
     micro_batches, sizes = _validate_step_args(batch, forward, loss)
     plans = plan_step(sizes, opt.ascent_fraction, opt.m)
     total = sum(sizes)
     device = _device_of(opt)
     passes = _Passes(micro_batches, forward, loss, model, scaler, autocast_dtype, device)
-    functional = opt.descent == "functional"
+    descent_rule = opt.descent_rule
     params = _descent_params(opt)
     sharding = _sharding(model)
     _check_sharded(opt, sharding, plans, split)
@@ -318,7 +292,6 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
     # on its last backward (DDP all-reduce, FSDP reduce-scatter); without a DDP/FSDP model, by
     # an explicit all-reduce.
     sync_ascent_in_model = opt.sync_ascent and passes.reduces_gradients
-    split_buffers = _SplitBuffers(params) if split else None
     stats_module = _stats_module(model, forward)
     stats_layers = norm_layers(stats_module) if stats_module is not None else []
 
@@ -331,6 +304,7 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
     f32 = dict(dtype=torch.promote_types(params[0].dtype, torch.float32), device=device)
     loss_clean, loss_perturbed = torch.zeros((), **f32), torch.zeros((), **f32)
     grad_norms, eps_norms, oks = [], [], []
+    epsilons = [] if split else None  # split=True: each group's ε, for the measurement after the passes
     descent_so_far: Optional[list] = None  # m > 1: earlier groups' descent gradients, set aside
     for index, plan in enumerate(plans):
         if index > 0:
@@ -339,13 +313,13 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
                 p.grad = None
 
         # 1-2. ascent gradient at w (and, when needed, the clean output cotangents r(w))
-        cotangents = _Cotangents(plan, total) if functional or split else None
+        cotangents = _Cotangents(plan, total) if descent_rule.needs_clean_cotangent else None
         with running_stats_move_in("ascent"):
-            ascent_loss = _ascent(passes, plan, cotangents, split_buffers, params, sync_at_end=sync_ascent_in_model)
+            ascent_loss = _ascent(passes, plan, cotangents, sync_at_end=sync_ascent_in_model)
         loss_clean += ascent_loss * (plan.ascent_rows / sum(pl.ascent_rows for pl in plans))
         if cotangents is not None:
             with running_stats_move_in("clean"):
-                _clean_cotangents(passes, plan, total, cotangents, split_buffers, params)
+                _clean_cotangents(passes, plan, cotangents)
             if sharding == "fsdp2":
                 _reshard_fsdp2(model)
         if opt.sync_ascent and not sync_ascent_in_model:
@@ -356,6 +330,8 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
         # 3. perturb
         grad_norm, eps_norm, ok = opt.perturb()
         grad_norms.append(grad_norm), eps_norms.append(eps_norm), oks.append(ok)
+        if epsilons is not None:
+            epsilons.append(dict(zip(map(id, opt.params_with_grad()), opt.epsilon())))
         for p, g in zip(params, descent_so_far or [None] * len(params)):
             p.grad = g  # the descent accumulates onto earlier groups' gradients
 
@@ -365,30 +341,28 @@ def sharpness_aware_step(opt: SharpnessAware, batch, forward: Forward, loss: Los
             # ascent would flush: there every group's descent ends with a reduction.
             last_group = index == len(plans) - 1
             with running_stats_move_in("descent"):
-                loss_perturbed += _descent(passes, plan, total, functional, cotangents, split_buffers,
-                                           params, sync_at_end=last_group or sharded)
+                loss_perturbed += _descent(passes, plan, total, descent_rule, cotangents,
+                                           sync_at_end=last_group or sharded)
         finally:
             # 5. restore w exactly, even if a pass raised
             opt.restore()
 
+    split_norms = _measure_split(passes, plans, total, epsilons, params, stats_layers) if split else []
     update_norm = _unscale_and_check(opt.base_optimizer, scaler, max_grad_norm, opt.grad_norm_fn)
-    skipped = _finish_step(opt.base_optimizer, scaler, update_norm, on_step=opt.after_base_step)
+    skipped = _finish_step(opt.base_optimizer, scaler, update_norm)
     grad_norm = torch.stack(grad_norms).square().mean().sqrt()
     eps_norm = torch.stack(eps_norms).square().mean().sqrt()
     ascent_nonfinite = ~torch.stack([torch.isfinite(n) for n in grad_norms]).all()
     zero_norm = torch.stack([n == 0 for n in grad_norms]).any()
-    split_norms = split_buffers.norms(params, functional) if split else []
     values = torch.stack([v.to(device=device, dtype=f32["dtype"]) for v in (
         loss_clean, loss_perturbed, grad_norm, eps_norm, update_norm.to(device), ascent_nonfinite, zero_norm,
         *split_norms)]).tolist()  # the step's one host sync
-    if skipped:
-        opt.counters["skipped_steps"] += 1
-    opt.counters["ascent_nonfinite"] += int(values[5])
-    opt.counters["zero_grad_norm"] += int(values[6] and not values[5])
-    stats = StepStats(values[0], values[1], values[2], values[3], values[4], skipped, bool(values[5]))
-    if split:
-        stats.logit_path_norm, stats.functional_path_norm = values[7], values[8]
-    return stats
+    ascent_nonfinite = bool(values[5])
+    opt.record_step(skipped=skipped, ascent_nonfinite=ascent_nonfinite,
+                    zero_grad_norm=bool(values[6]) and not ascent_nonfinite)
+    return StepStats(loss=values[0], loss_perturbed=values[1], grad_norm=values[2], eps_norm=values[3],
+                     update_grad_norm=values[4], skipped=skipped, ascent_nonfinite=ascent_nonfinite,
+                     **dict(zip(("logit_path_norm", "functional_path_norm"), values[7:])))
 
 
 class _Cotangents:
@@ -405,7 +379,7 @@ class _Cotangents:
     def put(self, part: Piece, r: Tensor) -> None:
         piece = self.pieces[part.micro]
         scale = part.rows / piece.rows * (piece.rows / self.total)
-        r = _at_least_fp32(r)
+        r = at_least_fp32(r)
         if part.rows == piece.rows:
             self.buffers[part.micro] = _scaled(r, scale)
             return
@@ -417,11 +391,10 @@ class _Cotangents:
         return self.buffers.pop(piece.micro)
 
 
-def _ascent(passes: _Passes, plan: GroupPlan, cotangents: Optional[_Cotangents], split_buffers, params,
-            sync_at_end: bool = False) -> Tensor:
+def _ascent(passes: _Passes, plan: GroupPlan, cotangents: Optional[_Cotangents], sync_at_end: bool = False) -> Tensor:
     """Ascent gradient of the mean loss over the group's ascent rows, into p.grad. Local to the
     replica (no_sync), unless ``sync_at_end``: then the last piece's backward reduces it.
-    ``cotangents``: also keep r(w) on these rows (functional descent, split)."""
+    ``cotangents``: also keep r(w) on these rows (a descent rule that needs them)."""
     ascent_rows = plan.ascent_rows
     loss_sum = None
     last = len(plan.ascent) - 1
@@ -430,38 +403,23 @@ def _ascent(passes: _Passes, plan: GroupPlan, cotangents: Optional[_Cotangents],
         with passes.no_sync(skip_sync=not (sync_at_end and j == last)):
             outputs, rows = passes.forward(piece)
             if cotangents is not None:
-                outputs = _outputs_tensor(outputs, "Functional-SAM")
-                value, r = _loss_and_cotangent(passes, outputs, rows)
+                outputs = outputs_tensor(outputs, "Functional-SAM")
+                value, r = loss_and_cotangent(passes, outputs, rows)
                 cotangents.put(piece, r)  # ∂(piece mean loss)/∂outputs at w
-                if split_buffers is not None:
-                    split_buffers.add_clean(torch.autograd.grad(
-                        outputs, params, r * (piece.rows / cotangents.total), retain_graph=True,
-                        allow_unused=True))
-                root = _vjp_root(outputs, _scaled(r, weight))
+                root = vjp_root(outputs, _scaled(r, weight))
                 del outputs, r
                 passes.backward(root)
             else:
                 value = passes.loss(outputs, rows)
                 del outputs
                 passes.backward(value * weight)
-        term = _at_least_fp32(value) * weight
+        term = at_least_fp32(value) * weight
         loss_sum = term if loss_sum is None else loss_sum + term
     return loss_sum
 
 
-def _loss_and_cotangent(passes: _Passes, outputs: Tensor, rows) -> tuple[Tensor, Tensor]:
-    """The loss and r = ∂loss/∂outputs, through the loss alone (on a detached copy of the
-    outputs): the model's graph is traversed once, by the backward that follows. FSDP1 frees
-    its gathered weights after the first traversal that reaches its output hooks."""
-    leaf = outputs.detach().requires_grad_()
-    value = passes.loss(leaf, rows)
-    (r,) = torch.autograd.grad(value, leaf)
-    return value, r
-
-
-def _clean_cotangents(passes: _Passes, plan: GroupPlan, total: int, cotangents: _Cotangents, split_buffers, params):
-    """r(w) for the group's rows outside the ascent prefix: a forward at w, no parameter backward
-    (unless split=True, which also needs the clean gradient g on these rows)."""
+def _clean_cotangents(passes: _Passes, plan: GroupPlan, cotangents: _Cotangents) -> None:
+    """r(w) for the group's rows outside the ascent prefix: a forward at w, no parameter backward."""
     ascent_by_micro = {p.micro: p for p in plan.ascent}
     for piece in plan.descent:
         done = ascent_by_micro.get(piece.micro)
@@ -469,83 +427,51 @@ def _clean_cotangents(passes: _Passes, plan: GroupPlan, total: int, cotangents: 
         if start >= piece.stop:
             continue
         rest = Piece(piece.micro, start, piece.stop)
-        with passes.no_sync(), torch.set_grad_enabled(split_buffers is not None):
+        with passes.no_sync(), torch.no_grad():
             outputs, rows = passes.forward(rest)
-        outputs = _outputs_tensor(outputs, "Functional-SAM")
-        leaf = outputs if split_buffers is not None else outputs.detach().requires_grad_()
+        leaf = outputs_tensor(outputs, "Functional-SAM").detach().requires_grad_()
         with torch.enable_grad():
-            (r,) = torch.autograd.grad(passes.loss(leaf, rows), leaf, retain_graph=split_buffers is not None)
+            (r,) = torch.autograd.grad(passes.loss(leaf, rows), leaf)
         cotangents.put(rest, r)
-        if split_buffers is not None:
-            with passes.no_sync():
-                split_buffers.add_clean(torch.autograd.grad(
-                    outputs, params, r * (rest.rows / total), allow_unused=True))
 
 
 def _scaled(t: Tensor, factor: float) -> Tensor:
     return t if factor == 1 else t * factor
 
 
-def _descent(passes: _Passes, plan: GroupPlan, total: int, functional: bool, cotangents: Optional[_Cotangents],
-             split_buffers, params, sync_at_end: bool) -> Tensor:
+def _descent(passes: _Passes, plan: GroupPlan, total: int, descent_rule, cotangents: Optional[_Cotangents],
+             sync_at_end: bool) -> Tensor:
     """Descent gradient at w+ε, weighted by each piece's share of the step's rows, into p.grad."""
     loss_sum = None
     last = len(plan.descent) - 1
     for j, piece in enumerate(plan.descent):
         weight = piece.rows / total
         with passes.no_sync(skip_sync=not (sync_at_end and j == last)):
-            outputs, rows = passes.forward(piece)
-            if split_buffers is not None:
-                outputs = _outputs_tensor(outputs, "split=True")
-                r_clean = cotangents.take(piece)
-                value, r_perturbed = _loss_and_cotangent(passes, outputs, rows)
-                r_perturbed = _scaled(r_perturbed, weight)
-                used, other = (r_clean, r_perturbed) if functional else (r_perturbed, r_clean)
-                split_buffers.add_other(torch.autograd.grad(
-                    outputs, params, other.to(outputs.dtype), retain_graph=True, allow_unused=True))
-                passes.backward(_vjp_root(outputs, used))
-            elif functional:
-                outputs = _outputs_tensor(outputs, "Functional-SAM")
-                with torch.no_grad():  # L(w+ε) for the stats only: the descent uses r(w)
-                    value = passes.loss(outputs.detach(), rows)
-                root = _vjp_root(outputs, cotangents.take(piece))
-                del outputs
-                passes.backward(root)
-            else:
-                value = passes.loss(outputs, rows)
-                del outputs
-                passes.backward(value * weight)
-        term = _at_least_fp32(value) * weight
+            value = descent_rule.backward(passes, piece, weight, cotangents)
+        term = at_least_fp32(value) * weight
         loss_sum = term if loss_sum is None else loss_sum + term
     return loss_sum
 
 
-class _SplitBuffers:
-    """Accumulates g (clean) and the descent's counterpart (g_F or g_SAM) for split=True."""
+def _measure_split(passes: _Passes, plans, total: int, epsilons: list[dict], params, stats_layers) -> list[Tensor]:
+    """split=True: (‖g_SAM − g_F‖, ‖g_F − g‖) over the step's rows, each group at w with its own ε."""
+    device = params[0].device
+    rng_devices = [] if device.type == "cpu" else [device]
+    g = g_sam = g_func = None
+    with torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"), \
+            (frozen_running_stats(stats_layers) if stats_layers else contextlib.nullcontext()), passes.no_sync():
+        for plan, eps_of in zip(plans, epsilons):
+            eps = [eps_of[id(p)] if id(p) in eps_of else torch.zeros_like(p) for p in params]
+            pieces = plan.descent
+            paths = path_gradients(params, [passes.rows(piece) for piece in pieces], passes.outputs, passes.loss,
+                                   eps, [piece.rows / total for piece in pieces])
+            g, g_sam, g_func = (new if old is None else [a + b for a, b in zip(old, new)]
+                                for old, new in ((g, paths.g), (g_sam, paths.g_sam), (g_func, paths.g_func)))
+    return [_norm_of_difference(g_sam, g_func), _norm_of_difference(g_func, g)]
 
-    def __init__(self, params):
-        self.clean = [torch.zeros_like(_at_least_fp32(p)) for p in params]
-        self.other = [torch.zeros_like(_at_least_fp32(p)) for p in params]
 
-    @staticmethod
-    def _add(buffers, grads):
-        for b, g in zip(buffers, grads):
-            if g is not None:
-                b.add_(g)
-
-    def add_clean(self, grads):
-        self._add(self.clean, grads)
-
-    def add_other(self, grads):
-        self._add(self.other, grads)
-
-    def norms(self, params, functional: bool) -> list[Tensor]:
-        """(‖δ_logit‖, ‖δ_func‖) with δ_logit = g_SAM − g_F and δ_func = g_F − g."""
-        descent = [_at_least_fp32(p.grad) if p.grad is not None else torch.zeros_like(b) for p, b in zip(params, self.clean)]
-        g_sam, g_f = (self.other, descent) if functional else (descent, self.other)
-        logit = torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(g_sam, g_f)]).norm()
-        func = torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(g_f, self.clean)]).norm()
-        return [logit, func]
+def _norm_of_difference(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    return torch.stack([torch.linalg.vector_norm(x - y) for x, y in zip(a, b)]).norm()
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:
@@ -557,14 +483,14 @@ def _all_reduce_mean(tensors: list[Tensor]) -> None:
             t.div_(dist.get_world_size())
 
 
-def _ascent_overflowed(opt: SharpnessAware, scaler, agree: bool = False) -> bool:
+def _ascent_overflowed(opt, scaler, agree: bool = False) -> bool:
     """fp16: unscale the ascent gradient in place; True if it is non-finite (one host sync).
 
     ``agree``: replicas of a DDP/FSDP model decide together (an all-reduce MAX of the flag),
     so that all skip or none does; one replica skipping alone would leave the others waiting
     in the descent's gradient all-reduce."""
     inv_scale = 1.0 / scaler.get_scale()
-    grads = [local_tensor(p.grad) for p in opt._params_with_grad()]
+    grads = [local_tensor(p.grad) for p in opt.params_with_grad()]
     torch._foreach_mul_(grads, inv_scale)
     norm = torch.nn.utils.get_total_norm(grads)
     found = (~torch.isfinite(norm)).to(torch.float32)
@@ -577,25 +503,18 @@ def _ascent_overflowed(opt: SharpnessAware, scaler, agree: bool = False) -> bool
     return bool(found)
 
 
-def _skip_for_overflow(opt: SharpnessAware, scaler, loss_clean: Tensor) -> StepStats:
+def _skip_for_overflow(opt, scaler, loss_clean: Tensor) -> StepStats:
     """The ascent gradient overflowed: skip the perturbation and the step, and let GradScaler
     back off its scale exactly as it does for a non-finite gradient."""
     # A replica whose own ascent gradient was finite skips with the others: mark its gradient
     # non-finite so that its GradScaler skips and backs off identically.
-    local_tensor(opt._params_with_grad()[0].grad).fill_(float("inf"))
+    local_tensor(opt.params_with_grad()[0].grad).fill_(float("inf"))
     scaler.unscale_(opt.base_optimizer)  # records the inf for this optimizer
     scaler.step(opt.base_optimizer)      # skipped: inf found
     scaler.update()                      # backs the scale off
     opt.zero_grad(set_to_none=True)
-    opt.counters["skipped_steps"] += 1
-    opt.counters["ascent_nonfinite"] += 1
+    opt.record_step(skipped=True, ascent_nonfinite=True)
     nan = float("nan")
-    return StepStats(float(loss_clean), nan, nan, 0.0, nan, True, True)
+    return StepStats(loss=float(loss_clean), loss_perturbed=nan, grad_norm=nan, eps_norm=0.0,
+                     update_grad_norm=nan, skipped=True, ascent_nonfinite=True)
 
-
-def train_step(optimizer: torch.optim.Optimizer, batch, forward: Forward, loss: Loss, **kwargs) -> StepStats:
-    """One optimizer step for any optimizer: SAM-family wrappers run their passes, plain
-    optimizers one forward/backward per micro-batch. Same arguments as ``sharpness_aware_step``."""
-    if isinstance(optimizer, SharpnessAware):
-        return sharpness_aware_step(optimizer, batch, forward, loss, **kwargs)
-    return plain_step(optimizer, batch, forward, loss, **kwargs)

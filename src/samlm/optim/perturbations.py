@@ -43,7 +43,7 @@ def _check_rho(rho: float) -> None:
 class Euclidean:
     """Foret et al. (2021): ε = ρ g / ‖g‖."""
 
-    rho: float = 0.05
+    rho: float
     needs_preconditioner = False
 
     def __post_init__(self):
@@ -60,7 +60,7 @@ class Euclidean:
 class Adaptive:
     """ASAM, Kwon et al. (2021): ε = ρ T²g / ‖Tg‖ with T = |w| + η (scale-invariant sharpness)."""
 
-    rho: float = 0.5
+    rho: float
     eta: float = 0.01
     needs_preconditioner = False
 
@@ -85,7 +85,7 @@ class Preconditioned:
     bias-corrected second moment. Without a preconditioner (before the first base step) the
     driver passes ``precond=None`` and this is plain SAM."""
 
-    rho: float = 0.05
+    rho: float
     needs_preconditioner = True
 
     def __post_init__(self):
@@ -96,6 +96,13 @@ class Preconditioned:
 
     def direction(self, param, grad, precond):
         return self.scaled_gradient(param, grad, precond)
+
+
+def local_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
+    """This process's shard of a DTensor (FSDP2 parameters, gradients, optimizer state), else
+    ``t`` itself. Under no_grad it is the DTensor's own storage: in-place ops act on it."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:

@@ -2,11 +2,13 @@
 
 Preconditioned SAM scales its perturbation by 1/P. The moments are the ones the base
 optimizer already keeps, so they are statistics of the SAM gradients it was fed.
-A user with another optimizer registers a reader with ``register_preconditioner``.
+A user with another optimizer registers a reader with ``register_preconditioner``;
+transformers' Adafactor registers itself when find_reader first meets it.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -24,10 +26,27 @@ def register_preconditioner(optimizer_cls: type, reader: PreconditionerReader) -
 
 
 def find_reader(optimizer: torch.optim.Optimizer) -> Optional[PreconditionerReader]:
-    for cls in type(optimizer).__mro__:
-        if cls in _READERS:
-            return _READERS[cls]
-    return None
+    cls = type(optimizer)
+    reader = _lookup(cls)
+    if reader is None and _register_hf_adafactor(cls):
+        reader = _lookup(cls)
+    return reader
+
+
+def _lookup(optimizer_cls: type) -> Optional[PreconditionerReader]:
+    return next((_READERS[c] for c in optimizer_cls.__mro__ if c in _READERS), None)
+
+
+def _register_hf_adafactor(optimizer_cls: type) -> bool:
+    """Register transformers.Adafactor's reader on first sight of an optimizer from transformers:
+    the core never imports transformers (the harness extra) itself."""
+    if not any(c.__module__.partition(".")[0] == "transformers" for c in optimizer_cls.__mro__):
+        return False
+    adafactor = getattr(sys.modules.get("transformers.optimization"), "Adafactor", None)
+    if adafactor is None or adafactor in _READERS:
+        return False
+    register_preconditioner(adafactor, hf_adafactor_preconditioner)
+    return True
 
 
 def _step_count(state: dict) -> float:
@@ -81,12 +100,6 @@ register_preconditioner(torch.optim.Adam, adam_preconditioner)
 register_preconditioner(torch.optim.AdamW, adam_preconditioner)
 if hasattr(torch.optim, "Adafactor"):
     register_preconditioner(torch.optim.Adafactor, torch_adafactor_preconditioner)
-try:  # transformers is a dependency of the harness, not of the optimizer core
-    from transformers.optimization import Adafactor as _HFAdafactor
-
-    register_preconditioner(_HFAdafactor, hf_adafactor_preconditioner)
-except Exception:  # pragma: no cover - transformers missing or broken
-    pass
 
 
 class Preconditioners:

@@ -4,11 +4,12 @@ A step of every variant is
 
     g   = ∇L_a(w)                         ascent gradient, on a micro-batch a of the batch
     ε   = rule(w, g)                      the perturbation (perturbations.py)
-    d   = ∇L(w+ε)            (standard)   descent gradient at the perturbed point, or
-    d   = J(w+ε)ᵀ r(w)       (functional) its functional path only: r = ∂L/∂outputs at w
+    d   = descent(w+ε)                    the descent rule (descents.py): ∇L(w+ε), or
+                                          J(w+ε)ᵀ r(w) with r = ∂L/∂outputs at w (functional)
     w  ← base_step(w, d)                  weights restored bitwise before the base step
 
-This module holds the state and the math of the step; ``driver.py`` runs the passes.
+This module holds the state and the math of the step; ``driver.py`` runs the passes. A class's
+default ρ is its entry's in ``registry.py``, which sets ``default_rho``.
 """
 
 from __future__ import annotations
@@ -18,18 +19,22 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, add_perturbation_, perturbation_norm
+from .descents import DescentRule, Functional, Standard, as_descent_rule
+from .driver import StepStats, plain_step, sharpness_aware_step
+from .perturbations import (
+    Adaptive,
+    Euclidean,
+    PerturbationRule,
+    Preconditioned,
+    add_perturbation_,
+    local_tensor,
+    perturbation_norm,
+)
 from .preconditioners import Preconditioners, find_reader
 from .running_stats import check_policy
 
-DESCENTS = ("standard", "functional")
-
-
-def local_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
-    """This process's shard of a DTensor (FSDP2 parameters, gradients, optimizer state), else
-    ``t`` itself. Under no_grad it is the DTensor's own storage: in-place ops act on it."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+__all__ = ["SharpnessAware", "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
+           "train_step", "local_tensor"]
 
 
 def _on_shards(precond, owner: dict):
@@ -43,7 +48,8 @@ class SharpnessAware(torch.optim.Optimizer):
     Args:
         base: any ``torch.optim.Optimizer``; it takes the final step at the restored weights.
         perturbation: a rule object (``Euclidean``, ``Adaptive``, ``Preconditioned`` or your own).
-        descent: ``"standard"`` (∇L(w+ε)) or ``"functional"`` (J(w+ε)ᵀ r(w), Functional-SAM).
+        descent: a descent rule, ``Standard()`` (∇L(w+ε)) or ``Functional()`` (J(w+ε)ᵀ r(w),
+            Functional-SAM), or its name; default: the class's ``descent_rule``.
         ascent_fraction: the ascent gradient uses the first ⌈ascent_fraction·b⌉ rows of each
             group's batch (Bahri et al.: 0.25; 1.0 is classic SAM).
         m: m-sharpness groups; each group of b/m rows gets its own ε and the groups' SAM
@@ -59,12 +65,15 @@ class SharpnessAware(torch.optim.Optimizer):
             (running_stats.py). Needs ``train_step(..., model=module)`` or a module as forward.
     """
 
+    descent_rule: DescentRule = Standard()
+    default_rho: Optional[float] = None  # set from the class's registry entry (registry.py)
+
     def __init__(
         self,
         base: torch.optim.Optimizer,
         perturbation: PerturbationRule,
         *,
-        descent: str = "standard",
+        descent=None,
         ascent_fraction: float = 0.25,
         m: int = 1,
         sync_ascent: bool = False,
@@ -81,8 +90,7 @@ class SharpnessAware(torch.optim.Optimizer):
             raise ValueError(
                 "perturbation must provide rho, needs_preconditioner, scaled_gradient() and direction()"
             )
-        if descent not in DESCENTS:
-            raise ValueError(f"descent must be one of {DESCENTS}, got {descent!r}")
+        descent_rule = as_descent_rule(self.descent_rule if descent is None else descent)
         if not (isinstance(ascent_fraction, (int, float)) and 0 < ascent_fraction <= 1):
             raise ValueError(f"ascent_fraction must be in (0, 1], got {ascent_fraction!r}")
         if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
@@ -96,7 +104,7 @@ class SharpnessAware(torch.optim.Optimizer):
             )
         self.base_optimizer = base
         self.perturbation = perturbation
-        self.descent = descent
+        self.descent_rule = descent_rule
         self.ascent_fraction = float(ascent_fraction)
         self.m = m
         self.sync_ascent = sync_ascent
@@ -122,10 +130,24 @@ class SharpnessAware(torch.optim.Optimizer):
     def rho(self) -> float:
         return self.perturbation.rho
 
+    @property
+    def descent(self) -> str:
+        """The descent rule's name: "standard" or "functional"."""
+        return self.descent_rule.name
+
+    @classmethod
+    def resolve_rho(cls, rho: Optional[float]) -> float:
+        """``rho``, or the class's registry default when None."""
+        if rho is not None:
+            return rho
+        if cls.default_rho is None:
+            raise ValueError(f"{cls.__name__} has no default rho: pass rho=")
+        return cls.default_rho
+
     def add_param_group(self, param_group: dict) -> None:
         self.base_optimizer.add_param_group(param_group)
 
-    def _params_with_grad(self) -> list[Tensor]:
+    def params_with_grad(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
     # -- the math of one step ---------------------------------------------------------------
@@ -143,7 +165,7 @@ class SharpnessAware(torch.optim.Optimizer):
         """
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore(); call restore() first")
-        params = self._params_with_grad()
+        params = self.params_with_grad()
         if not params:
             raise RuntimeError("no parameter has a gradient: run backward on the ascent loss first")
         grads = [local_tensor(p.grad) for p in params]
@@ -179,6 +201,13 @@ class SharpnessAware(torch.optim.Optimizer):
         torch._foreach_copy_(self._saved, [p.detach() for p in params])
 
     @torch.no_grad()
+    def epsilon(self) -> list[Tensor]:
+        """ε = (w+ε) − w while perturbed, one tensor per parameter with a gradient."""
+        if not self._perturbed:
+            raise RuntimeError("epsilon() needs perturb() first")
+        return torch._foreach_sub(self._saved_params, self._saved)
+
+    @torch.no_grad()
     def restore(self) -> None:
         """w+ε → w, bitwise: a copy of the saved weights, never w+ε−ε."""
         if not self._perturbed:
@@ -188,15 +217,23 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def base_step(self) -> None:
         self.base_optimizer.step()
-        self.after_base_step()
+        self.record_step()
 
-    def after_base_step(self) -> None:
-        self.counters["steps"] += 1
-        self._opt_called = True  # tells LR schedulers that an optimizer step happened
+    def record_step(self, *, skipped: bool = False, ascent_nonfinite: bool = False,
+                    zero_grad_norm: bool = False) -> None:
+        """Count one optimizer step: taken or skipped, and whether its ascent gradient was
+        non-finite or zero."""
+        if skipped:
+            self.counters["skipped_steps"] += 1
+        else:
+            self.counters["steps"] += 1
+            self._opt_called = True  # tells LR schedulers that an optimizer step happened
+        self.counters["ascent_nonfinite"] += int(ascent_nonfinite)
+        self.counters["zero_grad_norm"] += int(zero_grad_norm)
 
     # -- the surface PyTorch users know (davda54/sam) ---------------------------------------
     def _require_standard(self, what: str) -> None:
-        if self.descent == "functional":
+        if self.descent_rule.needs_clean_cotangent:
             raise RuntimeError(
                 f"{type(self).__name__}.{what} is not available: the functional descent needs the "
                 "clean output cotangent r(w); use opt.train_step(batch, forward, loss)"
@@ -239,10 +276,8 @@ class SharpnessAware(torch.optim.Optimizer):
         self.second_step()
         return loss
 
-    def train_step(self, batch, forward, loss, **kwargs):
-        """One optimizer step that owns all passes; see ``samlm.optim.driver.train_step``."""
-        from .driver import sharpness_aware_step
-
+    def train_step(self, batch, forward, loss, **kwargs) -> StepStats:
+        """One optimizer step that owns all passes; see ``samlm.optim.driver.sharpness_aware_step``."""
         return sharpness_aware_step(self, batch, forward, loss, **kwargs)
 
     # -- checkpointing: the base optimizer's full state, nothing transient ------------------
@@ -300,10 +335,11 @@ class SAM(SharpnessAware):
     ``SAM(params, torch.optim.SGD, rho=0.05, adaptive=False, lr=0.1)`` also works.
     """
 
-    def __init__(self, base, base_optimizer=None, *, rho: float = 0.05, adaptive: bool = False,
+    def __init__(self, base, base_optimizer=None, *, rho: Optional[float] = None, adaptive: bool = False,
                  eta: float = 0.0, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
         sam_kwargs = {k: kwargs.pop(k) for k in ("sync_ascent", "grad_norm_fn", "running_stats") if k in kwargs}
         base = _wrap_base(base, base_optimizer, kwargs, type(self).__name__)
+        rho = self.resolve_rho(rho)
         rule = Adaptive(rho=rho, eta=eta) if adaptive else Euclidean(rho=rho)
         super().__init__(base, rule, ascent_fraction=ascent_fraction, m=m, **sam_kwargs)
 
@@ -311,29 +347,47 @@ class SAM(SharpnessAware):
 class ASAM(SharpnessAware):
     """Adaptive SAM (Kwon et al. 2021): ε = ρ T²g/‖Tg‖, T = |w| + η."""
 
-    def __init__(self, base, rho: float = 0.5, eta: float = 0.01, *, ascent_fraction: float = 0.25,
+    def __init__(self, base, rho: Optional[float] = None, eta: float = 0.01, *, ascent_fraction: float = 0.25,
                  m: int = 1, **kwargs):
-        super().__init__(base, Adaptive(rho=rho, eta=eta), ascent_fraction=ascent_fraction, m=m, **kwargs)
+        super().__init__(base, Adaptive(rho=self.resolve_rho(rho), eta=eta), ascent_fraction=ascent_fraction,
+                         m=m, **kwargs)
 
 
-class FunctionalSAM(SharpnessAware):
+class _FixedRules(SharpnessAware):
+    """A method given by two class attributes: ``perturbation_rule`` (a rule class, built with ρ)
+    and ``descent_rule``."""
+
+    perturbation_rule: type
+
+    def __init__(self, base, rho: Optional[float] = None, *, ascent_fraction: float = 0.25, m: int = 1,
+                 **kwargs):
+        super().__init__(base, self.perturbation_rule(rho=self.resolve_rho(rho)), ascent_fraction=ascent_fraction,
+                         m=m, **kwargs)
+
+
+class FunctionalSAM(_FixedRules):
     """Functional-SAM (Singh et al. 2025): descend along J(w+ε)ᵀ r(w), the functional path only."""
 
-    def __init__(self, base, rho: float = 0.05, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
-        super().__init__(base, Euclidean(rho=rho), descent="functional",
-                         ascent_fraction=ascent_fraction, m=m, **kwargs)
+    perturbation_rule = Euclidean
+    descent_rule = Functional()
 
 
-class PreconditionedSAM(SharpnessAware):
+class PreconditionedSAM(_FixedRules):
     """Preconditioned SAM (Singh et al. 2025): ε ∝ g/(√v̂+eps) with ‖ε‖₂ = ρ, v̂ from the base optimizer."""
 
-    def __init__(self, base, rho: float = 0.05, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
-        super().__init__(base, Preconditioned(rho=rho), ascent_fraction=ascent_fraction, m=m, **kwargs)
+    perturbation_rule = Preconditioned
 
 
-class PreconditionedFunctionalSAM(SharpnessAware):
+class PreconditionedFunctionalSAM(_FixedRules):
     """Preconditioned Functional-SAM (Singh et al. 2025): the preconditioned ε, the functional descent."""
 
-    def __init__(self, base, rho: float = 0.05, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
-        super().__init__(base, Preconditioned(rho=rho), descent="functional",
-                         ascent_fraction=ascent_fraction, m=m, **kwargs)
+    perturbation_rule = Preconditioned
+    descent_rule = Functional()
+
+
+def train_step(optimizer: torch.optim.Optimizer, batch, forward, loss, **kwargs) -> StepStats:
+    """One optimizer step for any optimizer: SAM-family wrappers run their passes, plain
+    optimizers one forward/backward per micro-batch. Same arguments as ``sharpness_aware_step``."""
+    if isinstance(optimizer, SharpnessAware):
+        return sharpness_aware_step(optimizer, batch, forward, loss, **kwargs)
+    return plain_step(optimizer, batch, forward, loss, **kwargs)

@@ -1,0 +1,555 @@
+"""Sharpness diagnostics: Hessian, Gauss-Newton and functional-Hessian spectra, and the SAM path split.
+
+Notation (methods.md §1). z = F(w) are the model outputs (logits), L(w) = ℓ(F(w)) the mean loss,
+J = ∂z/∂w, r = ∂ℓ/∂z and H_z = ∂²ℓ/∂z². The Hessian splits as
+
+    ∇²L = H_O + H_F,   H_O = Jᵀ H_z J          (outer-product / Gauss-Newton term, PSD for convex ℓ)
+                       H_F = Σ_k r_k ∇²F_k      (functional Hessian, indefinite)
+
+and, with ε = ρ g/‖g‖, SAM's change of gradient splits exactly into a logit and a functional path:
+
+    g_SAM − g = δ_logit + δ_func,   δ_logit = J(w+ε)ᵀ [r(w+ε) − r(w)]  ≈ ρ H_O ĝ
+                                     δ_func  = [J(w+ε) − J(w)]ᵀ r(w)    ≈ ρ H_F ĝ
+
+Conventions (docs/design.md): ``forward(batch) -> outputs`` (a tensor, batch dimension first) and
+``loss(outputs, batch) -> scalar mean loss``. ``params`` is a list of tensors with requires_grad.
+``batches`` is one batch (tensor / tuple / dict) or a Python ``list`` of batches; over a list, every
+operator here is the *average of the per-batch operators* (each batch weighs the same, whatever its
+number of rows). Vectors ("v") are lists of tensors shaped like ``params``.
+
+The low-level functions use the model as it is (train-mode dropout makes them stochastic, autocast
+makes them low precision); :func:`measure_sharpness` sets up eval mode, float32 and no autocast.
+Nothing here touches ``p.grad``, the global RNG, or (after returning) the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from samlm.optim.split import PathGradients, path_gradients
+
+__all__ = [
+    "EigenResult",
+    "SamPathSplit",
+    "functional_hessian_top_eigenvalue",
+    "functional_hessian_vector_product",
+    "gauss_newton_vector_product",
+    "hessian_vector_product",
+    "measure_sharpness",
+    "sam_path_norms",
+    "sam_path_split",
+    "top_eigenvalue",
+    "trainable_parameters",
+]
+
+Batch = Any
+Forward = Callable[[Batch], Tensor]
+Loss = Callable[[Tensor, Batch], Tensor]
+MatVec = Callable[[Sequence[Tensor]], list[Tensor]]
+
+
+# --------------------------------------------------------------------------------------------------
+# small autograd helpers
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[Tensor]:
+    """The parameters that get gradients: ``[p for p in model.parameters() if p.requires_grad]``."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _as_batch_list(batches: Batch) -> list[Batch]:
+    """A Python list is a list of batches; anything else (tensor, tuple, dict) is one batch."""
+    if isinstance(batches, list):
+        if not batches:
+            raise ValueError("batches is an empty list")
+        return batches
+    return [batches]
+
+
+def _outputs(forward: Forward, batch: Batch) -> Tensor:
+    z = forward(batch)
+    if not isinstance(z, Tensor):
+        raise TypeError(f"forward(batch) must return a tensor of outputs, got {type(z).__name__}")
+    return z
+
+
+def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor] | None = None,
+          *, create_graph: bool = False, retain_graph: bool | None = None) -> list[Tensor]:
+    """Σ_i ∂⟨outputs_i, grad_outputs_i⟩/∂inputs, zeros where there is no dependence.
+
+    Outputs that do not require grad (constant in the inputs) contribute nothing and are skipped.
+    """
+    outputs = list(outputs)
+    grad_outputs = [None] * len(outputs) if grad_outputs is None else list(grad_outputs)
+    pairs = [(o, go) for o, go in zip(outputs, grad_outputs) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad([o for o, _ in pairs], list(inputs), [go for _, go in pairs],
+                                create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
+    return [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
+
+
+def _output_grad(z: Tensor, batch: Batch, loss: Loss, *, create_graph: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """r = ∂ℓ/∂z at the outputs z (cut from the model's graph). Returns (r, ℓ, the leaf z)."""
+    z_leaf = z.detach().requires_grad_(True)
+    value = loss(z_leaf, batch)
+    (r,) = _grad([value], [z_leaf], create_graph=create_graph)
+    return r, value.detach(), z_leaf
+
+
+def _vjp(z: Tensor, params: Sequence[Tensor], cotangent: Tensor, *, retain_graph: bool | None = None,
+         create_graph: bool = False) -> list[Tensor]:
+    """Jᵀ u: the vector-Jacobian product of the outputs z = F(w) with the cotangent u."""
+    return _grad([z], params, [cotangent], retain_graph=retain_graph, create_graph=create_graph)
+
+
+def _jvp(z: Tensor, params: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    """J v by the double-backward trick: J v = ∂/∂u ⟨Jᵀu, v⟩ for a dummy cotangent u.
+
+    The graph of z is kept (``retain_graph``) so a VJP can follow.
+    """
+    u = torch.zeros_like(z, requires_grad=True)
+    jtu = _vjp(z, params, u, create_graph=True)
+    (jv,) = _grad(jtu, [u], v, retain_graph=True)
+    return jv
+
+
+def _output_hvp(z: Tensor, batch: Batch, loss: Loss, t: Tensor) -> Tensor:
+    """H_z t: Hessian of the loss w.r.t. the outputs times t, exact for any loss (double backward)."""
+    r, _, z_leaf = _output_grad(z, batch, loss, create_graph=True)
+    (hz_t,) = _grad([r], [z_leaf], [t])
+    return hz_t
+
+
+# --------------------------------------------------------------------------------------------------
+# curvature matrix-vector products (one batch each, then averaged)
+
+
+def _hvp_one(params, batch, forward, loss, v):
+    """H v = ∂/∂w ⟨∇L(w), v⟩ (Pearlmutter / double backward)."""
+    value = loss(_outputs(forward, batch), batch)
+    g = _grad([value], params, create_graph=True)
+    return _grad(g, params, v)
+
+
+def _gnvp_one(params, batch, forward, loss, v):
+    """H_O v = Jᵀ H_z J v: J v by double backward, H_z(J v) on the outputs, then a VJP."""
+    z = _outputs(forward, batch)
+    jv = _jvp(z, params, v)
+    return _vjp(z, params, _output_hvp(z, batch, loss, jv))
+
+
+def _fhvp_one(params, batch, forward, loss, v):
+    """H_F v = Σ_k r_k ∇²F_k v = ∂/∂w ⟨J(w)ᵀ r̄, v⟩ with r̄ = ∂ℓ/∂z held fixed."""
+    z = _outputs(forward, batch)
+    r, _, _ = _output_grad(z, batch, loss)
+    jtr = _vjp(z, params, r, create_graph=True)
+    return _grad(jtr, params, v)
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """Route scaled_dot_product_attention to the math kernel: fused kernels have no double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _averaged(one: Callable, params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss) -> MatVec:
+    """v ↦ (1/B) Σ_b one(params, batch_b, forward, loss, v): the average of per-batch operators."""
+    params = list(params)
+    batches = _as_batch_list(batches)
+
+    def matvec(v: Sequence[Tensor]) -> list[Tensor]:
+        v = list(v)
+        if len(v) != len(params) or any(vi.shape != p.shape for vi, p in zip(v, params)):
+            raise ValueError("vector must be a list of tensors shaped like params")
+        with torch.enable_grad(), _math_attention():
+            total = None
+            for batch in batches:
+                out = [o.detach() for o in one(params, batch, forward, loss, v)]
+                total = out if total is None else [t.add_(o) for t, o in zip(total, out)]
+        return [t.div_(len(batches)) for t in total]
+
+    return matvec
+
+
+def hessian_vector_product(params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss) -> MatVec:
+    """v ↦ H v with H = ∇²L(w), by double backward; averaged over the batches."""
+    return _averaged(_hvp_one, params, batches, forward, loss)
+
+
+def gauss_newton_vector_product(params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss) -> MatVec:
+    """v ↦ H_O v = Jᵀ H_z J v (Gauss-Newton / outer-product term); averaged over the batches.
+
+    No loss is assumed: H_z is the exact Hessian of ``loss`` w.r.t. the outputs, applied by autograd.
+    """
+    return _averaged(_gnvp_one, params, batches, forward, loss)
+
+
+def functional_hessian_vector_product(params: Sequence[Tensor], batches: Batch, forward: Forward,
+                                      loss: Loss) -> MatVec:
+    """v ↦ H_F v = (H − H_O) v = Σ_k r_k ∇²F_k v; averaged over the batches.
+
+    Computed directly (one double backward of Jᵀr̄ with r̄ fixed) rather than as Hv − Gv: the same
+    operator, at half the cost and without the cancellation of two large terms.
+    """
+    return _averaged(_fhvp_one, params, batches, forward, loss)
+
+
+# --------------------------------------------------------------------------------------------------
+# extreme eigenvalues of a symmetric operator given by its matvec
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Largest algebraic eigenvalue of a symmetric operator, and what it took to get it.
+
+    ``value`` = λ_max; ``top_k`` = the k largest Ritz values, descending (``top_k[0] == value``);
+    ``smallest`` = the smallest Ritz value of the same Krylov space (Lanczos; nan for power);
+    ``iters`` = matrix-vector products used; ``residual`` = ‖A y − λ y‖ for the top pair;
+    ``converged`` = every requested pair met ``residual <= tol * max|λ|``.
+    """
+
+    value: float
+    iters: int
+    top_k: tuple[float, ...]
+    smallest: float
+    residual: float
+    converged: bool
+    method: str
+
+
+def _flat_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    dtype = torch.float32
+    for p in params:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+
+def _unflatten(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    chunks = flat.split([p.numel() for p in params])
+    return [c.view(p.shape).to(p.dtype) for c, p in zip(chunks, params)]
+
+
+def _random_unit(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    """A unit Gaussian vector, drawn on the CPU so the same seed gives the same vector on any device."""
+    v = torch.randn(n, generator=generator, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+    return v / v.norm()
+
+
+def _orthogonalize_(w: Tensor, basis: Sequence[Tensor]) -> Tensor:
+    """w ← (I − QQᵀ) w, done twice (full reorthogonalization, "twice is enough")."""
+    for _ in range(2):
+        for q in basis:
+            w.sub_(torch.dot(q, w) * q)
+    return w
+
+
+def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of the Lanczos matrix T = tridiag(β, α, β), ascending, in float64."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigh(t)
+
+
+def _lanczos(matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, generator: torch.Generator,
+             iters: int, tol: float, k: int) -> EigenResult:
+    """Lanczos with full reorthogonalization: Ritz values of A on the Krylov space span{q, Aq, A²q, …}.
+
+    The residual of a Ritz pair (θ_i, y_i) is ‖A y_i − θ_i y_i‖ = β_m |s_{m,i}|. On breakdown (β ≈ 0:
+    the Krylov space is invariant, every residual is 0 but a single Krylov space holds each distinct
+    eigenvalue once) it restarts with a fresh random vector orthogonal to the basis and goes on, so
+    small problems get their multiplicities. Without breakdown, a repeated eigenvalue may appear
+    once in ``top_k`` (the usual Lanczos limitation; ``value`` is unaffected).
+    """
+    eps = torch.finfo(like.dtype).eps
+    last = min(iters, n)
+    basis: list[Tensor] = []
+    alphas: list[float] = []
+    betas: list[float] = []
+    q = _random_unit(n, generator, like)
+    for step in range(1, last + 1):
+        basis.append(q)
+        w = matvec(q)
+        alphas.append(torch.dot(q, w).item())
+        beta = _orthogonalize_(w, basis).norm().item()
+        theta, s = _tridiagonal_eigh(alphas, betas)
+        residuals = beta * s[-1].abs()
+        scale = max(theta.abs().max().item(), torch.finfo(torch.float64).tiny)
+        top = min(k, len(alphas))
+        converged = len(alphas) >= k and bool((residuals[-top:] <= tol * scale).all())
+        if step == last:
+            break
+        if beta > math.sqrt(eps) * scale:  # dropping a smaller β moves the Ritz values by O(β²)
+            if converged:
+                break
+            q = w / beta
+            betas.append(beta)
+            continue
+        q = _orthogonalize_(_random_unit(n, generator, like), basis)  # breakdown: restart
+        q_norm = q.norm().item()
+        if q_norm <= 10 * eps:
+            break  # the whole space is spanned
+        q = q / q_norm
+        betas.append(0.0)
+    values = theta.flip(0)
+    return EigenResult(value=values[0].item(), iters=len(alphas), top_k=tuple(values[:top].tolist()),
+                       smallest=values[-1].item(), residual=residuals[-1].item(), converged=converged,
+                       method="lanczos")
+
+
+def _power_dominant(matvec: Callable[[Tensor], Tensor], v: Tensor, iters: int,
+                    tol: float) -> tuple[float, float, int, bool]:
+    """Power iteration v ← Av/‖Av‖, λ = vᵀAv: the largest-magnitude eigenvalue.
+
+    Returns (λ, residual ‖Av − λv‖, matvecs, converged).
+    """
+    lam, residual = 0.0, math.inf
+    for step in range(1, iters + 1):
+        w = matvec(v)
+        lam = torch.dot(v, w).item()
+        residual = (w - lam * v).norm().item()
+        w_norm = w.norm().item()
+        if residual <= tol * abs(lam) or w_norm == 0.0:
+            return lam, residual, step, True
+        v = w / w_norm
+    return lam, residual, iters, False
+
+
+def _power(matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, generator: torch.Generator,
+           iters: int, tol: float) -> EigenResult:
+    """Largest algebraic eigenvalue by power iteration, shifting when the dominant one is negative.
+
+    Power iteration finds λ_dom (largest |λ|). If λ_dom ≥ 0 it is λ_max. Otherwise λ_dom = λ_min and
+    A − λ_dom I ⪰ 0 has dominant eigenvalue λ_max − λ_dom, so a second run on it gives λ_max.
+    ``iters`` caps each run.
+    """
+    lam, residual, used, converged = _power_dominant(matvec, _random_unit(n, generator, like), iters, tol)
+    if lam < 0:
+        shift = lam
+        mu, residual, used2, converged = _power_dominant(lambda v: matvec(v) - shift * v,
+                                                         _random_unit(n, generator, like), iters, tol)
+        lam, used = mu + shift, used + used2
+    return EigenResult(value=lam, iters=used, top_k=(lam,), smallest=math.nan, residual=residual,
+                       converged=converged, method="power")
+
+
+def top_eigenvalue(matvec: MatVec, params: Sequence[Tensor], *, iters: int = 20, tol: float = 1e-5,
+                   seed: int = 0, method: str = "lanczos", k: int = 1) -> EigenResult:
+    """λ_max(A), the largest *algebraic* eigenvalue of the symmetric operator A given by ``matvec``.
+
+    ``method="lanczos"`` (default): Lanczos with full reorthogonalization, which also gives the k
+    largest Ritz values and the smallest one for free; it keeps ``iters + 1`` parameter-sized vectors
+    (in the parameters' dtype, at least float32). ``method="power"``: power iteration (a few parameter-
+    sized vectors, slower convergence, k must be 1); when the dominant eigenvalue is negative a
+    second, shifted run on A − λ_dom I finds λ_max (``iters`` caps each run). Stops after ``iters``
+    matvecs or once the residual of each requested pair is ≤ ``tol`` · max|λ|. Deterministic given ``seed``: the start
+    vector comes from a private CPU generator, never the global RNG.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    if method == "power" and k != 1:
+        raise ValueError("power iteration gives only the top eigenvalue; use method='lanczos' for k > 1")
+    n = sum(p.numel() for p in params)
+    like = torch.empty(0, dtype=_flat_dtype(params), device=params[0].device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def flat_matvec(v: Tensor) -> Tensor:
+        return _flatten(matvec(_unflatten(v, params)), like.dtype)
+
+    if method == "power":
+        return _power(flat_matvec, n, like, generator, iters, tol)
+    return _lanczos(flat_matvec, n, like, generator, iters, tol, k)
+
+
+def functional_hessian_top_eigenvalue(params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss,
+                                      *, iters: int = 20, tol: float = 1e-5, seed: int = 0,
+                                      method: str = "lanczos", k: int = 1) -> EigenResult:
+    """λ_max(H_F), the largest *algebraic* eigenvalue of the functional Hessian H_F = H − H_O.
+
+    H_F is indefinite. We report the largest algebraic eigenvalue (not the largest magnitude) so it
+    sits on the same scale as λ_max(H) and λ_max(H_O), with Weyl's bound λ_max(H) ≤ λ_max(H_O) +
+    λ_max(H_F). With Lanczos, ``result.smallest`` is λ_min(H_F) from the same Krylov space, so the
+    largest magnitude is ``max(|result.value|, |result.smallest|)``.
+    """
+    matvec = functional_hessian_vector_product(params, batches, forward, loss)
+    return top_eigenvalue(matvec, params, iters=iters, tol=tol, seed=seed, method=method, k=k)
+
+
+# --------------------------------------------------------------------------------------------------
+# SAM path split
+
+
+# g, g_sam = J(w+ε)ᵀ r(w+ε), g_func = J(w+ε)ᵀ r(w), ε, and the losses (floats here): the optimizer
+# core's split, which train_step(..., split=True) measures too.
+SamPathSplit = PathGradients
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """⟨a, b⟩ over lists of tensors, accumulated in float64."""
+    return sum((x.double() * y.double()).sum().item() for x, y in zip(a, b))
+
+
+def _norm(a: Sequence[Tensor]) -> float:
+    return math.sqrt(_dot(a, a))
+
+
+def _cosine(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """cos∠(a, b); nan when either is zero."""
+    denominator = _norm(a) * _norm(b)
+    return _dot(a, b) / denominator if denominator > 0 else math.nan
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator > 0:
+        return numerator / denominator
+    return math.inf if numerator > 0 else math.nan
+
+
+def sam_path_split(params: Sequence[Tensor], batch: Batch, forward: Forward, loss: Loss, rho: float) -> SamPathSplit:
+    """g, g_SAM = J(w+ε)ᵀ r(w+ε) and g_F = J(w+ε)ᵀ r(w) at ε = ρ g/‖g‖ (0 when g = 0).
+
+    Over a list of batches every gradient is the average of per-batch gradients and ε uses the
+    averaged g. The weights are restored bitwise (copied back, never w + ε − ε).
+    """
+    batches = _as_batch_list(batches=batch)
+
+    def eps(g: list[Tensor]) -> list[Tensor]:
+        g_norm = _norm(g)
+        return [gi * (rho / g_norm) if g_norm > 0 else torch.zeros_like(gi) for gi in g]
+
+    split = path_gradients(params, batches, lambda b: _outputs(forward, b), loss, eps,
+                           [1 / len(batches)] * len(batches))
+    split.loss, split.loss_perturbed = float(split.loss), float(split.loss_perturbed)
+    return split
+
+
+def sam_path_norms(params: Sequence[Tensor], batch: Batch, forward: Forward, loss: Loss,
+                   rho: float) -> dict[str, float]:
+    """‖δ_logit‖, ‖δ_func‖, their ratio and cosines with g_SAM − g = δ_logit + δ_func (see module doc).
+
+    Keys: ``logit_path_norm`` = ‖δ_logit‖, ``functional_path_norm`` = ‖δ_func‖,
+    ``logit_functional_ratio`` = ‖δ_logit‖/‖δ_func‖ (inf if only δ_func = 0, nan if both are),
+    ``logit_path_cosine`` = cos∠(δ_logit, g_SAM − g), ``functional_path_cosine`` = cos∠(δ_func, g_SAM − g),
+    ``sam_shift_norm`` = ‖g_SAM − g‖, ``grad_norm`` = ‖g‖, ``sam_grad_norm`` = ‖g_SAM‖,
+    ``loss`` = L(w), ``loss_perturbed`` = L(w+ε).
+    """
+    split = sam_path_split(params, batch, forward, loss, rho)
+    delta_logit, delta_func = split.delta_logit, split.delta_func
+    shift = [a - b for a, b in zip(split.g_sam, split.g)]
+    logit_norm, func_norm = _norm(delta_logit), _norm(delta_func)
+    return {
+        "logit_path_norm": logit_norm,
+        "functional_path_norm": func_norm,
+        "logit_functional_ratio": _ratio(logit_norm, func_norm),
+        "logit_path_cosine": _cosine(delta_logit, shift),
+        "functional_path_cosine": _cosine(delta_func, shift),
+        "sam_shift_norm": _norm(shift),
+        "grad_norm": _norm(split.g),
+        "sam_grad_norm": _norm(split.g_sam),
+        "loss": split.loss,
+        "loss_perturbed": split.loss_perturbed,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# everything at once, on a model
+
+
+@contextlib.contextmanager
+def _measurement_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode, float32 (half-precision tensors upcast), autocast off, math attention, grad on.
+
+    On exit every module's own ``training`` flag is restored and upcast tensors get their original
+    storage back (bitwise; float32/float64 tensors are never touched).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    upcast = []
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    try:
+        with contextlib.ExitStack() as stack:
+            model.eval()
+            for t in tensors:
+                if t.is_floating_point() and t.element_size() < 4:
+                    upcast.append((t, t.data))
+                    t.data = t.data.float()
+            stack.enter_context(torch.enable_grad())
+            for device_type in sorted({t.device.type for t in tensors}):
+                with contextlib.suppress(RuntimeError, ValueError):
+                    stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            stack.enter_context(_math_attention())
+            yield
+    finally:
+        for t, data in upcast:
+            t.data = data
+        for m, training in modes:
+            m.training = training
+
+
+def measure_sharpness(model: torch.nn.Module, batches: Batch, forward: Forward, loss: Loss, *, iters: int = 20,
+                      seed: int = 0, rho: float = 0.05, tol: float = 1e-5, method: str = "lanczos",
+                      k: int = 1) -> dict[str, Any]:
+    """λ_max(H), λ_max(H_O), λ(H_F) and the SAM path split, in float32 and eval mode.
+
+    Over the trainable parameters (requires_grad=False ones are excluded) and the average of the
+    per-batch operators. The model's train/eval modes, weights (bitwise), dtypes, ``.grad`` and the
+    global RNG are left as they were. Keys:
+
+    - ``hessian_lambda_max`` λ_max(H); ``hessian_top_k`` (k largest, descending)
+    - ``gauss_newton_lambda_max`` λ_max(H_O = JᵀH_zJ)
+    - ``functional_lambda`` λ_max(H_F), largest *algebraic* (H_F is indefinite);
+      ``functional_lambda_min`` λ_min(H_F) (Lanczos; nan with power iteration)
+    - ``hessian_iters``, ``gauss_newton_iters``, ``functional_iters``; ``iters`` (the largest of the
+      three); ``converged`` (all three met ``tol``)
+    - from :func:`sam_path_norms` at ``rho``: ``logit_path_norm``, ``functional_path_norm``,
+      ``logit_functional_ratio``, ``logit_path_cosine``, ``functional_path_cosine``, ``sam_shift_norm``,
+      ``grad_norm``, ``sam_grad_norm``, ``loss``, ``loss_perturbed``; and ``rho``.
+    """
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no parameters with requires_grad=True")
+    batches = _as_batch_list(batches)
+    solve = dict(iters=iters, tol=tol, seed=seed, method=method)
+    with _measurement_mode(model):
+        hessian = top_eigenvalue(hessian_vector_product(params, batches, forward, loss), params, k=k, **solve)
+        gauss_newton = top_eigenvalue(gauss_newton_vector_product(params, batches, forward, loss), params, **solve)
+        functional = functional_hessian_top_eigenvalue(params, batches, forward, loss, **solve)
+        paths = sam_path_norms(params, batches, forward, loss, rho)
+    return {
+        "hessian_lambda_max": hessian.value,
+        "hessian_top_k": list(hessian.top_k),
+        "gauss_newton_lambda_max": gauss_newton.value,
+        "functional_lambda": functional.value,
+        "functional_lambda_min": functional.smallest,
+        "hessian_iters": hessian.iters,
+        "gauss_newton_iters": gauss_newton.iters,
+        "functional_iters": functional.iters,
+        "iters": max(hessian.iters, gauss_newton.iters, functional.iters),
+        "converged": hessian.converged and gauss_newton.converged and functional.converged,
+        **paths,
+        "rho": rho,
+    }

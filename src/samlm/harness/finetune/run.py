@@ -1,0 +1,214 @@
+"""Fine-tune a T5 or an encoder classifier on GLUE/SuperGLUE/QA tasks, with or without SAM.
+
+The Bahri et al. (2022) protocol: a pretrained T5 fine-tuned with Adafactor (constant lr 1e-3,
+batch 128), optionally with efficient SAM (ascent gradient on 1/4 of the batch), on a training
+set optionally subsampled to a fraction of its size; evaluated every ``eval_every`` steps; each
+task-metric reported at its best checkpoint (chosen separately per task-metric pair) and at the
+final checkpoint.
+
+:func:`prepare` validates the settings, reads the model config and the data and resolves the
+model's defaults, writing nothing (``--dry-run`` stops there); :func:`execute` loads the model,
+trains and writes the run directory (:mod:`samlm.harness.rundir`)::
+
+    config.json        the resolved settings (checked when resuming)
+    metrics.jsonl      one line per evaluation: step, train_* means, <task>/<metric>, <task>/loss
+    summary.json       best and final value + step of every metric, the overall score, the config
+    checkpoints/checkpoint-<step>/   weights (safetensors) + optimizer/data/RNG state
+
+Metric keys are ``<task>/<metric>`` (``glue/rte/accuracy``), or ``<task>:<split>/<metric>``
+when the evaluation split is not the task's only default one (MNLI's two validation splits,
+``eval_split``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from samlm import io
+from samlm.data.formats import Example
+from samlm.data.tasks import MixtureSampler, Task
+from samlm.errors import UserError
+from samlm.harness.finetune.build import (
+    EvalSet,
+    TrainBatches,
+    data_fingerprint,
+    load_data,
+    lr_schedule,
+    make_evaluator,
+    overall_score,
+    resolve_tasks,
+    run_device,
+)
+from samlm.harness.finetune.config import FinetuneConfig, identity, resolve, validate
+from samlm.harness.rundir import RunDir
+from samlm.progress import say
+
+SUMMARY_FORMAT = "samlm-finetune-summary"
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, validated and loaded; nothing written yet. ``config`` is resolved
+    (no model-dependent ``None`` left); ``resolved`` holds what was derived from the model and data."""
+
+    config: FinetuneConfig
+    resolved: dict[str, Any]
+    run_dir: RunDir
+    info: Any
+    tasks: list[Task]
+    train: dict[str, list[Example]]
+    train_sizes: dict[str, int]
+    eval_sets: list[EvalSet]
+    device: torch.device
+
+    def record(self, parallel: Mapping[str, Any] | None = None) -> dict:
+        """What ``config.json`` holds (and a resume is checked against)."""
+        resolved = dict(self.resolved, parallel=dict(parallel) if parallel is not None else None)
+        return {"config": self.config.as_dict(), "resolved": resolved}
+
+
+def prepare(config: FinetuneConfig) -> Plan:
+    """Validate the settings, read the model config and the data, resolve defaults. Writes nothing.
+
+    Cheap checks come first, so a mistake is reported before any weights are loaded.
+    """
+    from samlm.models import finetune as modeling
+
+    validate(config)
+    run_dir = RunDir(config.out)
+    run_dir.check_start(resume=config.resume, overwrite=config.overwrite)
+    tasks = resolve_tasks(config)
+    info = modeling.inspect_model(config.model, trust_remote_code=config.trust_remote_code)
+    modeling.check_tasks(info, tasks)
+    train, sizes, eval_sets = load_data(config, tasks)
+    defaults = modeling.paper_defaults(info, config.optimizer)
+    resolved_config = resolve(config, defaults)
+    resolved = {
+        "family": info.family, "model_type": info.model_type, "t5_size": info.t5_size,
+        "tasks": [t.name for t in tasks], "micro_batch": resolved_config.micro_batch,
+        "labels": list(tasks[0].labels) if config.columns is not None else None,
+        "kind": tasks[0].kind if config.columns is not None else None,
+        "defaults_from": defaults["source"],
+    }
+    plan = Plan(config=resolved_config, resolved=resolved, run_dir=run_dir, info=info, tasks=tasks, train=train,
+                train_sizes=sizes, eval_sets=eval_sets, device=run_device(config.device))
+    if config.resume:  # the launch is compared once the processes are known (execute)
+        run_dir.check_resume(plan.record(), functools.partial(identity, parallel=False))
+    return plan
+
+
+def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Load the model, train, write ``summary.json``; returns the summary."""
+    from samlm.integrations import distributed
+    from samlm.models.finetune import load_finetune_model
+    from samlm.optim import build_optimizer
+    from samlm.harness import parallel
+    from samlm.harness.loop import LoopConfig, train
+
+    s = plan.config
+    run_dir = plan.run_dir
+    info = parallel.setup(s.device)
+    distributed.check_batch_split(s.micro_batch, info.world_size, "--batch / --grad-accum (the micro-batch)")
+    first_task = plan.tasks[0]
+    fm = load_finetune_model(plan.info, first_task, seed=s.seed, max_input_length=s.max_input_length,
+                             max_target_length=s.max_target_length, device=info.device)
+    par = parallel.parallelize(fm.model, info, strategy=s.strategy, sync_ascent=s.sync_ascent,
+                               mixed_precision=s.mixed_precision, sam=s.is_sam)
+    if par.strategy == "fsdp" and "adafactor" in (s.optimizer, s.base):
+        raise UserError("Adafactor's factored second moments need whole weight matrices, which FSDP shards "
+                        "across processes: use --base adamw (or --optimizer adamw) with FSDP, or DDP")
+    record = plan.record(par.describe())
+    if s.resume:
+        run_dir.check_resume(record, identity)
+    model = par.module
+    try:
+        optimizer = build_optimizer(
+            s.optimizer, model.parameters(), base=s.base or "adamw", lr=s.lr, rho=s.rho,
+            ascent_fraction=s.ascent_fraction if s.ascent_fraction is not None else 0.25, m=s.m,
+            weight_decay=s.weight_decay, betas=s.betas, eps=s.adam_eps, sam_kwargs=par.sam_kwargs)
+    except ValueError as exc:
+        raise UserError(f"cannot build optimizer {s.optimizer}: {exc}") from None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s.lr_schedule, s.warmup, s.steps))
+    sampler = MixtureSampler(plan.train, limit=s.mixture_limit, seed=s.seed)
+    batches = distributed.shard_batches(TrainBatches(sampler, fm.collate, s.micro_batch, data_fingerprint(plan.train)),
+                                        info.rank, info.world_size)
+    evaluate = make_evaluator(fm, plan.eval_sets, s.eval_batch, autocast_dtype=par.autocast_dtype)
+
+    # Written only now that everything loaded: a failed start leaves no trace in --out.
+    if info.is_main:
+        run_dir.begin(record, resume=s.resume)
+    total = sum(len(v) for v in plan.train.values())
+    say(f"fine-tuning {plan.info.spec} ({plan.info.family}, {plan.info.model_type}) on {', '.join(plan.train)}: "
+        f"{total} training examples, {s.optimizer}"
+        + (f"[{s.base}, rho={s.rho:g}, ascent fraction {s.ascent_fraction:g}]" if s.base else "")
+        + f", lr {s.lr:g}, batch {s.batch}, {s.steps} steps (defaults: {plan.resolved['defaults_from']})")
+
+    result = train(par.model, optimizer, batches, config=LoopConfig.from_settings(s), evaluate=evaluate,
+                   scheduler=scheduler, forward=functools.partial(fm.forward, module=par.model), loss=fm.loss,
+                   scaler=par.scaler, step_kwargs=par.step_kwargs, on_step=on_step)
+    summary = build_summary(result, plan, {"model": {"parameters": sum(p.numel() for p in model.parameters())},
+                                           "parallel": par.describe()})
+    if info.is_main:
+        run_dir.write_summary(summary)
+    _report(summary, run_dir.path)
+    distributed.barrier()
+    return summary
+
+
+def build_summary(result, plan: Plan, extra: Mapping[str, Any]) -> dict:
+    """``summary.json``: best/final value and step of each metric, the score, the config."""
+    loop = result.summary()
+    best = result.best()
+    final = result.final or {}
+    metrics = {}
+    for key, b in best.items():
+        metrics[key] = {"best": b["value"], "best_step": b["step"], "mode": b["mode"],
+                        "final": final.get(key), "final_step": final.get("step")}
+    tasks = {t.name: t for t in plan.tasks}
+    eval_keys: dict[str, list[str]] = {}
+    for es in plan.eval_sets:
+        eval_keys.setdefault(es.task.name, []).append(es.key)
+    name, best_score = overall_score({k: v["best"] for k, v in metrics.items()}, eval_keys, tasks)
+    _, final_score = overall_score({k: v["final"] for k, v in metrics.items() if v["final"] is not None},
+                                   eval_keys, tasks)
+    return io.json_safe({
+        "format": SUMMARY_FORMAT,
+        "version": 1,
+        "completed": loop["completed"],
+        "interrupted": loop["interrupted"],
+        "step": loop["step"],
+        "steps": loop["steps"],
+        "metrics": metrics,
+        "score": {"name": name, "best": best_score, "final": final_score,
+                  "note": "best: from each task-metric's best checkpoint (Bahri et al.); final: last evaluation"},
+        "config": plan.config.as_dict(),
+        "resolved": plan.record(extra.get("parallel"))["resolved"],
+        "model": {**plan.info.describe(), **extra.get("model", {})},
+        "parallel": extra.get("parallel", {"world_size": 1}),
+        "data": {
+            name: {"train_examples": len(plan.train[name]), "train_examples_before_subsample": plan.train_sizes[name],
+                   "eval": {es.key: {"split": es.split, "examples": len(es.examples)}
+                            for es in plan.eval_sets if es.task.name == name}}
+            for name in plan.train
+        },
+        "loop": loop,
+    })
+
+
+def _report(summary: Mapping[str, Any], out: Path) -> None:
+    for key, m in summary["metrics"].items():
+        if key.endswith("/loss"):
+            continue
+        final = "n/a" if m["final"] is None else f"{m['final']:.2f}"
+        say(f"{key}: best {m['best']:.2f} (step {m['best_step']}), final {final} (step {m['final_step']})")
+    score = summary["score"]
+    if score["best"] is not None:
+        final = "n/a" if score["final"] is None else f"{score['final']:.2f}"
+        say(f"{score['name']}: {score['best']:.2f} from best checkpoints, {final} final")
+    say(f"wrote {RunDir(out).summary_file}")

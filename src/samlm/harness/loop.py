@@ -1,0 +1,768 @@
+"""The training loop shared by the pretraining and fine-tuning harnesses.
+
+One call, :func:`train`, runs ``config.steps`` optimizer steps::
+
+    for each step:
+        batch   = grad_accum micro-batches from the resumable train iterator
+        stats   = samlm.optim.train_step(optimizer, batch, forward, loss)   # any optimizer
+        scheduler.step()
+        every eval_every / sharpness_every steps (and at the end):
+            evaluate(model), sharpness(model) -> one line of metrics.jsonl
+        every save_every steps (and at the end, and on SIGINT/SIGTERM): a checkpoint
+
+Run directory (``config.out``, a :class:`~samlm.harness.rundir.RunDir`)::
+
+    metrics.jsonl                one JSON line per measurement (see ``_measurement``)
+    checkpoints/checkpoint-<step>/{model.safetensors, state.pt, manifest.json}   (samlm.io)
+    summary.json                 written by the harness from ``LoopResult.summary()``
+
+Exact resume: a checkpoint holds the weights, the optimizer / scheduler / grad-scaler
+state, every RNG, the data iterator position, the loop counters (including the partial sums
+of the current logging window) and the metrics history. ``resume=True`` restores all of it
+and rewrites ``metrics.jsonl`` to the checkpoint's history, dropping lines written after the
+checkpoint, so on CPU the resumed run continues bitwise identically to an uninterrupted one
+(only wall-clock fields — ``tokens_per_s``, ``step_s`` — differ).
+
+Non-finite steps: a step whose loss is NaN/Inf or whose update the optimizer skipped
+(``StepStats.skipped``) is counted. ``nonfinite="skip"`` keeps going; ``"stop"`` raises
+``NonFiniteLossError`` after ``max_nonfinite`` such steps in a row. Weights that
+are NaN/Inf are never saved: a save that meets them raises ``NonFiniteLossError`` (whatever
+the policy) and the previous checkpoint stays the newest one on disk.
+
+Signals: SIGINT and SIGTERM ask the loop to stop; it finishes the current step (and its
+evaluation), saves a checkpoint and returns with ``LoopResult.interrupted`` set. A second
+SIGINT raises ``KeyboardInterrupt`` at once (the last checkpoint written stays valid). The
+harnesses turn an interrupted result into exit code 130 (``samlm.cli``).
+
+Data parallelism (``torchrun``/``accelerate launch``): pass the DDP/FSDP-wrapped model; every
+process runs this loop on its own rows (``samlm.integrations.distributed.shard_batches``). Each step, the
+processes agree on the step's statistics (means over processes), its token count (summed) and
+whether a signal asked to stop, so all of them evaluate, save and stop at the same step. Only
+the main process writes files and prints; checkpoints hold the full, unwrapped model (FSDP2
+shards gathered), so a run resumes on any number of processes of the same strategy.
+Evaluation and sharpness run on the unwrapped model, on every process.
+
+Crash safety: every file goes through :mod:`samlm.io` (atomic writes, checkpoints verified by
+sha256 on load, torn ``metrics.jsonl`` tails dropped), so a ``kill -9`` at any moment leaves a
+run that ``resume=True`` continues exactly from its newest good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from samlm import io
+from samlm.integrations import distributed
+from samlm.data.text import count_targets, lm_loss
+from samlm.errors import NonFiniteLossError, UserError
+from samlm.harness import settings as s
+from samlm.harness.rundir import CHECKPOINTS_DIR, METRICS_FILE, RunDir
+from samlm.harness.settings import BatchSettings, LoopSettings, ScheduleSettings, override, setting
+from samlm.models import lm_forward
+from samlm.optim import SharpnessAware, train_step
+from samlm.progress import progress_bar, say
+
+TRAIN_STATE_FORMAT = "samlm-train-state"
+
+
+class ResumableIterator(Protocol):
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class LoopConfig:
+    """Everything that controls the loop (not the model, optimizer or data). The fields shared
+    with a harness's settings are those settings (same names, defaults and checks)."""
+
+    out: str | Path = override(LoopSettings, "out", default=dataclasses.MISSING)
+    steps: int = setting(0, "optimizer steps", check=s.nonnegative_int)
+    eval_every: int = override(LoopSettings, "eval_every")
+    save_every: int = override(LoopSettings, "save_every")
+    keep_checkpoints: int = override(LoopSettings, "keep_checkpoints")
+    grad_accum: int = override(BatchSettings, "grad_accum")
+    sharpness_every: int = setting(0, "sharpness every N steps (0: never)", check=s.nonnegative_int)
+    split: bool = setting(False, "train_step(split=True): logit/functional path norms (SAM only)")
+    clip: float | None = override(ScheduleSettings, "clip")
+    nonfinite: str = override(LoopSettings, "nonfinite")
+    max_nonfinite: int = override(LoopSettings, "max_nonfinite")
+    resume: bool = override(LoopSettings, "resume")
+    overwrite: bool = override(LoopSettings, "overwrite")
+    eval_at_start: bool = setting(False, "also evaluate the initial model (a step-0 line)")
+    seed: int | None = setting(None, "fresh start: seed python/numpy/torch RNGs (dropout); resume restores them",
+                               check=s.seed)
+    progress: bool = override(LoopSettings, "progress")
+    handle_signals: bool = setting(True, "SIGINT/SIGTERM: finish the step, checkpoint, return")
+
+    @classmethod
+    def from_settings(cls, config, **values) -> "LoopConfig":
+        """The loop's part of a harness config (the fields of the same name), then ``values``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
+        return cls(**{**shared, **values})
+
+    def validate(self) -> None:
+        s.validate(self)
+
+    def check(self) -> None:
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: choose one")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+# --------------------------------------------------------------------------- loop state
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last metrics line (their means go into the next line)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    sums: dict[str, float] = field(default_factory=dict)   # finite StepStats values, summed
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, stats: Mapping[str, Any], tokens: int, seconds: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        for key, value in stats.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {f"train_{k}": self.sums[k] / self.counts[k] for k in self.sums}
+
+
+@dataclass
+class _LoopState:
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    nonfinite_steps: int = 0        # steps with a non-finite loss or a skipped update
+    nonfinite_streak: int = 0
+    ascent_nonfinite_steps: int = 0
+    last_lr: float | None = None
+    window: _Window = field(default_factory=_Window)
+    history: list[dict] = field(default_factory=list)
+
+    def to_state(self) -> dict:
+        # JSON strings keep the checkpoint free of anything weights_only loading refuses.
+        d = asdict(self)
+        d["window"] = json.dumps(d["window"])
+        d["history"] = json.dumps(io.json_safe(self.history))
+        return d
+
+    @classmethod
+    def from_state(cls, d: Mapping[str, Any]) -> "_LoopState":
+        d = dict(d)
+        d["window"] = _Window(**json.loads(d["window"]))
+        d["history"] = json.loads(d["history"])
+        return cls(**d)
+
+
+@dataclass
+class LoopResult:
+    """What a run did; ``summary()`` is the JSON the harness writes to ``summary.json``."""
+
+    out_dir: Path
+    config: LoopConfig
+    step: int                        # steps done in total (across resumes)
+    start_step: int                  # where this call started (0, or the resumed checkpoint's step)
+    history: list[dict]              # every metrics line, as in metrics.jsonl
+    tokens: int
+    train_seconds: float
+    nonfinite_steps: int
+    ascent_nonfinite_steps: int
+    interrupted: str | None = None   # "SIGINT" / "SIGTERM" if a signal ended the run early
+    checkpoint: Path | None = None   # the last checkpoint written or loaded
+
+    @property
+    def completed(self) -> bool:
+        return self.step >= self.config.steps
+
+    @property
+    def final(self) -> dict | None:
+        """The last metrics line that has evaluation results (else the last line)."""
+        evaluated = [r for r in self.history if evaluation_metrics(r)]
+        return evaluated[-1] if evaluated else (self.history[-1] if self.history else None)
+
+    def best(self) -> dict[str, dict]:
+        """Best value and step of every evaluation metric (loss/ppl/error: lowest; else highest).
+
+        Chosen separately for each metric, as Bahri et al. pick the best checkpoint per
+        task-metric pair.
+        """
+        best: dict[str, dict] = {}
+        for record in self.history:
+            for key, value in evaluation_metrics(record).items():
+                lower = lower_is_better(key)
+                current = best.get(key)
+                if current is None or (value < current["value"] if lower else value > current["value"]):
+                    best[key] = {"value": value, "step": record["step"], "mode": "min" if lower else "max"}
+        return best
+
+    def summary(self) -> dict:
+        return io.json_safe({
+            "step": self.step,
+            "steps": self.config.steps,
+            "completed": self.completed,
+            "interrupted": self.interrupted,
+            "final": self.final,
+            "best": self.best(),
+            "tokens": self.tokens,
+            "train_seconds": self.train_seconds,
+            "step_s": self.train_seconds / self.step if self.step else None,
+            "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
+            "nonfinite_steps": self.nonfinite_steps,
+            "ascent_nonfinite_steps": self.ascent_nonfinite_steps,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "loop_config": self.config.as_dict(),
+        })
+
+
+# Fields of a metrics line written by the loop itself; every other number came from evaluate().
+LOOP_FIELDS = frozenset({"step", "lr", "tokens", "tokens_per_s", "step_s", "nonfinite_steps", "sharpness"})
+
+
+def evaluation_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics line that came from ``evaluate(model)``."""
+    return {
+        key: value
+        for key, value in record.items()
+        if key not in LOOP_FIELDS and not key.startswith("train_")
+        and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+def lower_is_better(metric: str) -> bool:
+    name = metric.lower()
+    return any(word in name for word in ("loss", "ppl", "perplexity", "error", "bpb", "bits"))
+
+
+# --------------------------------------------------------------------------- helpers for harnesses
+
+
+def count_input_tokens(batch) -> int:
+    """Tokens a batch feeds the model: attention_mask.sum() if present, else input_ids.numel()."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+    if isinstance(batch, (tuple, list)):
+        return int(batch[0].numel())
+    return int(batch.numel())
+
+
+def lm_evaluator(
+    val_batches: list,
+    *,
+    forward_factory: Callable[[nn.Module], Callable] = lm_forward,
+    prefix: str = "val",
+) -> Callable[[nn.Module], dict[str, float]]:
+    """``evaluate(model) -> {"val_loss", "val_ppl"}``: token-weighted mean loss over fixed batches."""
+    if not val_batches:
+        raise UserError("no validation batches")
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        forward = forward_factory(model)
+        device = next(model.parameters()).device
+        total_loss, total_tokens = 0.0, 0
+        for batch in val_batches:
+            batch = _to_device(batch, device)
+            tokens = count_targets(batch)
+            total_loss += float(lm_loss(forward(batch), batch)) * tokens
+            total_tokens += tokens
+        mean = total_loss / max(total_tokens, 1)
+        return {f"{prefix}_loss": mean, f"{prefix}_ppl": math.exp(min(mean, 700.0))}
+
+    return evaluate
+
+
+def _to_device(batch, device):
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(v.to(device) if isinstance(v, torch.Tensor) else v for v in batch)
+    return batch.to(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and CUDA) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a 2nd SIGINT stops at once).
+
+    Handlers can only be installed from the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if self.enabled:
+            for name in self.SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        # Only set a flag: printing or saving from inside a signal handler can deadlock.
+        name = signal.Signals(signum).name
+        if self.received is not None and name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self.received = name
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: ResumableIterator,
+    *,
+    config: LoopConfig,
+    evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    scheduler=None,
+    forward: Callable | None = None,
+    loss: Callable = lm_loss,
+    sharpness: Callable[[nn.Module], Mapping[str, Any]] | None = None,
+    scaler=None,
+    count_tokens: Callable[[Any], int] = count_input_tokens,
+    on_step: Callable[[int, dict], None] | None = None,
+    step_kwargs: Mapping[str, Any] | None = None,
+    final_sharpness: bool = False,
+) -> LoopResult:
+    """Train ``model`` for ``config.steps`` optimizer steps; see the module docstring.
+
+    Args:
+        optimizer: a torch optimizer or a samlm SAM-family wrapper (both go through
+            ``samlm.optim.train_step``).
+        train_batches: an endless iterator of micro-batches with ``state_dict()`` /
+            ``load_state_dict()`` (e.g. ``LMDataset.train_batches``).
+        evaluate: ``evaluate(model) -> {"val_loss": ...}``, called in eval mode.
+        scheduler: stepped once per optimizer step; saved and restored.
+        forward / loss: the optimizer contract's callables (default: causal LM logits and
+            token-mean cross-entropy).
+        sharpness: ``sharpness(model) -> dict`` every ``config.sharpness_every`` steps.
+        scaler: an optional ``torch.amp.GradScaler`` (passed to train_step, checkpointed).
+        on_step: ``on_step(step, stats_dict)`` after every step (hooks and tests).
+        step_kwargs: extra keyword arguments for ``train_step`` (e.g. ``autocast_dtype``).
+        final_sharpness: also measure ``sharpness`` at the last step when ``sharpness_every``
+            did not (a ``{"step", "sharpness"}`` line after the final checkpoint, measured again
+            by a resumed run: it is deterministic).
+    """
+    config.validate()
+    _check_optimizer_settings(optimizer)
+    run_dir = RunDir(config.out)
+    forward = forward or lm_forward(model)
+    run = _Run(model, optimizer, train_batches, config, scheduler, scaler)
+    state, checkpoint = run.start()
+    distributed.barrier()  # the main process has cleaned or rewritten the run directory
+    start_step = state.step
+    step_args = dict(step_kwargs or {}, model=model, max_grad_norm=config.clip, scaler=scaler)
+    if config.split:
+        if not isinstance(optimizer, SharpnessAware):
+            raise UserError("split=True measures SAM's logit/functional paths: it needs a SAM-family optimizer")
+        step_args["split"] = True
+
+    def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
+        record = _measurement(step, state, run.module, evaluate if do_eval else None, sharpness if do_sharpness else None)
+        state.history.append(record)
+        if run.main:
+            run_dir.append_metrics(record)
+
+    bar = progress_bar(config.steps, initial=state.step, enabled=config.progress and run.main)
+    interrupted = None
+    try:
+        with _StopSignals(config.handle_signals) as signals:
+            if config.eval_at_start and state.step == 0 and not state.history and evaluate is not None:
+                measure(0, do_eval=True, do_sharpness=False)
+            while state.step < config.steps:
+                stats = _one_step(run, state, forward, loss, count_tokens, step_args)
+                _apply_nonfinite_policy(state, stats, config)
+                bar.update(1)
+                bar.set_postfix(_postfix(stats, state), refresh=False)
+
+                step = state.step
+                is_last = step == config.steps
+                do_eval = evaluate is not None and (is_last or _due(step, config.eval_every))
+                do_sharpness = sharpness is not None and _due(step, config.sharpness_every)
+                if do_eval or do_sharpness or (is_last and evaluate is None):
+                    measure(step, do_eval, do_sharpness)
+                if on_step is not None:
+                    on_step(step, stats)
+                interrupted = _agree_on_stop(signals.received)
+                if interrupted:
+                    say(f"received {interrupted}: saving a checkpoint at step {step}, then stopping")
+                if is_last or interrupted or _due(step, config.save_every):
+                    checkpoint = run.save(state)
+                if interrupted:
+                    say(f"stopped at step {step}; resume from {checkpoint}")
+                    break
+    finally:
+        bar.close()
+    last = state.history[-1] if state.history else {}
+    if (final_sharpness and sharpness is not None and state.step >= config.steps
+            and not (last.get("step") == state.step and "sharpness" in last)):
+        record = io.json_safe({"step": state.step, "sharpness": _in_eval_mode(run.module, sharpness)})
+        state.history.append(record)
+        if run.main:
+            run_dir.append_metrics(record)
+    return LoopResult(
+        out_dir=run_dir.path, config=config, step=state.step, start_step=start_step, history=state.history,
+        tokens=state.tokens, train_seconds=state.train_seconds, nonfinite_steps=state.nonfinite_steps,
+        ascent_nonfinite_steps=state.ascent_nonfinite_steps, interrupted=interrupted, checkpoint=checkpoint,
+    )
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_args) -> dict:
+    """Draw the micro-batches, take one optimizer step, step the scheduler, update counters.
+    Returns the step's statistics (agreed across processes)."""
+    started = time.perf_counter()  # step time includes fetching the data
+    device = next(run.model.parameters()).device
+    micro_batches = [_to_device(next(run.train_batches), device) for _ in range(run.config.grad_accum)]
+    if not run.step_plan_checked:
+        _check_step_plan(run.optimizer, micro_batches)
+        run.step_plan_checked = True
+    batch = micro_batches if len(micro_batches) > 1 else micro_batches[0]
+    lr = current_lr(run.optimizer)
+    try:
+        stats = train_step(run.optimizer, batch, forward, loss, **step_args).as_dict()
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        # torch refuses a step size beyond float32 (e.g. lr / Adam's bias correction): divergence.
+        raise NonFiniteLossError(
+            f"training stopped at step {state.step + 1}: the optimizer's step size overflowed float32 "
+            f"(lr={lr:g}: {_first_line(exc)}); lower the learning rate"
+        ) from None
+    if run.scheduler is not None:
+        # The schedule follows the loop's step count, skipped steps included; torch warns
+        # when a scheduler steps without an optimizer step, which is intended here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            run.scheduler.step()
+    tokens = sum(count_tokens(b) for b in micro_batches)
+    stats, tokens = _agree_across_processes(stats, tokens)
+    seconds = time.perf_counter() - started
+
+    state.step += 1
+    state.tokens += tokens
+    state.train_seconds += seconds
+    state.last_lr = lr
+    state.window.add(stats, tokens, seconds)
+    return stats
+
+
+def _agree_across_processes(stats: dict, tokens: int) -> tuple[dict, int]:
+    """Under data parallelism every process must take the same decisions (non-finite policy,
+    evaluation, saving): one small all-reduce gives all of them the mean of each statistic
+    (NaN anywhere stays NaN), any skipped step and the total tokens."""
+    if not distributed.is_distributed():
+        return stats, tokens
+    keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)))
+    values = torch.tensor([float(stats[k]) for k in keys] + [float(tokens)], dtype=torch.float64)
+    total = distributed.agree(values).tolist()
+    world = distributed.get_world_size()
+    agreed = dict(stats)
+    for key, value in zip(keys, total):
+        agreed[key] = value > 0 if isinstance(stats[key], bool) else value / world
+    return agreed, int(total[-1])
+
+
+def _agree_on_stop(received: str | None) -> str | None:
+    """The signal that stops the run, if any process received one (all stop at the same step)."""
+    if not distributed.is_distributed():
+        return received
+    anyone = distributed.agree(torch.tensor([0.0 if received is None else 1.0]), op="max")
+    return (received or "a signal to another process") if float(anyone) > 0 else None
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_optimizer_settings(optimizer: torch.optim.Optimizer) -> None:
+    """Every number an optimizer step multiplies with must be finite and fit in float32.
+
+    torch applies ``lr``, ``weight_decay``, ``eps``, ... to fp32 weights; a value beyond
+    float32's range (``lr=1e39``) fails inside the step with an overflow traceback, and NaN
+    silently ruins the weights. Checked before anything is written.
+    """
+    def bad(value) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX))
+
+    settings: list[tuple[str, Any]] = []
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key == "params":
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            settings.extend((key, v) for v in values)
+    if isinstance(optimizer, SharpnessAware):
+        settings.append(("rho", optimizer.rho))
+    for key, value in settings:
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if bad(value):
+            name = "lr" if key == "initial_lr" else key
+            raise UserError(f"optimizer setting {name}={value!r} is not a finite number within float32's range "
+                            f"(|x| <= {_FLOAT32_MAX:.3g})")
+
+
+def _check_step_plan(optimizer, micro_batches: list) -> None:
+    """A SAM-family optimizer must be able to split a step's rows into its m groups.
+
+    Checked on the first step of a run, so that a batch that ``m`` does not divide (or too small
+    for any ascent row) is one ``UserError`` line before anything is trained or saved.
+    """
+    if not isinstance(optimizer, SharpnessAware):
+        return
+    from samlm.optim.batching import batch_rows, plan_step
+
+    try:
+        sizes = [batch_rows(b) for b in micro_batches]
+        plan_step(sizes, optimizer.ascent_fraction, optimizer.m)
+    except ValueError as exc:
+        rows = " + ".join(str(batch_rows(b)) for b in micro_batches) if micro_batches else "0"
+        raise UserError(f"cannot split a training step of {rows} rows for SAM: {exc}") from None
+
+
+def _apply_nonfinite_policy(state: _LoopState, stats: Mapping[str, Any], config: LoopConfig) -> None:
+    loss_value = stats.get("loss", float("nan"))
+    nonfinite = bool(stats.get("skipped")) or not math.isfinite(loss_value)
+    if stats.get("ascent_nonfinite"):
+        state.ascent_nonfinite_steps += 1
+    if not nonfinite:
+        state.nonfinite_streak = 0
+        return
+    state.nonfinite_steps += 1
+    state.nonfinite_streak += 1
+    if config.nonfinite == "stop" and state.nonfinite_streak >= config.max_nonfinite:
+        raise NonFiniteLossError(
+            f"training stopped at step {state.step}: {state.nonfinite_streak} consecutive steps with a "
+            f"non-finite loss or gradient (loss={loss_value}); lower the learning rate or rho, or keep going "
+            "with --nonfinite skip"
+        )
+
+
+def _measurement(step: int, state: _LoopState, model: nn.Module, evaluate, sharpness) -> dict:
+    """One metrics line: training means since the last line, then evaluation and sharpness.
+
+    Fields: step, train_<StepStats field> means (train_loss, train_grad_norm, ...), val metrics
+    from ``evaluate``, ``sharpness`` (a dict) when measured, lr (of the last step), tokens
+    (total so far), tokens_per_s and step_s (over the window), nonfinite_steps (total so far).
+    """
+    window = state.window
+    record: dict[str, Any] = {"step": step}
+    record.update(window.means())
+    if evaluate is not None:
+        record.update(_in_eval_mode(model, evaluate))
+    if sharpness is not None:
+        record["sharpness"] = dict(_in_eval_mode(model, sharpness))
+    record["lr"] = state.last_lr
+    record["tokens"] = state.tokens
+    record["tokens_per_s"] = window.tokens / window.seconds if window.seconds else None
+    record["step_s"] = window.seconds / window.steps if window.steps else None
+    record["nonfinite_steps"] = state.nonfinite_steps
+    state.window = _Window()
+    return io.json_safe(record)
+
+
+def _in_eval_mode(model: nn.Module, fn: Callable[[nn.Module], Mapping[str, Any]]) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        return dict(fn(model))
+    finally:
+        model.train(was_training)
+
+
+def _postfix(stats: Mapping[str, Any], state: _LoopState) -> dict:
+    window = state.window
+    postfix = {"loss": f"{stats.get('loss', float('nan')):.4f}"}
+    if window.seconds:
+        postfix["tok/s"] = f"{window.tokens / window.seconds:,.0f}"
+    if state.nonfinite_steps:
+        postfix["nonfinite"] = state.nonfinite_steps
+    return postfix
+
+
+# --------------------------------------------------------------------------- run directory + checkpoints
+
+
+class _Run:
+    """The stateful objects of a run, and how they go to and come back from a checkpoint."""
+
+    def __init__(self, model, optimizer, train_batches, config: LoopConfig, scheduler, scaler):
+        self.model = model
+        self.module = distributed.unwrap_model(model)  # evaluated, measured and saved without DDP/FSDP1
+        self.main = distributed.is_main_process()      # the one process that writes
+        self.optimizer = optimizer
+        self.train_batches = train_batches
+        self.config = config
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.run_dir = RunDir(config.out)
+        self.out_dir = self.run_dir.path
+        self.checkpoint_root = self.run_dir.checkpoints
+        self.step_plan_checked = False
+
+    def start(self) -> tuple[_LoopState, Path | None]:
+        """Fresh state, or the state of the latest good checkpoint when resuming."""
+        if self.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_dir.resumes(self.config.resume):
+            checkpoint = io.load_latest_checkpoint(self.checkpoint_root)  # warns about bad ones
+            state = self.restore(checkpoint)
+            # Drop lines written after the checkpoint (they will be written again).
+            if self.main:
+                self.run_dir.rewrite_metrics(state.history)
+            skipped = ", ".join(path.name for path, _ in checkpoint.skipped)
+            say(f"resumed from {checkpoint.path} at step {state.step}"
+                + (f" (newer checkpoint(s) {skipped} unusable, see the warning above)" if skipped else ""))
+            return state, checkpoint.path
+        if self.config.resume:
+            say(f"no checkpoint in {self.checkpoint_root}: starting from step 0")
+        self.run_dir.check_start(resume=self.config.resume, overwrite=self.config.overwrite)
+        if self.main:
+            self.run_dir.clear()
+        if self.config.seed is not None:
+            seed_everything(self.config.seed)
+        return _LoopState(), None
+
+    def save(self, state: _LoopState) -> Path:
+        """Write a checkpoint (main process; the others take part in gathering FSDP shards)."""
+        path = self.checkpoint_root / f"{io.CHECKPOINT_PREFIX}{state.step}"
+        if distributed.is_distributed() and not distributed.all_finite(self.module.parameters()):
+            # Every process stops here together (a single rank raising would leave the others waiting).
+            previous = io.checkpoint_dirs(self.checkpoint_root)
+            last_good = previous[-1][1] if previous else "none"
+            raise NonFiniteLossError(f"weights at step {state.step} are not finite; the weights diverged. "
+                                     f"Last checkpoint: {last_good}")
+        model_state = distributed.model_state_to_save(self.module)
+        optimizer_state = distributed.optimizer_state_to_save(self.module, self.optimizer)
+        if self.main:
+            path = self._write(state, model_state, optimizer_state)
+        distributed.barrier()
+        return path
+
+    def _write(self, state: _LoopState, model_state: dict, optimizer_state: dict) -> Path:
+        extra = {
+            "format": TRAIN_STATE_FORMAT,
+            "loop": state.to_state(),
+            "config": json.dumps(self.config.as_dict()),
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": self.train_batches.state_dict(),
+            "rng": io.capture_rng_state(),
+        }
+        try:
+            return io.save_checkpoint(
+                self.checkpoint_root, state.step, model_state, extra, keep=self.config.keep_checkpoints
+            )
+        except io.NonFiniteWeightsError as exc:
+            previous = io.checkpoint_dirs(self.checkpoint_root)
+            last_good = previous[-1][1] if previous else "none"
+            raise NonFiniteLossError(f"{exc}; the weights diverged. Last checkpoint: {last_good}") from None
+
+    def restore(self, checkpoint: io.Checkpoint) -> _LoopState:
+        extra = checkpoint.extra_state
+        if not isinstance(extra, Mapping) or extra.get("format") != TRAIN_STATE_FORMAT:
+            raise UserError(f"{checkpoint.path} is not a samlm training checkpoint")
+        self._load_model(checkpoint)
+        try:
+            distributed.load_optimizer_state(self.module, self.optimizer, extra["optimizer"])
+            _load_optional("scheduler", self.scheduler, extra.get("scheduler"), checkpoint.path)
+            _load_optional("grad scaler", self.scaler, extra.get("scaler"), checkpoint.path)
+            self.train_batches.load_state_dict(extra["data"])
+            io.restore_rng_state(extra["rng"])
+            return _LoopState.from_state(extra["loop"])
+        except UserError:
+            raise
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            # A checkpoint of another optimizer / schedule / data pipeline: a different run.
+            raise UserError(
+                f"checkpoint {checkpoint.path} does not match this run ({type(exc).__name__}: "
+                f"{_first_line(exc)}); resume with the flags it was saved with, or start over"
+            ) from None
+
+    def _load_model(self, checkpoint: io.Checkpoint) -> None:
+        try:
+            missing, unexpected = distributed.load_model_state(self.module, checkpoint.model_state)
+        except RuntimeError as exc:  # shapes differ: another architecture
+            raise UserError(
+                f"checkpoint {checkpoint.path} does not match the model: {_first_line(exc)}"
+            ) from None
+        if missing or unexpected:
+            raise UserError(
+                f"checkpoint {checkpoint.path} does not match the model: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_optional(what: str, obj, state, path: Path) -> None:
+    if obj is None and state is None:
+        return
+    if obj is None or state is None:
+        raise UserError(
+            f"checkpoint {path} was saved {'with' if state is not None else 'without'} a {what}, "
+            f"but this run has {'none' if obj is None else 'one'}"
+        )
+    obj.load_state_dict(state)

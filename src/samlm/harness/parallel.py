@@ -1,0 +1,131 @@
+"""How a harness runs on one or many processes: device, DDP/FSDP wrapping, SAM settings, AMP.
+
+Both harnesses (``samlm pretrain``, ``samlm finetune``) call :func:`setup` before loading the
+model (so it lands on this process's device) and :func:`parallelize` before building the
+optimizer (FSDP2 replaces the parameters with sharded ones)::
+
+    info = parallel.setup(device_flag)                    # torchrun / accelerate launch / one process
+    model = load(...).to(info.device)
+    par = parallel.parallelize(model, info, strategy=..., sync_ascent=..., mixed_precision=...)
+    optimizer = build_optimizer(..., par.module.parameters(), sam_kwargs=par.sam_kwargs)
+    train(par.model, optimizer, shard_batches(batches), scaler=par.scaler,
+          step_kwargs=par.step_kwargs, ...)
+
+``--batch`` stays the *global* batch: each of N processes trains on its N-th of every batch's
+rows, so N processes with ``--sync-ascent`` (exact global SAM) follow the single-process run,
+and without it each replica perturbs with its own ε (m-sharpness, m = N; Foret et al.).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from samlm.integrations import distributed
+from samlm.errors import UserError
+
+STRATEGIES = distributed.STRATEGIES
+MIXED_PRECISION = distributed.MIXED_PRECISION
+
+
+def add_arguments(parser, *, device_flag: bool = True) -> None:
+    """``--device``, ``--strategy``, ``--sync-ascent``, ``--mixed-precision`` (on a parser or a group)."""
+    group = parser if not isinstance(parser, argparse.ArgumentParser) else parser.add_argument_group(
+        "devices and processes (multi-GPU: torchrun --nproc-per-node N -m samlm ... or accelerate launch -m samlm ...)")
+    if device_flag:
+        group.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu, cuda")
+    group.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                       help="data parallelism across processes: auto (FSDP under accelerate's --use_fsdp, else "
+                            "DDP when launched on several processes), ddp, fsdp (FSDP2), none")
+    group.add_argument("--sync-ascent", action="store_true",
+                       help="average SAM's ascent gradient over processes (exact global SAM); default: each "
+                            "process perturbs with its own gradient (m-sharpness with m = processes, as in the papers)")
+    group.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None,
+                       help="no | bf16 (autocast) | fp16 (autocast + GradScaler); default: accelerate's setting, else no")
+
+
+def resolve_device(spec: str) -> Optional[torch.device]:
+    """``--device`` → a device, or None for "auto" (the launcher's local rank decides)."""
+    if spec == "auto":
+        return None
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {spec!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {spec}: only cpu and cuda are supported")
+    return device
+
+
+def setup(device: str = "auto") -> distributed.DistInfo:
+    """Join the launcher's process group (if any) and pick this process's device."""
+    wanted = resolve_device(device)
+    try:
+        return distributed.setup_distributed(device=wanted)
+    except ValueError as exc:  # e.g. DeepSpeed, or an unknown accelerate mixed-precision mode
+        raise UserError(str(exc)) from None
+
+
+@dataclass
+class Parallel:
+    """What :func:`parallelize` gives a harness."""
+
+    prepared: distributed.Prepared
+    mixed_precision: str
+    autocast_dtype: Optional[torch.dtype]
+    scaler: Any                      # torch.amp.GradScaler for fp16, else None
+    sam_kwargs: dict                 # for build_optimizer(sam_kwargs=...)
+
+    @property
+    def model(self) -> nn.Module:    # run forward on this, pass it to train()
+        return self.prepared.model
+
+    @property
+    def module(self) -> nn.Module:   # the model itself: parameters, state_dict, generate
+        return self.prepared.module
+
+    @property
+    def world_size(self) -> int:
+        return self.prepared.world_size
+
+    @property
+    def strategy(self) -> str:
+        return self.prepared.strategy
+
+    @property
+    def step_kwargs(self) -> Optional[dict]:
+        return {"autocast_dtype": self.autocast_dtype} if self.autocast_dtype is not None else None
+
+    def describe(self) -> dict:
+        """The settings a resumed run must share (recorded in the run's config)."""
+        return {"world_size": self.world_size, "strategy": self.strategy,
+                "mixed_precision": self.mixed_precision,
+                "sync_ascent": bool(self.sam_kwargs.get("sync_ascent", False))}
+
+
+def parallelize(model: nn.Module, info: distributed.DistInfo, *, strategy: str = "auto",
+                sync_ascent: bool = False, mixed_precision: Optional[str] = None,
+                sam: bool = True) -> Parallel:
+    """Wrap ``model`` for this launch and choose the SAM and mixed-precision settings."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{strategy}'")
+    mixed = mixed_precision or info.mixed_precision
+    if mixed not in MIXED_PRECISION:
+        raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got '{mixed}'")
+    if mixed == "fp16" and info.device.type != "cuda":
+        raise UserError("--mixed-precision fp16 needs a CUDA device (use bf16 on the CPU)")
+    if strategy == "fsdp" and not info.is_distributed:
+        strategy = "none"  # one process: nothing to shard
+    prepared = distributed.prepare(model, strategy=strategy, info=info)
+    autocast_dtype, scaler = distributed.amp_settings(mixed, info.device)
+    sam_kwargs = dict(prepared.sam_kwargs) if sam else {}
+    if sam and sync_ascent:
+        sam_kwargs["sync_ascent"] = True
+    return Parallel(prepared=prepared, mixed_precision=mixed, autocast_dtype=autocast_dtype, scaler=scaler,
+                    sam_kwargs=sam_kwargs)

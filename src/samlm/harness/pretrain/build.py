@@ -1,0 +1,124 @@
+"""Building a pretraining run from its settings: tokenizer and data, model, step budget and
+learning-rate schedule, and the sharpness probe the loop calls."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from samlm.errors import UserError
+from samlm.harness.pretrain.config import PretrainConfig
+
+MAX_DEFAULT_WARMUP = 1000
+DEFAULT_TOKENS_PER_PARAM = 20.0
+
+_TOKEN_CACHE: dict[tuple, Any] = {}
+
+
+def load_dataset(config: PretrainConfig, tokenizer):
+    """The :class:`~samlm.data.text.LMDataset` of a config (the token stream is cached per process)."""
+    from samlm.data.text import LMDataset, encode_text, load_corpus, tokenizer_vocab_size
+
+    key = (config.data, getattr(tokenizer, "name_or_path", getattr(tokenizer, "name", None)),
+           tokenizer_vocab_size(tokenizer), config.max_chars)
+    tokens = _TOKEN_CACHE.get(key)
+    if tokens is None:
+        tokens = encode_text(tokenizer, load_corpus(config.data, max_chars=config.max_chars))
+        _TOKEN_CACHE.clear()  # keep one corpus in memory at most
+        _TOKEN_CACHE[key] = tokens
+    return LMDataset(tokens, context=config.context, vocab_size=tokenizer_vocab_size(tokenizer),
+                     val_fraction=config.val_fraction)
+
+
+def resolve_tokenizer_name(config: PretrainConfig) -> str:
+    if config.tokenizer is not None:
+        return config.tokenizer
+    return config.model if config.model is not None else "bytes"
+
+
+def build_model(config: PretrainConfig, vocab_size: int):
+    """Fresh decoder from the shape flags (weights from ``seed``), or the ``--model`` checkpoint."""
+    from samlm.models import build_decoder, load_causal_lm
+
+    if config.model is None:
+        return build_decoder(config.arch, layers=config.layers, width=config.width, heads=config.heads,
+                             context=config.context, vocab_size=vocab_size, dropout=config.dropout,
+                             seed=config.seed)
+    model = load_causal_lm(config.model, trust_remote_code=config.trust_remote_code)
+    model_vocab = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > model_vocab:
+        raise UserError(f"the tokenizer has {vocab_size} tokens but model {config.model} embeds only {model_vocab}; "
+                        "use the model's own tokenizer (--tokenizer)")
+    positions = max_positions(model)
+    if positions is not None and config.context > positions:
+        raise UserError(f"--context {config.context} is longer than model {config.model}'s {positions} positions")
+    return model
+
+
+def max_positions(model) -> int | None:
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def lr_schedule(total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """Multiplier of the peak lr after ``step`` scheduler steps: linear warmup from ``min_ratio``
+    to 1 over ``warmup_steps``, then cosine to ``min_ratio`` at step ``total_steps - 1``."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return min_ratio + (1.0 - min_ratio) * step / warmup_steps
+        decay_steps = max(1, total_steps - 1 - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def resolve_steps(config: PretrainConfig, params: int, non_embedding_params: int) -> tuple[int, int]:
+    """(total steps, warmup steps) from --steps or --tokens-per-param, and --warmup."""
+    if config.steps is not None:
+        total = config.steps
+    else:
+        per_param = DEFAULT_TOKENS_PER_PARAM if config.tokens_per_param is None else config.tokens_per_param
+        counted = params if config.param_count == "total" else non_embedding_params
+        total = max(1, math.ceil(per_param * counted / (config.batch * config.context)))
+    warmup = min(MAX_DEFAULT_WARMUP, round(0.05 * total)) if config.warmup is None else config.warmup
+    if warmup >= total and total > 1:
+        raise UserError(f"--warmup {warmup} must be smaller than the number of steps ({total})")
+    return total, min(warmup, max(total - 1, 0))
+
+
+SHARPNESS_KEYS = (
+    "hessian_lambda_max", "gauss_newton_lambda_max", "functional_lambda", "functional_lambda_min",
+    "logit_path_norm", "functional_path_norm", "logit_functional_ratio", "logit_path_cosine",
+    "functional_path_cosine", "grad_norm", "loss", "iters", "converged", "rho",
+)
+
+
+def sharpness_probe(batches: list, *, iters: int = 20, seed: int = 0, rho: float = 0.05,
+                    method: str = "lanczos") -> Callable[[torch.nn.Module], dict]:
+    """``probe(model) -> dict``: :func:`samlm.diagnostics.sharpness.measure_sharpness` of a causal LM on fixed
+    batches (token-mean cross-entropy, fp32, eval mode); what the loop's ``sharpness=`` calls."""
+    from samlm.data.text import lm_loss
+    from samlm.models import lm_forward
+    from samlm.diagnostics import measure_sharpness
+
+    def probe(model: torch.nn.Module) -> dict:
+        device = next(model.parameters()).device
+        moved = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        started = time.perf_counter()
+        result = measure_sharpness(model, moved, lm_forward(model), lm_loss, iters=iters, seed=seed, rho=rho,
+                                   method=method)
+        out = {k: result[k] for k in SHARPNESS_KEYS if k in result}
+        out["seconds"] = time.perf_counter() - started
+        return out
+
+    return probe
+
+

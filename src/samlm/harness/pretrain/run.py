@@ -1,0 +1,231 @@
+"""Run one pretraining run: build it from a :class:`PretrainConfig`, train, write the summary.
+
+The pretraining study of methods.md §3: next-token prediction, the same number of steps for
+every optimizer. :func:`pretrain` builds the data, model, optimizer and schedule
+(:mod:`samlm.harness.pretrain.build`), runs :func:`samlm.harness.loop.train` and writes the run
+directory (:mod:`samlm.harness.rundir`): ``config.json``, ``metrics.jsonl``, ``checkpoints/``,
+``summary.json`` (final and best validation loss, perplexity, sharpness, speed, config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from samlm.errors import UserError
+from samlm.harness.pretrain.build import (
+    build_model,
+    load_dataset,
+    lr_schedule,
+    resolve_steps,
+    resolve_tokenizer_name,
+    sharpness_probe,
+)
+from samlm.harness.pretrain.config import PretrainConfig, identity, validate
+from samlm.harness.rundir import RunDir
+from samlm.progress import say
+
+# Summary keys that are wall-clock measurements (differ between otherwise identical runs).
+TIMING_KEYS = frozenset({"step_s", "tokens_per_s", "train_seconds", "wall_seconds", "sharpness_seconds"})
+
+
+@dataclass
+class Resolved:
+    """Values derived from the config once data and model exist (``config.json``'s ``resolved``)."""
+
+    tokenizer: str
+    total_steps: int
+    warmup_steps: int
+    rho: float | None
+    params: int
+    non_embedding_params: int
+    vocab_size: int
+    tokens_per_step: int
+    train_tokens: int
+    val_tokens: int
+    parallel: dict                    # world_size, strategy, mixed_precision, sync_ascent
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_step_split(config: PretrainConfig, world_size: int) -> None:
+    """Each process's rows of a step (micro-batch/processes × grad-accum) must split into --m
+    groups, each with an ascent row: checked before anything is written."""
+    from samlm.optim.batching import plan_step
+    from samlm.optim.registry import method
+
+    if not method(config.optimizer).is_sam:
+        return
+    rows = config.micro_batch // world_size
+    try:
+        plan_step([rows] * config.grad_accum, config.ascent_fraction, config.m)
+    except ValueError as exc:
+        per = f" per process ({world_size} processes)" if world_size > 1 else ""
+        raise UserError(f"cannot split a step of {rows * config.grad_accum} rows{per} for SAM "
+                        f"(--batch {config.batch}, --grad-accum {config.grad_accum}, --m {config.m}, "
+                        f"--ascent-fraction {config.ascent_fraction:g}): {exc}") from None
+
+
+def _resolve_rho(config: PretrainConfig) -> float | None:
+    from samlm.optim.registry import method
+
+    entry = method(config.optimizer)
+    if entry.is_sam:
+        return entry.default_rho if config.rho is None else config.rho
+    if config.rho is not None:
+        say(f"--rho {config.rho} is ignored: {config.optimizer} has no perturbation radius")
+    return None
+
+
+def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) one pretraining run; returns the summary also written to ``OUT/summary.json``.
+
+    ``summary["completed"]`` is False when a signal (Ctrl-C, SIGTERM) stopped the run early; its
+    checkpoint and results so far are on disk and ``resume=True`` continues it exactly.
+    """
+    from samlm.data.text import load_tokenizer, tokenizer_vocab_size
+    from samlm.harness import parallel
+    from samlm.harness.loop import LoopConfig, lm_evaluator, train
+    from samlm.integrations import distributed
+    from samlm.models import count_parameters
+    from samlm.optim import build_optimizer
+    from samlm.optim.registry import method
+
+    started = time.perf_counter()
+    if not isinstance(config, PretrainConfig):
+        config = PretrainConfig.from_mapping(config)
+    validate(config)
+    run_dir = RunDir(config.out)
+    run_dir.check_start(resume=config.resume, overwrite=config.overwrite)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    info = parallel.setup(config.device)
+    distributed.check_batch_split(config.micro_batch, info.world_size)
+    _check_step_split(config, info.world_size)
+
+    tokenizer_name = resolve_tokenizer_name(config)
+    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=config.trust_remote_code)
+    dataset = load_dataset(config, tokenizer)
+    vocab_size = tokenizer_vocab_size(tokenizer)
+    model = build_model(config, vocab_size)
+    params = count_parameters(model)
+    non_embedding = count_parameters(model, exclude_embeddings=True)
+    total_steps, warmup_steps = resolve_steps(config, params, non_embedding)
+    par = parallel.parallelize(model, info, strategy=config.strategy, sync_ascent=config.sync_ascent,
+                               mixed_precision=config.mixed_precision, sam=method(config.optimizer).is_sam)
+    if par.strategy == "fsdp" and config.sharpness:
+        raise UserError("sharpness measurements need the whole model on each process: "
+                        "pass --no-sharpness with --strategy fsdp")
+    model = par.module
+    rho = _resolve_rho(config)
+    resolved = Resolved(
+        tokenizer=tokenizer_name, total_steps=total_steps, warmup_steps=warmup_steps, rho=rho, params=params,
+        non_embedding_params=non_embedding, vocab_size=vocab_size, tokens_per_step=config.batch * config.context,
+        train_tokens=int(dataset.train_tokens.numel()), val_tokens=int(dataset.val_tokens.numel()),
+        parallel=par.describe(),
+    )
+    record = {"config": config.as_dict(), "resolved": resolved.as_dict()}
+    if config.resume:
+        run_dir.check_resume(record, identity)
+
+    train_batches = dataset.train_batches(config.micro_batch, seed=config.seed)  # checks batch vs corpus size
+    train_batches = distributed.shard_batches(train_batches, info.rank, info.world_size)
+    val = dataset.val_batches(config.micro_batch, max_batches=config.val_batches or None)
+    evaluate = lm_evaluator(val)
+    probe = None
+    if config.sharpness:
+        probe_batches = dataset.val_batches(config.sharpness_batch_size, max_batches=config.sharpness_batches)
+        probe = sharpness_probe(probe_batches, iters=config.sharpness_iters, seed=config.seed,
+                                rho=config.sharpness_rho)
+    optimizer = build_optimizer(
+        config.optimizer, model.parameters(), base=config.base, lr=config.lr, weight_decay=config.weight_decay,
+        betas=config.betas, eps=config.adam_eps, ascent_fraction=config.ascent_fraction,
+        m=config.m, sam_kwargs=par.sam_kwargs, **({} if rho is None else {"rho": rho}),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(total_steps, warmup_steps, config.min_lr_ratio))
+    loop_config = LoopConfig.from_settings(
+        config, steps=total_steps, sharpness_every=config.sharpness_every if probe is not None else 0)
+    if config.dry_run:
+        return {"dry_run": True, **record, **_environment(info.world_size)}
+    if info.is_main:
+        run_dir.begin(dict(record, **_environment(info.world_size)), resume=config.resume)
+
+    result = train(par.model, optimizer, train_batches, config=loop_config, evaluate=evaluate, scheduler=scheduler,
+                   sharpness=probe, on_step=on_step, scaler=par.scaler, step_kwargs=par.step_kwargs,
+                   final_sharpness=probe is not None)
+    summary = build_summary(config, resolved, result, list(result.history),
+                            wall_seconds=time.perf_counter() - started, world_size=info.world_size)
+    if info.is_main:
+        run_dir.write_summary(summary)
+    distributed.barrier()
+    return summary
+
+
+def _environment(world_size: int = 1) -> dict:
+    import samlm
+
+    return {
+        "samlm_version": samlm.__version__,
+        "torch_version": torch.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "processes": world_size,
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
+    }
+
+
+def build_summary(config: PretrainConfig, resolved: Resolved, result, history: list[dict], *,
+                  wall_seconds: float, world_size: int = 1) -> dict:
+    """Flat headline numbers first, then the loop's summary and the full configuration."""
+    from samlm import io
+
+    loop = result.summary()
+    final = loop.get("final") or {}
+    best = loop.get("best") or {}
+    sharp_lines = [r for r in history if isinstance(r.get("sharpness"), dict)]
+    sharp = sharp_lines[-1]["sharpness"] if sharp_lines else {}
+    train_lines = [r for r in history if "train_loss" in r]
+    summary = {
+        "optimizer": config.optimizer,
+        "rho": resolved.rho,
+        "seed": config.seed,
+        "completed": loop["completed"],
+        "interrupted": loop["interrupted"],
+        "step": loop["step"],
+        "steps": loop["steps"],
+        "val_loss": final.get("val_loss"),
+        "val_ppl": final.get("val_ppl"),
+        "best_val_loss": best.get("val_loss", {}).get("value"),
+        "best_val_loss_step": best.get("val_loss", {}).get("step"),
+        "best_val_ppl": best.get("val_ppl", {}).get("value"),
+        "train_loss": train_lines[-1]["train_loss"] if train_lines else None,
+        "hessian_lambda_max": sharp.get("hessian_lambda_max"),
+        "gauss_newton_lambda_max": sharp.get("gauss_newton_lambda_max"),
+        "functional_lambda": sharp.get("functional_lambda"),
+        "logit_path_norm": sharp.get("logit_path_norm"),
+        "functional_path_norm": sharp.get("functional_path_norm"),
+        "logit_functional_ratio": sharp.get("logit_functional_ratio"),
+        "sharpness_step": sharp_lines[-1]["step"] if sharp_lines else None,
+        "step_s": loop["step_s"],
+        "tokens_per_s": loop["tokens_per_s"],
+        "train_seconds": loop["train_seconds"],
+        "wall_seconds": wall_seconds,
+        "sharpness_seconds": sum(float(r["sharpness"].get("seconds", 0.0)) for r in sharp_lines),
+        "tokens": loop["tokens"],
+        "params": resolved.params,
+        "non_embedding_params": resolved.non_embedding_params,
+        "nonfinite_steps": loop["nonfinite_steps"],
+        "sharpness": sharp,
+        "loop": loop,
+        "config": config.as_dict(),
+        "resolved": resolved.as_dict(),
+    }
+    summary.update(_environment(world_size))
+    return io.json_safe(summary)

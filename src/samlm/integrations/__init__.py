@@ -1,0 +1,2 @@
+"""Integrations with the tools users train with: torch.distributed / accelerate (``distributed``)
+and the Hugging Face Trainer (``hf``)."""

@@ -1,0 +1,340 @@
+"""Hugging Face ``Trainer`` with SAM, ASAM, Functional-SAM and the preconditioned variants.
+
+    from samlm.integrations.hf import SAMTrainer
+    trainer = SAMTrainer(model=model, args=training_args, train_dataset=data,
+                         sam_method="fsam", rho=0.05, ascent_fraction=0.25)
+    trainer.train()                       # also: trainer.train(resume_from_checkpoint=True)
+
+or bring your own optimizer: ``SAMTrainer(..., optimizers=(samlm.FunctionalSAM(AdamW(...)), scheduler))``.
+
+Design: one accumulation window = one ``train_step`` call
+---------------------------------------------------------
+Trainer calls ``training_step`` once per micro-batch, then (on the window's last micro-batch)
+clips, calls ``optimizer.step()``, steps the LR scheduler and zeroes the gradients. The
+community pattern — two passes inside every ``training_step`` — breaks here: the ascent
+pass's ``zero_grad`` wipes the earlier micro-batches' descent gradients, Trainer all-reduces
+the last micro-batch's ascent (so m becomes the global batch), and the ascent gradient of a
+micro-batch is not the ascent gradient of the step.
+
+SAMTrainer instead buffers the window's micro-batches (inputs only, a few KB) and, on the last
+one, hands the whole window to the samlm driver as one ``opt.train_step([mb1, mb2, ...])``.
+The driver owns every pass of the step: the ascent on the window's first
+⌈ascent_fraction·rows⌉ rows under ``no_sync`` (forward and backward; per-replica ε unless
+``sync_ascent``), the descent at w+ε accumulated over all micro-batches with only the last
+backward synchronised, the exact restore, unscale/clip/skip and the base step. Nothing is
+stashed and nothing can be wiped, and the step equals the unaccumulated step on the
+concatenated window (tested). The alternative, stashing gradients across Trainer's own
+micro-batch loop, would leave the ascent on one micro-batch only and needs the same care for
+no_sync plus a stash per parameter.
+
+So that Trainer's own ``optimizer.step()`` does not step again, it holds a
+``TrainerOptimizer``: the samlm optimizer's ``param_groups`` (LR schedulers work), state,
+``state_dict``/``load_state_dict`` (checkpoints nest the base optimizer's full state; resume
+restores it), and a ``step()`` that does nothing. Trainer's clip is replaced by the driver's
+(``args.max_grad_norm``); the logged ``grad_norm`` is the descent gradient's norm.
+
+Mixed precision: accelerate autocasts the model's forward (bf16/fp16). With fp16 the driver
+runs accelerate's GradScaler itself — scale, unscale the ascent gradient before ε, skip the
+step (no perturbation, no base step, the scale backs off once) when the ascent or descent
+gradient is non-finite — and a skipped step does not step the LR scheduler, as in Trainer.
+
+The loss: the driver needs ``forward(batch)`` and ``loss(outputs, batch)`` (the mean loss of
+the rows given). For causal and masked LMs SAMTrainer uses the model's own token loss on its
+logits (so SAM and Functional-SAM use the same loss as plain training); for other heads the
+standard descent uses the model's own ``outputs.loss``, and the functional descent needs
+``sam_loss=fn(logits, batch)``. Micro-batches are weighted by rows (Trainer's
+``num_items_in_batch`` token weighting is not used); a subclass's ``compute_loss`` is not called.
+
+Not supported: DeepSpeed (refused: its engine steps inside ``backward()``, so a two-pass SAM
+step would take two optimizer steps, and ZeRO partitions the gradient ε is built from). With
+FSDP, SAMTrainer builds the optimizer with ``sync_ascent=True`` and norms summed over shards,
+and checkpoints the base optimizer's plain state dict (what FSDP's optimizer-state utilities
+expect); see ``samlm.integrations.distributed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable, Optional
+
+import torch
+from transformers import Trainer
+
+from samlm.integrations.distributed import sam_kwargs_for
+from samlm.optim import SharpnessAware, StepStats
+from samlm.optim.registry import method, sam_family
+
+__all__ = ["SAMTrainer", "TrainerOptimizer"]
+
+SamLoss = Callable[[torch.Tensor, Mapping], torch.Tensor]
+
+
+class TrainerOptimizer(torch.optim.Optimizer):
+    """The optimizer Trainer holds: a samlm optimizer whose step ``SAMTrainer.training_step``
+    has already taken.
+
+    ``param_groups``, ``state``, ``state_dict`` and ``load_state_dict`` are the samlm
+    optimizer's (``flat_state_dict``: the base optimizer's plain state dict, for FSDP's
+    optimizer-state utilities); ``step()`` does nothing.
+    """
+
+    def __init__(self, sam: SharpnessAware, *, flat_state_dict: bool = False):
+        if not isinstance(sam, SharpnessAware):
+            raise ValueError(f"TrainerOptimizer wraps a samlm SAM-family optimizer, got {type(sam).__name__}")
+        self.sam = sam
+        self.flat_state_dict = flat_state_dict
+        self._ready = False
+        # Same routing as SharpnessAware: Optimizer.__init__ empties param_groups and re-adds
+        # each group; the property hands both to the samlm optimizer, i.e. to the base.
+        super().__init__(list(sam.param_groups), sam.defaults)
+        self._ready = True
+
+    @property
+    def param_groups(self):
+        return self.sam.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        self.sam.param_groups = groups
+
+    @property
+    def state(self):
+        return self.sam.base_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        if self._ready:  # Optimizer.__init__ assigns an empty state: keep the base optimizer's
+            self.sam.base_optimizer.state = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.sam.add_param_group(param_group)
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("SAMTrainer takes the SAM step in training_step; optimizer.step(closure) is not used")
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.sam.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.sam.base_optimizer.state_dict() if self.flat_state_dict else self.sam.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.sam.load_state_dict(state_dict)  # nested samlm state, or a plain one (into the base)
+
+    def __repr__(self) -> str:
+        return f"TrainerOptimizer({self.sam!r})"
+
+
+def _refuse_deepspeed(trainer) -> None:
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        raise ValueError(
+            "SAMTrainer does not support DeepSpeed: accelerate's backward() runs the DeepSpeed engine's "
+            "optimizer step inside it, so the two passes of a SAM step would take two steps, and ZeRO "
+            "partitions the gradient that ε is built from. Use DDP, or FSDP (accelerate launch --use_fsdp)."
+        )
+
+
+def _flat_names(mapping) -> set:
+    names = set()
+    for value in mapping.values():
+        names.update(value if isinstance(value, (tuple, list)) else (value,))
+    return names
+
+
+def token_loss_kind(module: torch.nn.Module) -> Optional[str]:
+    """``"ForCausalLM"`` / ``"ForMaskedLM"`` when the model's loss is a token-level cross-entropy
+    of its logits, else None."""
+    base = getattr(module, "get_base_model", None)  # PEFT
+    if callable(base):
+        module = base()
+    loss_type = getattr(module, "loss_type", None)
+    if loss_type in ("ForCausalLM", "ForMaskedLM"):
+        return loss_type
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    name = type(module).__name__
+    if name in _flat_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        return "ForCausalLM"
+    if name in _flat_names(MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        return "ForMaskedLM"
+    return None
+
+
+class SAMTrainer(Trainer):
+    """``transformers.Trainer`` that takes SAM-family steps; see the module docstring.
+
+    Args (besides Trainer's):
+        sam_method: a SAM-family method of ``samlm.optim.registry`` (default ``"sam"``), built
+            around the base optimizer Trainer creates from ``args`` (``optim``, learning rate,
+            weight-decay groups). Or pass ``optimizers=(samlm_optimizer, scheduler)`` instead.
+        rho: the perturbation radius (default: the method's registry default).
+        ascent_fraction: share of the window's rows used for the ascent gradient.
+        m: m-sharpness groups within a replica's window.
+        sync_ascent: average the ascent gradient over replicas (exact global SAM) instead of a
+            per-replica ε. Always on under FSDP.
+        sam_loss: ``fn(logits, batch) -> mean loss``; required for Functional-SAM on models
+            whose loss is not a token-level cross-entropy (causal/masked LMs need none).
+    """
+
+    def __init__(self, *args, sam_method: Optional[str] = None, rho: Optional[float] = None,
+                 ascent_fraction: float = 0.25, m: int = 1, sync_ascent: bool = False,
+                 sam_loss: Optional[SamLoss] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        _refuse_deepspeed(self)
+        given = self.optimizer
+        if given is not None:
+            if not isinstance(given, SharpnessAware):
+                raise ValueError(
+                    f"SAMTrainer needs a samlm SAM-family optimizer in optimizers=(optimizer, scheduler), got "
+                    f"{type(given).__name__}; wrap it (e.g. samlm.SAM(optimizer)) or pass sam_method=... instead"
+                )
+            if sam_method is not None or rho is not None:
+                raise ValueError("pass either sam_method/rho or optimizers=(samlm optimizer, scheduler), not both")
+            self.optimizer = TrainerOptimizer(given, flat_state_dict=self.is_fsdp_enabled)
+        else:
+            sam_method = sam_method or "sam"
+            if sam_method not in sam_family():
+                raise ValueError(f"sam_method must be one of {sam_family()}, got {sam_method!r}")
+        self.sam_method = sam_method
+        self.sam_rho = rho
+        self.sam_ascent_fraction = ascent_fraction
+        self.sam_m = m
+        self.sam_sync_ascent = sync_ascent
+        self.sam_loss = sam_loss
+        self.sam_last_stats: Optional[StepStats] = None
+        self._sam_window: list = []
+        self._sam_log_sums: dict[str, float] = {}
+        self._sam_log_steps = 0
+
+    # -- the optimizer ------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            super().create_optimizer(model)  # the base optimizer, from TrainingArguments
+            self.optimizer = TrainerOptimizer(self._build_sam(self.optimizer), flat_state_dict=self.is_fsdp_enabled)
+        return self.optimizer
+
+    def _build_sam(self, base: torch.optim.Optimizer) -> SharpnessAware:
+        entry = method(self.sam_method)
+        rho = entry.default_rho if self.sam_rho is None else self.sam_rho
+        kwargs = {"rho": rho, "ascent_fraction": self.sam_ascent_fraction, "m": self.sam_m}
+        if self.is_fsdp_enabled:
+            kwargs.update(sam_kwargs_for("fsdp"))
+        elif self.sam_sync_ascent:
+            kwargs["sync_ascent"] = True
+        return entry.cls(base, **kwargs)
+
+    @property
+    def sam_optimizer(self) -> SharpnessAware:
+        """The samlm optimizer inside accelerate's and Trainer's wrappers."""
+        opt = self.optimizer
+        while not isinstance(opt, TrainerOptimizer):
+            if opt is None or not hasattr(opt, "optimizer"):
+                raise RuntimeError("SAMTrainer's optimizer is not set up yet (call train())")
+            opt = opt.optimizer
+        return opt.sam
+
+    def _take_over_grad_scaler(self):
+        """fp16: the driver runs accelerate's GradScaler (once per step); accelerate's optimizer
+        wrapper must not run it again around Trainer's (empty) optimizer.step()."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if getattr(self.optimizer, "scaler", None) is not None:
+            scaler = scaler or self.optimizer.scaler
+            self.optimizer.scaler = None
+        return scaler
+
+    # -- one step per accumulation window -----------------------------------------------------
+    def train(self, *args, **kwargs):
+        self._sam_window = []  # a window left open by a stopped run is never stepped on later
+        self._sam_log_sums, self._sam_log_steps = {}, 0
+        return super().train(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        self._sam_window.append(self._prepare_inputs(inputs))
+        if not self.accelerator.sync_gradients:  # not the window's last micro-batch yet
+            return torch.zeros((), device=self.args.device)
+        window, self._sam_window = self._sam_window, []
+        stats = self.sam_step(model, window)
+        return torch.tensor(stats.loss, device=self.args.device)
+
+    def sam_step(self, model, micro_batches: list) -> StepStats:
+        """One SAM-family step over the window's micro-batches (the model as Trainer wraps it)."""
+        opt = self.sam_optimizer
+        forward, loss = self.sam_forward_and_loss(model, opt)
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
+        batch = micro_batches if len(micro_batches) > 1 else micro_batches[0]
+        stats = opt.train_step(batch, forward, loss, model=model, scaler=self._take_over_grad_scaler(),
+                               max_grad_norm=max_norm)
+        if hasattr(self.optimizer, "_is_overflow"):
+            self.optimizer._is_overflow = stats.skipped  # accelerate: a skipped step keeps the LR
+        self.sam_last_stats = stats
+        for key, value in (("loss_perturbed", stats.loss_perturbed), ("sam_eps_norm", stats.eps_norm),
+                           ("sam_ascent_grad_norm", stats.grad_norm)):
+            self._sam_log_sums[key] = self._sam_log_sums.get(key, 0.0) + value
+        self._sam_log_steps += 1
+        return stats
+
+    def sam_forward_and_loss(self, model, opt: SharpnessAware):
+        """The driver's ``forward(batch)`` and ``loss(outputs, batch)`` for this model."""
+        label_keys = list(self.label_names or ["labels"])
+
+        def logits(batch):
+            outputs = model(**{k: v for k, v in batch.items() if k not in label_keys})
+            return outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+
+        if self.sam_loss is not None:
+            return logits, self.sam_loss
+        kind = token_loss_kind(self.accelerator.unwrap_model(model))
+        if kind is not None:
+            from transformers.loss.loss_utils import LOSS_MAPPING
+
+            token_loss = LOSS_MAPPING[kind]
+            label_key = label_keys[0]
+
+            def loss(outputs, batch):
+                if self.label_smoother is not None:
+                    return self.label_smoother({"logits": outputs}, batch[label_key],
+                                               shift_labels=kind == "ForCausalLM")
+                return token_loss(outputs, batch[label_key], vocab_size=outputs.shape[-1])
+
+            return logits, loss
+        if opt.descent_rule.needs_clean_cotangent:
+            raise ValueError(
+                f"{type(opt).__name__} needs the loss as a function of the logits, and "
+                f"{type(self.accelerator.unwrap_model(model)).__name__} is not a causal or masked LM: "
+                "pass SAMTrainer(..., sam_loss=fn(logits, batch) -> mean loss)"
+            )
+
+        def model_outputs(batch):
+            return model(**batch)
+
+        def model_loss(outputs, batch):
+            value = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+            return value.mean()  # DataParallel returns one loss per device
+
+        return model_outputs, model_loss
+
+    # -- what Trainer does around the step ----------------------------------------------------
+    def _clip_grad_norm(self, model):
+        if self.sam_last_stats is not None:  # the driver clipped (args.max_grad_norm)
+            return self.sam_last_stats.update_grad_norm
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.sam_last_stats is not None:
+            return self.sam_last_stats.update_grad_norm
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._sam_log_steps:
+            logs = dict(logs)
+            for key, total in self._sam_log_sums.items():
+                logs[key] = round(total / self._sam_log_steps, 6)
+            logs["sam_skipped_steps"] = self.sam_optimizer.counters["skipped_steps"]
+            self._sam_log_sums, self._sam_log_steps = {}, 0
+        super().log(logs, *args, **kwargs)

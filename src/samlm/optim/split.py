@@ -1,0 +1,119 @@
+"""SAM's change of gradient, split into its logit and functional paths (methods.md §1).
+
+With outputs z = F(w), r = ∂ℓ/∂z, J = ∂z/∂w and a perturbation ε:
+
+    g     = J(w)ᵀ r(w)          the clean gradient
+    g_SAM = J(w+ε)ᵀ r(w+ε)      SAM's descent gradient
+    g_F   = J(w+ε)ᵀ r(w)        Functional-SAM's descent gradient
+
+    g_SAM − g = δ_logit + δ_func,   δ_logit = g_SAM − g_F,   δ_func = g_F − g
+
+One implementation for ``train_step(..., split=True)`` (the step's rows and ε) and for
+``samlm.diagnostics.sharpness`` (ε = ρ g/‖g‖).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .descents import at_least_fp32
+
+
+@dataclass
+class PathGradients:
+    """g, g_SAM, g_F and ε as lists of tensors shaped like params; L(w) and L(w+ε)."""
+
+    g: list[Tensor]
+    g_sam: list[Tensor]
+    g_func: list[Tensor]
+    eps: list[Tensor]
+    loss: Any
+    loss_perturbed: Any
+
+    @property
+    def delta_logit(self) -> list[Tensor]:
+        """δ_logit = g_SAM − g_F = J(w+ε)ᵀ [r(w+ε) − r(w)]: the loss derivative moves, J is held."""
+        return [a - b for a, b in zip(self.g_sam, self.g_func)]
+
+    @property
+    def delta_func(self) -> list[Tensor]:
+        """δ_func = g_F − g = [J(w+ε) − J(w)]ᵀ r(w): the Jacobian moves, r is held."""
+        return [a - b for a, b in zip(self.g_func, self.g)]
+
+
+@contextlib.contextmanager
+def perturbed(params: Sequence[Tensor], eps: Sequence[Tensor]) -> Iterator[None]:
+    """w ← w + ε for the duration; afterwards w is copied back bitwise from a saved copy."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.add_(e)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+def path_gradients(params: Sequence[Tensor], batches: Sequence, forward: Callable, loss: Callable,
+                   eps: Union[Sequence[Tensor], Callable[[list[Tensor]], list[Tensor]]],
+                   weights: Sequence[float]) -> PathGradients:
+    """g, g_SAM and g_F over ``batches``, each batch's term weighted by ``weights``:
+
+        g = Σ_b c_b J_b(w)ᵀ r_b(w),   g_SAM = Σ_b c_b J_b(w+ε)ᵀ r_b(w+ε),   g_F = Σ_b c_b J_b(w+ε)ᵀ r_b(w)
+
+    ``eps``: ε (shaped like params), or a function g ↦ ε. Sweep 1 at w keeps each r_b(w); sweep 2
+    at w+ε takes two VJPs of one graph. ``loss`` returns a batch's mean loss. The weights are
+    restored bitwise; ``p.grad`` is not touched. Losses are Σ_b c_b L_b (tensors).
+    """
+    params = list(params)
+    g, g_sam, g_func = ([torch.zeros_like(at_least_fp32(p)) for p in params] for _ in range(3))
+    with torch.enable_grad():
+        residuals, loss_w = [], 0
+        for batch, c in zip(batches, weights):
+            z = forward(batch)
+            r, value = _output_grad(z, batch, loss)
+            _add(g, _vjp(z, params, r), c)
+            residuals.append(r)
+            loss_w = loss_w + at_least_fp32(value) * c
+        eps = eps(g) if callable(eps) else list(eps)
+        loss_eps = 0
+        with perturbed(params, eps):
+            for batch, c, r in zip(batches, weights, residuals):
+                z = forward(batch)
+                r_eps, value = _output_grad(z, batch, loss)
+                _add(g_sam, _vjp(z, params, r_eps, retain_graph=True), c)
+                _add(g_func, _vjp(z, params, r), c)
+                loss_eps = loss_eps + at_least_fp32(value) * c
+    return PathGradients(g=g, g_sam=g_sam, g_func=g_func, eps=eps, loss=loss_w, loss_perturbed=loss_eps)
+
+
+def _output_grad(z: Tensor, batch, loss: Callable) -> tuple[Tensor, Tensor]:
+    """r = ∂ℓ/∂z at the outputs z (cut from the model's graph), and ℓ."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"forward(batch) must return a tensor of outputs, got {type(z).__name__}")
+    leaf = z.detach().requires_grad_(True)
+    value = loss(leaf, batch)
+    if not value.requires_grad:  # ℓ constant in z
+        return torch.zeros_like(leaf), value.detach()
+    (r,) = torch.autograd.grad(value, leaf)
+    return r, value.detach()
+
+
+def _vjp(z: Tensor, params: list[Tensor], cotangent: Tensor, retain_graph: bool = False) -> list:
+    """J(w)ᵀ u; None for a parameter z does not depend on."""
+    if not z.requires_grad:
+        return [None] * len(params)
+    return torch.autograd.grad(z, params, cotangent.to(z.dtype), retain_graph=retain_graph, allow_unused=True)
+
+
+def _add(buffers: list[Tensor], grads, weight: float) -> None:
+    for b, g in zip(buffers, grads):
+        if g is not None:
+            b.add_(g, alpha=weight)

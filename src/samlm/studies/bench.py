@@ -1,0 +1,371 @@
+"""Benchmark step time and peak memory of AdamW, the PyPI peer's SAM and every samlm method.
+
+All methods run side by side in one process, round-robin step by step, on identical
+GPT-2-style models and the same batches, so the ratios against AdamW are not skewed by
+drift in the machine's speed. Ratios are medians of per-round ratios, each against the AdamW
+step of the same round. Peak memory is the peak of live tensor bytes over a method's first
+steps on a fresh model: CUDA's allocator peak, or on CPU the same from the profiler's
+allocation events (exact, unlike the resident set, which the C allocator blurs).
+
+The bare passes a step is made of (the ascent forward+backward on the first rows, F-SAM's
+no-grad forward on the others, a full-batch forward+backward) are timed in the same rounds.
+They give each method's *floor*: AdamW's step plus the extra passes the method must run, over
+AdamW's step. No exact implementation of the method can go below it; ``over_floor`` is what
+the implementation adds on top (perturbation, restore, bookkeeping).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from samlm.errors import UserError
+from samlm.harness import settings as s
+from samlm.harness.pretrain.config import ModelSettings
+from samlm.harness.settings import override, setting
+from samlm.io import atomic_write_json
+from samlm.optim import train_step
+from samlm.optim.batching import plan_step
+from samlm.optim.registry import method, sam_family
+
+# Bench-only pseudo-methods beside the registry's: each is (registry method it runs, extra passes).
+FULL = "full"  # a forward+backward of the whole batch
+PSEUDO_METHODS = {
+    "peer_sam": ("sam", (FULL,)),  # pytorch-optimizer's SAM: two full-batch passes
+    "sam_full": ("sam", (FULL,)),  # samlm's SAM with ascent_fraction = 1
+}
+def extra_passes(name: str) -> tuple[str, ...]:
+    """The passes ``name`` runs on top of AdamW's one forward+backward of the batch."""
+    return PSEUDO_METHODS[name][1] if name in PSEUDO_METHODS else method(name).extra_passes
+
+
+def method_rho(args, name: str) -> float:
+    """--rho, or the registry default of the method ``name`` runs."""
+    return args.rho if args.rho is not None else method(PSEUDO_METHODS.get(name, (name,))[0]).default_rho
+
+
+def bench_methods() -> tuple[str, ...]:
+    """What ``--methods`` accepts: AdamW, the pseudo-methods and every registered SAM method."""
+    return ("adamw", *PSEUDO_METHODS, *sam_family())
+
+
+def _device_default() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class BenchConfig:
+    """benchmark"""
+
+    layers: int = override(ModelSettings, "layers")
+    width: int = override(ModelSettings, "width", default=256)
+    heads: int = override(ModelSettings, "heads")
+    vocab: int = setting(256, "vocabulary size", check=s.positive_int)
+    batch: int = override(s.BatchSettings, "batch")
+    context: int = override(ModelSettings, "context")
+    steps: int = setting(10, "timed steps per method (after the untimed ones)", check=s.positive_int)
+    untimed_steps: int = setting(2, "steps per method run before timing", check=s.nonnegative_int)
+    rho: Optional[float] = override(s.OptimizerSettings, "rho")
+    ascent_fraction: float = override(s.OptimizerSettings, "ascent_fraction")
+    methods: str = setting(",".join(bench_methods()), "comma-separated subset of " + ",".join(bench_methods()))
+    device: str = setting(_device_default(), "cpu, cuda or cuda:N")
+    dtype: str = setting("fp32", "bf16: autocast", choices=("fp32", "bf16"))
+    no_memory: bool = setting(False, "skip the peak-memory measurement")
+    json: Optional[str] = setting(None, "also write the results as JSON", metavar="PATH")
+
+    def check(self) -> None:
+        if self.width % self.heads:
+            raise UserError(f"--width {self.width} must be divisible by --heads {self.heads}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise UserError(f"--device {self.device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+
+
+def _check(args) -> list[str]:
+    s.validate(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(bench_methods()))
+    if unknown:
+        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(bench_methods())}")
+    if "adamw" not in methods:
+        methods.insert(0, "adamw")  # the reference of every ratio
+    return methods
+
+
+def build_model(args) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads, vocab_size=args.vocab,
+                        n_positions=args.context, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=args.vocab - 1, eos_token_id=args.vocab - 1)
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).to(args.device)
+
+
+def lm_loss(logits, batch):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+class _PeerStep:
+    """pytorch-optimizer's SAM used as its README shows: two full-batch passes per step."""
+
+    def __init__(self, model, args):
+        from pytorch_optimizer import SAM as PeerSAM
+
+        self.model = model
+        self.opt = PeerSAM(model.parameters(), base_optimizer=torch.optim.AdamW, rho=method_rho(args, "peer_sam"),
+                           lr=1e-4)
+
+    def __call__(self, batch, forward, autocast):
+        with autocast():
+            loss = lm_loss(forward(batch), batch)
+        loss.backward()
+        self.opt.first_step(zero_grad=True)
+        with autocast():
+            lm_loss(forward(batch), batch).backward()
+        self.opt.second_step(zero_grad=True)
+
+
+def make_stepper(name: str, model, args):
+    """A callable(batch, forward, autocast) that takes one optimizer step of ``name``."""
+    if name == "peer_sam":
+        return _PeerStep(model, args)
+    base = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if name == "adamw":
+        opt = base
+    else:
+        runs = PSEUDO_METHODS.get(name, (name,))[0]
+        fraction = 1.0 if name == "sam_full" else args.ascent_fraction
+        opt = method(runs).cls(base, rho=method_rho(args, name), ascent_fraction=fraction)
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def step(batch, forward, autocast):
+        train_step(opt, batch, forward, lm_loss, autocast_dtype=autocast_dtype)
+
+    step.optimizer = opt
+    return step
+
+
+class _BarePasses:
+    """The bare passes of a step, without any optimizer, one method per pass name: ``full``
+    (forward+backward on the batch), ``ascent`` (forward+backward on the first
+    ⌈ascent_fraction·b⌉ rows) and ``clean_forward`` (a no-grad forward and the output cotangent
+    on the remaining rows)."""
+
+    def __init__(self, model, args):
+        self.model = model
+        self.ascent_rows = plan_step([args.batch], args.ascent_fraction, 1)[0].ascent_rows  # as the driver
+
+    def full(self, batch, forward, autocast):
+        self._backward(batch, forward, autocast)
+
+    def ascent(self, batch, forward, autocast):
+        self._backward(batch[:self.ascent_rows], forward, autocast)
+
+    def clean_forward(self, batch, forward, autocast):
+        rest = batch[self.ascent_rows:]
+        if len(rest) == 0:
+            return
+        with torch.no_grad(), autocast():
+            logits = forward(rest)
+        leaf = logits.detach().requires_grad_()
+        torch.autograd.grad(lm_loss(leaf, rest), leaf)
+
+    def _backward(self, batch, forward, autocast):
+        self.model.zero_grad(set_to_none=True)
+        with autocast():
+            loss = lm_loss(forward(batch), batch)
+        loss.backward()
+
+
+def _autocast_factory(args):
+    if args.dtype == "bf16":
+        return lambda: torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device_type="cpu", enabled=False)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
+    """Per-round step times of every method, and of every bare pass the methods need (keyed
+    ``pass:NAME``), in one round-robin."""
+    reference = build_model(args)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.context), generator=generator).to(args.device)
+               for _ in range(4)]
+    models = {name: copy.deepcopy(reference) for name in methods}
+    steppers = {name: make_stepper(name, models[name], args) for name in methods}
+    passes_model = copy.deepcopy(reference)
+    probes = _BarePasses(passes_model, args)
+    for kind in sorted({kind for name in methods for kind in extra_passes(name)}):
+        steppers[f"pass:{kind}"] = getattr(probes, kind)
+        models[f"pass:{kind}"] = passes_model
+    autocast = _autocast_factory(args)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    order = list(steppers)
+    for i in range(args.untimed_steps + args.steps):
+        # Round-robin, so every method sees the same machine conditions, in a fresh order each
+        # round, so that no method always follows the same neighbour (allocator, cache state).
+        random.Random(i).shuffle(order)
+        for name in order:
+            model = models[name]
+            forward = lambda batch, model=model: model(input_ids=batch).logits  # noqa: E731
+            _sync(args.device)
+            start = time.perf_counter()
+            steppers[name](batches[i % len(batches)], forward, autocast)
+            _sync(args.device)
+            if i >= args.untimed_steps:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's own start/stop lines, which its C++ logger writes to fd 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_tensor_mb(run) -> float:
+    """Peak of the tensor bytes that ``run()`` allocates and holds at once, over those live
+    before it: torch's CPU allocator reports every allocation and free to the profiler, so
+    this is exact and repeatable, and means what CUDA's ``max_memory_allocated`` means."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if _is_memory_event(e)),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def _is_memory_event(event) -> bool:
+    try:
+        return event.name() == "[memory]"
+    except UnicodeDecodeError:  # some op names come back undecodable; they are not memory events
+        return False
+
+
+def peak_memory_mb(args, name: str) -> float:
+    """Peak tensor memory of a method's first steps on a fresh model, on top of the model
+    itself: optimizer state, gradients, activations and any SAM buffer. CUDA: the allocator's
+    peak; CPU: the same quantity, from the profiler's allocation events."""
+    model = build_model(args)
+    batch = torch.randint(0, args.vocab, (args.batch, args.context), generator=torch.Generator().manual_seed(1))
+    batch = batch.to(args.device)
+    stepper = make_stepper(name, model, args)
+    autocast = _autocast_factory(args)
+
+    def run():
+        for _ in range(3):
+            stepper(batch, lambda b: model(input_ids=b).logits, autocast)
+
+    if not args.device.startswith("cuda"):
+        return _cpu_peak_tensor_mb(run)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del model, stepper
+    torch.cuda.empty_cache()
+    return peak
+
+
+def machine_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def ratios(times: dict[str, list[float]], methods: list[str]) -> dict[str, dict[str, float]]:
+    """Each method's median step time, median per-round ratio against AdamW (and its quartiles:
+    the machine's noise), and floor (AdamW's step plus the method's extra bare passes, over
+    AdamW's step; per round, then the median)."""
+    adamw = times["adamw"]
+    rows = {}
+    for name in methods:
+        per_round = [t / a for t, a in zip(times[name], adamw)]
+        floor = [1 + sum(times[f"pass:{kind}"][i] for kind in extra_passes(name)) / a
+                 for i, a in enumerate(adamw)]
+        ratio, floor_ratio = statistics.median(per_round), statistics.median(floor)
+        q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else (ratio,) * 3
+        rows[name] = {"step_s": round(statistics.median(times[name]), 5), "ratio": round(ratio, 3),
+                      "ratio_iqr": [round(q1, 3), round(q3, 3)],
+                      "floor": round(floor_ratio, 3), "over_floor": round(ratio / floor_ratio, 3)}
+    return rows
+
+
+def run_bench(args: BenchConfig) -> dict:
+    """Time and measure every method of ``args``; the report (also written to ``args.json``)."""
+    methods = _check(args)
+    times = time_methods(args, methods)
+    params = sum(p.numel() for p in build_model(args).parameters())
+    results = ratios(times, methods)
+    passes = {name.removeprefix("pass:"): round(statistics.median(t), 5)
+              for name, t in times.items() if name.startswith("pass:")}
+    for name in methods:
+        if not args.no_memory:
+            results[name]["peak_mem_mb"] = round(peak_memory_mb(args, name), 1)
+    if not args.no_memory:
+        for row in results.values():
+            row["extra_mem_mb"] = round(row["peak_mem_mb"] - results["adamw"]["peak_mem_mb"], 1)
+    for name in methods:
+        if name != "adamw":
+            results[name]["rho"] = method_rho(args, name)
+    config = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "batch", "context", "steps",
+                                            "untimed_steps", "rho", "ascent_fraction", "device", "dtype")}
+    config.update(parameters=params, param_mb=round(params * 4 / 2**20, 1), machine=machine_description(args.device),
+                  torch=torch.__version__)
+    report = {"config": config, "methods": results, "passes_s": passes}
+    if args.json:
+        atomic_write_json(args.json, report)
+    return report
+
+
+def format_table(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"samlm bench: GPT-2 {cfg['layers']}L/{cfg['width']}d/{cfg['heads']}h, vocab {cfg['vocab']}, "
+        f"batch {cfg['batch']}x{cfg['context']}, {cfg['parameters'] / 1e6:.2f}M params ({cfg['param_mb']} MB fp32), "
+        f"{cfg['dtype']}, {cfg['machine']}, median of {cfg['steps']} steps",
+        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'IQR':>13} {'floor':>7} {'x floor':>8} {'peak MB':>9} {'+ vs AdamW':>10}",
+    ]
+    for name, row in report["methods"].items():
+        mem = f"{row['peak_mem_mb']:>9.1f} {row['extra_mem_mb']:>+10.1f}" if "peak_mem_mb" in row else f"{'-':>9} {'-':>10}"
+        q1, q3 = row.get("ratio_iqr", (row["ratio"], row["ratio"]))
+        lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {f'{q1:.3f}-{q3:.3f}':>13} {row['floor']:>7.3f} "
+                     f"{row['over_floor']:>8.3f} {mem}")
+    passes = ", ".join(f"{kind} {seconds:.4f} s" for kind, seconds in report.get("passes_s", {}).items())
+    if passes:
+        lines.append(f"bare passes (median): {passes}; floor = (AdamW step + a method's extra passes) / AdamW step")
+    return "\n".join(lines)

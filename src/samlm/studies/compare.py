@@ -1,0 +1,151 @@
+"""Compare optimizers × ρ × seeds on the same model, data and step budget, with a report.
+
+Each run is a :func:`samlm.harness.pretrain.pretrain` run in ``OUT/<optimizer>-rho<ρ>-seed<s>/``
+(AdamW has no ρ: ``OUT/adamw-seed<s>/``), run one after another so that step times are
+comparable. A finished run (its ``summary.json`` says completed, with the same configuration) is
+skipped, an interrupted one is resumed from its checkpoint; ``overwrite=True`` reruns everything.
+Then ``OUT/report.md`` (table of mean ± std over seeds, plots), ``OUT/results.csv``,
+``OUT/val_loss.png`` and ``OUT/sharpness.png`` are written by :mod:`samlm.studies.report`.
+
+ρ: see :mod:`samlm.studies.grid` (one value, a grid, or values per method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from samlm.errors import UserError
+from samlm.harness.pretrain import PretrainConfig, pretrain, validate
+from samlm.harness.rundir import RunDir
+from samlm.optim.registry import METHODS, sam_family
+from samlm.progress import say
+from samlm.studies import report
+from samlm.studies.grid import Job, parse_optimizers, parse_rho, parse_seeds, run_jobs
+
+DEFAULT_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
+# The settings a finished run must share with the comparison asking for it: those a resume
+# must match, and the budget (resumable only because its resolved value is compared).
+_SAME_RUN = frozenset(f.name for f in dataclasses.fields(PretrainConfig) if f.metadata.get("resume", True)) | {
+    "steps", "tokens_per_param", "warmup"}
+
+
+def run_name(optimizer: str, rho: float | None, seed: int) -> str:
+    return f"{optimizer}-seed{seed}" if rho is None else f"{optimizer}-rho{rho:g}-seed{seed}"
+
+
+@dataclass
+class CompareConfig:
+    """What ``samlm compare`` runs: ``base`` (model, data, budget, loop) for every run."""
+
+    out: str = "runs/compare"
+    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS
+    seeds: Sequence[int] = (0,)
+    rho: str | float | Mapping | None = None
+    base: PretrainConfig = field(default_factory=PretrainConfig)
+    overwrite: bool = False
+    title: str = "samlm compare"
+    notes: str = ""
+    jobs: int = 1                        # runs at a time (worker processes); 1: one after another
+
+    def plan(self) -> list[tuple[str, PretrainConfig]]:
+        """(run name, config) of every run, seed by seed (a partial comparison has every optimizer)."""
+        optimizers = parse_optimizers(self.optimizers)
+        seeds = parse_seeds(self.seeds)
+        rhos = parse_rho(self.rho, optimizers)
+        runs = []
+        for seed in seeds:
+            for optimizer in optimizers:
+                for rho in rhos[optimizer]:
+                    name = run_name(optimizer, rho, seed)
+                    out = Path(self.out) / name
+                    # Resume where a checkpoint exists; otherwise start clean (a run killed before
+                    # its first checkpoint leaves only a partial metrics.jsonl behind).
+                    resume = not self.overwrite and RunDir(out).has_checkpoint()
+                    config = dataclasses.replace(
+                        self.base, optimizer=optimizer, rho=rho, seed=seed, out=str(out),
+                        resume=resume, overwrite=not resume)
+                    runs.append((name, config))
+        return runs
+
+
+@dataclass
+class CompareResult:
+    out: Path
+    summaries: dict[str, dict]           # run name -> summary (finished runs)
+    skipped: list[str]                   # finished before this call
+    unfinished: list[str]                # not (yet) completed
+    files: dict[str, Path]               # report files
+    table: str                           # the terminal table
+    interrupted: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def completed(self) -> bool:
+        return not self.unfinished
+
+
+def _finished(config: PretrainConfig) -> dict | None:
+    """The summary of a completed run with the same configuration in ``config.out``, else None."""
+    summary = RunDir(config.out).finished_summary()
+    if summary is None:
+        return None
+    saved = {k: v for k, v in summary.get("config", {}).items() if k in _SAME_RUN}
+    wanted = {k: v for k, v in config.as_dict().items() if k in _SAME_RUN}
+    return summary if saved == wanted else None
+
+
+def run_pretrain(config: Mapping, on_step=None) -> dict:
+    """One run of the grid (a module-level function: worker processes import it)."""
+    return pretrain(PretrainConfig.from_mapping(config), on_step=on_step)
+
+
+def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None = None) -> CompareResult:
+    """Run every (optimizer, ρ, seed) of ``config`` that is not finished yet, then write the report.
+
+    ``config.jobs`` > 1 runs that many at a time in worker processes (each with
+    ``base.threads`` torch threads), longest first.
+    """
+    started = time.perf_counter()
+    plan = config.plan()
+    for _, run_config in plan:
+        validate(run_config)
+    if not isinstance(config.jobs, int) or config.jobs < 1:
+        raise UserError(f"--jobs must be a positive integer, got {config.jobs!r}")
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    summaries: dict[str, dict] = {}
+    skipped: list[str] = []
+    todo: list[Job] = []
+    for index, (name, run_config) in enumerate(plan, start=1):
+        finished = None if config.overwrite else _finished(run_config)
+        if finished is not None:
+            say(f"[{index}/{len(plan)}] {name}: finished earlier, skipped")
+            summaries[name] = finished
+            skipped.append(name)
+        else:
+            cost = METHODS[run_config.optimizer].step_cost(run_config.ascent_fraction)
+            todo.append(Job(index, name, run_config, cost))
+
+    def done(job: Job, summary: dict) -> bool:
+        if on_run is not None:
+            on_run(job.name, summary)
+        if not summary.get("completed"):
+            say(f"{job.name} stopped at step {summary.get('step')}: run the same command again to resume")
+            return False
+        summaries[job.name] = summary
+        say(f"[{job.index}/{len(plan)}] {job.name}: val loss {summary.get('val_loss'):.4f}, "
+            f"{(summary.get('step_s') or 0) * 1000:.1f} ms/step")
+        return True
+
+    interrupted = run_jobs(todo, len(plan), done, run=run_pretrain, jobs=config.jobs)
+    unfinished = [name for name, _ in plan if name not in summaries]
+    runs = [report.load_run(out / name) for name, _ in plan if name in summaries]
+    files = report.write_report(out, runs, title=config.title, notes=config.notes, unfinished=unfinished)
+    table = report.text_table(report.aggregate(runs))
+    return CompareResult(out=out, summaries=summaries, skipped=skipped, unfinished=unfinished, files=files,
+                         table=table, interrupted=interrupted, seconds=time.perf_counter() - started)

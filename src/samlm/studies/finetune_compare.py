@@ -1,0 +1,530 @@
+"""Compare fine-tuning runs: baseline vs SAM variants x data fractions x seeds, paper-style tables.
+
+Two ways to use it::
+
+    # run a grid (missing runs only; interrupted ones are resumed), then report
+    samlm finetune-compare --out cmp --model t5-base --task superglue --data-dir superglue_data \\
+        --optimizers adafactor,sam --subsample 0.05,0.2,1 --seeds 0,1,2 --steps 2000
+
+    # report on runs that already exist (run directories, or directories holding them)
+    samlm finetune-compare --out cmp --runs runs/
+
+Writes into ``--out``::
+
+    results.md    tables of the best-checkpoint and final-checkpoint metrics (mean ± std over
+                  seeds), one column per task-metric plus the score (the GLUE/SuperGLUE average
+                  when the runs cover the benchmark), and SAM's gain over the baseline
+    results.csv   the same numbers in long form (one row per group x metric x selection)
+    gains.csv     SAM − baseline per group x metric (paired by seed when possible)
+    gain.png      SAM's gain in score over the baseline against the fraction of training data
+    runs/         the grid's run directories (grid mode)
+
+"Best" follows Bahri et al. (2022): every task-metric is taken at its own best checkpoint, and
+the score averages those bests; "final" is the last evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _stdio
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dataclasses
+from collections.abc import Mapping
+
+from samlm import io
+from samlm.errors import UserError
+from samlm.harness.finetune.config import FinetuneConfig
+from samlm.harness.rundir import SUMMARY_FILE, RunDir
+from samlm.optim.registry import METHODS
+from samlm.progress import say
+from samlm.studies.grid import Job, parse_optimizers, parse_rho, parse_seeds, run_jobs
+
+SELECTIONS = ("best", "final")
+SCORE = "score"
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclass
+class FinetuneGrid:
+    """A grid of fine-tuning runs: ``base`` for every run, varied over methods × ρ × data
+    fractions × seeds. Runs go to ``OUT/runs/<method>[-rho<ρ>]-sub<fraction>-seed<s>/``."""
+
+    out: str
+    base: FinetuneConfig
+    optimizers: str | None = None        # default: the model's baseline optimizer and sam
+    subsample: str = "1"
+    seeds: str = "0"
+    rho: str | None = None
+    overwrite: bool = False
+    jobs: int = 1
+
+    def runs(self) -> list[tuple[str, FinetuneConfig]]:
+        """``(run name, config)`` for every point of the grid."""
+        from samlm.models.finetune import inspect_model, paper_defaults
+
+        info = inspect_model(self.base.model, trust_remote_code=self.base.trust_remote_code)
+        baseline = paper_defaults(info)["optimizer"]
+        optimizers = parse_optimizers(self.optimizers or f"{baseline},sam")
+        rhos = parse_rho(self.rho, optimizers)
+        rates = _floats(self.subsample, "--subsample")
+        seeds = parse_seeds(self.seeds)
+        runs = []
+        for optimizer in optimizers:
+            for rho in rhos[optimizer] if self.rho is not None else [None]:
+                for rate in rates:
+                    for seed in seeds:
+                        name = optimizer + (f"-rho{rho:g}" if rho is not None else "") + f"-sub{rate:g}-seed{seed}"
+                        sam = METHODS[optimizer].is_sam
+                        config = dataclasses.replace(
+                            self.base, optimizer=optimizer, rho=rho, subsample=rate, seed=seed,
+                            out=str(Path(self.out) / "runs" / name), resume=False, overwrite=self.overwrite,
+                            **({} if sam else {"base": None, "ascent_fraction": None, "m": 1}))
+                        runs.append((name, config))
+        return runs
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} is empty")
+    return values
+
+
+def run_finetune(config: Mapping[str, Any], on_step=None) -> dict:
+    """One run of the grid (a module-level function: worker processes import it)."""
+    from samlm.harness.finetune import finetune
+
+    return finetune(FinetuneConfig.from_mapping(config), on_step=on_step)
+
+
+def run_grid(grid: FinetuneGrid) -> list[Path]:
+    """Run every missing point of the grid (resuming interrupted ones); their directories."""
+    from samlm.harness.finetune import prepare
+
+    runs = grid.runs()
+    done: list[Path] = []
+    todo: list[Job] = []
+    for number, (name, config) in enumerate(runs, start=1):
+        run_dir = RunDir(config.out)
+        if run_dir.finished_summary() is not None and not grid.overwrite:
+            say(f"[{number}/{len(runs)}] {name}: done, skipping")
+            done.append(run_dir.path)
+            continue
+        config = dataclasses.replace(config, resume=run_dir.holds_run() and not grid.overwrite)
+        try:
+            prepare(dataclasses.replace(config, dry_run=True))  # every run's mistakes before any training
+        except UserError as err:
+            raise UserError(f"run {name}: {err}") from None
+        cost = METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25)
+        todo.append(Job(number, name + (" (resuming)" if config.resume else ""), config, cost))
+
+    def finished(job: Job, summary: dict) -> bool:
+        if not summary.get("completed"):
+            return False
+        done.append(Path(job.config.out))
+        return True
+
+    interrupted = run_jobs(todo, len(runs), finished, run=run_finetune, jobs=grid.jobs)
+    if interrupted:
+        raise UserError(f"the grid stopped before the end ({interrupted}); run the same command to resume")
+    return done
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    model: str
+    method: str
+    optimizer: str
+    base: str | None
+    rho: float | None
+    subsample: float
+    seed: int
+    score_name: str
+    values: dict[str, dict[str, float | None]]    # selection -> metric key (or "score") -> value
+    metric_keys: list[str]
+
+    @property
+    def is_baseline(self) -> bool:
+        return not (self.optimizer in METHODS and METHODS[self.optimizer].is_sam)
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories (those with summary.json) among ``paths`` and their subdirectories."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise UserError(f"run directory {path} not found")
+        if (path / SUMMARY_FILE).is_file():
+            found.append(path)
+            continue
+        children = sorted(p.parent for p in path.rglob(SUMMARY_FILE))
+        if not children:
+            raise UserError(f"{path} holds no fine-tuning run (no summary.json in it or below it)")
+        found.extend(children)
+    return list(dict.fromkeys(found))
+
+
+def _read_summary(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc})") from None
+
+
+def load_run(path: Path) -> RunRecord:
+    summary = _read_summary(path / SUMMARY_FILE)
+    if summary is None:
+        raise UserError(f"{path} has no summary.json")
+    if summary.get("format") != "samlm-finetune-summary":
+        raise UserError(f"{path}/summary.json is not a samlm finetune summary")
+    config = summary.get("config", {})
+    metrics = summary.get("metrics", {})
+    keys = [k for k in metrics if not k.endswith("/loss")]
+    values = {sel: {k: _number(metrics[k].get(sel)) for k in keys} for sel in SELECTIONS}
+    score = summary.get("score", {})
+    for sel in SELECTIONS:
+        values[sel][SCORE] = _number(score.get(sel))
+    model = str(config.get("model", "?")).rstrip("/")
+    return RunRecord(
+        path=path, model=Path(model).name or model, method="", optimizer=str(config.get("optimizer")),
+        base=config.get("base"), rho=config.get("rho"), subsample=float(config.get("subsample", 1.0)),
+        seed=int(config.get("seed", 0)), score_name=str(score.get("name", SCORE)), values=values, metric_keys=keys,
+    )
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _label_methods(runs: Sequence[RunRecord]) -> None:
+    """Method labels: ``adafactor``, ``sam rho=0.15``; ``+base`` when a SAM base differs from the baseline."""
+    baselines = {r.optimizer for r in runs if r.is_baseline}
+    for r in runs:
+        if r.is_baseline:
+            r.method = r.optimizer
+            continue
+        label = r.optimizer
+        if r.base and (len(baselines) != 1 or r.base not in baselines):
+            label += f"+{r.base}"
+        if r.rho is not None:
+            label += f" rho={r.rho:g}"
+        r.method = label
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+@dataclass
+class Cell:
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def text(self, digits: int = 1) -> str:
+        if not self.values:
+            return "–"
+        std = self.std
+        return f"{self.mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+@dataclass
+class Group:
+    model: str
+    subsample: float
+    method: str
+    is_baseline: bool
+    runs: list[RunRecord] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(r.seed for r in self.runs)
+
+    def cell(self, selection: str, key: str) -> Cell:
+        return Cell([v for r in self.runs if (v := r.values[selection].get(key)) is not None])
+
+    def by_seed(self, selection: str, key: str) -> dict[int, float]:
+        return {r.seed: v for r in self.runs if (v := r.values[selection].get(key)) is not None}
+
+
+@dataclass
+class Gain:
+    model: str
+    subsample: float
+    method: str
+    selection: str
+    metric: str
+    diffs: list[float]            # paired by seed; else [mean(method) - mean(baseline)]
+    paired: bool
+    baseline_mean: float | None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.diffs) if self.diffs else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.diffs) if self.paired and len(self.diffs) > 1 else None
+
+    @property
+    def relative(self) -> float | None:
+        if self.mean is None or not self.baseline_mean:
+            return None
+        return 100.0 * self.mean / abs(self.baseline_mean)
+
+
+@dataclass
+class Report:
+    groups: list[Group]
+    metric_keys: list[str]
+    score_name: str
+    gains: list[Gain]
+    out_dir: Path
+
+    def headline(self) -> list[str]:
+        lines = []
+        for g in self.gains:
+            if g.selection == "best" and g.metric == SCORE and g.mean is not None:
+                rel = f" ({g.relative:+.1f}%)" if g.relative is not None else ""
+                lines.append(f"{g.model} {_percent(g.subsample)} data: {g.method} {g.mean:+.2f} {self.score_name}{rel} "
+                             "over the baseline (best checkpoints)")
+        return lines
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None) -> Report:
+    """Aggregate runs, write results.md / results.csv / gains.csv / gain.png into ``out_dir``."""
+    runs = [load_run(Path(p)) for p in run_dirs]
+    if not runs:
+        raise UserError("no runs to compare")
+    _label_methods(runs)
+    groups = _group(runs)
+    keys = list(dict.fromkeys(k for r in runs for k in r.metric_keys))
+    names = sorted({r.score_name for r in runs})
+    score_name = names[0] if len(names) == 1 else "score"
+    gains = _gains(groups, keys, baseline)
+    report = Report(groups, keys, score_name, gains, Path(out_dir))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    io.atomic_write_text(out / "results.md", render_markdown(report))
+    io.atomic_write_text(out / "results.csv", _results_csv(report))
+    io.atomic_write_text(out / "gains.csv", _gains_csv(report))
+    io.atomic_write_bytes(out / "gain.png", plot_gain(report))
+    return report
+
+
+def _group(runs: Sequence[RunRecord]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for r in runs:
+        key = (r.model, r.subsample, r.method)
+        group = groups.setdefault(key, Group(r.model, r.subsample, r.method, r.is_baseline))
+        if any(other.seed == r.seed for other in group.runs):
+            clash = next(o for o in group.runs if o.seed == r.seed)
+            raise UserError(f"two runs of {r.method} at {_percent(r.subsample)} data with seed {r.seed}: "
+                            f"{clash.path} and {r.path}; keep one")
+        group.runs.append(r)
+    # Paper order: model, data fraction, baseline first.
+    return sorted(groups.values(), key=lambda g: (g.model, g.subsample, not g.is_baseline, g.method))
+
+
+def _gains(groups: Sequence[Group], keys: Sequence[str], baseline: str | None) -> list[Gain]:
+    gains = []
+    models = dict.fromkeys(g.model for g in groups)
+    for model in models:
+        of_model = [g for g in groups if g.model == model]
+        base_label = _baseline_label(of_model, baseline, model)
+        if base_label is None:
+            continue
+        for g in of_model:
+            if g.method == base_label:
+                continue
+            ref = next((b for b in of_model if b.method == base_label and b.subsample == g.subsample), None)
+            if ref is None:
+                continue
+            for selection in SELECTIONS:
+                for key in [*keys, SCORE]:
+                    mine, theirs = g.by_seed(selection, key), ref.by_seed(selection, key)
+                    if not mine or not theirs:
+                        continue
+                    common = sorted(set(mine) & set(theirs))
+                    if common:
+                        diffs, paired = [mine[s] - theirs[s] for s in common], True
+                    else:
+                        diffs, paired = [statistics.fmean(mine.values()) - statistics.fmean(theirs.values())], False
+                    gains.append(Gain(model, g.subsample, g.method, selection, key, diffs, paired,
+                                      statistics.fmean(theirs.values())))
+    return gains
+
+
+def _baseline_label(groups: Sequence[Group], baseline: str | None, model: str) -> str | None:
+    methods = list(dict.fromkeys(g.method for g in groups))
+    if baseline is not None:
+        if baseline not in methods:
+            raise UserError(f"--baseline {baseline!r} is not among the methods of {model}: {', '.join(methods)}")
+        return baseline
+    plain = list(dict.fromkeys(g.method for g in groups if g.is_baseline))
+    if len(plain) > 1:
+        raise UserError(f"{model} has several baselines ({', '.join(plain)}); choose one with --baseline")
+    return plain[0] if plain else None
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _percent(rate: float) -> str:
+    return f"{100 * rate:g}%"
+
+
+def _short(key: str) -> str:
+    """``glue/rte/accuracy`` -> ``rte/accuracy`` (the benchmark is in the table's context)."""
+    task, _, metric = key.rpartition("/")
+    return f"{task.split('/', 1)[-1]}/{metric}"
+
+
+def render_markdown(report: Report) -> str:
+    lines = ["# Fine-tuning comparison", ""]
+    lines.append(f"Cells: mean ± sample std over seeds. Score: {report.score_name} (mean over tasks of the mean "
+                 "of each task's official metrics). **Best**: every task-metric at its own best checkpoint and "
+                 "the score from those values (Bahri et al. 2022); **final**: the last evaluation.")
+    lines.append("")
+    columns = [_short(k) for k in report.metric_keys] + [report.score_name]
+    for selection in SELECTIONS:
+        lines += [f"## {selection.capitalize()} checkpoint", ""]
+        lines.append("| model | data | method | seeds | " + " | ".join(columns) + " |")
+        lines.append("|---|---|---|---|" + "---|" * len(columns))
+        for g in report.groups:
+            cells = [g.cell(selection, k).text() for k in [*report.metric_keys, SCORE]]
+            lines.append(f"| {g.model} | {_percent(g.subsample)} | {g.method} | {len(g.runs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for selection in SELECTIONS:
+        gains = [g for g in report.gains if g.selection == selection]
+        if not gains:
+            continue
+        lines += [f"## Gain over the baseline ({selection} checkpoint)", ""]
+        lines.append("Paired by seed (mean ± std of the differences) when the runs share seeds; relative gain in % "
+                     "of the baseline's score.")
+        lines.append("")
+        header = ["Δ " + report.score_name, "Δ% " + report.score_name] + ["Δ " + _short(k) for k in report.metric_keys]
+        lines.append("| model | data | method | " + " | ".join(header) + " |")
+        lines.append("|---|---|---|" + "---|" * len(header))
+        rows = dict.fromkeys((g.model, g.subsample, g.method) for g in gains)
+        for model, rate, method in rows:
+            by_metric = {g.metric: g for g in gains if (g.model, g.subsample, g.method) == (model, rate, method)}
+            score = by_metric.get(SCORE)
+            cells = [_gain_text(score), f"{score.relative:+.1f}%" if score and score.relative is not None else "–"]
+            cells += [_gain_text(by_metric.get(k)) for k in report.metric_keys]
+            lines.append(f"| {model} | {_percent(rate)} | {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _gain_text(gain: Gain | None) -> str:
+    if gain is None or gain.mean is None:
+        return "–"
+    std = gain.std
+    return f"{gain.mean:+.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+
+def _csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buffer = _stdio.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else v for v in row])
+    return buffer.getvalue()
+
+
+def _results_csv(report: Report) -> str:
+    rows = []
+    for selection in SELECTIONS:
+        for g in report.groups:
+            r0 = g.runs[0]
+            for key in [*report.metric_keys, SCORE]:
+                cell = g.cell(selection, key)
+                rows.append([selection, g.model, g.subsample, g.method, r0.optimizer, r0.base, r0.rho,
+                             report.score_name if key == SCORE else key, cell.n, cell.mean, cell.std,
+                             " ".join(f"{v:.6g}" for v in cell.values), " ".join(str(s) for s in g.seeds)])
+    return _csv_text(["selection", "model", "subsample", "method", "optimizer", "base", "rho", "metric", "n",
+                      "mean", "std", "values", "seeds"], rows)
+
+
+def _gains_csv(report: Report) -> str:
+    rows = [[g.selection, g.model, g.subsample, g.method, report.score_name if g.metric == SCORE else g.metric,
+             len(g.diffs), g.paired, g.mean, g.std, g.baseline_mean, g.relative] for g in report.gains]
+    return _csv_text(["selection", "model", "subsample", "method", "metric", "n", "paired", "gain", "gain_std",
+                      "baseline", "relative_gain_pct"], rows)
+
+
+def plot_gain(report: Report) -> bytes:
+    """PNG: SAM's score gain over the baseline (best checkpoints) against the data fraction."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.8), dpi=110)
+    FigureCanvasAgg(fig)
+    absolute, relative = fig.subplots(1, 2, sharex=True)
+    series: dict[tuple[str, str], list[Gain]] = {}
+    for g in report.gains:
+        if g.selection == "best" and g.metric == SCORE and g.mean is not None:
+            series.setdefault((g.model, g.method), []).append(g)
+    rates = sorted({g.subsample for gains in series.values() for g in gains})
+    for (model, method), gains in series.items():
+        gains = sorted(gains, key=lambda g: g.subsample)
+        xs = [g.subsample for g in gains]
+        label = method if len({m for m, _ in series}) == 1 else f"{model} {method}"
+        absolute.errorbar(xs, [g.mean for g in gains], yerr=[g.std or 0.0 for g in gains], marker="o",
+                          capsize=3, label=label)
+        relative.plot(xs, [g.relative if g.relative is not None else math.nan for g in gains], marker="o", label=label)
+    for ax, ylabel in ((absolute, f"Δ {report.score_name} (points)"), (relative, f"Δ {report.score_name} (%)")):
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        if rates and rates[-1] / rates[0] >= 10:
+            ax.set_xscale("log")
+        if rates:
+            ax.set_xticks(rates)
+            ax.set_xticklabels([_percent(r) for r in rates])
+            ax.minorticks_off()
+        ax.set_xlabel("training data (fraction of the training set)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    if series:
+        absolute.legend(fontsize=8)
+    else:
+        absolute.text(0.5, 0.5, "no baseline/SAM pairs", ha="center", va="center", transform=absolute.transAxes)
+    fig.suptitle("SAM gain over the baseline (best checkpoint per task-metric)")
+    fig.tight_layout()
+    buffer = _stdio.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+__all__ = ["compare_runs", "find_run_dirs", "load_run", "render_markdown", "plot_gain", "grid_runs", "run_grid",
+           "Report", "RunRecord", "Group", "Gain", "Cell"]
+

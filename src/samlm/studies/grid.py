@@ -1,0 +1,230 @@
+"""What both comparisons share: the grid flags (methods, seeds, ρ, jobs), their parsing, and
+running the grid's runs one after another or a few at a time in worker processes.
+
+ρ: one value for every SAM-family method (``--rho 0.05``), a list (``--rho 0.02,0.05``: a grid),
+or per method (``--rho sam=0.02,fsam=0.1``; repeat a name for a grid, ``sam=0.01,sam=0.02``; a
+bare value applies to the methods not named). Methods without a value use their default ρ from
+the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from samlm.errors import UserError
+from samlm.harness import settings as s
+from samlm.harness.settings import setting
+from samlm.optim.registry import METHODS, sam_family
+from samlm.progress import say
+
+
+@dataclass
+class GridSettings:
+    """comparison"""
+
+    optimizers: Optional[str] = setting(None, "comma-separated methods to compare (samlm.optim.registry)")
+    seeds: str = setting("0", "comma-separated seeds")
+    rho: Optional[str] = setting(None, "one value, a list (0.02,0.05: a grid for every SAM-family method), or per "
+                                 "method (sam=0.02,fsam=0.1; repeat a name for a grid)",
+                                 default_text="each method's default")
+    jobs: int = setting(1, "runs at a time, in worker processes (1: one after another, so step times are "
+                        "comparable); use with --threads", check=s.positive_int)
+    overwrite: bool = setting(False, "rerun finished runs too")
+    dry_run: bool = setting(False, "check every run's settings and print the grid; write nothing")
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in str(text).split(",")]
+    if not items or any(not t for t in items):
+        raise UserError(f"--{what} must be a comma-separated list, got '{text}'")
+    return items
+
+
+def parse_optimizers(text: str | Sequence[str]) -> list[str]:
+    names = parse_list(text, "optimizers") if isinstance(text, str) else list(text)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise UserError(f"unknown optimizer(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    if len(set(names)) != len(names):
+        raise UserError(f"--optimizers lists an optimizer twice: {','.join(names)}")
+    return names
+
+
+def parse_seeds(text: str | Sequence[int]) -> list[int]:
+    items = parse_list(text, "seeds") if isinstance(text, str) else list(text)
+    seeds = []
+    for item in items:
+        try:
+            seed = int(item)
+        except (TypeError, ValueError):
+            raise UserError(f"--seeds must be comma-separated integers >= 0, got '{text}'") from None
+        if seed < 0:
+            raise UserError(f"--seeds must be integers >= 0, got {seed}")
+        if seed not in seeds:
+            seeds.append(seed)
+    return seeds
+
+
+def _rho_value(text: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--rho: '{text}' is not a number (in '{spec}')") from None
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"--rho must be finite and >= 0, got {text}")
+    return value
+
+
+def parse_rho(spec: str | float | Mapping[str, Sequence[float] | float] | None,
+              optimizers: Sequence[str]) -> dict[str, list[float | None]]:
+    """ρ values per optimizer (plain optimizers: ``[None]``). See the module docstring for the syntax."""
+    named: dict[str, list[float]] = {}
+    bare: list[float] = []
+    if isinstance(spec, Mapping):
+        for name, values in spec.items():
+            named[name] = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    elif isinstance(spec, (int, float)):
+        bare = [float(spec)]
+    elif spec is not None and str(spec).strip():
+        for item in parse_list(spec, "rho"):
+            if "=" in item:
+                name, _, value = item.partition("=")
+                named.setdefault(name.strip(), []).append(_rho_value(value.strip(), spec))
+            else:
+                bare.append(_rho_value(item, spec))
+    for name in named:
+        if name in METHODS and not METHODS[name].is_sam:
+            raise UserError(f"--rho: {name} has no perturbation radius")
+        if name not in sam_family():
+            raise UserError(f"--rho: unknown optimizer '{name}' (SAM family: {', '.join(sam_family())})")
+        if name not in optimizers:
+            raise UserError(f"--rho gives a value for {name}, which is not in --optimizers ({','.join(optimizers)})")
+    result: dict[str, list[float | None]] = {}
+    for name in optimizers:
+        if not METHODS[name].is_sam:
+            result[name] = [None]
+            continue
+        values = named.get(name) or bare or [METHODS[name].default_rho]
+        result[name] = list(dict.fromkeys(values))  # dedupe, keep order
+    return result
+
+
+@dataclass
+class Job:
+    """One run of a grid: ``config`` is a harness config (``as_dict()``, ``threads``)."""
+
+    index: int
+    name: str
+    config: Any
+    cost: float = 1.0
+
+
+Runner = Callable[[Mapping[str, Any], Optional[Callable[[int, dict], None]]], dict]
+
+
+def run_jobs(todo: Sequence[Job], total: int, done: Callable[[Job, dict], bool], *, run: Runner,
+             jobs: int = 1) -> Optional[str]:
+    """Run ``todo`` with ``run(config_dict, on_step) -> summary`` (a module-level function, so
+    that worker processes can import it). ``jobs`` > 1: that many at a time, longest first.
+    ``done(job, summary)`` is False when the run stopped early. Returns what interrupted the
+    grid, or None."""
+    if jobs == 1 or len(todo) <= 1:
+        for job in todo:
+            say(f"[{job.index}/{total}] {job.name}")
+            summary = run(job.config.as_dict(), None)
+            if not done(job, summary):
+                return summary.get("interrupted") or "interrupted"
+        return None
+    return _run_in_parallel(sorted(todo, key=lambda job: -job.cost), total, done, run, jobs)
+
+
+# ---- parallel runs: worker processes in their own process group, so that a Ctrl-C reaches only
+# the parent, which forwards exactly one SIGINT to each busy worker (two would abort its step).
+
+_STOP_REQUESTED = False
+
+
+def _worker_init(threads: int | None) -> None:
+    global _STOP_REQUESTED
+    _STOP_REQUESTED = False
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def request_stop(signum, frame):  # a signal before (or after) the training loop
+        global _STOP_REQUESTED
+        _STOP_REQUESTED = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+def _worker_run(run: Runner, config: dict) -> dict:
+    def on_step(step, stats):
+        global _STOP_REQUESTED
+        if _STOP_REQUESTED:  # asked to stop before the loop listened: pass it on to the loop
+            _STOP_REQUESTED = False
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if _STOP_REQUESTED:
+        return {"completed": False, "interrupted": "SIGINT", "step": 0}
+    return run(dict(config, progress=False), on_step)
+
+
+def _run_in_parallel(queue: list[Job], total: int, done, run: Runner, jobs: int) -> Optional[str]:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    queue = list(queue)
+    threads = queue[0].config.threads
+    interrupted: list[str] = []
+    executor = ProcessPoolExecutor(max_workers=min(jobs, len(queue)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(threads,))
+    running: dict = {}
+
+    def forward(signum, frame):
+        name = signal.Signals(signum).name
+        if interrupted and name == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        interrupted.append(name)
+        say(f"received {name}: the running runs save a checkpoint and stop")
+        for process in list(getattr(executor, "_processes", {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGINT)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, forward)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs and not interrupted:
+                job = queue.pop(0)
+                say(f"[{job.index}/{total}] {job.name}")
+                running[executor.submit(_worker_run, run, job.config.as_dict())] = job
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                if not done(job, future.result()) and not interrupted:
+                    interrupted.append("interrupted")
+        executor.shutdown(wait=True)
+    except BaseException:
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.terminate()
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return interrupted[0] if interrupted else None
