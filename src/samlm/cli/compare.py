@@ -30,7 +30,8 @@ def config_from_cli(args: argparse.Namespace) -> CompareConfig:
     settings.validate(grid)
     base = config_from_args(args, out=args.out)
     return CompareConfig(out=args.out, optimizers=grid.optimizers or ",".join(DEFAULT_OPTIMIZERS), seeds=grid.seeds,
-                         rho=grid.rho, base=base, overwrite=grid.overwrite, title=args.title, jobs=grid.jobs)
+                         rho=grid.rho, base=base, overwrite=grid.overwrite, title=args.title, jobs=grid.jobs,
+                         budget=grid.budget)
 
 
 def print_result(result: CompareResult) -> None:
@@ -46,10 +47,11 @@ def print_result(result: CompareResult) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_cli(args)
     if getattr(args, "dry_run", False):
-        plan = config.plan()
-        for name, run_config in plan:
-            validate(run_config)
-            print(f"{name}: {run_config.out}")
+        plan = config.runs()
+        for run in plan:
+            validate(run.config)
+            budget = run.config.steps if run.config.steps is not None else f"{run.config.tokens_per_param:g} tokens/param"
+            print(f"{run.name}: {run.config.out} ({'+'.join(run.budgets)}; {budget} steps)")
         say(f"dry run: {len(plan)} runs are fine; nothing was written")
         return 0
     result = compare(config)

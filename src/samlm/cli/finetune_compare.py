@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from samlm.errors import UserError
 from samlm.harness import settings
-from samlm.harness.finetune import FinetuneConfig
+from samlm.harness.finetune import FinetuneConfig, prepare
 from samlm.progress import say
-from samlm.studies.finetune_compare import FinetuneGrid, compare_runs, find_run_dirs, run_grid
+from samlm.studies.finetune_compare import FinetuneGrid, compare_budgets, compare_runs, find_run_dirs, run_grid
 from samlm.studies.grid import GridSettings
 
 # What the grid varies or owns; every other finetune flag applies to every run.
@@ -36,18 +37,22 @@ def run(args: argparse.Namespace) -> int:
     if base.model is not None:
         grid = FinetuneGrid(out=str(out), base=base, optimizers=grid_settings.optimizers, subsample=args.subsample,
                             seeds=grid_settings.seeds, rho=grid_settings.rho, overwrite=grid_settings.overwrite,
-                            jobs=grid_settings.jobs)
+                            jobs=grid_settings.jobs, budget=grid_settings.budget)
         if grid_settings.dry_run:
-            from samlm.harness.finetune import prepare
-            import dataclasses
-
             runs = grid.runs()
-            for name, config in runs:
+            for name, config, budgets in runs:
                 prepare(dataclasses.replace(config, dry_run=True, overwrite=True))
-                print(f"{name}: {config.out}")
+                print(f"{name}: {config.out} ({'+'.join(budgets)}; {config.steps} steps)")
             say(f"dry run: {len(runs)} runs are fine; nothing was written")
             return 0
-        run_dirs += run_grid(grid)
+        by_budget = run_grid(grid)
+        by_budget["steps"] = by_budget.get("steps", []) + find_run_dirs(args.runs)
+        report = compare_budgets(by_budget, out, baseline=args.baseline)
+        for line in report.headline():
+            say(line)
+        say(f"wrote {out / 'results.md'}, results.csv, gains.csv, gain.png"
+            + (f" (equal compute: {out / 'equal-compute'})" if "compute" in by_budget and by_budget["steps"] else ""))
+        return 0
     elif grid_settings.optimizers is not None:
         raise UserError("--optimizers runs a grid: pass --model (and --task) too, or only --runs to report")
     run_dirs += find_run_dirs(args.runs)

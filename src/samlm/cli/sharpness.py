@@ -1,12 +1,14 @@
 """Measure the sharpness of a trained model: λ_max of the Hessian and Gauss-Newton matrix, SAM path norms.
 
 ``samlm sharpness --run DIR`` loads the latest checkpoint of a ``samlm pretrain`` run (and
-rebuilds its model and validation data from ``DIR/config.json``); ``--model DIR_OR_HUB_ID``
+rebuilds its model, optimizer and validation data from ``DIR/config.json``); ``--model DIR_OR_HUB_ID``
 loads a causal LM (with ``--data``, ``--tokenizer``, ``--context``). Measured with
 :func:`samlm.diagnostics.sharpness.measure_sharpness` on the first ``--batches`` validation batches of
 ``--batch-size`` sequences (fixed, the same ones the run's own measurements use), in fp32 and
 eval mode: λ_max(H) and λ_max(GN) by Lanczos (or power iteration) on Hessian / Gauss-Newton
 vector products, λ_max of the functional Hessian, and SAM's logit/functional path norms at ρ.
+With ``--run``, also the preconditioned λ_max(P^{-1/2} H P^{-1/2}), P = √v̂ + eps from the checkpoint's
+optimizer state (left out for ``--model``, SGD, or optimizer state saved sharded under FSDP).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,8 @@ from samlm import io
 from samlm.errors import UserError
 from samlm.harness import settings
 from samlm.harness.pretrain import PretrainConfig
-from samlm.harness.pretrain.build import build_model, load_dataset, resolve_tokenizer_name, sharpness_probe
+from samlm.harness.pretrain.build import (build_model, build_run_optimizer, load_dataset, resolve_tokenizer_name,
+                                          sharpness_probe)
 from samlm.harness.pretrain.config import MODEL_DATA_FIELDS, SHAPE_FIELDS
 from samlm.harness.rundir import CONFIG_FILE, RunDir
 
@@ -30,12 +34,14 @@ ROWS = (
     ("gauss_newton_lambda_max", "lambda_max(GN) Gauss-Newton"),
     ("functional_lambda", "lambda_max(H_F) functional Hessian"),
     ("functional_lambda_min", "lambda_min(H_F)"),
+    ("preconditioned_lambda_max", "lambda_max(P^-1/2 H P^-1/2) preconditioned"),
     ("logit_path_norm", "|delta_logit|  logit path"),
     ("functional_path_norm", "|delta_func|   functional path"),
     ("logit_functional_ratio", "logit/functional ratio"),
     ("grad_norm", "|g|"),
     ("loss", "loss on these batches"),
 )
+OPTIONAL_ROWS = {"preconditioned_lambda_max"}  # printed only when measured
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_run(run_dir: Path):
-    """(config, model with the latest checkpoint's weights, dataset, checkpoint step)."""
+    """(config, model with the latest checkpoint's weights, its optimizer (or None), dataset, checkpoint step)."""
     from samlm.data.text import load_tokenizer, tokenizer_vocab_size
 
     if not run_dir.is_dir():
@@ -77,7 +83,23 @@ def _load_run(run_dir: Path):
     result = model.load_state_dict(checkpoint.model_state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(f"checkpoint {checkpoint.path} does not match the run's model")
-    return config, model, dataset, checkpoint.step
+    return config, model, _load_optimizer(config, model, checkpoint), dataset, checkpoint.step
+
+
+def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint):
+    """The run's optimizer holding the checkpoint's state (its second moments are P), or None when
+    the state is not there or was saved sharded (FSDP: keyed by parameter name)."""
+    extra = checkpoint.extra_state
+    state = extra.get("optimizer") if isinstance(extra, Mapping) else None
+    if not isinstance(state, Mapping) or state.get("sharded"):
+        return None
+    optimizer = build_run_optimizer(config, model.parameters())
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise UserError(f"checkpoint {checkpoint.path} does not hold the state of the run's {config.optimizer} "
+                        f"optimizer ({type(exc).__name__})") from None
+    return optimizer
 
 
 def _load_model(args):
@@ -117,18 +139,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
 
     if args.run_dir is not None:
-        config, model, dataset, step = _load_run(Path(args.run_dir))
+        config, model, optimizer, dataset, step = _load_run(Path(args.run_dir))
         source = {"run": str(args.run_dir), "step": step}
         defaults = (config.sharpness_batches, config.sharpness_batch_size, config.sharpness_rho)
     else:
         config, model, dataset = _load_model(args)
+        optimizer = None
         source = {"model": model_data["model"], "step": None}
         defaults = (1, 8, 0.05)
     batches = args.batches or defaults[0]
     batch_size = args.batch_size or defaults[1]
     rho = args.rho if args.rho is not None else defaults[2]
     val = dataset.val_batches(batch_size, max_batches=batches)
-    probe = sharpness_probe(val, iters=args.iters, seed=args.seed, rho=rho, method=args.method)
+    probe = sharpness_probe(val, iters=args.iters, seed=args.seed, rho=rho, method=args.method, optimizer=optimizer)
     values = probe(model)
     return io.json_safe({
         **source, "data": config.data, "context": config.context, "batches": len(val), "batch_size": batch_size,
@@ -142,6 +165,8 @@ def format_measurement(result: dict) -> str:
              f"{result['context']} tokens, {result['method']}, rho={result.get('rho')}"]
     width = max(len(label) for _, label in ROWS)
     for key, label in ROWS:
+        if key in OPTIONAL_ROWS and key not in result:
+            continue
         value = result.get(key)
         text = format(value, ".6g") if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
         lines.append(f"  {label.ljust(width)}  {text}")

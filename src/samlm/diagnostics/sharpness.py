@@ -11,6 +11,11 @@ and, with ε = ρ g/‖g‖, SAM's change of gradient splits exactly into a logi
     g_SAM − g = δ_logit + δ_func,   δ_logit = J(w+ε)ᵀ [r(w+ε) − r(w)]  ≈ ρ H_O ĝ
                                      δ_func  = [J(w+ε) − J(w)]ᵀ r(w)    ≈ ρ H_F ĝ
 
+For Adam-type training the curvature that sets stability is the *preconditioned* one (Cohen et al.
+2022, adaptive edge of stability): with P = √v̂ + eps the denominator of the base optimizer's update,
+λ_max(P⁻¹H) = λ_max(P^{-1/2} H P^{-1/2}) (similar matrices), which Adam with β₁ = 0.9 drives to about
+38/lr. P is diagonal, so the symmetric form is two elementwise scalings around the Hessian-vector product.
+
 Conventions (docs/design.md): ``forward(batch) -> outputs`` (a tensor, batch dimension first) and
 ``loss(outputs, batch) -> scalar mean loss``. ``params`` is a list of tensors with requires_grad.
 ``batches`` is one batch (tensor / tuple / dict) or a Python ``list`` of batches; over a list, every
@@ -32,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from samlm.optim.preconditioners import Preconditioners
 from samlm.optim.split import PathGradients, path_gradients
 
 __all__ = [
@@ -42,6 +48,8 @@ __all__ = [
     "gauss_newton_vector_product",
     "hessian_vector_product",
     "measure_sharpness",
+    "preconditioned_vector_product",
+    "preconditioner_tensors",
     "sam_path_norms",
     "sam_path_split",
     "top_eigenvalue",
@@ -205,6 +213,45 @@ def functional_hessian_vector_product(params: Sequence[Tensor], batches: Batch, 
     operator, at half the cost and without the cancellation of two large terms.
     """
     return _averaged(_fhvp_one, params, batches, forward, loss)
+
+
+def preconditioned_vector_product(matvec: MatVec, preconditioner: Sequence[Tensor]) -> MatVec:
+    """v ↦ P^{-1/2} A P^{-1/2} v for the operator A of ``matvec`` and a diagonal P > 0.
+
+    ``preconditioner`` holds P's diagonal as tensors shaped like (and on the device and dtype of) the
+    vectors. The result is symmetric when A is, and has the eigenvalues of P⁻¹A.
+    """
+    scales = [p.rsqrt() for p in preconditioner]
+
+    def product(v: Sequence[Tensor]) -> list[Tensor]:
+        return [s * av for s, av in zip(scales, matvec([s * vi for s, vi in zip(scales, v)]))]
+
+    return product
+
+
+def preconditioner_tensors(preconditioner: Callable[[Tensor], Tensor | None] | torch.optim.Optimizer,
+                           params: Sequence[Tensor]) -> list[Tensor] | None:
+    """P for each of ``params``, from a callable ``param -> P`` (same shape) or an optimizer.
+
+    An optimizer's P is read from its second moments by ``samlm.optim.preconditioners`` (Adam/AdamW:
+    √v̂ + eps; Adafactor: its factored v̂; a SAM-family wrapper: its base optimizer's). None when a
+    parameter has no P: before the optimizer's first step, or for one without second moments (SGD).
+    Raises ``ValueError`` for a P of the wrong shape, or not positive and finite.
+    """
+    params = list(params)
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        preconditioner = Preconditioners(getattr(preconditioner, "base_optimizer", preconditioner), params)
+    tensors = []
+    for param in params:
+        p = preconditioner(param)
+        if p is None:
+            return None
+        if p.shape != param.shape:
+            raise ValueError(f"P of a parameter of shape {tuple(param.shape)} has shape {tuple(p.shape)}")
+        if not bool(torch.isfinite(p).all() and (p > 0).all()):
+            raise ValueError("the preconditioner P must be positive and finite")
+        tensors.append(p.detach())
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------------
@@ -512,8 +559,9 @@ def _measurement_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def measure_sharpness(model: torch.nn.Module, batches: Batch, forward: Forward, loss: Loss, *, iters: int = 20,
                       seed: int = 0, rho: float = 0.05, tol: float = 1e-5, method: str = "lanczos",
-                      k: int = 1) -> dict[str, Any]:
-    """λ_max(H), λ_max(H_O), λ(H_F) and the SAM path split, in float32 and eval mode.
+                      k: int = 1, preconditioner: Callable[[Tensor], Tensor | None] | torch.optim.Optimizer | None = None,
+                      ) -> dict[str, Any]:
+    """λ_max(H), λ_max(H_O), λ(H_F), λ_max(P⁻¹H) and the SAM path split, in float32 and eval mode.
 
     Over the trainable parameters (requires_grad=False ones are excluded) and the average of the
     per-batch operators. The model's train/eval modes, weights (bitwise), dtypes, ``.grad`` and the
@@ -523,8 +571,12 @@ def measure_sharpness(model: torch.nn.Module, batches: Batch, forward: Forward, 
     - ``gauss_newton_lambda_max`` λ_max(H_O = JᵀH_zJ)
     - ``functional_lambda`` λ_max(H_F), largest *algebraic* (H_F is indefinite);
       ``functional_lambda_min`` λ_min(H_F) (Lanczos; nan with power iteration)
+    - ``preconditioned_lambda_max`` λ_max(P^{-1/2} H P^{-1/2}) = λ_max(P⁻¹H), and
+      ``preconditioned_iters``: only when ``preconditioner`` (a callable ``param -> P`` or the run's
+      optimizer, see :func:`preconditioner_tensors`) gives P for every parameter; an optimizer has
+      none before its first step (and SGD none at all), and then both keys are left out
     - ``hessian_iters``, ``gauss_newton_iters``, ``functional_iters``; ``iters`` (the largest of the
-      three); ``converged`` (all three met ``tol``)
+      eigensolves); ``converged`` (all of them met ``tol``)
     - from :func:`sam_path_norms` at ``rho``: ``logit_path_norm``, ``functional_path_norm``,
       ``logit_functional_ratio``, ``logit_path_cosine``, ``functional_path_cosine``, ``sam_shift_norm``,
       ``grad_norm``, ``sam_grad_norm``, ``loss``, ``loss_perturbed``; and ``rho``.
@@ -533,23 +585,32 @@ def measure_sharpness(model: torch.nn.Module, batches: Batch, forward: Forward, 
     if not params:
         raise ValueError("the model has no parameters with requires_grad=True")
     batches = _as_batch_list(batches)
+    p_diag = None if preconditioner is None else preconditioner_tensors(preconditioner, params)
     solve = dict(iters=iters, tol=tol, seed=seed, method=method)
     with _measurement_mode(model):
-        hessian = top_eigenvalue(hessian_vector_product(params, batches, forward, loss), params, k=k, **solve)
+        hvp = hessian_vector_product(params, batches, forward, loss)
+        hessian = top_eigenvalue(hvp, params, k=k, **solve)
         gauss_newton = top_eigenvalue(gauss_newton_vector_product(params, batches, forward, loss), params, **solve)
         functional = functional_hessian_top_eigenvalue(params, batches, forward, loss, **solve)
+        preconditioned = None
+        if p_diag is not None:  # cast to the measurement dtype (float32 for a half-precision model)
+            p_diag = [p.to(device=w.device, dtype=w.dtype) for p, w in zip(p_diag, params)]
+            preconditioned = top_eigenvalue(preconditioned_vector_product(hvp, p_diag), params, **solve)
         paths = sam_path_norms(params, batches, forward, loss, rho)
+    solved = [r for r in (hessian, gauss_newton, functional, preconditioned) if r is not None]
     return {
         "hessian_lambda_max": hessian.value,
         "hessian_top_k": list(hessian.top_k),
         "gauss_newton_lambda_max": gauss_newton.value,
         "functional_lambda": functional.value,
         "functional_lambda_min": functional.smallest,
+        **({} if preconditioned is None else {"preconditioned_lambda_max": preconditioned.value,
+                                              "preconditioned_iters": preconditioned.iters}),
         "hessian_iters": hessian.iters,
         "gauss_newton_iters": gauss_newton.iters,
         "functional_iters": functional.iters,
-        "iters": max(hessian.iters, gauss_newton.iters, functional.iters),
-        "converged": hessian.converged and gauss_newton.converged and functional.converged,
+        "iters": max(r.iters for r in solved),
+        "converged": all(r.converged for r in solved),
         **paths,
         "rho": rho,
     }

@@ -672,8 +672,6 @@ class _Run:
             say(f"resumed from {checkpoint.path} at step {state.step}"
                 + (f" (newer checkpoint(s) {skipped} unusable, see the warning above)" if skipped else ""))
             return state, checkpoint.path
-        if self.config.resume:
-            say(f"no checkpoint in {self.checkpoint_root}: starting from step 0")
         self.run_dir.check_start(resume=self.config.resume, overwrite=self.config.overwrite)
         if self.main:
             self.run_dir.clear()

@@ -70,6 +70,10 @@ class RunDir:
         if self.holds_run() and not (resume or overwrite):
             raise UserError(f"{self.path} already holds a run (metrics.jsonl or checkpoints): pass --resume to "
                             "continue it, --overwrite to start over, or choose another --out")
+        if resume and not self.has_checkpoint():
+            what = "a run stopped before its first checkpoint" if self.holds_run() else "no run"
+            raise UserError(f"nothing to resume in {self.path}: it holds {what}; start without --resume"
+                            + (" (with --overwrite)" if self.holds_run() else ""))
 
     def resumes(self, resume: bool) -> bool:
         """This start continues a checkpoint (else it starts over, clearing what is here)."""

@@ -24,7 +24,17 @@ from samlm.harness.rundir import RunDir
 from samlm.optim.registry import METHODS, sam_family
 from samlm.progress import say
 from samlm.studies import report
-from samlm.studies.grid import Job, parse_optimizers, parse_rho, parse_seeds, run_jobs
+from samlm.harness.pretrain.build import DEFAULT_TOKENS_PER_PARAM
+from samlm.studies.grid import (
+    Job,
+    compute_factors,
+    parse_budget,
+    parse_optimizers,
+    parse_rho,
+    parse_seeds,
+    run_jobs,
+    stretched,
+)
 
 DEFAULT_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
 # The settings a finished run must share with the comparison asking for it: those a resume
@@ -37,9 +47,37 @@ def run_name(optimizer: str, rho: float | None, seed: int) -> str:
     return f"{optimizer}-seed{seed}" if rho is None else f"{optimizer}-rho{rho:g}-seed{seed}"
 
 
+COMPUTE_SUFFIX = "-equal-compute"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the comparison and the budgets it serves (a run whose steps are the same under
+    both budgets, the costliest method's, serves both)."""
+
+    name: str
+    config: PretrainConfig
+    budgets: tuple[str, ...]
+    factor: float = 1.0          # its steps relative to --steps (equal compute: cost of the costliest / its own)
+
+
+def _at_compute(config: PretrainConfig, factor: float) -> PretrainConfig:
+    """``config`` with its budget, warmup and evaluation cadence stretched by ``factor``."""
+    budget = ({"steps": stretched(config.steps, factor)} if config.steps is not None else
+              {"tokens_per_param": (config.tokens_per_param or DEFAULT_TOKENS_PER_PARAM) * factor})
+    return dataclasses.replace(config, **budget, warmup=stretched(config.warmup, factor),
+                               eval_every=stretched(config.eval_every, factor),
+                               sharpness_every=stretched(config.sharpness_every, factor))
+
+
 @dataclass
 class CompareConfig:
-    """What ``samlm compare`` runs: ``base`` (model, data, budget, loop) for every run."""
+    """What ``samlm compare`` runs: ``base`` (model, data, budget, loop) for every run.
+
+    ``budget``: ``steps`` (every method ``base``'s steps), ``compute`` (every method the
+    forward+backward compute of the costliest one: cheaper methods get proportionally more steps,
+    their schedules stretched to their own length; see :func:`samlm.studies.grid.compute_factors`),
+    or ``steps,compute`` (both; the paired differences to AdamW are reported under each)."""
 
     out: str = "runs/compare"
     optimizers: Sequence[str] = DEFAULT_OPTIMIZERS
@@ -50,26 +88,44 @@ class CompareConfig:
     title: str = "samlm compare"
     notes: str = ""
     jobs: int = 1                        # runs at a time (worker processes); 1: one after another
+    budget: str = "steps"
 
-    def plan(self) -> list[tuple[str, PretrainConfig]]:
-        """(run name, config) of every run, seed by seed (a partial comparison has every optimizer)."""
+    def runs(self) -> list[PlannedRun]:
+        """Every run, seed by seed (a partial comparison has every optimizer)."""
         optimizers = parse_optimizers(self.optimizers)
         seeds = parse_seeds(self.seeds)
         rhos = parse_rho(self.rho, optimizers)
+        budgets = parse_budget(self.budget)
+        factors = compute_factors(optimizers, self.base.ascent_fraction)
         runs = []
         for seed in seeds:
             for optimizer in optimizers:
                 for rho in rhos[optimizer]:
                     name = run_name(optimizer, rho, seed)
-                    out = Path(self.out) / name
-                    # Resume where a checkpoint exists; otherwise start clean (a run killed before
-                    # its first checkpoint leaves only a partial metrics.jsonl behind).
-                    resume = not self.overwrite and RunDir(out).has_checkpoint()
-                    config = dataclasses.replace(
-                        self.base, optimizer=optimizer, rho=rho, seed=seed, out=str(out),
-                        resume=resume, overwrite=not resume)
-                    runs.append((name, config))
+                    variants = []   # (name, factor, budgets)
+                    stretch = factors[optimizer] if "compute" in budgets else 1.0
+                    if stretch == 1.0:
+                        variants.append((name, 1.0, budgets))
+                    else:
+                        if "steps" in budgets:
+                            variants.append((name, 1.0, ("steps",)))
+                        variants.append((name + COMPUTE_SUFFIX, stretch, ("compute",)))
+                    for run, factor, serves in variants:
+                        out = Path(self.out) / run
+                        # Resume where a checkpoint exists; otherwise start clean (a run killed before
+                        # its first checkpoint leaves only a partial metrics.jsonl behind).
+                        resume = not self.overwrite and RunDir(out).has_checkpoint()
+                        config = dataclasses.replace(
+                            self.base, optimizer=optimizer, rho=rho, seed=seed, out=str(out),
+                            resume=resume, overwrite=not resume)
+                        if factor != 1.0:
+                            config = _at_compute(config, factor)
+                        runs.append(PlannedRun(run, config, serves, factor))
         return runs
+
+    def plan(self) -> list[tuple[str, PretrainConfig]]:
+        """(run name, config) of every run."""
+        return [(r.name, r.config) for r in self.runs()]
 
 
 @dataclass
@@ -110,7 +166,8 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
     ``base.threads`` torch threads), longest first.
     """
     started = time.perf_counter()
-    plan = config.plan()
+    planned = config.runs()
+    plan = [(r.name, r.config) for r in planned]
     for _, run_config in plan:
         validate(run_config)
     if not isinstance(config.jobs, int) or config.jobs < 1:
@@ -129,7 +186,8 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
             skipped.append(name)
         else:
             cost = METHODS[run_config.optimizer].step_cost(run_config.ascent_fraction)
-            todo.append(Job(index, name, run_config, cost))
+            steps = run_config.steps or 1
+            todo.append(Job(index, name, run_config, cost * steps))
 
     def done(job: Job, summary: dict) -> bool:
         if on_run is not None:
@@ -144,8 +202,12 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
 
     interrupted = run_jobs(todo, len(plan), done, run=run_pretrain, jobs=config.jobs)
     unfinished = [name for name, _ in plan if name not in summaries]
-    runs = [report.load_run(out / name) for name, _ in plan if name in summaries]
-    files = report.write_report(out, runs, title=config.title, notes=config.notes, unfinished=unfinished)
+    loaded = {r.name: report.load_run(out / r.name) for r in planned if r.name in summaries}
+    by_budget = {budget: [loaded[r.name] for r in planned if r.name in loaded and budget in r.budgets]
+                 for budget in parse_budget(config.budget)}
+    runs = by_budget.get("steps") or by_budget["compute"]
+    files = report.write_report(out, runs, title=config.title, notes=config.notes, unfinished=unfinished,
+                                budgets=by_budget)
     table = report.text_table(report.aggregate(runs))
     return CompareResult(out=out, summaries=summaries, skipped=skipped, unfinished=unfinished, files=files,
                          table=table, interrupted=interrupted, seconds=time.perf_counter() - started)

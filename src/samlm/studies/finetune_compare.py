@@ -45,7 +45,17 @@ from samlm.harness.finetune.config import FinetuneConfig
 from samlm.harness.rundir import SUMMARY_FILE, RunDir
 from samlm.optim.registry import METHODS
 from samlm.progress import say
-from samlm.studies.grid import Job, parse_optimizers, parse_rho, parse_seeds, run_jobs
+from samlm.studies.compare import COMPUTE_SUFFIX
+from samlm.studies.grid import (
+    Job,
+    compute_factors,
+    parse_budget,
+    parse_optimizers,
+    parse_rho,
+    parse_seeds,
+    run_jobs,
+    stretched,
+)
 
 SELECTIONS = ("best", "final")
 SCORE = "score"
@@ -67,9 +77,12 @@ class FinetuneGrid:
     rho: str | None = None
     overwrite: bool = False
     jobs: int = 1
+    budget: str = "steps"                # steps | compute | steps,compute (samlm.studies.grid)
 
-    def runs(self) -> list[tuple[str, FinetuneConfig]]:
-        """``(run name, config)`` for every point of the grid."""
+    def runs(self) -> list[tuple[str, FinetuneConfig, tuple[str, ...]]]:
+        """``(run name, config, budgets it serves)`` for every point of the grid. At equal compute a
+        cheaper method's steps, warmup and evaluation/checkpoint cadence are stretched by its
+        factor (:func:`samlm.studies.grid.compute_factors`), in ``<name>-equal-compute``."""
         from samlm.models.finetune import inspect_model, paper_defaults
 
         info = inspect_model(self.base.model, trust_remote_code=self.base.trust_remote_code)
@@ -78,6 +91,8 @@ class FinetuneGrid:
         rhos = parse_rho(self.rho, optimizers)
         rates = _floats(self.subsample, "--subsample")
         seeds = parse_seeds(self.seeds)
+        budgets = parse_budget(self.budget)
+        factors = compute_factors(optimizers, self.base.ascent_fraction or 0.25)
         runs = []
         for optimizer in optimizers:
             for rho in rhos[optimizer] if self.rho is not None else [None]:
@@ -89,7 +104,17 @@ class FinetuneGrid:
                             self.base, optimizer=optimizer, rho=rho, subsample=rate, seed=seed,
                             out=str(Path(self.out) / "runs" / name), resume=False, overwrite=self.overwrite,
                             **({} if sam else {"base": None, "ascent_fraction": None, "m": 1}))
-                        runs.append((name, config))
+                        factor = factors[optimizer] if "compute" in budgets else 1.0
+                        if factor == 1.0:
+                            runs.append((name, config, budgets))
+                            continue
+                        if "steps" in budgets:
+                            runs.append((name, config, ("steps",)))
+                        longer = name + COMPUTE_SUFFIX
+                        runs.append((longer, dataclasses.replace(
+                            config, out=str(Path(self.out) / "runs" / longer), steps=stretched(config.steps, factor),
+                            warmup=stretched(config.warmup, factor), eval_every=stretched(config.eval_every, factor),
+                            save_every=stretched(config.save_every, factor)), ("compute",)))
         return runs
 
 
@@ -110,37 +135,60 @@ def run_finetune(config: Mapping[str, Any], on_step=None) -> dict:
     return finetune(FinetuneConfig.from_mapping(config), on_step=on_step)
 
 
-def run_grid(grid: FinetuneGrid) -> list[Path]:
-    """Run every missing point of the grid (resuming interrupted ones); their directories."""
+def run_grid(grid: FinetuneGrid) -> dict[str, list[Path]]:
+    """Run every missing point of the grid (resuming interrupted ones); the run directories of
+    each budget (``steps``, ``compute``)."""
     from samlm.harness.finetune import prepare
 
     runs = grid.runs()
-    done: list[Path] = []
     todo: list[Job] = []
-    for number, (name, config) in enumerate(runs, start=1):
+    for number, (name, config, _) in enumerate(runs, start=1):
         run_dir = RunDir(config.out)
         if run_dir.finished_summary() is not None and not grid.overwrite:
             say(f"[{number}/{len(runs)}] {name}: done, skipping")
-            done.append(run_dir.path)
             continue
-        config = dataclasses.replace(config, resume=run_dir.holds_run() and not grid.overwrite)
+        # Resume where a checkpoint exists; otherwise start clean (a run killed before its first
+        # checkpoint leaves only a partial metrics.jsonl behind).
+        resume = run_dir.has_checkpoint() and not grid.overwrite
+        config = dataclasses.replace(config, resume=resume, overwrite=not resume)
         try:
             prepare(dataclasses.replace(config, dry_run=True))  # every run's mistakes before any training
         except UserError as err:
             raise UserError(f"run {name}: {err}") from None
-        cost = METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25)
+        cost = METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25) * config.steps
         todo.append(Job(number, name + (" (resuming)" if config.resume else ""), config, cost))
 
-    def finished(job: Job, summary: dict) -> bool:
-        if not summary.get("completed"):
-            return False
-        done.append(Path(job.config.out))
-        return True
-
-    interrupted = run_jobs(todo, len(runs), finished, run=run_finetune, jobs=grid.jobs)
+    interrupted = run_jobs(todo, len(runs), lambda job, summary: bool(summary.get("completed")),
+                           run=run_finetune, jobs=grid.jobs)
     if interrupted:
         raise UserError(f"the grid stopped before the end ({interrupted}); run the same command to resume")
-    return done
+    return {budget: [Path(config.out) for _, config, serves in runs if budget in serves]
+            for budget in parse_budget(grid.budget)}
+
+
+def budget_markdown(reports: Mapping[str, "Report"]) -> str:
+    """Each method's gain in score over the baseline (best checkpoints), paired by seed, at equal
+    steps and at equal compute, side by side."""
+    headers = {"steps": "equal steps", "compute": "equal compute"}
+    cells: dict[tuple, dict[str, str]] = {}
+    for budget, report in reports.items():
+        for g in report.gains:
+            if g.selection == "best" and g.metric == SCORE:
+                method = g.method
+                n = f" (n={len(g.diffs)})" if g.paired else " (unpaired)"
+                cells.setdefault((g.model, g.subsample, method), {})[budget] = _gain_text(g) + n
+    lines = ["## Gain over the baseline at equal steps and at equal compute (best checkpoints, score)", "",
+             "Paired by seed: mean ± std of (method − baseline) over seeds, n seed pairs. **Equal steps**: every method "
+             "the same number of steps. **Equal compute**: every method the forward+backward compute of the costliest "
+             "method (a backward counted as 2 forwards; cheaper methods run proportionally more steps, with warmup, "
+             "evaluation and checkpoint cadence stretched), so one baseline run per seed serves every method. Each "
+             "budget's full tables: this file (equal steps) and equal-compute/results.md.", "",
+             "| model | data | method | " + " | ".join(headers[b] for b in reports) + " |",
+             "|---|---:|---|" + "---:|" * len(reports)]
+    for (model, rate, method), by_budget in cells.items():
+        lines.append(f"| {model} | {_percent(rate)} | {method} | "
+                     + " | ".join(by_budget.get(b, "–") for b in reports) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -320,8 +368,38 @@ class Report:
         return lines
 
 
-def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None) -> Report:
-    """Aggregate runs, write results.md / results.csv / gains.csv / gain.png into ``out_dir``."""
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None,
+                 extra_markdown: str = "") -> Report:
+    """Aggregate runs, write results.md (then ``extra_markdown``) / results.csv / gains.csv /
+    gain.png into ``out_dir``."""
+    report = build_report(run_dirs, out_dir, baseline=baseline)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    io.atomic_write_text(out / "results.md", render_markdown(report) + (("\n" + extra_markdown) if extra_markdown else ""))
+    io.atomic_write_text(out / "results.csv", _results_csv(report))
+    io.atomic_write_text(out / "gains.csv", _gains_csv(report))
+    io.atomic_write_bytes(out / "gain.png", plot_gain(report))
+    return report
+
+
+def compare_budgets(by_budget: Mapping[str, Sequence[Path]], out_dir: str | Path, *,
+                    baseline: str | None = None) -> Report:
+    """The reports of a grid run under one or both budgets: equal steps in ``out_dir`` (with the
+    side-by-side gains when both ran), equal compute in ``out_dir/equal-compute`` (or in
+    ``out_dir`` when it is the only one). Returns the main report."""
+    out = Path(out_dir)
+    if "compute" not in by_budget:
+        return compare_runs(by_budget["steps"], out, baseline=baseline)
+    if not by_budget.get("steps"):
+        return compare_runs(by_budget["compute"], out, baseline=baseline)
+    compute = compare_runs(by_budget["compute"], out / "equal-compute", baseline=baseline)
+    steps = build_report(by_budget["steps"], out, baseline=baseline)
+    return compare_runs(by_budget["steps"], out, baseline=baseline,
+                        extra_markdown=budget_markdown({"steps": steps, "compute": compute}))
+
+
+def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None) -> Report:
+    """The aggregated runs: groups, gains; nothing written."""
     runs = [load_run(Path(p)) for p in run_dirs]
     if not runs:
         raise UserError("no runs to compare")
@@ -331,14 +409,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baselin
     names = sorted({r.score_name for r in runs})
     score_name = names[0] if len(names) == 1 else "score"
     gains = _gains(groups, keys, baseline)
-    report = Report(groups, keys, score_name, gains, Path(out_dir))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_text(out / "results.md", render_markdown(report))
-    io.atomic_write_text(out / "results.csv", _results_csv(report))
-    io.atomic_write_text(out / "gains.csv", _gains_csv(report))
-    io.atomic_write_bytes(out / "gain.png", plot_gain(report))
-    return report
+    return Report(groups, keys, score_name, gains, Path(out_dir))
 
 
 def _group(runs: Sequence[RunRecord]) -> list[Group]:

@@ -37,6 +37,34 @@ class GridSettings:
                         "comparable); use with --threads", check=s.positive_int)
     overwrite: bool = setting(False, "rerun finished runs too")
     dry_run: bool = setting(False, "check every run's settings and print the grid; write nothing")
+    budget: str = setting("steps", "steps: every method the same number of steps; compute: the same "
+                          "forward+backward compute (cheaper methods get proportionally more steps); "
+                          "steps,compute: both", check=lambda flag, value: parse_budget(value))
+
+
+BUDGETS = ("steps", "compute")
+
+
+def parse_budget(text: str) -> tuple[str, ...]:
+    """``steps``, ``compute`` or both (``steps,compute``)."""
+    items = tuple(dict.fromkeys(t.strip() for t in str(text).split(",")))
+    if not items or any(item not in BUDGETS for item in items):
+        raise UserError(f"--budget must be steps, compute or steps,compute, got '{text}'")
+    return tuple(b for b in BUDGETS if b in items)
+
+
+def compute_factors(optimizers: Sequence[str], ascent_fraction: float) -> dict[str, float]:
+    """Steps multiplier of each method at equal compute: every method gets the compute of the most
+    expensive one (``Method.step_cost``: passes counted with a backward = 2 forwards), so one run
+    of the costliest method and one baseline run per seed serve every comparison."""
+    costs = {name: METHODS[name].step_cost(ascent_fraction) for name in optimizers}
+    most = max(costs.values())
+    return {name: most / cost for name, cost in costs.items()}
+
+
+def stretched(steps: Optional[int], factor: float) -> Optional[int]:
+    """A step count (a budget, a warmup, an evaluation period) at ``factor`` times the compute."""
+    return None if steps is None else max(1, round(steps * factor)) if steps else steps
 
 
 def parse_list(text: str, what: str) -> list[str]:

@@ -49,6 +49,7 @@ COLUMNS = (
     Column("train_loss", "train loss", ".4f"),
     Column("hessian_lambda_max", "λ_max(H)", ".3g"),
     Column("gauss_newton_lambda_max", "λ_max(GN)", ".3g"),
+    Column("preconditioned_lambda_max", "λ_max(P⁻¹H)", ".3g"),
     Column("logit_functional_ratio", "logit/func", ".3g"),
     Column("step_s", "step (ms)", ".1f", 1000.0),
     Column("tokens_per_s", "tokens/s", ".0f"),
@@ -57,6 +58,7 @@ COLUMNS = (
 CSV_FIELDS = (
     "run", "optimizer", "rho", "seed", "completed", "step", "steps", "val_loss", "val_ppl", "best_val_loss",
     "best_val_loss_step", "train_loss", "hessian_lambda_max", "gauss_newton_lambda_max", "functional_lambda",
+    "preconditioned_lambda_max",
     "logit_path_norm", "functional_path_norm", "logit_functional_ratio", "step_s", "tokens_per_s",
     "train_seconds", "wall_seconds", "tokens", "params", "non_embedding_params", "nonfinite_steps",
 )
@@ -248,13 +250,15 @@ def text_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> str:
     return "\n".join([fmt_line(headers)] + [fmt_line(r) for r in body])
 
 
-def results_csv(runs: Sequence[Run]) -> str:
-    """One line per run with its headline numbers (CSV text)."""
+def results_csv(runs: Sequence[Run], budgets: Mapping[str, Sequence[Run]] | None = None) -> str:
+    """One line per run with its headline numbers (CSV text); ``budget``: the comparisons a run
+    belongs to (equal steps, equal compute, or both)."""
     buffer = _stdio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=(*CSV_FIELDS, "budget"), lineterminator="\n")
     writer.writeheader()
     for run in runs:
-        values = {"run": run.name}
+        kinds = [kind for kind, group in (budgets or {}).items() if any(r.name == run.name for r in group)]
+        values = {"run": run.name, "budget": "+".join(kinds) or "steps"}
         for key in CSV_FIELDS[1:]:
             value = run.summary.get(key)
             values[key] = "" if value is None else value
@@ -371,18 +375,19 @@ def _finish_figure(plt, fig, path, title: str) -> Path:
 SHARPNESS_PANELS = (
     ("sharpness.hessian_lambda_max", "λ_max(H)"),
     ("sharpness.gauss_newton_lambda_max", "λ_max(GN)"),
+    ("sharpness.preconditioned_lambda_max", "λ_max(P⁻¹H)"),
     ("sharpness.logit_functional_ratio", "‖δ_logit‖ / ‖δ_func‖"),
 )
 
 
 def plot_sharpness(runs: Sequence[Run], path: str | Path, *, title: str = "") -> Path | None:
-    """λ_max(H), λ_max(GN) and the logit/functional path ratio vs step (mean over seeds)."""
+    """λ_max(H), λ_max(GN), λ_max(P⁻¹H) and the logit/functional path ratio vs step (mean over seeds)."""
     groups = group_runs(runs)
     if not any(metric_series(r, SHARPNESS_PANELS[0][0]) for r in runs):
         return None
     plt = _pyplot()
     colors = _colors(groups)
-    fig, axes = plt.subplots(1, len(SHARPNESS_PANELS), figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, len(SHARPNESS_PANELS), figsize=(4.3 * len(SHARPNESS_PANELS), 3.8))
     for ax, (metric, name) in zip(axes, SHARPNESS_PANELS):
         _draw(ax, groups, metric, colors)
         ax.set_title(name)
@@ -429,8 +434,51 @@ def describe_setup(summary: Mapping[str, Any]) -> str:
     return "; ".join(parts) + "."
 
 
+BUDGET_HEADERS = {"steps": "equal steps", "compute": "equal compute"}
+
+
+def budget_table(budgets: Mapping[str, Sequence[Run]], reference: str = REFERENCE_OPTIMIZER) -> str | None:
+    """Markdown: each method's val-loss Δ to ``reference``, paired by seed, at equal steps and at
+    equal compute (mean ± std over seed pairs, and their number), beside the step cost the
+    compute budget assumed and the step-time ratio measured. None without the reference."""
+    from samlm.optim.registry import METHODS
+
+    groups = {kind: group_runs(runs) for kind, runs in budgets.items()}
+    if not any((reference, None) in g for g in groups.values()):
+        return None
+    order = list(dict.fromkeys(key for g in groups.values() for key in g))
+    timing = groups.get("steps") or groups.get("compute")
+    ref_step = mean_std(r.summary.get("step_s") for r in timing.get((reference, None), []))[0]
+    headers = ["optimizer", "ρ", "step cost (model)", "step time (measured)"]
+    for kind in budgets:
+        headers += [f"steps ({BUDGET_HEADERS[kind]})", BUDGET_HEADERS[kind]]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---:|" * (len(headers) - 2)]
+    for key in order:
+        optimizer, rho = key
+        sample = next(g[key][0] for g in groups.values() if key in g)
+        fraction = float(sample.summary.get("config", {}).get("ascent_fraction", 0.25))
+        cost = METHODS[optimizer].step_cost(fraction) if optimizer in METHODS else None
+        step = mean_std(r.summary.get("step_s") for r in timing.get(key, []))[0]
+        measured = f"{step / ref_step:.2f}x" if step and ref_step else "n/a"
+        cells = [optimizer, "–" if rho is None else f"{rho:g}", "n/a" if cost is None else f"{cost:.3g}x", measured]
+        for kind, g in groups.items():
+            members = g.get(key, [])
+            steps = sorted({r.summary.get("steps") for r in members})
+            cells.append(", ".join(map(str, steps)) or "–")
+            if key == (reference, None):
+                cells.append("(reference)")
+            elif not members or (reference, None) not in g:
+                cells.append("n/a")
+            else:
+                mean, std, n = paired_delta(members, g[(reference, None)])
+                cells.append("n/a" if n == 0 else format_mean_std(mean, std, "+.4f").replace("± +", "± ") + f" (n={n})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes: str = "",
-                    unfinished: Sequence[str] = (), plots: Sequence[str] = ()) -> str:
+                    unfinished: Sequence[str] = (), plots: Sequence[str] = (),
+                    budgets: Mapping[str, Sequence[Run]] | None = None) -> str:
     rows = aggregate(runs)
     lines = [f"# {title}", ""]
     if runs:
@@ -448,7 +496,9 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
             lines += [
                 f"Sharpness at the end of training, fp32, eval mode, on {config.get('sharpness_batches')} fixed "
                 f"validation batch(es) of {config.get('sharpness_batch_size')} sequences: λ_max of the Hessian (H) "
-                f"and of the Gauss-Newton matrix (GN) by Lanczos ({config.get('sharpness_iters')} iterations), and "
+                f"and of the Gauss-Newton matrix (GN) by Lanczos ({config.get('sharpness_iters')} iterations), "
+                "λ_max(P⁻¹H) = λ_max(P^-1/2 H P^-1/2) with P = √v̂ + eps from each run's own Adam/Adafactor state "
+                "(Cohen et al. 2022's preconditioned sharpness; n/a for SGD), and "
                 f"logit/func = ‖δ_logit‖/‖δ_func‖, the two paths of SAM's gradient change at "
                 f"ρ={sharp.get('rho', config.get('sharpness_rho'))} (the same ρ for every optimizer).",
                 "",
@@ -462,6 +512,24 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
                 "",
             ]
         lines += [markdown_table(rows), ""]
+        compute = budget_table(budgets) if budgets and "compute" in budgets else None
+        if compute is not None:
+            lines += [
+                "## Equal steps and equal compute",
+                "",
+                "Δ val loss vs AdamW, paired by seed (mean ± std over seed pairs, n = pairs). **Equal steps**: every "
+                "method runs the same number of steps (the SAM family then spends more compute). **Equal compute**: "
+                "every method gets the forward+backward compute of the costliest method in the comparison, so "
+                "cheaper methods (AdamW first) run proportionally more steps, with their warmup, schedule and "
+                "evaluation cadence stretched to their own length; one AdamW run per seed serves every method. "
+                "Step cost (model): a step's passes over the batch counted with a backward as 2 forwards, relative "
+                "to AdamW (SAM: + the ascent rows; Functional-SAM: + a forward of the other rows), from the method "
+                "registry; step time (measured): this comparison's mean step time over AdamW's (wall clock, noisy "
+                "on a shared machine; `samlm bench` measures it side by side).",
+                "",
+                compute,
+                "",
+            ]
     else:
         lines += ["No finished runs yet.", ""]
     if notes:
@@ -476,7 +544,7 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
 
 
 def write_report(out_dir: str | Path, runs: Sequence[Run], *, title: str = "samlm compare", notes: str = "",
-                 unfinished: Sequence[str] = ()) -> dict[str, Path]:
+                 unfinished: Sequence[str] = (), budgets: Mapping[str, Sequence[Run]] | None = None) -> dict[str, Path]:
     """``report.md``, ``results.csv``, ``val_loss.png`` and ``sharpness.png`` in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -486,10 +554,11 @@ def write_report(out_dir: str | Path, runs: Sequence[Run], *, title: str = "saml
         path = plot(runs, out_dir / (VAL_LOSS_PLOT if key == "val_loss" else SHARPNESS_PLOT), title=plot_title)
         if path is not None:
             written[key] = path
-    io.atomic_write_text(out_dir / RESULTS_FILE, results_csv(runs))
+    every = list({r.name: r for group in (budgets or {}).values() for r in group}.values()) or runs
+    io.atomic_write_text(out_dir / RESULTS_FILE, results_csv(every, budgets))
     written["csv"] = out_dir / RESULTS_FILE
     text = report_markdown(runs, title=title, notes=notes, unfinished=unfinished,
-                           plots=[p.name for k, p in written.items() if k != "csv"])
+                           plots=[p.name for k, p in written.items() if k != "csv"], budgets=budgets)
     io.atomic_write_text(out_dir / REPORT_FILE, text)
     written["report"] = out_dir / REPORT_FILE
     return written

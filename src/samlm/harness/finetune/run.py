@@ -73,6 +73,25 @@ class Plan:
         return {"config": self.config.as_dict(), "resolved": resolved}
 
 
+# Fewer training examples than this many batches: the run works, but says it is small.
+SMALL_TRAINING_SET_BATCHES = 10
+
+
+def _check_training_set(config: FinetuneConfig, train: Mapping[str, list[Example]], batch: int) -> None:
+    """Refuse a subsample smaller than one batch (its few examples would be drawn over and over
+    without a word), and warn about one of only a few batches."""
+    if config.subsample >= 1:
+        return
+    total = sum(len(examples) for examples in train.values())
+    sub = f" (--subsample {config.subsample:g})"
+    if total < batch:
+        raise UserError(f"the subsampled training set has {total} example(s){sub}, fewer than one batch of {batch}: "
+                        "raise --subsample or lower --batch")
+    if total < SMALL_TRAINING_SET_BATCHES * batch:
+        say(f"warning: only {total} training examples{sub}, {total / batch:.1f} batches of {batch}: "
+            "each pass over them is a few steps, so expect noisy results")
+
+
 def prepare(config: FinetuneConfig) -> Plan:
     """Validate the settings, read the model config and the data, resolve defaults. Writes nothing.
 
@@ -96,6 +115,7 @@ def prepare(config: FinetuneConfig) -> Plan:
         "kind": tasks[0].kind if config.columns is not None else None,
         "defaults_from": defaults["source"],
     }
+    _check_training_set(config, train, resolved_config.batch)
     plan = Plan(config=resolved_config, resolved=resolved, run_dir=run_dir, info=info, tasks=tasks, train=train,
                 train_sizes=sizes, eval_sets=eval_sets, device=run_device(config.device))
     if config.resume:  # the launch is compared once the processes are known (execute)

@@ -1,5 +1,5 @@
-"""Building a pretraining run from its settings: tokenizer and data, model, step budget and
-learning-rate schedule, and the sharpness probe the loop calls."""
+"""Building a pretraining run from its settings: tokenizer and data, model, optimizer, step budget
+and learning-rate schedule, and the sharpness probe the loop calls."""
 
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ def build_model(config: PretrainConfig, vocab_size: int):
     return model
 
 
+def build_run_optimizer(config: PretrainConfig, params, *, sam_kwargs=None) -> torch.optim.Optimizer:
+    """The run's optimizer from its settings: what ``pretrain`` trains with and ``samlm sharpness``
+    loads a checkpoint's optimizer state into."""
+    from samlm.optim import build_optimizer
+
+    return build_optimizer(config.optimizer, params, base=config.base, lr=config.lr, rho=config.rho,
+                           weight_decay=config.weight_decay, betas=config.betas, eps=config.adam_eps,
+                           ascent_fraction=config.ascent_fraction, m=config.m, sam_kwargs=sam_kwargs)
+
+
 def max_positions(model) -> int | None:
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
         value = getattr(model.config, name, None)
@@ -96,15 +106,18 @@ def resolve_steps(config: PretrainConfig, params: int, non_embedding_params: int
 
 SHARPNESS_KEYS = (
     "hessian_lambda_max", "gauss_newton_lambda_max", "functional_lambda", "functional_lambda_min",
-    "logit_path_norm", "functional_path_norm", "logit_functional_ratio", "logit_path_cosine",
-    "functional_path_cosine", "grad_norm", "loss", "iters", "converged", "rho",
+    "preconditioned_lambda_max", "logit_path_norm", "functional_path_norm", "logit_functional_ratio",
+    "logit_path_cosine", "functional_path_cosine", "grad_norm", "loss", "iters", "converged", "rho",
 )
 
 
-def sharpness_probe(batches: list, *, iters: int = 20, seed: int = 0, rho: float = 0.05,
-                    method: str = "lanczos") -> Callable[[torch.nn.Module], dict]:
+def sharpness_probe(batches: list, *, iters: int = 20, seed: int = 0, rho: float = 0.05, method: str = "lanczos",
+                    optimizer: torch.optim.Optimizer | None = None) -> Callable[[torch.nn.Module], dict]:
     """``probe(model) -> dict``: :func:`samlm.diagnostics.sharpness.measure_sharpness` of a causal LM on fixed
-    batches (token-mean cross-entropy, fp32, eval mode); what the loop's ``sharpness=`` calls."""
+    batches (token-mean cross-entropy, fp32, eval mode); what the loop's ``sharpness=`` calls.
+
+    With the run's ``optimizer``, also λ_max(P⁻¹H) with P = √v̂ + eps read from its second moments at
+    the time of each call (``preconditioned_lambda_max``; absent before its first step, or for SGD)."""
     from samlm.data.text import lm_loss
     from samlm.models import lm_forward
     from samlm.diagnostics import measure_sharpness
@@ -114,7 +127,7 @@ def sharpness_probe(batches: list, *, iters: int = 20, seed: int = 0, rho: float
         moved = [{k: v.to(device) for k, v in b.items()} for b in batches]
         started = time.perf_counter()
         result = measure_sharpness(model, moved, lm_forward(model), lm_loss, iters=iters, seed=seed, rho=rho,
-                                   method=method)
+                                   method=method, preconditioner=optimizer)
         out = {k: result[k] for k in SHARPNESS_KEYS if k in result}
         out["seconds"] = time.perf_counter() - started
         return out

@@ -21,6 +21,7 @@ import torch
 from samlm.errors import UserError
 from samlm.harness.pretrain.build import (
     build_model,
+    build_run_optimizer,
     load_dataset,
     lr_schedule,
     resolve_steps,
@@ -95,7 +96,6 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     from samlm.harness.loop import LoopConfig, lm_evaluator, train
     from samlm.integrations import distributed
     from samlm.models import count_parameters
-    from samlm.optim import build_optimizer
     from samlm.optim.registry import method
 
     started = time.perf_counter()
@@ -139,16 +139,12 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     train_batches = distributed.shard_batches(train_batches, info.rank, info.world_size)
     val = dataset.val_batches(config.micro_batch, max_batches=config.val_batches or None)
     evaluate = lm_evaluator(val)
+    optimizer = build_run_optimizer(config, model.parameters(), sam_kwargs=par.sam_kwargs)
     probe = None
     if config.sharpness:
         probe_batches = dataset.val_batches(config.sharpness_batch_size, max_batches=config.sharpness_batches)
         probe = sharpness_probe(probe_batches, iters=config.sharpness_iters, seed=config.seed,
-                                rho=config.sharpness_rho)
-    optimizer = build_optimizer(
-        config.optimizer, model.parameters(), base=config.base, lr=config.lr, weight_decay=config.weight_decay,
-        betas=config.betas, eps=config.adam_eps, ascent_fraction=config.ascent_fraction,
-        m=config.m, sam_kwargs=par.sam_kwargs, **({} if rho is None else {"rho": rho}),
-    )
+                                rho=config.sharpness_rho, optimizer=optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(total_steps, warmup_steps, config.min_lr_ratio))
     loop_config = LoopConfig.from_settings(
@@ -209,6 +205,7 @@ def build_summary(config: PretrainConfig, resolved: Resolved, result, history: l
         "hessian_lambda_max": sharp.get("hessian_lambda_max"),
         "gauss_newton_lambda_max": sharp.get("gauss_newton_lambda_max"),
         "functional_lambda": sharp.get("functional_lambda"),
+        "preconditioned_lambda_max": sharp.get("preconditioned_lambda_max"),
         "logit_path_norm": sharp.get("logit_path_norm"),
         "functional_path_norm": sharp.get("functional_path_norm"),
         "logit_functional_ratio": sharp.get("logit_functional_ratio"),
