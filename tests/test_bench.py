@@ -87,3 +87,36 @@ def test_methods_rho_and_extra_passes_come_from_the_registry(tmp_path):
     assert report["config"]["rho"] is None and report["config"]["context"] == 8
     assert main(TINY + ["--no-memory", "--methods", "asam", "--rho", "0.2", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["methods"]["asam"]["rho"] == 0.2
+
+
+def test_floors_with_sam_every_count_the_extra_passes_once_per_cycle():
+    from samlm.studies.bench import ratios
+
+    times = {"adamw": [1.0, 2.0], "sam": [1.1, 2.2], "peer_sam": [2.0, 4.0],
+             "pass:ascent": [0.25, 0.5], "pass:full": [1.0, 2.0]}
+    rows = ratios(times, ["adamw", "sam", "peer_sam"], {"adamw": 1, "sam": 5, "peer_sam": 1})
+    assert (rows["sam"]["ratio"], rows["sam"]["floor"]) == (1.1, 1.05)
+    assert rows["peer_sam"]["floor"] == 2.0  # the peer has no schedule
+
+
+def test_bench_sam_every_times_whole_cycles(tmp_path, monkeypatch):
+    from samlm.studies import bench
+
+    optimizers = {}
+    original = bench.make_stepper
+
+    def recording(name, model, args):
+        step = original(name, model, args)
+        optimizers[name] = step.optimizer
+        return step
+
+    monkeypatch.setattr(bench, "make_stepper", recording)
+    out = tmp_path / "bench.json"
+    assert main(TINY + ["--no-memory", "--methods", "sam,fsam", "--sam-every", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["sam_every"] == 3
+    for name in ("sam", "fsam"):  # 2 rounds (1 untimed, 1 timed) of 3 steps: one SAM step each
+        assert optimizers[name].counters["sam_steps"] == 2 and optimizers[name].counters["plain_steps"] == 4
+    assert optimizers["adamw"].state[next(iter(optimizers["adamw"].state))]["step"] == 6
+    assert 1.0 < report["methods"]["sam"]["floor"]
+    assert main(TINY + ["--sam-every", "0"]) == 2

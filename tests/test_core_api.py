@@ -165,3 +165,26 @@ def test_optim_imports_flow_one_way():
     for name in modules:
         visit(name, [])
     assert "sam" not in modules["driver"] and "registry" not in modules["sam"]
+
+
+@pytest.mark.parametrize("cls", [samlm.SAM, samlm.FunctionalSAM])
+def test_train_step_unwraps_accelerates_prepared_optimizer(cls):
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    model, batch = problem(3)
+    twin = copy.deepcopy(model)
+    reference = cls(torch.optim.AdamW(twin.parameters(), lr=1e-2), sam_every=2)
+    accelerator = accelerate.Accelerator(cpu=True)
+    try:
+        prepared_model, prepared = accelerator.prepare(model, cls(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                                                  sam_every=2))
+        assert not isinstance(prepared, SharpnessAware) and isinstance(prepared.optimizer, cls)
+        for _ in range(3):
+            stats = samlm.optim.train_step(prepared, batch, lambda b: prepared_model(b[0]), ce, model=prepared_model)
+            assert stats == samlm.optim.train_step(reference, batch, lambda b: twin(b[0]), ce)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
+        assert prepared.optimizer.counters == reference.counters
+    finally:
+        AcceleratorState._reset_state(True)

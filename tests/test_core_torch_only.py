@@ -89,3 +89,17 @@ def test_hf_adafactor_registers_its_preconditioner_lazily():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_the_cli_without_the_harness_extra_says_what_to_install():
+    """``pip install samlm`` (torch only) has the ``samlm`` command; a command that needs the
+    harness extra ends in one line naming it, not a traceback."""
+    script = SCRIPT.split("import torch\n", 1)[0] + textwrap.dedent("""
+        from samlm import cli
+        code = cli.main(["pretrain", "--steps", "1"])
+        print("exit", code)
+    """)
+    result = subprocess.run([sys.executable, "-c", script, ",".join(HARNESS_ONLY)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "exit 2", result.stderr
+    assert result.stderr.count("\n") == 1 and "pip install 'samlm[harness]'" in result.stderr, result.stderr

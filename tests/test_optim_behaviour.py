@@ -260,7 +260,7 @@ def test_sam_converges_to_a_flatter_minimum_than_its_base_optimizer():
 def _bench_args(**shape):
     import argparse
 
-    return argparse.Namespace(**shape, rho=None, ascent_fraction=0.25, device="cpu", dtype="fp32")
+    return argparse.Namespace(**shape, rho=None, ascent_fraction=0.25, sam_every=1, device="cpu", dtype="fp32")
 
 
 ACTIVATION_BOUND = dict(layers=2, width=64, heads=2, vocab=64, batch=8, context=32)

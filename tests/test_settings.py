@@ -151,3 +151,23 @@ def test_grid_settings_are_shared_by_both_compares():
         flags = flags_of(command)
         for field in dataclasses.fields(GridSettings):
             assert settings.flag_of(field) in flags
+
+
+def test_sam_schedule_flags_reach_the_optimizer_in_both_harnesses(tmp_path):
+    from samlm import io
+    from tinymodels import save_t5
+
+    flags = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "8", "--max-chars", "4000", "--batch", "4",
+             "--val-batches", "1", "--no-sharpness", "--no-progress", "--steps", "4", "--optimizer", "sam"]
+    # --sam-start 0.5 of 4 steps: plain steps 0-1, then a SAM step every 2nd: step 2 only
+    assert cli.main(["pretrain", *flags, "--sam-every", "2", "--sam-start", "0.5", "--out", str(tmp_path / "p")]) == 0
+    counters = io.load_latest_checkpoint(tmp_path / "p" / "checkpoints").extra_state["optimizer"]["counters"]
+    assert (counters["sam_steps"], counters["plain_steps"]) == (1, 3)
+    glue = __import__("pathlib").Path(__file__).parent / "fixtures" / "finetune" / "glue"
+    t5 = save_t5(tmp_path / "t5")
+    assert cli.main(["finetune", "--model", str(t5), "--task", "glue/rte", "--data-dir", str(glue), "--optimizer", "sam",
+                     "--steps", "3", "--batch", "4", "--eval-examples", "2", "--max-target-length", "4",
+                     "--sam-every", "3", "--out", str(tmp_path / "f")]) == 0
+    counters = io.load_latest_checkpoint(tmp_path / "f" / "checkpoints").extra_state["optimizer"]["counters"]
+    assert (counters["sam_steps"], counters["plain_steps"]) == (1, 2)
+    assert cli.main(["pretrain", *flags, "--sam-start", "1.5", "--out", str(tmp_path / "q")]) == 2

@@ -28,6 +28,7 @@ from samlm.errors import UserError
 # The attribute of the parsed arguments that holds the subcommand's run function. Private, so
 # that no subcommand flag (``samlm sharpness --run DIR``) can overwrite it.
 _RUN_ATTR = "_samlm_command_run"
+_STUB_ATTR = "_samlm_command_needs_extra"  # a command whose dependencies are not installed: takes any flags
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -71,12 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as err:
             if err.name and (err.name == module_name or module_name.startswith(err.name + ".")):
                 continue  # command not built in this installation
+            if err.name and not err.name.startswith("samlm"):
+                # ``pip install samlm`` is the torch-only core: the commands need the harness extra.
+                command = sub.add_parser(name, help=f"(needs {err.name}: pip install 'samlm[harness]')")
+                command.set_defaults(**{_RUN_ATTR: _needs_extra(name, err.name), _STUB_ATTR: True})
+                continue
             raise
         doc = (module.__doc__ or name).strip().splitlines()[0]
         command = sub.add_parser(name, help=doc, description=doc)
         module.add_arguments(command)
         command.set_defaults(**{_RUN_ATTR: module.run})
     return parser
+
+
+def _needs_extra(command: str, missing: str):
+    def run(args) -> int:
+        raise UserError(f"samlm {command} needs {missing}, which is not installed: pip install 'samlm[harness]'")
+
+    return run
 
 
 class _StderrHandler(logging.Handler):
@@ -124,7 +137,9 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, _STUB_ATTR, False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command_run = getattr(args, _RUN_ATTR, None)
     if command_run is None:
         parser.error("a command is required: " + ", ".join(COMMANDS))

@@ -83,17 +83,18 @@ def _load_run(run_dir: Path):
     result = model.load_state_dict(checkpoint.model_state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(f"checkpoint {checkpoint.path} does not match the run's model")
-    return config, model, _load_optimizer(config, model, checkpoint), dataset, checkpoint.step
+    total_steps = (record.get("resolved") or {}).get("total_steps") or config.steps or 1
+    return config, model, _load_optimizer(config, model, checkpoint, total_steps), dataset, checkpoint.step
 
 
-def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint):
+def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint, total_steps: int):
     """The run's optimizer holding the checkpoint's state (its second moments are P), or None when
     the state is not there or was saved sharded (FSDP: keyed by parameter name)."""
     extra = checkpoint.extra_state
     state = extra.get("optimizer") if isinstance(extra, Mapping) else None
     if not isinstance(state, Mapping) or state.get("sharded"):
         return None
-    optimizer = build_run_optimizer(config, model.parameters())
+    optimizer = build_run_optimizer(config, model.parameters(), total_steps=total_steps)
     try:
         optimizer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:

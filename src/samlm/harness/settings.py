@@ -102,6 +102,20 @@ def pair(inner: Check) -> Check:
     return check
 
 
+def sam_start(flag: str, value) -> None:
+    """A step (an integer >= 0) or a fraction of the run in (0, 1)."""
+    ok = _number(value) and value >= 0 and (value < 1 or float(value).is_integer())
+    if not ok:
+        raise UserError(f"{flag} must be a step (an integer >= 0) or a fraction of the run in (0, 1), got {value!r}")
+
+
+def sam_schedule(config, total_steps: int) -> dict:
+    """``sam_every``/``sam_start`` of a config as ``build_optimizer`` takes them."""
+    start = config.sam_start
+    return {"sam_every": config.sam_every, "sam_start": start if 0 < start < 1 else int(start),
+            "total_steps": total_steps}
+
+
 def known_method(flag: str, value) -> None:
     if value not in METHODS:
         raise UserError(f"unknown optimizer '{value}' (choose from {', '.join(METHODS)})")
@@ -135,6 +149,11 @@ class OptimizerSettings:
     m: int = setting(1, "m-sharpness groups per batch (each group its own ε)", check=positive_int)
     lr: Optional[float] = setting(3e-3, "peak learning rate", check=finite(0.0, low_open=True))
     weight_decay: float = setting(0.1, "decoupled weight decay", check=finite(0.0))
+    sam_every: int = setting(1, "a SAM-family step every k-th step, plain base-optimizer steps between "
+                             "(a step then costs 1 + extra/k of a plain one)", check=positive_int)
+    sam_start: float = setting(0, "plain base-optimizer steps before this step (an integer), or before this "
+                               "fraction of the run (in (0, 1); 0.8: SAM in the last 20%%)", check=sam_start,
+                               metavar="STEP_OR_FRACTION")
     betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas", check=pair(finite(0.0, 1.0, high_open=True)),
                                          metavar="B1,B2")
     adam_eps: float = setting(1e-9, "AdamW eps", check=finite(0.0, low_open=True))

@@ -10,6 +10,7 @@ from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned
 from .preconditioners import register_preconditioner
 from .registry import BASE_OPTIMIZERS, METHODS, SAM_FAMILY, Method, method, register, sam_family
 from .running_stats import RUNNING_STATS, frozen_running_stats, norm_layers
+from .schedule import SamSchedule
 from .sam import (
     ASAM,
     SAM,
@@ -43,18 +44,20 @@ def build_base_optimizer(name: str, params, *, lr: float, weight_decay: float = 
 
 
 def build_optimizer(name: str, params, *, base: str = "adamw", lr: float, rho=None,
-                    ascent_fraction: float = 0.25, m: int = 1, sam_kwargs=None, **base_kwargs):
+                    ascent_fraction: float = 0.25, m: int = 1, sam_every: int = 1, sam_start=0,
+                    total_steps=None, sam_kwargs=None, **base_kwargs):
     """A registered method: a base optimizer alone, or a SAM-family wrapper around ``base``.
 
-    ``rho`` None: the method's registry default. ``sam_kwargs``: further SharpnessAware arguments
-    (``sync_ascent``, ``grad_norm_fn``; see ``samlm.integrations.distributed.Prepared.sam_kwargs``),
-    ignored by a plain optimizer."""
+    ``rho`` None: the method's registry default. ``sam_every``/``sam_start``/``total_steps``: the
+    SAM schedule (SharpnessAware). ``sam_kwargs``: further SharpnessAware arguments
+    (``sync_ascent``, ``grad_norm_fn``; see ``samlm.integrations.distributed.Prepared.sam_kwargs``).
+    A plain optimizer ignores the SAM arguments."""
     entry = method(name)
     if not entry.is_sam:
         return build_base_optimizer(name, params, lr=lr, **base_kwargs)
     inner = build_base_optimizer(base, params, lr=lr, **base_kwargs)
-    return entry.cls(inner, rho=rho, ascent_fraction=ascent_fraction, m=m,
-                     **dict(sam_kwargs or {}))
+    return entry.cls(inner, rho=rho, ascent_fraction=ascent_fraction, m=m, sam_every=sam_every,
+                     sam_start=sam_start, total_steps=total_steps, **dict(sam_kwargs or {}))
 
 
 __all__ = [
@@ -64,5 +67,5 @@ __all__ = [
     "register_preconditioner", "frozen_running_stats", "norm_layers", "RUNNING_STATS", "StepStats",
     "train_step", "plain_step", "sharpness_aware_step",
     "build_optimizer", "build_base_optimizer", "METHODS", "Method", "method", "register", "sam_family",
-    "SAM_FAMILY", "BASE_OPTIMIZERS",
+    "SAM_FAMILY", "BASE_OPTIMIZERS", "SamSchedule",
 ]

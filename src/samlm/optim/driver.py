@@ -19,7 +19,8 @@ descent rule (descents.py) runs each descent piece's backward.
 Norm layers' running statistics move in one of these passes only, by the optimizer's
 ``running_stats`` policy (running_stats.py); the other passes leave them bitwise unchanged.
 ``split=True`` measures the logit/functional split (split.py) after the passes, at w with each
-group's ε, leaving the step itself unchanged.
+group's ε, leaving the step itself unchanged. Steps off the optimizer's schedule (``sam_every``,
+``sam_start``: schedule.py) are plain: one forward+backward per micro-batch, as ``plain_step``.
 
 This module sees the optimizer through its public API only and imports no optimizer class.
 """
@@ -54,6 +55,7 @@ class StepStats:
     update_grad_norm: float         # ‖d‖ of the descent gradient fed to the base optimizer
     skipped: bool                   # the base step was not taken (non-finite gradient)
     ascent_nonfinite: bool          # the ascent gradient was non-finite (ε = 0 or step skipped)
+    sam_step: bool = True           # a SAM-family step (False: a plain step, of any optimizer)
     logit_path_norm: Optional[float] = None       # ‖g_SAM − g_F‖, with split=True
     functional_path_norm: Optional[float] = None  # ‖g_F − g‖, with split=True
 
@@ -222,6 +224,12 @@ def plain_step(optimizer: torch.optim.Optimizer, batch, forward: Forward, loss: 
     """One step of a plain optimizer with the same conventions as the SAM driver."""
     if split:
         raise ValueError("split=True needs a SAM-family optimizer (it splits SAM's extra gradient)")
+    return _one_pass_step(optimizer, batch, forward, loss, model, scaler, autocast_dtype, max_grad_norm)
+
+
+def _one_pass_step(optimizer, batch, forward, loss, model, scaler, autocast_dtype, max_grad_norm,
+                   norm_fn=None) -> StepStats:
+    """One forward+backward per micro-batch on all rows (no_sync but for the last), then the step."""
     micro_batches, sizes = _validate_step_args(batch, forward, loss)
     total = sum(sizes)
     passes = _Passes(micro_batches, forward, loss, model, scaler, autocast_dtype, _device_of(optimizer))
@@ -234,11 +242,11 @@ def plain_step(optimizer: torch.optim.Optimizer, batch, forward: Forward, loss: 
             del outputs  # not held through the backward: the graph keeps what it needs
             passes.backward(value * (size / total))
         loss_sum = loss_sum.to(value.device) + at_least_fp32(value) * (size / total)
-    update_norm = _unscale_and_check(optimizer, scaler, max_grad_norm)
+    update_norm = _unscale_and_check(optimizer, scaler, max_grad_norm, norm_fn)
     skipped = _finish_step(optimizer, scaler, update_norm)
     loss_value, norm_value = torch.stack([loss_sum, update_norm.to(loss_sum)]).tolist()
     return StepStats(loss=loss_value, loss_perturbed=loss_value, grad_norm=norm_value, eps_norm=0.0,
-                     update_grad_norm=norm_value, skipped=skipped, ascent_nonfinite=False)
+                     update_grad_norm=norm_value, skipped=skipped, ascent_nonfinite=False, sam_step=False)
 
 
 def _finish_step(optimizer, scaler, update_norm: Tensor) -> bool:
@@ -277,7 +285,15 @@ def sharpness_aware_step(opt, batch, forward: Forward, loss: Loss, *,
             functional path ‖g_F − g‖ over the step's rows with its ε (split.py: a forward and
             backward at w and a forward and two VJPs at w+ε, after the step's passes; running
             statistics and the RNG are left as they were, so the step is unchanged).
+
+    On the plain steps of ``opt``'s schedule (``sam_every``, ``sam_start``) the base optimizer
+    steps after one forward+backward per micro-batch, as ``plain_step`` (``split`` is not measured).
     """
+    if not opt.sam_step_due():
+        stats = _one_pass_step(opt.base_optimizer, batch, forward, loss, model, scaler, autocast_dtype,
+                               max_grad_norm, opt.grad_norm_fn)
+        opt.record_step(skipped=stats.skipped, sam_step=False)
+        return stats
     micro_batches, sizes = _validate_step_args(batch, forward, loss)
     plans = plan_step(sizes, opt.ascent_fraction, opt.m)
     total = sum(sizes)

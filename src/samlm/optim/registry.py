@@ -51,15 +51,17 @@ class Method:
             return ()
         return (ASCENT, CLEAN_FORWARD) if self.functional else (ASCENT,)
 
-    def step_cost(self, ascent_fraction: float = 0.25) -> float:
-        """Forward+backward compute of one step relative to a plain optimizer's step."""
+    def step_cost(self, ascent_fraction: float = 0.25, sam_every: int = 1, sam_start_fraction: float = 0.0) -> float:
+        """Forward+backward compute of one step relative to a plain optimizer's step, averaged
+        over the run: the extra passes on every ``sam_every``-th step after the first
+        ``sam_start_fraction`` of the run."""
         full = 1.0 + BACKWARD_TO_FORWARD
         cost = 1.0
         if ASCENT in self.extra_passes:
             cost += ascent_fraction
         if CLEAN_FORWARD in self.extra_passes:
             cost += (1.0 - ascent_fraction) / full
-        return cost
+        return 1.0 + (1.0 - sam_start_fraction) * (cost - 1.0) / sam_every  # cost - 1.0 is exact
 
 
 # Base optimizers: what a SAM-family method wraps (``--base``), and plain methods of their own.

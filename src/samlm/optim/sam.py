@@ -14,7 +14,7 @@ default ρ is its entry's in ``registry.py``, which sets ``default_rho``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -32,6 +32,7 @@ from .perturbations import (
 )
 from .preconditioners import Preconditioners, find_reader
 from .running_stats import check_policy
+from .schedule import SamSchedule
 
 __all__ = ["SharpnessAware", "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
            "train_step", "local_tensor"]
@@ -63,6 +64,10 @@ class SharpnessAware(torch.optim.Optimizer):
             model's norm layers (BatchNorm): ``"ascent"`` (at w, default), ``"descent"`` (at
             w+ε, every row once) or ``"all"``; the others leave them bitwise unchanged
             (running_stats.py). Needs ``train_step(..., model=module)`` or a module as forward.
+        sam_every: a SAM-family step every ``sam_every``-th step, plain base-optimizer steps
+            (one forward+backward) in between (schedule.py).
+        sam_start: plain steps before it, the schedule's steps from it on: a step index, or a
+            fraction in (0, 1) of ``total_steps`` (the run's optimizer steps).
     """
 
     descent_rule: DescentRule = Standard()
@@ -79,6 +84,9 @@ class SharpnessAware(torch.optim.Optimizer):
         sync_ascent: bool = False,
         grad_norm_fn: Optional[Callable[[Tensor], Tensor]] = None,
         running_stats: str = "ascent",
+        sam_every: int = 1,
+        sam_start: Union[int, float] = 0,
+        total_steps: Optional[int] = None,
     ):
         if not isinstance(base, torch.optim.Optimizer):
             raise ValueError(
@@ -96,6 +104,7 @@ class SharpnessAware(torch.optim.Optimizer):
         if not (isinstance(m, int) and not isinstance(m, bool) and m >= 1):
             raise ValueError(f"m must be an integer >= 1, got {m!r}")
         check_policy(running_stats)
+        schedule = SamSchedule.of(sam_every, sam_start, total_steps)
         if perturbation.needs_preconditioner and find_reader(base) is None:
             raise ValueError(
                 f"{type(perturbation).__name__} perturbation needs a base optimizer with second moments "
@@ -110,7 +119,11 @@ class SharpnessAware(torch.optim.Optimizer):
         self.sync_ascent = sync_ascent
         self.grad_norm_fn = grad_norm_fn
         self.running_stats = running_stats
-        self.counters = {"steps": 0, "skipped_steps": 0, "ascent_nonfinite": 0, "zero_grad_norm": 0}
+        self.schedule = schedule
+        self.sam_start, self.total_steps = sam_start, total_steps
+        # steps: taken; skipped_steps: not taken (non-finite); sam_steps + plain_steps: both, by kind
+        self.counters = {"steps": 0, "skipped_steps": 0, "ascent_nonfinite": 0, "zero_grad_norm": 0,
+                         "sam_steps": 0, "plain_steps": 0}
         self._saved: Optional[list[Tensor]] = None  # weights at w while perturbed: not state
         self._perturbed = False
         # torch.optim.Optimizer.__init__ assigns self.param_groups = [] and re-adds each group;
@@ -215,14 +228,19 @@ class SharpnessAware(torch.optim.Optimizer):
         torch._foreach_copy_(self._saved_params, self._saved)
         self._perturbed = False
 
-    def base_step(self) -> None:
+    def base_step(self, sam_step: bool = True) -> None:
         self.base_optimizer.step()
-        self.record_step()
+        self.record_step(sam_step=sam_step)
+
+    def sam_step_due(self) -> bool:
+        """The next step is a SAM-family step of the schedule (else a plain one)."""
+        return self.schedule.is_sam_step(self.counters["steps"] + self.counters["skipped_steps"])
 
     def record_step(self, *, skipped: bool = False, ascent_nonfinite: bool = False,
-                    zero_grad_norm: bool = False) -> None:
-        """Count one optimizer step: taken or skipped, and whether its ascent gradient was
-        non-finite or zero."""
+                    zero_grad_norm: bool = False, sam_step: bool = True) -> None:
+        """Count one optimizer step: taken or skipped, SAM or plain, and whether its ascent
+        gradient was non-finite or zero."""
+        self.counters["sam_steps" if sam_step else "plain_steps"] += 1
         if skipped:
             self.counters["skipped_steps"] += 1
         else:
@@ -259,10 +277,13 @@ class SharpnessAware(torch.optim.Optimizer):
             self.zero_grad()
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None):
-        """SAM step with a closure that recomputes the loss and calls backward.
+        """A step with a closure that computes the loss and calls backward (it may zero the
+        gradients first).
 
-        As in davda54/sam, the gradient at w must already be in ``p.grad``. Returns the
-        closure's loss (at w+ε).
+        No gradient in ``p.grad`` yet (torch's convention, Lightning): the closure runs at w,
+        then at w+ε; returns the loss at w and leaves no gradient. The gradient at w already in
+        ``p.grad`` (davda54/sam): the closure runs at w+ε; returns its loss. A plain step of the
+        schedule runs the closure at w only if no gradient is there (returns its loss, or None).
         """
         self._require_standard("step(closure)")
         if closure is None:
@@ -270,11 +291,24 @@ class SharpnessAware(torch.optim.Optimizer):
                 "SAM.step() needs a closure that re-evaluates the loss and calls backward(); "
                 "or use opt.train_step(batch, forward, loss), or first_step()/second_step()"
             )
-        self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            loss = closure()
-        self.second_step()
+        closure = torch.enable_grad()(closure)
+        given = self._has_gradient()
+        loss = None if given else closure()
+        if not self.sam_step_due():
+            self.base_step(sam_step=False)
+        else:
+            self.first_step(zero_grad=True)
+            loss_perturbed = closure()
+            self.second_step()
+            loss = loss_perturbed if given else loss
+        if not given:
+            self.zero_grad(set_to_none=True)  # the next step(closure) sees no gradient either
         return loss
+
+    def _has_gradient(self) -> bool:
+        """Some gradient is non-zero (None, or zeros from ``zero_grad(set_to_none=False)``, is none)."""
+        grads = [local_tensor(p.grad) for p in self.params_with_grad()]
+        return bool(grads) and bool(torch.stack([g.any() for g in grads]).any())
 
     def train_step(self, batch, forward, loss, **kwargs) -> StepStats:
         """One optimizer step that owns all passes; see ``samlm.optim.driver.sharpness_aware_step``."""
@@ -291,6 +325,9 @@ class SharpnessAware(torch.optim.Optimizer):
             "m": self.m,
             "sync_ascent": self.sync_ascent,
             "running_stats": self.running_stats,
+            "sam_every": self.schedule.every,
+            "sam_start": self.sam_start,
+            "total_steps": self.total_steps,
         }
 
     def state_dict(self) -> dict:
@@ -315,6 +352,9 @@ class SharpnessAware(torch.optim.Optimizer):
         return f"{type(self).__name__}({cfg},\n  base={self.base_optimizer!r})"
 
 
+_WRAPPER_OPTIONS = ("sync_ascent", "grad_norm_fn", "running_stats", "sam_every", "sam_start", "total_steps")
+
+
 def _wrap_base(base, base_optimizer, base_kwargs, name):
     """Accept an optimizer instance, or davda54's (params, base_optimizer_cls, **kwargs)."""
     if isinstance(base, torch.optim.Optimizer):
@@ -337,7 +377,7 @@ class SAM(SharpnessAware):
 
     def __init__(self, base, base_optimizer=None, *, rho: Optional[float] = None, adaptive: bool = False,
                  eta: float = 0.0, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
-        sam_kwargs = {k: kwargs.pop(k) for k in ("sync_ascent", "grad_norm_fn", "running_stats") if k in kwargs}
+        sam_kwargs = {k: kwargs.pop(k) for k in _WRAPPER_OPTIONS if k in kwargs}
         base = _wrap_base(base, base_optimizer, kwargs, type(self).__name__)
         rho = self.resolve_rho(rho)
         rule = Adaptive(rho=rho, eta=eta) if adaptive else Euclidean(rho=rho)
@@ -387,7 +427,21 @@ class PreconditionedFunctionalSAM(_FixedRules):
 
 def train_step(optimizer: torch.optim.Optimizer, batch, forward, loss, **kwargs) -> StepStats:
     """One optimizer step for any optimizer: SAM-family wrappers run their passes, plain
-    optimizers one forward/backward per micro-batch. Same arguments as ``sharpness_aware_step``."""
-    if isinstance(optimizer, SharpnessAware):
-        return sharpness_aware_step(optimizer, batch, forward, loss, **kwargs)
+    optimizers one forward/backward per micro-batch. Same arguments as ``sharpness_aware_step``.
+    A SAM-family optimizer inside a wrapper's ``.optimizer`` (accelerate's AcceleratedOptimizer)
+    counts as SAM-family."""
+    sam = sharpness_aware_inside(optimizer)
+    if sam is not None:
+        return sharpness_aware_step(sam, batch, forward, loss, **kwargs)
     return plain_step(optimizer, batch, forward, loss, **kwargs)
+
+
+def sharpness_aware_inside(optimizer) -> Optional[SharpnessAware]:
+    """``optimizer`` if SAM-family, else the SAM-family optimizer its ``.optimizer`` chain wraps."""
+    for _ in range(8):  # wrappers of wrappers, never a cycle
+        if isinstance(optimizer, SharpnessAware):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            return None
+    return None

@@ -12,6 +12,10 @@ no-grad forward on the others, a full-batch forward+backward) are timed in the s
 They give each method's *floor*: AdamW's step plus the extra passes the method must run, over
 AdamW's step. No exact implementation of the method can go below it; ``over_floor`` is what
 the implementation adds on top (perturbation, restore, bookkeeping).
+
+``--sam-every K`` runs samlm's SAM-family methods with a SAM step every K-th step. A round is
+then K steps of every method, timed together (one whole cycle, whatever its phase), and a
+method's floor is AdamW's step plus its extra passes / K.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ def method_rho(args, name: str) -> float:
     return args.rho if args.rho is not None else method(PSEUDO_METHODS.get(name, (name,))[0]).default_rho
 
 
+def cycle(args, name: str) -> int:
+    """Steps per SAM step of ``name``: ``--sam-every`` for samlm's SAM-family methods, else 1."""
+    return 1 if name in ("adamw", "peer_sam") else args.sam_every
+
+
 def bench_methods() -> tuple[str, ...]:
     """What ``--methods`` accepts: AdamW, the pseudo-methods and every registered SAM method."""
     return ("adamw", *PSEUDO_METHODS, *sam_family())
@@ -74,10 +83,12 @@ class BenchConfig:
     vocab: int = setting(256, "vocabulary size", check=s.positive_int)
     batch: int = override(s.BatchSettings, "batch")
     context: int = override(ModelSettings, "context")
-    steps: int = setting(10, "timed steps per method (after the untimed ones)", check=s.positive_int)
-    untimed_steps: int = setting(2, "steps per method run before timing", check=s.nonnegative_int)
+    steps: int = setting(10, "timed steps per method, after the untimed ones (--sam-every K: rounds of K steps)",
+                         check=s.positive_int)
+    untimed_steps: int = setting(2, "steps (rounds) per method run before timing", check=s.nonnegative_int)
     rho: Optional[float] = override(s.OptimizerSettings, "rho")
     ascent_fraction: float = override(s.OptimizerSettings, "ascent_fraction")
+    sam_every: int = override(s.OptimizerSettings, "sam_every", metavar="K")  # a round: K steps of each method
     methods: str = setting(",".join(bench_methods()), "comma-separated subset of " + ",".join(bench_methods()))
     device: str = setting(_device_default(), "cpu, cuda or cuda:N")
     dtype: str = setting("fp32", "bf16: autocast", choices=("fp32", "bf16"))
@@ -150,7 +161,8 @@ def make_stepper(name: str, model, args):
     else:
         runs = PSEUDO_METHODS.get(name, (name,))[0]
         fraction = 1.0 if name == "sam_full" else args.ascent_fraction
-        opt = method(runs).cls(base, rho=method_rho(args, name), ascent_fraction=fraction)
+        opt = method(runs).cls(base, rho=method_rho(args, name), ascent_fraction=fraction,
+                               sam_every=cycle(args, name))
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
 
     def step(batch, forward, autocast):
@@ -205,7 +217,8 @@ def _sync(device):
 
 def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
     """Per-round step times of every method, and of every bare pass the methods need (keyed
-    ``pass:NAME``), in one round-robin."""
+    ``pass:NAME``), in one round-robin: a round runs each ``--sam-every`` times, timed together
+    (a whole cycle of the SAM schedule), and records the mean."""
     reference = build_model(args)
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, args.vocab, (args.batch, args.context), generator=generator).to(args.device)
@@ -229,10 +242,11 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
             forward = lambda batch, model=model: model(input_ids=batch).logits  # noqa: E731
             _sync(args.device)
             start = time.perf_counter()
-            steppers[name](batches[i % len(batches)], forward, autocast)
+            for j in range(args.sam_every):
+                steppers[name](batches[(i * args.sam_every + j) % len(batches)], forward, autocast)
             _sync(args.device)
             if i >= args.untimed_steps:
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / args.sam_every)
     return times
 
 
@@ -307,15 +321,17 @@ def machine_description(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def ratios(times: dict[str, list[float]], methods: list[str]) -> dict[str, dict[str, float]]:
+def ratios(times: dict[str, list[float]], methods: list[str], cycles=None) -> dict[str, dict[str, float]]:
     """Each method's median step time, median per-round ratio against AdamW (and its quartiles:
     the machine's noise), and floor (AdamW's step plus the method's extra bare passes, over
-    AdamW's step; per round, then the median)."""
+    AdamW's step; per round, then the median). ``cycles``: a method's steps per SAM step (its
+    extra passes count 1/K per step; default 1)."""
     adamw = times["adamw"]
     rows = {}
     for name in methods:
         per_round = [t / a for t, a in zip(times[name], adamw)]
-        floor = [1 + sum(times[f"pass:{kind}"][i] for kind in extra_passes(name)) / a
+        k = (cycles or {}).get(name, 1)
+        floor = [1 + sum(times[f"pass:{kind}"][i] for kind in extra_passes(name)) / k / a
                  for i, a in enumerate(adamw)]
         ratio, floor_ratio = statistics.median(per_round), statistics.median(floor)
         q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else (ratio,) * 3
@@ -330,7 +346,7 @@ def run_bench(args: BenchConfig) -> dict:
     methods = _check(args)
     times = time_methods(args, methods)
     params = sum(p.numel() for p in build_model(args).parameters())
-    results = ratios(times, methods)
+    results = ratios(times, methods, {name: cycle(args, name) for name in methods})
     passes = {name.removeprefix("pass:"): round(statistics.median(t), 5)
               for name, t in times.items() if name.startswith("pass:")}
     for name in methods:
@@ -343,7 +359,7 @@ def run_bench(args: BenchConfig) -> dict:
         if name != "adamw":
             results[name]["rho"] = method_rho(args, name)
     config = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "batch", "context", "steps",
-                                            "untimed_steps", "rho", "ascent_fraction", "device", "dtype")}
+                                            "untimed_steps", "rho", "ascent_fraction", "sam_every", "device", "dtype")}
     config.update(parameters=params, param_mb=round(params * 4 / 2**20, 1), machine=machine_description(args.device),
                   torch=torch.__version__)
     report = {"config": config, "methods": results, "passes_s": passes}
@@ -354,10 +370,12 @@ def run_bench(args: BenchConfig) -> dict:
 
 def format_table(report: dict) -> str:
     cfg = report["config"]
+    k = cfg.get("sam_every", 1)
+    cycle_note, per_step = (f" (rounds of {k}: a SAM step every {k})", f" / {k}") if k > 1 else ("", "")
     lines = [
         f"samlm bench: GPT-2 {cfg['layers']}L/{cfg['width']}d/{cfg['heads']}h, vocab {cfg['vocab']}, "
         f"batch {cfg['batch']}x{cfg['context']}, {cfg['parameters'] / 1e6:.2f}M params ({cfg['param_mb']} MB fp32), "
-        f"{cfg['dtype']}, {cfg['machine']}, median of {cfg['steps']} steps",
+        f"{cfg['dtype']}, {cfg['machine']}, median of {cfg['steps']} steps{cycle_note}",
         f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'IQR':>13} {'floor':>7} {'x floor':>8} {'peak MB':>9} {'+ vs AdamW':>10}",
     ]
     for name, row in report["methods"].items():
@@ -367,5 +385,6 @@ def format_table(report: dict) -> str:
                      f"{row['over_floor']:>8.3f} {mem}")
     passes = ", ".join(f"{kind} {seconds:.4f} s" for kind, seconds in report.get("passes_s", {}).items())
     if passes:
-        lines.append(f"bare passes (median): {passes}; floor = (AdamW step + a method's extra passes) / AdamW step")
+        lines.append(f"bare passes (median): {passes}; floor = (AdamW step + a method's extra passes{per_step}) "
+                     "/ AdamW step")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from samlm.studies.grid import (
     Job,
     compute_factors,
     parse_budget,
+    start_fraction,
     parse_optimizers,
     parse_rho,
     parse_seeds,
@@ -96,7 +97,8 @@ class CompareConfig:
         seeds = parse_seeds(self.seeds)
         rhos = parse_rho(self.rho, optimizers)
         budgets = parse_budget(self.budget)
-        factors = compute_factors(optimizers, self.base.ascent_fraction)
+        factors = compute_factors(optimizers, self.base.ascent_fraction, sam_every=self.base.sam_every,
+                                  sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps))
         runs = []
         for seed in seeds:
             for optimizer in optimizers:
@@ -185,7 +187,7 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
             summaries[name] = finished
             skipped.append(name)
         else:
-            cost = METHODS[run_config.optimizer].step_cost(run_config.ascent_fraction)
+            cost = METHODS[run_config.optimizer].step_cost(run_config.ascent_fraction, sam_every=run_config.sam_every)
             steps = run_config.steps or 1
             todo.append(Job(index, name, run_config, cost * steps))
 

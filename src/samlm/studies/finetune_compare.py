@@ -50,6 +50,7 @@ from samlm.studies.grid import (
     Job,
     compute_factors,
     parse_budget,
+    start_fraction,
     parse_optimizers,
     parse_rho,
     parse_seeds,
@@ -92,7 +93,8 @@ class FinetuneGrid:
         rates = _floats(self.subsample, "--subsample")
         seeds = parse_seeds(self.seeds)
         budgets = parse_budget(self.budget)
-        factors = compute_factors(optimizers, self.base.ascent_fraction or 0.25)
+        factors = compute_factors(optimizers, self.base.ascent_fraction or 0.25, sam_every=self.base.sam_every,
+                                  sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps))
         runs = []
         for optimizer in optimizers:
             for rho in rhos[optimizer] if self.rho is not None else [None]:
@@ -155,7 +157,7 @@ def run_grid(grid: FinetuneGrid) -> dict[str, list[Path]]:
             prepare(dataclasses.replace(config, dry_run=True))  # every run's mistakes before any training
         except UserError as err:
             raise UserError(f"run {name}: {err}") from None
-        cost = METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25) * config.steps
+        cost = METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25, sam_every=config.sam_every) * config.steps
         todo.append(Job(number, name + (" (resuming)" if config.resume else ""), config, cost))
 
     interrupted = run_jobs(todo, len(runs), lambda job, summary: bool(summary.get("completed")),

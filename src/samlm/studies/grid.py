@@ -53,13 +53,28 @@ def parse_budget(text: str) -> tuple[str, ...]:
     return tuple(b for b in BUDGETS if b in items)
 
 
-def compute_factors(optimizers: Sequence[str], ascent_fraction: float) -> dict[str, float]:
+def compute_factors(optimizers: Sequence[str], ascent_fraction: float, *, sam_every: int = 1,
+                    sam_start_fraction: float = 0.0) -> dict[str, float]:
     """Steps multiplier of each method at equal compute: every method gets the compute of the most
-    expensive one (``Method.step_cost``: passes counted with a backward = 2 forwards), so one run
-    of the costliest method and one baseline run per seed serve every comparison."""
-    costs = {name: METHODS[name].step_cost(ascent_fraction) for name in optimizers}
+    expensive one (``Method.step_cost``: passes counted with a backward = 2 forwards, a SAM step
+    every ``sam_every`` steps after ``sam_start_fraction`` of the run), so one run of the
+    costliest method and one baseline run per seed serve every comparison."""
+    costs = {name: METHODS[name].step_cost(ascent_fraction, sam_every=sam_every, sam_start_fraction=sam_start_fraction)
+             for name in optimizers}
     most = max(costs.values())
     return {name: most / cost for name, cost in costs.items()}
+
+
+def start_fraction(sam_start: float, steps: Optional[int]) -> float:
+    """``--sam-start`` as a fraction of the run (a step count needs the run's ``steps``)."""
+    if 0 < sam_start < 1:
+        return float(sam_start)
+    if not sam_start:
+        return 0.0
+    if not steps:
+        raise UserError("--budget compute with --sam-start as a step needs --steps (or give --sam-start as a "
+                        "fraction of the run)")
+    return min(1.0, sam_start / steps)
 
 
 def stretched(steps: Optional[int], factor: float) -> Optional[int]:

@@ -47,6 +47,7 @@ from samlm.harness.finetune.build import (
 )
 from samlm.harness.finetune.config import FinetuneConfig, identity, resolve, validate
 from samlm.harness.rundir import RunDir
+from samlm.harness.settings import sam_schedule
 from samlm.progress import say
 
 SUMMARY_FORMAT = "samlm-finetune-summary"
@@ -151,7 +152,8 @@ def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -
         optimizer = build_optimizer(
             s.optimizer, model.parameters(), base=s.base or "adamw", lr=s.lr, rho=s.rho,
             ascent_fraction=s.ascent_fraction if s.ascent_fraction is not None else 0.25, m=s.m,
-            weight_decay=s.weight_decay, betas=s.betas, eps=s.adam_eps, sam_kwargs=par.sam_kwargs)
+            weight_decay=s.weight_decay, betas=s.betas, eps=s.adam_eps, sam_kwargs=par.sam_kwargs,
+            **sam_schedule(s, s.steps))
     except ValueError as exc:
         raise UserError(f"cannot build optimizer {s.optimizer}: {exc}") from None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s.lr_schedule, s.warmup, s.steps))

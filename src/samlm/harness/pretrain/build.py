@@ -58,14 +58,16 @@ def build_model(config: PretrainConfig, vocab_size: int):
     return model
 
 
-def build_run_optimizer(config: PretrainConfig, params, *, sam_kwargs=None) -> torch.optim.Optimizer:
+def build_run_optimizer(config: PretrainConfig, params, *, total_steps: int, sam_kwargs=None) -> torch.optim.Optimizer:
     """The run's optimizer from its settings: what ``pretrain`` trains with and ``samlm sharpness``
     loads a checkpoint's optimizer state into."""
+    from samlm.harness.settings import sam_schedule
     from samlm.optim import build_optimizer
 
     return build_optimizer(config.optimizer, params, base=config.base, lr=config.lr, rho=config.rho,
                            weight_decay=config.weight_decay, betas=config.betas, eps=config.adam_eps,
-                           ascent_fraction=config.ascent_fraction, m=config.m, sam_kwargs=sam_kwargs)
+                           ascent_fraction=config.ascent_fraction, m=config.m, sam_kwargs=sam_kwargs,
+                           **sam_schedule(config, total_steps))
 
 
 def max_positions(model) -> int | None:

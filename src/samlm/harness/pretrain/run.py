@@ -139,7 +139,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     train_batches = distributed.shard_batches(train_batches, info.rank, info.world_size)
     val = dataset.val_batches(config.micro_batch, max_batches=config.val_batches or None)
     evaluate = lm_evaluator(val)
-    optimizer = build_run_optimizer(config, model.parameters(), sam_kwargs=par.sam_kwargs)
+    optimizer = build_run_optimizer(config, model.parameters(), total_steps=total_steps, sam_kwargs=par.sam_kwargs)
     probe = None
     if config.sharpness:
         probe_batches = dataset.val_batches(config.sharpness_batch_size, max_batches=config.sharpness_batches)
