@@ -133,6 +133,13 @@ CASES = {
     "finetune --rho without SAM": (lambda m, t: ft(m, "--task", "glue/rte", "--optimizer", "adamw", "--rho", 0.1),
                                    "--rho applies to SAM-family optimizers"),
     "finetune --device": (lambda m, t: ft(m, "--task", "glue/rte", "--device", "tpu9"), "unknown --device 'tpu9'"),
+    "finetune --subsample below one batch": (lambda m, t: ft(m, "--task", "glue/rte", "--subsample", 0.3),
+                                             "the subsampled training set has 1 example(s) (--subsample 0.3), "
+                                             "fewer than one batch of 2"),
+    "finetune --resume with nothing to resume": (lambda m, t: ft(m, "--task", "glue/rte", "--resume"),
+                                                 "nothing to resume in"),
+    "pretrain --resume with nothing to resume": (lambda m, t: ["pretrain", *TINY_PRETRAIN, "--resume"],
+                                                 "nothing to resume in"),
     "finetune unknown task": (lambda m, t: ft(m, "--task", "glue/rtee", "--data-dir", GLUE), "unknown task 'glue/rtee'"),
     # ---- finetune: data files
     "finetune wrong column": (lambda m, t: ft(m, *GENERIC, "--data-dir", generic_dir(
