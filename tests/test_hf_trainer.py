@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 from transformers.utils import logging as hf_logging
 
 import samlm
-from samlm.integrations.hf import SAMTrainer, TrainerOptimizer, _refuse_deepspeed, token_loss_kind
+from samlm.integrations.hf import SAMTrainer, TrainerOptimizer, _refuse_deepspeed, head_kind
 
 hf_logging.set_verbosity_error()
 VOCAB = 32
@@ -150,22 +150,19 @@ def test_fp16_overflow_skips_the_step_and_the_scheduler_and_backs_the_scale_off_
     assert torch.isfinite(flat(trainer.model)).all()
 
 
-def test_sequence_classification_uses_the_models_own_loss_and_fsam_asks_for_sam_loss(tmp_path):
+@pytest.mark.parametrize("method", ["sam", "fsam"])
+def test_sequence_classification_trains_on_the_models_own_loss_without_sam_loss(tmp_path, method):
+    """Every standard head is covered in tests/test_hf_heads.py."""
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": ids, "labels": torch.tensor(int(ids[0]) % 3)}
             for ids in torch.randint(1, VOCAB, (16, 8), generator=g)]
     model = tiny_gpt2(cls=GPT2ForSequenceClassification, num_labels=3)
-    assert token_loss_kind(model) is None and token_loss_kind(tiny_gpt2()) == "ForCausalLM"
+    assert head_kind(model) == "ForSequenceClassification" and head_kind(tiny_gpt2()) == "ForCausalLM"
     before = flat(model)
-    trainer = SAMTrainer(model=model, args=make_args(tmp_path / "sam", max_steps=2), train_dataset=data,
-                         sam_method="sam")
+    trainer = SAMTrainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=data,
+                         sam_method=method)
     trainer.train()
     assert trainer.sam_optimizer.counters["steps"] == 2 and not torch.equal(flat(model), before)
-
-    trainer = SAMTrainer(model=tiny_gpt2(cls=GPT2ForSequenceClassification, num_labels=3),
-                         args=make_args(tmp_path / "fsam", max_steps=1), train_dataset=data, sam_method="fsam")
-    with pytest.raises(ValueError, match="sam_loss="):
-        trainer.train()
 
 
 def test_bad_configurations_are_refused_with_clear_messages(tmp_path):

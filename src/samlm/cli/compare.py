@@ -1,4 +1,4 @@
-"""Compare optimizers × ρ × seeds on the same model, data and step budget, with a report."""
+"""Compare optimizers × learning rates × ρ × seeds on the same model, data and step budget, with a report."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from samlm.harness import settings
 from samlm.harness.pretrain import PretrainConfig, config_from_args, validate
 from samlm.progress import say
 from samlm.studies.compare import DEFAULT_OPTIMIZERS, CompareConfig, CompareResult, compare
-from samlm.studies.grid import GridSettings
+from samlm.studies.grid import CompareGridSettings
 
 # What the grid varies or owns (each run gets its own), and the launch flags (runs are local jobs).
-GRID_OWNS = ("optimizer", "rho", "seed", "out", "resume", "overwrite", "dry_run") + tuple(
+GRID_OWNS = ("optimizer", "rho", "lr", "seed", "out", "resume", "overwrite", "dry_run") + tuple(
     f.name for f in dataclasses.fields(settings.ParallelSettings))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    settings.add_arguments(parser, GridSettings)
+    settings.add_arguments(parser, CompareGridSettings)
     group = parser.add_argument_group("comparison")
     group.add_argument("--out", default=CompareConfig.out,
                        help=f"directory of the runs and the report (default {CompareConfig.out})")
@@ -26,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_cli(args: argparse.Namespace) -> CompareConfig:
-    grid = settings.from_args(GridSettings, args)
+    grid = settings.from_args(CompareGridSettings, args)
     settings.validate(grid)
     base = config_from_args(args, out=args.out)
     return CompareConfig(out=args.out, optimizers=grid.optimizers or ",".join(DEFAULT_OPTIMIZERS), seeds=grid.seeds,
-                         rho=grid.rho, base=base, overwrite=grid.overwrite, title=args.title, jobs=grid.jobs,
-                         budget=grid.budget)
+                         rho=grid.rho, lr=grid.lr, base=base, overwrite=grid.overwrite, title=args.title,
+                         jobs=grid.jobs, budget=grid.budget)
 
 
 def print_result(result: CompareResult) -> None:

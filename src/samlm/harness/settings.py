@@ -214,6 +214,8 @@ class ParallelSettings:
     sync_ascent: bool = setting(False, "average SAM's ascent gradient over processes (exact global SAM); default: "
                                 "each process perturbs with its own gradient (m-sharpness, m = processes)",
                                 resume=False)
+    compile: bool = setting(False, "torch.compile the model's forward (the first steps of each batch shape "
+                            "compile: minutes on a CPU; needs a C++ compiler there)", resume=False)
     mixed_precision: Optional[str] = setting(None, "no | bf16 (autocast) | fp16 (autocast + GradScaler)",
                                              choices=("no", "bf16", "fp16"), resume=False,
                                              default_text="accelerate's setting, else no")

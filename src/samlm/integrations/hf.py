@@ -39,11 +39,15 @@ step (no perturbation, no base step, the scale backs off once) when the ascent o
 gradient is non-finite — and a skipped step does not step the LR scheduler, as in Trainer.
 
 The loss: the driver needs ``forward(batch)`` and ``loss(outputs, batch)`` (the mean loss of
-the rows given). For causal and masked LMs SAMTrainer uses the model's own token loss on its
-logits (so SAM and Functional-SAM use the same loss as plain training); for other heads the
-standard descent uses the model's own ``outputs.loss``, and the functional descent needs
-``sam_loss=fn(logits, batch)``. Micro-batches are weighted by rows (Trainer's
-``num_items_in_batch`` token weighting is not used); a subclass's ``compute_loss`` is not called.
+the rows given). For every standard head — causal, masked and seq2seq LMs, sequence
+classification (regression, single- or multi-label by ``config.problem_type``, inferred as the
+models do), token classification, multiple choice — SAMTrainer computes the model's own loss
+from its logits (``head_kind``, ``head_loss``), so SAM and Functional-SAM use the same loss as
+plain training; a seq2seq LM's decoder inputs are built from the labels as the model builds them.
+``sam_loss=fn(logits, batch)`` overrides it. For an unrecognised head the standard descent uses
+the model's own ``outputs.loss``, and the functional descent needs ``sam_loss``. Micro-batches
+are weighted by rows (Trainer's ``num_items_in_batch`` token weighting is not used); a
+subclass's ``compute_loss`` is not called.
 
 Not supported: DeepSpeed (refused: its engine steps inside ``backward()``, so a two-pass SAM
 step would take two optimizer steps, and ZeRO partitions the gradient ε is built from). With
@@ -64,7 +68,7 @@ from samlm.integrations.distributed import sam_kwargs_for
 from samlm.optim import SharpnessAware, StepStats
 from samlm.optim.registry import method, sam_family
 
-__all__ = ["SAMTrainer", "TrainerOptimizer"]
+__all__ = ["SAMTrainer", "TrainerOptimizer", "head_kind", "head_loss"]
 
 SamLoss = Callable[[torch.Tensor, Mapping], torch.Tensor]
 
@@ -143,26 +147,58 @@ def _flat_names(mapping) -> set:
     return names
 
 
-def token_loss_kind(module: torch.nn.Module) -> Optional[str]:
-    """``"ForCausalLM"`` / ``"ForMaskedLM"`` when the model's loss is a token-level cross-entropy
-    of its logits, else None."""
-    base = getattr(module, "get_base_model", None)  # PEFT
-    if callable(base):
-        module = base()
-    loss_type = getattr(module, "loss_type", None)
-    if loss_type in ("ForCausalLM", "ForMaskedLM"):
-        return loss_type
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
+# The heads whose loss SAMTrainer derives from the logits, each with the auto-class mapping that
+# names its classes. Order matters where a class is in two mappings: BART-like seq2seq LMs are also
+# masked LMs (their logits need decoder inputs built from the labels), and XLM's LM head, also a
+# causal LM, computes an unshifted loss.
+HEADS = (
+    ("ForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("ForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    ("ForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("ForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("ForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("ForMultipleChoice", "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"),
+)
 
+
+def _base_model(module: torch.nn.Module) -> torch.nn.Module:
+    base = getattr(module, "get_base_model", None)  # PEFT
+    return base() if callable(base) else module
+
+
+def head_kind(module: torch.nn.Module) -> Optional[str]:
+    """The model's head, one of ``HEADS`` (``"ForCausalLM"``, ``"ForSequenceClassification"``, ...),
+    or None when SAMTrainer does not know its loss."""
+    from transformers.models.auto import modeling_auto
+
+    module = _base_model(module)
     name = type(module).__name__
-    if name in _flat_names(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
-        return "ForCausalLM"
-    if name in _flat_names(MODEL_FOR_MASKED_LM_MAPPING_NAMES):
-        return "ForMaskedLM"
-    return None
+    for kind, mapping in HEADS:
+        if name in _flat_names(getattr(modeling_auto, mapping)):
+            return kind
+    # A class outside the auto mappings named like a standard head (transformers' own loss_type)
+    loss_type = getattr(module, "loss_type", None)
+    return loss_type if loss_type in ("ForCausalLM", "ForMaskedLM", "ForSequenceClassification",
+                                      "ForTokenClassification") else None
+
+
+def head_loss(kind: str, module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(logits, labels)``: the mean loss the model of head ``kind`` computes from its logits
+    (its ``outputs.loss``)."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    if kind == "ForSequenceClassification":
+        # regression / single- / multi-label from config.problem_type, inferred (and set) when
+        # None from num_labels and the labels' dtype, as the models do
+        config = _base_model(module).config
+        return lambda logits, labels: LOSS_MAPPING[kind](labels, logits, config)
+    if kind == "ForCausalLM":
+        token_loss = LOSS_MAPPING["ForCausalLM"]  # shifted: token t predicts label t+1
+    else:
+        # masked and seq2seq LMs, token classification, multiple choice ([B, choices] logits):
+        # a cross-entropy over the last dimension, labels unshifted, -100 ignored
+        token_loss = LOSS_MAPPING["ForMaskedLM"]
+    return lambda logits, labels: token_loss(logits, labels, vocab_size=logits.shape[-1])
 
 
 class SAMTrainer(Trainer):
@@ -177,8 +213,8 @@ class SAMTrainer(Trainer):
         m: m-sharpness groups within a replica's window.
         sync_ascent: average the ascent gradient over replicas (exact global SAM) instead of a
             per-replica ε. Always on under FSDP.
-        sam_loss: ``fn(logits, batch) -> mean loss``; required for Functional-SAM on models
-            whose loss is not a token-level cross-entropy (causal/masked LMs need none).
+        sam_loss: ``fn(logits, batch) -> mean loss``, replacing the loss SAMTrainer derives for
+            the standard heads; required for Functional-SAM on a head it does not recognise.
     """
 
     def __init__(self, *args, sam_method: Optional[str] = None, rho: Optional[float] = None,
@@ -282,31 +318,40 @@ class SAMTrainer(Trainer):
     def sam_forward_and_loss(self, model, opt: SharpnessAware):
         """The driver's ``forward(batch)`` and ``loss(outputs, batch)`` for this model."""
         label_keys = list(self.label_names or ["labels"])
+        label_key = label_keys[0]
+        base = _base_model(self.accelerator.unwrap_model(model))
+        kind = head_kind(base)
 
         def logits(batch):
-            outputs = model(**{k: v for k, v in batch.items() if k not in label_keys})
+            inputs = {k: v for k, v in batch.items() if k not in label_keys}
+            if kind == "ForSeq2SeqLM" and "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
+                # given labels, the model builds its decoder inputs from them (shifted right); we
+                # hold the labels back, so build the same decoder inputs here
+                inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=batch[label_key])
+            outputs = model(**inputs)
             return outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
 
         if self.sam_loss is not None:
             return logits, self.sam_loss
-        kind = token_loss_kind(self.accelerator.unwrap_model(model))
         if kind is not None:
-            from transformers.loss.loss_utils import LOSS_MAPPING
-
-            token_loss = LOSS_MAPPING[kind]
-            label_key = label_keys[0]
+            from_logits = head_loss(kind, base)
 
             def loss(outputs, batch):
-                if self.label_smoother is not None:
-                    return self.label_smoother({"logits": outputs}, batch[label_key],
-                                               shift_labels=kind == "ForCausalLM")
-                return token_loss(outputs, batch[label_key], vocab_size=outputs.shape[-1])
+                labels = batch[label_key]
+                if self.label_smoother is None:
+                    return from_logits(outputs, labels)
+                if kind == "ForSequenceClassification":
+                    value = from_logits(outputs, labels)  # settles config.problem_type
+                    if base.config.problem_type != "single_label_classification":
+                        return value  # label smoothing is for cross-entropies only
+                return self.label_smoother({"logits": outputs}, labels, shift_labels=kind == "ForCausalLM")
 
             return logits, loss
         if opt.descent_rule.needs_clean_cotangent:
             raise ValueError(
-                f"{type(opt).__name__} needs the loss as a function of the logits, and "
-                f"{type(self.accelerator.unwrap_model(model)).__name__} is not a causal or masked LM: "
+                f"{type(opt).__name__} needs the loss as a function of the logits, and SAMTrainer does not "
+                f"recognise the head of {type(base).__name__} (it knows causal, masked and seq2seq LMs, "
+                "sequence and token classification, multiple choice): "
                 "pass SAMTrainer(..., sam_loss=fn(logits, batch) -> mean loss)"
             )
 

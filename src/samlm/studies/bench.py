@@ -89,6 +89,7 @@ class BenchConfig:
     rho: Optional[float] = override(s.OptimizerSettings, "rho")
     ascent_fraction: float = override(s.OptimizerSettings, "ascent_fraction")
     sam_every: int = override(s.OptimizerSettings, "sam_every", metavar="K")  # a round: K steps of each method
+    compile: bool = override(s.ParallelSettings, "compile")
     methods: str = setting(",".join(bench_methods()), "comma-separated subset of " + ",".join(bench_methods()))
     device: str = setting(_device_default(), "cpu, cuda or cuda:N")
     dtype: str = setting("fp32", "bf16: autocast", choices=("fp32", "bf16"))
@@ -233,12 +234,13 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
     autocast = _autocast_factory(args)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     order = list(steppers)
+    calls = {name: torch.compile(model) if args.compile else model for name, model in models.items()}
     for i in range(args.untimed_steps + args.steps):
         # Round-robin, so every method sees the same machine conditions, in a fresh order each
         # round, so that no method always follows the same neighbour (allocator, cache state).
         random.Random(i).shuffle(order)
         for name in order:
-            model = models[name]
+            model = calls[name]
             forward = lambda batch, model=model: model(input_ids=batch).logits  # noqa: E731
             _sync(args.device)
             start = time.perf_counter()
@@ -359,7 +361,7 @@ def run_bench(args: BenchConfig) -> dict:
         if name != "adamw":
             results[name]["rho"] = method_rho(args, name)
     config = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "batch", "context", "steps",
-                                            "untimed_steps", "rho", "ascent_fraction", "sam_every", "device", "dtype")}
+                                            "untimed_steps", "rho", "ascent_fraction", "sam_every", "compile", "device", "dtype")}
     config.update(parameters=params, param_mb=round(params * 4 / 2**20, 1), machine=machine_description(args.device),
                   torch=torch.__version__)
     report = {"config": config, "methods": results, "passes_s": passes}

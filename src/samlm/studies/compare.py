@@ -1,18 +1,22 @@
-"""Compare optimizers × ρ × seeds on the same model, data and step budget, with a report.
+"""Compare optimizers × learning rates × ρ × seeds on the same model, data and step budget, with a report.
 
 Each run is a :func:`samlm.harness.pretrain.pretrain` run in ``OUT/<optimizer>-rho<ρ>-seed<s>/``
-(AdamW has no ρ: ``OUT/adamw-seed<s>/``), run one after another so that step times are
+(AdamW has no ρ: ``OUT/adamw-seed<s>/``; a method with several learning rates adds ``-lr<lr>``
+before ``-seed``), run one after another so that step times are
 comparable. A finished run (its ``summary.json`` says completed, with the same configuration) is
 skipped, an interrupted one is resumed from its checkpoint; ``overwrite=True`` reruns everything.
 Then ``OUT/report.md`` (table of mean ± std over seeds, plots), ``OUT/results.csv``,
 ``OUT/val_loss.png`` and ``OUT/sharpness.png`` are written by :mod:`samlm.studies.report`.
 
-ρ: see :mod:`samlm.studies.grid` (one value, a grid, or values per method).
+ρ and lr: see :mod:`samlm.studies.grid` (one value, a grid, or values per method). With a grid,
+the report's "Tuned" table picks each method's (lr, ρ) by its mean val loss on the tuning slice
+and reports that choice on the disjoint report slice (:func:`samlm.studies.report.tuned_table`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,7 @@ from samlm.studies.grid import (
     parse_budget,
     start_fraction,
     parse_optimizers,
+    parse_lr,
     parse_rho,
     parse_seeds,
     run_jobs,
@@ -44,8 +49,11 @@ _SAME_RUN = frozenset(f.name for f in dataclasses.fields(PretrainConfig) if f.me
     "steps", "tokens_per_param", "warmup"}
 
 
-def run_name(optimizer: str, rho: float | None, seed: int) -> str:
-    return f"{optimizer}-seed{seed}" if rho is None else f"{optimizer}-rho{rho:g}-seed{seed}"
+def run_name(optimizer: str, rho: float | None, seed: int, lr: float | None = None) -> str:
+    """``sam-rho0.05-seed0``; ``lr`` (named only when a method's lr grid has several values):
+    ``sam-rho0.05-lr0.003-seed0``."""
+    return (optimizer + ("" if rho is None else f"-rho{rho:g}") + ("" if lr is None else f"-lr{lr:g}")
+            + f"-seed{seed}")
 
 
 COMPUTE_SUFFIX = "-equal-compute"
@@ -84,6 +92,7 @@ class CompareConfig:
     optimizers: Sequence[str] = DEFAULT_OPTIMIZERS
     seeds: Sequence[int] = (0,)
     rho: str | float | Mapping | None = None
+    lr: str | float | Mapping | None = None      # a grid like rho's (default: base.lr for every method)
     base: PretrainConfig = field(default_factory=PretrainConfig)
     overwrite: bool = False
     title: str = "samlm compare"
@@ -96,14 +105,15 @@ class CompareConfig:
         optimizers = parse_optimizers(self.optimizers)
         seeds = parse_seeds(self.seeds)
         rhos = parse_rho(self.rho, optimizers)
+        lrs = parse_lr(self.lr, optimizers, self.base.lr)
         budgets = parse_budget(self.budget)
         factors = compute_factors(optimizers, self.base.ascent_fraction, sam_every=self.base.sam_every,
                                   sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps))
         runs = []
         for seed in seeds:
             for optimizer in optimizers:
-                for rho in rhos[optimizer]:
-                    name = run_name(optimizer, rho, seed)
+                for lr, rho in itertools.product(lrs[optimizer], rhos[optimizer]):
+                    name = run_name(optimizer, rho, seed, lr if len(lrs[optimizer]) > 1 else None)
                     variants = []   # (name, factor, budgets)
                     stretch = factors[optimizer] if "compute" in budgets else 1.0
                     if stretch == 1.0:
@@ -118,7 +128,7 @@ class CompareConfig:
                         # its first checkpoint leaves only a partial metrics.jsonl behind).
                         resume = not self.overwrite and RunDir(out).has_checkpoint()
                         config = dataclasses.replace(
-                            self.base, optimizer=optimizer, rho=rho, seed=seed, out=str(out),
+                            self.base, optimizer=optimizer, rho=rho, lr=lr, seed=seed, out=str(out),
                             resume=resume, overwrite=not resume)
                         if factor != 1.0:
                             config = _at_compute(config, factor)
@@ -162,7 +172,7 @@ def run_pretrain(config: Mapping, on_step=None) -> dict:
 
 
 def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None = None) -> CompareResult:
-    """Run every (optimizer, ρ, seed) of ``config`` that is not finished yet, then write the report.
+    """Run every (optimizer, lr, ρ, seed) of ``config`` that is not finished yet, then write the report.
 
     ``config.jobs`` > 1 runs that many at a time in worker processes (each with
     ``base.threads`` torch threads), longest first.

@@ -4,7 +4,8 @@ running the grid's runs one after another or a few at a time in worker processes
 ρ: one value for every SAM-family method (``--rho 0.05``), a list (``--rho 0.02,0.05``: a grid),
 or per method (``--rho sam=0.02,fsam=0.1``; repeat a name for a grid, ``sam=0.01,sam=0.02``; a
 bare value applies to the methods not named). Methods without a value use their default ρ from
-the registry.
+the registry. ``samlm compare``'s ``--lr`` is a grid of the same syntax over every method
+(:func:`parse_grid`; default: the one ``--lr`` of a run).
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ class GridSettings:
     budget: str = setting("steps", "steps: every method the same number of steps; compute: the same "
                           "forward+backward compute (cheaper methods get proportionally more steps); "
                           "steps,compute: both", check=lambda flag, value: parse_budget(value))
+
+
+@dataclass
+class CompareGridSettings(GridSettings):
+    """comparison"""
+
+    lr: Optional[str] = setting(None, "peak learning rate: one value, a list (1e-3,3e-3: a grid for every method), "
+                                "or per method (adamw=1e-3,adamw=3e-3,sam=3e-3; a bare value applies to the "
+                                "methods not named)", default_text=f"{s.OptimizerSettings.lr:g}", group="comparison")
 
 
 BUDGETS = ("steps", "compute")
@@ -114,19 +124,24 @@ def parse_seeds(text: str | Sequence[int]) -> list[int]:
     return seeds
 
 
-def _rho_value(text: str, spec: str) -> float:
+def _grid_value(text: str, spec: str, flag: str, positive: bool) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise UserError(f"--rho: '{text}' is not a number (in '{spec}')") from None
-    if not math.isfinite(value) or value < 0:
-        raise UserError(f"--rho must be finite and >= 0, got {text}")
+        raise UserError(f"{flag}: '{text}' is not a number (in '{spec}')") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise UserError(f"{flag} must be finite and {'>' if positive else '>='} 0, got {text}")
     return value
 
 
-def parse_rho(spec: str | float | Mapping[str, Sequence[float] | float] | None,
-              optimizers: Sequence[str]) -> dict[str, list[float | None]]:
-    """ρ values per optimizer (plain optimizers: ``[None]``). See the module docstring for the syntax."""
+def parse_grid(spec: str | float | Mapping[str, Sequence[float] | float] | None, optimizers: Sequence[str],
+               flag: str, default: Callable[[str], float], *, applies: Optional[Sequence[str]] = None,
+               positive: bool = False) -> dict[str, list[float | None]]:
+    """The values of a grid flag (``--rho``, ``--lr``) per optimizer: one value, a list (a grid for
+    every method), or per method (``name=value``, repeated for a grid; a bare value applies to the
+    methods not named). Methods without a value get ``default(name)``; methods the flag does not
+    apply to (``applies``; default: every registered method), ``[None]``. ``positive``: 0 is refused too."""
+    applies = list(METHODS) if applies is None else applies
     named: dict[str, list[float]] = {}
     bare: list[float] = []
     if isinstance(spec, Mapping):
@@ -135,27 +150,36 @@ def parse_rho(spec: str | float | Mapping[str, Sequence[float] | float] | None,
     elif isinstance(spec, (int, float)):
         bare = [float(spec)]
     elif spec is not None and str(spec).strip():
-        for item in parse_list(spec, "rho"):
+        for item in parse_list(spec, flag[2:]):
             if "=" in item:
                 name, _, value = item.partition("=")
-                named.setdefault(name.strip(), []).append(_rho_value(value.strip(), spec))
+                named.setdefault(name.strip(), []).append(_grid_value(value.strip(), spec, flag, positive))
             else:
-                bare.append(_rho_value(item, spec))
+                bare.append(_grid_value(item, spec, flag, positive))
     for name in named:
-        if name in METHODS and not METHODS[name].is_sam:
-            raise UserError(f"--rho: {name} has no perturbation radius")
-        if name not in sam_family():
-            raise UserError(f"--rho: unknown optimizer '{name}' (SAM family: {', '.join(sam_family())})")
+        if name in METHODS and name not in applies:
+            raise UserError(f"{flag}: {name} has no {flag[2:]} (only {', '.join(applies)})")
+        if name not in applies:
+            raise UserError(f"{flag}: unknown optimizer '{name}' (choose from {', '.join(applies)})")
         if name not in optimizers:
-            raise UserError(f"--rho gives a value for {name}, which is not in --optimizers ({','.join(optimizers)})")
+            raise UserError(f"{flag} gives a value for {name}, which is not in --optimizers ({','.join(optimizers)})")
     result: dict[str, list[float | None]] = {}
     for name in optimizers:
-        if not METHODS[name].is_sam:
-            result[name] = [None]
-            continue
-        values = named.get(name) or bare or [METHODS[name].default_rho]
+        values = (named.get(name) or bare or [default(name)]) if name in applies else [None]
         result[name] = list(dict.fromkeys(values))  # dedupe, keep order
     return result
+
+
+def parse_rho(spec: str | float | Mapping[str, Sequence[float] | float] | None,
+              optimizers: Sequence[str]) -> dict[str, list[float | None]]:
+    """ρ values per optimizer (plain optimizers: ``[None]``; default: the registry's ρ)."""
+    return parse_grid(spec, optimizers, "--rho", lambda name: METHODS[name].default_rho, applies=sam_family())
+
+
+def parse_lr(spec: str | float | Mapping[str, Sequence[float] | float] | None, optimizers: Sequence[str],
+             default: float) -> dict[str, list[float]]:
+    """Peak learning rates per optimizer (default: ``default``, the run's ``--lr``)."""
+    return parse_grid(spec, optimizers, "--lr", lambda name: default, positive=True)
 
 
 @dataclass

@@ -4,8 +4,9 @@ Pure functions (no training, no model): ``samlm compare`` and ``samlm demo`` cal
 :func:`write_report`, and the pieces are usable on their own::
 
     runs = [load_run(d) for d in run_dirs]
-    rows = aggregate(runs)                 # one row per (optimizer, rho): mean ± std over seeds
+    rows = aggregate(runs)                 # one row per (optimizer, rho, lr): mean ± std over seeds
     print(markdown_table(rows))
+    print(tuned_table(runs))               # each method's best (lr, rho) on the tuning slice, on the report slice
 
 Numbers are the mean ± the *sample* standard deviation (n − 1 in the denominator) over the
 seeds of a group; the ``seeds`` column says how many runs stand behind each row, and a value
@@ -26,9 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from samlm import io
 from samlm.errors import UserError
+from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.csv"
 VAL_LOSS_PLOT = "val_loss.png"
@@ -46,6 +46,7 @@ class Column:
 COLUMNS = (
     Column("val_loss", "val loss", ".4f"),
     Column("val_ppl", "val ppl", ".3f"),
+    Column("report_loss", "report loss", ".4f"),
     Column("train_loss", "train loss", ".4f"),
     Column("hessian_lambda_max", "λ_max(H)", ".3g"),
     Column("gauss_newton_lambda_max", "λ_max(GN)", ".3g"),
@@ -56,7 +57,8 @@ COLUMNS = (
 )
 
 CSV_FIELDS = (
-    "run", "optimizer", "rho", "seed", "completed", "step", "steps", "val_loss", "val_ppl", "best_val_loss",
+    "run", "optimizer", "rho", "lr", "seed", "completed", "step", "steps", "val_loss", "val_ppl", "report_loss",
+    "report_ppl", "best_val_loss",
     "best_val_loss_step", "train_loss", "hessian_lambda_max", "gauss_newton_lambda_max", "functional_lambda",
     "preconditioned_lambda_max",
     "logit_path_norm", "functional_path_norm", "logit_functional_ratio", "step_s", "tokens_per_s",
@@ -74,16 +76,32 @@ class Run:
     metrics: list[dict] = field(default_factory=list)
 
     @property
-    def group(self) -> tuple[str, float | None]:
-        return (self.summary.get("optimizer", "?"), _number(self.summary.get("rho")))
+    def group(self) -> tuple[str, float | None, float | None]:
+        """The run's point of the grid: (optimizer, ρ, peak lr)."""
+        lr = self.summary.get("lr", (self.summary.get("config") or {}).get("lr"))  # older summaries: config's
+        return (self.summary.get("optimizer", "?"), _number(self.summary.get("rho")), _number(lr))
 
     @property
     def label(self) -> str:
         return group_label(*self.group)
 
 
-def group_label(optimizer: str, rho: float | None) -> str:
-    return optimizer if rho is None else f"{optimizer} ρ={rho:g}"
+def group_label(optimizer: str, rho: float | None, lr: float | None = None) -> str:
+    return optimizer + ("" if rho is None else f" ρ={rho:g}") + ("" if lr is None else f" lr={lr:g}")
+
+
+def _several_lrs(keys: Iterable[tuple]) -> bool:
+    """Whether the points differ in lr (only then do tables and legends name it)."""
+    return len({key[2] for key in keys}) > 1
+
+
+def _point_cells(key: tuple, with_lr: bool) -> list[str]:
+    optimizer, rho, lr = key
+    return [optimizer, _value_text(rho)] + ([_value_text(lr)] if with_lr else [])
+
+
+def _value_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:g}"
 
 
 def load_run(path: str | Path) -> Run:
@@ -135,12 +153,21 @@ def format_mean_std(mean: float | None, std: float | None, fmt: str = ".4f") -> 
     return text if std is None else f"{text} ± {format(std, fmt)}"
 
 
+def format_delta(delta: tuple[float | None, float | None, int], show_n: bool = True) -> str:
+    """A paired difference (mean, std, pairs): ``"-0.0500 ± 0.0100 (n=2)"``; ``"n/a"`` without pairs."""
+    mean, std, n = delta
+    if n == 0:
+        return "n/a"
+    return format_mean_std(mean, std, "+.4f").replace("± +", "± ") + (f" (n={n})" if show_n else "")
+
+
 @dataclass
 class Row:
-    """One (optimizer, rho) group: per column (mean, std, n) over its runs."""
+    """One (optimizer, rho, lr) group: per column (mean, std, n) over its runs."""
 
     optimizer: str
     rho: float | None
+    lr: float | None
     runs: list[Run]
     stats: dict[str, tuple[float | None, float | None, int]]
     # val loss minus the reference's (AdamW's) at the same seed: (mean, std, number of seed pairs)
@@ -157,7 +184,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        return group_label(self.optimizer, self.rho)
+        return group_label(self.optimizer, self.rho, self.lr)
 
     def cell(self, column: Column) -> str:
         mean, std, n = self.stats[column.key]
@@ -171,19 +198,31 @@ class Row:
     def delta_cell(self) -> str:
         if self.is_reference:
             return "(reference)"
-        if self.delta is None or self.delta[2] == 0:
+        if self.delta is None:
             return "n/a"
-        mean, std, n = self.delta
-        text = format_mean_std(mean, std, "+.4f").replace("± +", "± ")
-        return text + (f" (n={n})" if n < self.n else "")
+        return format_delta(self.delta, show_n=self.delta[2] < self.n)
 
 
-def group_runs(runs: Sequence[Run]) -> "OrderedDict[tuple[str, float | None], list[Run]]":
-    """Runs by (optimizer, rho), in order of first appearance."""
-    groups: OrderedDict[tuple[str, float | None], list[Run]] = OrderedDict()
+def group_runs(runs: Sequence[Run]) -> "OrderedDict[tuple[str, float | None, float | None], list[Run]]":
+    """Runs by (optimizer, rho, lr), in order of first appearance."""
+    groups: OrderedDict[tuple[str, float | None, float | None], list[Run]] = OrderedDict()
     for run in runs:
         groups.setdefault(run.group, []).append(run)
     return groups
+
+
+TUNING_KEY = "val_loss"       # measured on the tuning slice: what the tuned tables select by
+REPORT_KEY = "report_loss"    # measured on the disjoint report slice: what they report
+
+
+def tuned_point(groups: Mapping[tuple, Sequence[Run]], optimizer: str) -> tuple | None:
+    """The key of ``optimizer``'s (ρ, lr) point with the lowest mean tuning-slice val loss over its
+    seeds (the first such point on a tie; points without a val loss come last), or None."""
+    def score(key):
+        mean = mean_std(r.summary.get(TUNING_KEY) for r in groups[key])[0]
+        return math.inf if mean is None else mean
+
+    return min((key for key in groups if key[0] == optimizer), key=score, default=None)
 
 
 REFERENCE_OPTIMIZER = "adamw"
@@ -203,14 +242,16 @@ def paired_delta(members: Sequence[Run], reference: Sequence[Run], key: str = "v
 
 def aggregate(runs: Sequence[Run], columns: Sequence[Column] = COLUMNS,
               reference: str | None = REFERENCE_OPTIMIZER) -> list[Row]:
-    """One :class:`Row` per (optimizer, rho) group with mean ± std of each column over its seeds,
-    and (when ``reference`` ran) the val-loss difference to it paired by seed."""
+    """One :class:`Row` per (optimizer, rho, lr) group with mean ± std of each column over its seeds,
+    and (when ``reference`` ran) the val-loss difference to it paired by seed (to its tuned point,
+    :func:`tuned_point`, when it ran at several learning rates)."""
     groups = group_runs(runs)
-    reference_runs = groups.get((reference, None)) if reference else None
+    reference_key = tuned_point(groups, reference) if reference else None
+    reference_runs = groups[reference_key] if reference_key else None
     rows = []
-    for (optimizer, rho), members in groups.items():
+    for (optimizer, rho, lr), members in groups.items():
         stats = {c.key: mean_std(r.summary.get(c.key) for r in members) for c in columns}
-        row = Row(optimizer, rho, members, stats)
+        row = Row(optimizer, rho, lr, members, stats)
         if reference_runs:
             row.is_reference = members is reference_runs
             row.delta = None if row.is_reference else paired_delta(members, reference_runs)
@@ -220,16 +261,17 @@ def aggregate(runs: Sequence[Run], columns: Sequence[Column] = COLUMNS,
 
 def _table_cells(rows: Sequence[Row], columns: Sequence[Column]) -> tuple[list[str], list[list[str]], int]:
     with_delta = any(r.is_reference for r in rows)
-    headers = ["optimizer", "ρ", "seeds"] + [c.header for c in columns[:1]]
+    with_lr = _several_lrs((r.optimizer, r.rho, r.lr) for r in rows)
+    headers = ["optimizer", "ρ"] + ["lr"] * with_lr + ["seeds"] + [c.header for c in columns[:1]]
     headers += [DELTA_HEADER] if with_delta else []
     headers += [c.header for c in columns[1:]]
     body = []
     for row in rows:
-        cells = [row.optimizer, "–" if row.rho is None else f"{row.rho:g}", str(row.n), row.cell(columns[0])]
+        cells = _point_cells((row.optimizer, row.rho, row.lr), with_lr) + [str(row.n), row.cell(columns[0])]
         cells += [row.delta_cell()] if with_delta else []
         cells += [row.cell(c) for c in columns[1:]]
         body.append(cells)
-    return headers, body, 3
+    return headers, body, 3 + with_lr
 
 
 def markdown_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> str:
@@ -243,10 +285,10 @@ def markdown_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> 
 
 def text_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> str:
     """The same table aligned for a terminal."""
-    headers, body, _ = _table_cells(rows, columns)
+    headers, body, text_columns = _table_cells(rows, columns)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
     fmt_line = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt_line(headers)] + [fmt_line(r) for r in body])
 
 
@@ -316,6 +358,7 @@ def _save_figure(fig, path: Path) -> None:
 
 def _draw(ax, runs_by_group, metric: str, colors: dict, *, from_step: int = 0) -> bool:
     drew = False
+    with_lr = _several_lrs(runs_by_group)
     for key, members in runs_by_group.items():
         steps, means, stds = mean_curve(members, metric)
         keep = [i for i, s in enumerate(steps) if s >= from_step]
@@ -323,7 +366,7 @@ def _draw(ax, runs_by_group, metric: str, colors: dict, *, from_step: int = 0) -
             continue
         x = [steps[i] for i in keep]
         y = [means[i] for i in keep]
-        label = f"{group_label(*key)} (n={len(members)})"
+        label = f"{group_label(*(key if with_lr else key[:2]))} (n={len(members)})"
         ax.plot(x, y, marker="o" if len(x) < 12 else None, markersize=3, color=colors[key], label=label)
         s = [stds[i] for i in keep]
         if all(v is not None for v in s) and len(x) > 1:
@@ -340,7 +383,7 @@ def _colors(groups) -> dict:
 
 
 def plot_val_loss(runs: Sequence[Run], path: str | Path, *, title: str = "") -> Path | None:
-    """Validation loss vs step, one line per (optimizer, rho) (mean over seeds, ±std band);
+    """Validation loss vs step, one line per (optimizer, rho, lr) (mean over seeds, ±std band);
     the right panel zooms into the second half of training. None if no run has val_loss."""
     groups = group_runs(runs)
     if not any(metric_series(r, "val_loss") for r in runs):
@@ -400,8 +443,9 @@ def plot_sharpness(runs: Sequence[Run], path: str | Path, *, title: str = "") ->
 # --------------------------------------------------------------------------- the report
 
 
-def describe_setup(summary: Mapping[str, Any]) -> str:
-    """One paragraph on the shared setup of a comparison, from one run's summary (missing fields: "?")."""
+def describe_setup(summary: Mapping[str, Any], several_lrs: bool = False) -> str:
+    """One paragraph on the shared setup of a comparison, from one run's summary (missing fields: "?";
+    ``several_lrs``: the runs differ in peak lr)."""
     config = summary.get("config", {}) or {}
     resolved = summary.get("resolved", {}) or {}
 
@@ -425,7 +469,8 @@ def describe_setup(summary: Mapping[str, Any]) -> str:
         f"{get(resolved, 'train_tokens', ',')} training / {get(resolved, 'val_tokens', ',')} validation tokens)",
         f"budget: {get(resolved, 'total_steps')} steps × {get(resolved, 'tokens_per_step')} tokens "
         f"(batch {get(config, 'batch')} × grad-accum {get(config, 'grad_accum')}), the same for every optimizer",
-        f"AdamW peak lr {get(config, 'lr', 'g')}, β=({get(config, 'beta1')}, {get(config, 'beta2')}), eps "
+        ("peak lr per run (the lr column), AdamW" if several_lrs else f"AdamW peak lr {get(config, 'lr', 'g')},")
+        + f" β=({', '.join(map(str, config.get('betas') or ('?', '?')))}), eps "
         f"{get(config, 'adam_eps', 'g')}, weight decay {get(config, 'weight_decay')}, {get(resolved, 'warmup_steps')} "
         f"warmup steps, then cosine to {get(config, 'min_lr_ratio')}× peak",
         f"SAM family: ascent on {get(config, 'ascent_fraction')} of each batch, m={get(config, 'm')}",
@@ -444,34 +489,75 @@ def budget_table(budgets: Mapping[str, Sequence[Run]], reference: str = REFERENC
     from samlm.optim.registry import METHODS
 
     groups = {kind: group_runs(runs) for kind, runs in budgets.items()}
-    if not any((reference, None) in g for g in groups.values()):
+    references = {kind: tuned_point(g, reference) for kind, g in groups.items()}
+    if not any(references.values()):
         return None
     order = list(dict.fromkeys(key for g in groups.values() for key in g))
-    timing = groups.get("steps") or groups.get("compute")
-    ref_step = mean_std(r.summary.get("step_s") for r in timing.get((reference, None), []))[0]
-    headers = ["optimizer", "ρ", "step cost (model)", "step time (measured)"]
+    with_lr = _several_lrs(order)
+    timing_kind = "steps" if "steps" in groups else "compute"
+    timing, timing_reference = groups[timing_kind], references[timing_kind]
+    ref_step = mean_std(r.summary.get("step_s") for r in timing.get(timing_reference, []))[0]
+    headers = ["optimizer", "ρ"] + ["lr"] * with_lr + ["step cost (model)", "step time (measured)"]
     for kind in budgets:
         headers += [f"steps ({BUDGET_HEADERS[kind]})", BUDGET_HEADERS[kind]]
-    lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---:|" * (len(headers) - 2)]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---|" * with_lr + "---:|" * (len(headers) - 2 - with_lr)]
     for key in order:
-        optimizer, rho = key
         sample = next(g[key][0] for g in groups.values() if key in g)
         fraction = float(sample.summary.get("config", {}).get("ascent_fraction", 0.25))
-        cost = METHODS[optimizer].step_cost(fraction) if optimizer in METHODS else None
+        cost = METHODS[key[0]].step_cost(fraction) if key[0] in METHODS else None
         step = mean_std(r.summary.get("step_s") for r in timing.get(key, []))[0]
         measured = f"{step / ref_step:.2f}x" if step and ref_step else "n/a"
-        cells = [optimizer, "–" if rho is None else f"{rho:g}", "n/a" if cost is None else f"{cost:.3g}x", measured]
+        cells = _point_cells(key, with_lr) + ["n/a" if cost is None else f"{cost:.3g}x", measured]
         for kind, g in groups.items():
             members = g.get(key, [])
             steps = sorted({r.summary.get("steps") for r in members})
             cells.append(", ".join(map(str, steps)) or "–")
-            if key == (reference, None):
+            if key == references[kind]:
                 cells.append("(reference)")
-            elif not members or (reference, None) not in g:
+            elif not members or references[kind] is None:
                 cells.append("n/a")
             else:
-                mean, std, n = paired_delta(members, g[(reference, None)])
-                cells.append("n/a" if n == 0 else format_mean_std(mean, std, "+.4f").replace("± +", "± ") + f" (n={n})")
+                cells.append(format_delta(paired_delta(members, g[references[kind]])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def slices_text(summary: Mapping[str, Any]) -> str:
+    """Which validation batches the tuning and the report slice are, from a run's ``resolved``."""
+    resolved = summary.get("resolved") or {}
+    tuning, held_out = resolved.get("tuning_batches"), resolved.get("report_batches")
+    if not (tuning and held_out):
+        return "the tuning slice (the validation batches val loss is measured on), reported on the report slice"
+    return (f"the tuning slice (validation batches 1-{tuning}), reported on the report slice "
+            f"(batches {tuning + 1}-{tuning + held_out})")
+
+
+def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> str | None:
+    """Markdown: each method's (lr, ρ) point chosen by its mean val loss over seeds on the tuning
+    slice (:func:`tuned_point`), with that choice's loss on the disjoint report slice and its
+    difference to the tuned ``reference``'s at the same seed. None unless some method ran at more
+    than one point."""
+    groups = group_runs(runs)
+    methods = list(dict.fromkeys(key[0] for key in groups))
+    points = {m: sum(key[0] == m for key in groups) for m in methods}
+    if max(points.values(), default=0) < 2:
+        return None
+    chosen = {m: tuned_point(groups, m) for m in methods}
+    reference_runs = groups[chosen[reference]] if reference in chosen else None
+    headers = ["method", "points", "chosen lr", "chosen ρ", "seeds", "val loss (tuning slice)",
+               "report loss (report slice)", f"Δ report loss vs tuned {reference} (paired)"]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method in methods:
+        key, members = chosen[method], groups[chosen[method]]
+        if reference_runs is None:
+            delta = "n/a"
+        elif method == reference:
+            delta = "(reference)"
+        else:
+            delta = format_delta(paired_delta(members, reference_runs, REPORT_KEY))
+        cells = [method, str(points[method]), _value_text(key[2]), _value_text(key[1]), str(len(members)),
+                 format_mean_std(*mean_std(r.summary.get(TUNING_KEY) for r in members)[:2]),
+                 format_mean_std(*mean_std(r.summary.get(REPORT_KEY) for r in members)[:2]), delta]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -482,12 +568,13 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
     rows = aggregate(runs)
     lines = [f"# {title}", ""]
     if runs:
-        lines += [describe_setup(runs[0].summary), ""]
+        lines += [describe_setup(runs[0].summary, _several_lrs(r.group for r in runs)), ""]
         config = runs[0].summary.get("config", {})
         sharp = runs[0].summary.get("sharpness") or {}
         lines += [
             "Mean ± sample standard deviation over seeds; **seeds** is the number of runs behind each row "
-            "(one run: no ±). val loss/ppl: the final validation loss (nats per token) and perplexity; "
+            "(one run: no ±). val loss/ppl: the final validation loss (nats per token) and perplexity on the "
+            "tuning slice of the validation split; report loss: on the disjoint report slice after it; "
             "train loss: mean over the last evaluation window; step time and tokens/s exclude evaluation "
             "and sharpness measurements.",
             "",
@@ -504,14 +591,18 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
                 "",
             ]
         if any(r.is_reference for r in rows):
+            tuned = ("; AdamW ran at several learning rates: its point with the lowest mean val loss is the reference"
+                     if sum(r.optimizer == REFERENCE_OPTIMIZER for r in rows) > 1 else "")
             lines += [
-                f"{DELTA_HEADER}: mean ± std over seeds of (val loss − AdamW's val loss at the same seed). The "
+                f"{DELTA_HEADER}: mean ± std over seeds of (val loss − AdamW's val loss at the same seed{tuned}). "
+                "The "
                 "seed fixes the initial weights and the order of the training batches for every optimizer, so "
                 "this paired difference is free of most seed-to-seed variation; a difference smaller than "
                 "about twice its std/√n is within noise.",
                 "",
             ]
         lines += [markdown_table(rows), ""]
+        lines += _tuned_section(budgets or {"steps": runs})
         compute = budget_table(budgets) if budgets and "compute" in budgets else None
         if compute is not None:
             lines += [
@@ -541,6 +632,24 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
     if runs:
         lines += ["Runs: " + ", ".join(f"`{r.name}`" for r in runs), ""]
     return "\n".join(lines)
+
+
+def _tuned_section(budgets: Mapping[str, Sequence[Run]]) -> list[str]:
+    """The "Tuned" table(s) of the report: one per budget, each chosen under its own budget."""
+    tables = {kind: table for kind, runs in budgets.items() if (table := tuned_table(runs)) is not None}
+    if not tables:
+        return []
+    sample = budgets[next(iter(tables))][0].summary
+    per_budget = (" The choice is made separately under each budget, among that budget's runs." if len(budgets) > 1
+                  else "")
+    lines = ["## Tuned", "",
+             f"For each method, the (lr, ρ) point chosen by mean val loss (over seeds) on {slices_text(sample)}, "
+             "which the choice did not see, so the reported loss is free of the selection's optimism. points: the "
+             f"(lr, ρ) points the method ran (every one is in the table above); Δ: report loss minus the tuned "
+             f"{REFERENCE_OPTIMIZER}'s at the same seed (mean ± std over seed pairs, n = pairs).{per_budget}", ""]
+    for kind, table in tables.items():
+        lines += [f"At {BUDGET_HEADERS[kind]}:", "", table, ""]
+    return lines
 
 
 def write_report(out_dir: str | Path, runs: Sequence[Run], *, title: str = "samlm compare", notes: str = "",

@@ -172,7 +172,7 @@ def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -
         + f", lr {s.lr:g}, batch {s.batch}, {s.steps} steps (defaults: {plan.resolved['defaults_from']})")
 
     result = train(par.model, optimizer, batches, config=LoopConfig.from_settings(s), evaluate=evaluate,
-                   scheduler=scheduler, forward=functools.partial(fm.forward, module=par.model), loss=fm.loss,
+                   scheduler=scheduler, forward=functools.partial(fm.forward, module=torch.compile(par.model) if s.compile else par.model), loss=fm.loss,
                    scaler=par.scaler, step_kwargs=par.step_kwargs, on_step=on_step)
     summary = build_summary(result, plan, {"model": {"parameters": sum(p.numel() for p in model.parameters())},
                                            "parallel": par.describe()})

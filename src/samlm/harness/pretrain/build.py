@@ -33,6 +33,16 @@ def load_dataset(config: PretrainConfig, tokenizer):
                      val_fraction=config.val_fraction)
 
 
+def validation_slices(batches: list, val_batches: int) -> tuple[list, list]:
+    """The tuning slice (the first ``val_batches`` validation batches, 0: all of them; what
+    ``val_loss`` has always measured, and what a comparison selects its learning rate and ρ by)
+    and the disjoint report slice after it (the next ``val_batches``, fewer where the split ends,
+    none when nothing is left; ``report_loss``)."""
+    if not val_batches:
+        return list(batches), []
+    return batches[:val_batches], batches[val_batches:2 * val_batches]
+
+
 def resolve_tokenizer_name(config: PretrainConfig) -> str:
     if config.tokenizer is not None:
         return config.tokenizer

@@ -72,8 +72,9 @@ class PretrainScheduleSettings(s.ScheduleSettings):
 class SharpnessSettings:
     """evaluation and sharpness"""
 
-    val_batches: int = setting(16, "validation batches of --batch / --grad-accum windows (0 = all)",
-                               check=s.nonnegative_int)
+    val_batches: int = setting(16, "validation batches of --batch / --grad-accum windows: the tuning slice (val loss); "
+                               "the next as many (fewer where the split ends) are the disjoint report slice (report "
+                               "loss); 0: all of them, and no report slice", check=s.nonnegative_int)
     sharpness: bool = setting(True, "sharpness measurements", resume=False)
     sharpness_every: int = setting(0, "measure sharpness every N steps (0: only at the end)",
                                    check=s.nonnegative_int, resume=False)

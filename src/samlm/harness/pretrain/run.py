@@ -4,7 +4,9 @@ The pretraining study of methods.md §3: next-token prediction, the same number 
 every optimizer. :func:`pretrain` builds the data, model, optimizer and schedule
 (:mod:`samlm.harness.pretrain.build`), runs :func:`samlm.harness.loop.train` and writes the run
 directory (:mod:`samlm.harness.rundir`): ``config.json``, ``metrics.jsonl``, ``checkpoints/``,
-``summary.json`` (final and best validation loss, perplexity, sharpness, speed, config).
+``summary.json`` (final and best validation loss and perplexity on the tuning slice, the final loss
+and perplexity on the disjoint report slice (:func:`~samlm.harness.pretrain.build.validation_slices`),
+sharpness, speed, config).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from samlm.harness.pretrain.build import (
     resolve_steps,
     resolve_tokenizer_name,
     sharpness_probe,
+    validation_slices,
 )
 from samlm.harness.pretrain.config import PretrainConfig, identity, validate
 from samlm.harness.rundir import RunDir
@@ -50,6 +53,8 @@ class Resolved:
     tokens_per_step: int
     train_tokens: int
     val_tokens: int
+    tuning_batches: int               # validation batches 1..tuning_batches: val_loss (the tuning slice)
+    report_batches: int               # the next report_batches: report_loss (the report slice)
     parallel: dict                    # world_size, strategy, mixed_precision, sync_ascent
 
     def as_dict(self) -> dict:
@@ -95,7 +100,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     from samlm.harness import parallel
     from samlm.harness.loop import LoopConfig, lm_evaluator, train
     from samlm.integrations import distributed
-    from samlm.models import count_parameters
+    from samlm.models import count_parameters, lm_forward
     from samlm.optim.registry import method
 
     started = time.perf_counter()
@@ -125,11 +130,12 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
                         "pass --no-sharpness with --strategy fsdp")
     model = par.module
     rho = _resolve_rho(config)
+    tuning, held_out = validation_slices(dataset.val_batches(config.micro_batch), config.val_batches)
     resolved = Resolved(
         tokenizer=tokenizer_name, total_steps=total_steps, warmup_steps=warmup_steps, rho=rho, params=params,
         non_embedding_params=non_embedding, vocab_size=vocab_size, tokens_per_step=config.batch * config.context,
         train_tokens=int(dataset.train_tokens.numel()), val_tokens=int(dataset.val_tokens.numel()),
-        parallel=par.describe(),
+        tuning_batches=len(tuning), report_batches=len(held_out), parallel=par.describe(),
     )
     record = {"config": config.as_dict(), "resolved": resolved.as_dict()}
     if config.resume:
@@ -137,8 +143,12 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
 
     train_batches = dataset.train_batches(config.micro_batch, seed=config.seed)  # checks batch vs corpus size
     train_batches = distributed.shard_batches(train_batches, info.rank, info.world_size)
-    val = dataset.val_batches(config.micro_batch, max_batches=config.val_batches or None)
-    evaluate = lm_evaluator(val)
+    tune = lm_evaluator(tuning)
+    report = lm_evaluator(held_out, prefix="report") if held_out else (lambda model: {})
+
+    def evaluate(model) -> dict:  # the report slice after the tuning slice: val_loss is unchanged by it
+        return {**tune(model), **report(model)}
+
     optimizer = build_run_optimizer(config, model.parameters(), total_steps=total_steps, sam_kwargs=par.sam_kwargs)
     probe = None
     if config.sharpness:
@@ -154,9 +164,12 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     if info.is_main:
         run_dir.begin(dict(record, **_environment(info.world_size)), resume=config.resume)
 
+    # --compile: the training forward runs the compiled module; evaluation, sharpness and
+    # checkpoints use the module itself (the same parameters).
+    forward = lm_forward(torch.compile(par.model)) if config.compile else None
     result = train(par.model, optimizer, train_batches, config=loop_config, evaluate=evaluate, scheduler=scheduler,
-                   sharpness=probe, on_step=on_step, scaler=par.scaler, step_kwargs=par.step_kwargs,
-                   final_sharpness=probe is not None)
+                   forward=forward, sharpness=probe, on_step=on_step, scaler=par.scaler,
+                   step_kwargs=par.step_kwargs, final_sharpness=probe is not None)
     summary = build_summary(config, resolved, result, list(result.history),
                             wall_seconds=time.perf_counter() - started, world_size=info.world_size)
     if info.is_main:
@@ -191,6 +204,7 @@ def build_summary(config: PretrainConfig, resolved: Resolved, result, history: l
     summary = {
         "optimizer": config.optimizer,
         "rho": resolved.rho,
+        "lr": config.lr,
         "seed": config.seed,
         "completed": loop["completed"],
         "interrupted": loop["interrupted"],
@@ -201,6 +215,8 @@ def build_summary(config: PretrainConfig, resolved: Resolved, result, history: l
         "best_val_loss": best.get("val_loss", {}).get("value"),
         "best_val_loss_step": best.get("val_loss", {}).get("step"),
         "best_val_ppl": best.get("val_ppl", {}).get("value"),
+        "report_loss": final.get("report_loss"),
+        "report_ppl": final.get("report_ppl"),
         "train_loss": train_lines[-1]["train_loss"] if train_lines else None,
         "hessian_lambda_max": sharp.get("hessian_lambda_max"),
         "gauss_newton_lambda_max": sharp.get("gauss_newton_lambda_max"),
