@@ -231,13 +231,13 @@ def test_fuzz_compare(in_world, monkeypatch, argv):
                       fuzzed_argv("sharpness", ["--model", "gpt2", "--tokenizer", "bytes", "--context", "8",
                                                 "--max-chars", "4000"])))
 def test_fuzz_sharpness(in_world, monkeypatch, argv):
-    from samlm.cli import sharpness as sharpness_cli
+    from samlm.harness.pretrain import measure as sharpness_measure
 
     def cheap_probe(batches, **kwargs):   # the eigensolver is the only thing stubbed
         return lambda model: {"hessian_lambda_max": 1.0, "iters": 1, "converged": True, "seconds": 0.0,
                               "rho": kwargs.get("rho")}
 
-    monkeypatch.setattr(sharpness_cli, "sharpness_probe", cheap_probe)
+    monkeypatch.setattr(sharpness_measure, "sharpness_probe", cheap_probe)
     check_cli(argv)
 
 

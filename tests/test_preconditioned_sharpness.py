@@ -297,7 +297,7 @@ def test_sharpness_probe_passes_the_run_optimizer(monkeypatch):
 @pytest.mark.parametrize("optimizer", ["adamw", "psam"])
 def test_sharpness_cli_reports_the_preconditioned_value_from_the_checkpoint(tmp_path, capsys, optimizer):
     from samlm import io
-    from samlm.cli.sharpness import _load_run
+    from samlm.harness.pretrain.measure import load_run as _load_run
 
     run = tiny_run(tmp_path, optimizer=optimizer, steps=2, sharpness=False, adam_eps=1e-6)
     report = tmp_path / "sharp.json"

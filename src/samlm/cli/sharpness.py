@@ -14,9 +14,7 @@ optimizer state (left out for ``--model``, SGD, or optimizer state saved sharded
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,8 @@ from samlm import io
 from samlm.errors import UserError
 from samlm.harness import settings
 from samlm.harness.pretrain import PretrainConfig
-from samlm.harness.pretrain.build import (build_model, build_run_optimizer, load_dataset, resolve_tokenizer_name,
-                                          sharpness_probe)
 from samlm.harness.pretrain.config import MODEL_DATA_FIELDS, SHAPE_FIELDS
-from samlm.harness.rundir import CONFIG_FILE, RunDir
+from samlm.harness.pretrain.measure import measure as measure_run
 
 ROWS = (
     ("hessian_lambda_max", "lambda_max(H)  Hessian"),
@@ -62,61 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 
-def _load_run(run_dir: Path):
-    """(config, model with the latest checkpoint's weights, its optimizer (or None), dataset, checkpoint step)."""
-    from samlm.data.text import load_tokenizer, tokenizer_vocab_size
-
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} not found")
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise UserError(f"{run_dir} is not a samlm pretrain run (no {CONFIG_FILE})")
-    try:
-        record = json.loads(config_file.read_text())
-        config = PretrainConfig.from_mapping(record["config"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{config_file} is unreadable ({exc})") from None
-    checkpoint = io.load_latest_checkpoint(RunDir(run_dir).checkpoints)
-    tokenizer = load_tokenizer(resolve_tokenizer_name(config), trust_remote_code=config.trust_remote_code)
-    dataset = load_dataset(config, tokenizer)
-    model = build_model(config, tokenizer_vocab_size(tokenizer))
-    result = model.load_state_dict(checkpoint.model_state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"checkpoint {checkpoint.path} does not match the run's model")
-    total_steps = (record.get("resolved") or {}).get("total_steps") or config.steps or 1
-    return config, model, _load_optimizer(config, model, checkpoint, total_steps), dataset, checkpoint.step
-
-
-def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint, total_steps: int):
-    """The run's optimizer holding the checkpoint's state (its second moments are P), or None when
-    the state is not there or was saved sharded (FSDP: keyed by parameter name)."""
-    extra = checkpoint.extra_state
-    state = extra.get("optimizer") if isinstance(extra, Mapping) else None
-    if not isinstance(state, Mapping) or state.get("sharded"):
-        return None
-    optimizer = build_run_optimizer(config, model.parameters(), total_steps=total_steps)
-    try:
-        optimizer.load_state_dict(state)
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
-        raise UserError(f"checkpoint {checkpoint.path} does not hold the state of the run's {config.optimizer} "
-                        f"optimizer ({type(exc).__name__})") from None
-    return optimizer
-
-
-def _load_model(args):
-    from samlm.data.text import load_tokenizer, tokenizer_vocab_size
-
-    given = settings.given(args, PretrainConfig)
-    config = PretrainConfig(**dict(given, tokenizer=given.get("tokenizer") or given["model"]))
-    settings.validate(config)
-    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    dataset = load_dataset(config, tokenizer)
-    model = build_model(config, tokenizer_vocab_size(tokenizer))
-    return config, model, dataset
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Load what ``args`` names and measure it; returns the JSON-ready result."""
+    """Check the flags, then measure what they name (:func:`samlm.harness.pretrain.measure.measure`)."""
     model_data = settings.given(args, PretrainConfig)
     if (args.run_dir is None) == (model_data.get("model") is None):
         raise UserError("give exactly one of --run DIR or --model DIR_OR_HUB_ID")
@@ -133,31 +76,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if not 0 <= args.seed < 2**63:  # torch generators take a 64-bit signed seed
         raise UserError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be a positive integer, got {args.threads}")
+        settings.threads("--threads", args.threads)
         import torch
 
         torch.set_num_threads(args.threads)
-
-    if args.run_dir is not None:
-        config, model, optimizer, dataset, step = _load_run(Path(args.run_dir))
-        source = {"run": str(args.run_dir), "step": step}
-        defaults = (config.sharpness_batches, config.sharpness_batch_size, config.sharpness_rho)
-    else:
-        config, model, dataset = _load_model(args)
-        optimizer = None
-        source = {"model": model_data["model"], "step": None}
-        defaults = (1, 8, 0.05)
-    batches = args.batches or defaults[0]
-    batch_size = args.batch_size or defaults[1]
-    rho = args.rho if args.rho is not None else defaults[2]
-    val = dataset.val_batches(batch_size, max_batches=batches)
-    probe = sharpness_probe(val, iters=args.iters, seed=args.seed, rho=rho, method=args.method, optimizer=optimizer)
-    values = probe(model)
-    return io.json_safe({
-        **source, "data": config.data, "context": config.context, "batches": len(val), "batch_size": batch_size,
-        "method": args.method, "iters_requested": args.iters, **values,
-    })
+    return measure_run(run_dir=args.run_dir and Path(args.run_dir),
+                       model_config=None if args.run_dir is not None else PretrainConfig(**model_data),
+                       batches=args.batches, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
+                       rho=args.rho, method=args.method)
 
 
 def format_measurement(result: dict) -> str:

@@ -61,6 +61,14 @@ def nonnegative_int(flag: str, value) -> None:
         raise UserError(f"{flag} must be an integer >= 0, got {value!r}")
 
 
+MAX_THREADS = 4096  # torch.set_num_threads takes a C int; far beyond any machine's cores
+
+
+def threads(flag: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_THREADS:
+        raise UserError(f"{flag} must be an integer in [1, {MAX_THREADS}], got {value!r}")
+
+
 def seed(flag: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_SEED:
         raise UserError(f"{flag} must be an integer in [0, 2**63), got {value!r}")
@@ -193,7 +201,7 @@ class LoopSettings:
     max_nonfinite: int = setting(5, "with --nonfinite stop: consecutive non-finite steps allowed",
                                  check=positive_int, resume=False, metavar="N")
     progress: bool = setting(True, "progress bar", resume=False)
-    threads: Optional[int] = setting(None, "torch CPU threads (default: torch's choice)", check=positive_int,
+    threads: Optional[int] = setting(None, "torch CPU threads (default: torch's choice)", check=threads,
                                      resume=False)
     out: str = setting("runs/run", "run directory", resume=False)
     resume: bool = setting(False, "continue the run in --out from its latest checkpoint", resume=False)

@@ -46,6 +46,7 @@ def demo_config(*, out: str = "runs/demo", seeds=DEMO_SEEDS, steps: int = DEMO_B
     """The demo's comparison; ``resume``: keep finished runs and resume interrupted ones."""
     settings.positive_int("--steps", steps)
     settings.positive_int("--jobs", jobs)
+    settings.threads("--threads", threads)
     every = DEMO_BASE.sharpness_every if steps >= 2 * DEMO_BASE.sharpness_every else 0
     base = dataclasses.replace(DEMO_BASE, steps=steps, threads=threads, sharpness_every=every)
     return CompareConfig(
