@@ -120,10 +120,7 @@ class LoopConfig:
 
     def validate(self) -> None:
         s.validate(self)
-
-    def check(self) -> None:
-        if self.resume and self.overwrite:
-            raise UserError("--resume and --overwrite contradict each other: choose one")
+        RunDir(self.out).check_start(resume=self.resume, overwrite=self.overwrite)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -672,8 +669,7 @@ class _Run:
             say(f"resumed from {checkpoint.path} at step {state.step}"
                 + (f" (newer checkpoint(s) {skipped} unusable, see the warning above)" if skipped else ""))
             return state, checkpoint.path
-        self.run_dir.check_start(resume=self.config.resume, overwrite=self.config.overwrite)
-        if self.main:
+        if self.main:  # LoopConfig.validate has checked that starting over here is allowed
             self.run_dir.clear()
         if self.config.seed is not None:
             seed_everything(self.config.seed)

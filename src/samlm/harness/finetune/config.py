@@ -115,8 +115,6 @@ class FinetuneConfig(s.ParallelSettings, s.LoopSettings, s.BatchSettings, Finetu
                 raise UserError(f"--m applies to SAM-family optimizers, not --optimizer {self.optimizer}")
         if self.rho is not None and self.rho == 0:
             raise UserError(f"--rho must be > 0, got {self.rho}")
-        if self.resume and self.overwrite:
-            raise UserError("--resume and --overwrite contradict each other: choose one")
         from samlm.harness import parallel
 
         parallel.resolve_device(self.device)

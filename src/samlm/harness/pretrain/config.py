@@ -112,14 +112,9 @@ class PretrainConfig(s.ParallelSettings, s.LoopSettings, SharpnessSettings, s.Ba
             raise UserError("give either --steps or --tokens-per-param, not both")
         if self.split and not method(self.optimizer).is_sam:
             raise UserError("--split measures SAM's logit/functional paths: it needs a SAM-family --optimizer")
-        if self.resume and self.overwrite:
-            raise UserError("--resume and --overwrite contradict each other: choose one")
         from samlm.harness import parallel
 
         parallel.resolve_device(self.device)
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a directory")
 
     @property
     def micro_batch(self) -> int:
