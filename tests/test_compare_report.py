@@ -200,6 +200,8 @@ def test_compare_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
 
 
 def test_demo_plan():
+    """The demo is a fair comparison: 20 tokens/param, 3 seeds, each method at its swept (lr, ρ),
+    at equal steps and at equal compute; --sweep is the committed grid those came from."""
     from samlm.cli.demo import add_arguments
     from samlm.studies.demo import DEMO_BASE, demo_config
 
@@ -208,17 +210,28 @@ def test_demo_plan():
 
     def from_flags(argv):
         args = parser.parse_args(argv)
-        return demo_config(out=args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
-                           resume=args.resume)
+        sweep = args.sweep
+        return demo_config(out=args.out or "runs/demo", seeds=args.seeds or ("0" if sweep else "0,1,2"),
+                           steps=args.steps, jobs=args.jobs, threads=args.threads, resume=args.resume, sweep=sweep)
 
     config = from_flags([])
-    names = [name for name, _ in config.plan()]
-    assert len(names) == 8 and names[:4] == ["adamw-seed0", "sam-rho0.1-seed0", "fsam-rho0.1-seed0",
-                                             "pfsam-rho0.2-seed0"]
-    assert config.jobs == 2 and config.overwrite and config.out == "runs/demo"
-    assert {c.steps for _, c in config.plan()} == {DEMO_BASE.steps}
+    plan = config.plan()
+    names = [name for name, _ in plan]
+    assert len(names) == 18 and names[:6] == ["adamw-seed0", "adamw-seed0-equal-compute", "sam-rho0.1-seed0",
+                                              "sam-rho0.1-seed0-equal-compute", "fsam-rho0.1-seed0",
+                                              "pfsam-rho0.2-seed0"]
+    assert config.jobs == 2 and config.overwrite and config.out == "runs/demo" and config.budget == "steps,compute"
+    budgets = {name: c.tokens_per_param for name, c in plan}
+    assert budgets["adamw-seed0"] == 20 and budgets["fsam-rho0.1-seed0"] == 20
+    assert budgets["adamw-seed0-equal-compute"] == 30 and budgets["sam-rho0.1-seed0-equal-compute"] == 24
+    assert DEMO_BASE.tokens_per_param == 20 and DEMO_BASE.steps is None
     quick = from_flags(["--steps", "3", "--seeds", "0", "--resume"])
-    assert len(quick.plan()) == 4 and not quick.overwrite and quick.base.sharpness_every == 0
+    assert not quick.overwrite and {c.steps for _, c in quick.plan()} >= {3}
+    sweep = from_flags(["--sweep"])
+    swept = {(c.optimizer, c.lr, c.rho) for _, c in sweep.plan()}
+    assert len(swept) == 5 + 3 * 4 * 2 and sweep.budget == "steps" and not sweep.base.sharpness
+    # the demo's points are in the grid
+    assert {(c.optimizer, c.lr, c.rho) for _, c in plan} <= swept
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
@@ -228,6 +241,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "DEMO_BASE", dataclasses.replace(TINY, sharpness_every=2, threads=1))
     monkeypatch.setattr(demo, "DEMO_OPTIMIZERS", ("adamw", "fsam"))
     monkeypatch.setattr(demo, "DEMO_RHO", "fsam=0.1")
+    monkeypatch.setattr(demo, "DEMO_LR", "adamw=3e-3,fsam=3e-3")
     code = main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--seeds", "0", "--jobs", "2"])
     captured = capsys.readouterr()
     out = captured.out

@@ -8,14 +8,18 @@ import time
 from samlm.cli.compare import print_result
 from samlm.progress import say
 from samlm.studies.compare import compare
-from samlm.studies.demo import DEMO_BASE, DEMO_JOBS, DEMO_OPTIMIZERS, DEMO_SEEDS, demo_config
+from samlm.studies.demo import DEMO_BASE, DEMO_JOBS, DEMO_OPTIMIZERS, DEMO_SEEDS, SWEEP_SEEDS, demo_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--seeds", default=",".join(map(str, DEMO_SEEDS)),
-                        help=f"comma-separated (default {','.join(map(str, DEMO_SEEDS))})")
-    parser.add_argument("--steps", type=int, default=DEMO_BASE.steps, help=f"steps per run (default {DEMO_BASE.steps})")
+    parser.add_argument("--out", default=None, help="output directory (default runs/demo; with --sweep runs/demo-sweep)")
+    parser.add_argument("--seeds", default=None,
+                        help=f"comma-separated (default {','.join(map(str, DEMO_SEEDS))}; "
+                             f"with --sweep {','.join(map(str, SWEEP_SEEDS))})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per run (default 20 tokens per parameter)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="run the (lr, rho) grid the demo's settings were picked from (README, 'The demo')")
     parser.add_argument("--jobs", type=int, default=DEMO_JOBS, help=f"runs at a time (default {DEMO_JOBS})")
     parser.add_argument("--threads", type=int, default=DEMO_BASE.threads,
                         help=f"torch threads per run (default {DEMO_BASE.threads})")
@@ -24,12 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = demo_config(out=args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
-                         resume=args.resume)
+    seeds = args.seeds or ",".join(map(str, SWEEP_SEEDS if args.sweep else DEMO_SEEDS))
+    out = args.out or ("runs/demo-sweep" if args.sweep else "runs/demo")
+    config = demo_config(out=out, seeds=seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
+                         resume=args.resume, sweep=args.sweep)
     started = time.perf_counter()
     runs = len(config.plan())
-    say(f"demo: {runs} runs ({', '.join(DEMO_OPTIMIZERS)} x seeds {','.join(map(str, config.seeds))}), "
-        f"{config.base.steps} steps each, {config.jobs} at a time -> {config.out}")
+    length = f"{config.base.steps} steps" if config.base.steps else f"{config.base.tokens_per_param} tokens/param"
+    say(f"demo{' sweep' if args.sweep else ''}: {runs} runs ({', '.join(DEMO_OPTIMIZERS)} x seeds "
+        f"{','.join(map(str, config.seeds))}, budget {config.budget}), {length}, {config.jobs} at a time -> {config.out}")
     result = compare(config)
     print_result(result)
     print(f"demo took {time.perf_counter() - started:.0f} s")

@@ -1,18 +1,19 @@
 """Run the demo: AdamW, SAM, Functional-SAM and preconditioned F-SAM on Tiny Shakespeare (minutes on a CPU).
 
-``samlm demo`` (``make demo``) is ``samlm compare`` with fixed settings chosen to fit in about
-3-4 minutes on a 2-core CPU: a byte-level GPT-2-style model (3 layers × 64 wide, context 64,
-≈170k parameters) trained for 400 steps of 32 × 64 tokens on the built-in Tiny Shakespeare
-corpus, with AdamW and the SAM family at the ρ each got from a sweep over
-{0.01, 0.02, 0.05, 0.1, 0.2} (SAM) and {0.05, 0.1, 0.2, 0.5} (F-SAM, preconditioned F-SAM)
-(see README, "The ρ sweep behind the defaults"), two seeds each. Two runs go at a time in worker processes of
-one torch thread: on two idle cores this gives ~1.25x the throughput of one run with two
-threads, and it degrades gracefully when other processes compete for the cores, which
-two-thread runs do not (they slowed down up to 10x on a shared machine).
+``samlm demo`` (``make demo``) is ``samlm compare`` with fixed settings chosen to be a fair
+comparison that fits in about 5 minutes on a 2-core CPU:
 
-It prints the table (mean ± std over seeds, plus the paired difference to AdamW) and writes
-``runs/demo/{report.md, results.csv, val_loss.png, sharpness.png}`` and every run's directory.
-The command is :mod:`samlm.cli.demo`.
+* a byte-level GPT-2-style model (2 layers × 40 wide, context 64, ≈52k parameters) trained at
+  20 tokens per parameter (Chinchilla's budget) on the built-in Tiny Shakespeare corpus;
+* each method at its own (lr, ρ), picked from the committed sweep below by the tuning slice of
+  the validation split (``samlm demo --sweep`` reruns it);
+* three seeds, at equal steps *and* at equal compute (AdamW and SAM get the steps that cost what
+  the functional variants' steps cost), so the report has both Δ columns.
+
+Two runs go at a time in worker processes of one torch thread: on two idle cores this gives
+~1.25x the throughput of one run with two threads, and it degrades gracefully when other
+processes compete for the cores. It writes ``runs/demo/{report.md, results.csv, val_loss.png,
+sharpness.png}`` and every run's directory. The command is :mod:`samlm.cli.demo`.
 """
 
 from __future__ import annotations
@@ -25,32 +26,50 @@ from samlm.studies.compare import CompareConfig
 from samlm.studies.grid import parse_seeds
 
 DEMO_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
+# The sweep (seed 0, equal steps, everything else as the demo): every method at every one of its
+# lr, each SAM-family method at every one of its ρ; the demo's points below are its "Tuned" table.
+# The grid is centred on the optimum of a wider sweep of the 48-wide model (README, "The demo").
+SWEEP_LR = ",".join([f"adamw={lr}" for lr in ("1.2e-2", "2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1")]
+                    + [f"{method}={lr}" for method in ("sam", "fsam", "pfsam")
+                       for lr in ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2")])
+SWEEP_RHO = "sam=0.05,sam=0.1,fsam=0.05,fsam=0.1,pfsam=0.1,pfsam=0.2"
+SWEEP_SEEDS = (0,)
+DEMO_LR = "adamw=9.6e-2,sam=1.2e-2,fsam=2.4e-2,pfsam=1.2e-2"
 DEMO_RHO = "sam=0.1,fsam=0.1,pfsam=0.2"
-DEMO_SEEDS = (0, 1)
+DEMO_SEEDS = (0, 1, 2)
+DEMO_BUDGET = "steps,compute"
 DEMO_BASE = PretrainConfig(
-    arch="gpt2", layers=3, width=64, heads=4, context=64, data="tinyshakespeare", tokenizer="bytes",
-    batch=32, steps=400, lr=6e-3, eval_every=80, val_batches=16,
-    sharpness_every=200, sharpness_iters=10, sharpness_batches=1, sharpness_batch_size=8,
+    arch="gpt2", layers=2, width=40, heads=4, context=64, data="tinyshakespeare", tokenizer="bytes",
+    batch=32, tokens_per_param=20, eval_every=100, val_batches=16,
+    sharpness_every=0, sharpness_iters=10, sharpness_batches=1, sharpness_batch_size=8,
     threads=1, progress=False,
 )
 DEMO_JOBS = 2
 DEMO_NOTES = """\
-Demo settings: `samlm demo` (= `make demo`). Two runs at a time, one torch thread each, so step
-times are per run while sharing the machine with one other run. ρ per method from a sweep at these
-settings (README, "The demo"). The seed sets the initial weights and the order of the training
-batches; it is the same for every optimizer, so differences to AdamW are also shown *paired by seed*."""
+Demo settings: `samlm demo` (= `make demo`). 20 tokens per parameter; each method's (lr, ρ) from the
+committed sweep (`samlm demo --sweep`, README "The demo"). Two runs at a time, one torch thread each,
+so step times are per run while sharing the machine with one other run. The seed sets the initial
+weights and the order of the training batches; it is the same for every optimizer, so differences
+to AdamW are shown *paired by seed*."""
 
 
-def demo_config(*, out: str = "runs/demo", seeds=DEMO_SEEDS, steps: int = DEMO_BASE.steps, jobs: int = DEMO_JOBS,
-                threads: int = DEMO_BASE.threads, resume: bool = False) -> CompareConfig:
-    """The demo's comparison; ``resume``: keep finished runs and resume interrupted ones."""
-    settings.positive_int("--steps", steps)
+def demo_config(*, out: str = "runs/demo", seeds=DEMO_SEEDS, steps: int | None = None, jobs: int = DEMO_JOBS,
+                threads: int = DEMO_BASE.threads, resume: bool = False, sweep: bool = False) -> CompareConfig:
+    """The demo's comparison (``sweep``: the grid its lr and ρ came from); ``steps``: instead of
+    20 tokens per parameter; ``resume``: keep finished runs and resume interrupted ones."""
+    if steps is not None:
+        settings.positive_int("--steps", steps)
     settings.positive_int("--jobs", jobs)
     settings.threads("--threads", threads)
-    every = DEMO_BASE.sharpness_every if steps >= 2 * DEMO_BASE.sharpness_every else 0
-    base = dataclasses.replace(DEMO_BASE, steps=steps, threads=threads, sharpness_every=every)
+    budget = {} if steps is None else {"steps": steps, "tokens_per_param": None}
+    base = dataclasses.replace(DEMO_BASE, threads=threads, **budget)
+    if sweep:
+        return CompareConfig(
+            out=out, optimizers=DEMO_OPTIMIZERS, seeds=parse_seeds(seeds), rho=SWEEP_RHO, lr=SWEEP_LR,
+            base=dataclasses.replace(base, sharpness=False), overwrite=not resume, budget="steps",
+            title="samlm demo --sweep: the (lr, ρ) grid behind the demo's settings", notes=DEMO_NOTES, jobs=jobs)
     return CompareConfig(
-        out=out, optimizers=DEMO_OPTIMIZERS, seeds=parse_seeds(seeds), rho=DEMO_RHO, base=base,
-        overwrite=not resume, title="samlm demo: AdamW vs SAM vs Functional-SAM on Tiny Shakespeare",
-        notes=DEMO_NOTES, jobs=jobs,
+        out=out, optimizers=DEMO_OPTIMIZERS, seeds=parse_seeds(seeds), rho=DEMO_RHO, lr=DEMO_LR, base=base,
+        overwrite=not resume, budget=DEMO_BUDGET,
+        title="samlm demo: AdamW vs SAM vs Functional-SAM on Tiny Shakespeare", notes=DEMO_NOTES, jobs=jobs,
     )
