@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # instead of resolving a multi-GB CUDA build for the unpinned dependency.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/samlm bench --steps 20 --json runs/bench.json
+
+# on one CUDA GPU, ~8 min: bench at GPT-2-small shape, bf16+compile, fp16, torchrun (scripts/gpu_check.sh)
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs
