@@ -210,9 +210,8 @@ def test_demo_plan():
 
     def from_flags(argv):
         args = parser.parse_args(argv)
-        sweep = args.sweep
-        return demo_config(out=args.out or "runs/demo", seeds=args.seeds or ("0" if sweep else "0,1,2"),
-                           steps=args.steps, jobs=args.jobs, threads=args.threads, resume=args.resume, sweep=sweep)
+        return demo_config(out=args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
+                           resume=args.resume, sweep=args.sweep)
 
     config = from_flags([])
     plan = config.plan()
@@ -228,6 +227,7 @@ def test_demo_plan():
     quick = from_flags(["--steps", "3", "--seeds", "0", "--resume"])
     assert not quick.overwrite and {c.steps for _, c in quick.plan()} >= {3}
     sweep = from_flags(["--sweep"])
+    assert sweep.out == "runs/demo-sweep" and list(sweep.seeds) == [0] and list(config.seeds) == [0, 1, 2]
     swept = {(c.optimizer, c.lr, c.rho) for _, c in sweep.plan()}
     assert len(swept) == 5 + 3 * 4 * 2 and sweep.budget == "steps" and not sweep.base.sharpness
     # the demo's points are in the grid

@@ -28,9 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    seeds = args.seeds or ",".join(map(str, SWEEP_SEEDS if args.sweep else DEMO_SEEDS))
-    out = args.out or ("runs/demo-sweep" if args.sweep else "runs/demo")
-    config = demo_config(out=out, seeds=seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
+    config = demo_config(out=args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
                          resume=args.resume, sweep=args.sweep)
     started = time.perf_counter()
     runs = len(config.plan())

@@ -53,10 +53,11 @@ weights and the order of the training batches; it is the same for every optimize
 to AdamW are shown *paired by seed*."""
 
 
-def demo_config(*, out: str = "runs/demo", seeds=DEMO_SEEDS, steps: int | None = None, jobs: int = DEMO_JOBS,
+def demo_config(*, out: str | None = None, seeds=None, steps: int | None = None, jobs: int = DEMO_JOBS,
                 threads: int = DEMO_BASE.threads, resume: bool = False, sweep: bool = False) -> CompareConfig:
-    """The demo's comparison (``sweep``: the grid its lr and ρ came from); ``steps``: instead of
-    20 tokens per parameter; ``resume``: keep finished runs and resume interrupted ones."""
+    """The demo's comparison, or with ``sweep`` the grid its lr and ρ came from (``out`` and
+    ``seeds`` default to each one's own); ``steps``: instead of 20 tokens per parameter;
+    ``resume``: keep finished runs and resume interrupted ones."""
     if steps is not None:
         settings.positive_int("--steps", steps)
     settings.positive_int("--jobs", jobs)
@@ -64,12 +65,12 @@ def demo_config(*, out: str = "runs/demo", seeds=DEMO_SEEDS, steps: int | None =
     budget = {} if steps is None else {"steps": steps, "tokens_per_param": None}
     base = dataclasses.replace(DEMO_BASE, threads=threads, **budget)
     if sweep:
-        return CompareConfig(
-            out=out, optimizers=DEMO_OPTIMIZERS, seeds=parse_seeds(seeds), rho=SWEEP_RHO, lr=SWEEP_LR,
-            base=dataclasses.replace(base, sharpness=False), overwrite=not resume, budget="steps",
-            title="samlm demo --sweep: the (lr, ρ) grid behind the demo's settings", notes=DEMO_NOTES, jobs=jobs)
-    return CompareConfig(
-        out=out, optimizers=DEMO_OPTIMIZERS, seeds=parse_seeds(seeds), rho=DEMO_RHO, lr=DEMO_LR, base=base,
-        overwrite=not resume, budget=DEMO_BUDGET,
-        title="samlm demo: AdamW vs SAM vs Functional-SAM on Tiny Shakespeare", notes=DEMO_NOTES, jobs=jobs,
-    )
+        variant = dict(out=out or "runs/demo-sweep", seeds=SWEEP_SEEDS if seeds is None else seeds, rho=SWEEP_RHO,
+                       lr=SWEEP_LR, base=dataclasses.replace(base, sharpness=False), budget="steps",
+                       title="samlm demo --sweep: the (lr, ρ) grid behind the demo's settings")
+    else:
+        variant = dict(out=out or "runs/demo", seeds=DEMO_SEEDS if seeds is None else seeds, rho=DEMO_RHO,
+                       lr=DEMO_LR, base=base, budget=DEMO_BUDGET,
+                       title="samlm demo: AdamW vs SAM vs Functional-SAM on Tiny Shakespeare")
+    variant["seeds"] = parse_seeds(variant["seeds"])
+    return CompareConfig(optimizers=DEMO_OPTIMIZERS, overwrite=not resume, notes=DEMO_NOTES, jobs=jobs, **variant)
