@@ -40,6 +40,7 @@ COMMANDS = {
     "sharpness": "samlm.cli.sharpness",
     "bench": "samlm.cli.bench",
     "demo": "samlm.cli.demo",
+    "study": "samlm.cli.study",
 }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,8 +94,31 @@ class ModelInfo:
                 return name
         return "xxl"
 
+    @property
+    def name(self) -> str:
+        """The model's own name, for reports: the hub id; for a local directory, its model card's
+        title (``# all-MiniLM-L6-v2``), else its config's ``name_or_path`` when that is a hub id,
+        else ``<model_type> (<directory>)``. Never the directory's basename alone."""
+        path = Path(self.spec).expanduser()
+        if not path.exists():
+            return self.spec
+        card = path / "README.md"
+        if card.is_file():
+            try:
+                text = card.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                text = ""
+            title = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")), "")
+            if title and len(title) <= 100:
+                return title
+        named = str(getattr(self.config, "_name_or_path", "") or getattr(self.config, "name_or_path", "") or "")
+        if named and not Path(named).expanduser().exists() and not named.startswith(("/", ".", "~")) \
+                and named.count("/") <= 1:
+            return named
+        return f"{self.model_type} ({path.resolve()})"
+
     def describe(self) -> dict:
-        return {"model": self.spec, "family": self.family, "model_type": self.model_type,
+        return {"model": self.spec, "name": self.name, "family": self.family, "model_type": self.model_type,
                 "d_model": self.d_model, "t5_size": self.t5_size}
 
 

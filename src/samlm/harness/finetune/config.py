@@ -37,6 +37,8 @@ class FinetuneModelSettings:
     model: Optional[str] = setting(None, "local model directory or hub id (T5/mT5 or an encoder)")
     trust_remote_code: bool = setting(False, "allow model code from the model repository (off by default)",
                                       resume=False)
+    model_label: Optional[str] = setting(None, "the model's name in reports", resume=False,
+                                         default_text="its hub id, model card title or config name")
 
 
 @dataclass

@@ -211,7 +211,8 @@ def build_summary(result, plan: Plan, extra: Mapping[str, Any]) -> dict:
                   "note": "best: from each task-metric's best checkpoint (Bahri et al.); final: last evaluation"},
         "config": plan.config.as_dict(),
         "resolved": plan.record(extra.get("parallel"))["resolved"],
-        "model": {**plan.info.describe(), **extra.get("model", {})},
+        "model": {**plan.info.describe(), **extra.get("model", {}),
+                  **({"name": plan.config.model_label} if plan.config.model_label else {})},
         "parallel": extra.get("parallel", {"world_size": 1}),
         "data": {
             name: {"train_examples": len(plan.train[name]), "train_examples_before_subsample": plan.train_sizes[name],

@@ -1,0 +1,294 @@
+"""The pretraining study of Singh et al. (2025): ``samlm study pretrain``.
+
+For each model size, two stages of :func:`samlm.studies.compare.compare` runs:
+
+1. **sweep**: every method at every point of its (lr, ρ) grid, on the sweep seeds, equal steps,
+   no sharpness (``OUT/<size>/sweep``);
+2. **final**: every method at its tuned point (the lowest val loss on the *tuning* slice of the
+   validation split, mean over the sweep seeds), on every seed, at equal steps *and* at equal
+   compute, with the sharpness measurements at the end (``OUT/<size>/final``).
+
+Then ``OUT/report.md`` holds the analogue of the paper's Tables 2-4 for every size: the loss on
+the disjoint *report* slice, the paired Δ to AdamW under each budget, and λ_max of the Hessian,
+the Gauss-Newton matrix, the functional part of the Hessian and the preconditioned Hessian
+P^-1/2 H P^-1/2. ``OUT/study.json`` records the chosen points. Every stage skips finished runs and
+resumes interrupted ones, so rerunning the command continues a study.
+
+Presets (:data:`PRESETS`): ``cpu`` fits a 2-core machine (docs/results.md has its time); ``gpu-24m``
+and ``gpu-118m`` are the paper-like settings on C4 from the hub, for a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from samlm import io
+from samlm.errors import UserError
+from samlm.harness.pretrain import PretrainConfig
+from samlm.progress import say
+from samlm.studies import report
+from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
+from samlm.studies.grid import parse_optimizers, parse_seeds
+
+STUDY_OPTIMIZERS = ("adamw", "sam", "fsam", "psam", "pfsam")
+STUDY_FILE = "study.json"
+REPORT_FILE = "report.md"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """One model size of the study: its directory name and its shape."""
+
+    name: str
+    layers: int
+    width: int
+    heads: int
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """Everything a study runs, except where it writes."""
+
+    description: str
+    sizes: tuple[ModelSize, ...]
+    base: PretrainConfig
+    lr: str                      # the sweep's lr grid (samlm.studies.grid syntax)
+    rho: str                     # the sweep's ρ grid
+    sweep_seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    jobs: int = 1
+    minutes: str = ""            # what it took, where it was measured (docs/results.md)
+
+
+def _grid(values: Mapping[str, Sequence[str]]) -> str:
+    return ",".join(f"{method}={value}" for method, grid in values.items() for value in grid)
+
+
+# The CPU grid is centred on the demo's sweep (samlm demo --sweep) of the 2x40 model: a factor of 2
+# either side of each method's best lr; psam gets pfsam's, the two share the preconditioned ε.
+CPU_LR = _grid({"adamw": ("4.8e-2", "9.6e-2", "1.92e-1"), "sam": ("6e-3", "1.2e-2", "2.4e-2"),
+                "fsam": ("1.2e-2", "2.4e-2", "4.8e-2"), "psam": ("6e-3", "1.2e-2", "2.4e-2"),
+                "pfsam": ("6e-3", "1.2e-2", "2.4e-2")})
+CPU_RHO = _grid({"sam": ("0.05", "0.1"), "fsam": ("0.05", "0.1"), "psam": ("0.1", "0.2"), "pfsam": ("0.1", "0.2")})
+# Singh et al. tune AdamW's lr and each method's ρ around it at ~1e-3 (Adam-scale ε for the
+# preconditioned variants: ρ is a radius in the P-metric).
+GPU_LR = _grid({"adamw": ("5e-4", "1e-3", "2e-3"), "sam": ("5e-4", "1e-3", "2e-3"), "fsam": ("5e-4", "1e-3", "2e-3"),
+                "psam": ("5e-4", "1e-3", "2e-3"), "pfsam": ("5e-4", "1e-3", "2e-3")})
+GPU_RHO = _grid({"sam": ("0.01", "0.05"), "fsam": ("0.01", "0.05"), "psam": ("0.05", "0.2"), "pfsam": ("0.05", "0.2")})
+
+_CPU_BASE = PretrainConfig(
+    arch="gpt2", context=64, data="tinyshakespeare", tokenizer="bytes", batch=32, tokens_per_param=20,
+    eval_every=100, val_batches=16, sharpness_every=0, sharpness_iters=10, sharpness_batches=1,
+    sharpness_batch_size=8, threads=1, progress=False)
+_GPU_BASE = PretrainConfig(
+    arch="llama", context=512, data="allenai/c4:en", tokenizer="gpt2", max_chars=4_000_000_000, batch=256,
+    tokens_per_param=20, eval_every=500, val_batches=32, sharpness_every=0, sharpness_iters=20,
+    sharpness_batches=4, sharpness_batch_size=16, mixed_precision="bf16", compile=True, device="cuda",
+    progress=False)
+
+PRESETS: dict[str, StudyPreset] = {
+    "cpu": StudyPreset(
+        "two byte-level GPT-2 models (2x32 and 2x40, context 64) on Tiny Shakespeare, 20 tokens/param",
+        (ModelSize("2x32", 2, 32, 4), ModelSize("2x40", 2, 40, 4)), _CPU_BASE, CPU_LR, CPU_RHO, jobs=2,
+        minutes="docs/results.md"),
+    "gpu-24m": StudyPreset(
+        "a ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 (streamed from the hub), 20 tokens/param",
+        (ModelSize("24m", 6, 320, 5),), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1),
+    "gpu-118m": StudyPreset(
+        "~24M and ~118M-parameter llama-style models (GPT-2 tokenizer) on C4 (streamed), 20 tokens/param",
+        (ModelSize("24m", 6, 320, 5), ModelSize("118m", 12, 768, 12)), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1),
+}
+
+
+@dataclass
+class PretrainStudy:
+    """A study: ``preset``'s sizes × methods, written under ``out``. ``seeds`` / ``sweep_seeds`` /
+    ``jobs`` / ``steps`` override the preset's (``steps``: instead of its tokens per parameter,
+    for a quick look)."""
+
+    out: str
+    preset: StudyPreset
+    optimizers: Sequence[str] = STUDY_OPTIMIZERS
+    seeds: Sequence[int] | None = None
+    sweep_seeds: Sequence[int] | None = None
+    jobs: int | None = None
+    steps: int | None = None
+    overwrite: bool = False
+
+    def _base(self, size: ModelSize) -> PretrainConfig:
+        budget = {} if self.steps is None else {"steps": self.steps, "tokens_per_param": None}
+        return dataclasses.replace(self.preset.base, layers=size.layers, width=size.width, heads=size.heads, **budget)
+
+    def _common(self) -> dict:
+        return dict(optimizers=parse_optimizers(self.optimizers), overwrite=self.overwrite,
+                    jobs=self.jobs or self.preset.jobs)
+
+    def sweep(self, size: ModelSize) -> CompareConfig:
+        """Stage 1: every (lr, ρ) of the grid on the sweep seeds, equal steps, no sharpness."""
+        optimizers = parse_optimizers(self.optimizers)
+        return CompareConfig(
+            out=str(Path(self.out) / size.name / "sweep"), seeds=parse_seeds(self.sweep_seeds or self.preset.sweep_seeds),
+            rho=_restrict(self.preset.rho, optimizers), lr=_restrict(self.preset.lr, optimizers),
+            base=dataclasses.replace(self._base(size), sharpness=False), budget="steps",
+            title=f"samlm study pretrain, {size.name}: the (lr, ρ) sweep", **self._common())
+
+    def final(self, size: ModelSize, chosen: Mapping[str, tuple[float | None, float]]) -> CompareConfig:
+        """Stage 2: each method at its ``chosen`` (ρ, lr), every seed, equal steps and equal compute."""
+        rho = ",".join(f"{m}={r:g}" for m, (r, _) in chosen.items() if r is not None) or None
+        lr = ",".join(f"{m}={l:g}" for m, (_, l) in chosen.items())
+        return CompareConfig(
+            out=str(Path(self.out) / size.name / "final"), seeds=parse_seeds(self.seeds or self.preset.seeds),
+            rho=rho, lr=lr, base=self._base(size), budget="steps,compute",
+            title=f"samlm study pretrain, {size.name}: tuned methods, equal steps and equal compute",
+            **self._common())
+
+
+def _restrict(spec: str, optimizers: Sequence[str]) -> str | None:
+    """The part of a per-method grid spec that names one of ``optimizers``."""
+    kept = [item for item in spec.split(",") if item.partition("=")[0] in optimizers]
+    return ",".join(kept) or None
+
+
+def choose(sweep_dir: Path, runs: Sequence[str], optimizers: Sequence[str]) -> dict[str, tuple[float | None, float]]:
+    """Each method's (ρ, lr) with the lowest mean tuning-slice val loss over the sweep seeds."""
+    groups = report.group_runs([report.load_run(sweep_dir / name) for name in runs])
+    chosen = {}
+    for optimizer in optimizers:
+        key = report.tuned_point(groups, optimizer)
+        if key is None:
+            raise UserError(f"the sweep in {sweep_dir} has no finished {optimizer} run to choose from")
+        chosen[optimizer] = (key[1], key[2])
+    return chosen
+
+
+@dataclass
+class StudyResult:
+    out: Path
+    stages: dict[str, CompareResult] = field(default_factory=dict)   # "<size>/sweep", "<size>/final"
+    chosen: dict[str, dict] = field(default_factory=dict)            # size -> method -> {"rho", "lr"}
+    interrupted: str | None = None
+    seconds: float = 0.0
+
+
+def run_study(study: PretrainStudy) -> StudyResult:
+    """Run (or continue) every stage of every size, then write ``report.md`` and ``study.json``."""
+    started = time.perf_counter()
+    out = Path(study.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    optimizers = parse_optimizers(study.optimizers)
+    if "adamw" not in optimizers:
+        raise UserError("the pretraining study compares against AdamW: --optimizers must include adamw")
+    for size in study.preset.sizes:  # every stage's settings before anything runs
+        study.sweep(size).runs()
+    result = StudyResult(out=out)
+    for size in study.preset.sizes:
+        say(f"study {size.name}: sweep")
+        sweep_config = study.sweep(size)
+        sweep = compare(sweep_config)
+        result.stages[f"{size.name}/sweep"] = sweep
+        if not sweep.completed:
+            result.interrupted = sweep.interrupted or "unfinished sweep runs"
+            break
+        chosen = choose(Path(sweep_config.out), list(sweep.summaries), optimizers)
+        result.chosen[size.name] = {m: {"rho": r, "lr": l} for m, (r, l) in chosen.items()}
+        say(f"study {size.name}: tuned " + ", ".join(
+            f"{m} lr={l:g}" + ("" if r is None else f" ρ={r:g}") for m, (r, l) in chosen.items()))
+        final = compare(study.final(size, chosen))
+        result.stages[f"{size.name}/final"] = final
+        if not final.completed:
+            result.interrupted = final.interrupted or "unfinished final runs"
+            break
+    result.seconds = time.perf_counter() - started
+    write_study(out, study, result)
+    return result
+
+
+# --------------------------------------------------------------------------- the report
+
+# The Tables 2-4 columns: the loss the choice did not see, and the four curvatures.
+TABLE_COLUMNS = (
+    report.Column("report_loss", "report loss", ".4f"),
+    report.Column("hessian_lambda_max", "λ_max(H)", ".3g"),
+    report.Column("gauss_newton_lambda_max", "λ_max(GN)", ".3g"),
+    report.Column("functional_lambda", "λ_max(H_F)", ".3g"),
+    report.Column("preconditioned_lambda_max", "λ_max(P⁻¹H)", ".3g"),
+)
+
+
+def size_table(final_dir: Path, names: Sequence[str]) -> str:
+    """Markdown: one row per method at its tuned point (equal steps): report loss, the paired Δ
+    report loss to AdamW at equal steps and at equal compute, and the sharpness columns."""
+    runs = [report.load_run(final_dir / name) for name in names if (final_dir / name).is_dir()]
+    steps_runs = [r for r in runs if not r.name.endswith(COMPUTE_SUFFIX)]
+    compute = {r.summary.get("optimizer"): r for r in runs if r.name.endswith(COMPUTE_SUFFIX)}
+    budgets = {"steps": steps_runs,
+               "compute": [r for r in runs if r.name.endswith(COMPUTE_SUFFIX)]
+               + [r for r in steps_runs if r.summary.get("optimizer") not in compute]}
+    groups = {kind: report.group_runs(rs) for kind, rs in budgets.items()}
+    references = {kind: next((k for k in g if k[0] == "adamw"), None) for kind, g in groups.items()}
+    headers = ["method", "lr", "ρ", "seeds", "steps", TABLE_COLUMNS[0].header, "Δ vs AdamW (equal steps)",
+               "Δ vs AdamW (equal compute)"] + [c.header for c in TABLE_COLUMNS[1:]]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|" + "---:|" * (len(headers) - 5)]
+    order = {name: i for i, name in enumerate(STUDY_OPTIMIZERS)}
+    for key, members in sorted(groups["steps"].items(), key=lambda item: order.get(item[0][0], len(order))):
+        cells = [key[0], report._value_text(key[2]), report._value_text(key[1]), str(len(members)),
+                 str(members[0].summary.get("steps"))]
+        cells.append(report.format_mean_std(*report.mean_std(r.summary.get("report_loss") for r in members)[:2]))
+        for kind in ("steps", "compute"):
+            g, ref = groups[kind], references[kind]
+            mine = next((v for k, v in g.items() if k[0] == key[0]), [])
+            if ref is None or not mine:
+                cells.append("n/a")
+            elif key[0] == "adamw":
+                cells.append("(reference)")
+            else:
+                cells.append(report.format_delta(report.paired_delta(mine, g[ref], report.REPORT_KEY)))
+        for column in TABLE_COLUMNS[1:]:
+            cells.append(report.format_mean_std(*report.mean_std(r.summary.get(column.key) for r in members)[:2],
+                                                column.fmt))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
+    preset = study.preset
+    lines = ["# samlm study pretrain", "", f"Preset: {preset.description}.", "",
+             "Protocol: for every size, (1) a sweep of each method over its (lr, ρ) grid on seed(s) "
+             f"{','.join(map(str, study.sweep_seeds or preset.sweep_seeds))} at equal steps; (2) each method at the "
+             "point with the lowest mean val loss on the **tuning slice** of the validation split, rerun on seeds "
+             f"{','.join(map(str, study.seeds or preset.seeds))} at equal steps and at equal compute (AdamW and the "
+             "two-pass methods get the steps that cost what the costliest method's steps cost). Losses below are on "
+             "the disjoint **report slice**, which the choice did not see. Δ: report loss minus AdamW's at the same "
+             "seed, mean ± std over seed pairs (n). Sharpness at the end of the equal-steps runs: λ_max of the "
+             "Hessian H, of the Gauss-Newton matrix GN, the largest eigenvalue of the functional Hessian H_F = H − GN, "
+             "and λ_max(P^-1/2 H P^-1/2) with P = √v̂ + eps from the run's own optimizer state.", ""]
+    for size in preset.sizes:
+        final = result.stages.get(f"{size.name}/final")
+        lines += [f"## {size.name}: {size.layers} layers × {size.width} wide, {size.heads} heads", ""]
+        if final is None or not final.summaries:
+            lines += ["Not run yet (run the same command to continue).", ""]
+            continue
+        sample = next(s for name, s in final.summaries.items() if not name.endswith(COMPUTE_SUFFIX))
+        lines += [f"{sample.get('params', '?')} parameters, {sample.get('steps', '?')} steps at equal steps "
+                  f"({(sample.get('config') or {}).get('tokens_per_param') or 'fixed'} tokens/param). Grid and each "
+                  f"point: `{size.name}/sweep/report.md`; per-run details: `{size.name}/final/report.md`.", "",
+                  size_table(Path(final.out), list(final.summaries)), ""]
+    if result.seconds:
+        lines += [f"This call took {result.seconds:.0f} s (finished runs from earlier calls are not counted)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_study(out: Path, study: PretrainStudy, result: StudyResult) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"format": "samlm-pretrain-study", "preset": study.preset.description,
+              "sizes": [dataclasses.asdict(s) for s in study.preset.sizes], "optimizers": list(study.optimizers),
+              "lr_grid": study.preset.lr, "rho_grid": study.preset.rho, "chosen": result.chosen,
+              "completed": result.interrupted is None, "seconds": round(result.seconds, 1)}
+    io.atomic_write_text(out / STUDY_FILE, json.dumps(record, indent=2) + "\n")
+    io.atomic_write_text(out / REPORT_FILE, study_markdown(study, result))
