@@ -39,6 +39,7 @@ def test_bench_measures_peak_memory_per_method(tmp_path):
     (["--untimed-steps", "-1"], "--untimed-steps must be an integer >= 0"),
     (["--context", "0"], "--context must be a positive integer"),
     (["--rho", "-1"], "--rho must be a finite number >= 0"),
+    (["--harness"], "--vocab must be 256, got 32"),
 ])
 def test_bad_bench_flags_end_in_one_line(flags, message, capsys):
     assert main(TINY + flags) == 2
@@ -120,3 +121,28 @@ def test_bench_sam_every_times_whole_cycles(tmp_path, monkeypatch):
     assert optimizers["adamw"].state[next(iter(optimizers["adamw"].state))]["step"] == 6
     assert 1.0 < report["methods"]["sam"]["floor"]
     assert main(TINY + ["--sam-every", "0"]) == 2
+
+
+def test_bench_harness_times_the_pretrain_loop_at_the_same_shape(tmp_path, monkeypatch):
+    """--harness runs samlm pretrain for each registry method at the bench's shape and reports
+    its median step over bench's; the pseudo-methods have no harness run; every step of the
+    loop is timed once, the untimed ones and the last (evaluation, checkpoint) left out."""
+    from samlm.studies import bench
+
+    calls = []
+    real = bench.time_harness
+
+    def spy(args, name):
+        times = real(args, name)
+        calls.append((name, len(times)))
+        return times
+
+    monkeypatch.setattr(bench, "time_harness", spy)
+    out = tmp_path / "bench.json"
+    flags = [f for f in TINY if f not in ("--vocab", "32")] + ["--steps", "3", "--methods", "sam_full,fsam",
+                                                                  "--harness", "--no-memory", "--json", str(out)]
+    assert main(flags) == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert dict(calls) == {"adamw": 3, "sam_full": 0, "fsam": 3}
+    assert methods["fsam"]["harness_step_s"] > 0 and methods["fsam"]["harness_over_bench"] > 0
+    assert "harness_step_s" not in methods["sam_full"]

@@ -94,6 +94,8 @@ class BenchConfig:
     device: str = setting(_device_default(), "cpu, cuda or cuda:N")
     dtype: str = setting("fp32", "bf16: autocast", choices=("fp32", "bf16"))
     no_memory: bool = setting(False, "skip the peak-memory measurement")
+    harness: bool = setting(False, "also time samlm pretrain's loop (data, stats, schedule; no evaluation) at the "
+                            "same shape on the built-in corpus, and report its step time over bench's")
     json: Optional[str] = setting(None, "also write the results as JSON", metavar="PATH")
 
     def check(self) -> None:
@@ -105,6 +107,9 @@ class BenchConfig:
             raise UserError(f"--device {self.device!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available")
+        if self.harness and self.vocab != 256:
+            raise UserError(f"--harness trains on the built-in corpus with the bytes tokenizer (256 tokens): "
+                            f"--vocab must be 256, got {self.vocab}")
 
 
 def _check(args) -> list[str]:
@@ -252,6 +257,38 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
     return times
 
 
+def time_harness(args, name: str) -> list[float]:
+    """Step times of ``samlm pretrain``'s loop for ``name`` at the bench's shape: the time between
+    consecutive steps' ``on_step`` calls (data, the step, statistics, the schedule; the evaluation
+    and checkpoint of the last step are left out), over the timed steps."""
+    import tempfile
+
+    from samlm.harness.pretrain import PretrainConfig, pretrain
+
+    if name not in sam_family() and name != "adamw":
+        return []  # the pseudo-methods (peer_sam, sam_full) have no harness run
+    steps = (args.untimed_steps + args.steps) * args.sam_every + 1
+    stamps: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="samlm-bench-") as out:
+        config = PretrainConfig(
+            arch="gpt2", layers=args.layers, width=args.width, heads=args.heads, context=args.context,
+            batch=args.batch, tokenizer="bytes", steps=steps, warmup=0, optimizer=name, rho=method_rho(args, name)
+            if name != "adamw" else None, ascent_fraction=args.ascent_fraction, sam_every=cycle(args, name),
+            eval_every=0, save_every=0, val_batches=1, sharpness=False, compile=args.compile, device=args.device,
+            mixed_precision="bf16" if args.dtype == "bf16" else None, threads=torch.get_num_threads(),
+            progress=False, out=out, overwrite=True)
+
+        def on_step(step, stats):
+            _sync(args.device)
+            stamps.append(time.perf_counter())
+
+        pretrain(config, on_step=on_step)
+    per_step = [b - a for a, b in zip(stamps, stamps[1:])]
+    timed = per_step[args.untimed_steps * args.sam_every:]
+    # rounds of K steps, as the bench times them
+    return [sum(timed[i:i + args.sam_every]) / args.sam_every for i in range(0, len(timed), args.sam_every)]
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence the profiler's own start/stop lines, which its C++ logger writes to fd 2."""
@@ -351,6 +388,12 @@ def run_bench(args: BenchConfig) -> dict:
     results = ratios(times, methods, {name: cycle(args, name) for name in methods})
     passes = {name.removeprefix("pass:"): round(statistics.median(t), 5)
               for name, t in times.items() if name.startswith("pass:")}
+    if args.harness:
+        for name in methods:
+            loop = time_harness(args, name)
+            if loop:
+                results[name]["harness_step_s"] = round(statistics.median(loop), 5)
+                results[name]["harness_over_bench"] = round(statistics.median(loop) / results[name]["step_s"], 3)
     for name in methods:
         if not args.no_memory:
             results[name]["peak_mem_mb"] = round(peak_memory_mb(args, name), 1)
@@ -385,6 +428,10 @@ def format_table(report: dict) -> str:
         q1, q3 = row.get("ratio_iqr", (row["ratio"], row["ratio"]))
         lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {f'{q1:.3f}-{q3:.3f}':>13} {row['floor']:>7.3f} "
                      f"{row['over_floor']:>8.3f} {mem}")
+    if any("harness_step_s" in row for row in report["methods"].values()):
+        lines.append("samlm pretrain's loop at the same shape (built-in corpus, no evaluation), median step: "
+                     + ", ".join(f"{name} {row['harness_step_s']:.4f} s ({row['harness_over_bench']:.3f}x bench)"
+                                 for name, row in report["methods"].items() if "harness_step_s" in row))
     passes = ", ".join(f"{kind} {seconds:.4f} s" for kind, seconds in report.get("passes_s", {}).items())
     if passes:
         lines.append(f"bare passes (median): {passes}; floor = (AdamW step + a method's extra passes{per_step}) "
