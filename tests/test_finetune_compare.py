@@ -16,7 +16,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 
 
 def write_run(root, name, *, optimizer, subsample, seed, best, final=None, rho=None, base=None,
-              score_name="mean task score", model="runs/t5-small", extra_metrics=None):
+              score_name="mean task score", model="t5-small", extra_metrics=None):
     """A summary.json like harness.build_summary writes (only the fields compare reads)."""
     final = best if final is None else final
     metrics = {"glue/rte/accuracy": {"best": best, "best_step": 10, "mode": "max", "final": final, "final_step": 20},
@@ -156,7 +156,9 @@ def test_grid_runs_then_reports_and_skips_done_runs(t5_dir, tmp_path, capsys):
     assert (summary["config"]["optimizer"], summary["config"]["subsample"], summary["config"]["rho"]) == ("sam", 0.5, 0.05)
     assert summary["data"]["glue/rte"]["train_examples"] == 2           # round(0.5 * 3) = 2
     md = (out / "results.md").read_text()
-    model = t5_dir.name                                                 # the model column: the directory's name
+    # the model column: the model's own name (a local directory without a card or a hub name in its config:
+    # its type and full path), never the directory's basename alone
+    model = f"t5 ({t5_dir.resolve()})"
     assert f"| {model} | 50% | sam rho=0.05 |" in md and f"| {model} | 100% | adafactor |" in md
     assert (out / "gain.png").is_file()
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""Compare fine-tuning runs: baseline vs SAM variants x data fractions x seeds, paper-style tables."""
+"""Compare fine-tuning runs: baseline vs SAM variants x (lr, ρ) x data fractions x seeds, paper-style tables."""
 
 from __future__ import annotations
 
@@ -10,11 +10,20 @@ from samlm.errors import UserError
 from samlm.harness import settings
 from samlm.harness.finetune import FinetuneConfig, prepare
 from samlm.progress import say
-from samlm.studies.finetune_compare import FinetuneGrid, compare_budgets, compare_runs, find_run_dirs, run_grid
-from samlm.studies.grid import GridSettings
+from samlm.studies.finetune_compare import (
+    FinetuneGrid,
+    FinetuneGridSettings,
+    compare_budgets,
+    compare_runs,
+    find_run_dirs,
+    run_grid,
+)
 
-# What the grid varies or owns; every other finetune flag applies to every run.
-GRID_OWNS = ("optimizer", "rho", "subsample", "seed", "out", "resume", "overwrite", "dry_run")
+# What the grid varies or owns (--lr and --rho are grids of FinetuneGridSettings); every other
+# finetune flag applies to every run.
+GRID_OWNS = ("optimizer", "rho", "lr", "subsample", "seed", "out", "resume", "overwrite", "dry_run")
+# Grid flags that mean nothing without a grid to run.
+GRID_ONLY = ("optimizers", "rho", "lr")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,22 +31,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", nargs="*", default=[], metavar="DIR",
                         help="existing run directories (or directories holding them) to include")
     parser.add_argument("--baseline", default=None,
-                        help="method label of the baseline (default: the one non-SAM optimizer)")
-    settings.add_arguments(parser, GridSettings)
+                        help="the baseline: a method label (that point), or an optimizer (its best lr/ρ point at "
+                        "each data fraction) (default: the one non-SAM optimizer)")
+    settings.add_arguments(parser, FinetuneGridSettings)
     parser.add_argument("--subsample", default="1", help="comma-separated data fractions in (0, 1] (default 1)")
     settings.add_arguments(parser, FinetuneConfig, exclude=GRID_OWNS)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    grid_settings = settings.from_args(GridSettings, args)
+    grid_settings = settings.from_args(FinetuneGridSettings, args)
     settings.validate(grid_settings)
-    base = settings.from_args(FinetuneConfig, args, out=str(out))
+    # --lr (the grid's, like --rho) lands in the namespace under a FinetuneConfig name too: the base
+    # keeps its default, the model's lr, for the methods the grid does not name.
+    base = settings.from_args(FinetuneConfig, args, out=str(out), lr=None)
     run_dirs: list[Path] = []
     if base.model is not None:
         grid = FinetuneGrid(out=str(out), base=base, optimizers=grid_settings.optimizers, subsample=args.subsample,
                             seeds=grid_settings.seeds, rho=grid_settings.rho, overwrite=grid_settings.overwrite,
-                            jobs=grid_settings.jobs, budget=grid_settings.budget)
+                            jobs=grid_settings.jobs, budget=grid_settings.budget, lr=grid_settings.lr)
         if grid_settings.dry_run:
             runs = grid.runs()
             for name, config, budgets in runs:
@@ -53,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
         say(f"wrote {out / 'results.md'}, results.csv, gains.csv, gain.png"
             + (f" (equal compute: {out / 'equal-compute'})" if "compute" in by_budget and by_budget["steps"] else ""))
         return 0
-    elif grid_settings.optimizers is not None:
-        raise UserError("--optimizers runs a grid: pass --model (and --task) too, or only --runs to report")
+    grid_only = [settings.flag(FinetuneGridSettings, name) for name in GRID_ONLY
+                 if getattr(grid_settings, name) is not None]
+    if grid_only:
+        raise UserError(f"{'/'.join(grid_only)} needs a grid to run: pass --model (and --task) too, or only --runs to report")
     run_dirs += find_run_dirs(args.runs)
     if not run_dirs:
         raise UserError("nothing to compare: pass --runs DIR ... or --model/--task to run a grid")
