@@ -190,7 +190,7 @@ def budget_table(records: Sequence[fc.RunRecord], budgets: Sequence[int], chosen
     baselines = {fraction: label for (fraction, label) in at if not any(label.startswith(m) for m in chosen)}
     lines = ["| data | method | " + " | ".join(f"{b} steps" for b in budgets) + " |",
              "|---|---|" + "---:|" * len(budgets)]
-    for (fraction, label), by_budget in sorted(at.items(), key=lambda item: (item[0][0], item[0][1] in baselines.values())):
+    for (fraction, label), by_budget in sorted(at.items(), key=lambda item: (item[0][0], item[0][1] not in baselines.values())):
         base = at.get((fraction, baselines.get(fraction)), {})
         cells = []
         for budget in budgets:
