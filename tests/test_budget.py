@@ -135,3 +135,24 @@ def test_finetune_compare_reports_both_budgets(tmp_path):
     text = (out / "results.md").read_text()
     assert "| equal steps | equal compute |" in text and "(n=2)" in text
     assert (out / "equal-compute" / "results.md").is_file()
+
+
+def test_budget_table_step_cost_follows_the_runs_sam_schedule():
+    """The 'step cost (model)' column is the cost of the schedule the runs used: SAM every 5
+    steps costs 1 + 0.25/5, F-SAM in the last quarter of the run 1 + 0.5/4."""
+    from pathlib import Path
+
+    from samlm.studies import report
+
+    def run(optimizer, seed, **config):
+        summary = {"optimizer": optimizer, "seed": seed, "rho": None if optimizer == "adamw" else 0.1, "lr": 0.01,
+                   "steps": 100, "val_loss": 2.0, "step_s": 0.01,
+                   "config": {"ascent_fraction": 0.25, "steps": 100, **config}}
+        return report.Run(f"{optimizer}-{seed}", Path("."), summary)
+
+    for schedule, sam_cost, fsam_cost in (({"sam_every": 5}, "1.05x", "1.1x"), ({"sam_start": 0.75}, "1.06x", "1.12x"),
+                                          ({"sam_start": 75}, "1.06x", "1.12x")):
+        runs = [run(m, s, **schedule) for m in ("adamw", "sam", "fsam") for s in (0, 1)]
+        table = report.budget_table({"steps": runs, "compute": runs})
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+        assert f"| {sam_cost} |" in rows["sam"] and f"| {fsam_cost} |" in rows["fsam"], table

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from samlm import io
+from samlm.studies.grid import start_fraction
 from samlm.errors import UserError
 from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
 
@@ -503,8 +504,12 @@ def budget_table(budgets: Mapping[str, Sequence[Run]], reference: str = REFERENC
     lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---|" * with_lr + "---:|" * (len(headers) - 2 - with_lr)]
     for key in order:
         sample = next(g[key][0] for g in groups.values() if key in g)
-        fraction = float(sample.summary.get("config", {}).get("ascent_fraction", 0.25))
-        cost = METHODS[key[0]].step_cost(fraction) if key[0] in METHODS else None
+        config = sample.summary.get("config", {})
+        fraction = float(config.get("ascent_fraction", 0.25))
+        # the schedule the run used: a SAM step every k-th step, plain steps before --sam-start
+        start = start_fraction(float(config.get("sam_start") or 0), sample.summary.get("steps") or config.get("steps"))
+        cost = (METHODS[key[0]].step_cost(fraction, sam_every=int(config.get("sam_every") or 1),
+                                          sam_start_fraction=start) if key[0] in METHODS else None)
         step = mean_std(r.summary.get("step_s") for r in timing.get(key, []))[0]
         measured = f"{step / ref_step:.2f}x" if step and ref_step else "n/a"
         cells = _point_cells(key, with_lr) + ["n/a" if cost is None else f"{cost:.3g}x", measured]
