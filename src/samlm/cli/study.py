@@ -22,8 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(pretrain, "runs/study-pretrain")
     pretrain.add_argument("--optimizers", default=",".join(pretrain_study.STUDY_OPTIMIZERS),
                           help="comma-separated methods (must include adamw)")
-    pretrain.add_argument("--steps", type=int, default=None,
-                          help="steps per run instead of the preset's tokens per parameter (a quick look)")
     pretrain.add_argument("--sweep-seeds", default=None, help="comma-separated seeds of the sweep (default the preset's)")
     pretrain.set_defaults(_study_run=_run_pretrain)
 
@@ -38,7 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     finetune.add_argument("--model", default=None, help="model directory or hub id instead of the preset's")
     finetune.add_argument("--model-label", default=None, help="the model's name in the reports")
     finetune.add_argument("--data-dir", default=None, help="the task's official files (default the preset's)")
-    finetune.add_argument("--steps", type=int, default=None, help="steps per run instead of the preset's")
     finetune.set_defaults(_study_run=_run_finetune)
 
 
@@ -46,6 +43,8 @@ def _common(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--out", default=out, help=f"study directory (default {out})")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds of the final runs (default the preset's)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default the preset's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per run instead of the preset's budget (a quick look)")
     parser.add_argument("--overwrite", action="store_true", help="rerun finished runs too")
     parser.add_argument("--dry-run", action="store_true", help="print the sizes, grids and runs; write nothing")
 
@@ -55,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         from samlm.errors import UserError
 
         raise UserError("samlm study needs a study: " + " or ".join(STUDIES))
+    for flag, value in (("--steps", args.steps), ("--jobs", args.jobs)):
+        if value is not None:
+            settings.positive_int(flag, value)
     return args._study_run(args)
 
 
@@ -63,10 +65,6 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from samlm.studies.grid import parse_seeds
     from samlm.harness.pretrain import validate
 
-    if args.steps is not None:
-        settings.positive_int("--steps", args.steps)
-    if args.jobs is not None:
-        settings.positive_int("--jobs", args.jobs)
     study = PretrainStudy(out=args.out, preset=PRESETS[args.preset], optimizers=args.optimizers.split(","),
                           seeds=None if args.seeds is None else parse_seeds(args.seeds),
                           sweep_seeds=None if args.sweep_seeds is None else parse_seeds(args.sweep_seeds),
@@ -100,10 +98,6 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from samlm.studies.finetune_study import PRESETS, FinetuneStudy, run_study
     from samlm.studies.grid import parse_seeds
 
-    if args.steps is not None:
-        settings.positive_int("--steps", args.steps)
-    if args.jobs is not None:
-        settings.positive_int("--jobs", args.jobs)
     study = FinetuneStudy(out=args.out, preset=PRESETS[args.preset], model=args.model, model_label=args.model_label,
                           data_dir=args.data_dir, seeds=None if args.seeds is None else parse_seeds(args.seeds),
                           jobs=args.jobs, steps=args.steps, overwrite=args.overwrite)

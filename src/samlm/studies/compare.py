@@ -31,6 +31,7 @@ from samlm.studies import report
 from samlm.harness.pretrain.build import DEFAULT_TOKENS_PER_PARAM
 from samlm.studies.grid import (
     Job,
+    check_out_dir,
     compute_factors,
     parse_budget,
     start_fraction,
@@ -186,9 +187,7 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
         validate(run_config)
     if not isinstance(config.jobs, int) or config.jobs < 1:
         raise UserError(f"--jobs must be a positive integer, got {config.jobs!r}")
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
+    out = check_out_dir(config.out)
     summaries: dict[str, dict] = {}
     skipped: list[str] = []
     todo: list[Job] = []

@@ -38,7 +38,7 @@ from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
 from samlm.optim.registry import METHODS
 from samlm.progress import say
 from samlm.studies import finetune_compare as fc
-from samlm.studies.grid import parse_optimizers, parse_rho, parse_seeds
+from samlm.studies.grid import check_out_dir, parse_optimizers, parse_rho, parse_seeds
 
 STUDY_FILE = "study.json"
 REPORT_FILE = "report.md"
@@ -153,27 +153,37 @@ def choose_rho(records: Sequence[fc.RunRecord], fraction: float) -> dict[str, fl
 # --------------------------------------------------------------------------- step budgets
 
 
-def score_at_budget(run_dir: Path, budget: int) -> float | None:
-    """The run's score from each task-metric's best evaluation at a step ≤ ``budget``."""
+def scores_at_budgets(run_dir: Path, budgets: Sequence[int]) -> dict[int, float | None]:
+    """The run's score at each budget B, from each task-metric's best evaluation at a step ≤ B
+    (one read of the run's files for every budget)."""
     from samlm.data.tasks import get_task
     from samlm.harness.finetune.build import overall_score
 
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     modes = {k: v.get("mode", "max") for k, v in summary.get("metrics", {}).items() if not k.endswith("/loss")}
-    best: dict[str, float] = {}
-    for row in io.read_jsonl(run_dir / METRICS_FILE):
-        if not isinstance(row.get("step"), int) or row["step"] > budget:
-            continue
-        for key, mode in modes.items():
-            value = fc._number(row.get(key))
-            if value is not None and (key not in best or (value > best[key] if mode == "max" else value < best[key])):
-                best[key] = value
+    rows = [row for row in io.read_jsonl(run_dir / METRICS_FILE) if isinstance(row.get("step"), int)]
     eval_keys = {task: list((info.get("eval") or {}).keys()) for task, info in (summary.get("data") or {}).items()}
     try:
         tasks = {name: get_task(name) for name in eval_keys}
     except UserError:
-        return None  # generic data: no registered task to score with
-    return overall_score(best, eval_keys, tasks)[1]
+        return {budget: None for budget in budgets}  # generic data: no registered task to score with
+    scores = {}
+    for budget in budgets:
+        best: dict[str, float] = {}
+        for row in rows:
+            if row["step"] > budget:
+                continue
+            for key, mode in modes.items():
+                value = fc._number(row.get(key))
+                if value is not None and (key not in best or (value > best[key] if mode == "max" else value < best[key])):
+                    best[key] = value
+        scores[budget] = overall_score(best, eval_keys, tasks)[1]
+    return scores
+
+
+def score_at_budget(run_dir: Path, budget: int) -> float | None:
+    """The run's score from each task-metric's best evaluation at a step ≤ ``budget``."""
+    return scores_at_budgets(run_dir, [budget])[budget]
 
 
 def budget_table(records: Sequence[fc.RunRecord], budgets: Sequence[int], chosen: Mapping[str, float]) -> str:
@@ -183,8 +193,7 @@ def budget_table(records: Sequence[fc.RunRecord], budgets: Sequence[int], chosen
         if not r.is_baseline and chosen.get(r.optimizer) != r.rho:
             continue
         label = r.optimizer if r.is_baseline else f"{r.optimizer} rho={r.rho:g}"
-        for budget in budgets:
-            score = score_at_budget(r.path, budget)
+        for budget, score in scores_at_budgets(r.path, budgets).items():
             if score is not None:
                 at.setdefault((r.subsample, label), {}).setdefault(budget, {})[r.seed] = score
     baselines = {fraction: label for (fraction, label) in at if not any(label.startswith(m) for m in chosen)}
@@ -223,9 +232,7 @@ class StudyResult:
 def run_study(study: FinetuneStudy) -> StudyResult:
     """Run (or continue) both stages, then write the reports."""
     started = time.perf_counter()
-    out = Path(study.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
+    out = check_out_dir(study.out)
     sam = study.sam_methods()
     if len(sam) == len(study.preset.optimizers):
         raise UserError("the fine-tuning study needs a baseline (a method without a perturbation)")
@@ -256,7 +263,7 @@ def run_study(study: FinetuneStudy) -> StudyResult:
 def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[fc.RunRecord],
                    sweep: Sequence[fc.RunRecord]) -> str:
     base, preset, report = study.base, study.preset, result.report
-    split = _split_text(records)
+    split = fc.split_text(records)
     lines = [
         "# samlm study finetune", "",
         f"Preset: {preset.description}. {base.steps} steps of batch {base.batch}, lr {base.lr:g} "
@@ -286,15 +293,6 @@ def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[
     if result.seconds:
         lines.append(f"This call took {result.seconds:.0f} s (runs finished by earlier calls are not counted).")
     return "\n".join(lines) + "\n"
-
-
-def _split_text(records: Sequence[fc.RunRecord]) -> str:
-    for r in records:
-        summary = json.loads((r.path / SUMMARY_FILE).read_text())
-        for task, info in (summary.get("data") or {}).items():
-            for name, ev in (info.get("eval") or {}).items():
-                return f"{name} {ev.get('split')} ({ev.get('examples')} examples)"
-    return "the validation split"
 
 
 def _gain_table(report: fc.Report) -> str:

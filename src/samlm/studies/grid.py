@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -85,6 +86,14 @@ def start_fraction(sam_start: float, steps: Optional[int]) -> float:
         raise UserError("--budget compute with --sam-start as a step needs --steps (or give --sam-start as a "
                         "fraction of the run)")
     return min(1.0, sam_start / steps)
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """``--out`` as a Path; a one-line error when it names a file."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a directory")
+    return path
 
 
 def stretched(steps: Optional[int], factor: float) -> Optional[int]:

@@ -33,7 +33,7 @@ from samlm.harness.pretrain import PretrainConfig
 from samlm.progress import say
 from samlm.studies import report
 from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
-from samlm.studies.grid import parse_optimizers, parse_seeds
+from samlm.studies.grid import check_out_dir, parse_optimizers, parse_seeds
 
 STUDY_OPTIMIZERS = ("adamw", "sam", "fsam", "psam", "pfsam")
 STUDY_FILE = "study.json"
@@ -180,9 +180,7 @@ class StudyResult:
 def run_study(study: PretrainStudy) -> StudyResult:
     """Run (or continue) every stage of every size, then write ``report.md`` and ``study.json``."""
     started = time.perf_counter()
-    out = Path(study.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
+    out = check_out_dir(study.out)
     optimizers = parse_optimizers(study.optimizers)
     if "adamw" not in optimizers:
         raise UserError("the pretraining study compares against AdamW: --optimizers must include adamw")
