@@ -34,7 +34,10 @@ import torch.nn.functional as F
 
 from samlm.errors import UserError
 
-BUILTIN_CORPORA = {"tinyshakespeare": "tinyshakespeare.txt"}
+# Built-in corpora (shipped in samlm/resources; provenance in docs/pretraining.md):
+# Tiny Shakespeare (public domain), and a second domain for forgetting studies: 48 modules of
+# CPython 3.11.7's standard library source, one document per module (PSF license, beside it).
+BUILTIN_CORPORA = {"tinyshakespeare": "tinyshakespeare.txt", "python-stdlib": "python_stdlib.jsonl"}
 DEFAULT_CORPUS = "tinyshakespeare"
 DOCUMENT_SEPARATOR = "\n\n"  # between files of a directory / documents of a hub dataset
 IGNORE_INDEX = -100  # label value that lm_loss skips (padding)
@@ -90,6 +93,9 @@ def load_corpus(
 def _read_corpus(spec: str, *, max_chars, streaming) -> tuple[str, str]:
     if spec in BUILTIN_CORPORA:
         resource = importlib.resources.files("samlm.resources").joinpath(BUILTIN_CORPORA[spec])
+        if resource.name.endswith(".jsonl"):
+            with importlib.resources.as_file(resource) as path:
+                return _read_jsonl_corpus(Path(path)), f"'{spec}'"
         return resource.read_text(encoding="utf-8"), f"'{spec}'"
     if spec.startswith("hf:"):
         return _read_hub_dataset(spec[3:], max_chars=max_chars, streaming=streaming), f"'{spec}'"
