@@ -30,3 +30,13 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
+
+
+def pytest_configure(config):
+    """Prepared-data cache (samlm.data.prepared) in a temporary directory, never ~/.cache: every
+    test process (and the CLI subprocesses they start) shares it, as runs on one machine do."""
+    import os
+    import tempfile
+
+    if "SAMLM_CACHE" not in os.environ:
+        os.environ["SAMLM_CACHE"] = tempfile.mkdtemp(prefix="samlm-test-cache-")

@@ -150,9 +150,9 @@ def small_dataset(context=8, chars=4000):
 def test_split_is_the_last_tenth_and_batches_are_shifted():
     dataset = small_dataset()
     tokens = torch.tensor(ByteTokenizer().encode(load_corpus(max_chars=4000)))
-    assert dataset.val_tokens.numel() == 400
-    assert torch.equal(dataset.val_tokens.long(), tokens[-400:])
-    assert torch.equal(dataset.train_tokens.long(), tokens[:-400])
+    assert len(dataset.val_tokens) == 400
+    assert torch.equal(torch.from_numpy(dataset.val_tokens).long(), tokens[-400:])
+    assert torch.equal(torch.from_numpy(dataset.train_tokens).long(), tokens[:-400])
     batch = next(dataset.train_batches(batch_size=3, seed=0))
     assert batch["input_ids"].shape == batch["labels"].shape == (3, 8)
     assert batch["input_ids"].dtype == torch.long
@@ -173,7 +173,7 @@ def test_batches_are_deterministic_per_seed():
     assert same_batches(first, take(dataset.train_batches(4, seed=1), 5))
     assert not same_batches(first, take(dataset.train_batches(4, seed=2), 5))
     # The split itself depends on no seed.
-    assert torch.equal(small_dataset().val_tokens, dataset.val_tokens)
+    assert (small_dataset().val_tokens == dataset.val_tokens).all()
 
 
 def test_iterator_resume_gives_identical_batches_across_epochs():

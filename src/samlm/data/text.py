@@ -135,26 +135,41 @@ def read_utf8(path: Path) -> str:
 
 def _read_jsonl_corpus(path: Path) -> str:
     """The ``"text"`` fields of a JSON-lines file, joined with a blank line."""
-    documents = []
-    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object with a '{JSONL_TEXT_FIELD}' field, "
-                            f"found {type(record).__name__}")
-        if JSONL_TEXT_FIELD not in record:
-            fields = ", ".join(map(str, list(record)[:8])) or "none"
-            raise UserError(f"{path}:{number}: no '{JSONL_TEXT_FIELD}' field (fields: {fields})")
-        text = record[JSONL_TEXT_FIELD]
-        if not isinstance(text, str):
-            raise UserError(f"{path}:{number}: '{JSONL_TEXT_FIELD}' should be a string, found {type(text).__name__}")
-        if text:
-            documents.append(text)
-    return DOCUMENT_SEPARATOR.join(documents)
+    return DOCUMENT_SEPARATOR.join(read_jsonl_documents(path))
+
+
+def read_jsonl_documents(path: Path) -> Iterator[str]:
+    """The non-empty ``"text"`` fields of a JSON-lines file, read line by line (a file of any size);
+    a bad line is a ``UserError`` naming the file and line."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            start = offset
+            offset += len(raw)
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], 3
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path} is not valid UTF-8: byte {start + exc.start} (line {number}, column "
+                                f"{exc.start + 1}) is {raw[exc.start:exc.start + 1]!r}") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object with a '{JSONL_TEXT_FIELD}' field, "
+                                f"found {type(record).__name__}")
+            if JSONL_TEXT_FIELD not in record:
+                fields = ", ".join(map(str, list(record)[:8])) or "none"
+                raise UserError(f"{path}:{number}: no '{JSONL_TEXT_FIELD}' field (fields: {fields})")
+            text = record[JSONL_TEXT_FIELD]
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{number}: '{JSONL_TEXT_FIELD}' should be a string, found {type(text).__name__}")
+            if text:
+                yield text
 
 
 def _read_directory(directory: Path) -> str:
@@ -341,41 +356,71 @@ def count_targets(batch: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) ->
 # --------------------------------------------------------------------------- dataset
 
 
-def _windows(tokens: torch.Tensor, starts: torch.Tensor, context: int) -> Batch:
-    index = starts[:, None] + torch.arange(context + 1)
-    window = tokens[index].long()
+def _windows(tokens: np.ndarray, starts: np.ndarray, context: int) -> Batch:
+    """The windows ``tokens[s : s + context + 1]`` for each start ``s`` (a memory map reads only them)."""
+    index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(context + 1, dtype=np.int64)
+    window = torch.from_numpy(np.asarray(tokens[index], dtype=np.int64))
     return {"input_ids": window[:, :-1].contiguous(), "labels": window[:, 1:].contiguous()}
 
 
-def _compact(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Store token streams in int32 when possible: half the memory of int64."""
-    return tokens.to(torch.int32) if vocab_size < 2**31 else tokens.long()
+def _token_array(tokens, vocab_size: int) -> np.ndarray:
+    """A 1-D numpy token array (a memory map stays one); in-memory tensors are stored in int32
+    when the vocabulary allows: half the memory of int64."""
+    if isinstance(tokens, np.ndarray):
+        return tokens.reshape(-1)
+    tokens = torch.as_tensor(tokens).reshape(-1)
+    return tokens.to(torch.int32 if vocab_size < 2**31 else torch.int64).numpy()
 
 
 class LMDataset:
-    """A token stream split into training (first part) and validation (last ``val_fraction``)."""
+    """Training and validation token streams (numpy arrays: in memory, or memory-mapped from a
+    prepared directory, :mod:`samlm.data.prepared`) cut into windows of ``context + 1`` tokens.
+
+    ``LMDataset(tokens, ...)`` splits one stream: the last ``val_fraction`` is validation."""
 
     def __init__(self, tokens: torch.Tensor, *, context: int, vocab_size: int, val_fraction: float = 0.1):
-        if context < 1:
-            raise UserError(f"context must be >= 1, got {context}")
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        tokens = tokens.reshape(-1)
-        if tokens.numel() and int(tokens.max()) >= vocab_size:
+        tokens = _token_array(tokens, vocab_size)
+        if tokens.size and int(tokens.max()) >= vocab_size:
             raise UserError(f"token id {int(tokens.max())} is outside the vocabulary of size {vocab_size}")
-        n_val = int(round(tokens.numel() * val_fraction))
-        n_train = tokens.numel() - n_val
-        for part, size in (("validation", n_val), ("training", n_train)):
+        n_val = int(round(tokens.size * val_fraction))
+        n_train = tokens.size - n_val
+        self._setup(tokens[:n_train], tokens[n_train:], context=context, vocab_size=vocab_size,
+                    what=f"{tokens.size} tokens in all, val_fraction={val_fraction}")
+        self.val_fraction = val_fraction
+
+    def _setup(self, train, val, *, context: int, vocab_size: int, what: str) -> None:
+        if context < 1:
+            raise UserError(f"context must be >= 1, got {context}")
+        for part, size in (("validation", len(val)), ("training", len(train))):
             if size < context + 1:
                 raise UserError(
                     f"corpus too small: the {part} split has {size} tokens, fewer than one window of "
-                    f"context+1={context + 1} tokens ({tokens.numel()} tokens in all, val_fraction={val_fraction})"
+                    f"context+1={context + 1} tokens ({what})"
                 )
         self.context = context
         self.vocab_size = vocab_size
-        self.val_fraction = val_fraction
-        self.train_tokens = _compact(tokens[:n_train], vocab_size)
-        self.val_tokens = _compact(tokens[n_train:], vocab_size)
+        self.val_fraction = None
+        self.train_tokens = train
+        self.val_tokens = val
+
+    @classmethod
+    def from_splits(cls, train, val, *, context: int, vocab_size: int, what: str = "") -> "LMDataset":
+        """A dataset of given training and validation streams (numpy arrays or memory maps, used as they are)."""
+        dataset = cls.__new__(cls)
+        dataset._setup(_token_array(train, vocab_size), _token_array(val, vocab_size), context=context,
+                       vocab_size=vocab_size, what=what or f"{len(train)} training and {len(val)} validation tokens")
+        return dataset
+
+    @classmethod
+    def from_prepared(cls, path, *, context: int) -> "LMDataset":
+        """The memory-mapped splits of a prepared directory (``samlm prepare``)."""
+        from samlm.data.prepared import load_prepared
+
+        prepared = load_prepared(path)
+        return cls.from_splits(prepared.train, prepared.val, context=context, vocab_size=prepared.vocab_size,
+                               what=f"prepared dataset {prepared.path}")
 
     @classmethod
     def from_text(cls, text: str, tokenizer, *, context: int, val_fraction: float = 0.1) -> "LMDataset":
@@ -387,7 +432,7 @@ class LMDataset:
         cls, spec: str | os.PathLike = DEFAULT_CORPUS, tokenizer=None, *, context: int, val_fraction: float = 0.1,
         max_chars: int | None = None,
     ) -> "LMDataset":
-        """Load a corpus (see :func:`load_corpus`) and tokenize it (byte tokenizer by default)."""
+        """Load a corpus (see :func:`load_corpus`) and tokenize it in memory (byte tokenizer by default)."""
         text = load_corpus(spec, max_chars=max_chars)
         return cls.from_text(text, tokenizer or ByteTokenizer(), context=context, val_fraction=val_fraction)
 
@@ -396,18 +441,20 @@ class LMDataset:
         return LMBatchIterator(self.train_tokens, context=self.context, batch_size=batch_size, seed=seed)
 
     def val_batches(self, batch_size: int, max_batches: int | None = None) -> list[Batch]:
-        """The validation windows in order, as a fixed list of batches (last one may be smaller)."""
+        """The validation windows in order, as a fixed list of batches (last one may be smaller);
+        only the first ``max_batches`` are read."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
-        n_windows = (self.val_tokens.numel() - 1) // self.context
-        starts = torch.arange(n_windows) * self.context
-        # min(): a batch larger than the split is the whole split (and torch cannot take > 2**63 - 1)
-        batches = [_windows(self.val_tokens, s, self.context) for s in starts.split(min(batch_size, max(n_windows, 1)))]
-        return batches[:max_batches] if max_batches is not None else batches
+        n_windows = (len(self.val_tokens) - 1) // self.context
+        if max_batches is not None:
+            n_windows = min(n_windows, max_batches * batch_size)
+        starts = np.arange(n_windows, dtype=np.int64) * self.context
+        size = min(batch_size, max(n_windows, 1))
+        return [_windows(self.val_tokens, starts[i:i + size], self.context) for i in range(0, n_windows, size)]
 
     @property
     def train_windows(self) -> int:
-        return (self.train_tokens.numel() - 1) // self.context
+        return (len(self.train_tokens) - 1) // self.context
 
 
 class LMBatchIterator:
@@ -415,42 +462,50 @@ class LMBatchIterator:
 
     Epoch ``e`` is fully determined by ``(seed, e)``: a start offset in ``[0, context)`` and a
     permutation of the windows (see the module docstring). The position is ``(epoch, index)``.
+    The permutation is kept in int32 (the same permutation torch draws in int64), and the start
+    positions of a batch are computed when it is served: 4 bytes per window of the training split.
     """
 
-    def __init__(self, tokens: torch.Tensor, *, context: int, batch_size: int, seed: int = 0):
+    def __init__(self, tokens, *, context: int, batch_size: int, seed: int = 0):
         if batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
-        self.tokens = tokens
+        self.tokens = tokens if isinstance(tokens, np.ndarray) else _token_array(tokens, 2**31)
         self.context = context
         self.batch_size = batch_size
         self.seed = int(seed)
         self.epoch = 0
         self.index = 0  # batches already taken from the current epoch
         self._plan_epoch: int | None = None
-        self._starts = torch.empty(0, dtype=torch.long)
+        self._offset = 0
+        self._order = torch.empty(0, dtype=torch.int32)
         if self._windows_in_epoch(offset=context - 1) < batch_size:
             raise UserError(
-                f"training split too small: {tokens.numel()} tokens give fewer than batch_size={batch_size} "
+                f"training split too small: {len(self.tokens)} tokens give fewer than batch_size={batch_size} "
                 f"windows of context+1={context + 1} tokens; use a smaller batch or context, or a larger corpus"
             )
 
     def _windows_in_epoch(self, offset: int) -> int:
-        return (self.tokens.numel() - offset - 1) // self.context
+        return (len(self.tokens) - offset - 1) // self.context
 
-    def _epoch_starts(self, epoch: int) -> torch.Tensor:
-        """Window start positions of ``epoch`` in the order they are served."""
+    def _plan(self, epoch: int) -> None:
+        """The start offset and window order of ``epoch``."""
         if self._plan_epoch != epoch:
             entropy = np.random.SeedSequence([self.seed, epoch]).generate_state(2, dtype=np.uint64)
             generator = torch.Generator().manual_seed(int(entropy[0] >> np.uint64(1)))
-            offset = int(torch.randint(self.context, (1,), generator=generator))
-            n_windows = self._windows_in_epoch(offset)
-            order = torch.randperm(n_windows, generator=generator)
-            self._starts = offset + order * self.context
+            self._offset = int(torch.randint(self.context, (1,), generator=generator))
+            n_windows = self._windows_in_epoch(self._offset)
+            dtype = torch.int32 if n_windows < 2**31 else torch.int64
+            self._order = torch.randperm(n_windows, generator=generator, dtype=dtype)
             self._plan_epoch = epoch
-        return self._starts
+
+    def _epoch_starts(self, epoch: int) -> np.ndarray:
+        """Window start positions of ``epoch`` in the order they are served."""
+        self._plan(epoch)
+        return self._offset + self._order.numpy().astype(np.int64) * self.context
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
-        return len(self._epoch_starts(self.epoch if epoch is None else epoch)) // self.batch_size
+        self._plan(self.epoch if epoch is None else epoch)
+        return len(self._order) // self.batch_size
 
     def __iter__(self) -> "LMBatchIterator":
         return self
@@ -459,8 +514,9 @@ class LMBatchIterator:
         if self.index >= self.batches_per_epoch():
             self.epoch += 1
             self.index = 0
-        starts = self._epoch_starts(self.epoch)
-        chosen = starts[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self._plan(self.epoch)
+        order = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        chosen = self._offset + order.numpy().astype(np.int64) * self.context
         self.index += 1
         return _windows(self.tokens, chosen, self.context)
 
@@ -471,12 +527,12 @@ class LMBatchIterator:
             "index": self.index,
             "batch_size": self.batch_size,
             "context": self.context,
-            "num_tokens": int(self.tokens.numel()),
+            "num_tokens": int(len(self.tokens)),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a saved position; the data and batch shape must be the same."""
-        for key, mine in (("batch_size", self.batch_size), ("context", self.context), ("num_tokens", int(self.tokens.numel()))):
+        for key, mine in (("batch_size", self.batch_size), ("context", self.context), ("num_tokens", int(len(self.tokens)))):
             if int(state[key]) != mine:
                 raise UserError(
                     f"cannot resume the data iterator: saved {key}={state[key]}, now {mine} "

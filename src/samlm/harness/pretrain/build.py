@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -15,22 +16,69 @@ from samlm.harness.pretrain.config import PretrainConfig
 MAX_DEFAULT_WARMUP = 1000
 DEFAULT_TOKENS_PER_PARAM = 20.0
 
-_TOKEN_CACHE: dict[tuple, Any] = {}
+@dataclass
+class RunData:
+    """A run's tokens and tokenizer (:func:`load_data`)."""
+
+    dataset: Any                # samlm.data.text.LMDataset over the prepared memory maps
+    tokenizer: Any
+    tokenizer_name: str         # what the run records: as given (bytes, a hub id, bpe:8192)
+    vocab_size: int
+    prepared: Any               # samlm.data.prepared.PreparedTokens
+
+    def describe(self) -> dict:
+        """``config.json``'s ``resolved.data``: the prepared data the run reads."""
+        return self.prepared.summary()
 
 
-def load_dataset(config: PretrainConfig, tokenizer):
-    """The :class:`~samlm.data.text.LMDataset` of a config (the token stream is cached per process)."""
-    from samlm.data.text import LMDataset, encode_text, load_corpus, tokenizer_vocab_size
+def load_data(config: PretrainConfig, *, progress: bool | None = None) -> RunData:
+    """The prepared tokens of ``--data`` (a prepared directory as it is; a raw spec prepared once
+    into the cache and reused by every later run, :func:`samlm.data.prepared.ensure_prepared`),
+    memory-mapped, and the tokenizer they were made with. A prepared directory whose tokenizer
+    differs from ``--tokenizer`` (or ``--model``'s own) is refused in one line."""
+    from samlm.data.prepared import Budget, ensure_prepared, is_prepared_dir, load_prepared
+    from samlm.data.text import LMDataset, load_tokenizer
 
-    key = (config.data, getattr(tokenizer, "name_or_path", getattr(tokenizer, "name", None)),
-           tokenizer_vocab_size(tokenizer), config.max_chars)
-    tokens = _TOKEN_CACHE.get(key)
-    if tokens is None:
-        tokens = encode_text(tokenizer, load_corpus(config.data, max_chars=config.max_chars))
-        _TOKEN_CACHE.clear()  # keep one corpus in memory at most
-        _TOKEN_CACHE[key] = tokens
-    return LMDataset(tokens, context=config.context, vocab_size=tokenizer_vocab_size(tokenizer),
-                     val_fraction=config.val_fraction)
+    if is_prepared_dir(config.data):
+        prepared = load_prepared(config.data)
+        _check_prepared_tokenizer(config, prepared)
+        name = prepared.tokenizer_name
+    else:
+        name = resolve_tokenizer_name(config)
+        prepared = ensure_prepared(config.data, name, max_chars=config.max_chars,
+                                   budget=Budget(val_fraction=config.val_fraction),
+                                   trust_remote_code=config.trust_remote_code,
+                                   progress=config.progress if progress is None else progress)
+    tokenizer = load_tokenizer(prepared.tokenizer_path())
+    dataset = LMDataset.from_splits(prepared.train, prepared.val, context=config.context,
+                                    vocab_size=prepared.vocab_size,
+                                    what=f"{len(prepared.train)} training and {len(prepared.val)} validation tokens "
+                                         f"of {config.data}")
+    return RunData(dataset, tokenizer, name, prepared.vocab_size, prepared)
+
+
+def _check_prepared_tokenizer(config: PretrainConfig, prepared) -> None:
+    from samlm.data.prepared import describe_tokenizer, parse_bpe
+    from samlm.data.text import load_tokenizer
+
+    asked, flag = (config.tokenizer, "--tokenizer") if config.tokenizer is not None else (config.model, "--model")
+    if asked is None:
+        return
+    if parse_bpe(asked) is not None:
+        if asked.lower() != prepared.tokenizer_name.lower():
+            raise UserError(f"--data {config.data} was prepared with tokenizer '{prepared.tokenizer_name}', "
+                            f"not {asked}: drop --tokenizer or prepare the data again")
+        return
+    try:
+        tokenizer = load_tokenizer(asked, trust_remote_code=config.trust_remote_code)
+    except UserError:
+        if flag == "--model":
+            return  # a model directory without a tokenizer: its vocabulary is checked with the model
+        raise
+    if describe_tokenizer(tokenizer, asked).sha256 != prepared.tokenizer_sha256:
+        raise UserError(f"--data {config.data} was prepared with tokenizer '{prepared.tokenizer_name}', which is not "
+                        f"{flag} {asked}'s tokenizer: prepare the data with that tokenizer (samlm prepare "
+                        f"--tokenizer {asked}), or drop {flag}")
 
 
 def validation_slices(batches: list, val_batches: int) -> tuple[list, list]:

@@ -42,10 +42,13 @@ class ModelSettings:
 class TextDataSettings:
     """data"""
 
-    data: str = setting("tinyshakespeare", "'tinyshakespeare' (built in), a text file or directory, or a "
-                        "datasets hub id NAME[:CONFIG][:SPLIT]")
-    tokenizer: Optional[str] = setting(None, "'bytes' (UTF-8 bytes) or a Hugging Face tokenizer name/path",
-                                       default_text="bytes; with --model, the model's")
+    data: str = setting("tinyshakespeare", "a prepared directory (samlm prepare), or a corpus prepared once into the "
+                        "cache ($SAMLM_CACHE): 'tinyshakespeare' or 'python-stdlib' (built in), a text file, a .jsonl "
+                        "file or a directory of .txt files, or a datasets hub id [hf:]NAME[:CONFIG][:SPLIT]")
+    tokenizer: Optional[str] = setting(None, "'bytes' (UTF-8 bytes), a Hugging Face tokenizer name/path, or "
+                                       "bpe:VOCAB (a byte-level BPE trained on the training split and stored with "
+                                       "the prepared data)",
+                                       default_text="bytes; with --model, the model's; with a prepared --data, its own")
     max_chars: Optional[int] = setting(None, "truncate the corpus to this many characters", check=s.positive_int)
     val_fraction: float = setting(0.1, "the last fraction of the token stream held out for validation",
                                   check=s.finite(0.0, 1.0, low_open=True, high_open=True), cli=False)
@@ -157,4 +160,6 @@ def identity(record: Mapping[str, Any]) -> dict:
     resolved = record.get("resolved", {})
     for key in ("total_steps", "warmup_steps", "rho", "tokenizer", "parallel"):
         ident[key] = resolved.get(key)
+    data = resolved.get("data") or {}
+    ident["data"] = {k: data.get(k) for k in ("content_sha256", "tokenizer_sha256", "split", "tokens")}
     return ident

@@ -16,8 +16,7 @@ from samlm.harness import settings
 from samlm.harness.pretrain.build import (
     build_model,
     build_run_optimizer,
-    load_dataset,
-    resolve_tokenizer_name,
+    load_data,
     sharpness_probe,
 )
 from samlm.harness.pretrain.config import PretrainConfig
@@ -26,7 +25,6 @@ from samlm.harness.rundir import CONFIG_FILE, RunDir
 
 def load_run(run_dir: Path):
     """(config, model with the latest checkpoint's weights, its optimizer (or None), dataset, checkpoint step)."""
-    from samlm.data.text import load_tokenizer, tokenizer_vocab_size
 
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found")
@@ -39,9 +37,9 @@ def load_run(run_dir: Path):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{config_file} is unreadable ({exc})") from None
     checkpoint = io.load_latest_checkpoint(RunDir(run_dir).checkpoints)
-    tokenizer = load_tokenizer(resolve_tokenizer_name(config), trust_remote_code=config.trust_remote_code)
-    dataset = load_dataset(config, tokenizer)
-    model = build_model(config, tokenizer_vocab_size(tokenizer))
+    data = load_data(config, progress=False)
+    dataset = data.dataset
+    model = build_model(config, data.vocab_size)
     result = model.load_state_dict(checkpoint.model_state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(f"checkpoint {checkpoint.path} does not match the run's model")
@@ -67,14 +65,12 @@ def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint, to
 
 def load_model(config: PretrainConfig):
     """(config, the ``config.model`` causal LM, dataset): a model without a run (no optimizer state)."""
-    from samlm.data.text import load_tokenizer, tokenizer_vocab_size
 
     config = dataclasses.replace(config, tokenizer=config.tokenizer or config.model)
     settings.validate(config)
-    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.trust_remote_code)
-    dataset = load_dataset(config, tokenizer)
-    model = build_model(config, tokenizer_vocab_size(tokenizer))
-    return config, model, dataset
+    data = load_data(config, progress=False)
+    model = build_model(config, data.vocab_size)
+    return config, model, data.dataset
 
 
 def measure(*, run_dir: Optional[Path] = None, model_config: Optional[PretrainConfig] = None,

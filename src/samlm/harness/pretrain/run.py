@@ -24,10 +24,9 @@ from samlm.errors import UserError
 from samlm.harness.pretrain.build import (
     build_model,
     build_run_optimizer,
-    load_dataset,
+    load_data,
     lr_schedule,
     resolve_steps,
-    resolve_tokenizer_name,
     sharpness_probe,
     validation_slices,
 )
@@ -56,6 +55,7 @@ class Resolved:
     tuning_batches: int               # validation batches 1..tuning_batches: val_loss (the tuning slice)
     report_batches: int               # the next report_batches: report_loss (the report slice)
     parallel: dict                    # world_size, strategy, mixed_precision, sync_ascent
+    data: dict                        # the prepared tokens read: content and tokenizer sha256, split, counts, path
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,7 +96,6 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     ``summary["completed"]`` is False when a signal (Ctrl-C, SIGTERM) stopped the run early; its
     checkpoint and results so far are on disk and ``resume=True`` continues it exactly.
     """
-    from samlm.data.text import load_tokenizer, tokenizer_vocab_size
     from samlm.harness import parallel
     from samlm.harness.loop import LoopConfig, lm_evaluator, train
     from samlm.integrations import distributed
@@ -115,10 +114,8 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     distributed.check_batch_split(config.micro_batch, info.world_size)
     _check_step_split(config, info.world_size)
 
-    tokenizer_name = resolve_tokenizer_name(config)
-    tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=config.trust_remote_code)
-    dataset = load_dataset(config, tokenizer)
-    vocab_size = tokenizer_vocab_size(tokenizer)
+    data = load_data(config, progress=config.progress and info.is_main)
+    dataset, tokenizer_name, vocab_size = data.dataset, data.tokenizer_name, data.vocab_size
     model = build_model(config, vocab_size)
     params = count_parameters(model)
     non_embedding = count_parameters(model, exclude_embeddings=True)
@@ -130,11 +127,13 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
                         "pass --no-sharpness with --strategy fsdp")
     model = par.module
     rho = _resolve_rho(config)
-    tuning, held_out = validation_slices(dataset.val_batches(config.micro_batch), config.val_batches)
+    wanted = 2 * config.val_batches if config.val_batches else None   # the tuning and report slices
+    tuning, held_out = validation_slices(dataset.val_batches(config.micro_batch, max_batches=wanted),
+                                         config.val_batches)
     resolved = Resolved(
         tokenizer=tokenizer_name, total_steps=total_steps, warmup_steps=warmup_steps, rho=rho, params=params,
         non_embedding_params=non_embedding, vocab_size=vocab_size, tokens_per_step=config.batch * config.context,
-        train_tokens=int(dataset.train_tokens.numel()), val_tokens=int(dataset.val_tokens.numel()),
+        train_tokens=len(dataset.train_tokens), val_tokens=len(dataset.val_tokens), data=data.describe(),
         tuning_batches=len(tuning), report_batches=len(held_out), parallel=par.describe(),
     )
     record = {"config": config.as_dict(), "resolved": resolved.as_dict()}
