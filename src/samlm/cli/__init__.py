@@ -33,6 +33,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 COMMANDS = {
+    "prepare": "samlm.cli.prepare",
     "pretrain": "samlm.cli.pretrain",
     "finetune": "samlm.cli.finetune",
     "compare": "samlm.cli.compare",

@@ -381,7 +381,7 @@ def describe_differences(saved: Mapping[str, Any], now: Mapping[str, Any], keys:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def override(group, name: str, **changes) -> Any:
+def override(group, name: str, /, **changes) -> Any:
     """``name``'s setting from ``group`` with some of its parts changed (a harness's own default,
     help or resume rule), for a field redefined in a config that extends the group."""
     field = group.__dataclass_fields__[name]
