@@ -148,7 +148,8 @@ class Source:
                 if text:
                     yield text
         else:
-            yield from _hub_documents(self.spec, *self._hub[:2], split)
+            name, config, own_split = self._hub
+            yield from _hub_documents(self.spec, name, config, own_split if split == "train" else "validation")
 
 
 def _directory_files(directory: Path) -> list[Path]:
@@ -821,27 +822,26 @@ def _training_text(source: Source, budget: Budget, limit: int) -> Iterator[str]:
 
 
 def _write_chunk(chunk, phase, writer: _Writer, described: PrepTokenizer, pool, counts) -> None:
-    routed = [(writer.destination(phase, index), document) for index, document in chunk]
-    texts = [document for split, document in routed if split is not None]
+    """Tokenize a chunk of ``(index, document)`` (in parallel with a pool) and append each document
+    to its split, routed in order (a budget met part way through the chunk counts at once)."""
+    candidates = [(index, document) for index, document in chunk if writer.destination(phase, index) is not None]
+    texts = [document for _, document in candidates]
     if pool is not None and len(texts) > 1:
         parts = _split_evenly(texts, pool._max_workers * 4)
         encoded = [ids for batch in pool.map(_worker_encode, parts) for ids in batch]
     else:
         encoded = described.encode_batch(texts)
-    it = iter(encoded)
-    for split, document in routed:
+    for _, document in chunk:
         counts["chars"] += len(document)
         counts["nonblank"] = counts.get("nonblank") or bool(document.strip())
+    for (index, _), tokens in zip(candidates, encoded):
+        split = writer.destination(phase, index)
         if split is None:
             continue
-        tokens = next(it)
         if tokens.size:
             _check_dtype(tokens, described.vocab_size)
             counts["max_id"] = max(counts["max_id"], int(tokens.max()))
-        before = writer.streams.tokens[split]
         writer.add(split, tokens)
-        if writer.streams.tokens[split] == before and split == "train" and writer.train_full():
-            writer.train_documents -= 1  # nothing of it fitted: it was not used
     counts["val_documents"], counts["train_documents"] = writer.val_documents, writer.train_documents
 
 
