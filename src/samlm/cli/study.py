@@ -17,36 +17,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pretrain = sub.add_parser("pretrain", help="Functional-SAM / preconditioned SAM vs AdamW: sizes x methods, "
                               "tuned (lr, rho), seeds, equal steps and equal compute, sharpness",
                               description=pretrain_study.__doc__.strip().splitlines()[0])
-    pretrain.add_argument("--preset", default="cpu", choices=tuple(pretrain_study.PRESETS),
-                          help="cpu (this kind of machine; docs/results.md has its time), gpu-24m, gpu-118m")
-    _common(pretrain, "runs/study-pretrain")
-    pretrain.add_argument("--optimizers", default=",".join(pretrain_study.STUDY_OPTIMIZERS),
-                          help="comma-separated methods (must include adamw)")
-    pretrain.add_argument("--sweep-seeds", default=None, help="comma-separated seeds of the sweep (default the preset's)")
-    pretrain.set_defaults(_study_run=_run_pretrain)
+    settings.add_arguments(pretrain, pretrain_study.PretrainStudySettings)
+    pretrain.set_defaults(_study_run=_run_pretrain, _settings=pretrain_study.PretrainStudySettings)
 
     from samlm.studies import finetune_study
 
     finetune = sub.add_parser("finetune", help="SAM / Functional-SAM vs the baseline optimizer when fine-tuning on "
                               "subsampled data: rho sweep, fractions, seeds, step budgets, best checkpoints",
                               description=finetune_study.__doc__.strip().splitlines()[0])
-    finetune.add_argument("--preset", default="cpu", choices=tuple(finetune_study.PRESETS),
-                          help="cpu (all-MiniLM-L6-v2 on WiC; docs/results.md has its time), gpu-t5-base")
-    _common(finetune, "runs/study-finetune")
-    finetune.add_argument("--model", default=None, help="model directory or hub id instead of the preset's")
-    finetune.add_argument("--model-label", default=None, help="the model's name in the reports")
-    finetune.add_argument("--data-dir", default=None, help="the task's official files (default the preset's)")
-    finetune.set_defaults(_study_run=_run_finetune)
-
-
-def _common(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--out", default=out, help=f"study directory (default {out})")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds of the final runs (default the preset's)")
-    parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default the preset's)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per run instead of the preset's budget (a quick look)")
-    parser.add_argument("--overwrite", action="store_true", help="rerun finished runs too")
-    parser.add_argument("--dry-run", action="store_true", help="print the sizes, grids and runs; write nothing")
+    settings.add_arguments(finetune, finetune_study.FinetuneStudySettings)
+    finetune.set_defaults(_study_run=_run_finetune, _settings=finetune_study.FinetuneStudySettings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,22 +34,17 @@ def run(args: argparse.Namespace) -> int:
         from samlm.errors import UserError
 
         raise UserError("samlm study needs a study: " + " or ".join(STUDIES))
-    for flag, value in (("--steps", args.steps), ("--jobs", args.jobs)):
-        if value is not None:
-            settings.positive_int(flag, value)
-    return args._study_run(args)
+    config = settings.from_args(args._settings, args)
+    settings.validate(config)
+    return args._study_run(config)
 
 
-def _run_pretrain(args: argparse.Namespace) -> int:
-    from samlm.studies.pretrain_study import PRESETS, PretrainStudy, run_study
-    from samlm.studies.grid import parse_seeds
+def _run_pretrain(config) -> int:
+    from samlm.studies.pretrain_study import run_study
     from samlm.harness.pretrain import validate
 
-    study = PretrainStudy(out=args.out, preset=PRESETS[args.preset], optimizers=args.optimizers.split(","),
-                          seeds=None if args.seeds is None else parse_seeds(args.seeds),
-                          sweep_seeds=None if args.sweep_seeds is None else parse_seeds(args.sweep_seeds),
-                          jobs=args.jobs, steps=args.steps, overwrite=args.overwrite)
-    if args.dry_run:
+    study = config.study()
+    if config.dry_run:
         total = 0
         for size in study.preset.sizes:
             sweep = study.sweep(size).runs()
@@ -84,24 +59,21 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         return 0
     result = run_study(study)
     print(f"study report: {result.out / 'report.md'}")
-    print(f"study took {result.seconds:.0f} s")
+    print(f"study took {result.seconds:.0f} s (all calls: {result.time.get('seconds', result.seconds):.0f} s)")
     if result.interrupted:
         say(f"the study stopped ({result.interrupted}): run the same command again to continue")
         return 130
     return 0
 
 
-def _run_finetune(args: argparse.Namespace) -> int:
+def _run_finetune(config) -> int:
     import dataclasses
 
     from samlm.harness.finetune import prepare
-    from samlm.studies.finetune_study import PRESETS, FinetuneStudy, run_study
-    from samlm.studies.grid import parse_seeds
+    from samlm.studies.finetune_study import run_study
 
-    study = FinetuneStudy(out=args.out, preset=PRESETS[args.preset], model=args.model, model_label=args.model_label,
-                          data_dir=args.data_dir, seeds=None if args.seeds is None else parse_seeds(args.seeds),
-                          jobs=args.jobs, steps=args.steps, overwrite=args.overwrite)
-    if args.dry_run:
+    study = config.study()
+    if config.dry_run:
         runs = study.sweep().runs()
         for name, config, _ in runs:
             prepare(dataclasses.replace(config, dry_run=True, overwrite=True))
@@ -112,5 +84,5 @@ def _run_finetune(args: argparse.Namespace) -> int:
         return 0
     result = run_study(study)
     print(f"study report: {result.out / 'report.md'}")
-    print(f"study took {result.seconds:.0f} s")
+    print(f"study took {result.seconds:.0f} s (all calls: {result.time.get('seconds', result.seconds):.0f} s)")
     return 0

@@ -29,7 +29,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from samlm import io
 from samlm.errors import UserError
@@ -38,7 +38,10 @@ from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
 from samlm.optim.registry import METHODS
 from samlm.progress import say
 from samlm.studies import finetune_compare as fc
-from samlm.studies.grid import check_out_dir, parse_optimizers, parse_rho, parse_seeds
+from samlm.harness import settings
+from samlm.harness.settings import setting
+from samlm.studies.grid import (StudySettings, check_out_dir, parse_optimizers, parse_rho, parse_seeds,
+                                study_seconds, study_time_text)
 
 STUDY_FILE = "study.json"
 REPORT_FILE = "report.md"
@@ -136,6 +139,25 @@ class FinetuneStudy:
         return [m for m in parse_optimizers(list(self.preset.optimizers)) if METHODS[m].is_sam]
 
 
+@dataclass
+class FinetuneStudySettings(StudySettings):
+    """study"""
+
+    preset: str = settings.override(StudySettings, "preset", choices=tuple(PRESETS),
+                                    help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    out: str = settings.override(StudySettings, "out", default="runs/study-finetune")
+    model: Optional[str] = setting(None, "model directory or hub id instead of the preset's", group="study")
+    model_label: Optional[str] = setting(None, "the model's name in the reports", group="study")
+    data_dir: Optional[str] = setting(None, "the task's official files", default_text="the preset's", group="study")
+
+    def study(self) -> "FinetuneStudy":
+        """The study these settings describe."""
+        return FinetuneStudy(out=self.out, preset=PRESETS[self.preset], model=self.model,
+                             model_label=self.model_label, data_dir=self.data_dir,
+                             seeds=None if self.seeds is None else parse_seeds(self.seeds), jobs=self.jobs,
+                             steps=self.steps, overwrite=self.overwrite)
+
+
 def choose_rho(records: Sequence[fc.RunRecord], fraction: float) -> dict[str, float]:
     """Each SAM-family optimizer's ρ with the highest mean best-checkpoint score at ``fraction``."""
     scores: dict[tuple[str, float], list[float]] = {}
@@ -227,6 +249,7 @@ class StudyResult:
     chosen: dict[str, float] = field(default_factory=dict)
     report: fc.Report | None = None
     seconds: float = 0.0
+    time: dict = field(default_factory=dict)   # grid.study_seconds: the total over every call
 
 
 def run_study(study: FinetuneStudy) -> StudyResult:
@@ -251,12 +274,13 @@ def run_study(study: FinetuneStudy) -> StudyResult:
     fc.compare_runs(sweep_dirs, out / "rho-sweep")
     records = [fc.load_run(p) for p in main_dirs]
     result.seconds = time.perf_counter() - started
+    result.time = study_seconds(out / STUDY_FILE, result.seconds, restart=study.overwrite)
     io.atomic_write_text(out / REPORT_FILE, study_markdown(study, result, records, sweep))
     io.atomic_write_text(out / STUDY_FILE, json.dumps({
         "format": "samlm-finetune-study", "preset": study.preset.description, "model": study.base.model,
         "model_label": study.base.model_label, "fractions": list(study.preset.fractions),
         "sweep_fraction": study.preset.sweep_fraction, "rho_grid": study.preset.rho, "chosen_rho": chosen,
-        "budgets": study.budgets, "seconds": round(result.seconds, 1)}, indent=2) + "\n")
+        "budgets": study.budgets, **result.time}, indent=2) + "\n")
     return result
 
 
@@ -291,7 +315,7 @@ def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[
         "`runs/`.", "",
     ]
     if result.seconds:
-        lines.append(f"This call took {result.seconds:.0f} s (runs finished by earlier calls are not counted).")
+        lines.append(study_time_text(result.time, result.seconds))
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,41 @@ class CompareGridSettings(GridSettings):
                                 "methods not named)", default_text=f"{s.OptimizerSettings.lr:g}", group="comparison")
 
 
+@dataclass
+class StudySettings:
+    """study"""
+
+    preset: str = setting("cpu", "the study's preset")
+    out: str = setting("runs/study", "study directory")
+    seeds: Optional[str] = setting(None, "comma-separated seeds of the final runs", default_text="the preset's",
+                                   check=lambda flag, value: parse_seeds(value, flag))
+    jobs: Optional[int] = setting(None, "runs at a time", check=s.positive_int, default_text="the preset's")
+    steps: Optional[int] = setting(None, "steps per run instead of the preset's budget (a quick look)",
+                                   check=s.positive_int)
+    overwrite: bool = setting(False, "rerun finished runs too")
+    dry_run: bool = setting(False, "print the sizes, grids and runs; write nothing")
+
+
+def study_seconds(record_file: Path, seconds: float, *, restart: bool = False) -> dict:
+    """A study's time over all its calls: this call's ``seconds`` added to those the study's
+    record (``study.json``) already holds (``restart``: an ``--overwrite`` call starts over)."""
+    calls: list = []
+    if not restart and record_file.is_file():
+        import json
+
+        with contextlib.suppress(ValueError, OSError):
+            calls = [float(c) for c in json.loads(record_file.read_text()).get("calls_seconds", [])]
+    calls.append(round(seconds, 1))
+    return {"seconds": round(sum(calls), 1), "calls_seconds": calls}
+
+
+def study_time_text(time: Mapping[str, Any], seconds: float) -> str:
+    """The report's line on a study's time (``time``: :func:`study_seconds`)."""
+    calls = time.get("calls_seconds") or [round(seconds, 1)]
+    return (f"The study took {time.get('seconds', seconds):.0f} s in all"
+            + (f" over {len(calls)} calls" if len(calls) > 1 else "") + f" (this call {seconds:.0f} s).")
+
+
 BUDGETS = ("steps", "compute")
 
 
@@ -118,16 +153,16 @@ def parse_optimizers(text: str | Sequence[str]) -> list[str]:
     return names
 
 
-def parse_seeds(text: str | Sequence[int]) -> list[int]:
-    items = parse_list(text, "seeds") if isinstance(text, str) else list(text)
+def parse_seeds(text: str | Sequence[int], flag: str = "--seeds") -> list[int]:
+    items = parse_list(text, flag[2:]) if isinstance(text, str) else list(text)
     seeds = []
     for item in items:
         try:
             seed = int(item)
         except (TypeError, ValueError):
-            raise UserError(f"--seeds must be comma-separated integers >= 0, got '{text}'") from None
+            raise UserError(f"{flag} must be comma-separated integers >= 0, got '{text}'") from None
         if seed < 0:
-            raise UserError(f"--seeds must be integers >= 0, got {seed}")
+            raise UserError(f"{flag} must be integers >= 0, got {seed}")
         if seed not in seeds:
             seeds.append(seed)
     return seeds

@@ -25,7 +25,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from samlm import io
 from samlm.errors import UserError
@@ -33,7 +33,10 @@ from samlm.harness.pretrain import PretrainConfig
 from samlm.progress import say
 from samlm.studies import report
 from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
-from samlm.studies.grid import check_out_dir, parse_optimizers, parse_seeds
+from samlm.harness import settings
+from samlm.harness.settings import setting
+from samlm.studies.grid import (StudySettings, check_out_dir, parse_optimizers, parse_seeds, study_seconds,
+                                study_time_text)
 
 STUDY_OPTIMIZERS = ("adamw", "sam", "fsam", "psam", "pfsam")
 STUDY_FILE = "study.json"
@@ -150,6 +153,26 @@ class PretrainStudy:
             **self._common())
 
 
+@dataclass
+class PretrainStudySettings(StudySettings):
+    """study"""
+
+    preset: str = settings.override(StudySettings, "preset", choices=tuple(PRESETS),
+                                    help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    out: str = settings.override(StudySettings, "out", default="runs/study-pretrain")
+    optimizers: str = setting(",".join(STUDY_OPTIMIZERS), "comma-separated methods (must include adamw)",
+                              check=lambda flag, value: parse_optimizers(value), group="study")
+    sweep_seeds: Optional[str] = setting(None, "comma-separated seeds of the sweep", default_text="the preset's",
+                                         check=lambda flag, value: parse_seeds(value, flag), group="study")
+
+    def study(self) -> PretrainStudy:
+        """The study these settings describe."""
+        return PretrainStudy(out=self.out, preset=PRESETS[self.preset], optimizers=parse_optimizers(self.optimizers),
+                             seeds=None if self.seeds is None else parse_seeds(self.seeds),
+                             sweep_seeds=None if self.sweep_seeds is None else parse_seeds(self.sweep_seeds),
+                             jobs=self.jobs, steps=self.steps, overwrite=self.overwrite)
+
+
 def _restrict(spec: str, optimizers: Sequence[str]) -> str | None:
     """The part of a per-method grid spec that names one of ``optimizers``."""
     kept = [item for item in spec.split(",") if item.partition("=")[0] in optimizers]
@@ -175,6 +198,7 @@ class StudyResult:
     chosen: dict[str, dict] = field(default_factory=dict)            # size -> method -> {"rho", "lr"}
     interrupted: str | None = None
     seconds: float = 0.0
+    time: dict = field(default_factory=dict)   # grid.study_seconds: the total over every call
 
 
 def run_study(study: PretrainStudy) -> StudyResult:
@@ -205,6 +229,7 @@ def run_study(study: PretrainStudy) -> StudyResult:
             result.interrupted = final.interrupted or "unfinished final runs"
             break
     result.seconds = time.perf_counter() - started
+    result.time = study_seconds(out / STUDY_FILE, result.seconds, restart=study.overwrite)
     write_study(out, study, result)
     return result
 
@@ -300,7 +325,7 @@ def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
                   f"point: `{size.name}/sweep/report.md`; per-run details: `{size.name}/final/report.md`.", "",
                   size_table(Path(final.out), list(final.summaries), swept_values(study, size)), ""]
     if result.seconds:
-        lines += [f"This call took {result.seconds:.0f} s (finished runs from earlier calls are not counted)."]
+        lines += [study_time_text(result.time, result.seconds)]
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +334,7 @@ def write_study(out: Path, study: PretrainStudy, result: StudyResult) -> None:
     record = {"format": "samlm-pretrain-study", "preset": study.preset.description,
               "sizes": [dataclasses.asdict(s) for s in study.preset.sizes], "optimizers": list(study.optimizers),
               "lr_grid": study.preset.lr, "rho_grid": study.preset.rho, "chosen": result.chosen,
-              "completed": result.interrupted is None, "seconds": round(result.seconds, 1)}
+              "completed": result.interrupted is None,
+              **(result.time or {"seconds": round(result.seconds, 1)})}
     io.atomic_write_text(out / STUDY_FILE, json.dumps(record, indent=2) + "\n")
     io.atomic_write_text(out / REPORT_FILE, study_markdown(study, result))
