@@ -14,8 +14,13 @@ the Gauss-Newton matrix, the functional part of the Hessian and the precondition
 P^-1/2 H P^-1/2. ``OUT/study.json`` records the chosen points. Every stage skips finished runs and
 resumes interrupted ones, so rerunning the command continues a study.
 
-Presets (:data:`PRESETS`): ``cpu`` fits a 2-core machine (docs/results.md has its time); ``gpu-24m``
-and ``gpu-118m`` are the paper-like settings on C4 from the hub, for a GPU.
+Presets (:data:`PRESETS`): ``cpu`` fits a 2-core machine (docs/results.md has its time); ``cpu-bpe``
+is the same protocol with a byte-level BPE of 1024 tokens trained on the corpus; ``gpu-24m`` and
+``gpu-118m`` are the paper-like settings on C4, for a GPU. A preset with a data budget (the GPU
+ones) first prepares its corpus once into ``OUT/data`` (C4's own validation split; exactly the
+training tokens its runs read: 20 tokens per parameter of the largest size, times the
+equal-compute factor of the cheapest method), which every run then memory-maps.
+``PretrainStudy.overrides`` replaces the preset's data, tokenizer, device and precision settings.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from samlm import io
+from samlm.data.prepared import Budget, is_prepared_dir
 from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig
 from samlm.progress import say
@@ -66,6 +72,7 @@ class StudyPreset:
     seeds: tuple[int, ...] = (0, 1, 2)
     jobs: int = 1
     minutes: str = ""            # what it took, where it was measured (docs/results.md)
+    data_tokens: tuple[int, int] | None = None   # (training, validation) tokens to prepare into OUT/data first
 
 
 def _grid(values: Mapping[str, Sequence[str]]) -> str:
@@ -91,22 +98,37 @@ _CPU_BASE = PretrainConfig(
     eval_every=100, val_batches=16, sharpness_every=0, sharpness_iters=10, sharpness_batches=1,
     sharpness_batch_size=8, threads=1, progress=False)
 _GPU_BASE = PretrainConfig(
-    arch="llama", context=512, data="allenai/c4:en", tokenizer="gpt2", max_chars=4_000_000_000, batch=256,
+    arch="llama", context=512, data="allenai/c4:en", tokenizer="gpt2", batch=256,
     tokens_per_param=20, eval_every=500, val_batches=32, sharpness_every=0, sharpness_iters=20,
     sharpness_batches=4, sharpness_batch_size=16, mixed_precision="bf16", compile=True, device="cuda",
     progress=False)
+
+# What the GPU presets prepare (tests/test_studies.py recomputes both from the sizes). Training: the
+# tokens of the longest run, AdamW's at equal compute on the largest size (20 tokens/param x 1.5, the
+# cost of F-SAM's step; GPT-2's 50257 tokens; batch 256 x context 512 per step), plus the token that
+# ends the last window. Validation: both slices, 2 x 32 batches of 256 windows of 512 tokens, plus one.
+GPU_24M_TOKENS = (705_691_649, 8_388_609)
+GPU_118M_TOKENS = (3_706_585_089, 8_388_609)
+STUDY_OVERRIDES = ("data", "tokenizer", "max_chars", "device", "mixed_precision", "compile")
 
 PRESETS: dict[str, StudyPreset] = {
     "cpu": StudyPreset(
         "two byte-level GPT-2 models (2x32 and 2x40, context 64) on Tiny Shakespeare, 20 tokens/param",
         (ModelSize("2x32", 2, 32, 4), ModelSize("2x40", 2, 40, 4)), _CPU_BASE, CPU_LR, CPU_RHO, jobs=2,
         minutes="docs/results.md"),
+    "cpu-bpe": StudyPreset(
+        "a 2x40 GPT-2 model (context 64) on Tiny Shakespeare with a byte-level BPE of 1024 tokens trained on its "
+        "training split, 20 tokens/param",
+        (ModelSize("2x40-bpe", 2, 40, 4),), dataclasses.replace(_CPU_BASE, tokenizer="bpe:1024"), CPU_LR, CPU_RHO,
+        jobs=2, minutes="docs/results.md"),
     "gpu-24m": StudyPreset(
-        "a ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 (streamed from the hub), 20 tokens/param",
-        (ModelSize("24m", 6, 320, 5),), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1),
+        "a ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 (prepared once into OUT/data), 20 tokens/param",
+        (ModelSize("24m", 6, 320, 5),), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1, data_tokens=GPU_24M_TOKENS),
     "gpu-118m": StudyPreset(
-        "~24M and ~118M-parameter llama-style models (GPT-2 tokenizer) on C4 (streamed), 20 tokens/param",
-        (ModelSize("24m", 6, 320, 5), ModelSize("118m", 12, 768, 12)), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1),
+        "~24M and ~118M-parameter llama-style models (GPT-2 tokenizer) on C4 (prepared once into OUT/data), "
+        "20 tokens/param",
+        (ModelSize("24m", 6, 320, 5), ModelSize("118m", 12, 768, 12)), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1,
+        data_tokens=GPU_118M_TOKENS),
 }
 
 
@@ -124,10 +146,54 @@ class PretrainStudy:
     jobs: int | None = None
     steps: int | None = None
     overwrite: bool = False
+    overrides: Mapping[str, object] = field(default_factory=dict)   # of STUDY_OVERRIDES: replace the preset's
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.overrides) - set(STUDY_OVERRIDES))
+        if unknown:
+            raise UserError(f"a study cannot override {', '.join(unknown)} (only {', '.join(STUDY_OVERRIDES)})")
+
+    def base_config(self) -> PretrainConfig:
+        """The preset's run settings with the overrides (data: the prepared ``OUT/data`` once it exists)."""
+        base = dataclasses.replace(self.preset.base, **{k: v for k, v in self.overrides.items() if v is not None})
+        if self.preset.data_tokens is not None and not is_prepared_dir(base.data) \
+                and is_prepared_dir(self.data_dir()):
+            base = dataclasses.replace(base, data=str(self.data_dir()), tokenizer=None, max_chars=None)
+        return base
+
+    def data_dir(self) -> Path:
+        return Path(self.out) / "data"
+
+    def data_budget(self) -> Budget | None:
+        """What a preset with a data budget prepares into ``OUT/data`` (None: the runs use the cache)."""
+        if self.preset.data_tokens is None:
+            return None
+        train, val = self.preset.data_tokens
+        return Budget(max_tokens=train, val_tokens=val)
+
+    def prepare_data(self) -> None:
+        """Prepare the preset's corpus once into ``OUT/data`` (resumable, idempotent)."""
+        from samlm.data.prepared import prepare
+
+        from samlm.data.prepared import META_FILE
+
+        budget, base = self.data_budget(), self.base_config()
+        if budget is None or (self.data_dir() / META_FILE).exists() or \
+                (is_prepared_dir(base.data) and Path(base.data) != self.data_dir()):
+            return  # no budget, prepared by an earlier call, or a prepared --data given
+        source = dict(self.preset.base.__dict__, **{k: v for k, v in self.overrides.items() if v is not None})
+        say(f"study data: preparing {source['data']} ({budget.max_tokens:,} training, {budget.val_tokens:,} "
+            f"validation tokens, tokenizer {source['tokenizer']}) into {self.data_dir()}")
+        import os
+
+        prepare(source["data"], self.data_dir(), tokenizer=source["tokenizer"] or "bytes", budget=budget,
+                max_chars=source.get("max_chars"), workers=max(1, os.cpu_count() or 1),
+                trust_remote_code=self.preset.base.trust_remote_code, progress=True)
 
     def _base(self, size: ModelSize) -> PretrainConfig:
         budget = {} if self.steps is None else {"steps": self.steps, "tokens_per_param": None}
-        return dataclasses.replace(self.preset.base, layers=size.layers, width=size.width, heads=size.heads, **budget)
+        return dataclasses.replace(self.base_config(), layers=size.layers, width=size.width, heads=size.heads,
+                                   **budget)
 
     def _common(self) -> dict:
         return dict(optimizers=parse_optimizers(self.optimizers), overwrite=self.overwrite,
@@ -210,6 +276,7 @@ def run_study(study: PretrainStudy) -> StudyResult:
         raise UserError("the pretraining study compares against AdamW: --optimizers must include adamw")
     for size in study.preset.sizes:  # every stage's settings before anything runs
         study.sweep(size).runs()
+    study.prepare_data()
     result = StudyResult(out=out)
     for size in study.preset.sizes:
         say(f"study {size.name}: sweep")
