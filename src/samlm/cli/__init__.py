@@ -39,6 +39,7 @@ COMMANDS = {
     "compare": "samlm.cli.compare",
     "finetune-compare": "samlm.cli.finetune_compare",
     "sharpness": "samlm.cli.sharpness",
+    "robustness": "samlm.cli.robustness",
     "bench": "samlm.cli.bench",
     "demo": "samlm.cli.demo",
     "study": "samlm.cli.study",
@@ -104,7 +105,15 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+# Loggers that speak when transformers imports torchao on a CPU-only machine (its CUDA kernels
+# that cannot load here, torch's pytree deprecation notes): not the user's concern, and they
+# would break the one-line error of a bad input.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def _setup_logging() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     logger = logging.getLogger("samlm")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler(logging.WARNING)

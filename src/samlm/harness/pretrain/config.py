@@ -89,8 +89,54 @@ class SharpnessSettings:
     split: bool = setting(False, "log SAM's logit/functional path norms every step (SAM family; one extra VJP)")
 
 
+def number_list(low: float, *, low_open: bool = False):
+    """A check of comma-separated finite numbers, each > or >= ``low`` (``--noise-sigmas``, ``--forget-lrs``)."""
+    def check(flag: str, value) -> None:
+        try:
+            numbers = [float(x) for x in str(value).split(",")]
+        except ValueError:
+            numbers = []
+        ok = bool(numbers) and all(abs(x) <= s.FLOAT32_MAX and (x > low if low_open else x >= low) for x in numbers)
+        if not ok:
+            raise UserError(f"{flag} must be comma-separated finite numbers {'>' if low_open else '>='} {low:g}, "
+                            f"got {value!r}")
+
+    return check
+
+
 @dataclass
-class PretrainConfig(s.ParallelSettings, s.LoopSettings, SharpnessSettings, s.BatchSettings,
+class RobustnessSettings:
+    """robustness: weight noise, quantization, forgetting (docs/robustness.md)"""
+
+    robustness: bool = setting(False, "at the end of the run, measure weight-noise, int8/int4 quantization and "
+                               "forgetting robustness (summary.json keys weight_noise, quantization, forgetting)",
+                               resume=False)
+    robustness_batches: Optional[int] = setting(None, "validation batches of the noise and quantization measures",
+                                                check=s.positive_int, resume=False,
+                                                default_text="the tuning slice, --val-batches")
+    noise_sigmas: str = setting("0.01,0.02,0.05,0.1", "weight-noise scales: W + sigma x rms(W) x z per tensor",
+                                check=number_list(0.0), resume=False, metavar="S1,S2,...")
+    noise_draws: int = setting(3, "seeded noise draws per sigma (mean and std over them)", check=s.positive_int,
+                               resume=False)
+    quant_group_size: int = setting(32, "int4 group size (input weights per scale; must divide each layer's input "
+                                    "width)", check=s.positive_int, resume=False)
+    quantize_embeddings: bool = setting(False, "also quantize the embeddings (and a head tied to them)", resume=False)
+    quantize_norms: bool = setting(False, "also quantize 1-D tensors (norm gains, biases)", resume=False)
+    forget_data: str = setting("python-stdlib", "second corpus of the forgetting measure (any --data spec)",
+                               resume=False)
+    forget_tokenizer: Optional[str] = setting(None, "the second corpus's tokenizer (must be the run's)",
+                                              resume=False, default_text="the run's")
+    forget_lrs: str = setting("1e-3,3e-3,1e-2", "AdamW learning rates of the fine-tuning runs on the second corpus",
+                              check=number_list(0.0, low_open=True), resume=False, metavar="LR1,LR2,...")
+    forget_steps: int = setting(25, "AdamW steps of each fine-tuning run (0: no forgetting measure)",
+                                check=s.nonnegative_int, resume=False)
+    forget_target: Optional[float] = setting(None, "learning level (the second corpus's val loss) at which the "
+                                             "forgetting frontier is read", check=s.finite(0.0, low_open=True),
+                                             resume=False, default_text="the most-learned point")
+
+
+@dataclass
+class PretrainConfig(s.ParallelSettings, s.LoopSettings, RobustnessSettings, SharpnessSettings, s.BatchSettings,
                      PretrainScheduleSettings, s.OptimizerSettings, TextDataSettings, ModelSettings):
     """Everything a pretraining run depends on; the flags of ``samlm pretrain``, one to one."""
 

@@ -35,7 +35,8 @@ from samlm.harness.rundir import RunDir
 from samlm.progress import say
 
 # Summary keys that are wall-clock measurements (differ between otherwise identical runs).
-TIMING_KEYS = frozenset({"step_s", "tokens_per_s", "train_seconds", "wall_seconds", "sharpness_seconds"})
+TIMING_KEYS = frozenset({"step_s", "tokens_per_s", "train_seconds", "wall_seconds", "sharpness_seconds",
+                         "robustness_seconds"})
 
 
 @dataclass
@@ -117,6 +118,13 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     data = load_data(config, progress=config.progress and info.is_main)
     dataset, tokenizer_name, vocab_size = data.dataset, data.tokenizer_name, data.vocab_size
     model = build_model(config, vocab_size)
+    if config.robustness:  # bad robustness settings fail before training, not after it
+        from samlm.harness.pretrain import robustness
+
+        if info.world_size > 1:
+            raise UserError("--robustness measures on one process: measure the finished run with "
+                            "'samlm robustness --run DIR' instead")
+        robustness.check_config(config, model, data)
     params = count_parameters(model)
     non_embedding = count_parameters(model, exclude_embeddings=True)
     total_steps, warmup_steps = resolve_steps(config, params, non_embedding)
@@ -173,7 +181,26 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
                             wall_seconds=time.perf_counter() - started, world_size=info.world_size)
     if info.is_main:
         run_dir.write_summary(summary)
+    if config.robustness and summary.get("completed") and info.is_main:
+        summary = _measure_robustness(config, model, tuning, result, summary, run_dir, data, on_step)
     distributed.barrier()
+    return summary
+
+
+def _measure_robustness(config, model, tuning, result, summary: dict, run_dir: RunDir, data, on_step) -> dict:
+    """``--robustness``: the measures of the final weights (:mod:`samlm.harness.pretrain.robustness`),
+    added to ``summary.json`` under ``weight_noise``, ``quantization`` and ``forgetting``."""
+    from samlm import io
+    from samlm.harness.pretrain import robustness
+
+    started = time.perf_counter()
+    measured = robustness.measure_model(config, model, tuning, run_dir=run_dir.path, step=result.step,
+                                        run_tokenizer=data.prepared.tokenizer_path(), on_step=on_step)
+    summary = io.json_safe({**summary, **measured, "robustness_seconds": time.perf_counter() - started})
+    stopped = robustness.interrupted(measured)
+    if stopped:
+        summary.update(completed=False, interrupted=stopped)
+    run_dir.write_summary(summary)
     return summary
 
 
