@@ -72,3 +72,26 @@ def test_study_overrides_replace_the_presets_settings(tmp_path):
     assert base.tokenizer == "gpt2"  # None: not overridden
     with pytest.raises(UserError, match="cannot override lr"):
         ps.PretrainStudy(out=str(tmp_path / "s"), preset=ps.PRESETS["cpu"], overrides={"lr": 1.0})
+
+
+def test_a_gpu_preset_dry_runs_on_a_machine_without_cuda(capsys):
+    from samlm.cli import main
+
+    assert main(["study", "pretrain", "--preset", "gpu-118m", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "3,706,585,089 training and 8,388,609 validation tokens" in out
+    assert "24m:" in out and "118m:" in out
+    if not torch.cuda.is_available():
+        assert "every setting but the device was checked" in err
+
+
+def test_study_override_flags_reach_the_runs(tmp_path, capsys):
+    from samlm.cli import main
+
+    assert main(["study", "pretrain", "--preset", "cpu", "--data", "python-stdlib", "--tokenizer", "bpe:512",
+                 "--device", "cpu", "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    from samlm.studies.pretrain_study import PRESETS, PretrainStudySettings
+
+    study = PretrainStudySettings(data="python-stdlib", tokenizer="bpe:512").study()
+    assert study.sweep(PRESETS["cpu"].sizes[0]).base.data == "python-stdlib"
+    assert study.sweep(PRESETS["cpu"].sizes[0]).base.tokenizer == "bpe:512"

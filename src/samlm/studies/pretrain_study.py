@@ -36,6 +36,7 @@ from samlm import io
 from samlm.data.prepared import Budget, is_prepared_dir
 from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig
+from samlm.harness.pretrain.config import TextDataSettings
 from samlm.progress import say
 from samlm.studies import report
 from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
@@ -109,6 +110,7 @@ _GPU_BASE = PretrainConfig(
 # ends the last window. Validation: both slices, 2 x 32 batches of 256 windows of 512 tokens, plus one.
 GPU_24M_TOKENS = (705_691_649, 8_388_609)
 GPU_118M_TOKENS = (3_706_585_089, 8_388_609)
+OVERRIDES_GROUP = "overrides of the preset's run settings"
 STUDY_OVERRIDES = ("data", "tokenizer", "max_chars", "device", "mixed_precision", "compile")
 
 PRESETS: dict[str, StudyPreset] = {
@@ -230,13 +232,25 @@ class PretrainStudySettings(StudySettings):
                               check=lambda flag, value: parse_optimizers(value), group="study")
     sweep_seeds: Optional[str] = setting(None, "comma-separated seeds of the sweep", default_text="the preset's",
                                          check=lambda flag, value: parse_seeds(value, flag), group="study")
+    # The pretraining settings themselves (one definition), as overrides of the preset's.
+    data: Optional[str] = settings.override(TextDataSettings, "data", default=None, default_text="the preset's",
+                                            group=OVERRIDES_GROUP)
+    tokenizer: Optional[str] = settings.override(TextDataSettings, "tokenizer", default_text="the preset's",
+                                                 group=OVERRIDES_GROUP)
+    max_chars: Optional[int] = settings.override(TextDataSettings, "max_chars", group=OVERRIDES_GROUP)
+    device: Optional[str] = settings.override(settings.ParallelSettings, "device", default=None,
+                                              default_text="the preset's", group=OVERRIDES_GROUP)
+    mixed_precision: Optional[str] = settings.override(settings.ParallelSettings, "mixed_precision",
+                                                       default_text="the preset's", group=OVERRIDES_GROUP)
 
     def study(self) -> PretrainStudy:
         """The study these settings describe."""
+        overrides = {name: getattr(self, name) for name in ("data", "tokenizer", "max_chars", "device",
+                                                            "mixed_precision") if getattr(self, name) is not None}
         return PretrainStudy(out=self.out, preset=PRESETS[self.preset], optimizers=parse_optimizers(self.optimizers),
                              seeds=None if self.seeds is None else parse_seeds(self.seeds),
                              sweep_seeds=None if self.sweep_seeds is None else parse_seeds(self.sweep_seeds),
-                             jobs=self.jobs, steps=self.steps, overwrite=self.overwrite)
+                             jobs=self.jobs, steps=self.steps, overwrite=self.overwrite, overrides=overrides)
 
 
 def _restrict(spec: str, optimizers: Sequence[str]) -> str | None:
