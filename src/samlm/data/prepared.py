@@ -731,6 +731,21 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
     started, chars_this_call = time.perf_counter(), 0
     streams.open()
     try:
+        pending: list[_Chunk] = []   # tokenizing in the pool, written in order (workers run ahead)
+
+        def finish(job: _Chunk) -> None:
+            nonlocal chars_this_call
+            chars_this_call += job.chars
+            _write_chunk(job, writer, described, counts)
+            done_documents[job.phase] = job.end
+            _checkpoint(progress_path, identity, streams, done_documents, counts)
+            _advance(bar, job.chars, streams, started, chars_this_call)
+
+        def submit(chunk, phase, end, chars) -> None:
+            pending.append(_Chunk.start(chunk, phase, end, chars, writer, described, pool))
+            while len(pending) > (pool._max_workers if pool is not None else 0):
+                finish(pending.pop(0))
+
         for phase in phases:
             index, chunk, chunk_chars = 0, [], 0
             for document in source.documents(phase):
@@ -745,18 +760,12 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
                 chunk_chars += len(document)
                 index += 1
                 if chunk_chars >= CHUNK_CHARS:
-                    chars_this_call += chunk_chars
-                    _write_chunk(chunk, phase, writer, described, pool, counts)
-                    done_documents[phase] = index
-                    _checkpoint(progress_path, identity, streams, done_documents, counts)
-                    _advance(bar, chunk_chars, streams, started, chars_this_call)
+                    submit(chunk, phase, index, chunk_chars)
                     chunk, chunk_chars = [], 0
             if chunk:
-                chars_this_call += chunk_chars
-                _write_chunk(chunk, phase, writer, described, pool, counts)
-                done_documents[phase] = index
-                _checkpoint(progress_path, identity, streams, done_documents, counts)
-                _advance(bar, chunk_chars, streams, started, chars_this_call)
+                submit(chunk, phase, index, chunk_chars)
+            while pending:   # a phase ends with its chunks written: the next phase's budget sees them
+                finish(pending.pop(0))
         streams.sync()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -821,21 +830,41 @@ def _training_text(source: Source, budget: Budget, limit: int) -> Iterator[str]:
         left -= len(document)
 
 
-def _write_chunk(chunk, phase, writer: _Writer, described: PrepTokenizer, pool, counts) -> None:
-    """Tokenize a chunk of ``(index, document)`` (in parallel with a pool) and append each document
-    to its split, routed in order (a budget met part way through the chunk counts at once)."""
-    candidates = [(index, document) for index, document in chunk if writer.destination(phase, index) is not None]
-    texts = [document for _, document in candidates]
-    if pool is not None and len(texts) > 1:
-        parts = _split_evenly(texts, pool._max_workers * 4)
-        encoded = [ids for batch in pool.map(_worker_encode, parts) for ids in batch]
-    else:
-        encoded = described.encode_batch(texts)
-    for _, document in chunk:
+@dataclass
+class _Chunk:
+    """A chunk of ``(index, document)`` of one phase, its tokens on the way (a pool's futures, or
+    encoded at once), and where the phase's document count stands after it."""
+
+    chunk: list
+    phase: str
+    end: int
+    chars: int
+    candidates: list
+    parts: list
+
+    @classmethod
+    def start(cls, chunk, phase, end, chars, writer: "_Writer", described: PrepTokenizer, pool) -> "_Chunk":
+        # a document not needed now is not needed later either: budgets only fill up
+        candidates = [(i, d) for i, d in chunk if writer.destination(phase, i) is not None]
+        texts = [d for _, d in candidates]
+        if pool is not None and len(texts) > 1:
+            parts = [pool.submit(_worker_encode, part) for part in _split_evenly(texts, pool._max_workers * 2)]
+        else:
+            parts = [described.encode_batch(texts)]
+        return cls(chunk, phase, end, chars, candidates, parts)
+
+    def encoded(self) -> list[np.ndarray]:
+        return [ids for part in self.parts for ids in (part.result() if hasattr(part, "result") else part)]
+
+
+def _write_chunk(job: _Chunk, writer: _Writer, described: PrepTokenizer, counts) -> None:
+    """Append each document of a tokenized chunk to its split, routed in order (a budget met part
+    way through the chunk counts at once)."""
+    for _, document in job.chunk:
         counts["chars"] += len(document)
         counts["nonblank"] = counts.get("nonblank") or bool(document.strip())
-    for (index, _), tokens in zip(candidates, encoded):
-        split = writer.destination(phase, index)
+    for (index, _), tokens in zip(job.candidates, job.encoded(), strict=True):
+        split = writer.destination(job.phase, index)
         if split is None:
             continue
         if tokens.size:
