@@ -209,13 +209,19 @@ def test_every_measure_restores_the_model_even_when_the_loss_raises():
 
 def test_frontier_and_interpolation():
     points = [{"lr": 1, "learning": 2.0, "original": 1.6}, {"lr": 2, "learning": 1.5, "original": 1.9},
-              {"lr": 3, "learning": 1.7, "original": 2.2}]  # lr 3 is dominated by lr 2
+              {"lr": 3, "learning": 1.5, "original": 2.2}]  # same learning as lr 2, more forgetting: dropped
     result = R.forgetting_summary(points, before_learning=3.0, before_original=1.5, target=2.5)
     assert result["frontier"] == [[1.5, pytest.approx(0.4)], [2.0, pytest.approx(0.1)], [3.0, 0.0]]
     assert result["increase"] == pytest.approx(0.05)                    # halfway between 0.1 and 0
+    assert [p["increase"] for p in result["points"]] == pytest.approx([0.1, 0.4, 0.7])
     default = R.forgetting_summary(points, before_learning=3.0, before_original=1.5)
     assert default["target"] == 1.5 and default["increase"] == pytest.approx(0.4)
     assert R.interpolate([[1.5, 0.4], [3.0, 0.0]], 1.4) is None          # no extrapolation
+    # both losses falling together (a model still learning): still a curve to read, not one point
+    falling = R.forgetting_summary([{"lr": 1, "learning": 2.0, "original": 1.4},
+                                    {"lr": 2, "learning": 1.0, "original": 1.2}],
+                                   before_learning=3.0, before_original=1.5, target=1.5)
+    assert falling["increase"] == pytest.approx(-0.2)
 
 
 # --------------------------------------------------------------------------- runs
@@ -309,3 +315,61 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys):
         code = run_cli(argv)
         assert_one_line_error(code, capsys.readouterr().err, expected)
     assert not (tmp_path / "new").exists()  # refused before anything was written
+
+
+# --------------------------------------------------------------------------- the compare report
+
+
+def _fixture_run(root, name, optimizer, seed, *, noise, int4, before, points):
+    """A finished run's summary.json as ``pretrain --robustness`` writes it (no training)."""
+    out = root / name
+    out.mkdir(parents=True)
+    summary = {
+        "optimizer": optimizer, "rho": None if optimizer == "adamw" else 0.05, "lr": 1e-2, "seed": seed,
+        "completed": True, "step": 10, "steps": 10, "val_loss": before[1], "config": {"sharpness": False},
+        "weight_noise": {"base_loss": before[1], "sigmas": [0.01, 0.1], "draws": 2, "delta_mean": [noise / 10, noise],
+                         "delta_std": [0.0, 0.0]},
+        "quantization": {"base_loss": before[1], "group_size": 32, "embeddings": False,
+                         "int8": {"delta": int4 / 10}, "int4": {"delta": int4}},
+        "forgetting": {"data": "python-stdlib", "steps": 5, "lrs": [1e-3, 1e-2],
+                       "before": {"learning": before[0], "original": before[1]},
+                       "points": [{"lr": lr, "learning": x, "original": before[1] + y} for lr, (x, y) in
+                                  zip((1e-3, 1e-2), points)]},
+    }
+    (out / "summary.json").write_text(json.dumps(summary))
+    return out
+
+
+def test_report_has_paired_robustness_columns_under_both_budgets_and_a_frontier_plot(tmp_path):
+    from samlm.studies import report
+
+    runs = {}
+    for seed in (0, 1):
+        runs[f"adamw-{seed}"] = _fixture_run(tmp_path, f"adamw-seed{seed}", "adamw", seed, noise=0.2 + seed / 10,
+                                             int4=0.3, before=(3.0, 1.5), points=[(2.5, 0.1), (2.0, 0.3)])
+        runs[f"adamwc-{seed}"] = _fixture_run(tmp_path, f"adamw-seed{seed}-equal-compute", "adamw", seed, noise=0.4,
+                                              int4=0.5, before=(3.0, 1.4), points=[(2.6, 0.2), (2.2, 0.4)])
+        runs[f"sam-{seed}"] = _fixture_run(tmp_path, f"sam-rho0.05-seed{seed}", "sam", seed, noise=0.1 + seed / 10,
+                                           int4=0.2, before=(3.0, 1.5), points=[(2.5, 0.05), (2.1, 0.15)])
+    load = {k: report.load_run(v) for k, v in runs.items()}
+    budgets = {"steps": [load["adamw-0"], load["adamw-1"], load["sam-0"], load["sam-1"]],
+               "compute": [load["adamwc-0"], load["adamwc-1"], load["sam-0"], load["sam-1"]]}
+    files = report.write_report(tmp_path / "out", budgets["steps"], budgets=budgets)
+    text = files["report"].read_text()
+    assert "## Robustness" in text and "![learning–forgetting frontier](forgetting.png)" in text
+    assert files["forgetting"].read_bytes()[:4] == b"\x89PNG"
+    steps_part = text.split("At equal steps")[1].split("At equal compute")[0]
+    compute_part = text.split("At equal compute")[1]
+    # x* = the largest of the most-learned losses: max(2.0, 2.1) = 2.1 at equal steps
+    assert "(x* = 2.1000)" in steps_part and "(x* = 2.2000)" in compute_part
+    header = "| optimizer | ρ | seeds | noise σ=0.1 Δloss | noise σ=0.1: Δ vs adamw | int8 Δloss | int8: Δ vs adamw " \
+             "| int4 Δloss | int4: Δ vs adamw | forgetting Δloss | forgetting: Δ vs adamw |"
+    assert header in steps_part and header in compute_part
+    sam_row = next(line for line in steps_part.splitlines() if line.startswith("| sam "))
+    cells = [c.strip() for c in sam_row.strip("|").split("|")]
+    assert cells[4] == "-0.1000 ± 0.0000 (n=2)"        # noise: 0.1+s/10 - (0.2+s/10), paired by seed
+    assert cells[8] == "-0.1000 ± 0.0000 (n=2)"        # int4: 0.2 - 0.3
+    # forgetting at x* = 2.1: adamw between (2.0, 0.3) and (2.5, 0.1) -> 0.26; sam at its own point 0.15
+    assert cells[9] == "+0.1500 ± 0.0000" and cells[10] == "-0.1100 ± 0.0000 (n=2)"
+    sam_compute = next(line for line in compute_part.splitlines() if line.startswith("| sam "))
+    assert [c.strip() for c in sam_compute.strip("|").split("|")][8] == "-0.3000 ± 0.0000 (n=2)"  # 0.2 - 0.5

@@ -37,7 +37,7 @@ def config_from_cli(args: argparse.Namespace) -> CompareConfig:
 def print_result(result: CompareResult) -> None:
     print(result.table)
     print()
-    for key in ("report", "csv", "val_loss", "sharpness"):
+    for key in ("report", "csv", "val_loss", "sharpness", "forgetting"):
         if key in result.files:
             print(f"{key:>10}: {result.files[key]}")
     if result.unfinished:

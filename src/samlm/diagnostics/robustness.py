@@ -33,11 +33,14 @@ loss, eval mode, fp32):
 * :func:`forgetting_summary` (the runs themselves are the harness's): after fine-tuning on a
   second corpus at each learning rate of a grid, point i is (x_i, y_i) = (the second corpus's
   validation loss, the original corpus's validation loss − its value before fine-tuning). The
-  frontier is the lower-left Pareto set of the points and the start (x₀, 0) (before fine-tuning,
-  no forgetting): sorted by x, each point kept when its y is below every y at smaller x. The
-  summary ``increase`` is the frontier's y at a learning level x*, linearly interpolated between the
-  two frontier points whose x bracket x* (None outside the frontier's x range: no extrapolation).
-  x* is the caller's target, or by default the most-learned point's x (the frontier's left end).
+  frontier is the piecewise-linear curve through the start (x₀, 0) (before fine-tuning: nothing
+  learned, nothing forgotten) and the points, sorted by x (equal x: the lowest y). The summary
+  ``increase`` is the frontier's y at a learning level x*, linearly interpolated between the two
+  neighbours in x (None outside the frontier's x range: no extrapolation). x* is the caller's
+  target, by default the most-learned point's x (the frontier's left end); a comparison reads
+  every run at one common x* (:mod:`samlm.studies.robustness_report`). The points are not
+  filtered to a Pareto set: on a model that is still learning, fine-tuning often lowers both
+  losses at once, and the Pareto set then shrinks to one point that nothing can be read from.
 
 Every measure restores the model's parameters and buffers bitwise (``copy_`` from a snapshot) and
 its train/eval mode, even when ``evaluate`` raises. Torch only; torchao is imported when
@@ -245,18 +248,13 @@ def quantization(model: nn.Module, evaluate: Evaluate, *, formats: Sequence[str]
 # --------------------------------------------------------------------------- forgetting
 
 
-def pareto_frontier(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The lower-left Pareto set of (x, y) points (less is better in both), sorted by x: a point
-    is kept when its y is strictly below the y of every point with a smaller x (ties in x: the
-    lowest y). Non-finite points are dropped."""
-    finite = sorted((float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y))
-    frontier: list[tuple[float, float]] = []
-    for x, y in finite:
-        if not frontier or y < frontier[-1][1]:
-            if frontier and frontier[-1][0] == x:
-                continue  # same x, higher y than the kept one (sorted by y within x)
-            frontier.append((x, y))
-    return frontier
+def frontier_curve(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (x, y) points sorted by x, one per x (the lowest y); non-finite points dropped."""
+    curve: list[tuple[float, float]] = []
+    for x, y in sorted((float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)):
+        if not curve or x != curve[-1][0]:
+            curve.append((x, y))
+    return curve
 
 
 def interpolate(frontier: Sequence[tuple[float, float]], x: float) -> float | None:
@@ -276,7 +274,7 @@ def forgetting_summary(points: Sequence[Mapping], *, before_learning: float, bef
     mapping per learning rate with ``lr``, ``learning`` (second corpus's val loss after) and
     ``original`` (original corpus's val loss after); ``before_*``: both losses before fine-tuning."""
     rows = [dict(p, increase=p["original"] - before_original) for p in points]
-    frontier = pareto_frontier([(before_learning, 0.0)] + [(r["learning"], r["increase"]) for r in rows])
+    frontier = frontier_curve([(before_learning, 0.0)] + [(r["learning"], r["increase"]) for r in rows])
     if target is None and frontier:
         target = frontier[0][0]
     return {"before": {"learning": before_learning, "original": before_original}, "points": rows,

@@ -626,11 +626,19 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
                 compute,
                 "",
             ]
+        from samlm.studies import robustness_report
+
+        frontier = next((p for p in plots if Path(p).name == robustness_report.FRONTIER_PLOT), None)
+        lines += robustness_report.section(budgets or {"steps": runs}, plot=frontier)
     else:
         lines += ["No finished runs yet.", ""]
     if notes:
         lines += [notes.strip(), ""]
+    from samlm.studies.robustness_report import FRONTIER_PLOT
+
     for plot in plots:
+        if Path(plot).name == FRONTIER_PLOT:
+            continue  # in the robustness section
         lines += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
     if unfinished:
         lines += ["Unfinished runs (not in the table): " + ", ".join(unfinished), ""]
@@ -659,7 +667,8 @@ def _tuned_section(budgets: Mapping[str, Sequence[Run]]) -> list[str]:
 
 def write_report(out_dir: str | Path, runs: Sequence[Run], *, title: str = "samlm compare", notes: str = "",
                  unfinished: Sequence[str] = (), budgets: Mapping[str, Sequence[Run]] | None = None) -> dict[str, Path]:
-    """``report.md``, ``results.csv``, ``val_loss.png`` and ``sharpness.png`` in ``out_dir``."""
+    """``report.md``, ``results.csv``, ``val_loss.png`` and ``sharpness.png`` in ``out_dir``; with runs
+    measured by ``--robustness``, a robustness section and ``forgetting.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -668,6 +677,12 @@ def write_report(out_dir: str | Path, runs: Sequence[Run], *, title: str = "saml
         path = plot(runs, out_dir / (VAL_LOSS_PLOT if key == "val_loss" else SHARPNESS_PLOT), title=plot_title)
         if path is not None:
             written[key] = path
+    from samlm.studies import robustness_report
+
+    frontier = robustness_report.plot_frontier(budgets or {"steps": runs}, out_dir / robustness_report.FRONTIER_PLOT,
+                                               title=plot_title)
+    if frontier is not None:
+        written["forgetting"] = frontier
     every = list({r.name: r for group in (budgets or {}).values() for r in group}.values()) or runs
     io.atomic_write_text(out_dir / RESULTS_FILE, results_csv(every, budgets))
     written["csv"] = out_dir / RESULTS_FILE
