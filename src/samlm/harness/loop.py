@@ -109,6 +109,10 @@ class LoopConfig:
     seed: int | None = setting(None, "fresh start: seed python/numpy/torch RNGs (dropout); resume restores them",
                                check=s.seed)
     progress: bool = override(LoopSettings, "progress")
+    report_to: str = override(LoopSettings, "report_to")
+    run_name: str | None = override(LoopSettings, "run_name")
+    run_group: str | None = override(LoopSettings, "run_group")
+    log_every: int = override(LoopSettings, "log_every")
     handle_signals: bool = setting(True, "SIGINT/SIGTERM: finish the step, checkpoint, return")
 
     @classmethod
@@ -140,12 +144,15 @@ class _Window:
     tokens: int = 0
     sums: dict[str, float] = field(default_factory=dict)   # finite StepStats values, summed
     counts: dict[str, int] = field(default_factory=dict)
+    flags: bool = False   # also average the bool statistics (sam_step: the share of SAM steps)
 
     def add(self, stats: Mapping[str, Any], tokens: int, seconds: float) -> None:
         self.steps += 1
         self.tokens += tokens
         self.seconds += seconds
         for key, value in stats.items():
+            if isinstance(value, bool) and self.flags:
+                value = float(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 continue
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
@@ -408,11 +415,15 @@ def train(
             raise UserError("split=True measures SAM's logit/functional paths: it needs a SAM-family optimizer")
         step_args["split"] = True
 
+    trackers = _open_trackers(run, state)
+    tracked = _Window(flags=True)   # the steps since the trackers' last training log
+
     def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
         record = _measurement(step, state, run.module, evaluate if do_eval else None, sharpness if do_sharpness else None)
         state.history.append(record)
         if run.main:
             run_dir.append_metrics(record)
+            trackers.log(_tracked_measurement(record), step)
 
     bar = progress_bar(config.steps, initial=state.step, enabled=config.progress and run.main)
     interrupted = None
@@ -421,7 +432,13 @@ def train(
             if config.eval_at_start and state.step == 0 and not state.history and evaluate is not None:
                 measure(0, do_eval=True, do_sharpness=False)
             while state.step < config.steps:
+                tokens, seconds = state.tokens, state.train_seconds
                 stats = _one_step(run, state, forward, loss, count_tokens, step_args)
+                if trackers:
+                    tracked.add(stats, state.tokens - tokens, state.train_seconds - seconds)
+                    if _due(state.step, config.log_every) or state.step == config.steps:
+                        trackers.log(_tracked_training(tracked, state.last_lr), state.step)
+                        tracked = _Window(flags=True)
                 _apply_nonfinite_policy(state, stats, config)
                 bar.update(1)
                 bar.set_postfix(_postfix(stats, state), refresh=False)
@@ -442,15 +459,20 @@ def train(
                 if interrupted:
                     say(f"stopped at step {step}; resume from {checkpoint}")
                     break
+    except BaseException:
+        trackers.finish()
+        raise
     finally:
         bar.close()
-    last = state.history[-1] if state.history else {}
-    if (final_sharpness and sharpness is not None and state.step >= config.steps
-            and not (last.get("step") == state.step and "sharpness" in last)):
-        record = io.json_safe({"step": state.step, "sharpness": _in_eval_mode(run.module, sharpness)})
-        state.history.append(record)
-        if run.main:
-            run_dir.append_metrics(record)
+    with trackers:
+        last = state.history[-1] if state.history else {}
+        if (final_sharpness and sharpness is not None and state.step >= config.steps
+                and not (last.get("step") == state.step and "sharpness" in last)):
+            record = io.json_safe({"step": state.step, "sharpness": _in_eval_mode(run.module, sharpness)})
+            state.history.append(record)
+            if run.main:
+                run_dir.append_metrics(record)
+                trackers.log(_tracked_measurement(record), state.step)
     return LoopResult(
         out_dir=run_dir.path, config=config, step=state.step, start_step=start_step, history=state.history,
         tokens=state.tokens, train_seconds=state.train_seconds, nonfinite_steps=state.nonfinite_steps,
@@ -614,6 +636,39 @@ def _measurement(step: int, state: _LoopState, model: nn.Module, evaluate, sharp
     record["nonfinite_steps"] = state.nonfinite_steps
     state.window = _Window()
     return io.json_safe(record)
+
+
+def _open_trackers(run: "_Run", state: _LoopState):
+    """The run's ``--report-to`` trackers (rank 0 only; the others get none), its settings as
+    hyperparameters: ``config.json`` as the harness wrote it, else the loop's own."""
+    from samlm.integrations import tracking
+
+    config = run.config
+    if not run.main or not tracking.parse_report_to(config.report_to):
+        return tracking.Trackers()
+    record = run.run_dir.read_config() or {"config": config.as_dict()}
+    return tracking.start(config.report_to, run.out_dir, run_name=config.run_name, group=config.run_group,
+                          hparams=tracking.hyperparameters(record), resume=state.step > 0, step=state.step)
+
+
+def _tracked_training(window: _Window, lr: float | None) -> dict:
+    """A tracker's training log: the means since the last one (``train/loss``, SAM's signals,
+    ``train/sam_step`` the share of SAM steps), the lr, tokens/s and the mean step time."""
+    values = {"train/" + k[len("train_"):]: v for k, v in window.means().items()}
+    values["train/lr"] = lr
+    if window.seconds:
+        values["train/tokens_per_s"] = window.tokens / window.seconds
+    if window.steps:
+        values["train/step_s"] = window.seconds / window.steps
+    return values
+
+
+def _tracked_measurement(record: Mapping[str, Any]) -> dict:
+    """A tracker's evaluation log: ``eval/<metric>`` and ``sharpness/<value>``."""
+    values = {f"eval/{k}": v for k, v in evaluation_metrics(record).items()}
+    if isinstance(record.get("sharpness"), Mapping):
+        values["sharpness"] = record["sharpness"]
+    return values
 
 
 def _in_eval_mode(model: nn.Module, fn: Callable[[nn.Module], Mapping[str, Any]]) -> dict:

@@ -186,6 +186,15 @@ class BatchSettings:
     seed: int = setting(0, "initial weights (or a new head), data order, dropout", check=seed)
 
 
+TRACKING = "experiment trackers (watching a run)"
+
+
+def _check_report_to(flag: str, value) -> None:
+    from samlm.integrations.tracking import check_report_to
+
+    check_report_to(flag, value)
+
+
 @dataclass
 class LoopSettings:
     """loop, evaluation and checkpoints"""
@@ -208,6 +217,17 @@ class LoopSettings:
     overwrite: bool = setting(False, "start over in an --out that holds a run", resume=False)
     dry_run: bool = setting(False, "check flags, data, model and --out, print the resolved run; write nothing",
                             resume=False)
+    report_to: str = setting("none", "experiment trackers to watch the run in, comma-separated: tensorboard, wandb, "
+                             "mlflow, trackio; all (every one installed) or none (docs/tracking.md)",
+                             check=lambda flag, value: _check_report_to(flag, value), resume=False,
+                             metavar="TRACKERS", group=TRACKING)
+    run_name: Optional[str] = setting(None, "the run's name in the trackers", resume=False,
+                                      default_text="--out's directory name", group=TRACKING)
+    log_every: int = setting(10, "send the training means (loss, lr, tokens/s, step time, SAM's loss at w+eps, "
+                             "|g|, |eps|, SAM-step share, update-gradient norm) to the trackers every N steps",
+                             check=positive_int, resume=False, group=TRACKING)
+    run_group: Optional[str] = setting(None, "the trackers' group of this run (W&B group, MLflow experiment, "
+                                       "trackio project); set by compare and the studies", resume=False, cli=False)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from samlm.studies.grid import (
     parse_seeds,
     run_jobs,
     stretched,
+    tracked,
 )
 
 DEFAULT_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
@@ -135,7 +136,7 @@ class CompareConfig:
                             resume=resume, overwrite=not resume)
                         if factor != 1.0:
                             config = _at_compute(config, factor)
-                        runs.append(PlannedRun(run, config, serves, factor))
+                        runs.append(PlannedRun(run, tracked(config, run, self.out), serves, factor))
         return runs
 
     def plan(self) -> list[tuple[str, PretrainConfig]]:

@@ -64,6 +64,7 @@ from samlm.studies.grid import (
     parse_seeds,
     run_jobs,
     stretched,
+    tracked,
 )
 
 SELECTIONS = ("best", "final")
@@ -132,15 +133,15 @@ class FinetuneGrid:
                             **({} if sam else {"base": None, "ascent_fraction": None, "m": 1}))
                         factor = factors[optimizer] if "compute" in budgets else 1.0
                         if factor == 1.0:
-                            runs.append((name, config, budgets))
+                            runs.append((name, tracked(config, name, self.out), budgets))
                             continue
                         if "steps" in budgets:
-                            runs.append((name, config, ("steps",)))
+                            runs.append((name, tracked(config, name, self.out), ("steps",)))
                         longer = name + COMPUTE_SUFFIX
-                        runs.append((longer, dataclasses.replace(
+                        runs.append((longer, tracked(dataclasses.replace(
                             config, out=str(Path(self.out) / "runs" / longer), steps=stretched(config.steps, factor),
                             warmup=stretched(config.warmup, factor), eval_every=stretched(config.eval_every, factor),
-                            save_every=stretched(config.save_every, factor)), ("compute",)))
+                            save_every=stretched(config.save_every, factor)), longer, self.out), ("compute",)))
         return runs
 
 

@@ -131,6 +131,17 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     return path
 
 
+def tracked(config, name: str, out: str | os.PathLike):
+    """A run of a comparison in ``out`` as the trackers show it: named ``name`` (after the user's
+    ``--run-name``, if any), grouped with the comparison's other runs (W&B group, MLflow
+    experiment, trackio project: ``--run-name``, else the comparison's ``--out``)."""
+    import dataclasses
+
+    group = config.run_group or config.run_name or str(out)
+    return dataclasses.replace(config, run_name=f"{config.run_name}/{name}" if config.run_name else name,
+                               run_group=group)
+
+
 def stretched(steps: Optional[int], factor: float) -> Optional[int]:
     """A step count (a budget, a warmup, an evaluation period) at ``factor`` times the compute."""
     return None if steps is None else max(1, round(steps * factor)) if steps else steps
