@@ -1,4 +1,5 @@
-"""Data layer: text corpora and LM batches (``text``), and fine-tuning tasks: official file formats
+"""Data layer: prepared token files (``prepared``: tokenize once, memory-map everywhere), text
+corpora and LM batches (``text``), and fine-tuning tasks: official file formats
 (``formats``), the task registry and mixtures (``tasks``) and each task's official metrics (``metrics``).
 
 ```python
@@ -28,6 +29,13 @@ from samlm.data.text import (
     tokenizer_vocab_size,
 )
 
+from samlm.data.prepared import (
+    Budget,
+    PreparedTokens,
+    ensure_prepared,
+    load_prepared,
+    prepare,
+)
 from samlm.data.formats import (
     GENERIC_KEYS,
     Example,
@@ -67,6 +75,11 @@ from samlm.data.tasks import (
 
 __all__ = [
     "AVERAGED_TASKS",
+    "Budget",
+    "PreparedTokens",
+    "ensure_prepared",
+    "load_prepared",
+    "prepare",
     "ByteTokenizer",
     "CLASSIFICATION",
     "DEFAULT_CORPUS",

@@ -17,6 +17,9 @@ Conventions (shared by every harness):
   which ``state_dict()`` captures for an exact resume.
 * Validation batches are the validation stream cut the same way (offset 0, in order): a
   fixed list.
+* Token streams are numpy arrays: in memory, or read-only memory maps of a prepared directory
+  (:mod:`samlm.data.prepared`); a window is read from the map when its batch is served. The
+  harnesses always read prepared data; ``LMDataset.from_corpus`` tokenizes in memory (same windows).
 """
 
 from __future__ import annotations
