@@ -6,8 +6,9 @@ import torch
 
 from .descents import DescentRule, Functional, Standard
 from .driver import StepStats, plain_step, sharpness_aware_step
-from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned
-from .preconditioners import register_preconditioner
+from .bases import CombinedOptimizer, muon_split, params_of
+from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, Spectral
+from .preconditioners import Orthogonalized, newton_schulz, register_preconditioner
 from .registry import BASE_OPTIMIZERS, METHODS, SAM_FAMILY, Method, method, register, sam_family
 from .running_stats import RUNNING_STATS, frozen_running_stats, norm_layers
 from .schedule import SamSchedule
@@ -18,15 +19,45 @@ from .sam import (
     PreconditionedFunctionalSAM,
     PreconditionedSAM,
     SharpnessAware,
+    SpectralSAM,
     train_step,
 )
 
 # Derived from the registry, for existing callers.
 
 
+def build_muon(model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+               momentum: float = 0.95) -> CombinedOptimizer:
+    """Muon (hidden matrices, lr matched to AdamW's RMS) + AdamW (everything else), as one optimizer."""
+    if not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"base optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError("base optimizer muon needs the model (build_optimizer(name, model, ...)) to split its "
+                         "hidden matrices from its embeddings, head, gains and biases")
+    if any(hasattr(p, "to_local") for p in model.parameters()):
+        raise ValueError("Muon orthogonalizes whole weight matrices, which FSDP shards across processes: "
+                         "use DDP (--strategy ddp) with --base muon / --optimizer muon")
+    matrices, others = muon_split(model)
+    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
+                            adjust_lr_fn="match_rms_adamw")
+    if not others:
+        return CombinedOptimizer([muon])
+    adamw = torch.optim.AdamW(others, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return CombinedOptimizer([muon, adamw])
+
+
 def build_base_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0,
                          betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0):
-    """AdamW, SGD or Adafactor over ``params``."""
+    """AdamW, SGD, Adafactor or Muon over ``params`` (a module, or an iterable of parameters).
+
+    ``muon``: needs the module (``params`` = the model): ``torch.optim.Muon`` on its hidden 2-D
+    matrices and AdamW on the rest (``muon_split``), combined into one optimizer. Both take the
+    same ``lr`` and ``weight_decay``: Muon's ``adjust_lr_fn="match_rms_adamw"`` scales its update
+    to AdamW's RMS (Liu et al. 2025), so one lr serves both; momentum 0.95 with Nesterov and 5
+    Newton–Schulz steps are torch's (Jordan et al.'s) defaults."""
+    if name == "muon":
+        return build_muon(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    params = params_of(params)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     if name == "sgd":
@@ -61,8 +92,9 @@ def build_optimizer(name: str, params, *, base: str = "adamw", lr: float, rho=No
 
 
 __all__ = [
-    "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
-    "SharpnessAware", "Euclidean", "Adaptive", "Preconditioned", "PerturbationRule",
+    "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM", "SpectralSAM",
+    "SharpnessAware", "Euclidean", "Adaptive", "Preconditioned", "Spectral", "PerturbationRule",
+    "CombinedOptimizer", "muon_split", "build_muon", "newton_schulz", "Orthogonalized",
     "DescentRule", "Standard", "Functional",
     "register_preconditioner", "frozen_running_stats", "norm_layers", "RUNNING_STATS", "StepStats",
     "train_step", "plain_step", "sharpness_aware_step",

@@ -5,14 +5,23 @@ Every rule has the form
     ε = ρ · direction(w, g) / ‖scaled_gradient(w, g)‖₂        (norms global over all tensors)
 
 and is a small frozen object, so a rule can be swapped or written by a user (in the spirit
-of optax's gradient transformations). ``P`` is the base optimizer's preconditioner
-√v̂ + eps for the parameter, given only to rules with ``needs_preconditioner = True``.
+of optax's gradient transformations). ``P`` is the base optimizer's geometry for the parameter
+(preconditioners.py), given only to rules with ``needs_preconditioner = True``: a diagonal
+preconditioner √v̂ + eps (u = g/P), or Muon's orthogonalization for its matrices
+(u = s·NS(g), s = Muon's lr adjustment). A rule with ``normalize = False`` takes its radius per
+tensor: ε = ρ · direction(w, g), no global norm.
 
 | rule | scaled_gradient | direction | ε |
 |---|---|---|---|
 | Euclidean (Foret et al.) | g | g | ρ g/‖g‖ |
 | Adaptive (ASAM, Kwon et al.) | T g | T² g | ρ T²g/‖Tg‖, T = |w| + η |
-| Preconditioned (Singh et al.) | g/P | g/P | ρ u/‖u‖, u = g/P |
+| Preconditioned (Singh et al.) | u = g/P, or s·NS(g) | u | ρ u/‖u‖ (one joint Frobenius radius) |
+| Spectral (Zhong et al. 2026) | g | NS(G) on Muon's matrices, 0 elsewhere | ρ NS(G) per matrix |
+
+Radii: ``Preconditioned`` keeps ‖ε‖₂ = ρ over all parameters, as SAM. ``Spectral`` puts each of
+Muon's matrices in its own operator-norm ball, ‖ε_i‖₂→₂ ≈ ρ, so its Frobenius size is about
+ρ·√rank(G_i) per matrix (ρ·√(Σ rank) over all): at the same nominal ρ it is 5–20× larger than a
+Frobenius-ball ε on transformer-sized matrices.
 """
 
 from __future__ import annotations
@@ -79,11 +88,22 @@ class Adaptive:
         return self._t(param).square_().mul_(grad)
 
 
+def precondition(grad: Tensor, precond) -> Tensor:
+    """u: g itself without a geometry, g/P for a diagonal P, the geometry's direction otherwise."""
+    if precond is None:
+        return grad
+    if isinstance(precond, Tensor):
+        return grad / precond
+    return precond(grad)
+
+
 @dataclass(frozen=True)
 class Preconditioned:
     """Singh et al. (2025): u = g / (√v̂ + eps), ε = ρ u / ‖u‖, with v̂ the base optimizer's
-    bias-corrected second moment. Without a preconditioner (before the first base step) the
-    driver passes ``precond=None`` and this is plain SAM."""
+    bias-corrected second moment; for Muon's matrices u = s·NS(g), the direction of Muon's own
+    step (its Newton–Schulz orthogonalization, scaled by its lr adjustment s). Without a
+    preconditioner (before the first base step) the driver passes ``precond=None`` and this is
+    plain SAM."""
 
     rho: float
     needs_preconditioner = True
@@ -92,10 +112,32 @@ class Preconditioned:
         _check_rho(self.rho)
 
     def scaled_gradient(self, param, grad, precond):
-        return grad if precond is None else grad / precond
+        return precondition(grad, precond)
 
     def direction(self, param, grad, precond):
-        return self.scaled_gradient(param, grad, precond)
+        return precondition(grad, precond)
+
+
+@dataclass(frozen=True)
+class Spectral:
+    """Zhong, Milsom and Murray (2026): each of Muon's matrices in its own spectral-norm ball,
+    ε_i = ρ · NS(G_i) (Muon's orthogonalization: operator norm ≈ ρ, Frobenius ≈ ρ·√rank);
+    the other parameters (AdamW's) are not perturbed. Needs a Muon base optimizer; before
+    anything is known of it (``precond=None``) nothing is perturbed."""
+
+    rho: float
+    needs_preconditioner = True
+    normalize = False  # a radius per matrix, no global norm
+
+    def __post_init__(self):
+        _check_rho(self.rho)
+
+    def scaled_gradient(self, param, grad, precond):
+        return grad
+
+    def direction(self, param, grad, precond):
+        orthogonalize = getattr(precond, "orthogonalize", None)
+        return orthogonalize(grad) if orthogonalize is not None else torch.zeros_like(grad)
 
 
 def local_tensor(t: Optional[Tensor]) -> Optional[Tensor]:

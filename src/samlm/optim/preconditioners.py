@@ -1,14 +1,25 @@
-"""Reading the base optimizer's second moments as a preconditioner P = √v̂ + eps.
+"""Reading the base optimizer's geometry: a diagonal preconditioner P = √v̂ + eps, or Muon's
+orthogonalization.
 
-Preconditioned SAM scales its perturbation by 1/P. The moments are the ones the base
-optimizer already keeps, so they are statistics of the SAM gradients it was fed.
-A user with another optimizer registers a reader with ``register_preconditioner``;
-transformers' Adafactor registers itself when find_reader first meets it.
+Preconditioned SAM scales its perturbation by the geometry the base optimizer steps in. For a
+diagonal optimizer that is 1/P with P the denominator of its own update (Adam/AdamW/NAdam:
+√v̂ + eps; RAdam: its rectified denominator; Adamax: its infinity norm; RMSprop: √(square_avg)
++ eps; Adagrad: √(sum) + eps; Adafactor: its factored √v̂). The moments are the ones the base
+optimizer already keeps, so they are statistics of the SAM gradients it was fed. For Muon's
+matrices it is the orthogonalized direction: Muon steps along NS(G), its Newton–Schulz
+iteration (with its own coefficients) applied to the gradient, scaled by its lr adjustment.
+
+A reader returns P (a tensor shaped like the parameter), a ``Geometry`` (a callable g → u, for
+non-diagonal geometries such as Muon's), or None (no moments yet). A user with another optimizer
+registers a reader with ``register_preconditioner``; transformers' Adafactor registers itself
+when find_reader first meets it.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -18,14 +29,24 @@ from torch import Tensor
 PreconditionerReader = Callable[[torch.optim.Optimizer, dict, Tensor, dict], Optional[Tensor]]
 
 _READERS: dict[type, PreconditionerReader] = {}
+_STATELESS: set = set()  # readers whose geometry needs no optimizer state (Muon's)
 
 
-def register_preconditioner(optimizer_cls: type, reader: PreconditionerReader) -> None:
-    """Teach preconditioned SAM to read ``optimizer_cls``'s second moments."""
+def register_preconditioner(optimizer_cls: type, reader: PreconditionerReader, *, stateless: bool = False) -> None:
+    """Teach preconditioned SAM to read ``optimizer_cls``'s geometry. ``stateless``: the reader
+    needs no optimizer state (it is ready before the first step)."""
     _READERS[optimizer_cls] = reader
+    if stateless:
+        _STATELESS.add(reader)
 
 
 def find_reader(optimizer: torch.optim.Optimizer) -> Optional[PreconditionerReader]:
+    """The reader of ``optimizer``'s geometry; of several combined bases, a reader only if every
+    base has one."""
+    bases = getattr(optimizer, "optimizers", None)
+    if isinstance(bases, tuple):  # CombinedOptimizer
+        readers = [find_reader(b) for b in bases]
+        return readers[0] if readers and all(r is not None for r in readers) else None
     cls = type(optimizer)
     reader = _lookup(cls)
     if reader is None and _register_hf_adafactor(cls):
@@ -96,29 +117,184 @@ def hf_adafactor_preconditioner(optimizer, group, param, state):
     return v_hat.add_(eps1).sqrt_().to(param.dtype)
 
 
+def radam_preconditioner(optimizer, group, param, state):
+    """RAdam: P = (√exp_avg_sq + eps)/√(1 − β₂ᵏ) once its rectification is on (ρ_k > 5); before
+    that RAdam steps unpreconditioned (SGD with momentum): P = 1."""
+    if "exp_avg_sq" not in state or _step_count(state) == 0:
+        return None
+    k = _step_count(state)
+    beta2 = group["betas"][1]
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_k = rho_inf - 2 * k * beta2**k / (1 - beta2**k)
+    if rho_k <= 5.0:
+        return torch.ones_like(state["exp_avg_sq"])
+    return state["exp_avg_sq"].sqrt().add_(group["eps"]).div_((1 - beta2**k) ** 0.5)
+
+
+def adamax_preconditioner(optimizer, group, param, state):
+    """Adamax: P = exp_inf, the running max of |g| (its eps is already inside)."""
+    if "exp_inf" not in state or _step_count(state) == 0:
+        return None
+    return state["exp_inf"].clone()
+
+
+def rmsprop_preconditioner(optimizer, group, param, state):
+    """RMSprop: P = √(square_avg − grad_avg² if centered) + eps."""
+    if "square_avg" not in state or _step_count(state) == 0:
+        return None
+    avg = state["square_avg"]
+    if group.get("centered") and "grad_avg" in state:
+        avg = avg.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
+    return avg.sqrt().add_(group["eps"])
+
+
+def adagrad_preconditioner(optimizer, group, param, state):
+    """Adagrad: P = √sum + eps."""
+    if "sum" not in state or _step_count(state) == 0:
+        return None
+    return state["sum"].sqrt().add_(group["eps"])
+
+
 register_preconditioner(torch.optim.Adam, adam_preconditioner)
 register_preconditioner(torch.optim.AdamW, adam_preconditioner)
+register_preconditioner(torch.optim.NAdam, adam_preconditioner)  # its denominator is Adam's
+register_preconditioner(torch.optim.RAdam, radam_preconditioner)
+register_preconditioner(torch.optim.Adamax, adamax_preconditioner)
+register_preconditioner(torch.optim.RMSprop, rmsprop_preconditioner)
+register_preconditioner(torch.optim.Adagrad, adagrad_preconditioner)
 if hasattr(torch.optim, "Adafactor"):
     register_preconditioner(torch.optim.Adafactor, torch_adafactor_preconditioner)
 
 
-class Preconditioners:
-    """Lazy view of P for each parameter; ``available`` is False until every parameter has moments.
+# -- Muon's geometry: Newton–Schulz orthogonalization ------------------------------------------
 
-    P is computed per tensor on demand, so no parameter-sized set of buffers is held at once.
-    All-or-nothing keeps ε on one scale: mixing 1/P for some tensors with 1 for others would
-    make the perturbation's direction meaningless.
+MUON_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults (Jordan et al. 2024)
+
+
+def newton_schulz(g: Tensor, coefficients=MUON_COEFFICIENTS, steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """orth(G) ≈ UVᵀ (G = USVᵀ), as torch.optim.Muon computes it (in bf16, its default):
+
+        X ← G/‖G‖_F  (wide side first)
+        repeat ``steps``:  A = XXᵀ;  X ← aX + (bA + cA²)X
+
+    Muon's quintic coefficients trade exactness for speed: the singular values of the result lie
+    near 1 (about 0.7–1.2), not at 1. Returns a tensor of ``g``'s dtype."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(g.dtype)
+
+
+def muon_lr_ratio(adjust_lr_fn: Optional[str], shape) -> float:
+    """Muon's step per unit lr scales NS(G) by this (torch.optim.Muon's ``adjust_lr_fn``):
+    "match_rms_adamw": 0.2·√max(A, B) (Liu et al. 2025: the update's RMS matches AdamW's, 0.2);
+    None/"original": √max(1, A/B) (Jordan et al.)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1, rows / cols))
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Orthogonalized:
+    """Muon's geometry for one matrix: a gradient G steps along ``scale``·NS(G) per unit lr.
+
+    ``orthogonalize(g)`` is NS(g) (spectral norm ≈ 1); ``self(g)`` = scale·NS(g), the direction of
+    Muon's own step, comparable with an AdamW step g/P in a joint norm (same lr)."""
+
+    coefficients: tuple = MUON_COEFFICIENTS
+    steps: int = 5
+    eps: float = 1e-7
+    scale: float = 1.0
+
+    def orthogonalize(self, g: Tensor) -> Tensor:
+        return newton_schulz(g, self.coefficients, self.steps, self.eps)
+
+    def __call__(self, g: Tensor) -> Tensor:
+        return self.orthogonalize(g).mul_(self.scale)
+
+
+def muon_geometry(optimizer, group, param, state):
+    """torch.optim.Muon: its orthogonalization with the group's coefficients, steps, eps and lr
+    adjustment. Needs no state: ready at the first step."""
+    return Orthogonalized(tuple(group["ns_coefficients"]), int(group["ns_steps"]), float(group["eps"]),
+                          muon_lr_ratio(group.get("adjust_lr_fn"), param.shape))
+
+
+if hasattr(torch.optim, "Muon"):
+    register_preconditioner(torch.optim.Muon, muon_geometry, stateless=True)
+
+
+class Preconditioners:
+    """Lazy view of each parameter's geometry; ``available`` is False until every parameter has it.
+
+    ``geometry(param)``: P (a tensor), a ``Geometry`` (Muon's matrices) or None. ``self(param)``:
+    the diagonal P only (None for a non-diagonal geometry), what the sharpness diagnostics read.
+    P is computed per tensor on demand, so no parameter-sized set of buffers is held at once;
+    a non-diagonal direction is computed once per gradient (the perturbation asks twice: for its
+    norm, then for ε) and held until the view is dropped.
+    All-or-nothing (``joint``, for rules with one global radius) keeps ε on one scale: mixing 1/P for some tensors with 1 for others would
+    make the perturbation's direction meaningless. Several combined base optimizers
+    (``CombinedOptimizer``): each parameter is read by the reader of the base that steps it.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[Tensor]):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[Tensor], *, joint: bool = True):
         self.optimizer = optimizer
+        self.joint = joint  # False: each parameter's geometry as soon as it has one (per-tensor radii)
+        bases = getattr(optimizer, "optimizers", None)
+        bases = bases if isinstance(bases, tuple) else (optimizer,)
         self.reader = find_reader(optimizer)
-        self.group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        self.available = self.reader is not None and all(
-            optimizer.state.get(p) and _step_count(optimizer.state[p]) > 0 for p in params
-        )
+        self.where: dict[int, tuple] = {}  # id(param) -> (base, group, reader)
+        for base in bases:
+            reader = find_reader(base)
+            for g in base.param_groups:
+                for p in g["params"]:
+                    self.where[id(p)] = (base, g, reader)
+        self.available = self.reader is not None and all(self._ready(p) for p in params)
+        self._memo: dict[int, _Once] = {}
+
+    def _ready(self, p: Tensor) -> bool:
+        base, _, reader = self.where.get(id(p), (None, None, None))
+        if reader is None:
+            return False
+        if reader in _STATELESS:
+            return True
+        state = base.state.get(p)
+        return bool(state) and _step_count(state) > 0
+
+    def geometry(self, param: Tensor):
+        if not (self.available if self.joint else self._ready(param)):
+            return None
+        base, group, reader = self.where[id(param)]
+        found = reader(base, group, param, base.state.get(param, {}))
+        if found is None or isinstance(found, Tensor):
+            return found
+        return self._memo.setdefault(id(param), _Once(found))
 
     def __call__(self, param: Tensor) -> Optional[Tensor]:
-        if not self.available:
-            return None
-        return self.reader(self.optimizer, self.group_of[id(param)], param, self.optimizer.state[param])
+        found = self.geometry(param)
+        return found if isinstance(found, Tensor) else None
+
+
+class _Once:
+    """A geometry's direction, computed once per gradient tensor (other attributes delegated)."""
+
+    def __init__(self, geometry):
+        self.geometry, self.grad, self.value = geometry, None, None
+
+    def __call__(self, g: Tensor) -> Tensor:
+        if self.grad is not g:
+            self.grad, self.value = g, self.geometry(g)
+        return self.value
+
+    def __getattr__(self, name):
+        return getattr(self.geometry, name)

@@ -65,7 +65,8 @@ class Method:
 
 
 # Base optimizers: what a SAM-family method wraps (``--base``), and plain methods of their own.
-BASE_OPTIMIZERS = ("adamw", "sgd", "adafactor")
+# "muon": torch.optim.Muon on the hidden matrices, AdamW on the rest (optim.bases.muon_split).
+BASE_OPTIMIZERS = ("adamw", "sgd", "adafactor", "muon")
 
 METHODS: dict[str, Method] = {}
 
@@ -92,6 +93,7 @@ for _entry in (
     Method("adamw", "AdamW (decoupled weight decay), no perturbation"),
     Method("adafactor", "Adafactor (factored second moments), no perturbation"),
     Method("sgd", "SGD with momentum, no perturbation"),
+    Method("muon", "Muon (torch.optim.Muon) on the hidden matrices, AdamW on the rest, no perturbation"),
     Method("sam", "SAM (Foret et al. 2021) with micro-batch ascent (Bahri et al. 2022)", SAM, 0.05),
     Method("asam", "ASAM (Kwon et al. 2021): scale-invariant perturbation", ASAM, 0.5),
     Method("fsam", "Functional-SAM (Singh et al. 2025): functional descent path only", FunctionalSAM, 0.05),

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .bases import as_optimizer
 from .descents import DescentRule, Functional, Standard, as_descent_rule
 from .driver import StepStats, plain_step, sharpness_aware_step
 from .perturbations import (
@@ -26,6 +27,7 @@ from .perturbations import (
     Euclidean,
     PerturbationRule,
     Preconditioned,
+    Spectral,
     add_perturbation_,
     local_tensor,
     perturbation_norm,
@@ -35,7 +37,7 @@ from .running_stats import check_policy
 from .schedule import SamSchedule
 
 __all__ = ["SharpnessAware", "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
-           "train_step", "local_tensor"]
+           "SpectralSAM", "train_step", "local_tensor"]
 
 
 def _on_shards(precond, owner: dict):
@@ -44,10 +46,13 @@ def _on_shards(precond, owner: dict):
 
 
 class SharpnessAware(torch.optim.Optimizer):
-    """Wraps a base optimizer *instance*; ``param_groups`` are the base optimizer's own list.
+    """Wraps a base optimizer *instance* (or several); ``param_groups`` are the base optimizer's own.
 
     Args:
         base: any ``torch.optim.Optimizer``; it takes the final step at the restored weights.
+            A list/tuple of them (``[muon, adamw]``) acts as one (``CombinedOptimizer``): ε's
+            norm runs over all their parameters, ``param_groups`` are all their groups and
+            ``state_dict`` nests each one's state.
         perturbation: a rule object (``Euclidean``, ``Adaptive``, ``Preconditioned`` or your own).
         descent: a descent rule, ``Standard()`` (∇L(w+ε)) or ``Functional()`` (J(w+ε)ᵀ r(w),
             Functional-SAM), or its name; default: the class's ``descent_rule``.
@@ -88,6 +93,7 @@ class SharpnessAware(torch.optim.Optimizer):
         sam_start: Union[int, float] = 0,
         total_steps: Optional[int] = None,
     ):
+        base = as_optimizer(base)
         if not isinstance(base, torch.optim.Optimizer):
             raise ValueError(
                 f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}"
@@ -106,11 +112,15 @@ class SharpnessAware(torch.optim.Optimizer):
         check_policy(running_stats)
         schedule = SamSchedule.of(sam_every, sam_start, total_steps)
         if perturbation.needs_preconditioner and find_reader(base) is None:
+            names = [type(b).__name__ for b in getattr(base, "optimizers", (base,))]
             raise ValueError(
-                f"{type(perturbation).__name__} perturbation needs a base optimizer with second moments "
-                f"(Adam, AdamW, Adafactor, or one registered with register_preconditioner); "
-                f"got {type(base).__name__}"
+                f"{type(perturbation).__name__} perturbation needs a base optimizer with second moments or a "
+                f"geometry it can read (Adam, AdamW, NAdam, RAdam, Adamax, RMSprop, Adagrad, Adafactor, Muon, or "
+                f"one registered with register_preconditioner); got {', '.join(names)}"
             )
+        if isinstance(perturbation, Spectral) and not _has_muon(base):
+            raise ValueError("the spectral perturbation perturbs Muon's matrices: it needs a Muon base "
+                             "optimizer (e.g. [torch.optim.Muon(hidden_matrices), torch.optim.AdamW(rest)])")
         self.base_optimizer = base
         self.perturbation = perturbation
         self.descent_rule = descent_rule
@@ -126,9 +136,11 @@ class SharpnessAware(torch.optim.Optimizer):
                          "sam_steps": 0, "plain_steps": 0}
         self._saved: Optional[list[Tensor]] = None  # weights at w while perturbed: not state
         self._perturbed = False
-        # torch.optim.Optimizer.__init__ assigns self.param_groups = [] and re-adds each group;
-        # the property below routes that to the base, which ends up with its same group dicts.
+        # torch.optim.Optimizer.__init__ assigns self.param_groups = [] and re-adds each group:
+        # while adopting, both leave the base's own groups (the same dicts) as they are.
+        self._adopting = True
         super().__init__(list(base.param_groups), base.defaults)
+        self._adopting = False
 
     # -- param_groups are the base optimizer's, always (LR schedulers act on either) --------
     @property
@@ -137,11 +149,17 @@ class SharpnessAware(torch.optim.Optimizer):
 
     @param_groups.setter
     def param_groups(self, groups):
-        self.base_optimizer.param_groups = groups
+        if not getattr(self, "_adopting", False):
+            self.base_optimizer.param_groups = groups
 
     @property
     def rho(self) -> float:
         return self.perturbation.rho
+
+    @property
+    def base_optimizers(self) -> tuple:
+        """The base optimizers: several when built from a list, else the one."""
+        return getattr(self.base_optimizer, "optimizers", (self.base_optimizer,))
 
     @property
     def descent(self) -> str:
@@ -158,7 +176,8 @@ class SharpnessAware(torch.optim.Optimizer):
         return cls.default_rho
 
     def add_param_group(self, param_group: dict) -> None:
-        self.base_optimizer.add_param_group(param_group)
+        if not getattr(self, "_adopting", False):
+            self.base_optimizer.add_param_group(param_group)
 
     def params_with_grad(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -191,7 +210,9 @@ class SharpnessAware(torch.optim.Optimizer):
             params = shards
         norm = self._global_norm(perturbation_norm(self.perturbation, params, grads, precond).square())
         ok = torch.isfinite(norm) & (norm > 0)
-        scale = torch.where(ok, self.perturbation.rho / (norm + 1e-12), torch.zeros_like(norm))
+        radius = self.perturbation.rho / (norm + 1e-12) if getattr(self.perturbation, "normalize", True) \
+            else torch.full_like(norm, self.perturbation.rho)  # a radius per tensor (Spectral)
+        scale = torch.where(ok, radius, torch.zeros_like(norm))
 
         self._save_weights(params)
         eps_sq = add_perturbation_(self.perturbation, params, grads, precond, scale, ok)
@@ -200,7 +221,9 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _preconditioner(self, params):
         if self.perturbation.needs_preconditioner:
-            return Preconditioners(self.base_optimizer, params)
+            view = Preconditioners(self.base_optimizer, params,
+                                   joint=getattr(self.perturbation, "normalize", True))
+            return view.geometry
         return lambda param: None
 
     def _save_weights(self, params: list[Tensor]) -> None:
@@ -212,6 +235,11 @@ class SharpnessAware(torch.optim.Optimizer):
             self._saved = [torch.empty_like(p) for p in params]
         self._saved_params = params
         torch._foreach_copy_(self._saved, [p.detach() for p in params])
+
+    @property
+    def perturbed(self) -> bool:
+        """The weights are at w+ε (between ``perturb()`` and ``restore()``)."""
+        return self._perturbed
 
     @torch.no_grad()
     def epsilon(self) -> list[Tensor]:
@@ -355,8 +383,15 @@ class SharpnessAware(torch.optim.Optimizer):
 _WRAPPER_OPTIONS = ("sync_ascent", "grad_norm_fn", "running_stats", "sam_every", "sam_start", "total_steps")
 
 
+def _has_muon(base) -> bool:
+    muon = getattr(torch.optim, "Muon", None)
+    return muon is not None and any(isinstance(b, muon) for b in getattr(base, "optimizers", (base,)))
+
+
 def _wrap_base(base, base_optimizer, base_kwargs, name):
-    """Accept an optimizer instance, or davda54's (params, base_optimizer_cls, **kwargs)."""
+    """Accept an optimizer instance (or a list of them), or davda54's (params, base_optimizer_cls, **kwargs)."""
+    if isinstance(base, (list, tuple)) and base and all(isinstance(b, torch.optim.Optimizer) for b in base):
+        base = as_optimizer(base)
     if isinstance(base, torch.optim.Optimizer):
         if base_optimizer is not None or base_kwargs:
             raise ValueError(f"{name}: pass either an optimizer instance or (params, optimizer class, **kwargs)")
@@ -425,11 +460,22 @@ class PreconditionedFunctionalSAM(_FixedRules):
     descent_rule = Functional()
 
 
+class SpectralSAM(_FixedRules):
+    """Spectral SAM (Zhong, Milsom and Murray 2026): each of Muon's matrices perturbed within its
+    own spectral-norm ball, ε_i = ρ·NS(G_i), the other parameters not; the standard descent.
+    Needs a Muon base (``SpectralSAM([muon, adamw], rho=...)``)."""
+
+    perturbation_rule = Spectral
+    default_rho = None  # not a registry method: ρ (per matrix, operator norm) is the caller's to choose
+
+
 def train_step(optimizer: torch.optim.Optimizer, batch, forward, loss, **kwargs) -> StepStats:
     """One optimizer step for any optimizer: SAM-family wrappers run their passes, plain
     optimizers one forward/backward per micro-batch. Same arguments as ``sharpness_aware_step``.
     A SAM-family optimizer inside a wrapper's ``.optimizer`` (accelerate's AcceleratedOptimizer)
-    counts as SAM-family."""
+    counts as SAM-family. A list of plain optimizers (``[muon, adamw]``) steps them together."""
+    if isinstance(optimizer, (list, tuple)):
+        optimizer = as_optimizer(optimizer)
     sam = sharpness_aware_inside(optimizer)
     if sam is not None:
         return sharpness_aware_step(sam, batch, forward, loss, **kwargs)

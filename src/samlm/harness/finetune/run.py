@@ -150,7 +150,7 @@ def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -
     model = par.module
     try:
         optimizer = build_optimizer(
-            s.optimizer, model.parameters(), base=s.base or "adamw", lr=s.lr, rho=s.rho,
+            s.optimizer, model, base=s.base or "adamw", lr=s.lr, rho=s.rho,
             ascent_fraction=s.ascent_fraction if s.ascent_fraction is not None else 0.25, m=s.m,
             weight_decay=s.weight_decay, betas=s.betas, eps=s.adam_eps, sam_kwargs=par.sam_kwargs,
             **sam_schedule(s, s.steps))

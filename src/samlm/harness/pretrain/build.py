@@ -118,14 +118,18 @@ def build_model(config: PretrainConfig, vocab_size: int):
 
 def build_run_optimizer(config: PretrainConfig, params, *, total_steps: int, sam_kwargs=None) -> torch.optim.Optimizer:
     """The run's optimizer from its settings: what ``pretrain`` trains with and ``samlm sharpness``
-    loads a checkpoint's optimizer state into."""
+    loads a checkpoint's optimizer state into. ``params``: the model (``--base muon`` splits it),
+    or its parameters."""
     from samlm.harness.settings import sam_schedule
     from samlm.optim import build_optimizer
 
-    return build_optimizer(config.optimizer, params, base=config.base, lr=config.lr, rho=config.rho,
-                           weight_decay=config.weight_decay, betas=config.betas, eps=config.adam_eps,
-                           ascent_fraction=config.ascent_fraction, m=config.m, sam_kwargs=sam_kwargs,
-                           **sam_schedule(config, total_steps))
+    try:
+        return build_optimizer(config.optimizer, params, base=config.base, lr=config.lr, rho=config.rho,
+                               weight_decay=config.weight_decay, betas=config.betas, eps=config.adam_eps,
+                               ascent_fraction=config.ascent_fraction, m=config.m, sam_kwargs=sam_kwargs,
+                               **sam_schedule(config, total_steps))
+    except ValueError as exc:
+        raise UserError(f"cannot build optimizer {config.optimizer}: {exc}") from None
 
 
 def max_positions(model) -> int | None:

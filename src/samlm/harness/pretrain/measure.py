@@ -54,7 +54,7 @@ def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint, to
     state = extra.get("optimizer") if isinstance(extra, Mapping) else None
     if not isinstance(state, Mapping) or state.get("sharded"):
         return None
-    optimizer = build_run_optimizer(config, model.parameters(), total_steps=total_steps)
+    optimizer = build_run_optimizer(config, model, total_steps=total_steps)
     try:
         optimizer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:

@@ -156,7 +156,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     def evaluate(model) -> dict:  # the report slice after the tuning slice: val_loss is unchanged by it
         return {**tune(model), **report(model)}
 
-    optimizer = build_run_optimizer(config, model.parameters(), total_steps=total_steps, sam_kwargs=par.sam_kwargs)
+    optimizer = build_run_optimizer(config, model, total_steps=total_steps, sam_kwargs=par.sam_kwargs)
     probe = None
     if config.sharpness:
         probe_batches = dataset.val_batches(config.sharpness_batch_size, max_batches=config.sharpness_batches)
