@@ -364,3 +364,21 @@ def test_two_ranks_prepare_one_cache_entry_and_train_like_one_process(tmp_path):
     assert cli.main([*map(str, flags), "--data", str(entries[0]), "--optimizer", "sam", "--ascent-fraction", "1", "--out",
                      str(tmp_path / "one")]) == 0
     assert_close(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"))
+
+
+def test_out_with_other_files_is_refused_and_a_one_document_source_has_no_validation_documents(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my own file")
+    with pytest.raises(UserError, match="is not empty and holds no prepared dataset"):
+        P.prepare("tinyshakespeare", tmp_path / "mine", max_chars=5000)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my own file"
+    with pytest.raises(UserError, match="--val-documents: tinyshakespeare is one document"):
+        P.prepare("tinyshakespeare", tmp_path / "x", budget=P.Budget(val_documents=3))
+    assert not (tmp_path / "x").exists()  # nothing written before the failure
+
+
+def test_bpe_on_a_one_document_source_never_sees_the_validation_tail(tmp_path):
+    text = tmp_path / "one.txt"
+    text.write_text("alpha beta gamma\n" * 900 + "zzqzzq zzqzzq\n" * 100)  # the tail: a word found nowhere else
+    seen = "".join(P._training_text(P.open_source(text), P.Budget(), 10**9))
+    assert "zzqzzq" not in seen and seen.count("alpha") >= 880  # 90% of the characters

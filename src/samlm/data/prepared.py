@@ -662,6 +662,9 @@ def prepare(
     if directory.exists() and not directory.is_dir():
         raise UserError(f"--out {directory} is a file, not a directory")
     source = open_source(spec, max_chars=max_chars)
+    if source.single_document and budget.val_documents is not None:
+        raise UserError(f"--val-documents: {source.spec} is one document (its validation split is the last "
+                        f"{budget.val_fraction:g} of its tokens); use --val-tokens")
     bpe = parse_bpe(tokenizer)
     described = None
     if bpe is None:
@@ -670,6 +673,11 @@ def prepare(
         described = describe_tokenizer(load_tokenizer(tokenizer, trust_remote_code=trust_remote_code), tokenizer)
     identity = prepare_identity(source, tokenizer, described.sha256 if described else None, budget,
                                 bpe_train_chars if bpe else None)
+    if directory.is_dir() and not is_prepared_dir(directory) and not overwrite and \
+            any(p.name not in (LOCK_FILE, TOKENIZER_DIR) and not p.name.endswith(".partial") for p in directory.iterdir()):
+        raise UserError(f"--out {directory} is not empty and holds no prepared dataset: choose an empty or new "
+                        "directory (--overwrite prepares there anyway, replacing only train.bin, val.bin, "
+                        "meta.json and tokenizer/)")
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory):
         return _prepare_locked(source, directory, identity, tokenizer, described, bpe, budget, workers,
@@ -683,6 +691,7 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
     if existing is not None:
         if existing.get("identity") == identity and not overwrite:
             load_prepared(directory)  # complete and consistent, or one line saying what is wrong
+            progress_path.unlink(missing_ok=True)  # a crash between meta.json and its removal
             return dict(existing, reused=True)
         if not overwrite:
             raise UserError(f"{directory} holds a prepared dataset of another source, tokenizer, split or budget; "
@@ -691,11 +700,11 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
     if state is not None and state.get("identity") != identity and not overwrite:
         raise UserError(f"{directory} holds a partial prepare of another source, tokenizer, split or budget; "
                         "rerun that command to finish it, or --overwrite to start again")
-    if overwrite or (existing is None and state is None) or (state is not None and state.get("identity") != identity):
-        _clear(directory)
+    if overwrite or state is None or state.get("identity") != identity:
+        _clear(directory)   # start over (a resume keeps the partial files and the trained tokenizer)
         state = None
-    elif existing is not None:
-        _clear(directory)
+    for leftover in directory.glob(TOKENIZER_DIR + ".tmp-*"):  # a tokenizer save that was cut short
+        shutil.rmtree(leftover, ignore_errors=True)
 
     if bpe is not None:  # train (or reuse the one trained before an interruption) on the training split
         tokenizer_dir = directory / TOKENIZER_DIR
@@ -816,10 +825,14 @@ def _training_text(source: Source, budget: Budget, limit: int) -> Iterator[str]:
     characters (a single-document source: its first 1 - val_fraction)."""
     rule = split_rule(source, budget)
     left = limit
-    if source.single_document:
-        text = "".join(source.documents())
-        text = text[:int(len(text) * (1 - budget.val_fraction))]
-        yield text[:limit]
+    if source.single_document:  # the tail is validation: count the text first, then stop before it
+        total = sum(len(block) for block in source.documents())
+        left = min(limit, int(total * (1 - budget.val_fraction)))
+        for block in source.documents():
+            if left <= 0:
+                return
+            yield block[:left]
+            left -= len(block)
         return
     for index, document in enumerate(source.documents("train")):
         if left <= 0:
