@@ -267,6 +267,9 @@ def test_forgetting_resumes_after_an_interruption_with_the_same_numbers(trained,
     assert got["weight_noise"]["losses"] == want["weight_noise"]["losses"]
     assert got["quantization"]["int4"] == want["quantization"]["int4"]
     assert (straight / "checkpoints").stat().st_mtime_ns == before  # the run's own checkpoints untouched
+    # other fine-tuning settings start those runs over (no "cannot resume" error)
+    shorter = _measure(stopped, forget_steps=2)
+    assert shorter["forgetting"]["steps"] == 2 and shorter["forgetting"]["points"] != got["forgetting"]["points"]
 
 
 def test_pretrain_robustness_writes_the_summary_keys_and_the_cli_json(tmp_path, capsys):
@@ -373,3 +376,19 @@ def test_report_has_paired_robustness_columns_under_both_budgets_and_a_frontier_
     assert cells[9] == "+0.1500 ± 0.0000" and cells[10] == "-0.1100 ± 0.0000 (n=2)"
     sam_compute = next(line for line in compute_part.splitlines() if line.startswith("| sam "))
     assert [c.strip() for c in sam_compute.strip("|").split("|")][8] == "-0.3000 ± 0.0000 (n=2)"  # 0.2 - 0.5
+
+
+def test_study_robustness_dry_run_lists_every_run_of_both_budgets(tmp_path, capsys):
+    assert run_cli(["study", "robustness", "--dry-run", "--out", tmp_path / "study"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(steps+compute)") == 6 and out.count("(steps)") == 6 and out.count("(compute)") == 6
+    assert "pfsam-rho0.2-seed2" in out and not (tmp_path / "study").exists()
+    assert run_cli(["study", "robustness", "--dry-run", "--preset", "gpu-24m", "--out", tmp_path / "gpu"]) == 0
+
+
+def test_study_group_size_rule():
+    from samlm.harness.pretrain.robustness import group_size_for
+    from samlm.studies.robustness_study import presets
+
+    assert group_size_for(64) == 32 and group_size_for(40) == 40
+    assert presets()["cpu"].base.quant_group_size == 40 and presets()["cpu"].base.robustness

@@ -35,6 +35,10 @@ def format_result(summary: Mapping[str, Any]) -> str:
         lines.append(f"  lambda_max(H) {num('hessian_lambda_max', '.4g')}, lambda_max(GN) "
                      f"{num('gauss_newton_lambda_max', '.4g')}, logit/functional path ratio "
                      f"{num('logit_functional_ratio', '.3g')} (step {summary.get('sharpness_step')})")
+    if isinstance(summary.get("weight_noise"), Mapping):  # --robustness
+        from samlm.cli.robustness import format_checkpoint
+
+        lines.append("  robustness at " + format_checkpoint(summary).replace("\n", "\n  "))
     step_ms = summary.get("step_s")
     lines.append(f"  {step_ms * 1000:.1f} ms/step, {num('tokens_per_s', ',.0f')} tokens/s"
                  if isinstance(step_ms, (int, float)) else "  no steps taken")

@@ -7,7 +7,7 @@ import argparse
 from samlm.harness import settings
 from samlm.progress import say
 
-STUDIES = ("pretrain", "finetune")
+STUDIES = ("pretrain", "finetune", "robustness")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               description=finetune_study.__doc__.strip().splitlines()[0])
     settings.add_arguments(finetune, finetune_study.FinetuneStudySettings)
     finetune.set_defaults(_study_run=_run_finetune, _settings=finetune_study.FinetuneStudySettings)
+
+    from samlm.studies import robustness_study
+
+    robustness = sub.add_parser("robustness", help="Watts et al.'s question on CPU: do AdamW, SAM, F-SAM and PF-SAM at "
+                                "their tuned (lr, rho) differ in weight-noise, int8/int4 and forgetting robustness at "
+                                "equal compute?", description=robustness_study.__doc__.strip().splitlines()[0])
+    settings.add_arguments(robustness, robustness_study.RobustnessStudySettings)
+    robustness.set_defaults(_study_run=_run_robustness, _settings=robustness_study.RobustnessStudySettings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,4 +107,32 @@ def _run_finetune(config) -> int:
     result = run_study(study)
     print(f"study report: {result.out / 'report.md'}")
     print(f"study took {result.seconds:.0f} s (all calls: {result.time.get('seconds', result.seconds):.0f} s)")
+    return 0
+
+
+def _run_robustness(config) -> int:
+    from samlm.harness.pretrain import validate
+    from samlm.studies.robustness_study import run_study
+
+    study = config.study()
+    if config.dry_run:
+        import dataclasses
+
+        import torch
+
+        planned = study.compare_config().runs()
+        for run in planned:
+            run_config = run.config
+            if run_config.device.startswith("cuda") and not torch.cuda.is_available():
+                run_config = dataclasses.replace(run_config, device="cpu")
+            validate(run_config)
+            print(f"{run.name}: {run_config.out} ({'+'.join(run.budgets)})")
+        say(f"dry run: {len(planned)} runs are fine; nothing was written")
+        return 0
+    result = run_study(study)
+    print(f"study report: {result.out / 'report.md'}")
+    print(f"study took {result.seconds:.0f} s (all calls: {result.time.get('seconds', result.seconds):.0f} s)")
+    if result.interrupted:
+        say(f"the study stopped ({result.interrupted}): run the same command again to continue")
+        return 130
     return 0

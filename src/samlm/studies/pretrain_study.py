@@ -149,6 +149,7 @@ class PretrainStudy:
     steps: int | None = None
     overwrite: bool = False
     overrides: Mapping[str, object] = field(default_factory=dict)   # of STUDY_OVERRIDES: replace the preset's
+    robustness: bool = False     # the final runs measure weight noise, quantization and forgetting at their end
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.overrides) - set(STUDY_OVERRIDES))
@@ -210,13 +211,20 @@ class PretrainStudy:
             base=dataclasses.replace(self._base(size), sharpness=False), budget="steps",
             title=f"samlm study pretrain, {size.name}: the (lr, ρ) sweep", **self._common())
 
+    def _final_base(self, size: ModelSize) -> PretrainConfig:
+        if not self.robustness:
+            return self._base(size)
+        from samlm.harness.pretrain.robustness import group_size_for
+
+        return dataclasses.replace(self._base(size), robustness=True, quant_group_size=group_size_for(size.width))
+
     def final(self, size: ModelSize, chosen: Mapping[str, tuple[float | None, float]]) -> CompareConfig:
         """Stage 2: each method at its ``chosen`` (ρ, lr), every seed, equal steps and equal compute."""
         rho = ",".join(f"{m}={r:g}" for m, (r, _) in chosen.items() if r is not None) or None
         lr = ",".join(f"{m}={l:g}" for m, (_, l) in chosen.items())
         return CompareConfig(
             out=str(Path(self.out) / size.name / "final"), seeds=parse_seeds(self.seeds or self.preset.seeds),
-            rho=rho, lr=lr, base=self._base(size), budget="steps,compute", lr_in_names=True,
+            rho=rho, lr=lr, base=self._final_base(size), budget="steps,compute", lr_in_names=True,
             title=f"samlm study pretrain, {size.name}: tuned methods, equal steps and equal compute",
             **self._common())
 
@@ -242,6 +250,9 @@ class PretrainStudySettings(StudySettings):
                                               default_text="the preset's", group=OVERRIDES_GROUP)
     mixed_precision: Optional[str] = settings.override(settings.ParallelSettings, "mixed_precision",
                                                        default_text="the preset's", group=OVERRIDES_GROUP)
+    robustness: bool = setting(False, "the final runs also measure weight noise, int8/int4 quantization and forgetting "
+                               "(docs/robustness.md; int4 groups of 32, or of the model width where 32 does not divide "
+                               "it)", group="study")
 
     def study(self) -> PretrainStudy:
         """The study these settings describe."""
@@ -250,7 +261,8 @@ class PretrainStudySettings(StudySettings):
         return PretrainStudy(out=self.out, preset=PRESETS[self.preset], optimizers=parse_optimizers(self.optimizers),
                              seeds=None if self.seeds is None else parse_seeds(self.seeds),
                              sweep_seeds=None if self.sweep_seeds is None else parse_seeds(self.sweep_seeds),
-                             jobs=self.jobs, steps=self.steps, overwrite=self.overwrite, overrides=overrides)
+                             jobs=self.jobs, steps=self.steps, overwrite=self.overwrite, overrides=overrides,
+                             robustness=self.robustness)
 
 
 def _restrict(spec: str, optimizers: Sequence[str]) -> str | None:

@@ -111,12 +111,12 @@ class RobustnessSettings:
     robustness: bool = setting(False, "at the end of the run, measure weight-noise, int8/int4 quantization and "
                                "forgetting robustness (summary.json keys weight_noise, quantization, forgetting)",
                                resume=False)
-    robustness_batches: Optional[int] = setting(None, "validation batches of the noise and quantization measures",
-                                                check=s.positive_int, resume=False,
-                                                default_text="the tuning slice, --val-batches")
-    noise_sigmas: str = setting("0.01,0.02,0.05,0.1", "weight-noise scales: W + sigma x rms(W) x z per tensor",
+    robustness_batches: int = setting(8, "validation batches (the first of the tuning slice) that every robustness "
+                                      "measure scores the original corpus on; the second corpus: its first as many",
+                                      check=s.positive_int, resume=False)
+    noise_sigmas: str = setting("0.01,0.03,0.1", "weight-noise scales: W + sigma x rms(W) x z per tensor",
                                 check=number_list(0.0), resume=False, metavar="S1,S2,...")
-    noise_draws: int = setting(3, "seeded noise draws per sigma (mean and std over them)", check=s.positive_int,
+    noise_draws: int = setting(2, "seeded noise draws per sigma (mean and std over them)", check=s.positive_int,
                                resume=False)
     quant_group_size: int = setting(32, "int4 group size (input weights per scale; must divide each layer's input "
                                     "width)", check=s.positive_int, resume=False)
@@ -126,9 +126,9 @@ class RobustnessSettings:
                                resume=False)
     forget_tokenizer: Optional[str] = setting(None, "the second corpus's tokenizer (must be the run's)",
                                               resume=False, default_text="the run's")
-    forget_lrs: str = setting("1e-3,3e-3,1e-2", "AdamW learning rates of the fine-tuning runs on the second corpus",
+    forget_lrs: str = setting("3e-3,1e-2,3e-2", "AdamW learning rates of the fine-tuning runs on the second corpus",
                               check=number_list(0.0, low_open=True), resume=False, metavar="LR1,LR2,...")
-    forget_steps: int = setting(25, "AdamW steps of each fine-tuning run (0: no forgetting measure)",
+    forget_steps: int = setting(10, "AdamW steps of each fine-tuning run (0: no forgetting measure)",
                                 check=s.nonnegative_int, resume=False)
     forget_target: Optional[float] = setting(None, "learning level (the second corpus's val loss) at which the "
                                              "forgetting frontier is read", check=s.finite(0.0, low_open=True),

@@ -11,8 +11,9 @@ Forgetting: the checkpoint's weights are exported once as a causal-LM directory
 plain AdamW, ``--forget-steps`` steps, the run's batch, context, seed and schedule shape, fresh
 optimizer state) on ``--forget-data``. A finished one is reused, an interrupted one resumes from its
 checkpoint, so the measure is resumable like any run. Per learning rate: the second corpus's
-validation loss (its own tuning slice, the fine-tuning run's ``val_loss``) and the original
-corpus's (the run's tuning slice) after fine-tuning.
+validation loss (its first ``--robustness-batches`` validation batches: the fine-tuning run's
+``val_loss``) and the original corpus's (the first ``--robustness-batches`` of the run's tuning
+slice, the batches the noise and quantization measures use too) after fine-tuning.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ from samlm.progress import say
 ROBUSTNESS_DIR = "robustness"
 KEYS = ("weight_noise", "quantization", "forgetting")
 FIELDS = tuple(f.name for f in dataclasses.fields(RobustnessSettings))
+
+
+def group_size_for(width: int, default: int = 32) -> int:
+    """The int4 group size the studies use for a model ``width`` wide: ``default`` where it divides
+    the width, else the width itself (one group per row of the width-wide layers)."""
+    return default if width % default == 0 else width
 
 
 def numbers(text: str) -> list[float]:
@@ -117,13 +124,13 @@ def _evaluator(batches: list) -> Callable[[torch.nn.Module], float]:
 
 def measure_model(config: PretrainConfig, model, tuning: list, *, run_dir: Path, step: int, run_tokenizer: str,
                   on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
-    """The three measures of ``model`` (the run's weights at ``step``) on the run's tuning
-    validation batches ``tuning``; ``{"weight_noise", "quantization", "forgetting"}`` (forgetting
+    """The three measures of ``model`` (the run's weights at ``step``) on the first
+    ``--robustness-batches`` of the run's tuning validation batches ``tuning``; ``{"weight_noise", "quantization", "forgetting"}`` (forgetting
     None with ``--forget-steps 0``; ``{"interrupted": ...}`` when a fine-tuning run was stopped)."""
     from samlm.diagnostics import robustness
 
     check_model(config, model)
-    batches = tuning[:config.robustness_batches] if config.robustness_batches else tuning
+    batches = tuning[:config.robustness_batches]
     evaluate = _evaluator(batches)
     started = time.perf_counter()
     noise = robustness.weight_noise(model, evaluate, sigmas=numbers(config.noise_sigmas), draws=config.noise_draws,
@@ -137,7 +144,7 @@ def measure_model(config: PretrainConfig, model, tuning: list, *, run_dir: Path,
     quant["batches"] = len(batches)
     forget = None
     if config.forget_steps:
-        forget = forgetting(config, model, tuning, run_dir=run_dir, step=step, run_tokenizer=run_tokenizer,
+        forget = forgetting(config, model, batches, run_dir=run_dir, step=step, run_tokenizer=run_tokenizer,
                             on_step=on_step)
     return io.json_safe({"weight_noise": noise, "quantization": quant, "forgetting": forget})
 
@@ -163,24 +170,42 @@ def finetune_config(config: PretrainConfig, *, model_dir: Path, lr: float, out: 
                     ) -> PretrainConfig:
     """The fine-tuning run at ``lr``: plain AdamW from ``model_dir`` on the second corpus for
     ``--forget-steps`` steps; the run's batch, context, seed, weight decay, betas and schedule shape;
-    no sharpness, no robustness, evaluated and saved at the end."""
-    run = RunDir(out)
-    resume = run.has_checkpoint()
-    return dataclasses.replace(
-        second_corpus_config(config, run_tokenizer), model=str(model_dir), optimizer="adamw", rho=None, lr=lr, steps=config.forget_steps, tokens_per_param=None,
-        warmup=None, sam_every=1, sam_start=0, split=False, sharpness=False, sharpness_every=0, robustness=False,
-        eval_every=0, save_every=0, keep_checkpoints=1, out=str(out), resume=resume, overwrite=not resume,
-        dry_run=False, progress=False, compile=False, clip=config.clip)
+    no sharpness, no robustness, evaluated (on ``--robustness-batches`` batches) and saved at the end.
+    A run of these settings in ``out`` resumes; one of other settings (an earlier ``--forget-steps``,
+    say) is started over."""
+    tuned = dataclasses.replace(
+        second_corpus_config(config, run_tokenizer), model=str(model_dir), optimizer="adamw", rho=None, lr=lr,
+        steps=config.forget_steps, tokens_per_param=None, warmup=None, sam_every=1, sam_start=0, split=False,
+        sharpness=False, sharpness_every=0, robustness=False, eval_every=0, save_every=0, keep_checkpoints=1,
+        val_batches=config.robustness_batches, out=str(out), dry_run=False, progress=False, compile=False)
+    saved = _saved_config(out)
+    resume = saved is not None and RunDir(out).has_checkpoint() and _same(saved, tuned)
+    return dataclasses.replace(tuned, resume=resume, overwrite=not resume)
+
+
+_SAME_RUN = frozenset(f.name for f in dataclasses.fields(PretrainConfig) if f.metadata.get("resume", True)) | {
+    "steps", "warmup"}
+
+
+def _same(saved: Mapping[str, Any], config: PretrainConfig) -> bool:
+    """``saved`` (a run's recorded settings) describe the same fine-tuning run as ``config``."""
+    wanted = config.as_dict()
+    return all(saved.get(k) == wanted.get(k) for k in _SAME_RUN)
+
+
+def _saved_config(out: Path) -> Optional[dict]:
+    try:
+        record = RunDir(out).read_config()
+    except UserError:
+        return None
+    return record.get("config") if isinstance(record, dict) and isinstance(record.get("config"), dict) else None
 
 
 def _same_finished(config: PretrainConfig) -> Optional[dict]:
     summary = RunDir(config.out).finished_summary()
-    if summary is None:
+    if summary is None or not _same(summary.get("config") or {}, config):
         return None
-    keys = {f.name for f in dataclasses.fields(PretrainConfig) if f.metadata.get("resume", True)} | {"steps"}
-    saved = {k: v for k, v in summary.get("config", {}).items() if k in keys}
-    wanted = {k: v for k, v in config.as_dict().items() if k in keys}
-    return summary if saved == wanted else None
+    return summary
 
 
 def forgetting(config: PretrainConfig, model, tuning: list, *, run_dir: Path, step: int, run_tokenizer: str,
@@ -200,7 +225,7 @@ def forgetting(config: PretrainConfig, model, tuning: list, *, run_dir: Path, st
     model.eval()
     before_original = evaluate_original(model)
     second = load_data(second_corpus_config(config, run_tokenizer)).dataset
-    second_tuning, _ = validation_slices(second.val_batches(config.micro_batch), config.val_batches)
+    second_tuning = second.val_batches(config.micro_batch, max_batches=config.robustness_batches)
     before_learning = _evaluator(second_tuning)(model)
     tuned = copy.deepcopy(model)
     points = []
