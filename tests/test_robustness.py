@@ -230,8 +230,19 @@ def test_frontier_and_interpolation():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("robustness") / "run"
-    assert run_cli(["pretrain", *TINY, "--out", out]) == 0
+    assert run_cli(["pretrain", *TINY, "--out", out, "--save-every", "3", "--keep-checkpoints", "5"]) == 0
     return out
+
+
+def test_all_checkpoints_measures_each_kept_checkpoint_oldest_first(trained, tmp_path, capsys):
+    run = shutil.copytree(trained, tmp_path / "run")
+    assert run_cli(["robustness", "--run", run, "--all-checkpoints", "--forget-steps", "0", "--noise-draws", "1",
+                    "--json", tmp_path / "all.json"]) == 0
+    result = json.loads((tmp_path / "all.json").read_text())
+    assert [c["step"] for c in result["checkpoints"]] == [3, 6] and result["step"] == 6
+    assert result["forgetting"] is None and not (run / "robustness").exists()
+    assert result["checkpoints"][0]["weight_noise"]["base_loss"] != result["checkpoints"][1]["weight_noise"]["base_loss"]
+    assert "step 3:" in capsys.readouterr().out
 
 
 def _measure(run, **overrides):
