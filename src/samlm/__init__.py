@@ -4,6 +4,7 @@ from .optim import (
     ASAM,
     SAM,
     Adaptive,
+    CombinedOptimizer,
     Euclidean,
     FunctionalSAM,
     PerturbationRule,
@@ -11,6 +12,8 @@ from .optim import (
     PreconditionedFunctionalSAM,
     PreconditionedSAM,
     SharpnessAware,
+    Spectral,
+    SpectralSAM,
     StepStats,
     build_optimizer,
     frozen_running_stats,
@@ -24,4 +27,5 @@ __all__ = [
     "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
     "SharpnessAware", "Euclidean", "Adaptive", "Preconditioned", "PerturbationRule",
     "StepStats", "train_step", "build_optimizer", "register_preconditioner", "frozen_running_stats",
+    "SpectralSAM", "Spectral", "CombinedOptimizer",
 ]

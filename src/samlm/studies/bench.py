@@ -16,6 +16,12 @@ the implementation adds on top (perturbation, restore, bookkeeping).
 ``--sam-every K`` runs samlm's SAM-family methods with a SAM step every K-th step. A round is
 then K steps of every method, timed together (one whole cycle, whatever its phase), and a
 method's floor is AdamW's step plus its extra passes / K.
+
+``--base muon``: every method wraps Muon (hidden matrices) + AdamW (the rest), and the reference
+is plain Muon+AdamW (``muon``). A method whose perturbation reads the base's geometry (psam,
+pfsam) also orthogonalizes the ascent gradient of every Muon matrix (Newton–Schulz, as Muon
+does): its floor adds that bare pass (``orthogonalize``: NS of every Muon matrix), timed in
+the same rounds. The peer's SAM (pytorch-optimizer, around AdamW) is left out.
 """
 
 from __future__ import annotations
@@ -39,19 +45,30 @@ from samlm.harness import settings as s
 from samlm.harness.pretrain.config import ModelSettings
 from samlm.harness.settings import override, setting
 from samlm.io import atomic_write_json
-from samlm.optim import train_step
+from samlm.optim import build_muon, muon_split, newton_schulz, train_step
 from samlm.optim.batching import plan_step
 from samlm.optim.registry import method, sam_family
 
 # Bench-only pseudo-methods beside the registry's: each is (registry method it runs, extra passes).
 FULL = "full"  # a forward+backward of the whole batch
+ORTHOGONALIZE = "orthogonalize"  # Newton–Schulz of every Muon matrix's gradient (--base muon)
 PSEUDO_METHODS = {
     "peer_sam": ("sam", (FULL,)),  # pytorch-optimizer's SAM: two full-batch passes
     "sam_full": ("sam", (FULL,)),  # samlm's SAM with ascent_fraction = 1
 }
-def extra_passes(name: str) -> tuple[str, ...]:
-    """The passes ``name`` runs on top of AdamW's one forward+backward of the batch."""
-    return PSEUDO_METHODS[name][1] if name in PSEUDO_METHODS else method(name).extra_passes
+def extra_passes(name: str, base: str = "adamw") -> tuple[str, ...]:
+    """The passes ``name`` runs on top of the base optimizer's one forward+backward of the batch
+    (around Muon, a geometry-reading perturbation also orthogonalizes the ascent gradient)."""
+    passes = PSEUDO_METHODS[name][1] if name in PSEUDO_METHODS else method(name).extra_passes
+    if base == "muon" and name in sam_family() and reads_geometry(name):
+        passes = (*passes, ORTHOGONALIZE)
+    return passes
+
+
+def reads_geometry(name: str) -> bool:
+    """The SAM-family method's perturbation reads its base optimizer's geometry (preconditioned)."""
+    probe = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    return bool(method(name).cls(probe, rho=0.1).perturbation.needs_preconditioner)
 
 
 def method_rho(args, name: str) -> float:
@@ -61,7 +78,12 @@ def method_rho(args, name: str) -> float:
 
 def cycle(args, name: str) -> int:
     """Steps per SAM step of ``name``: ``--sam-every`` for samlm's SAM-family methods, else 1."""
-    return 1 if name in ("adamw", "peer_sam") else args.sam_every
+    return 1 if name in (reference_method(args), "peer_sam") else args.sam_every
+
+
+def reference_method(args) -> str:
+    """The method every ratio is against: the plain base optimizer (``adamw``; ``muon``: Muon+AdamW)."""
+    return getattr(args, "base", "adamw")
 
 
 def bench_methods() -> tuple[str, ...]:
@@ -88,6 +110,8 @@ class BenchConfig:
     untimed_steps: int = setting(2, "steps (rounds) per method run before timing", check=s.nonnegative_int)
     rho: Optional[float] = override(s.OptimizerSettings, "rho")
     ascent_fraction: float = override(s.OptimizerSettings, "ascent_fraction")
+    base: str = setting("adamw", "the base optimizer every SAM-family method wraps, and the reference of every "
+                        "ratio (muon: Muon on the hidden matrices + AdamW on the rest)", choices=("adamw", "muon"))
     sam_every: int = override(s.OptimizerSettings, "sam_every", metavar="K")  # a round: K steps of each method
     compile: bool = override(s.ParallelSettings, "compile")
     methods: str = setting(",".join(bench_methods()), "comma-separated subset of " + ",".join(bench_methods()))
@@ -115,11 +139,17 @@ class BenchConfig:
 def _check(args) -> list[str]:
     s.validate(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(bench_methods()))
+    ref = reference_method(args)
+    if ref != "adamw":
+        if "peer_sam" in methods and args.methods != ",".join(bench_methods()):
+            raise UserError(f"--methods peer_sam is pytorch-optimizer's SAM around AdamW: not with --base {ref}")
+        methods = [ref if m == "adamw" else m for m in methods if m != "peer_sam"]
+    choices = (ref, *bench_methods()[1:])
+    unknown = sorted(set(methods) - set(choices))
     if unknown:
-        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(bench_methods())}")
-    if "adamw" not in methods:
-        methods.insert(0, "adamw")  # the reference of every ratio
+        raise UserError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(choices)}")
+    if ref not in methods:
+        methods.insert(0, ref)  # the reference of every ratio
     return methods
 
 
@@ -161,8 +191,11 @@ def make_stepper(name: str, model, args):
     """A callable(batch, forward, autocast) that takes one optimizer step of ``name``."""
     if name == "peer_sam":
         return _PeerStep(model, args)
-    base = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    if name == "adamw":
+    if reference_method(args) == "muon":
+        base = build_muon(model, lr=1e-4, weight_decay=0.01)  # AdamW's default weight decay, as below
+    else:
+        base = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if name == reference_method(args):
         opt = base
     else:
         runs = PSEUDO_METHODS.get(name, (name,))[0]
@@ -187,6 +220,12 @@ class _BarePasses:
     def __init__(self, model, args):
         self.model = model
         self.ascent_rows = plan_step([args.batch], args.ascent_fraction, 1)[0].ascent_rows  # as the driver
+        self.matrices = ([torch.randn_like(p) for p in muon_split(model)[0]]
+                         if reference_method(args) == "muon" else [])  # stand-ins for Muon's gradients
+
+    def orthogonalize(self, batch, forward, autocast):
+        for g in self.matrices:  # what Muon's geometry computes for the ascent direction
+            newton_schulz(g)
 
     def full(self, batch, forward, autocast):
         self._backward(batch, forward, autocast)
@@ -233,7 +272,7 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
     steppers = {name: make_stepper(name, models[name], args) for name in methods}
     passes_model = copy.deepcopy(reference)
     probes = _BarePasses(passes_model, args)
-    for kind in sorted({kind for name in methods for kind in extra_passes(name)}):
+    for kind in sorted({kind for name in methods for kind in extra_passes(name, reference_method(args))}):
         steppers[f"pass:{kind}"] = getattr(probes, kind)
         models[f"pass:{kind}"] = passes_model
     autocast = _autocast_factory(args)
@@ -265,15 +304,15 @@ def time_harness(args, name: str) -> list[float]:
 
     from samlm.harness.pretrain import PretrainConfig, pretrain
 
-    if name not in sam_family() and name != "adamw":
+    if name not in sam_family() and name != reference_method(args):
         return []  # the pseudo-methods (peer_sam, sam_full) have no harness run
     steps = (args.untimed_steps + args.steps) * args.sam_every + 1
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="samlm-bench-") as out:
         config = PretrainConfig(
             arch="gpt2", layers=args.layers, width=args.width, heads=args.heads, context=args.context,
-            batch=args.batch, tokenizer="bytes", steps=steps, warmup=0, optimizer=name, rho=method_rho(args, name)
-            if name != "adamw" else None, ascent_fraction=args.ascent_fraction, sam_every=cycle(args, name),
+            batch=args.batch, tokenizer="bytes", steps=steps, warmup=0, optimizer=name, base=reference_method(args),
+            rho=method_rho(args, name) if name != reference_method(args) else None, ascent_fraction=args.ascent_fraction, sam_every=cycle(args, name),
             eval_every=0, save_every=0, val_batches=1, sharpness=False, compile=args.compile, device=args.device,
             mixed_precision="bf16" if args.dtype == "bf16" else None, threads=torch.get_num_threads(),
             progress=False, out=out, overwrite=True)
@@ -360,17 +399,17 @@ def machine_description(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def ratios(times: dict[str, list[float]], methods: list[str], cycles=None) -> dict[str, dict[str, float]]:
-    """Each method's median step time, median per-round ratio against AdamW (and its quartiles:
-    the machine's noise), and floor (AdamW's step plus the method's extra bare passes, over
-    AdamW's step; per round, then the median). ``cycles``: a method's steps per SAM step (its
-    extra passes count 1/K per step; default 1)."""
-    adamw = times["adamw"]
+def ratios(times: dict[str, list[float]], methods: list[str], cycles=None, base: str = "adamw") -> dict[str, dict[str, float]]:
+    """Each method's median step time, median per-round ratio against the plain ``base`` (AdamW;
+    and its quartiles: the machine's noise), and floor (the base's step plus the method's extra
+    bare passes, over the base's step; per round, then the median). ``cycles``: a method's steps
+    per SAM step (its extra passes count 1/K per step; default 1)."""
+    adamw = times[base]
     rows = {}
     for name in methods:
         per_round = [t / a for t, a in zip(times[name], adamw)]
         k = (cycles or {}).get(name, 1)
-        floor = [1 + sum(times[f"pass:{kind}"][i] for kind in extra_passes(name)) / k / a
+        floor = [1 + sum(times[f"pass:{kind}"][i] for kind in extra_passes(name, base)) / k / a
                  for i, a in enumerate(adamw)]
         ratio, floor_ratio = statistics.median(per_round), statistics.median(floor)
         q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else (ratio,) * 3
@@ -385,7 +424,8 @@ def run_bench(args: BenchConfig) -> dict:
     methods = _check(args)
     times = time_methods(args, methods)
     params = sum(p.numel() for p in build_model(args).parameters())
-    results = ratios(times, methods, {name: cycle(args, name) for name in methods})
+    ref = reference_method(args)
+    results = ratios(times, methods, {name: cycle(args, name) for name in methods}, base=ref)
     passes = {name.removeprefix("pass:"): round(statistics.median(t), 5)
               for name, t in times.items() if name.startswith("pass:")}
     if args.harness:
@@ -399,12 +439,13 @@ def run_bench(args: BenchConfig) -> dict:
             results[name]["peak_mem_mb"] = round(peak_memory_mb(args, name), 1)
     if not args.no_memory:
         for row in results.values():
-            row["extra_mem_mb"] = round(row["peak_mem_mb"] - results["adamw"]["peak_mem_mb"], 1)
+            row["extra_mem_mb"] = round(row["peak_mem_mb"] - results[ref]["peak_mem_mb"], 1)
     for name in methods:
-        if name != "adamw":
+        if name != ref:
             results[name]["rho"] = method_rho(args, name)
     config = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "batch", "context", "steps",
-                                            "untimed_steps", "rho", "ascent_fraction", "sam_every", "compile", "device", "dtype")}
+                                            "untimed_steps", "rho", "ascent_fraction", "sam_every", "compile", "device", "dtype",
+                                            "base")}
     config.update(parameters=params, param_mb=round(params * 4 / 2**20, 1), machine=machine_description(args.device),
                   torch=torch.__version__)
     report = {"config": config, "methods": results, "passes_s": passes}
@@ -417,11 +458,13 @@ def format_table(report: dict) -> str:
     cfg = report["config"]
     k = cfg.get("sam_every", 1)
     cycle_note, per_step = (f" (rounds of {k}: a SAM step every {k})", f" / {k}") if k > 1 else ("", "")
+    base = cfg.get("base", "adamw")
+    ref = {"adamw": "AdamW", "muon": "Muon"}.get(base, base)
     lines = [
         f"samlm bench: GPT-2 {cfg['layers']}L/{cfg['width']}d/{cfg['heads']}h, vocab {cfg['vocab']}, "
         f"batch {cfg['batch']}x{cfg['context']}, {cfg['parameters'] / 1e6:.2f}M params ({cfg['param_mb']} MB fp32), "
         f"{cfg['dtype']}, {cfg['machine']}, median of {cfg['steps']} steps{cycle_note}",
-        f"{'method':<10} {'step (s)':>10} {'x AdamW':>8} {'IQR':>13} {'floor':>7} {'x floor':>8} {'peak MB':>9} {'+ vs AdamW':>10}",
+        f"{'method':<10} {'step (s)':>10} {'x ' + ref:>8} {'IQR':>13} {'floor':>7} {'x floor':>8} {'peak MB':>9} {'+ vs ' + ref:>10}",
     ]
     for name, row in report["methods"].items():
         mem = f"{row['peak_mem_mb']:>9.1f} {row['extra_mem_mb']:>+10.1f}" if "peak_mem_mb" in row else f"{'-':>9} {'-':>10}"
@@ -434,6 +477,6 @@ def format_table(report: dict) -> str:
                                  for name, row in report["methods"].items() if "harness_step_s" in row))
     passes = ", ".join(f"{kind} {seconds:.4f} s" for kind, seconds in report.get("passes_s", {}).items())
     if passes:
-        lines.append(f"bare passes (median): {passes}; floor = (AdamW step + a method's extra passes{per_step}) "
-                     "/ AdamW step")
+        lines.append(f"bare passes (median): {passes}; floor = ({ref} step + a method's extra passes{per_step}) "
+                     f"/ {ref} step" + (" (Muon + AdamW: every method wraps both)" if base == "muon" else ""))
     return "\n".join(lines)
