@@ -82,10 +82,9 @@ def test_the_slices_are_disjoint_and_the_tuning_slice_is_the_old_validation_set(
     original = loop.lm_evaluator
     monkeypatch.setattr(loop, "lm_evaluator",
                         lambda batches, **kw: seen.append((batches, kw)) or original(batches, **kw))
-    from samlm.data.text import load_tokenizer
-    from samlm.harness.pretrain.build import load_dataset
+    from samlm.harness.pretrain.build import load_data
 
-    dataset = load_dataset(TINY, load_tokenizer("bytes"))
+    dataset = load_data(TINY).dataset
     pretrain(dataclasses.replace(TINY, dry_run=True, out=str(tmp_path / "run")))
     (tuning, tuning_kw), (held_out, held_kw) = seen
     assert tuning_kw == {} and held_kw == {"prefix": "report"} and len(tuning) == len(held_out) == 2

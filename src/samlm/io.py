@@ -131,6 +131,25 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=indent) + "\n")
 
 
+def atomic_save_pretrained(obj: Any, directory: PathLike) -> None:
+    """``obj.save_pretrained`` (a Hugging Face tokenizer, config or model) into ``directory``
+    atomically: written into a hidden temp sibling, each file fsynced, then renamed into place
+    (an existing directory is moved aside first). A crash leaves the old directory or the new one."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        obj.save_pretrained(str(tmp))
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync_file(path)
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def json_safe(obj: Any) -> Any:
     """Plain-JSON version of ``obj``: tensors/numpy scalars to numbers, NaN/Inf to strings.
 

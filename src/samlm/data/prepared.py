@@ -375,13 +375,7 @@ def train_bpe(documents: Iterator[str], vocab_size: int, out_dir: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(documents, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN)
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    io.fsync_dir(out_dir.parent)
+    io.atomic_save_pretrained(PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN), out_dir)
 
 
 def parse_bpe(name: str) -> int | None:
@@ -703,7 +697,7 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
     if overwrite or state is None or state.get("identity") != identity:
         _clear(directory)   # start over (a resume keeps the partial files and the trained tokenizer)
         state = None
-    for leftover in directory.glob(TOKENIZER_DIR + ".tmp-*"):  # a tokenizer save that was cut short
+    for leftover in directory.glob(f".tmp-{TOKENIZER_DIR}-*"):  # a tokenizer save that was cut short
         shutil.rmtree(leftover, ignore_errors=True)
 
     if bpe is not None:  # train (or reuse the one trained before an interruption) on the training split
@@ -715,10 +709,7 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
 
         described = describe_tokenizer(load_tokenizer(str(tokenizer_dir)), tokenizer_name)
     elif described.hf is not None and not (directory / TOKENIZER_DIR).exists():
-        tmp = directory / (TOKENIZER_DIR + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        described.hf.save_pretrained(str(tmp))
-        os.replace(tmp, directory / TOKENIZER_DIR)
+        io.atomic_save_pretrained(described.hf, directory / TOKENIZER_DIR)
 
     rule = split_rule(source, budget)
     dtype = token_dtype(described.vocab_size)
