@@ -8,7 +8,10 @@
 2. Memory: peak RSS of a 1-step ``samlm pretrain`` over a prepared ``--big-mb`` corpus and over a
    10 MB one (each in its own process; ``ru_maxrss``).
 3. Start-up: wall time of those runs and of the same run over Tiny Shakespeare (each prepared
-   beforehand), 3 repeats each, median.
+   beforehand), ``--repeats`` round-robin repeats, median; and, in one process, the part of a
+   run's start that depends on the data (``load_data``: open and check the prepared files or the
+   cache entry, load the tokenizer, the first training batch and the two validation slices),
+   min over the repeats of wall and of CPU time (robust to a loaded machine).
 Prints one JSON object; ``--json FILE`` also writes it.
 """
 
@@ -70,6 +73,30 @@ def samlm(*argv, env=None) -> tuple[float, int]:
     return float(out[0]), int(out[1]) // 1024
 
 
+def data_startup(prepared: dict, repeats: int, env: dict) -> dict:
+    """Seconds of the data part of a run's start-up per corpus, in a child process (min of wall, CPU)."""
+    code = r"""
+import json, os, sys, time
+from samlm.harness.pretrain import PretrainConfig
+from samlm.harness.pretrain.build import load_data
+corpora, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
+best = {name: [1e9, 1e9] for name in corpora}
+for _ in range(repeats):
+    for name, data in corpora.items():
+        config = PretrainConfig(data=str(data), layers=2, width=64, heads=4, context=128, batch=16, val_batches=4,
+                                progress=False)
+        wall, cpu = time.perf_counter(), time.process_time()
+        run_data = load_data(config)
+        next(run_data.dataset.train_batches(16, seed=0))
+        run_data.dataset.val_batches(16, max_batches=8)
+        best[name] = [min(best[name][0], time.perf_counter() - wall), min(best[name][1], time.process_time() - cpu)]
+print(json.dumps({name: {"wall_s": round(w, 4), "cpu_s": round(c, 4)} for name, (w, c) in best.items()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code, json.dumps({k: str(v) for k, v in prepared.items()}),
+                          str(repeats)], capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/samlm-bench-data")
@@ -109,15 +136,18 @@ def main() -> None:
         prepared[name] = out
     prepared["tinyshakespeare"] = "tinyshakespeare"
     samlm("pretrain", "--data", "tinyshakespeare", *RUN, "--out", work / "warm", "--overwrite", env=env)  # cache it
-    for name, data in prepared.items():
-        walls, rss = [], []
-        for repeat in range(args.repeats):
+    walls = {name: [] for name in prepared}
+    rss = {name: [] for name in prepared}
+    for repeat in range(args.repeats):  # round robin: a load change on the machine hits every corpus alike
+        for name, data in prepared.items():
             wall, peak = samlm("pretrain", "--data", data, *RUN, "--out", work / f"run-{name}", "--overwrite", env=env)
-            walls.append(wall)
-            rss.append(peak)
-        result["runs"][name] = {"wall_s_median": round(statistics.median(walls), 2), "walls": [round(w, 2) for w in walls],
-                                "peak_rss_mb": max(rss)}
+            walls[name].append(wall)
+            rss[name].append(peak)
+    for name in prepared:
+        result["runs"][name] = {"wall_s_median": round(statistics.median(walls[name]), 2),
+                                "walls": [round(w, 2) for w in walls[name]], "peak_rss_mb": max(rss[name])}
         print(name, result["runs"][name], flush=True)
+    result["data_startup"] = data_startup(prepared, args.repeats, env)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,7 +15,7 @@ P^-1/2 H P^-1/2. ``OUT/study.json`` records the chosen points. Every stage skips
 resumes interrupted ones, so rerunning the command continues a study.
 
 Presets (:data:`PRESETS`): ``cpu`` fits a 2-core machine (docs/results.md has its time); ``cpu-bpe``
-is the same protocol with a byte-level BPE of 1024 tokens trained on the corpus; ``gpu-24m`` and
+is the same protocol on a 2x32 model with a byte-level BPE of 512 tokens trained on the corpus; ``gpu-24m`` and
 ``gpu-118m`` are the paper-like settings on C4, for a GPU. A preset with a data budget (the GPU
 ones) first prepares its corpus once into ``OUT/data`` (C4's own validation split; exactly the
 training tokens its runs read: 20 tokens per parameter of the largest size, times the
@@ -119,9 +119,9 @@ PRESETS: dict[str, StudyPreset] = {
         (ModelSize("2x32", 2, 32, 4), ModelSize("2x40", 2, 40, 4)), _CPU_BASE, CPU_LR, CPU_RHO, jobs=2,
         minutes="docs/results.md"),
     "cpu-bpe": StudyPreset(
-        "a 2x40 GPT-2 model (context 64) on Tiny Shakespeare with a byte-level BPE of 1024 tokens trained on its "
+        "a 2x32 GPT-2 model (context 64) on Tiny Shakespeare with a byte-level BPE of 512 tokens trained on its "
         "training split, 20 tokens/param",
-        (ModelSize("2x40-bpe", 2, 40, 4),), dataclasses.replace(_CPU_BASE, tokenizer="bpe:1024"), CPU_LR, CPU_RHO,
+        (ModelSize("2x32-bpe512", 2, 32, 4),), dataclasses.replace(_CPU_BASE, tokenizer="bpe:512"), CPU_LR, CPU_RHO,
         jobs=2, minutes="docs/results.md"),
     "gpu-24m": StudyPreset(
         "a ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 (prepared once into OUT/data), 20 tokens/param",
