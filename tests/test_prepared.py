@@ -382,3 +382,20 @@ def test_bpe_on_a_one_document_source_never_sees_the_validation_tail(tmp_path):
     text.write_text("alpha beta gamma\n" * 900 + "zzqzzq zzqzzq\n" * 100)  # the tail: a word found nowhere else
     seen = "".join(P._training_text(P.open_source(text), P.Budget(), 10**9))
     assert "zzqzzq" not in seen and seen.count("alpha") >= 880  # 90% of the characters
+
+
+def test_a_cached_hub_dataset_is_found_without_asking_the_hub(tmp_path, monkeypatch):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", documents(30))
+    write_jsonl(folder / "validation.jsonl", documents(4, seed=9))
+    monkeypatch.setenv("SAMLM_CACHE", str(tmp_path / "cache"))
+    first = P.ensure_prepared(f"hf:{folder}")
+    assert first.meta["split"]["rule"] == "source_split"
+
+    def offline(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(P, "_hub_split_names", offline)
+    monkeypatch.setattr(P, "_hub_documents", offline)
+    assert P.ensure_prepared(f"hf:{folder}").path == first.path

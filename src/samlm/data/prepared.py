@@ -107,11 +107,17 @@ class Source:
     kind: str                      # builtin | text-file | jsonl-file | directory | hub
     single_document: bool          # one document, read in pieces: split by the tail rule
     identity: dict                 # what the cache key and a resume compare
-    has_validation_split: bool = False
+    has_validation_split: bool | None = False   # None: a hub dataset not asked yet (resolve_splits)
     max_chars: int | None = None
     _hub: tuple | None = None      # (name, config, split) of a hub dataset
     _path: Path | None = None
     _resource: Any = None
+
+    def resolve_splits(self) -> None:
+        """For a hub dataset whose split was not named: does it have a ``validation`` split?"""
+        if self.has_validation_split is None:
+            name, config, _ = self._hub
+            self.has_validation_split = "validation" in _hub_split_names(self.spec, name, config)
 
     def documents(self, split: str = "train") -> Iterator[str]:
         """The documents of the source (of its own ``split`` for a hub dataset with one), in order,
@@ -263,12 +269,11 @@ def open_source(spec: str | os.PathLike, *, max_chars: int | None = None) -> Sou
     hub = spec[3:] if spec.startswith("hf:") else spec
     name, config, split = parse_hub_spec(hub)
     split_named = len(hub.split(":")) > 2 and bool(hub.split(":")[2])
-    own_validation = False
-    if not split_named:
-        own_validation = "validation" in _hub_split_names(spec, name, config)
     identity = {"hub": name, "config": config, "split": split, "max_chars": max_chars}
-    return Source(spec, "hub", False, identity, has_validation_split=own_validation, max_chars=max_chars,
-                  _hub=(name, config, split))
+    # Whether it has a validation split is asked of the hub only when preparing (resolve_splits):
+    # a cached entry is found offline.
+    return Source(spec, "hub", False, identity, has_validation_split=False if split_named else None,
+                  max_chars=max_chars, _hub=(name, config, split))
 
 
 def _hub_split_names(spec: str, name: str, config: str | None) -> list[str]:
@@ -412,11 +417,14 @@ class Budget:
 
 def split_rule(source: Source, budget: Budget) -> dict:
     """The split rule of a source (module docstring), as recorded in meta.json."""
+    k = max(2, round(1 / budget.val_fraction))
     if source.single_document:
         return {"rule": "tail", "fraction": budget.val_fraction}
+    if source.has_validation_split is None:  # decided when preparing; what a cache key can know offline
+        return {"rule": "source_split, else every_kth_document", "k": k}
     if source.has_validation_split:
         return {"rule": "source_split", "validation_split": "validation"}
-    return {"rule": "every_kth_document", "k": max(2, round(1 / budget.val_fraction))}
+    return {"rule": "every_kth_document", "k": k}
 
 
 def prepare_identity(source: Source, tokenizer_name: str, tokenizer_sha: str | None, budget: Budget,
@@ -700,6 +708,7 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
     for leftover in directory.glob(f".tmp-{TOKENIZER_DIR}-*"):  # a tokenizer save that was cut short
         shutil.rmtree(leftover, ignore_errors=True)
 
+    source.resolve_splits()
     if bpe is not None:  # train (or reuse the one trained before an interruption) on the training split
         tokenizer_dir = directory / TOKENIZER_DIR
         if not (tokenizer_dir / "tokenizer.json").exists():
@@ -711,6 +720,7 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
     elif described.hf is not None and not (directory / TOKENIZER_DIR).exists():
         io.atomic_save_pretrained(described.hf, directory / TOKENIZER_DIR)
 
+    source.resolve_splits()
     rule = split_rule(source, budget)
     dtype = token_dtype(described.vocab_size)
     streams = _Streams(directory, dtype)
