@@ -123,7 +123,8 @@ def test_the_loss_derived_from_the_logits_is_the_models_own_loss(tmp_path, head)
 @pytest.mark.parametrize("method", ["sam", "fsam", "pfsam"])
 @pytest.mark.parametrize("head", HEADS)
 def test_every_method_trains_every_head_on_the_models_own_loss(tmp_path, head, method):
-    """ascent_fraction=1 and one batch of all rows: the first logged loss is the model's outputs.loss."""
+    """ascent_fraction=1 and one batch of all rows: the first logged loss is the model's outputs.loss
+    (weighted as Trainer weights it: given Trainer's num_items_in_batch where it counts one)."""
     build, data, _, _ = HEADS[head]
     model, examples = build(), data()
     reference, before = copy.deepcopy(model), flat(model)
@@ -131,7 +132,10 @@ def test_every_method_trains_every_head_on_the_models_own_loss(tmp_path, head, m
                          ascent_fraction=1.0)
     trainer.train()
     logged = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert logged[0] == pytest.approx(reference(**collate(examples)).loss.item(), rel=1e-5)
+    batch = collate(examples)
+    items = trainer._get_num_items_in_batch([batch], "cpu")
+    kwargs = {"num_items_in_batch": items} if items is not None and trainer.model_accepts_loss_kwargs else {}
+    assert logged[0] == pytest.approx(reference(**batch, **kwargs).loss.item(), rel=1e-5)
     assert trainer.sam_optimizer.counters["steps"] == 2 and torch.isfinite(torch.tensor(logged)).all()
     assert not torch.equal(flat(model), before)
 

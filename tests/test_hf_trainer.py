@@ -107,7 +107,11 @@ def test_a_trainer_step_is_the_driver_step_on_the_window_with_the_models_loss(tm
     model = tiny_gpt2()
     opt = samlm.FunctionalSAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, ascent_fraction=1.0)
     batch = {k: torch.stack([row[k] for row in data]) for k in data[0]}
-    stats = opt.train_step(batch, lambda b: model(input_ids=b["input_ids"]).logits, causal_ce, max_grad_norm=1.0)
+    # Trainer's token weighting: the summed token loss over the label tokens it counts (num_items_in_batch)
+    items = float(trainer._get_num_items_in_batch([batch], "cpu"))
+    tokens = batch["labels"][:, 1:].numel()
+    stats = opt.train_step(batch, lambda b: model(input_ids=b["input_ids"]).logits,
+                           lambda logits, b: causal_ce(logits, b) * tokens / items, max_grad_norm=1.0)
     torch.testing.assert_close(flat(trainer.model), flat(model), rtol=0, atol=1e-6)
     assert trainer.state.log_history[0]["loss"] == pytest.approx(stats.loss, rel=1e-5)
     assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(stats.update_grad_norm, rel=1e-5)
@@ -123,7 +127,8 @@ def test_user_optimizer_and_scheduler_are_used_and_the_scheduler_acts(tmp_path):
     trainer.train()
     assert trainer.sam_optimizer is opt and opt.counters["steps"] == 3
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 3)
-    assert [log["learning_rate"] for log in trainer.state.log_history if "loss" in log] == pytest.approx(
+    # SAM's default ascent_fraction < 1: the loss at w is on the ascent rows only, logged as ascent_loss
+    assert [log["learning_rate"] for log in trainer.state.log_history if "ascent_loss" in log] == pytest.approx(
         [1e-2, 5e-3, 2.5e-3])
 
 

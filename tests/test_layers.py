@@ -18,7 +18,7 @@ LAYERS = [
     ("errors", "io", "progress"),    # plumbing
     ("data",),
     ("models",),
-    ("integrations",),               # torch.distributed / accelerate, Hugging Face Trainer
+    ("integrations", "hf"),          # torch.distributed / accelerate, Hugging Face Trainer (samlm.hf: its alias)
     ("harness",),                    # settings, run directory, loop, pretrain, finetune
     ("studies",),                    # compare, finetune_compare, report, demo, bench
     ("cli", "__main__"),

@@ -1,6 +1,7 @@
-"""Hugging Face ``Trainer`` with SAM, ASAM, Functional-SAM and the preconditioned variants.
+"""Hugging Face ``Trainer`` (and any subclass: TRL's ``SFTTrainer``) with SAM, ASAM,
+Functional-SAM and the preconditioned variants.
 
-    from samlm.integrations.hf import SAMTrainer
+    from samlm.integrations.hf import SAMTrainer   # or: from samlm.hf import SAMTrainer
     trainer = SAMTrainer(model=model, args=training_args, train_dataset=data,
                          sam_method="fsam", rho=0.05, ascent_fraction=0.25)
     trainer.train()                       # also: trainer.train(resume_from_checkpoint=True)
@@ -45,9 +46,31 @@ models do), token classification, multiple choice — SAMTrainer computes the mo
 from its logits (``head_kind``, ``head_loss``), so SAM and Functional-SAM use the same loss as
 plain training; a seq2seq LM's decoder inputs are built from the labels as the model builds them.
 ``sam_loss=fn(logits, batch)`` overrides it. For an unrecognised head the standard descent uses
-the model's own ``outputs.loss``, and the functional descent needs ``sam_loss``. Micro-batches
-are weighted by rows (Trainer's ``num_items_in_batch`` token weighting is not used); a
-subclass's ``compute_loss`` is not called.
+the model's own ``outputs.loss``, and the functional descent needs ``sam_loss``. Token-level
+heads (LMs, token classification) are weighted by label tokens across the window's
+micro-batches when Trainer counts ``num_items_in_batch``, as Trainer weights them (a sequence
+of 3 label tokens counts for 3); other heads by rows.
+
+Any Trainer subclass: ``SAMTrainerMixin`` holds all of the above, so ``class
+X(SAMTrainerMixin, SomeTrainer)`` takes SAM-family steps with ``SomeTrainer``'s data, collator,
+evaluation and logging (``SAMTrainer`` is ``SAMTrainerMixin`` + ``Trainer``; ``SAMSFTTrainer``,
+importable from here when TRL is installed, is ``SAMTrainerMixin`` + ``trl.SFTTrainer``:
+``samlm.integrations.sft``). The SAM step does not call the subclass's ``compute_loss``: it needs
+the loss as a function of the logits at w and at w+ε (Functional-SAM also its derivative r(w)),
+while ``compute_loss`` runs the model itself (TRL's through a fused LM head that never builds the
+logits). What the subclass trains on reaches the step through the batch: its collator's labels
+(completion-only and assistant-only masks are -100 labels) and ``num_items_in_batch``; a
+different loss (TRL's ``loss_type="dft"``) through ``sam_loss``. Metrics a subclass records in
+``compute_loss`` come back through the hooks ``sam_clean_outputs(logits, batch)`` (the clean
+logits at w of every row the step evaluates there) and ``sam_clean_outputs_done``.
+
+The logged ``loss`` means a plain run's: the clean loss at w on the whole batch, weighted as
+Trainer weights it, where the step computes it (Functional-SAM, ``ascent_fraction=1``, the plain
+steps of a schedule) or ``clean_loss=True`` pays one forward for it. Otherwise (SAM with
+``ascent_fraction < 1``) the loss at w on the ascent rows is logged as ``ascent_loss``, never as
+``loss``. Also logged: ``loss_perturbed`` (at w+ε, all rows), ``sam_eps_norm``,
+``sam_ascent_grad_norm``, ``sam_skipped_steps``. With ρ = 0 the weights and the logged losses
+are the plain trainer's (tested against ``trl.SFTTrainer``).
 
 Not supported: DeepSpeed (refused: its engine steps inside ``backward()``, so a two-pass SAM
 step would take two optimizer steps, and ZeRO partitions the gradient ε is built from). With
@@ -58,6 +81,7 @@ expect); see ``samlm.integrations.distributed``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Callable, Optional
 
@@ -68,7 +92,7 @@ from samlm.integrations.distributed import sam_kwargs_for
 from samlm.optim import SharpnessAware, StepStats
 from samlm.optim.registry import method, sam_family
 
-__all__ = ["SAMTrainer", "TrainerOptimizer", "head_kind", "head_loss"]
+__all__ = ["SAMTrainer", "SAMTrainerMixin", "TrainerOptimizer", "head_kind", "head_loss"]  # + SAMSFTTrainer (TRL)
 
 SamLoss = Callable[[torch.Tensor, Mapping], torch.Tensor]
 
@@ -182,11 +206,15 @@ def head_kind(module: torch.nn.Module) -> Optional[str]:
                                       "ForTokenClassification") else None
 
 
-def head_loss(kind: str, module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def head_loss(kind: str, module: torch.nn.Module,
+              reduction: str = "mean") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss(logits, labels)``: the mean loss the model of head ``kind`` computes from its logits
-    (its ``outputs.loss``)."""
+    (its ``outputs.loss``); ``reduction="sum"``: summed over the label tokens instead (the
+    token-level heads, :data:`TOKEN_HEADS`)."""
     from transformers.loss.loss_utils import LOSS_MAPPING
 
+    if reduction not in ("mean", "sum") or (reduction == "sum" and kind not in TOKEN_HEADS):
+        raise ValueError(f"head_loss: reduction {reduction!r} is not defined for {kind}")
     if kind == "ForSequenceClassification":
         # regression / single- / multi-label from config.problem_type, inferred (and set) when
         # None from num_labels and the labels' dtype, as the models do
@@ -198,13 +226,18 @@ def head_loss(kind: str, module: torch.nn.Module) -> Callable[[torch.Tensor, tor
         # masked and seq2seq LMs, token classification, multiple choice ([B, choices] logits):
         # a cross-entropy over the last dimension, labels unshifted, -100 ignored
         token_loss = LOSS_MAPPING["ForMaskedLM"]
+    if reduction == "sum":  # transformers' losses sum when given a count (here 1) to divide by
+        return lambda logits, labels: token_loss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=1)
     return lambda logits, labels: token_loss(logits, labels, vocab_size=logits.shape[-1])
 
 
-class SAMTrainer(Trainer):
-    """``transformers.Trainer`` that takes SAM-family steps; see the module docstring.
+class SAMTrainerMixin:
+    """SAM-family steps for ``transformers.Trainer`` or any subclass of it; see the module docstring.
 
-    Args (besides Trainer's):
+    ``class MyTrainer(SAMTrainerMixin, SomeTrainer)`` (the mixin first): :class:`SAMTrainer` is
+    ``SAMTrainerMixin`` + ``Trainer``, ``SAMSFTTrainer`` is ``SAMTrainerMixin`` + TRL's ``SFTTrainer``.
+
+    Args (besides the trainer's):
         sam_method: a SAM-family method of ``samlm.optim.registry`` (default ``"sam"``), built
             around the base optimizer Trainer creates from ``args`` (``optim``, learning rate,
             weight-decay groups). Or pass ``optimizers=(samlm_optimizer, scheduler)`` instead.
@@ -214,20 +247,27 @@ class SAMTrainer(Trainer):
         sync_ascent: average the ascent gradient over replicas (exact global SAM) instead of a
             per-replica ε. Always on under FSDP.
         sam_loss: ``fn(logits, batch) -> mean loss``, replacing the loss SAMTrainer derives for
-            the standard heads; required for Functional-SAM on a head it does not recognise.
+            the standard heads; required for Functional-SAM on a head it does not recognise, and
+            for a subclass that trains on another loss than its head's (TRL's ``loss_type="dft"``).
+        clean_loss: the logged ``loss`` is the clean loss at w on the whole batch, as a plain
+            run's. Methods that compute it anyway (Functional-SAM, ``ascent_fraction=1``, plain
+            steps of a schedule) always log it. ``None`` (default): other methods log their loss
+            at w on the ascent rows as ``ascent_loss`` and no ``loss``; ``True``: they pay one
+            forward pass without backward on the whole batch for it (and for the subclass's
+            metrics from the logits, e.g. SFTTrainer's ``entropy``/``mean_token_accuracy``).
     """
 
     def __init__(self, *args, sam_method: Optional[str] = None, rho: Optional[float] = None,
                  ascent_fraction: float = 0.25, m: int = 1, sync_ascent: bool = False,
-                 sam_loss: Optional[SamLoss] = None, **kwargs):
+                 sam_loss: Optional[SamLoss] = None, clean_loss: Optional[bool] = None, **kwargs):
         super().__init__(*args, **kwargs)
         _refuse_deepspeed(self)
         given = self.optimizer
         if given is not None:
             if not isinstance(given, SharpnessAware):
                 raise ValueError(
-                    f"SAMTrainer needs a samlm SAM-family optimizer in optimizers=(optimizer, scheduler), got "
-                    f"{type(given).__name__}; wrap it (e.g. samlm.SAM(optimizer)) or pass sam_method=... instead"
+                    f"{type(self).__name__} needs a samlm SAM-family optimizer in optimizers=(optimizer, scheduler), "
+                    f"got {type(given).__name__}; wrap it (e.g. samlm.SAM(optimizer)) or pass sam_method=... instead"
                 )
             if sam_method is not None or rho is not None:
                 raise ValueError("pass either sam_method/rho or optimizers=(samlm optimizer, scheduler), not both")
@@ -242,10 +282,13 @@ class SAMTrainer(Trainer):
         self.sam_m = m
         self.sam_sync_ascent = sync_ascent
         self.sam_loss = sam_loss
+        self.sam_clean_loss = clean_loss
         self.sam_last_stats: Optional[StepStats] = None
         self._sam_window: list = []
+        self._sam_num_items = None
         self._sam_log_sums: dict[str, float] = {}
         self._sam_log_steps = 0
+        self._sam_log_ascent_only = False
 
     # -- the optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -286,7 +329,7 @@ class SAMTrainer(Trainer):
     # -- one step per accumulation window -----------------------------------------------------
     def train(self, *args, **kwargs):
         self._sam_window = []  # a window left open by a stopped run is never stepped on later
-        self._sam_log_sums, self._sam_log_steps = {}, 0
+        self._sam_log_sums, self._sam_log_steps, self._sam_log_ascent_only = {}, 0, False
         return super().train(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -295,19 +338,36 @@ class SAMTrainer(Trainer):
         if not self.accelerator.sync_gradients:  # not the window's last micro-batch yet
             return torch.zeros((), device=self.args.device)
         window, self._sam_window = self._sam_window, []
+        self._sam_num_items = num_items_in_batch
         stats = self.sam_step(model, window)
         return torch.tensor(stats.loss, device=self.args.device)
 
     def sam_step(self, model, micro_batches: list) -> StepStats:
-        """One SAM-family step over the window's micro-batches (the model as Trainer wraps it)."""
+        """One SAM-family step over the window's micro-batches (the model as Trainer wraps it).
+        ``stats.loss`` is the clean loss on the whole window when known (see ``clean_loss``)."""
         opt = self.sam_optimizer
-        forward, loss = self.sam_forward_and_loss(model, opt)
+        forward, loss = self.sam_forward_and_loss(model, opt, micro_batches)
+        clean = loss.clean if isinstance(loss, _Recorder) else None
+        if clean is not None and self.sam_clean_loss and not self._sam_computes_clean(opt):
+            with torch.no_grad():  # clean_loss=True: the whole window at w, one forward
+                for batch in micro_batches:
+                    loss(forward(batch), batch)
+            clean.closed = True  # the step's own passes at w add nothing more
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
         batch = micro_batches if len(micro_batches) > 1 else micro_batches[0]
         stats = opt.train_step(batch, forward, loss, model=model, scaler=self._take_over_grad_scaler(),
                                max_grad_norm=max_norm)
         if hasattr(self.optimizer, "_is_overflow"):
             self.optimizer._is_overflow = stats.skipped  # accelerate: a skipped step keeps the LR
+        if clean is not None:
+            rows = sum(_rows(b) for b in micro_batches)
+            complete = clean.rows >= rows  # every row was seen at w: the plain run's loss
+            if complete and loss.tokens is not None:  # Trainer's: summed / num_items_in_batch
+                stats = dataclasses.replace(stats, loss=clean.total / (loss.tokens[0] * rows))
+            elif clean.count:  # the mean loss of the rows seen at w
+                stats = dataclasses.replace(stats, loss=clean.value())
+            self._sam_log_ascent_only |= not complete
+            self.sam_clean_outputs_done(micro_batches, complete)
         self.sam_last_stats = stats
         for key, value in (("loss_perturbed", stats.loss_perturbed), ("sam_eps_norm", stats.eps_norm),
                            ("sam_ascent_grad_norm", stats.grad_norm)):
@@ -315,8 +375,17 @@ class SAMTrainer(Trainer):
         self._sam_log_steps += 1
         return stats
 
-    def sam_forward_and_loss(self, model, opt: SharpnessAware):
-        """The driver's ``forward(batch)`` and ``loss(outputs, batch)`` for this model."""
+    def _sam_computes_clean(self, opt: SharpnessAware) -> bool:
+        """The step itself evaluates every row at w (no extra forward needed)."""
+        return (not opt.sam_step_due()) or opt.descent_rule.needs_clean_cotangent or opt.ascent_fraction >= 1
+
+    def sam_forward_and_loss(self, model, opt: SharpnessAware, micro_batches: Optional[list] = None):
+        """The driver's ``forward(batch)`` and ``loss(outputs, batch)`` for this model.
+
+        For the standard heads the loss comes from the logits with the batch's labels (so a
+        collator's completion-only or assistant-only masks hold) and, for token-level heads when
+        Trainer counts ``num_items_in_batch``, weighted by tokens across the window's
+        micro-batches as Trainer weights them."""
         label_keys = list(self.label_names or ["labels"])
         label_key = label_keys[0]
         base = _base_model(self.accelerator.unwrap_model(model))
@@ -328,16 +397,34 @@ class SAMTrainer(Trainer):
                 # given labels, the model builds its decoder inputs from them (shifted right); we
                 # hold the labels back, so build the same decoder inputs here
                 inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=batch[label_key])
+            if kind == "ForCausalLM":
+                inputs.setdefault("use_cache", False)
             outputs = model(**inputs)
             return outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
 
+        per_token = None
+        if self.sam_loss is None and kind in TOKEN_HEADS and self._sam_num_items is not None \
+                and self.label_smoother is None and micro_batches:
+            # Trainer's token weighting: the window's loss is its label tokens' summed loss / N.
+            # The driver weights a piece by its rows, so a piece's loss is its summed loss over
+            # (its rows x the window's mean label tokens per row): exact for the descent, and the
+            # ascent's direction (hence ε) is the token-weighted one.
+            world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            rows = sum(_rows(b) for b in micro_batches)
+            per_token = float(self._sam_num_items) / world / rows
+        recorder = _Recorder(opt, self.sam_clean_outputs, label_key,
+                             tokens=None if per_token is None else (per_token, kind))
+
         if self.sam_loss is not None:
-            return logits, self.sam_loss
+            return logits, recorder.wrap(self.sam_loss)
         if kind is not None:
             from_logits = head_loss(kind, base)
+            token_sum = head_loss(kind, base, reduction="sum") if per_token is not None else None
 
             def loss(outputs, batch):
                 labels = batch[label_key]
+                if token_sum is not None:
+                    return token_sum(outputs, labels) / (labels.shape[0] * per_token)
                 if self.label_smoother is None:
                     return from_logits(outputs, labels)
                 if kind == "ForSequenceClassification":
@@ -346,7 +433,7 @@ class SAMTrainer(Trainer):
                         return value  # label smoothing is for cross-entropies only
                 return self.label_smoother({"logits": outputs}, labels, shift_labels=kind == "ForCausalLM")
 
-            return logits, loss
+            return logits, recorder.wrap(loss)
         if opt.descent_rule.needs_clean_cotangent:
             raise ValueError(
                 f"{type(opt).__name__} needs the loss as a function of the logits, and SAMTrainer does not "
@@ -364,6 +451,16 @@ class SAMTrainer(Trainer):
 
         return model_outputs, model_loss
 
+    # -- hooks for a subclass's own metrics ---------------------------------------------------
+    def sam_clean_outputs(self, logits: torch.Tensor, batch: Mapping) -> None:
+        """Called with the clean logits at w (detached) of rows of the step: a subclass whose
+        ``compute_loss`` records metrics from the logits accumulates them here (the SAM step
+        does not call ``compute_loss``: see the module docstring)."""
+
+    def sam_clean_outputs_done(self, micro_batches: list, complete: bool) -> None:
+        """Called once per step after :meth:`sam_clean_outputs`; ``complete``: every row of the
+        window was seen at w (else only the ascent rows were: see ``clean_loss``)."""
+
     # -- what Trainer does around the step ----------------------------------------------------
     def _clip_grad_norm(self, model):
         if self.sam_last_stats is not None:  # the driver clipped (args.max_grad_norm)
@@ -378,8 +475,87 @@ class SAMTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._sam_log_steps:
             logs = dict(logs)
+            if self._sam_log_ascent_only:  # not the plain run's loss: under its own name
+                logs["ascent_loss"] = logs.pop("loss")
             for key, total in self._sam_log_sums.items():
                 logs[key] = round(total / self._sam_log_steps, 6)
             logs["sam_skipped_steps"] = self.sam_optimizer.counters["skipped_steps"]
-            self._sam_log_sums, self._sam_log_steps = {}, 0
+            self._sam_log_sums, self._sam_log_steps, self._sam_log_ascent_only = {}, 0, False
         super().log(logs, *args, **kwargs)
+
+
+class SAMTrainer(SAMTrainerMixin, Trainer):
+    """``transformers.Trainer`` that takes SAM-family steps (:class:`SAMTrainerMixin` + ``Trainer``)."""
+
+
+# Heads whose loss is a mean over label tokens, which Trainer weights by num_items_in_batch.
+TOKEN_HEADS = ("ForCausalLM", "ForMaskedLM", "ForSeq2SeqLM", "ForTokenClassification")
+
+
+def _rows(batch) -> int:
+    from samlm.optim.batching import batch_rows
+
+    return batch_rows(batch)
+
+
+def _label_tokens(kind: str, labels: torch.Tensor) -> int:
+    """The label tokens a token-level head's loss averages over (causal LMs: shifted)."""
+    return int(((labels[:, 1:] if kind == "ForCausalLM" else labels) != -100).sum())
+
+
+class _Clean:
+    """The clean (at w) loss of a step over the pieces seen at w: their summed loss over their
+    count (label tokens when token-weighted, else rows), and the rows seen."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.count = 0
+        self.rows = 0
+        self.closed = False
+
+    def value(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+class _Recorder:
+    """A loss for the driver that also records what it computes at w (not perturbed): the clean
+    loss, and the clean logits for the trainer's hook. ``tokens``: ``(per_token, kind)`` when the
+    loss is token-weighted (a piece's value is its summed loss / (rows x per_token))."""
+
+    def __init__(self, opt: SharpnessAware, on_clean, label_key: str, tokens=None):
+        self.opt, self.on_clean, self.label_key, self.tokens = opt, on_clean, label_key, tokens
+        self.clean = _Clean()
+        self.fn = None
+
+    def wrap(self, fn) -> "_Recorder":
+        self.fn = fn
+        return self
+
+    def __call__(self, outputs, batch):
+        value = self.fn(outputs, batch)
+        if not self.opt.perturbed and not self.clean.closed:
+            rows = _rows(batch)
+            if self.tokens is not None:
+                per_token, kind = self.tokens
+                self.clean.total += float(value.detach()) * rows * per_token
+                self.clean.count += _label_tokens(kind, batch[self.label_key])
+            else:
+                self.clean.total += float(value.detach()) * rows
+                self.clean.count += rows
+            self.clean.rows += rows
+            if isinstance(outputs, torch.Tensor):
+                self.on_clean(outputs.detach(), batch)
+        return value
+
+
+def __getattr__(name: str):
+    """``SAMSFTTrainer``, built the first time it is asked for (it needs TRL)."""
+    if name == "SAMSFTTrainer":
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            raise ImportError("SAMSFTTrainer is TRL's SFTTrainer with SAM steps: it needs TRL (pip install trl)")
+        from samlm.integrations.sft import SAMSFTTrainer
+
+        return SAMSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
