@@ -438,3 +438,34 @@ def test_base_muon_bad_inputs_are_one_line_errors(capsys, tmp_path):
     assert run_cli("bench", "--base", "muon", "--methods", "peer_sam,sam", "--steps", 1) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("samlm: error:") and "peer_sam" in err and "\n" not in err
+
+
+# -- the pretraining study around each base ---------------------------------------------------------------
+def test_pretrain_study_runs_the_protocol_around_each_base(tmp_path):
+    """--bases adamw,muon: the sweep and the final stage around each base, the plain base the
+    reference (its lr grid is AdamW's), Muon's under OUT/<size>/muon/; one report table per base."""
+    import dataclasses
+
+    from samlm.studies import pretrain_study as ps
+
+    base = dataclasses.replace(ps.PRESETS["cpu"].base, steps=4, tokens_per_param=None, eval_every=2, val_batches=2,
+                               batch=4, context=16, max_chars=20_000, sharpness_iters=3, sharpness_batch_size=2)
+    preset = dataclasses.replace(ps.PRESETS["cpu"], sizes=(ps.ModelSize("1x16", 1, 16, 2),), base=base,
+                                 lr="adamw=1e-2,adamw=3e-2,pfsam=1e-2", rho="pfsam=0.05,pfsam=0.1", seeds=(0,), jobs=1)
+    study = ps.PretrainStudy(out=str(tmp_path / "study"), preset=preset, optimizers=["adamw", "pfsam"],
+                             bases=ps.parse_bases("adamw,muon"))
+    result = ps.run_study(study)
+    assert result.interrupted is None and set(result.chosen) == {"1x16", "1x16/muon"}
+    assert set(result.chosen["1x16/muon"]) == {"muon", "pfsam"}
+    muon_sweep = result.stages["1x16/muon/sweep"]
+    assert len(muon_sweep.summaries) == 4 and sum(n.startswith("muon-") for n in muon_sweep.summaries) == 2
+    assert (tmp_path / "study" / "1x16" / "muon" / "final").is_dir()
+    for name, summary in result.stages["1x16/muon/final"].summaries.items():
+        assert summary["config"]["base"] == "muon"
+        if not name.endswith("equal-compute"):
+            assert summary["hessian_lambda_max"] is not None and summary.get("preconditioned_lambda_max") is None
+    text = (tmp_path / "study" / "report.md").read_text()
+    assert "## 1x16: 1 layers × 16 wide, 2 heads\n" in text and "around Muon+AdamW" in text
+    assert "Δ vs Muon (equal steps)" in text and "| muon " in text
+    with pytest.raises(Exception, match="--bases must be"):
+        ps.parse_bases("adamw,lion")

@@ -63,18 +63,18 @@ def _run_pretrain(config) -> int:
             base = study.base_config()
             print(f"data: {base.data} with tokenizer {base.tokenizer}, prepared once into {study.data_dir()}: "
                   f"{budget.max_tokens:,} training and {budget.val_tokens:,} validation tokens")
-        for size in study.preset.sizes:
-            sweep = study.sweep(size).runs()
+        for size, base in [(size, base) for size in study.preset.sizes for base in study.base_list()]:
+            sweep = study.sweep(size, base).runs()
             for planned in sweep:
                 run_config = planned.config
                 if run_config.device.startswith("cuda") and not torch.cuda.is_available():
                     run_config, unchecked = dataclasses.replace(run_config, device="cpu"), True
                 validate(run_config)
             total += len(sweep)
-            print(f"{size.name}: {size.layers} layers x {size.width} wide, {size.heads} heads: sweep {len(sweep)} runs "
-                  f"-> {study.sweep(size).out}, then each method's tuned point on seeds "
+            print(f"{size.name}: {size.layers} layers x {size.width} wide, {size.heads} heads, base {base}: sweep "
+                  f"{len(sweep)} runs -> {study.sweep(size, base).out}, then each method's tuned point on seeds "
                   f"{','.join(map(str, study.seeds or study.preset.seeds))} at equal steps and equal compute "
-                  f"-> {str(study.sweep(size).out)[:-len('sweep')]}final")
+                  f"-> {str(study.sweep(size, base).out)[:-len('sweep')]}final")
         if unchecked:
             say("no CUDA here: every setting but the device was checked")
         say(f"dry run: {total} sweep runs are fine; nothing was written")

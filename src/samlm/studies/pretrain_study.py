@@ -21,6 +21,11 @@ ones) first prepares its corpus once into ``OUT/data`` (C4's own validation spli
 training tokens its runs read: 20 tokens per parameter of the largest size, times the
 equal-compute factor of the cheapest method), which every run then memory-maps.
 ``PretrainStudy.overrides`` replaces the preset's data, tokenizer, device and precision settings.
+
+``bases`` (``--bases adamw,muon``): the whole protocol once around each base optimizer, the plain
+base (``adamw``, or ``muon``: Muon+AdamW) taking AdamW's place as the reference and its lr grid;
+a base other than AdamW writes under ``OUT/<size>/<base>/``. ``cpu-muon`` runs the cpu preset's
+2x32 model around Muon; ``gpu-24m-muon`` the 24M llama-style model around AdamW and Muon.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class StudyPreset:
     jobs: int = 1
     minutes: str = ""            # what it took, where it was measured (docs/results.md)
     data_tokens: tuple[int, int] | None = None   # (training, validation) tokens to prepare into OUT/data first
+    bases: tuple[str, ...] = ("adamw",)          # the base optimizers the protocol runs around, each in turn
 
 
 def _grid(values: Mapping[str, Sequence[str]]) -> str:
@@ -131,7 +137,27 @@ PRESETS: dict[str, StudyPreset] = {
         "20 tokens/param",
         (ModelSize("24m", 6, 320, 5), ModelSize("118m", 12, 768, 12)), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1,
         data_tokens=GPU_118M_TOKENS),
+    "cpu-muon": StudyPreset(
+        "the cpu preset's 2x32 byte-level GPT-2 model on Tiny Shakespeare around Muon+AdamW (--base muon), "
+        "20 tokens/param",
+        (ModelSize("2x32", 2, 32, 4),), _CPU_BASE, CPU_LR, CPU_RHO, jobs=2, minutes="docs/results.md",
+        bases=("muon",)),
+    "gpu-24m-muon": StudyPreset(
+        "the ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 around AdamW and around Muon+AdamW, "
+        "20 tokens/param",
+        (ModelSize("24m", 6, 320, 5),), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1, data_tokens=GPU_24M_TOKENS,
+        bases=("adamw", "muon")),
 }
+
+STUDY_BASES = ("adamw", "muon")
+
+
+def _for_base(spec: str | None, base: str) -> str | None:
+    """A per-method grid spec with AdamW's entries given to the plain ``base`` (its reference)."""
+    if spec is None or base == "adamw":
+        return spec
+    return ",".join(f"{base}={item.partition('=')[2]}" if item.partition("=")[0] == "adamw" else item
+                    for item in spec.split(","))
 
 
 @dataclass
@@ -150,6 +176,17 @@ class PretrainStudy:
     overwrite: bool = False
     overrides: Mapping[str, object] = field(default_factory=dict)   # of STUDY_OVERRIDES: replace the preset's
     robustness: bool = False     # the final runs measure weight noise, quantization and forgetting at their end
+    bases: Sequence[str] | None = None   # None: the preset's
+
+    def base_list(self) -> tuple[str, ...]:
+        return tuple(self.bases or self.preset.bases)
+
+    def optimizers_for(self, base: str) -> list[str]:
+        """The study's methods around ``base``: its plain optimizer in AdamW's place."""
+        return [base if m == "adamw" else m for m in parse_optimizers(self.optimizers)]
+
+    def stage_dir(self, size: ModelSize, stage: str, base: str) -> Path:
+        return Path(self.out) / size.name / stage if base == "adamw" else Path(self.out) / size.name / base / stage
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.overrides) - set(STUDY_OVERRIDES))
@@ -193,40 +230,47 @@ class PretrainStudy:
                 max_chars=source.get("max_chars"), workers=max(1, os.cpu_count() or 1),
                 trust_remote_code=self.preset.base.trust_remote_code, progress=True)
 
-    def _base(self, size: ModelSize) -> PretrainConfig:
+    def _base(self, size: ModelSize, base: str = "adamw") -> PretrainConfig:
         budget = {} if self.steps is None else {"steps": self.steps, "tokens_per_param": None}
         return dataclasses.replace(self.base_config(), layers=size.layers, width=size.width, heads=size.heads,
-                                   **budget)
+                                   base=base, **budget)
 
-    def _common(self) -> dict:
-        return dict(optimizers=parse_optimizers(self.optimizers), overwrite=self.overwrite,
+    def _common(self, base: str = "adamw") -> dict:
+        return dict(optimizers=self.optimizers_for(base), overwrite=self.overwrite,
                     jobs=self.jobs or self.preset.jobs)
 
-    def sweep(self, size: ModelSize) -> CompareConfig:
+    def sweep(self, size: ModelSize, base: str | None = None) -> CompareConfig:
         """Stage 1: every (lr, ρ) of the grid on the sweep seeds, equal steps, no sharpness."""
-        optimizers = parse_optimizers(self.optimizers)
+        base = base or self.base_list()[0]
+        optimizers = self.optimizers_for(base)
+        around = "" if base == "adamw" else f" around {base}"
         return CompareConfig(
-            out=str(Path(self.out) / size.name / "sweep"), seeds=parse_seeds(self.sweep_seeds or self.preset.sweep_seeds),
-            rho=_restrict(self.preset.rho, optimizers), lr=_restrict(self.preset.lr, optimizers),
-            base=dataclasses.replace(self._base(size), sharpness=False), budget="steps",
-            title=f"samlm study pretrain, {size.name}: the (lr, ρ) sweep", **self._common())
+            out=str(self.stage_dir(size, "sweep", base)),
+            seeds=parse_seeds(self.sweep_seeds or self.preset.sweep_seeds),
+            rho=_restrict(self.preset.rho, optimizers), lr=_restrict(_for_base(self.preset.lr, base), optimizers),
+            base=dataclasses.replace(self._base(size, base), sharpness=False), budget="steps",
+            title=f"samlm study pretrain, {size.name}{around}: the (lr, ρ) sweep", **self._common(base))
 
-    def _final_base(self, size: ModelSize) -> PretrainConfig:
+    def _final_base(self, size: ModelSize, base: str = "adamw") -> PretrainConfig:
         if not self.robustness:
-            return self._base(size)
+            return self._base(size, base)
         from samlm.harness.pretrain.robustness import group_size_for
 
-        return dataclasses.replace(self._base(size), robustness=True, quant_group_size=group_size_for(size.width))
+        return dataclasses.replace(self._base(size, base), robustness=True,
+                                   quant_group_size=group_size_for(size.width))
 
-    def final(self, size: ModelSize, chosen: Mapping[str, tuple[float | None, float]]) -> CompareConfig:
+    def final(self, size: ModelSize, chosen: Mapping[str, tuple[float | None, float]],
+              base: str | None = None) -> CompareConfig:
         """Stage 2: each method at its ``chosen`` (ρ, lr), every seed, equal steps and equal compute."""
+        base = base or self.base_list()[0]
         rho = ",".join(f"{m}={r:g}" for m, (r, _) in chosen.items() if r is not None) or None
         lr = ",".join(f"{m}={l:g}" for m, (_, l) in chosen.items())
+        around = "" if base == "adamw" else f" around {base}"
         return CompareConfig(
-            out=str(Path(self.out) / size.name / "final"), seeds=parse_seeds(self.seeds or self.preset.seeds),
-            rho=rho, lr=lr, base=self._final_base(size), budget="steps,compute", lr_in_names=True,
-            title=f"samlm study pretrain, {size.name}: tuned methods, equal steps and equal compute",
-            **self._common())
+            out=str(self.stage_dir(size, "final", base)), seeds=parse_seeds(self.seeds or self.preset.seeds),
+            rho=rho, lr=lr, base=self._final_base(size, base), budget="steps,compute", lr_in_names=True,
+            title=f"samlm study pretrain, {size.name}{around}: tuned methods, equal steps and equal compute",
+            **self._common(base))
 
 
 @dataclass
@@ -253,6 +297,10 @@ class PretrainStudySettings(StudySettings):
     robustness: bool = setting(False, "the final runs also measure weight noise, int8/int4 quantization and forgetting "
                                "(docs/robustness.md; int4 groups of 32, or of the model width where 32 does not divide "
                                "it)", group="study")
+    bases: Optional[str] = setting(None, "comma-separated base optimizers: the whole study around each (adamw; muon: "
+                                   "Muon on the hidden matrices + AdamW, its plain run the reference)",
+                                   default_text="the preset's", check=lambda flag, value: parse_bases(value),
+                                   group="study")
 
     def study(self) -> PretrainStudy:
         """The study these settings describe."""
@@ -262,7 +310,15 @@ class PretrainStudySettings(StudySettings):
                              seeds=None if self.seeds is None else parse_seeds(self.seeds),
                              sweep_seeds=None if self.sweep_seeds is None else parse_seeds(self.sweep_seeds),
                              jobs=self.jobs, steps=self.steps, overwrite=self.overwrite, overrides=overrides,
-                             robustness=self.robustness)
+                             robustness=self.robustness, bases=None if self.bases is None else parse_bases(self.bases))
+
+
+def parse_bases(value: str) -> tuple[str, ...]:
+    bases = tuple(b.strip() for b in str(value).split(",") if b.strip())
+    unknown = [b for b in bases if b not in STUDY_BASES]
+    if not bases or unknown or len(set(bases)) != len(bases):
+        raise UserError(f"--bases must be distinct base optimizers among {', '.join(STUDY_BASES)}, got {value!r}")
+    return bases
 
 
 def _restrict(spec: str, optimizers: Sequence[str]) -> str | None:
@@ -300,24 +356,26 @@ def run_study(study: PretrainStudy) -> StudyResult:
     optimizers = parse_optimizers(study.optimizers)
     if "adamw" not in optimizers:
         raise UserError("the pretraining study compares against AdamW: --optimizers must include adamw")
-    for size in study.preset.sizes:  # every stage's settings before anything runs
-        study.sweep(size).runs()
+    stages = [(size, base) for size in study.preset.sizes for base in study.base_list()]
+    for size, base in stages:  # every stage's settings before anything runs
+        study.sweep(size, base).runs()
     study.prepare_data()
     result = StudyResult(out=out)
-    for size in study.preset.sizes:
-        say(f"study {size.name}: sweep")
-        sweep_config = study.sweep(size)
+    for size, base in stages:
+        key = size_key(size, base)
+        say(f"study {key}: sweep")
+        sweep_config = study.sweep(size, base)
         sweep = compare(sweep_config)
-        result.stages[f"{size.name}/sweep"] = sweep
+        result.stages[f"{key}/sweep"] = sweep
         if not sweep.completed:
             result.interrupted = sweep.interrupted or "unfinished sweep runs"
             break
-        chosen = choose(Path(sweep_config.out), list(sweep.summaries), optimizers)
-        result.chosen[size.name] = {m: {"rho": r, "lr": l} for m, (r, l) in chosen.items()}
-        say(f"study {size.name}: tuned " + ", ".join(
+        chosen = choose(Path(sweep_config.out), list(sweep.summaries), study.optimizers_for(base))
+        result.chosen[key] = {m: {"rho": r, "lr": l} for m, (r, l) in chosen.items()}
+        say(f"study {key}: tuned " + ", ".join(
             f"{m} lr={l:g}" + ("" if r is None else f" ρ={r:g}") for m, (r, l) in chosen.items()))
-        final = compare(study.final(size, chosen))
-        result.stages[f"{size.name}/final"] = final
+        final = compare(study.final(size, chosen, base))
+        result.stages[f"{key}/final"] = final
         if not final.completed:
             result.interrupted = final.interrupted or "unfinished final runs"
             break
@@ -325,6 +383,11 @@ def run_study(study: PretrainStudy) -> StudyResult:
     result.time = study_seconds(out / STUDY_FILE, result.seconds, restart=study.overwrite)
     write_study(out, study, result)
     return result
+
+
+def size_key(size: ModelSize, base: str) -> str:
+    """A stage's name: the size, and the base when it is not AdamW ("2x32", "2x32/muon")."""
+    return size.name if base == "adamw" else f"{size.name}/{base}"
 
 
 # --------------------------------------------------------------------------- the report
@@ -339,7 +402,8 @@ TABLE_COLUMNS = (
 )
 
 
-def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping[str, list]] | None = None) -> str:
+def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping[str, list]] | None = None,
+               reference: str = "adamw") -> str:
     """Markdown: one row per method at its tuned point (equal steps): report loss, the paired Δ
     report loss to AdamW at equal steps and at equal compute, and the sharpness columns.
     ``grid``: each method's swept values (``{"lr": [...], "rho": [...]}``); a chosen value on the
@@ -351,11 +415,13 @@ def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping
                "compute": [r for r in runs if r.name.endswith(COMPUTE_SUFFIX)]
                + [r for r in steps_runs if r.summary.get("optimizer") not in compute]}
     groups = {kind: report.group_runs(rs) for kind, rs in budgets.items()}
-    references = {kind: next((k for k in g if k[0] == "adamw"), None) for kind, g in groups.items()}
-    headers = ["method", "lr", "ρ", "seeds", "steps", TABLE_COLUMNS[0].header, "Δ vs AdamW (equal steps)",
-               "Δ vs AdamW (equal compute)"] + [c.header for c in TABLE_COLUMNS[1:]]
+    references = {kind: next((k for k in g if k[0] == reference), None) for kind, g in groups.items()}
+    ref = {"adamw": "AdamW", "muon": "Muon"}.get(reference, reference)
+    headers = ["method", "lr", "ρ", "seeds", "steps", TABLE_COLUMNS[0].header, f"Δ vs {ref} (equal steps)",
+               f"Δ vs {ref} (equal compute)"] + [c.header for c in TABLE_COLUMNS[1:]]
     lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|" + "---:|" * (len(headers) - 5)]
     order = {name: i for i, name in enumerate(STUDY_OPTIMIZERS)}
+    order[reference] = order["adamw"]
     for key, members in sorted(groups["steps"].items(), key=lambda item: order.get(item[0][0], len(order))):
         swept = (grid or {}).get(key[0], {})
         cells = [key[0], report._value_text(key[2]) + _edge(key[2], swept.get("lr")),
@@ -367,7 +433,7 @@ def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping
             mine = next((v for k, v in g.items() if k[0] == key[0]), [])
             if ref is None or not mine:
                 cells.append("n/a")
-            elif key[0] == "adamw":
+            elif key[0] == reference:
                 cells.append("(reference)")
             else:
                 cells.append(report.format_delta(report.paired_delta(mine, g[ref], report.REPORT_KEY)))
@@ -383,12 +449,13 @@ def _edge(value: float | None, values: Sequence[float | None] | None) -> str:
     return " (edge)" if value is not None and len(values) >= 3 and value in (values[0], values[-1]) else ""
 
 
-def swept_values(study: PretrainStudy, size: ModelSize) -> dict[str, dict[str, list]]:
-    """Each method's lr and ρ values in the sweep of ``size``."""
+def swept_values(study: PretrainStudy, size: ModelSize, base: str | None = None) -> dict[str, dict[str, list]]:
+    """Each method's lr and ρ values in the sweep of ``size`` (around ``base``)."""
     from samlm.studies.grid import parse_lr, parse_rho
 
-    sweep = study.sweep(size)
-    optimizers = parse_optimizers(study.optimizers)
+    base = base or study.base_list()[0]
+    sweep = study.sweep(size, base)
+    optimizers = study.optimizers_for(base)
     lrs, rhos = parse_lr(sweep.lr, optimizers, sweep.base.lr), parse_rho(sweep.rho, optimizers)
     return {m: {"lr": lrs[m], "rho": rhos[m]} for m in optimizers}
 
@@ -407,16 +474,21 @@ def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
              "and λ_max(P^-1/2 H P^-1/2) with P = √v̂ + eps from the run's own optimizer state. (edge): the "
              "chosen value is the smallest or largest of its grid, so the optimum may lie beyond it.", ""]
     for size in preset.sizes:
-        final = result.stages.get(f"{size.name}/final")
-        lines += [f"## {size.name}: {size.layers} layers × {size.width} wide, {size.heads} heads", ""]
-        if final is None or not final.summaries:
-            lines += ["Not run yet (run the same command to continue).", ""]
-            continue
-        sample = next(s for name, s in final.summaries.items() if not name.endswith(COMPUTE_SUFFIX))
-        lines += [f"{sample.get('params', '?')} parameters, {sample.get('steps', '?')} steps at equal steps "
-                  f"({(sample.get('config') or {}).get('tokens_per_param') or 'fixed'} tokens/param). Grid and each "
-                  f"point: `{size.name}/sweep/report.md`; per-run details: `{size.name}/final/report.md`.", "",
-                  size_table(Path(final.out), list(final.summaries), swept_values(study, size)), ""]
+        for base in study.base_list():
+            key = size_key(size, base)
+            final = result.stages.get(f"{key}/final")
+            around = "" if base == "adamw" else (" — around Muon+AdamW (--base muon; λ_max(P⁻¹H): n/a, Muon's geometry "
+                                                 "is not a diagonal P)" if base == "muon" else f" — around {base}")
+            lines += [f"## {size.name}: {size.layers} layers × {size.width} wide, {size.heads} heads{around}", ""]
+            if final is None or not final.summaries:
+                lines += ["Not run yet (run the same command to continue).", ""]
+                continue
+            sample = next(s for name, s in final.summaries.items() if not name.endswith(COMPUTE_SUFFIX))
+            lines += [f"{sample.get('params', '?')} parameters, {sample.get('steps', '?')} steps at equal steps "
+                      f"({(sample.get('config') or {}).get('tokens_per_param') or 'fixed'} tokens/param). Grid and each "
+                      f"point: `{key}/sweep/report.md`; per-run details: `{key}/final/report.md`.", "",
+                      size_table(Path(final.out), list(final.summaries), swept_values(study, size, base), reference=base),
+                      ""]
     if result.seconds:
         lines += [study_time_text(result.time, result.seconds)]
     return "\n".join(lines) + "\n"
@@ -426,6 +498,7 @@ def write_study(out: Path, study: PretrainStudy, result: StudyResult) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"format": "samlm-pretrain-study", "preset": study.preset.description,
               "sizes": [dataclasses.asdict(s) for s in study.preset.sizes], "optimizers": list(study.optimizers),
+              "bases": list(study.base_list()),
               "lr_grid": study.preset.lr, "rho_grid": study.preset.rho, "chosen": result.chosen,
               "completed": result.interrupted is None,
               **(result.time or {"seconds": round(result.seconds, 1)})}
