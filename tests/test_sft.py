@@ -172,3 +172,17 @@ def test_the_short_import_path():
 
     assert samlm.hf.SAMTrainer is full.SAMTrainer and samlm.hf.SAMTrainerMixin is full.SAMTrainerMixin
     assert samlm.hf.SAMSFTTrainer is SAMSFTTrainer and issubclass(SAMSFTTrainer, SFTTrainer)
+
+
+def test_example_script_runs(tmp_path, capsys):
+    """examples/sft_sam.py as shipped (fewer steps), reporting to TensorBoard through TRL's own report_to."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "sft_sam.py"
+    spec = importlib.util.spec_from_file_location("sft_sam", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer, result = example.main(["--max-steps", "4", "--output-dir", str(tmp_path), "--report-to", "tensorboard"])
+    assert result.global_step == 4 and trainer.sam_optimizer.counters["steps"] == 4
+    assert "fsam: 4 steps" in capsys.readouterr().out and list(tmp_path.rglob("events.out.tfevents.*"))
