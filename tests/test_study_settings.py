@@ -78,3 +78,14 @@ def test_pretrain_study_json_records_the_total_over_calls(tmp_path):
     assert record["calls_seconds"] == [round(one.seconds, 1), round(two.seconds, 1)]
     assert record["seconds"] == pytest.approx(round(one.seconds, 1) + round(two.seconds, 1))
     assert "over 2 calls" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_tracker_flags_reach_every_run_of_a_study():
+    """--report-to, --run-name, --log-every of a study are the runs' own settings (one definition)."""
+    config = ps.PretrainStudySettings(report_to="tensorboard", run_name="study-x", log_every=5)
+    base = config.study().base_config()
+    assert (base.report_to, base.run_name, base.log_every) == ("tensorboard", "study-x", 5)
+    assert ps.PretrainStudySettings().study().base_config().report_to == "none"
+    ft = fs.FinetuneStudySettings(model="some/dir", report_to="mlflow").study().base
+    assert ft.report_to == "mlflow" and ft.log_every == 10
+    assert settings.flag(ps.PretrainStudySettings, "report_to") == "--report-to"

@@ -105,6 +105,7 @@ class FinetuneStudy:
     jobs: int | None = None
     steps: int | None = None         # instead of the preset's (a quick look; budgets beyond it are dropped)
     overwrite: bool = False
+    tracking: Mapping[str, object] = field(default_factory=dict)  # report_to, run_name, log_every of every run
 
     @property
     def base(self) -> FinetuneConfig:
@@ -114,7 +115,8 @@ class FinetuneStudy:
         return dataclasses.replace(
             preset, model=resolve_model(self.model or preset.model), model_label=label,
             data_dir=self.data_dir or preset.data_dir, steps=steps,
-            eval_every=min(preset.eval_every, steps), save_every=min(preset.save_every or steps, steps))
+            eval_every=min(preset.eval_every, steps), save_every=min(preset.save_every or steps, steps),
+            **self.tracking)
 
     @property
     def budgets(self) -> list[int]:
@@ -155,7 +157,7 @@ class FinetuneStudySettings(StudySettings):
         return FinetuneStudy(out=self.out, preset=PRESETS[self.preset], model=self.model,
                              model_label=self.model_label, data_dir=self.data_dir,
                              seeds=None if self.seeds is None else parse_seeds(self.seeds), jobs=self.jobs,
-                             steps=self.steps, overwrite=self.overwrite)
+                             steps=self.steps, overwrite=self.overwrite, tracking=self.tracking())
 
 
 def choose_rho(records: Sequence[fc.RunRecord], fraction: float) -> dict[str, float]:

@@ -66,6 +66,17 @@ class StudySettings:
                                    check=s.positive_int)
     overwrite: bool = setting(False, "rerun finished runs too")
     dry_run: bool = setting(False, "print the sizes, grids and runs; write nothing")
+    # experiment trackers: the runs' own settings, passed to every run of the study
+    report_to: str = s.override(s.LoopSettings, "report_to")
+    run_name: Optional[str] = s.override(s.LoopSettings, "run_name",
+                                         help="the study's name in the trackers (its runs' group and name prefix)",
+                                         default_text="the runs' directories")
+    log_every: Optional[int] = s.override(s.LoopSettings, "log_every", default=None, default_text="the preset's")
+
+    def tracking(self) -> dict:
+        """The tracker settings given, for the runs' configs."""
+        return {k: v for k in ("report_to", "run_name", "log_every")
+                if (v := getattr(self, k)) is not None and not (k == "report_to" and v == "none")}
 
 
 def study_seconds(record_file: Path, seconds: float, *, restart: bool = False) -> dict:

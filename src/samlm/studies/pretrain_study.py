@@ -117,7 +117,8 @@ _GPU_BASE = PretrainConfig(
 GPU_24M_TOKENS = (705_691_649, 8_388_609)
 GPU_118M_TOKENS = (3_706_585_089, 8_388_609)
 OVERRIDES_GROUP = "overrides of the preset's run settings"
-STUDY_OVERRIDES = ("data", "tokenizer", "max_chars", "device", "mixed_precision", "compile")
+STUDY_OVERRIDES = ("data", "tokenizer", "max_chars", "device", "mixed_precision", "compile", "report_to", "run_name",
+                   "log_every")
 
 PRESETS: dict[str, StudyPreset] = {
     "cpu": StudyPreset(
@@ -306,6 +307,7 @@ class PretrainStudySettings(StudySettings):
         """The study these settings describe."""
         overrides = {name: getattr(self, name) for name in ("data", "tokenizer", "max_chars", "device",
                                                             "mixed_precision") if getattr(self, name) is not None}
+        overrides.update(self.tracking())
         return PretrainStudy(out=self.out, preset=PRESETS[self.preset], optimizers=parse_optimizers(self.optimizers),
                              seeds=None if self.seeds is None else parse_seeds(self.seeds),
                              sweep_seeds=None if self.sweep_seeds is None else parse_seeds(self.sweep_seeds),
