@@ -268,3 +268,14 @@ def test_tracking_settings_do_not_change_the_resume_identity():
     from samlm.harness.finetune import FinetuneConfig
 
     assert settings.flag(FinetuneConfig, "log_every") == "--log-every"
+
+
+def test_robustness_measures_reach_the_same_tracker_run(tmp_path):
+    """--robustness measures after training: the run's tracker run is continued and gets them
+    (robustness/weight_noise/..., robustness/quantization/..., robustness/forgetting/...)."""
+    summary = pretrain(tiny(tmp_path, report_to="tensorboard", sharpness=False, robustness=True, noise_sigmas="0.05",
+                            noise_draws=1, forget_steps=2, forget_lrs="3e-3", quant_group_size=8))
+    scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert scalars["robustness/weight_noise/base_loss"][6] == pytest.approx(summary["weight_noise"]["base_loss"])
+    assert any(k.startswith("robustness/quantization/") for k in scalars)
+    assert set(scalars["eval/val_loss"]) == {3, 6}  # the training curves are still there

@@ -201,6 +201,13 @@ def _measure_robustness(config, model, tuning, result, summary: dict, run_dir: R
     if stopped:
         summary.update(completed=False, interrupted=stopped)
     run_dir.write_summary(summary)
+    if config.report_to != "none":  # the run's trackers, continued: robustness/<measure>/...
+        from samlm.integrations import tracking
+
+        with tracking.continue_run(run_dir.path, config.report_to, run_name=config.run_name,
+                                   group=config.run_group) as trackers:
+            trackers.log_final({k: measured[k] for k in ("weight_noise", "quantization", "forgetting")
+                                if isinstance(measured.get(k), dict)}, result.step)
     return summary
 
 
