@@ -399,3 +399,9 @@ def test_a_cached_hub_dataset_is_found_without_asking_the_hub(tmp_path, monkeypa
     monkeypatch.setattr(P, "_hub_split_names", offline)
     monkeypatch.setattr(P, "_hub_documents", offline)
     assert P.ensure_prepared(f"hf:{folder}").path == first.path
+
+
+def test_a_corpus_with_too_few_documents_for_a_validation_split_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="corpus too small: .* gave no validation tokens .* every 10th document"):
+        P.prepare(write_jsonl(tmp_path / "c.jsonl", documents(5)), tmp_path / "prep")
+    assert not (tmp_path / "prep" / "meta.json").exists()

@@ -63,7 +63,7 @@ def test_a_preset_with_a_data_budget_prepares_once_into_the_study(tmp_path, monk
 
 def test_study_overrides_replace_the_presets_settings(tmp_path):
     other = tmp_path / "prep"
-    P.prepare("python-stdlib", other, max_chars=50_000)
+    P.prepare("python-stdlib", other, max_chars=300_000)
     study = ps.PretrainStudy(out=str(tmp_path / "s"), preset=ps.PRESETS["gpu-24m"],
                              overrides={"data": str(other), "device": "cpu", "mixed_precision": "no",
                                         "compile": False, "tokenizer": None})
@@ -95,3 +95,14 @@ def test_study_override_flags_reach_the_runs(tmp_path, capsys):
     study = PretrainStudySettings(data="python-stdlib", tokenizer="bpe:512").study()
     assert study.sweep(PRESETS["cpu"].sizes[0]).base.data == "python-stdlib"
     assert study.sweep(PRESETS["cpu"].sizes[0]).base.tokenizer == "bpe:512"
+
+
+def test_the_demo_takes_a_prepared_directory(tmp_path, capsys):
+    from samlm.cli import main
+
+    prepared = tmp_path / "prep"
+    P.prepare("python-stdlib", prepared, tokenizer="bpe:300", max_chars=300_000)
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", str(prepared), "--steps", "2", "--seeds", "0", "--jobs", "1", "--out", str(out)]) == 0
+    config = json.loads(next(out.glob("adamw*/config.json")).read_text())
+    assert config["config"]["data"] == str(prepared) and config["resolved"]["vocab_size"] == 300

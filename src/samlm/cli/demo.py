@@ -25,11 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"torch threads per run (default {DEMO_BASE.threads})")
     parser.add_argument("--resume", action="store_true",
                         help="keep finished runs and resume interrupted ones (default: start over)")
+    from samlm.harness import settings
+    from samlm.harness.pretrain.config import TextDataSettings
+
+    settings.add_arguments(parser, TextDataSettings, only=("data",))   # the pretraining flag itself
 
 
 def run(args: argparse.Namespace) -> int:
     config = demo_config(out=args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
-                         resume=args.resume, sweep=args.sweep)
+                         resume=args.resume, sweep=args.sweep, data=getattr(args, "data", None))
     started = time.perf_counter()
     runs = len(config.plan())
     length = f"{config.base.steps} steps" if config.base.steps else f"{config.base.tokens_per_param} tokens/param"

@@ -793,6 +793,12 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
         _split_tail(streams, budget)
     if not counts.get("nonblank"):
         raise UserError(f"corpus {source.spec} is empty")
+    for split, name in (("train", "training"), ("val", "validation")):
+        if streams.tokens[split] == 0:
+            documents = counts["train_documents"] + counts["val_documents"]
+            raise UserError(f"corpus too small: {source.spec} gave no {name} tokens ({documents} documents, split "
+                            f"rule {rule['rule']}{', every %dth document is validation' % rule['k'] if 'k' in rule else ''}); "
+                            "use a larger corpus")
     for split in SPLIT_FILES:
         os.replace(streams.partial(split), directory / SPLIT_FILES[split])
     from samlm import __version__

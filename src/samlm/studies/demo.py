@@ -54,16 +54,22 @@ to AdamW are shown *paired by seed*."""
 
 
 def demo_config(*, out: str | None = None, seeds=None, steps: int | None = None, jobs: int = DEMO_JOBS,
-                threads: int = DEMO_BASE.threads, resume: bool = False, sweep: bool = False) -> CompareConfig:
+                threads: int = DEMO_BASE.threads, resume: bool = False, sweep: bool = False,
+                data: str | None = None) -> CompareConfig:
     """The demo's comparison, or with ``sweep`` the grid its lr and ρ came from (``out`` and
     ``seeds`` default to each one's own); ``steps``: instead of 20 tokens per parameter;
-    ``resume``: keep finished runs and resume interrupted ones."""
+    ``resume``: keep finished runs and resume interrupted ones; ``data``: another corpus (a
+    prepared directory brings its own tokenizer; a raw spec is read as bytes)."""
     if steps is not None:
         settings.positive_int("--steps", steps)
     settings.positive_int("--jobs", jobs)
     settings.threads("--threads", threads)
     budget = {} if steps is None else {"steps": steps, "tokens_per_param": None}
     base = dataclasses.replace(DEMO_BASE, threads=threads, **budget)
+    if data is not None:
+        from samlm.data.prepared import is_prepared_dir
+
+        base = dataclasses.replace(base, data=data, tokenizer=None if is_prepared_dir(data) else base.tokenizer)
     if sweep:
         variant = dict(out=out or "runs/demo-sweep", seeds=SWEEP_SEEDS if seeds is None else seeds, rho=SWEEP_RHO,
                        lr=SWEEP_LR, base=dataclasses.replace(base, sharpness=False), budget="steps",
