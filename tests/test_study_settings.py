@@ -89,3 +89,19 @@ def test_tracker_flags_reach_every_run_of_a_study():
     ft = fs.FinetuneStudySettings(model="some/dir", report_to="mlflow").study().base
     assert ft.report_to == "mlflow" and ft.log_every == 10
     assert settings.flag(ps.PretrainStudySettings, "report_to") == "--report-to"
+
+
+def test_sharpness_settings_leave_the_resume_identity_when_sharpness_is_off():
+    """With --no-sharpness (in the run or in its resume) the sharpness settings do not act, so a
+    resume may change them; with sharpness on in both they must match."""
+    from samlm.harness.pretrain import PretrainConfig
+    from samlm.harness.pretrain.config import identity
+
+    def ident(**kw):
+        return identity({"config": PretrainConfig(**kw).as_dict(), "resolved": {}})
+
+    off = ident(sharpness=False, sharpness_iters=20)
+    assert settings.differences(off, ident(sharpness=False, sharpness_iters=5, sharpness_batch_size=2)) == []
+    assert settings.differences(ident(sharpness_iters=20), ident(sharpness=False, sharpness_iters=5)) == []
+    assert settings.differences(ident(sharpness_iters=20), ident(sharpness_iters=5)) == ["sharpness_iters"]
+    assert settings.differences(off, ident(sharpness=False, lr=1e-2)) == ["lr"]

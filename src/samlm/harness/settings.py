@@ -388,6 +388,25 @@ def identity(config) -> dict:
             for v in [getattr(config, f.name)]}
 
 
+class _Unused:
+    """The identity value of a setting that does not act in a run (sharpness settings under
+    ``--no-sharpness``): it matches any value, so a resume may change it."""
+
+    def __eq__(self, other) -> bool:
+        return True
+
+    def __ne__(self, other) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "unused"
+
+
+UNUSED = _Unused()
+
+
 def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """Keys whose values differ between two identity dicts (tuples and lists compare equal)."""
     def norm(v):

@@ -62,10 +62,12 @@ from samlm.studies.grid import (
     parse_optimizers,
     parse_rho,
     parse_seeds,
+    parse_numbers,
     run_jobs,
     stretched,
     tracked,
 )
+from samlm.studies.report import finite_number, value_text
 
 SELECTIONS = ("best", "final")
 SCORE = "score"
@@ -113,7 +115,7 @@ class FinetuneGrid:
         optimizers = parse_optimizers(self.optimizers or f"{baseline},sam")
         rhos = parse_rho(self.rho, optimizers)
         lrs = parse_lr(self.lr, optimizers, self.base.lr)
-        rates = _floats(self.subsample, "--subsample")
+        rates = parse_numbers(self.subsample, "--subsample")
         seeds = parse_seeds(self.seeds)
         budgets = parse_budget(self.budget)
         factors = compute_factors(optimizers, self.base.ascent_fraction or 0.25, sam_every=self.base.sam_every,
@@ -143,16 +145,6 @@ class FinetuneGrid:
                             warmup=stretched(config.warmup, factor), eval_every=stretched(config.eval_every, factor),
                             save_every=stretched(config.save_every, factor)), longer, self.out), ("compute",)))
         return runs
-
-
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
 
 
 def run_finetune(config: Mapping[str, Any], on_step=None) -> dict:
@@ -279,15 +271,15 @@ def load_run(path: Path) -> RunRecord:
     config = summary.get("config", {})
     metrics = summary.get("metrics", {})
     keys = [k for k in metrics if not k.endswith("/loss")]
-    values = {sel: {k: _number(metrics[k].get(sel)) for k in keys} for sel in SELECTIONS}
+    values = {sel: {k: finite_number(metrics[k].get(sel)) for k in keys} for sel in SELECTIONS}
     score = summary.get("score", {})
     for sel in SELECTIONS:
-        values[sel][SCORE] = _number(score.get(sel))
+        values[sel][SCORE] = finite_number(score.get(sel))
     eval_sets = {key: dict(info) for task in (summary.get("data") or {}).values()
                  for key, info in (task.get("eval") or {}).items()}
     return RunRecord(
         path=path, model=model_name(summary), method="", optimizer=str(config.get("optimizer")),
-        base=config.get("base"), rho=config.get("rho"), lr=_number(config.get("lr")),
+        base=config.get("base"), rho=config.get("rho"), lr=finite_number(config.get("lr")),
         subsample=float(config.get("subsample", 1.0)), seed=int(config.get("seed", 0)),
         score_name=str(score.get("name", SCORE)), values=values, metric_keys=keys, eval_sets=eval_sets,
     )
@@ -299,10 +291,6 @@ def model_name(summary: Mapping[str, Any]) -> str:
     config = summary.get("config", {})
     recorded = (summary.get("model") or {}).get("name")
     return str(config.get("model_label") or recorded or config.get("model", "?"))
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
 def _label_methods(runs: Sequence[RunRecord]) -> None:
@@ -666,8 +654,8 @@ def tuned_markdown(report: Report) -> list[str]:
         else:
             gain = _gain(g, ref, "best", SCORE)
             delta = _gain_text(gain) + ((f" (n={len(gain.diffs)})" if gain.paired else " (unpaired)") if gain else "")
-        cells = [model, _percent(rate), family, str(points[(model, rate, family)]), _value_text(g.lr),
-                 _value_text(g.rho), str(len(g.runs)), g.cell("best", SCORE).text(), delta]
+        cells = [model, _percent(rate), family, str(points[(model, rate, family)]), value_text(g.lr),
+                 value_text(g.rho), str(len(g.runs)), g.cell("best", SCORE).text(), delta]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return lines
@@ -687,10 +675,6 @@ def split_text(runs: Iterable[RunRecord]) -> str:
     # Several counts for one split: runs that capped it differently (--eval-examples).
     return ", ".join(f"{key} {split}" + (f" ({'/'.join(map(str, sorted(counts)))} examples)" if counts else "")
                      for (key, split), counts in examples.items())
-
-
-def _value_text(value: float | None) -> str:
-    return "–" if value is None else f"{value:g}"
 
 
 def _gain_text(gain: Gain | None) -> str:

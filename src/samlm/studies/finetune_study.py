@@ -38,6 +38,7 @@ from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
 from samlm.optim.registry import METHODS
 from samlm.progress import say
 from samlm.studies import finetune_compare as fc
+from samlm.studies.report import finite_number, value_text
 from samlm.harness import settings
 from samlm.harness.settings import setting
 from samlm.studies.grid import (StudySettings, check_out_dir, parse_optimizers, parse_rho, parse_seeds,
@@ -198,7 +199,7 @@ def scores_at_budgets(run_dir: Path, budgets: Sequence[int]) -> dict[int, float 
             if row["step"] > budget:
                 continue
             for key, mode in modes.items():
-                value = fc._number(row.get(key))
+                value = finite_number(row.get(key))
                 if value is not None and (key not in best or (value > best[key] if mode == "max" else value < best[key])):
                     best[key] = value
         scores[budget] = overall_score(best, eval_keys, tasks)[1]
@@ -273,11 +274,11 @@ def run_study(study: FinetuneStudy) -> StudyResult:
     main_dirs = fc.run_grid(study.fractions(chosen))["steps"]
     result = StudyResult(out=out, chosen=chosen, seconds=0.0)
     result.report = fc.compare_runs(main_dirs, out)
-    fc.compare_runs(sweep_dirs, out / "rho-sweep")
+    sweep_report = fc.compare_runs(sweep_dirs, out / "rho-sweep")
     records = [fc.load_run(p) for p in main_dirs]
     result.seconds = time.perf_counter() - started
     result.time = study_seconds(out / STUDY_FILE, result.seconds, restart=study.overwrite)
-    io.atomic_write_text(out / REPORT_FILE, study_markdown(study, result, records, sweep))
+    io.atomic_write_text(out / REPORT_FILE, study_markdown(study, result, records, sweep_report))
     io.atomic_write_text(out / STUDY_FILE, json.dumps({
         "format": "samlm-finetune-study", "preset": study.preset.description, "model": study.base.model,
         "model_label": study.base.model_label, "fractions": list(study.preset.fractions),
@@ -287,7 +288,7 @@ def run_study(study: FinetuneStudy) -> StudyResult:
 
 
 def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[fc.RunRecord],
-                   sweep: Sequence[fc.RunRecord]) -> str:
+                   sweep: fc.Report) -> str:
     base, preset, report = study.base, study.preset, result.report
     split = fc.split_text(records)
     lines = [
@@ -331,22 +332,17 @@ def _gain_table(report: fc.Report) -> str:
     return "\n".join(lines)
 
 
-def _rho_table(sweep: Sequence[fc.RunRecord]) -> str:
-    groups: dict[tuple[str, float | None], dict[int, float]] = {}
-    for r in sweep:
-        score = r.values["best"].get(fc.SCORE)
-        if score is not None:
-            groups.setdefault((r.optimizer, r.rho), {})[r.seed] = score
-    baseline = next((v for (opt, rho), v in groups.items() if rho is None), {})
+def _rho_table(sweep: fc.Report) -> str:
+    """The ρ sweep's groups (the compare Report of its runs): each point's best-checkpoint score,
+    mean ± std over seeds, and its gain over the baseline, paired by seed."""
+    gains = {g.method: g for g in sweep.gains if g.selection == "best" and g.metric == fc.SCORE}
     lines = ["| method | ρ | score (best checkpoint) | Δ vs baseline (paired) |", "|---|---:|---:|---:|"]
-    for (optimizer, rho), by_seed in sorted(groups.items(), key=lambda item: (item[0][1] is not None, item[0])):
-        values = list(by_seed.values())
-        text = f"{statistics.fmean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
-        if rho is None:
-            lines.append(f"| {optimizer} | – | {text} | (baseline) |")
+    for group in sweep.groups:
+        score = group.cell("best", fc.SCORE).text()
+        if group.is_baseline:
+            lines.append(f"| {group.family} | – | {score} | (baseline) |")
             continue
-        diffs = [by_seed[s] - baseline[s] for s in sorted(set(by_seed) & set(baseline))]
-        delta = ("–" if not diffs else f"{statistics.fmean(diffs):+.1f}"
-                 + (f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "") + f" (n={len(diffs)})")
-        lines.append(f"| {optimizer} | {rho:g} | {text} | {delta} |")
+        gain = gains.get(group.method)
+        delta = fc._gain_text(gain) + (f" (n={len(gain.diffs)})" if gain is not None and gain.paired else "")
+        lines.append(f"| {group.family} | {value_text(group.rho)} | {score} | {delta} |")
     return "\n".join(lines)

@@ -190,6 +190,17 @@ def parse_seeds(text: str | Sequence[int], flag: str = "--seeds") -> list[int]:
     return seeds
 
 
+def parse_numbers(text: str, flag: str, *, positive: bool = False) -> list[float]:
+    """A comma-separated list of finite numbers >= 0 (``positive``: > 0), e.g. ``--subsample``."""
+    items = parse_list(text, flag[2:])
+    for item in items:
+        try:
+            float(item)
+        except ValueError:
+            raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    return [_grid_value(item, text, flag, positive) for item in items]
+
+
 def _grid_value(text: str, spec: str, flag: str, positive: bool) -> float:
     try:
         value = float(text)

@@ -426,8 +426,8 @@ def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping
     order[reference] = order["adamw"]
     for key, members in sorted(groups["steps"].items(), key=lambda item: order.get(item[0][0], len(order))):
         swept = (grid or {}).get(key[0], {})
-        cells = [key[0], report._value_text(key[2]) + _edge(key[2], swept.get("lr")),
-                 report._value_text(key[1]) + _edge(key[1], swept.get("rho")), str(len(members)),
+        cells = [key[0], report.value_text(key[2]) + _edge(key[2], swept.get("lr")),
+                 report.value_text(key[1]) + _edge(key[1], swept.get("rho")), str(len(members)),
                  str(members[0].summary.get("steps"))]
         cells.append(report.format_mean_std(*report.mean_std(r.summary.get("report_loss") for r in members)[:2]))
         for kind in ("steps", "compute"):

@@ -80,7 +80,7 @@ class Run:
     def group(self) -> tuple[str, float | None, float | None]:
         """The run's point of the grid: (optimizer, ρ, peak lr)."""
         lr = self.summary.get("lr", (self.summary.get("config") or {}).get("lr"))  # older summaries: config's
-        return (self.summary.get("optimizer", "?"), _number(self.summary.get("rho")), _number(lr))
+        return (self.summary.get("optimizer", "?"), finite_number(self.summary.get("rho")), finite_number(lr))
 
     @property
     def label(self) -> str:
@@ -98,10 +98,11 @@ def _several_lrs(keys: Iterable[tuple]) -> bool:
 
 def _point_cells(key: tuple, with_lr: bool) -> list[str]:
     optimizer, rho, lr = key
-    return [optimizer, _value_text(rho)] + ([_value_text(lr)] if with_lr else [])
+    return [optimizer, value_text(rho)] + ([value_text(lr)] if with_lr else [])
 
 
-def _value_text(value: float | None) -> str:
+def value_text(value: float | None) -> str:
+    """A setting's value in a table (``–``: none)."""
     return "–" if value is None else f"{value:g}"
 
 
@@ -125,7 +126,7 @@ def load_run(path: str | Path) -> Run:
 # --------------------------------------------------------------------------- statistics
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A finite float, or None (missing, null, "nan", booleans, strings)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -135,7 +136,7 @@ def _number(value: Any) -> float | None:
 
 def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
     """(mean, sample std, n) of the finite numbers among ``values``; std is None when n < 2."""
-    numbers = [v for v in (_number(x) for x in values) if v is not None]
+    numbers = [v for v in (finite_number(x) for x in values) if v is not None]
     n = len(numbers)
     if n == 0:
         return None, None, 0
@@ -232,10 +233,10 @@ DELTA_HEADER = "Δ val loss vs adamw (paired)"
 
 def paired_delta(members: Sequence[Run], reference: Sequence[Run], key: str = "val_loss"):
     """(mean, sample std, n) over seeds of ``key(run) − key(reference run with the same seed)``."""
-    by_seed = {r.summary.get("seed"): _number(r.summary.get(key)) for r in reference}
+    by_seed = {r.summary.get("seed"): finite_number(r.summary.get(key)) for r in reference}
     differences = []
     for run in members:
-        mine, theirs = _number(run.summary.get(key)), by_seed.get(run.summary.get("seed"))
+        mine, theirs = finite_number(run.summary.get(key)), by_seed.get(run.summary.get("seed"))
         if mine is not None and theirs is not None:
             differences.append(mine - theirs)
     return mean_std(differences)
@@ -320,7 +321,7 @@ def metric_series(run: Run, metric: str) -> list[tuple[int, float]]:
             value = (record.get("sharpness") or {}).get(metric.split(".", 1)[1])
         else:
             value = record.get(metric)
-        value = _number(value)
+        value = finite_number(value)
         if value is not None and isinstance(record.get("step"), int):
             points.append((record["step"], value))
     deduped = dict(points)  # a step measured twice keeps its last value
@@ -560,7 +561,7 @@ def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> st
             delta = "(reference)"
         else:
             delta = format_delta(paired_delta(members, reference_runs, REPORT_KEY))
-        cells = [method, str(points[method]), _value_text(key[2]), _value_text(key[1]), str(len(members)),
+        cells = [method, str(points[method]), value_text(key[2]), value_text(key[1]), str(len(members)),
                  format_mean_std(*mean_std(r.summary.get(TUNING_KEY) for r in members)[:2]),
                  format_mean_std(*mean_std(r.summary.get(REPORT_KEY) for r in members)[:2]), delta]
         lines.append("| " + " | ".join(cells) + " |")

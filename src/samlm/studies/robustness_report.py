@@ -24,7 +24,7 @@ from samlm.studies.report import (
     Run,
     _colors,
     _finish_figure,
-    _number,
+    finite_number,
     _point_cells,
     _pyplot,
     _several_lrs,
@@ -171,7 +171,7 @@ def mean_frontier(members: Sequence[Run]) -> tuple[list[float], list[float]]:
         forget = run.summary.get("forgetting")
         if not isinstance(forget, Mapping) or not forget.get("points"):
             continue
-        starts.append(_number((forget.get("before") or {}).get("learning")))
+        starts.append(finite_number((forget.get("before") or {}).get("learning")))
         for point in forget["points"]:
             by_lr.setdefault(float(point["lr"]), []).append((point.get("learning"), point.get("increase")))
     xs, ys = [], []

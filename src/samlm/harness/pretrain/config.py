@@ -203,6 +203,9 @@ def identity(record: Mapping[str, Any]) -> dict:
     saved = record.get("config", {})
     names = {f.name for f in dataclasses.fields(PretrainConfig) if f.metadata.get("resume", True)}
     ident = {k: v for k, v in saved.items() if k in names}
+    if saved.get("sharpness") is False:  # the measurement's settings act only when it is on
+        ident.update({f.name: s.UNUSED for f in dataclasses.fields(SharpnessSettings)
+                      if f.name.startswith("sharpness_") and f.name in ident})
     resolved = record.get("resolved", {})
     for key in ("total_steps", "warmup_steps", "rho", "tokenizer", "parallel"):
         ident[key] = resolved.get(key)
