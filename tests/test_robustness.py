@@ -209,19 +209,22 @@ def test_every_measure_restores_the_model_even_when_the_loss_raises():
 
 def test_frontier_and_interpolation():
     points = [{"lr": 1, "learning": 2.0, "original": 1.6}, {"lr": 2, "learning": 1.5, "original": 1.9},
-              {"lr": 3, "learning": 1.5, "original": 2.2}]  # same learning as lr 2, more forgetting: dropped
+              {"lr": 3, "learning": 1.7, "original": 2.2}]  # lr 3 learned less and forgot more than lr 2: dropped
     result = R.forgetting_summary(points, before_learning=3.0, before_original=1.5, target=2.5)
     assert result["frontier"] == [[1.5, pytest.approx(0.4)], [2.0, pytest.approx(0.1)], [3.0, 0.0]]
     assert result["increase"] == pytest.approx(0.05)                    # halfway between 0.1 and 0
     assert [p["increase"] for p in result["points"]] == pytest.approx([0.1, 0.4, 0.7])
+    at_dropped = R.forgetting_summary(points, before_learning=3.0, before_original=1.5, target=1.7)
+    assert at_dropped["increase"] == pytest.approx(0.4 - 0.3 * 0.2 / 0.5)   # on the frontier, not lr 3's 0.7
     default = R.forgetting_summary(points, before_learning=3.0, before_original=1.5)
     assert default["target"] == 1.5 and default["increase"] == pytest.approx(0.4)
-    assert R.interpolate([[1.5, 0.4], [3.0, 0.0]], 1.4) is None          # no extrapolation
-    # both losses falling together (a model still learning): still a curve to read, not one point
+    assert R.interpolate([[1.5, 0.4], [3.0, 0.0]], 1.4) is None          # no extrapolation below the left end
+    # both losses falling together (a model still learning): the start is dominated; a level every
+    # point learned past reads the least forgetting that reached it
     falling = R.forgetting_summary([{"lr": 1, "learning": 2.0, "original": 1.4},
                                     {"lr": 2, "learning": 1.0, "original": 1.2}],
                                    before_learning=3.0, before_original=1.5, target=1.5)
-    assert falling["increase"] == pytest.approx(-0.2)
+    assert falling["frontier"] == [[1.0, pytest.approx(-0.3)]] and falling["increase"] == pytest.approx(-0.3)
 
 
 # --------------------------------------------------------------------------- runs

@@ -33,14 +33,16 @@ loss, eval mode, fp32):
 * :func:`forgetting_summary` (the runs themselves are the harness's): after fine-tuning on a
   second corpus at each learning rate of a grid, point i is (x_i, y_i) = (the second corpus's
   validation loss, the original corpus's validation loss − its value before fine-tuning). The
-  frontier is the piecewise-linear curve through the start (x₀, 0) (before fine-tuning: nothing
-  learned, nothing forgotten) and the points, sorted by x (equal x: the lowest y). The summary
-  ``increase`` is the frontier's y at a learning level x*, linearly interpolated between the two
-  neighbours in x (None outside the frontier's x range: no extrapolation). x* is the caller's
-  target, by default the most-learned point's x (the frontier's left end); a comparison reads
-  every run at one common x* (:mod:`samlm.studies.robustness_report`). The points are not
-  filtered to a Pareto set: on a model that is still learning, fine-tuning often lowers both
-  losses at once, and the Pareto set then shrinks to one point that nothing can be read from.
+  frontier is the lower-left Pareto set of the points and the start (x₀, 0) (before fine-tuning:
+  nothing learned, nothing forgotten): sorted by x, a point is kept when its y is below the y of
+  every point with a smaller x (a point that learned less *and* forgot more is dropped). The
+  summary ``increase`` is the frontier's y at a learning level x*: linear between the two frontier
+  points whose x bracket x*; beyond the frontier's right end (a level every kept point learned
+  past, as when fine-tuning lowers both losses and the start is dominated) the right end's y, the
+  least forgetting at which that much was learned; below its left end (more learning than any
+  point reached) None, no extrapolation. x* is the caller's target, by default the most-learned
+  point's x (the frontier's left end); a comparison reads every run at one common x*
+  (:mod:`samlm.studies.robustness_report`).
 
 Every measure restores the model's parameters and buffers bitwise (``copy_`` from a snapshot) and
 its train/eval mode, even when ``evaluate`` raises. Torch only; torchao is imported when
@@ -248,24 +250,28 @@ def quantization(model: nn.Module, evaluate: Evaluate, *, formats: Sequence[str]
 # --------------------------------------------------------------------------- forgetting
 
 
-def frontier_curve(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (x, y) points sorted by x, one per x (the lowest y); non-finite points dropped."""
-    curve: list[tuple[float, float]] = []
+def pareto_frontier(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The lower-left Pareto set of (x, y) points (less is better in both), sorted by x: a point is
+    kept when its y is strictly below the y of every point with a smaller x (equal x: the lowest y).
+    Non-finite points are dropped."""
+    frontier: list[tuple[float, float]] = []
     for x, y in sorted((float(x), float(y)) for x, y in points if math.isfinite(x) and math.isfinite(y)):
-        if not curve or x != curve[-1][0]:
-            curve.append((x, y))
-    return curve
+        if not frontier or y < frontier[-1][1]:
+            frontier.append((x, y))
+    return frontier
 
 
 def interpolate(frontier: Sequence[tuple[float, float]], x: float) -> float | None:
-    """The frontier's y at ``x``: linear between the two points whose x bracket it (a point's own
-    y at its x); None outside [first x, last x]."""
-    if not frontier or not math.isfinite(x) or x < frontier[0][0] or x > frontier[-1][0]:
+    """The frontier's y at ``x``: linear between the two points whose x bracket it; the right end's
+    y beyond the right end; None left of the left end (or for a non-finite ``x``)."""
+    if not frontier or not math.isfinite(x) or x < frontier[0][0]:
         return None
+    if x >= frontier[-1][0]:
+        return frontier[-1][1]
     for (x0, y0), (x1, y1) in zip(frontier, frontier[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return frontier[0][1]
+    return frontier[-1][1]
 
 
 def forgetting_summary(points: Sequence[Mapping], *, before_learning: float, before_original: float,
@@ -274,7 +280,7 @@ def forgetting_summary(points: Sequence[Mapping], *, before_learning: float, bef
     mapping per learning rate with ``lr``, ``learning`` (second corpus's val loss after) and
     ``original`` (original corpus's val loss after); ``before_*``: both losses before fine-tuning."""
     rows = [dict(p, increase=p["original"] - before_original) for p in points]
-    frontier = frontier_curve([(before_learning, 0.0)] + [(r["learning"], r["increase"]) for r in rows])
+    frontier = pareto_frontier([(before_learning, 0.0)] + [(r["learning"], r["increase"]) for r in rows])
     if target is None and frontier:
         target = frontier[0][0]
     return {"before": {"learning": before_learning, "original": before_original}, "points": rows,

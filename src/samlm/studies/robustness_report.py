@@ -5,8 +5,8 @@ Per run (its ``summary.json``): the weight-noise Δloss at each σ (mean over th
 and int4 RTN Δloss, and the forgetting, read at one **matched learning level** x* for every run of
 a budget: x* is the largest of the runs' most-learned second-corpus losses (the least-learned run's
 best point), so every run's frontier reaches it; each run's original-loss increase at x* is
-interpolated linearly on its own frontier (:func:`samlm.diagnostics.robustness.forgetting_summary`;
-n/a where x* lies beyond the run's frontier, e.g. above its loss before fine-tuning). Each metric
+interpolated linearly on its own Pareto frontier (:func:`samlm.diagnostics.robustness.forgetting_summary`:
+a fine-tuning point that learned less and forgot more than another is not on it). Each metric
 is then shown as mean ± std over seeds and as the difference to the baseline's run with the same
 seed (paired), the baseline being the tuned AdamW point as in the rest of the report.
 """
@@ -152,7 +152,8 @@ def section(budgets: Mapping[str, Sequence[Run]], plot: str | None = None) -> li
         f"on {forget.get('data', 'the second corpus')} for {forget.get('steps')} steps at lr "
         f"{', '.join(f'{x:g}' for x in forget.get('lrs', []))}; the original corpus's val-loss increase at the "
         "matched learning level x* (the second corpus's val loss every run's frontier reaches: the largest of the "
-        "runs' most-learned losses), interpolated linearly on each run's frontier. Lower is more robust; "
+        "runs' most-learned losses), interpolated linearly on each run's learning–forgetting Pareto frontier (a "
+        "fine-tuning lr that learned less and forgot more than another is not on it). Lower is more robust; "
         "Δ vs the baseline is paired by seed (mean ± std over seed pairs).", "",
     ]
     for kind, runs in budgets.items():
