@@ -297,4 +297,6 @@ class _Once:
         return self.value
 
     def __getattr__(self, name):
+        if name == "geometry":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.geometry, name)
