@@ -225,16 +225,18 @@ def quantize_weights(model: nn.Module, fmt: str, *, group_size: int = DEFAULT_GR
 
 
 def quantization(model: nn.Module, evaluate: Evaluate, *, formats: Sequence[str] = ("int8", "int4"),
-                 group_size: int = DEFAULT_GROUP_SIZE, embeddings: bool = False, norms: bool = False) -> dict:
+                 group_size: int = DEFAULT_GROUP_SIZE, embeddings: bool = False, norms: bool = False,
+                 base_loss: float | None = None) -> dict:
     """Δloss under weight-only RTN (module docstring) for each format:
     ``{"base_loss", "group_size", "embeddings", "norms", "int8": {"loss", "delta", "tensors"}, ...}``.
-    The model is restored bitwise."""
+    ``base_loss``: L(W) when the caller has measured it already (then not measured again). The model
+    is restored bitwise."""
     if "int4" in formats:
         check_group_size(model, group_size, embeddings=embeddings, norms=norms)
     result: dict = {"group_size": group_size, "embeddings": embeddings, "norms": norms,
                     "method": "RTN, torchao affine primitives, SYMMETRIC_NO_CLIPPING_ERR (fake quantization)"}
     with restored(model):
-        base = _loss(model, evaluate)
+        base = _loss(model, evaluate) if base_loss is None else float(base_loss)
         result["base_loss"] = base
         original = [t.detach().clone() for t in model.parameters()]
         for fmt in formats:

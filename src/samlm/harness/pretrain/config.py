@@ -128,7 +128,7 @@ class RobustnessSettings:
                                               resume=False, default_text="the run's")
     forget_lrs: str = setting("3e-3,1e-2,3e-2", "AdamW learning rates of the fine-tuning runs on the second corpus",
                               check=number_list(0.0, low_open=True), resume=False, metavar="LR1,LR2,...")
-    forget_steps: int = setting(10, "AdamW steps of each fine-tuning run (0: no forgetting measure)",
+    forget_steps: int = setting(8, "AdamW steps of each fine-tuning run (0: no forgetting measure)",
                                 check=s.nonnegative_int, resume=False)
     forget_target: Optional[float] = setting(None, "learning level (the second corpus's val loss) at which the "
                                              "forgetting frontier is read", check=s.finite(0.0, low_open=True),

@@ -139,13 +139,14 @@ def measure_model(config: PretrainConfig, model, tuning: list, *, run_dir: Path,
     noise["batches"] = len(batches)
     started = time.perf_counter()
     quant = robustness.quantization(model, evaluate, group_size=config.quant_group_size,
-                                    embeddings=config.quantize_embeddings, norms=config.quantize_norms)
+                                    embeddings=config.quantize_embeddings, norms=config.quantize_norms,
+                                    base_loss=noise["base_loss"])
     quant["seconds"] = time.perf_counter() - started
     quant["batches"] = len(batches)
     forget = None
     if config.forget_steps:
         forget = forgetting(config, model, batches, run_dir=run_dir, step=step, run_tokenizer=run_tokenizer,
-                            on_step=on_step)
+                            on_step=on_step, before_original=noise["base_loss"])
     return io.json_safe({"weight_noise": noise, "quantization": quant, "forgetting": forget})
 
 
@@ -209,7 +210,7 @@ def _same_finished(config: PretrainConfig) -> Optional[dict]:
 
 
 def forgetting(config: PretrainConfig, model, tuning: list, *, run_dir: Path, step: int, run_tokenizer: str,
-               on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+               on_step: Optional[Callable[[int, dict], None]] = None, before_original: Optional[float] = None) -> dict:
     """Fine-tune from ``model`` at each lr of ``--forget-lrs`` (resumable run directories under
     ``run_dir/robustness/step<step>/``) and summarise with
     :func:`samlm.diagnostics.robustness.forgetting_summary`."""
@@ -223,7 +224,8 @@ def forgetting(config: PretrainConfig, model, tuning: list, *, run_dir: Path, st
     training = model.training
     evaluate_original = _evaluator(tuning)
     model.eval()
-    before_original = evaluate_original(model)
+    if before_original is None:
+        before_original = evaluate_original(model)
     second = load_data(second_corpus_config(config, run_tokenizer)).dataset
     second_tuning = second.val_batches(config.micro_batch, max_batches=config.robustness_batches)
     before_learning = _evaluator(second_tuning)(model)
