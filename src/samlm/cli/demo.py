@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per run (default 20 tokens per parameter)")
     parser.add_argument("--sweep", action="store_true",
-                        help="run the (lr, rho) grid the demo's settings were picked from (README, 'The demo')")
+                        help="run the (lr, rho) grid the demo's settings were picked from (docs/comparing.md, 'The demo')")
     parser.add_argument("--jobs", type=int, default=DEMO_JOBS, help=f"runs at a time (default {DEMO_JOBS})")
     parser.add_argument("--threads", type=int, default=DEMO_BASE.threads,
                         help=f"torch threads per run (default {DEMO_BASE.threads})")

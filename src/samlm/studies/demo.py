@@ -28,7 +28,7 @@ from samlm.studies.grid import parse_seeds
 DEMO_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
 # The sweep (seed 0, equal steps, everything else as the demo): every method at every one of its
 # lr, each SAM-family method at every one of its ρ; the demo's points below are its "Tuned" table.
-# The grid is centred on the optimum of a wider sweep of the 48-wide model (README, "The demo").
+# The grid is centred on the optimum of a wider sweep of the 48-wide model (docs/comparing.md, "The demo").
 SWEEP_LR = ",".join([f"adamw={lr}" for lr in ("1.2e-2", "2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1")]
                     + [f"{method}={lr}" for method in ("sam", "fsam", "pfsam")
                        for lr in ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2")])
@@ -47,7 +47,7 @@ DEMO_BASE = PretrainConfig(
 DEMO_JOBS = 2
 DEMO_NOTES = """\
 Demo settings: `samlm demo` (= `make demo`). 20 tokens per parameter; each method's (lr, ρ) from the
-committed sweep (`samlm demo --sweep`, README "The demo"). Two runs at a time, one torch thread each,
+committed sweep (`samlm demo --sweep`, docs/comparing.md "The demo"). Two runs at a time, one torch thread each,
 so step times are per run while sharing the machine with one other run. The seed sets the initial
 weights and the order of the training batches; it is the same for every optimizer, so differences
 to AdamW are shown *paired by seed*."""
