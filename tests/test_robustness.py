@@ -320,6 +320,9 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys):
     cases = [
         (["robustness", "--run", no_checkpoint], "has no checkpoint"),
         (["robustness", "--run", tmp_path / "missing"], "not found"),
+        (["robustness", "--run", trained, "--forget-data", tmp_path / "missing.txt"], "missing.txt not found"),
+        (["pretrain", *TINY, "--out", tmp_path / "new", "--robustness", "--forget-data", tmp_path / "missing.txt"],
+         "missing.txt not found"),
         (["robustness", "--run", trained, "--noise-sigmas", "0.01,-0.1"], "--noise-sigmas must be"),
         (["robustness", "--run", trained, "--quant-group-size", "24"],
          "group size 24 does not divide the input width 32 of layer 'transformer.h.0.attn.c_attn'"),

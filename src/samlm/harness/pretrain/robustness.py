@@ -98,10 +98,15 @@ def check_tokenizer(config: PretrainConfig, data) -> None:
 
 
 def check_config(config: PretrainConfig, model, data) -> None:
-    """Everything that can be checked before the run (group size, tokenizer)."""
+    """Everything that can be checked before the run (or the measures): the group size, the
+    second corpus's tokenizer, and the second corpus itself (read, and prepared once into the
+    cache, now rather than after training)."""
+    from samlm.harness.pretrain.build import load_data
+
     check_model(config, model)
     if config.forget_steps:
         check_tokenizer(config, data)
+        load_data(second_corpus_config(config, data.prepared.tokenizer_path()))
 
 
 def second_corpus_config(config: PretrainConfig, run_tokenizer: str) -> PretrainConfig:
@@ -261,8 +266,10 @@ def read_run_config(run_dir: Path, overrides: Mapping[str, Any]) -> PretrainConf
     """The run's settings from ``config.json``, with the robustness settings of ``overrides``."""
     from samlm.harness import settings
 
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise UserError(f"run directory {run_dir} not found")
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir} is a file, not a run directory")
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a samlm pretrain run (no {CONFIG_FILE})")
