@@ -179,18 +179,20 @@ def test_mlflow_file_store_read_back_and_resume_continues_the_run(offline, capsy
 def test_trackio_local(offline):
     """trackio's local store (TRACKIO_DIR), read back with its own SQLiteStorage, in a fresh
     process (trackio reads TRACKIO_DIR when imported)."""
-    env = dict(os.environ)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "progress"]
-    subprocess.run([sys.executable, "-m", "samlm", "pretrain", *flags, "--no-progress", "--no-sharpness",
-                    "--report-to", "trackio", "--run-name", "tiny", "--out", str(offline / "run")],
-                   check=True, env=env, capture_output=True, timeout=120)
-    read = ("from trackio.sqlite_storage import SQLiteStorage; import json; "
-            "print(json.dumps(SQLiteStorage.get_logs('samlm', 'tiny')))")
-    logs = json.loads(subprocess.run([sys.executable, "-c", read], check=True, env=env, capture_output=True,
-                                     text=True, timeout=60).stdout)
+    script = (
+        "import json, sys\n"
+        "from samlm.harness.pretrain import PretrainConfig, pretrain\n"
+        f"pretrain(PretrainConfig(**{dict(TINY, sharpness=False)!r}, report_to='trackio', run_name='tiny', "
+        f"out={str(offline / 'run')!r}))\n"
+        "from trackio.sqlite_storage import SQLiteStorage\n"
+        "print('LOGS', json.dumps(SQLiteStorage.get_logs('samlm', 'tiny')))\n")
+    done = subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=180)
+    logs = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("LOGS "))[5:])
     val = {row["step"]: row["eval/val_loss"] for row in logs if "eval/val_loss" in row}
     metrics = lines(offline / "run")
     assert val == {3: pytest.approx(metrics[3]["val_loss"]), 6: pytest.approx(metrics[6]["val_loss"])}
+    assert any("train/eps_norm" in row for row in logs)
 
 
 # --------------------------------------------------------------------------- failures and secrets
