@@ -281,3 +281,24 @@ def test_robustness_measures_reach_the_same_tracker_run(tmp_path):
     assert scalars["robustness/weight_noise/base_loss"][6] == pytest.approx(summary["weight_noise"]["base_loss"])
     assert any(k.startswith("robustness/quantization/") for k in scalars)
     assert set(scalars["eval/val_loss"]) == {3, 6}  # the training curves are still there
+
+
+def test_finetune_compare_names_and_groups_its_runs(tmp_path):
+    """finetune-compare passes --report-to to every run, named by the run and grouped under the
+    comparison's --run-name (else its --out)."""
+    import re as _re
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from tinymodels import save_bert
+
+    from samlm.harness.finetune import FinetuneConfig
+    from samlm.studies.finetune_compare import FinetuneGrid
+
+    wic = Path(__file__).parent / "fixtures" / "wic16" / "WiC" / "train.jsonl"
+    bert = save_bert(tmp_path / "bert", sorted(set(_re.findall(r"[a-z]+", wic.read_text().lower()))))
+    for run_name, group, prefix in ((None, str(tmp_path / "cmp"), ""), ("wic-sam", "wic-sam", "wic-sam/")):
+        base = FinetuneConfig(model=str(bert), task="superglue/wic", report_to="tensorboard", run_name=run_name)
+        grid = FinetuneGrid(out=str(tmp_path / "cmp"), base=base, optimizers="adamw,sam", seeds="0,1")
+        for name, config, _ in grid.runs():
+            assert (config.report_to, config.run_name, config.run_group) == ("tensorboard", prefix + name, group)
