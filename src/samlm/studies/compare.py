@@ -165,9 +165,9 @@ def _finished(config: PretrainConfig) -> dict | None:
     summary = RunDir(config.out).finished_summary()
     if summary is None:
         return None
-    saved = {k: v for k, v in summary.get("config", {}).items() if k in _SAME_RUN}
     if config.robustness and not isinstance(summary.get("weight_noise"), dict):
         return None  # finished before --robustness was asked: resumed, it measures (no more steps)
+    saved = {k: v for k, v in summary.get("config", {}).items() if k in _SAME_RUN}
     wanted = {k: v for k, v in config.as_dict().items() if k in _SAME_RUN}
     return summary if saved == wanted else None
 
