@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-TIMING_KEYS = frozenset({"tokens_per_s", "step_s", "seconds", "train_seconds", "wall_seconds",
-                         "sharpness_seconds"})
+from samlm.harness.pretrain.run import TIMING_KEYS as RUN_TIMING_KEYS
+
+# A run's wall-clock keys (their one home is the harness), and the "seconds" of measurements.
+TIMING_KEYS = RUN_TIMING_KEYS | {"seconds"}
 # Environment of a samlm subprocess: offline, one torch thread (bitwise equal to the in-process
 # runs, which tests/conftest.py pins to one thread), no progress bars.
 SUBPROCESS_ENV = {

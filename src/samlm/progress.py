@@ -38,3 +38,16 @@ def _is_main_process() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+# Loggers of libraries that warn on every import here and mean nothing for a run: torchao (imported
+# by transformers when installed) about its CUDA kernels, torch's pytree about torchao's enums.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_third_party_loggers() -> None:
+    """Only errors from :data:`QUIET_LOGGERS` (the CLI and every worker process of a comparison)."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

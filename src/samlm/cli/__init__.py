@@ -108,12 +108,10 @@ class _StderrHandler(logging.Handler):
 # Loggers that speak when transformers imports torchao on a CPU-only machine (its CUDA kernels
 # that cannot load here, torch's pytree deprecation notes): not the user's concern, and they
 # would break the one-line error of a bad input.
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
 def _setup_logging() -> None:
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from samlm.progress import quiet_third_party_loggers
+
+    quiet_third_party_loggers()
     logger = logging.getLogger("samlm")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         handler = _StderrHandler(logging.WARNING)

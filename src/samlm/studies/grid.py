@@ -297,6 +297,9 @@ _STOP_REQUESTED = False
 def _worker_init(threads: int | None) -> None:
     global _STOP_REQUESTED
     _STOP_REQUESTED = False
+    from samlm.progress import quiet_third_party_loggers
+
+    quiet_third_party_loggers()
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     if threads:

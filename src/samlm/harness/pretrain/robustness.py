@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -160,15 +158,10 @@ def export_model(model, directory: Path) -> Path:
     into a temporary sibling and renamed into place; an existing export is kept."""
     if (directory / "config.json").is_file():
         return directory
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     from samlm.models.causal import quiet_transformers
 
-    with quiet_transformers():
-        model.save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, directory)
-    io.fsync_dir(directory.parent)
+    with quiet_transformers():  # transformers saves safetensors by default
+        io.atomic_save_pretrained(model, directory)
     return directory
 
 
