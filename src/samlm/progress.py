@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from tqdm.auto import tqdm
-
 
 def progress_enabled(requested: bool = True) -> bool:
     """Show a bar only when asked and stderr is a terminal (never in logs, CI or tests)."""
     return bool(requested) and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
-def progress_bar(total: int, *, initial: int = 0, enabled: bool = True, desc: str = "train") -> tqdm:
+def progress_bar(total: int, *, initial: int = 0, enabled: bool = True, desc: str = "train"):
     """A step counter bar; disabled (a cheap no-op object) unless :func:`progress_enabled`."""
+    from tqdm.auto import tqdm  # here: the CLI's logging setup imports this module without the harness extra
+
     return tqdm(
         total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
         disable=not progress_enabled(enabled), leave=True,
@@ -25,6 +25,8 @@ def say(message: str) -> None:
     only, when several train together)."""
     if not _is_main_process():
         return
+    from tqdm.auto import tqdm
+
     tqdm.write(f"samlm: {message}", file=sys.stderr)
 
 

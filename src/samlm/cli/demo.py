@@ -6,6 +6,8 @@ import argparse
 import time
 
 from samlm.cli.compare import print_result
+from samlm.harness import settings
+from samlm.harness.pretrain.config import TextDataSettings
 from samlm.progress import say
 from samlm.studies.compare import compare
 from samlm.studies.demo import DEMO_BASE, DEMO_JOBS, DEMO_OPTIMIZERS, DEMO_SEEDS, SWEEP_SEEDS, demo_config
@@ -25,9 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"torch threads per run (default {DEMO_BASE.threads})")
     parser.add_argument("--resume", action="store_true",
                         help="keep finished runs and resume interrupted ones (default: start over)")
-    from samlm.harness import settings
-    from samlm.harness.pretrain.config import TextDataSettings
-
     settings.add_arguments(parser, TextDataSettings, only=("data",))   # the pretraining flag itself
 
 

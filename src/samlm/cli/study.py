@@ -6,13 +6,15 @@ import argparse
 
 from samlm.harness import settings
 from samlm.progress import say
+# At import, not in add_arguments: a missing harness dependency then makes this command a stub
+# that names what to install (samlm.cli.build_parser).
+from samlm.studies import finetune_study, pretrain_study, robustness_study
 
 STUDIES = ("pretrain", "finetune", "robustness")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="study", metavar="STUDY", parser_class=type(parser))
-    from samlm.studies import pretrain_study
 
     pretrain = sub.add_parser("pretrain", help="Functional-SAM / preconditioned SAM vs AdamW: sizes x methods, "
                               "tuned (lr, rho), seeds, equal steps and equal compute, sharpness",
@@ -20,15 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_arguments(pretrain, pretrain_study.PretrainStudySettings)
     pretrain.set_defaults(_study_run=_run_pretrain, _settings=pretrain_study.PretrainStudySettings)
 
-    from samlm.studies import finetune_study
-
     finetune = sub.add_parser("finetune", help="SAM / Functional-SAM vs the baseline optimizer when fine-tuning on "
                               "subsampled data: rho sweep, fractions, seeds, step budgets, best checkpoints",
                               description=finetune_study.__doc__.strip().splitlines()[0])
     settings.add_arguments(finetune, finetune_study.FinetuneStudySettings)
     finetune.set_defaults(_study_run=_run_finetune, _settings=finetune_study.FinetuneStudySettings)
-
-    from samlm.studies import robustness_study
 
     robustness = sub.add_parser("robustness", help="Watts et al.'s question on CPU: do AdamW, SAM, F-SAM and PF-SAM at "
                                 "their tuned (lr, rho) differ in weight-noise, int8/int4 and forgetting robustness at "
