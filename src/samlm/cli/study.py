@@ -77,13 +77,7 @@ def _run_pretrain(config) -> int:
             say("no CUDA here: every setting but the device was checked")
         say(f"dry run: {total} sweep runs are fine; nothing was written")
         return 0
-    result = run_study(study)
-    print(f"study report: {result.out / 'report.md'}")
-    print(f"study took {result.seconds:.0f} s (all calls: {result.time.get('seconds', result.seconds):.0f} s)")
-    if result.interrupted:
-        say(f"the study stopped ({result.interrupted}): run the same command again to continue")
-        return 130
-    return 0
+    return _finished(run_study(study))
 
 
 def _run_finetune(config) -> int:
@@ -102,10 +96,7 @@ def _run_finetune(config) -> int:
               f"{','.join(f'{f:g}' for f in study.preset.fractions)}; step budgets {study.budgets}")
         say(f"dry run: {len(runs)} sweep runs are fine; nothing was written")
         return 0
-    result = run_study(study)
-    print(f"study report: {result.out / 'report.md'}")
-    print(f"study took {result.seconds:.0f} s (all calls: {result.time.get('seconds', result.seconds):.0f} s)")
-    return 0
+    return _finished(run_study(study))
 
 
 def _run_robustness(config) -> int:
@@ -127,10 +118,14 @@ def _run_robustness(config) -> int:
             print(f"{run.name}: {run_config.out} ({'+'.join(run.budgets)})")
         say(f"dry run: {len(planned)} runs are fine; nothing was written")
         return 0
-    result = run_study(study)
+    return _finished(run_study(study))
+
+
+def _finished(result) -> int:
+    """Where a study's report is, how long it took, and the exit code (130: stopped, rerun to continue)."""
     print(f"study report: {result.out / 'report.md'}")
     print(f"study took {result.seconds:.0f} s (all calls: {result.time.get('seconds', result.seconds):.0f} s)")
-    if result.interrupted:
+    if getattr(result, "interrupted", None):
         say(f"the study stopped ({result.interrupted}): run the same command again to continue")
         return 130
     return 0

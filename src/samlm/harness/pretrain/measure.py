@@ -23,19 +23,26 @@ from samlm.harness.pretrain.config import PretrainConfig
 from samlm.harness.rundir import CONFIG_FILE, RunDir
 
 
-def load_run(run_dir: Path):
-    """(config, model with the latest checkpoint's weights, its optimizer (or None), dataset, checkpoint step)."""
-
-    if not run_dir.is_dir():
+def read_run_config(run_dir: Path) -> tuple[dict, PretrainConfig]:
+    """(``config.json``'s record, the run's settings) of a pretraining run directory; a missing
+    directory, a file, no or an unreadable ``config.json`` is a one-line ``UserError``."""
+    if not run_dir.exists():
         raise UserError(f"run directory {run_dir} not found")
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir} is a file, not a run directory")
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a samlm pretrain run (no {CONFIG_FILE})")
     try:
         record = json.loads(config_file.read_text())
-        config = PretrainConfig.from_mapping(record["config"])
+        return record, PretrainConfig.from_mapping(record["config"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{config_file} is unreadable ({exc})") from None
+
+
+def load_run(run_dir: Path):
+    """(config, model with the latest checkpoint's weights, its optimizer (or None), dataset, checkpoint step)."""
+    record, config = read_run_config(run_dir)
     checkpoint = io.load_latest_checkpoint(RunDir(run_dir).checkpoints)
     data = load_data(config, progress=False)
     dataset = data.dataset

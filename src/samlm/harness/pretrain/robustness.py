@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -31,7 +30,7 @@ from samlm import io
 from samlm.errors import UserError
 from samlm.harness.pretrain.build import build_model, validation_slices
 from samlm.harness.pretrain.config import PretrainConfig, RobustnessSettings
-from samlm.harness.rundir import CONFIG_FILE, RunDir
+from samlm.harness.rundir import RunDir
 from samlm.progress import say
 
 ROBUSTNESS_DIR = "robustness"
@@ -258,19 +257,9 @@ def forgetting(config: PretrainConfig, model, tuning: list, *, run_dir: Path, st
 def read_run_config(run_dir: Path, overrides: Mapping[str, Any]) -> PretrainConfig:
     """The run's settings from ``config.json``, with the robustness settings of ``overrides``."""
     from samlm.harness import settings
+    from samlm.harness.pretrain.measure import read_run_config as read_record
 
-    if not run_dir.exists():
-        raise UserError(f"run directory {run_dir} not found")
-    if not run_dir.is_dir():
-        raise UserError(f"--run {run_dir} is a file, not a run directory")
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
-        raise UserError(f"{run_dir} is not a samlm pretrain run (no {CONFIG_FILE})")
-    try:
-        record = json.loads(config_file.read_text())
-        config = PretrainConfig.from_mapping(record["config"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{config_file} is unreadable ({exc})") from None
+    _, config = read_record(run_dir)
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise UserError(f"not a robustness setting: {', '.join(unknown)}")
