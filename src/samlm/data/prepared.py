@@ -169,6 +169,8 @@ def _directory_files(directory: Path) -> list[Path]:
 def _text_blocks(path: Path) -> Iterator[str]:
     """A UTF-8 text file in newline-aligned blocks (a leading BOM dropped, as ``utf-8-sig``);
     invalid UTF-8 is a ``UserError`` naming the file, byte offset and line."""
+    from samlm.data.text import utf8_error
+
     lines_before, offset, carry = 0, 0, b""
     with open(path, "rb") as f:
         first = True
@@ -195,10 +197,7 @@ def _text_blocks(path: Path) -> Iterator[str]:
             try:
                 text = block.decode("utf-8")
             except UnicodeDecodeError as exc:
-                line = lines_before + block.count(b"\n", 0, exc.start) + 1
-                column = exc.start - (block.rfind(b"\n", 0, exc.start) + 1) + 1
-                raise UserError(f"{path} is not valid UTF-8: byte {offset + exc.start} (line {line}, column {column}) "
-                                f"is {block[exc.start:exc.start + 1]!r}") from None
+                raise utf8_error(path, block, exc, offset=offset, lines_before=lines_before) from None
             lines_before += block.count(b"\n")
             offset += len(block)
             if text:

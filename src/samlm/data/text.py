@@ -122,18 +122,23 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def utf8_error(path: Path | str, data: bytes, exc: UnicodeDecodeError, *, offset: int = 0,
+               lines_before: int = 0) -> UserError:
+    """The one-line error for invalid UTF-8 in ``data``, a piece of ``path`` that starts at byte
+    ``offset`` after ``lines_before`` newlines: the file's byte offset, line, column and bad byte."""
+    line = lines_before + data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    return UserError(f"{path} is not valid UTF-8: byte {offset + exc.start} (line {line}, column {column}) "
+                     f"is {data[exc.start:exc.start + 1]!r}")
+
+
 def read_utf8(path: Path) -> str:
     """A file's text; invalid UTF-8 is a ``UserError`` naming the file, byte offset and line."""
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise UserError(
-            f"{path} is not valid UTF-8: byte {exc.start} (line {line}, column {column}) "
-            f"is {data[exc.start:exc.start + 1]!r}"
-        ) from None
+        raise utf8_error(path, data, exc) from None
 
 
 def _read_jsonl_corpus(path: Path) -> str:
@@ -154,8 +159,7 @@ def read_jsonl_documents(path: Path) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise UserError(f"{path} is not valid UTF-8: byte {start + exc.start} (line {number}, column "
-                                f"{exc.start + 1}) is {raw[exc.start:exc.start + 1]!r}") from None
+                raise utf8_error(path, raw, exc, offset=start, lines_before=number - 1) from None
             if not line.strip():
                 continue
             try:
@@ -500,11 +504,6 @@ class LMBatchIterator:
             dtype = torch.int32 if n_windows < 2**31 else torch.int64
             self._order = torch.randperm(n_windows, generator=generator, dtype=dtype)
             self._plan_epoch = epoch
-
-    def _epoch_starts(self, epoch: int) -> np.ndarray:
-        """Window start positions of ``epoch`` in the order they are served."""
-        self._plan(epoch)
-        return self._offset + self._order.numpy().astype(np.int64) * self.context
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
         self._plan(self.epoch if epoch is None else epoch)
