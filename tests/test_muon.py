@@ -426,6 +426,50 @@ def test_sam_trainer_takes_a_sam_optimizer_around_muon(name, tmp_path):
     assert "transformer.wte.weight" in moved and "transformer.h.0.attn.c_attn.weight" in moved  # AdamW's, Muon's
 
 
+@pytest.mark.parametrize("name", SAM_FAMILY)
+def test_sam_trainer_builds_each_method_around_muon(name, tmp_path):
+    """sam_base="muon": Muon on the hidden matrices, AdamW with Trainer's decay groups on the rest,
+    both at args.learning_rate; every method trains both halves."""
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from samlm.integrations.hf import SAMTrainer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 32, (8, 8))]
+    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             disable_tqdm=True, save_strategy="no", learning_rate=3e-3, weight_decay=0.1)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=data, sam_method=name, sam_base="muon", rho=0.05)
+    trainer.train()
+    sam = trainer.sam_optimizer
+    muon, adamw = sam.base_optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW) and sam.counters["steps"] == 2
+    assert muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for p in muon.param_groups[0]["params"]}
+    assert "transformer.h.0.attn.c_attn.weight" in muon_names and "transformer.wte.weight" not in muon_names
+    decayed, undecayed = ({names[id(p)] for p in g["params"]} for g in adamw.param_groups)
+    assert "transformer.wte.weight" in decayed and "transformer.ln_f.weight" in undecayed
+    assert adamw.param_groups[1]["weight_decay"] == 0.0 and muon.param_groups[0]["weight_decay"] == 0.1
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "transformer.wte.weight" in moved and "transformer.h.0.attn.c_attn.weight" in moved
+
+
+def test_sam_trainer_refuses_an_unknown_base_and_a_base_beside_its_own_optimizer(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    from samlm.integrations.hf import SAMTrainer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="sam_base must be one of"):
+        SAMTrainer(model=model, args=args, sam_base="lion")
+    opt = build_optimizer("sam", model, base="muon", lr=1e-2)
+    with pytest.raises(ValueError, match="not both"):
+        SAMTrainer(model=model, args=args, optimizers=(opt, None), sam_base="muon")
+
+
 def test_base_muon_bad_inputs_are_one_line_errors(capsys, tmp_path):
     from samlm.errors import UserError
     from samlm.harness.pretrain.build import build_run_optimizer

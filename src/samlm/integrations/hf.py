@@ -7,6 +7,8 @@ Functional-SAM and the preconditioned variants.
     trainer.train()                       # also: trainer.train(resume_from_checkpoint=True)
 
 or bring your own optimizer: ``SAMTrainer(..., optimizers=(samlm.FunctionalSAM(AdamW(...)), scheduler))``.
+Around Muon: ``SAMTrainer(..., sam_method="pfsam", sam_base="muon")`` (Muon on the hidden matrices,
+AdamW on the rest, one ``learning_rate``; docs/optimizers.md).
 
 Design: one accumulation window = one ``train_step`` call
 ---------------------------------------------------------
@@ -89,7 +91,7 @@ import torch
 from transformers import Trainer
 
 from samlm.integrations.distributed import sam_kwargs_for
-from samlm.optim import SharpnessAware, StepStats
+from samlm.optim import CombinedOptimizer, SharpnessAware, StepStats, muon_split
 from samlm.optim.registry import method, sam_family
 
 __all__ = ["SAMTrainer", "SAMTrainerMixin", "TrainerOptimizer", "head_kind", "head_loss"]  # + SAMSFTTrainer (TRL)
@@ -231,6 +233,10 @@ def head_loss(kind: str, module: torch.nn.Module,
     return lambda logits, labels: token_loss(logits, labels, vocab_size=logits.shape[-1])
 
 
+# The bases SAMTrainer builds itself (None: the one TrainingArguments.optim names).
+SAM_BASES = (None, "muon")
+
+
 class SAMTrainerMixin:
     """SAM-family steps for ``transformers.Trainer`` or any subclass of it; see the module docstring.
 
@@ -241,6 +247,11 @@ class SAMTrainerMixin:
         sam_method: a SAM-family method of ``samlm.optim.registry`` (default ``"sam"``), built
             around the base optimizer Trainer creates from ``args`` (``optim``, learning rate,
             weight-decay groups). Or pass ``optimizers=(samlm_optimizer, scheduler)`` instead.
+        sam_base: ``None`` (default): the base is the optimizer ``args.optim`` names. ``"muon"``:
+            ``torch.optim.Muon`` on the hidden 2-D matrices (``samlm.optim.muon_split``, with
+            ``adjust_lr_fn="match_rms_adamw"`` so that ``args.learning_rate`` serves both) and
+            AdamW with ``args``' betas, epsilon and Trainer's weight-decay groups on the rest;
+            psam/pfsam then perturb in Muon's geometry.
         rho: the perturbation radius (default: the method's registry default).
         ascent_fraction: share of the window's rows used for the ascent gradient.
         m: m-sharpness groups within a replica's window.
@@ -259,7 +270,10 @@ class SAMTrainerMixin:
 
     def __init__(self, *args, sam_method: Optional[str] = None, rho: Optional[float] = None,
                  ascent_fraction: float = 0.25, m: int = 1, sync_ascent: bool = False,
-                 sam_loss: Optional[SamLoss] = None, clean_loss: Optional[bool] = None, **kwargs):
+                 sam_loss: Optional[SamLoss] = None, clean_loss: Optional[bool] = None,
+                 sam_base: Optional[str] = None, **kwargs):
+        if sam_base not in SAM_BASES:
+            raise ValueError(f"sam_base must be one of {SAM_BASES}, got {sam_base!r}")
         super().__init__(*args, **kwargs)
         _refuse_deepspeed(self)
         given = self.optimizer
@@ -269,14 +283,16 @@ class SAMTrainerMixin:
                     f"{type(self).__name__} needs a samlm SAM-family optimizer in optimizers=(optimizer, scheduler), "
                     f"got {type(given).__name__}; wrap it (e.g. samlm.SAM(optimizer)) or pass sam_method=... instead"
                 )
-            if sam_method is not None or rho is not None:
-                raise ValueError("pass either sam_method/rho or optimizers=(samlm optimizer, scheduler), not both")
+            if sam_method is not None or rho is not None or sam_base is not None:
+                raise ValueError("pass either sam_method/rho/sam_base or optimizers=(samlm optimizer, scheduler), "
+                                 "not both")
             self.optimizer = TrainerOptimizer(given, flat_state_dict=self.is_fsdp_enabled)
         else:
             sam_method = sam_method or "sam"
             if sam_method not in sam_family():
                 raise ValueError(f"sam_method must be one of {sam_family()}, got {sam_method!r}")
         self.sam_method = sam_method
+        self.sam_base = sam_base
         self.sam_rho = rho
         self.sam_ascent_fraction = ascent_fraction
         self.sam_m = m
@@ -293,9 +309,36 @@ class SAMTrainerMixin:
     # -- the optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            super().create_optimizer(model)  # the base optimizer, from TrainingArguments
-            self.optimizer = TrainerOptimizer(self._build_sam(self.optimizer), flat_state_dict=self.is_fsdp_enabled)
+            if self.sam_base == "muon":
+                base = self._build_muon_base(self.model if model is None else model)
+            else:
+                super().create_optimizer(model)  # the base optimizer, from TrainingArguments
+                base = self.optimizer
+            self.optimizer = TrainerOptimizer(self._build_sam(base), flat_state_dict=self.is_fsdp_enabled)
         return self.optimizer
+
+    def _build_muon_base(self, model) -> torch.optim.Optimizer:
+        """Muon on the hidden matrices, AdamW on the rest with Trainer's weight-decay groups; the
+        hyperparameters from ``args`` (as ``samlm.optim.build_muon``, which the harness uses)."""
+        if not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"sam_base='muon' needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+        if self.is_fsdp_enabled or any(hasattr(p, "to_local") for p in model.parameters()):
+            raise ValueError("Muon orthogonalizes whole weight matrices, which FSDP shards across processes: "
+                             "use DDP with sam_base='muon'")
+        args = self.args
+        matrices, others = muon_split(model)
+        decay = set(self.get_decay_parameter_names(model))
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        muon = torch.optim.Muon(matrices, lr=args.learning_rate, weight_decay=args.weight_decay, momentum=0.95,
+                                nesterov=True, adjust_lr_fn="match_rms_adamw")
+        groups = [{"params": [p for p in others if (name_of.get(id(p)) in decay) == wants_decay],
+                   "weight_decay": args.weight_decay if wants_decay else 0.0} for wants_decay in (True, False)]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            return CombinedOptimizer([muon])
+        adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  eps=args.adam_epsilon)
+        return CombinedOptimizer([muon, adamw])
 
     def _build_sam(self, base: torch.optim.Optimizer) -> SharpnessAware:
         entry = method(self.sam_method)
