@@ -39,4 +39,13 @@ def pytest_configure(config):
     import tempfile
 
     if "SAMLM_CACHE" not in os.environ:
-        os.environ["SAMLM_CACHE"] = tempfile.mkdtemp(prefix="samlm-test-cache-")
+        os.environ["SAMLM_CACHE"] = config._samlm_made_cache = tempfile.mkdtemp(prefix="samlm-test-cache-")
+
+
+def pytest_unconfigure(config):
+    """The cache this session made goes with it (xdist workers inherit the controller's)."""
+    import shutil
+
+    made = getattr(config, "_samlm_made_cache", None)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
