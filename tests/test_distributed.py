@@ -15,9 +15,6 @@ tests compare them with single-process references computed here in float64.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +23,8 @@ import torch
 
 import samlm
 from samlm.integrations import distributed
+
+from gloo_ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # the references are float64
 
@@ -242,35 +241,9 @@ def _worker_main(out_dir: str) -> None:
 
 
 # -- test side --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("dist")
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   TORCHELASTIC_RUN_ID="samlm-test")
-        env = {k: v for k, v in env.items() if not k.startswith("ACCELERATE_")}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out_dir)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=150)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("distributed workers timed out (a collective mismatch hangs)")
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-4000:]
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_ranks(__file__, tmp_path_factory.mktemp("dist"))
 
 
 def reference_sync(method, clip=None):
