@@ -22,6 +22,7 @@ import torch
 
 from samlm import cli
 from samlm.data import prepared as P
+from samlm.data import text as T
 from samlm.data.text import ByteTokenizer, LMDataset, load_corpus
 from samlm.errors import UserError
 from tinymodels import SUBPROCESS_ENV
@@ -397,7 +398,7 @@ def test_a_cached_hub_dataset_is_found_without_asking_the_hub(tmp_path, monkeypa
         raise AssertionError("the hub was asked")
 
     monkeypatch.setattr(P, "_hub_split_names", offline)
-    monkeypatch.setattr(P, "_hub_documents", offline)
+    monkeypatch.setattr(T, "hub_documents", offline)
     assert P.ensure_prepared(f"hf:{folder}").path == first.path
 
 

@@ -136,7 +136,7 @@ def test_hub_dataset_specs(fake_datasets):
 
 def test_hub_dataset_failure_is_one_line_user_error(fake_datasets):
     fake_datasets.fail = "offline\nlong traceback text"
-    with pytest.raises(UserError, match="loading it as a Hugging Face dataset failed: offline$"):
+    with pytest.raises(UserError, match="loading its split .* as a Hugging Face dataset failed: offline$"):
         load_corpus("no-such-dataset")
 
 

@@ -10,5 +10,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none): what a
+    ``UserError`` quotes of a library's multi-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class NonFiniteLossError(UserError):
     """Training produced non-finite losses for more consecutive steps than allowed."""

@@ -55,7 +55,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from samlm import io
-from samlm.errors import UserError
+from samlm.errors import UserError, first_line
 from samlm.progress import progress_enabled, say
 
 FORMAT = "samlm-prepared-tokens"
@@ -154,8 +154,11 @@ class Source:
                 if text:
                     yield text
         else:
+            from samlm.data.text import hub_documents
+
             name, config, own_split = self._hub
-            yield from _hub_documents(self.spec, name, config, own_split if split == "train" else "validation")
+            yield from hub_documents(self.spec, name, config, own_split if split == "train" else "validation",
+                                     streaming=True)
 
 
 def _directory_files(directory: Path) -> list[Path]:
@@ -206,34 +209,6 @@ def _text_blocks(path: Path) -> Iterator[str]:
                 return
 
 
-def _hub_documents(spec: str, name: str, config: str | None, split: str) -> Iterator[str]:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(name, config, split=split, streaming=True)
-    except Exception as exc:  # network, unknown name, bad config: one clear line
-        raise UserError(f"corpus '{spec}': loading split '{split}' as a Hugging Face dataset failed: "
-                        f"{_first_line(exc)}") from None
-    from samlm.data.text import _text_column
-
-    column = _text_column(dataset, spec)
-    try:
-        for example in dataset:
-            document = example[column]
-            if document:
-                yield document
-    except UserError:
-        raise
-    except Exception as exc:  # a stream lost in the middle: prepare resumes from its last chunk
-        raise UserError(f"corpus '{spec}': the stream of split '{split}' failed part way: {_first_line(exc)}; "
-                        "rerun the same command to resume from the last complete chunk") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def open_source(spec: str | os.PathLike, *, max_chars: int | None = None) -> Source:
     """The documents of a ``--data`` spec, as :func:`samlm.data.text.load_corpus` reads them:
     a built-in corpus, a text file (one document), a ``.jsonl`` file (one document per line), a
@@ -282,7 +257,7 @@ def _hub_split_names(spec: str, name: str, config: str | None) -> list[str]:
         return list(datasets.get_dataset_split_names(name, config))
     except Exception as exc:
         raise UserError(f"corpus '{spec}' is not a local file, directory or prepared dataset, and reading it as a "
-                        f"Hugging Face dataset failed: {_first_line(exc)}") from None
+                        f"Hugging Face dataset failed: {first_line(exc)}") from None
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -493,7 +468,7 @@ def load_prepared(path: str | os.PathLike) -> PreparedTokens:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{meta_path} is not valid JSON ({_first_line(exc)})") from None
+        raise UserError(f"{meta_path} is not valid JSON ({first_line(exc)})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{meta_path} is not a samlm prepared-dataset meta.json")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -504,7 +479,7 @@ def load_prepared(path: str | os.PathLike) -> PreparedTokens:
         counts = {split: int(meta["tokens"][split]) for split in SPLIT_FILES}
         int(meta["tokenizer"]["vocab_size"]), meta["tokenizer"]["sha256"], meta["tokenizer"]["kind"]
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{meta_path} is missing or has a bad field ({_first_line(exc)})") from None
+        raise UserError(f"{meta_path} is missing or has a bad field ({first_line(exc)})") from None
     if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
         raise UserError(f"{meta_path}: dtype {meta['dtype']!r} is not uint16 or uint32")
     arrays = {}
@@ -949,7 +924,7 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({_first_line(exc)}); --overwrite prepares the directory again") \
+        raise UserError(f"{path} is not valid JSON ({first_line(exc)}); --overwrite prepares the directory again") \
             from None
     if not isinstance(value, dict):
         raise UserError(f"{path} is not a samlm prepare record; --overwrite prepares the directory again")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samlm.errors import UserError
+from samlm.errors import UserError, first_line
 
 # Built-in corpora (shipped in samlm/resources; provenance in docs/pretraining.md):
 # Tiny Shakespeare (public domain), and a second domain for forgetting studies: 48 modules of
@@ -198,32 +198,41 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
 
 
 def _read_hub_dataset(spec: str, *, max_chars: int | None, streaming: bool | None) -> str:
-    import datasets  # slow import: only when a hub dataset is asked for
-
     name, config, split = parse_hub_spec(spec)
     if streaming is None:
         streaming = name in STREAMING_DATASETS
     if streaming and max_chars is None:
         max_chars = DEFAULT_STREAMING_MAX_CHARS
-    try:
-        dataset = datasets.load_dataset(name, config, split=split, streaming=streaming)
-    except Exception as exc:  # network, unknown name, bad config: one clear line
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"corpus '{spec}' is not a local file or directory, and loading it as a Hugging Face "
-            f"dataset failed: {first_line}"
-        ) from None
-    column = _text_column(dataset, spec)
     pieces, total = [], 0
-    for example in dataset:
-        document = example[column]
-        if not document:
-            continue
+    for document in hub_documents(spec, name, config, split, streaming=streaming):
         pieces.append(document)
         total += len(document) + len(DOCUMENT_SEPARATOR)
         if max_chars is not None and total >= max_chars:
             break
     return DOCUMENT_SEPARATOR.join(pieces)
+
+
+def hub_documents(spec: str, name: str, config: str | None, split: str, *, streaming: bool) -> Iterator[str]:
+    """The non-empty documents of a Hugging Face dataset's split (its ``text`` column, or its only
+    one); a failed load, a missing column or a stream lost part way is a one-line ``UserError``."""
+    import datasets  # slow import: only when a hub dataset is asked for
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as exc:  # network, unknown name, bad config: one clear line
+        raise UserError(f"corpus '{spec}' is not a local file or directory, and loading its split '{split}' as a "
+                        f"Hugging Face dataset failed: {first_line(exc)}") from None
+    column = _text_column(dataset, spec)
+    try:
+        for example in dataset:
+            document = example[column]
+            if document:
+                yield document
+    except UserError:
+        raise
+    except Exception as exc:  # a stream lost in the middle: prepare resumes from its last chunk
+        raise UserError(f"corpus '{spec}': the stream of split '{split}' failed part way: {first_line(exc)}; "
+                        "rerun the same command to resume from the last complete chunk") from None
 
 
 def _text_column(dataset, spec: str) -> str:
@@ -293,8 +302,7 @@ def load_tokenizer(name_or_path: str | os.PathLike = "bytes", *, trust_remote_co
     try:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else spec, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load tokenizer '{spec}': {first_line}") from None
+        raise UserError(f"could not load tokenizer '{spec}': {first_line(exc)}") from None
 
 
 def tokenizer_vocab_size(tokenizer) -> int:

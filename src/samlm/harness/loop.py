@@ -70,7 +70,7 @@ from torch import nn
 from samlm import io
 from samlm.integrations import distributed
 from samlm.data.text import count_targets, lm_loss
-from samlm.errors import NonFiniteLossError, UserError
+from samlm.errors import NonFiniteLossError, UserError, first_line
 from samlm.harness import settings as s
 from samlm.harness.rundir import CHECKPOINTS_DIR, METRICS_FILE, RunDir
 from samlm.harness.settings import BatchSettings, LoopSettings, ScheduleSettings, override, setting
@@ -503,7 +503,7 @@ def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_
         # torch refuses a step size beyond float32 (e.g. lr / Adam's bias correction): divergence.
         raise NonFiniteLossError(
             f"training stopped at step {state.step + 1}: the optimizer's step size overflowed float32 "
-            f"(lr={lr:g}: {_first_line(exc)}); lower the learning rate"
+            f"(lr={lr:g}: {first_line(exc)}); lower the learning rate"
         ) from None
     if run.scheduler is not None:
         # The schedule follows the loop's step count, skipped steps included; torch warns
@@ -784,7 +784,7 @@ class _Run:
             # A checkpoint of another optimizer / schedule / data pipeline: a different run.
             raise UserError(
                 f"checkpoint {checkpoint.path} does not match this run ({type(exc).__name__}: "
-                f"{_first_line(exc)}); resume with the flags it was saved with, or start over"
+                f"{first_line(exc)}); resume with the flags it was saved with, or start over"
             ) from None
 
     def _load_model(self, checkpoint: io.Checkpoint) -> None:
@@ -792,18 +792,13 @@ class _Run:
             missing, unexpected = distributed.load_model_state(self.module, checkpoint.model_state)
         except RuntimeError as exc:  # shapes differ: another architecture
             raise UserError(
-                f"checkpoint {checkpoint.path} does not match the model: {_first_line(exc)}"
+                f"checkpoint {checkpoint.path} does not match the model: {first_line(exc)}"
             ) from None
         if missing or unexpected:
             raise UserError(
                 f"checkpoint {checkpoint.path} does not match the model: "
                 f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_optional(what: str, obj, state, path: Path) -> None:

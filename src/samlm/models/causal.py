@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from samlm.errors import UserError
+from samlm.errors import UserError, first_line
 
 ARCHITECTURES = ("gpt2", "llama")
 MAX_SEED = 2**63  # torch.manual_seed takes a 64-bit signed seed
@@ -189,7 +189,7 @@ def load_causal_lm(
         try:
             model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, dtype=dtype)
         except Exception as exc:
-            raise UserError(f"could not load model '{spec}': {_first_line(exc)}") from None
+            raise UserError(f"could not load model '{spec}': {first_line(exc)}") from None
     model.train()
     return model
 
@@ -233,18 +233,13 @@ def _check_model_dir(path: Path) -> None:
         raise UserError(f"{config_file} is not valid JSON ({exc})") from None
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def config_error(spec: str, exc: Exception) -> UserError:
     """The one-line error for a model config that cannot be loaded."""
     text = str(exc)
     if "custom code" in text or "trust_remote_code" in text:
         return UserError(f"'{spec}' ships its own model code, which samlm runs only with --trust-remote-code; "
                          "read that code first, then pass the flag if you trust it")
-    return UserError(f"could not load the model config of '{spec}': {_first_line(exc)}")
+    return UserError(f"could not load the model config of '{spec}': {first_line(exc)}")
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:

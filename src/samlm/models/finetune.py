@@ -41,7 +41,7 @@ from samlm.errors import UserError
 from samlm.data.formats import Example
 from samlm.data.metrics import postprocess_generation
 from samlm.data.tasks import CLASSIFICATION, GENERATION, REGRESSION, Task
-from samlm.models.causal import _first_line, load_model_config
+from samlm.models.causal import load_model_config
 from samlm.models.causal import quiet_transformers as _quiet_transformers
 
 SEQ2SEQ = "seq2seq"
@@ -237,7 +237,7 @@ def load_finetune_model(
         try:
             tokenizer = AutoTokenizer.from_pretrained(info.source, **kwargs)
         except Exception as exc:
-            raise UserError(f"could not load the tokenizer of '{info.spec}': {_first_line(exc)}") from None
+            raise UserError(f"could not load the tokenizer of '{info.spec}': {first_line(exc)}") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             try:
@@ -253,7 +253,7 @@ def load_finetune_model(
                     model = AutoModelForSequenceClassification.from_pretrained(
                         info.source, dtype=torch.float32, ignore_mismatched_sizes=True, **head, **kwargs)
             except Exception as exc:
-                raise UserError(f"could not load model '{info.spec}': {_first_line(exc)}") from None
+                raise UserError(f"could not load model '{info.spec}': {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of '{info.spec}' has no padding token")
     model.to(device)
