@@ -194,9 +194,13 @@ class PretrainStudy:
         if unknown:
             raise UserError(f"a study cannot override {', '.join(unknown)} (only {', '.join(STUDY_OVERRIDES)})")
 
+    def configured(self) -> PretrainConfig:
+        """The preset's run settings with the overrides, as given (``data`` a raw spec or a directory)."""
+        return dataclasses.replace(self.preset.base, **{k: v for k, v in self.overrides.items() if v is not None})
+
     def base_config(self) -> PretrainConfig:
-        """The preset's run settings with the overrides (data: the prepared ``OUT/data`` once it exists)."""
-        base = dataclasses.replace(self.preset.base, **{k: v for k, v in self.overrides.items() if v is not None})
+        """The run settings (data: the prepared ``OUT/data`` once it exists)."""
+        base = self.configured()
         if self.preset.data_tokens is not None and not is_prepared_dir(base.data) \
                 and is_prepared_dir(self.data_dir()):
             base = dataclasses.replace(base, data=str(self.data_dir()), tokenizer=None, max_chars=None)
@@ -214,22 +218,18 @@ class PretrainStudy:
 
     def prepare_data(self) -> None:
         """Prepare the preset's corpus once into ``OUT/data`` (resumable, idempotent)."""
-        from samlm.data.prepared import prepare
-
-        from samlm.data.prepared import META_FILE
-
-        budget, base = self.data_budget(), self.base_config()
-        if budget is None or (self.data_dir() / META_FILE).exists() or \
-                (is_prepared_dir(base.data) and Path(base.data) != self.data_dir()):
-            return  # no budget, prepared by an earlier call, or a prepared --data given
-        source = dict(self.preset.base.__dict__, **{k: v for k, v in self.overrides.items() if v is not None})
-        say(f"study data: preparing {source['data']} ({budget.max_tokens:,} training, {budget.val_tokens:,} "
-            f"validation tokens, tokenizer {source['tokenizer']}) into {self.data_dir()}")
         import os
 
-        prepare(source["data"], self.data_dir(), tokenizer=source["tokenizer"] or "bytes", budget=budget,
-                max_chars=source.get("max_chars"), workers=max(1, os.cpu_count() or 1),
-                trust_remote_code=self.preset.base.trust_remote_code, progress=True)
+        from samlm.data.prepared import META_FILE, prepare
+
+        budget, source = self.data_budget(), self.configured()
+        if budget is None or (self.data_dir() / META_FILE).exists() or is_prepared_dir(source.data):
+            return  # no budget, prepared by an earlier call, or a prepared --data given
+        tokenizer = source.tokenizer or "bytes"
+        say(f"study data: preparing {source.data} ({budget.max_tokens:,} training, {budget.val_tokens:,} "
+            f"validation tokens, tokenizer {tokenizer}) into {self.data_dir()}")
+        prepare(source.data, self.data_dir(), tokenizer=tokenizer, budget=budget, max_chars=source.max_chars,
+                workers=max(1, os.cpu_count() or 1), trust_remote_code=source.trust_remote_code, progress=True)
 
     def _base(self, size: ModelSize, base: str = "adamw") -> PretrainConfig:
         budget = {} if self.steps is None else {"steps": self.steps, "tokens_per_param": None}
