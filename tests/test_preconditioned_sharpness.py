@@ -324,3 +324,86 @@ def test_sharpness_cli_leaves_the_row_out_without_moments(tmp_path, capsys):
     text = format_measurement({"model": "m", "step": None, "batches": 1, "batch_size": 2, "context": 8,
                                "method": "lanczos", "hessian_lambda_max": 1.0})
     assert "preconditioned" not in text
+
+
+# ---------------------------------------------------------------------------------------------- Muon's geometry
+
+
+def muon_gain_matrix(momentum, scale):
+    """Q with Q·M = scale·NS(M) on the wide side, from Newton–Schulz itself (float64):
+    Q = scale·NS(M)·Mᵀ(MMᵀ)⁻¹ for a full-row-rank wide M (independent of samlm's eigen-route)."""
+    from samlm.optim.preconditioners import newton_schulz
+
+    m = momentum.T if momentum.size(0) > momentum.size(1) else momentum
+    ns = newton_schulz(m, dtype=DT)
+    return scale * torch.linalg.solve(m @ m.T, m @ ns.T).T
+
+
+def test_muon_frozen_geometry_maps_the_momentum_to_muons_step():
+    """P⁻¹M = scale·NS(M) for a wide and a tall matrix, with NS run in float64 by samlm.newton_schulz."""
+    from samlm.optim.preconditioners import Orthogonalized, newton_schulz
+
+    geometry = Orthogonalized(scale=0.7)
+    for shape in ((3, 5), (6, 2)):
+        m = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=DT)
+        frozen = geometry.frozen(m)
+        p_inv_m = frozen.apply_inverse_sqrt(frozen.apply_inverse_sqrt(m))
+        expected = 0.7 * newton_schulz(m, geometry.coefficients, geometry.steps, dtype=DT)
+        torch.testing.assert_close(p_inv_m, expected, rtol=1e-9, atol=1e-12)
+        side = frozen.inverse_sqrt
+        torch.testing.assert_close(side, side.T)                       # symmetric
+        assert bool((torch.linalg.eigvalsh(side) > 0).all())           # positive definite
+    # rank-deficient (a head's gradient: rows summing to zero): still finite and positive definite,
+    # NS's own small-σ gain a^steps along the null direction
+    m = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=DT)
+    m = m - m.mean(dim=0, keepdim=True)
+    frozen = geometry.frozen(m)
+    p_inv = frozen.inverse_sqrt @ frozen.inverse_sqrt
+    torch.testing.assert_close(p_inv @ m, 0.7 * newton_schulz(m, dtype=DT), rtol=1e-9, atol=1e-12)
+    null = torch.ones(3, dtype=DT) / 3 ** 0.5
+    assert float(null @ p_inv @ null) == pytest.approx(0.7 * 3.4445 ** 5 / float(m.norm()), rel=1e-6)
+
+
+def test_muon_and_adamw_states_match_a_dense_computation():
+    """λ_max(P⁻¹H) with Muon on both weight matrices (one tall, one wide) and AdamW on the bias:
+    P⁻¹ block-diagonal, Muon's blocks Q ⊗ I (wide) or I ⊗ Q (tall) from the momentum, AdamW's 1/P."""
+    from samlm.optim import build_optimizer
+    from samlm.optim.preconditioners import muon_lr_ratio
+
+    torch.manual_seed(0)
+    # a tall (5x3) and a wide (4x5) hidden matrix for Muon; the classifier (a head) and biases for AdamW.
+    # (A head's gradient has rows summing to zero, so its momentum is rank-deficient: Muon's recipe keeps it out.)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4), torch.nn.Tanh())
+    model.add_module("classifier", torch.nn.Linear(4, 3))
+    model = model.to(DT)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 3, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g))
+    forward, loss = (lambda b: model(b[0])), (lambda z, b: F.cross_entropy(z, b[1]))
+    sam = build_optimizer("psam", model, base="muon", lr=0.05, rho=0.05)
+    muon, adamw = sam.base_optimizer.optimizers
+    before = measure_sharpness(model, batch, forward, loss, iters=3, preconditioner=sam)
+    assert "preconditioned_lambda_max" not in before  # no momentum, no moments yet
+    for _ in range(3):
+        sam.train_step(batch, forward, loss)
+    out = measure_sharpness(model, batch, forward, loss, iters=80, tol=1e-12, preconditioner=sam)
+
+    blocks = []
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and not name.startswith("classifier"):
+            group = muon.param_groups[0]
+            q = muon_gain_matrix(muon.state[p]["momentum_buffer"], muon_lr_ratio(group["adjust_lr_fn"], p.shape))
+            tall = p.size(0) > p.size(1)
+            blocks.append(torch.kron(torch.eye(p.size(0), dtype=DT), q) if tall else
+                          torch.kron(q, torch.eye(p.size(1), dtype=DT)))
+        else:
+            state, group = adamw.state[p], adamw.param_groups[0]
+            assert p in adamw.state and not any(p is m for m in muon.param_groups[0]["params"])
+            v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
+            blocks.append(torch.diag(1 / (v_hat.sqrt() + group["eps"]).reshape(-1)))
+    p_inv = torch.block_diag(*blocks)
+    values, vectors = torch.linalg.eigh((p_inv + p_inv.T) / 2)
+    root = vectors @ torch.diag(values.sqrt()) @ vectors.T
+    h = dense_hessian(model, batch, loss)
+    expected = torch.linalg.eigvalsh(root @ h @ root)[-1].item()
+    assert out["preconditioned_lambda_max"] == pytest.approx(expected, rel=1e-4)
+    assert out["preconditioned_lambda_max"] != pytest.approx(out["hessian_lambda_max"], rel=1e-2)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from samlm.optim.preconditioners import Preconditioners
+from samlm.optim.preconditioners import FrozenMuon, Preconditioners
 from samlm.optim.split import PathGradients, path_gradients
 
 __all__ = [
@@ -215,37 +215,44 @@ def functional_hessian_vector_product(params: Sequence[Tensor], batches: Batch, 
     return _averaged(_fhvp_one, params, batches, forward, loss)
 
 
-def preconditioned_vector_product(matvec: MatVec, preconditioner: Sequence[Tensor]) -> MatVec:
-    """v ↦ P^{-1/2} A P^{-1/2} v for the operator A of ``matvec`` and a diagonal P > 0.
+def preconditioned_vector_product(matvec: MatVec, preconditioner: Sequence[Tensor | FrozenMuon]) -> MatVec:
+    """v ↦ P^{-1/2} A P^{-1/2} v for the operator A of ``matvec`` and a block-diagonal P > 0.
 
-    ``preconditioner`` holds P's diagonal as tensors shaped like (and on the device and dtype of) the
-    vectors. The result is symmetric when A is, and has the eigenvalues of P⁻¹A.
+    ``preconditioner`` holds, per parameter, P's diagonal as a tensor shaped like (and on the device
+    and dtype of) the vectors, or a Kronecker-factored block (``FrozenMuon``: Muon's map frozen at its
+    momentum). The result is symmetric when A is, and has the eigenvalues of P⁻¹A.
     """
-    scales = [p.rsqrt() for p in preconditioner]
+    scales = [p.rsqrt() if isinstance(p, Tensor) else p.apply_inverse_sqrt for p in preconditioner]
 
-    def product(v: Sequence[Tensor]) -> list[Tensor]:
-        return [s * av for s, av in zip(scales, matvec([s * vi for s, vi in zip(scales, v)]))]
+    def scaled(v: Sequence[Tensor]) -> list[Tensor]:
+        return [s * vi if isinstance(s, Tensor) else s(vi) for s, vi in zip(scales, v)]
 
-    return product
+    return lambda v: scaled(matvec(scaled(v)))
 
 
 def preconditioner_tensors(preconditioner: Callable[[Tensor], Tensor | None] | torch.optim.Optimizer,
-                           params: Sequence[Tensor]) -> list[Tensor] | None:
+                           params: Sequence[Tensor]) -> list[Tensor | FrozenMuon] | None:
     """P for each of ``params``, from a callable ``param -> P`` (same shape) or an optimizer.
 
-    An optimizer's P is read from its second moments by ``samlm.optim.preconditioners`` (Adam/AdamW:
-    √v̂ + eps; Adafactor: its factored v̂; a SAM-family wrapper: its base optimizer's). None when a
-    parameter has no P: before the optimizer's first step, or for one without second moments (SGD).
-    Raises ``ValueError`` for a P of the wrong shape, or not positive and finite.
+    An optimizer's P is read by ``samlm.optim.preconditioners`` (Adam/AdamW: √v̂ + eps; Adafactor:
+    its factored v̂; a SAM-family wrapper: its base optimizer's; Muon's matrices: its Newton–Schulz
+    map frozen at the current momentum, ``Orthogonalized.frozen``). None when a parameter has no P:
+    before the optimizer's first step, or for one without second moments (SGD). Raises
+    ``ValueError`` for a P of the wrong shape, or not positive and finite.
     """
     params = list(params)
     if isinstance(preconditioner, torch.optim.Optimizer):
-        preconditioner = Preconditioners(getattr(preconditioner, "base_optimizer", preconditioner), params)
+        preconditioner = Preconditioners(getattr(preconditioner, "base_optimizer", preconditioner), params).frozen
     tensors = []
     for param in params:
         p = preconditioner(param)
         if p is None:
             return None
+        if isinstance(p, FrozenMuon):
+            if not bool(torch.isfinite(p.inverse_sqrt).all()):
+                raise ValueError("the preconditioner P must be positive and finite")
+            tensors.append(p)
+            continue
         if p.shape != param.shape:
             raise ValueError(f"P of a parameter of shape {tuple(param.shape)} has shape {tuple(p.shape)}")
         if not bool(torch.isfinite(p).all() and (p > 0).all()):
@@ -594,7 +601,8 @@ def measure_sharpness(model: torch.nn.Module, batches: Batch, forward: Forward, 
         functional = functional_hessian_top_eigenvalue(params, batches, forward, loss, **solve)
         preconditioned = None
         if p_diag is not None:  # cast to the measurement dtype (float32 for a half-precision model)
-            p_diag = [p.to(device=w.device, dtype=w.dtype) for p, w in zip(p_diag, params)]
+            p_diag = [p.to(device=w.device, dtype=w.dtype) if isinstance(p, Tensor) else p
+                      for p, w in zip(p_diag, params)]
             preconditioned = top_eigenvalue(preconditioned_vector_product(hvp, p_diag), params, **solve)
         paths = sam_path_norms(params, batches, forward, loss, rho)
     solved = [r for r in (hessian, gauss_newton, functional, preconditioned) if r is not None]

@@ -222,6 +222,45 @@ class Orthogonalized:
     def __call__(self, g: Tensor) -> Tensor:
         return self.orthogonalize(g).mul_(self.scale)
 
+    def frozen(self, momentum: Tensor) -> "FrozenMuon":
+        """Muon's map at ``momentum`` M as a fixed linear P⁻¹ (for curvature measures, as λ_max(P⁻¹H)
+        freezes Adam's v̂). Newton–Schulz is a matrix polynomial: NS(M) = q(XXᵀ)·X with X = M/‖M‖_F
+        (wide side first), so Muon's step per unit lr is P⁻¹M with
+
+            P⁻¹Δ = scale · q(XXᵀ) Δ / ‖M‖_F      (left-multiplied on the wide side)
+
+        symmetric and positive definite (q > 0 on [0, 1] for Muon's coefficients). q is evaluated
+        exactly (float64, on XXᵀ's eigenvalues), where torch.optim.Muon runs NS in bf16."""
+        m = momentum.detach().to(torch.float64)
+        tall = m.size(0) > m.size(1)
+        x = m.T if tall else m
+        norm = float(x.norm().clamp(min=self.eps))
+        x = x / norm
+        eigenvalues, vectors = torch.linalg.eigh(x @ x.T)
+        sigma = eigenvalues.clamp(min=0).sqrt()
+        phi = sigma.clone()
+        a, b, c = self.coefficients
+        for _ in range(self.steps):  # each NS step maps a singular value σ to aσ + bσ³ + cσ⁵
+            phi = a * phi + b * phi ** 3 + c * phi ** 5
+        gain = torch.where(sigma > 1e-12, phi / sigma.clamp(min=1e-12), torch.full_like(sigma, a ** self.steps))
+        if not bool((gain > 0).all()):
+            raise ValueError("Muon's Newton–Schulz map is not positive definite at this momentum")
+        inverse_sqrt = (vectors * (self.scale * gain / norm).sqrt()) @ vectors.T
+        return FrozenMuon(inverse_sqrt, tall)
+
+
+@dataclass(frozen=True)
+class FrozenMuon:
+    """P^{-1/2} of :meth:`Orthogonalized.frozen`: ``v ↦ L v`` (``v Lᵀ`` for a tall matrix), L = (P⁻¹)^{1/2}
+    on the wide side, in float64."""
+
+    inverse_sqrt: Tensor
+    tall: bool
+
+    def apply_inverse_sqrt(self, v: Tensor) -> Tensor:
+        factor = self.inverse_sqrt.to(device=v.device, dtype=v.dtype)
+        return v @ factor if self.tall else factor @ v
+
 
 def muon_geometry(optimizer, group, param, state):
     """torch.optim.Muon: its orthogonalization with the group's coefficients, steps, eps and lr
@@ -283,6 +322,18 @@ class Preconditioners:
     def __call__(self, param: Tensor) -> Optional[Tensor]:
         found = self.geometry(param)
         return found if isinstance(found, Tensor) else None
+
+    def frozen(self, param: Tensor):
+        """P as a fixed linear operator, for curvature measures: the diagonal P (a tensor), or for
+        Muon's matrices its map at the current momentum (``FrozenMuon``); None when there is none
+        (no moments or no momentum yet, or a geometry that cannot be frozen)."""
+        found = self.geometry(param)
+        if found is None or isinstance(found, Tensor):
+            return found
+        base = self.where[id(param)][0]
+        momentum = base.state.get(param, {}).get("momentum_buffer")
+        freeze = getattr(found, "frozen", None)
+        return None if momentum is None or freeze is None else freeze(momentum)
 
 
 class _Once:

@@ -479,8 +479,9 @@ def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
         for base in study.base_list():
             key = size_key(size, base)
             final = result.stages.get(f"{key}/final")
-            around = "" if base == "adamw" else (" — around Muon+AdamW (--base muon; λ_max(P⁻¹H): n/a, Muon's geometry "
-                                                 "is not a diagonal P)" if base == "muon" else f" — around {base}")
+            around = "" if base == "adamw" else (" — around Muon+AdamW (--base muon; λ_max(P⁻¹H): P⁻¹ is Muon's "
+                                                 "Newton–Schulz map frozen at each matrix's momentum, and AdamW's "
+                                                 "1/(√v̂ + eps) for the rest)" if base == "muon" else f" — around {base}")
             lines += [f"## {size.name}: {size.layers} layers × {size.width} wide, {size.heads} heads{around}", ""]
             if final is None or not final.summaries:
                 lines += ["Not run yet (run the same command to continue).", ""]

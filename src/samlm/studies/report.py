@@ -591,7 +591,8 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
                 f"validation batch(es) of {config.get('sharpness_batch_size')} sequences: λ_max of the Hessian (H) "
                 f"and of the Gauss-Newton matrix (GN) by Lanczos ({config.get('sharpness_iters')} iterations), "
                 "λ_max(P⁻¹H) = λ_max(P^-1/2 H P^-1/2) with P = √v̂ + eps from each run's own Adam/Adafactor state "
-                "(Cohen et al. 2022's preconditioned sharpness; n/a for SGD), and "
+                "(Cohen et al. 2022's preconditioned sharpness; n/a for SGD; for Muon's matrices P⁻¹ is its "
+                "Newton–Schulz map frozen at the momentum, docs/optimizers.md), and "
                 f"logit/func = ‖δ_logit‖/‖δ_func‖, the two paths of SAM's gradient change at "
                 f"ρ={sharp.get('rho', config.get('sharpness_rho'))} (the same ρ for every optimizer).",
                 "",
