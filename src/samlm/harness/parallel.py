@@ -67,9 +67,35 @@ def setup(device: str = "auto") -> distributed.DistInfo:
     """Join the launcher's process group (if any) and pick this process's device."""
     wanted = resolve_device(device)
     try:
-        return distributed.setup_distributed(device=wanted)
+        info = distributed.setup_distributed(device=wanted)
     except ValueError as exc:  # e.g. DeepSpeed, or an unknown accelerate mixed-precision mode
         raise UserError(str(exc)) from None
+    if info.device.type == "cpu":
+        keep_freed_memory()
+    return info
+
+
+# glibc's mallopt parameters (malloc.h); the largest mmap threshold it accepts on 64-bit Linux.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD = -1, -3, 32 * 2**20
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed activation buffers instead of unmapping them.
+
+    A CPU training step frees and allocates the same activations every step. By default glibc
+    serves each block above its mmap threshold (128 KB, rising with use) with a fresh ``mmap`` and
+    unmaps it at ``free``, so every step page-faults in zeroed pages again. Raising the threshold to
+    its maximum and not trimming the heap keeps them: the same numbers, fewer page faults
+    (docs/benchmarks.md). A no-op where glibc is not the allocator. Returns whether it applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**30))
 
 
 @dataclass
