@@ -296,7 +296,9 @@ def test_preconditioned_sam_without_a_geometry_reader_is_a_one_line_error():
     assert "\n" not in str(info.value)
 
 
-def test_muon_matrices_have_no_diagonal_p_for_the_sharpness_diagnostics():
+def test_muon_matrices_have_no_diagonal_p_but_a_frozen_operator_for_the_sharpness_diagnostics():
+    from samlm.optim.preconditioners import FrozenMuon
+
     model = mlp()
     opt = samlm.PreconditionedSAM(bases(model), rho=0.05)
     for batch in batches(2):
@@ -304,6 +306,8 @@ def test_muon_matrices_have_no_diagonal_p_for_the_sharpness_diagnostics():
     view = Preconditioners(opt.base_optimizer, list(model.parameters()))
     hidden, rest = hidden_and_rest(model)
     assert view.available and all(view(p) is None for p in hidden) and all(view(p) is not None for p in rest)
+    assert all(isinstance(view.frozen(p), FrozenMuon) for p in hidden)
+    assert all(torch.equal(view.frozen(p), view(p)) for p in rest)
 
 
 # -- diagonal readers: P is each optimizer's own update denominator ------------------------------------

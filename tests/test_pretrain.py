@@ -247,3 +247,25 @@ def test_sharpness_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(["sharpness"] + argv, capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_cpu_runs_keep_freed_memory_and_numbers_do_not_depend_on_it(tmp_path, monkeypatch):
+    """parallel.setup asks glibc to keep freed activation buffers on CPU (fewer page faults); the
+    allocator never changes a run's numbers: a run with it refused equals one with it applied."""
+    import platform
+
+    from samlm.harness import parallel
+
+    calls = []
+    real = parallel.keep_freed_memory
+    monkeypatch.setattr(parallel, "keep_freed_memory", lambda: calls.append(1) or False)
+    settings = dict(layers=1, width=16, heads=2, context=16, batch=4, steps=3, eval_every=3, val_batches=1,
+                    sharpness=False, progress=False, max_chars=20_000)
+    without = pretrain(PretrainConfig(out=str(tmp_path / "a"), **settings))
+    assert calls == [1]
+    monkeypatch.setattr(parallel, "keep_freed_memory", real)
+    applied = real()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    with_it = pretrain(PretrainConfig(out=str(tmp_path / "b"), **settings))
+    assert with_it["val_loss"] == without["val_loss"] and with_it["train_loss"] == without["train_loss"]
