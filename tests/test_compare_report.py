@@ -218,7 +218,7 @@ def test_demo_plan():
     names = [name for name, _ in plan]
     assert len(names) == 18 and names[:6] == ["adamw-seed0", "adamw-seed0-equal-compute", "sam-rho0.1-seed0",
                                               "sam-rho0.1-seed0-equal-compute", "fsam-rho0.1-seed0",
-                                              "pfsam-rho0.2-seed0"]
+                                              "pfsam-rho0.1-seed0"]
     assert config.jobs == 2 and config.overwrite and config.out == "runs/demo" and config.budget == "steps,compute"
     budgets = {name: c.tokens_per_param for name, c in plan}
     assert budgets["adamw-seed0"] == 20 and budgets["fsam-rho0.1-seed0"] == 20
@@ -229,7 +229,7 @@ def test_demo_plan():
     sweep = from_flags(["--sweep"])
     assert sweep.out == "runs/demo-sweep" and list(sweep.seeds) == [0] and list(config.seeds) == [0, 1, 2]
     swept = {(c.optimizer, c.lr, c.rho) for _, c in sweep.plan()}
-    assert len(swept) == 5 + 3 * 4 * 2 and sweep.budget == "steps" and not sweep.base.sharpness
+    assert len(swept) == 4 + 3 * 4 * 2 and sweep.budget == "steps" and not sweep.base.sharpness
     # the demo's points are in the grid
     assert {(c.optimizer, c.lr, c.rho) for _, c in plan} <= swept
 

@@ -86,7 +86,7 @@ def _grid(values: Mapping[str, Sequence[str]]) -> str:
     return ",".join(f"{method}={value}" for method, grid in values.items() for value in grid)
 
 
-# The CPU grid spans the demo's sweep (samlm demo --sweep) of the 2x40 model: factors of 2 around
+# The CPU grid spans the sweep of the 2x40 demo (until 2026-12-03; the demo now sweeps this grid): factors of 2 around
 # each method's best lr there (psam starts from pfsam's: the two share the preconditioned ε), one
 # more step on the side where a first 3-point grid chose its edge. The report marks a choice on
 # the grid's edge.
