@@ -260,6 +260,16 @@ def test_a_missing_tracker_names_what_to_install(monkeypatch, tmp_path, capsys):
     assert tracking.parse_report_to("none") == () and tracking.parse_report_to(None) == ()
 
 
+def test_report_to_all_with_no_tracker_installed_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(tracking, "installed", lambda name: False)
+    trackers = tracking.start("all", tmp_path / "run")
+    err = capsys.readouterr().err
+    assert not trackers
+    assert err.count("\n") == 1 and "--report-to all: no tracker library is installed" in err
+    tracking.start("none", tmp_path / "run")
+    assert capsys.readouterr().err == ""
+
+
 def test_tracking_settings_do_not_change_the_resume_identity():
     from samlm.harness import settings
 

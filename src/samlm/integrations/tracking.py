@@ -80,6 +80,11 @@ def parse_report_to(value: Optional[str | Iterable[str]]) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _asks_for_all(value) -> bool:
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    return [t.strip().lower() for t in items if t.strip()] == ["all"]
+
+
 def check_report_to(flag: str, value) -> None:
     """The setting's check (:func:`samlm.harness.settings.setting`)."""
     if not isinstance(value, str):
@@ -334,6 +339,9 @@ def start(report_to: Optional[str | Iterable[str]], out: str | Path, *, run_name
     default the directory's name. ``hparams``: flat hyperparameters (:func:`hyperparameters`)."""
     names = parse_report_to(report_to)
     if not names:
+        if _asks_for_all(report_to):  # as Trainer's report_to="all", but said rather than silent
+            say("--report-to all: no tracker library is installed, so nothing is reported "
+                "(metrics.jsonl has everything); pip install 'samlm[tracking]'")
         return Trackers()
     out = Path(out)
     ids_file = out / IDS_FILE
