@@ -393,6 +393,14 @@ def test_report_has_paired_robustness_columns_under_both_budgets_and_a_frontier_
     assert cells[9] == "+0.1500 ± 0.0000" and cells[10] == "-0.1100 ± 0.0000 (n=2)"
     sam_compute = next(line for line in compute_part.splitlines() if line.startswith("| sam "))
     assert [c.strip() for c in sam_compute.strip("|").split("|")][8] == "-0.3000 ± 0.0000 (n=2)"  # 0.2 - 0.5
+    # results.csv carries each run's measures too; forgetting at the x* of every run in the file (2.2)
+    import csv
+
+    rows = {r["run"]: r for r in csv.DictReader(files["csv"].read_text().splitlines())}
+    sam = rows["sam-rho0.05-seed1"]
+    assert float(sam["robust_noise_0.1"]) == pytest.approx(0.2) and float(sam["robust_int4"]) == pytest.approx(0.2)
+    assert float(sam["robust_forgetting_level"]) == pytest.approx(2.2)
+    assert float(sam["robust_forgetting"]) == pytest.approx(0.125)   # between (2.5, 0.05) and (2.1, 0.15)
 
 
 def test_study_robustness_dry_run_lists_every_run_of_both_budgets(tmp_path, capsys):

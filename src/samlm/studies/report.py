@@ -21,7 +21,7 @@ import csv
 import io as _stdio
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -297,13 +297,24 @@ def text_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> str:
 def results_csv(runs: Sequence[Run], budgets: Mapping[str, Sequence[Run]] | None = None) -> str:
     """One line per run with its headline numbers (CSV text); ``budget``: the comparisons a run
     belongs to (equal steps, equal compute, or both)."""
+    from samlm.studies import robustness_report
+
+    robust: list[str] = []
+    if robustness_report.measured(runs):  # --robustness: each σ's, int8's, int4's Δloss and the forgetting
+        level = robustness_report.matched_level(runs)   # x*, matched over every run in the file
+        runs = [robustness_report.flatten(r, level) for r in runs]
+        robust = [f"robust_noise_{s:g}" for s in robustness_report.sigmas(runs)] + ["robust_int8", "robust_int4"]
+        if level is not None:
+            robust += [robustness_report.FORGET_KEY, "robust_forgetting_level"]
+            runs = [replace(r, summary={**r.summary, "robust_forgetting_level": level}) for r in runs]
+    fields = (*CSV_FIELDS, *robust)
     buffer = _stdio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=(*CSV_FIELDS, "budget"), lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=(*fields, "budget"), lineterminator="\n")
     writer.writeheader()
     for run in runs:
         kinds = [kind for kind, group in (budgets or {}).items() if any(r.name == run.name for r in group)]
         values = {"run": run.name, "budget": "+".join(kinds) or "steps"}
-        for key in CSV_FIELDS[1:]:
+        for key in fields[1:]:
             value = run.summary.get(key)
             values[key] = "" if value is None else value
         writer.writerow(values)
