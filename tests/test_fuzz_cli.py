@@ -254,3 +254,21 @@ def test_fuzz_bench(in_world, monkeypatch, argv):
     monkeypatch.setattr(bench, "peak_memory_mb", lambda args, name: 1.0)
     monkeypatch.setattr(bench, "build_model", lambda args: torch.nn.Linear(1, 1))
     check_cli(argv)
+
+
+@FUZZ
+@given(argv=fuzzed_argv("robustness", ["--run", "run", "--forget-steps", "1"]))
+def test_fuzz_robustness(in_world, monkeypatch, argv):
+    """Everything real (the run read, its data and model, the flags checked, quantization) but the
+    weight-noise draws, capped at one per σ and two σ, and the forgetting fine-tunes, stubbed."""
+    from samlm.diagnostics import robustness as measures
+    from samlm.harness.pretrain import robustness as harness
+
+    real_noise = measures.weight_noise
+
+    def few_draws(model, evaluate, *, sigmas, draws, seed):
+        return real_noise(model, evaluate, sigmas=list(sigmas)[:2], draws=min(draws, 1), seed=seed)
+
+    monkeypatch.setattr(measures, "weight_noise", few_draws)
+    monkeypatch.setattr(harness, "forgetting", lambda *args, **kwargs: None)
+    check_cli(argv)
