@@ -237,3 +237,20 @@ def test_one_process_agrees_with_itself():
     stats = {"loss": 1.5, "skipped": False}
     assert train_loop._agree_across_processes(stats, 10) == (stats, 10)
     assert train_loop._agree_on_stop("SIGTERM") == "SIGTERM" and train_loop._agree_on_stop(None) is None
+
+
+def test_torchrun_reports_to_trackers_from_the_main_process_only(tmp_path):
+    """--report-to under 2 processes: one TensorBoard event file and one tracker id file, written by
+    rank 0, holding every evaluation once (the other rank's trackers are never opened)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    ok(torchrun([*PRETRAIN, "--optimizer", "fsam", "--report-to", "tensorboard", "--log-every", "1", "--out", out],
+                tmp_path))
+    events = sorted((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    accumulator = EventAccumulator(str(out / "tensorboard"))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("eval/val_loss")] == [2, 4]
+    assert [e.step for e in accumulator.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert list(json.loads((out / "tracking.json").read_text())) == ["tensorboard"]
