@@ -149,6 +149,30 @@ def test_wandb_offline_run_files_hold_the_metrics_and_settings(offline):
     assert any("train/eps_norm" in h for h in history)
 
 
+def test_wandb_resume_continues_the_same_run_id(offline):
+    """Ctrl-C at step 4 and --resume: W&B is opened again with the saved id (resume="allow"), so the
+    resumed offline run is the same run; its history goes on from the resumed step."""
+    def ctrl_c(step, stats):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    assert pretrain(tiny(offline, report_to="wandb"), on_step=ctrl_c)["interrupted"] == "SIGINT"
+    run_id = json.loads((offline / "run" / "tracking.json").read_text())["wandb"]
+    assert pretrain(tiny(offline, report_to="wandb", resume=True))["completed"]
+    assert json.loads((offline / "run" / "tracking.json").read_text())["wandb"] == run_id
+    run_files = sorted(glob.glob(str(offline / "run" / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(run_files) == 2 and all(Path(f).name == f"run-{run_id}.wandb" for f in run_files)
+    steps = []
+    for run_file in run_files:
+        records = wandb_records(Path(run_file))
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert run.run_id == run_id
+        history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        steps.append(sorted({h["train/global_step"] for h in history if "eval/val_loss" in h}))
+    assert steps == [[3], [6]]
+
+
 def test_mlflow_file_store_read_back_and_resume_continues_the_run(offline, capsys):
     """MLflow's local file store through MlflowClient: the group is the experiment, settings are
     params. Ctrl-C at step 4 and --resume: the same MLflow run continues (one eval per step)."""
