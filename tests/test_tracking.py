@@ -161,16 +161,16 @@ def test_wandb_resume_continues_the_same_run_id(offline):
     assert pretrain(tiny(offline, report_to="wandb", resume=True))["completed"]
     assert json.loads((offline / "run" / "tracking.json").read_text())["wandb"] == run_id
     run_files = sorted(glob.glob(str(offline / "run" / "wandb" / "offline-run-*" / "run-*.wandb")))
-    assert len(run_files) == 2 and all(Path(f).name == f"run-{run_id}.wandb" for f in run_files)
+    # one offline directory per start (two, unless both starts fell in the same second), all of this id
+    assert run_files and all(Path(f).name == f"run-{run_id}.wandb" for f in run_files)
     steps = []
     for run_file in run_files:
         records = wandb_records(Path(run_file))
-        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        assert run.run_id == run_id
+        assert all(r.run.run_id == run_id for r in records if r.WhichOneof("record_type") == "run")
         history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                    for r in records if r.WhichOneof("record_type") == "history"]
-        steps.append(sorted({h["train/global_step"] for h in history if "eval/val_loss" in h}))
-    assert sorted(steps) == [[3], [6]]   # one file before the stop, one after (their names do not order them)
+        steps += [h["train/global_step"] for h in history if "eval/val_loss" in h]
+    assert sorted(steps) == [3, 6]   # the evaluation before the stop and the one after, each once
 
 
 def test_mlflow_file_store_read_back_and_resume_continues_the_run(offline, capsys):
