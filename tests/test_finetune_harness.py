@@ -341,3 +341,20 @@ def test_score_is_the_glue_average_over_best_values():
     assert (name, value) == ("mean task score", values["glue/rte/accuracy"])
     del values["glue/cola/mcc"]
     assert harness.overall_score(values, eval_keys, tasks)[1] is None
+
+
+def test_unloadable_weights_or_tokenizer_are_one_line_errors(t5_dir, tmp_path):
+    """A model directory whose weights or tokenizer files are damaged: one UserError naming the model
+    and quoting the first line of the library's error."""
+    from samlm.errors import UserError
+
+    broken_weights = shutil.copytree(t5_dir, tmp_path / "weights")
+    (broken_weights / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match=r"^could not load model '.*weights': \S") as info:
+        modeling.load_finetune_model(modeling.inspect_model(broken_weights), TASKS["glue/rte"])
+    assert "\n" not in str(info.value)
+    broken_tokenizer = shutil.copytree(t5_dir, tmp_path / "tokenizer")
+    (broken_tokenizer / "tokenizer_config.json").write_text("{ not json")
+    with pytest.raises(UserError, match=r"^could not load the tokenizer of '.*tokenizer': \S") as info:
+        modeling.load_finetune_model(modeling.inspect_model(broken_tokenizer), TASKS["glue/rte"])
+    assert "\n" not in str(info.value)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samlm.errors import UserError
+from samlm.errors import UserError, first_line
 from samlm.data.formats import Example
 from samlm.data.metrics import postprocess_generation
 from samlm.data.tasks import CLASSIFICATION, GENERATION, REGRESSION, Task
