@@ -91,7 +91,7 @@ import torch
 from transformers import Trainer
 
 from samlm.integrations.distributed import sam_kwargs_for
-from samlm.optim import CombinedOptimizer, SharpnessAware, StepStats, muon_split
+from samlm.optim import SharpnessAware, StepStats, build_muon
 from samlm.optim.registry import method, sam_family
 
 __all__ = ["SAMTrainer", "SAMTrainerMixin", "TrainerOptimizer", "head_kind", "head_loss"]  # + SAMSFTTrainer (TRL)
@@ -318,27 +318,15 @@ class SAMTrainerMixin:
         return self.optimizer
 
     def _build_muon_base(self, model) -> torch.optim.Optimizer:
-        """Muon on the hidden matrices, AdamW on the rest with Trainer's weight-decay groups; the
-        hyperparameters from ``args`` (as ``samlm.optim.build_muon``, which the harness uses)."""
-        if not hasattr(torch.optim, "Muon"):
-            raise ValueError(f"sam_base='muon' needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
-        if self.is_fsdp_enabled or any(hasattr(p, "to_local") for p in model.parameters()):
+        """``samlm.optim.build_muon`` (as the harness builds it) with ``args``' hyperparameters and
+        Trainer's weight-decay rule for AdamW's half."""
+        if self.is_fsdp_enabled:
             raise ValueError("Muon orthogonalizes whole weight matrices, which FSDP shards across processes: "
                              "use DDP with sam_base='muon'")
-        args = self.args
-        matrices, others = muon_split(model)
-        decay = set(self.get_decay_parameter_names(model))
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        muon = torch.optim.Muon(matrices, lr=args.learning_rate, weight_decay=args.weight_decay, momentum=0.95,
-                                nesterov=True, adjust_lr_fn="match_rms_adamw")
-        groups = [{"params": [p for p in others if (name_of.get(id(p)) in decay) == wants_decay],
-                   "weight_decay": args.weight_decay if wants_decay else 0.0} for wants_decay in (True, False)]
-        groups = [g for g in groups if g["params"]]
-        if not groups:
-            return CombinedOptimizer([muon])
-        adamw = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  eps=args.adam_epsilon)
-        return CombinedOptimizer([muon, adamw])
+        args, decay = self.args, set(self.get_decay_parameter_names(model))
+        return build_muon(model, lr=args.learning_rate, weight_decay=args.weight_decay,
+                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                          no_decay=[n for n, _ in model.named_parameters() if n not in decay])
 
     def _build_sam(self, base: torch.optim.Optimizer) -> SharpnessAware:
         entry = method(self.sam_method)

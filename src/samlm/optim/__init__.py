@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from .descents import DescentRule, Functional, Standard
@@ -27,8 +29,10 @@ from .sam import (
 
 
 def build_muon(model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
-               momentum: float = 0.95) -> CombinedOptimizer:
-    """Muon (hidden matrices, lr matched to AdamW's RMS) + AdamW (everything else), as one optimizer."""
+               momentum: float = 0.95, no_decay: Collection[str] = ()) -> CombinedOptimizer:
+    """Muon (hidden matrices, lr matched to AdamW's RMS) + AdamW (everything else), as one optimizer.
+    ``no_decay``: names (``model.named_parameters()``) of AdamW's parameters that take no weight
+    decay (their own group; Hugging Face Trainer's decay rule)."""
     if not hasattr(torch.optim, "Muon"):
         raise ValueError(f"base optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
     if not isinstance(model, torch.nn.Module):
@@ -42,6 +46,11 @@ def build_muon(model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999
                             adjust_lr_fn="match_rms_adamw")
     if not others:
         return CombinedOptimizer([muon])
+    if no_decay:
+        undecayed = {id(p) for n, p in model.named_parameters() if n in set(no_decay)}
+        groups = [{"params": [p for p in others if (id(p) in undecayed) == skip],
+                   "weight_decay": 0.0 if skip else weight_decay} for skip in (False, True)]
+        others = [g for g in groups if g["params"]]
     adamw = torch.optim.AdamW(others, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     return CombinedOptimizer([muon, adamw])
 
