@@ -601,8 +601,7 @@ def measure_sharpness(model: torch.nn.Module, batches: Batch, forward: Forward, 
         functional = functional_hessian_top_eigenvalue(params, batches, forward, loss, **solve)
         preconditioned = None
         if p_diag is not None:  # cast to the measurement dtype (float32 for a half-precision model)
-            p_diag = [p.to(device=w.device, dtype=w.dtype) if isinstance(p, Tensor) else p
-                      for p, w in zip(p_diag, params)]
+            p_diag = [p.to(device=w.device, dtype=w.dtype) for p, w in zip(p_diag, params)]
             preconditioned = top_eigenvalue(preconditioned_vector_product(hvp, p_diag), params, **solve)
         paths = sam_path_norms(params, batches, forward, loss, rho)
     solved = [r for r in (hessian, gauss_newton, functional, preconditioned) if r is not None]

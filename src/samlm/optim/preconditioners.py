@@ -252,14 +252,17 @@ class Orthogonalized:
 @dataclass(frozen=True)
 class FrozenMuon:
     """P^{-1/2} of :meth:`Orthogonalized.frozen`: ``v ↦ L v`` (``v Lᵀ`` for a tall matrix), L = (P⁻¹)^{1/2}
-    on the wide side, in float64."""
+    on the wide side (float64 as built; ``to`` casts it to the vectors' device and dtype)."""
 
     inverse_sqrt: Tensor
     tall: bool
 
+    def to(self, *, device=None, dtype=None) -> "FrozenMuon":
+        """The same block with its factor on ``device`` in ``dtype`` (as ``Tensor.to``)."""
+        return FrozenMuon(self.inverse_sqrt.to(device=device, dtype=dtype), self.tall)
+
     def apply_inverse_sqrt(self, v: Tensor) -> Tensor:
-        factor = self.inverse_sqrt.to(device=v.device, dtype=v.dtype)
-        return v @ factor if self.tall else factor @ v
+        return v @ self.inverse_sqrt if self.tall else self.inverse_sqrt @ v
 
 
 def muon_geometry(optimizer, group, param, state):
