@@ -60,10 +60,7 @@ SECRET_VARIABLES = ("WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKIN
 def parse_report_to(value: Optional[str | Iterable[str]]) -> tuple[str, ...]:
     """``--report-to`` as tracker names: a comma-separated list, ``all`` (every tracker installed)
     or ``none``. One line naming the problem for an unknown name or a missing library."""
-    if value is None:
-        return ()
-    items = [t.strip().lower() for t in (value.split(",") if isinstance(value, str) else value)]
-    items = [t for t in items if t]
+    items = _items(value)
     if not items or items == ["none"]:
         return ()
     if items == ["all"]:
@@ -80,9 +77,12 @@ def parse_report_to(value: Optional[str | Iterable[str]]) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _asks_for_all(value) -> bool:
-    items = value.split(",") if isinstance(value, str) else list(value or ())
-    return [t.strip().lower() for t in items if t.strip()] == ["all"]
+def _items(value: Optional[str | Iterable[str]]) -> list[str]:
+    """``--report-to``'s names, lower-cased, blanks dropped."""
+    if value is None:
+        return []
+    items = [t.strip().lower() for t in (value.split(",") if isinstance(value, str) else value)]
+    return [t for t in items if t]
 
 
 def check_report_to(flag: str, value) -> None:
@@ -339,7 +339,7 @@ def start(report_to: Optional[str | Iterable[str]], out: str | Path, *, run_name
     default the directory's name. ``hparams``: flat hyperparameters (:func:`hyperparameters`)."""
     names = parse_report_to(report_to)
     if not names:
-        if _asks_for_all(report_to):  # as Trainer's report_to="all", but said rather than silent
+        if _items(report_to) == ["all"]:  # as Trainer's report_to="all", but said rather than silent
             say("--report-to all: no tracker library is installed, so nothing is reported "
                 "(metrics.jsonl has everything); pip install 'samlm[tracking]'")
         return Trackers()
