@@ -70,8 +70,8 @@ def _cpu_base() -> PretrainConfig:
     # wide: the default 32 does not divide it; harness.pretrain.robustness.group_size_for).
     from samlm.harness.pretrain.robustness import group_size_for
 
-    return dataclasses.replace(DEMO_BASE, layers=2, width=40, heads=4, robustness=True, quant_group_size=group_size_for(40),
-                               save_every=128, keep_checkpoints=20)
+    return dataclasses.replace(DEMO_BASE, layers=2, width=40, heads=4, robustness=True,
+                               quant_group_size=group_size_for(40), save_every=128, keep_checkpoints=20)
 
 
 def _gpu_base() -> PretrainConfig:
