@@ -46,8 +46,13 @@ def main(argv=None):
     torch.manual_seed(0)  # the fresh classification head
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
 
-    wic = datasets.load_dataset("json", data_files={"train": str(cli.data_dir / "WiC" / "train.jsonl"),
-                                                    "validation": str(cli.data_dir / "WiC" / "val.jsonl")})
+    wic = datasets.load_dataset(
+        "json",
+        data_files={
+            "train": str(cli.data_dir / "WiC" / "train.jsonl"),
+            "validation": str(cli.data_dir / "WiC" / "val.jsonl"),
+        },
+    )
 
     def encode(rows):
         first = [f"{word}: {sentence}" for word, sentence in zip(rows["word"], rows["sentence1"])]
@@ -61,13 +66,22 @@ def main(argv=None):
 
     train, validation = split("train", cli.train_examples), split("validation", cli.eval_examples)
 
-    args = TrainingArguments(cli.output_dir, max_steps=cli.max_steps, per_device_train_batch_size=cli.batch,
-                             per_device_eval_batch_size=64, learning_rate=cli.lr,
-                             warmup_steps=max(cli.max_steps // 10, 1), logging_steps=10, save_strategy="no",
-                             report_to=[], seed=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    args = TrainingArguments(
+        cli.output_dir,
+        max_steps=cli.max_steps,
+        per_device_train_batch_size=cli.batch,
+        per_device_eval_batch_size=64,
+        learning_rate=cli.lr,
+        warmup_steps=max(cli.max_steps // 10, 1),
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+    )
     # processing_class: Trainer pads each batch to its longest pair (DataCollatorWithPadding)
-    trainer = SAMTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                         sam_method=cli.method)
+    trainer = SAMTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, sam_method=cli.method)
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
@@ -75,8 +89,10 @@ def main(argv=None):
     accuracy = float(np.mean(predictions.predictions.argmax(-1) == predictions.label_ids))
 
     if trainer.is_world_process_zero():
-        print(f"{cli.method}: {result.global_step} steps on {len(train)} WiC examples in {seconds:.0f} s, "
-              f"train loss {result.training_loss:.4f}, validation accuracy {accuracy:.4f} ({len(validation)} examples)")
+        print(
+            f"{cli.method}: {result.global_step} steps on {len(train)} WiC examples in {seconds:.0f} s, "
+            f"train loss {result.training_loss:.4f}, validation accuracy {accuracy:.4f} ({len(validation)} examples)"
+        )
     return trainer, accuracy
 
 

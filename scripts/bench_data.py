@@ -28,8 +28,28 @@ import sys
 import time
 from pathlib import Path
 
-RUN = ["--layers", "2", "--width", "64", "--heads", "4", "--context", "128", "--batch", "16", "--steps", "1",
-       "--no-sharpness", "--no-progress", "--eval-every", "0", "--val-batches", "4", "--threads", "1"]
+RUN = [
+    "--layers",
+    "2",
+    "--width",
+    "64",
+    "--heads",
+    "4",
+    "--context",
+    "128",
+    "--batch",
+    "16",
+    "--steps",
+    "1",
+    "--no-sharpness",
+    "--no-progress",
+    "--eval-every",
+    "0",
+    "--val-batches",
+    "4",
+    "--threads",
+    "1",
+]
 
 
 def documents() -> list[str]:
@@ -63,11 +83,18 @@ def write_corpus(path: Path, megabytes: int, *, jsonl: bool) -> Path:
 
 def samlm(*argv, env=None) -> tuple[float, int]:
     """(wall seconds, peak RSS in MB) of ``python -m samlm ARGV`` in a fresh process."""
-    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
-    out = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "samlm", *map(str, argv)],
-                         capture_output=True, text=True, env=env, check=True).stdout.split()
+    code = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, sys.executable, "-m", "samlm", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()
     if out[2] != "0":
         raise SystemExit(f"samlm {' '.join(map(str, argv))} failed")
     return float(out[0]), int(out[1]) // 1024
@@ -92,8 +119,13 @@ for _ in range(repeats):
         best[name] = [min(best[name][0], time.perf_counter() - wall), min(best[name][1], time.process_time() - cpu)]
 print(json.dumps({name: {"wall_s": round(w, 4), "cpu_s": round(c, 4)} for name, (w, c) in best.items()}))
 """
-    out = subprocess.run([sys.executable, "-c", code, json.dumps({k: str(v) for k, v in prepared.items()}),
-                          str(repeats)], capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps({k: str(v) for k, v in prepared.items()}), str(repeats)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -115,14 +147,30 @@ def main() -> None:
     for tokenizer in ("bytes", "bpe:8192"):
         for workers in (1, 2):
             out = work / f"prep-{tokenizer.replace(':', '')}-w{workers}"
-            seconds, _ = samlm("prepare", "--data", corpus, "--tokenizer", tokenizer, "--workers", workers,
-                               "--out", out, "--overwrite", "--no-progress", env=env)
+            seconds, _ = samlm(
+                "prepare",
+                "--data",
+                corpus,
+                "--tokenizer",
+                tokenizer,
+                "--workers",
+                workers,
+                "--out",
+                out,
+                "--overwrite",
+                "--no-progress",
+                env=env,
+            )
             meta = json.loads((out / "meta.json").read_text())
             tokens = meta["tokens"]["train"] + meta["tokens"]["val"]
             result["prepare"][f"{tokenizer} x{workers}"] = {
-                "mb": round(megabytes, 1), "seconds": round(seconds, 2), "prepare_seconds": meta["seconds"],
-                "mb_per_s": round(megabytes / meta["seconds"], 2), "tokens_per_s": round(tokens / meta["seconds"]),
-                "chars_per_token": round(meta["source"]["characters"] / tokens, 3)}
+                "mb": round(megabytes, 1),
+                "seconds": round(seconds, 2),
+                "prepare_seconds": meta["seconds"],
+                "mb_per_s": round(megabytes / meta["seconds"], 2),
+                "tokens_per_s": round(tokens / meta["seconds"]),
+                "chars_per_token": round(meta["source"]["characters"] / tokens, 3),
+            }
             print(tokenizer, workers, result["prepare"][f"{tokenizer} x{workers}"], flush=True)
 
     prepared = {}
@@ -131,8 +179,10 @@ def main() -> None:
         out = work / f"prep-text-{mb}mb"
         if not (out / "meta.json").exists():
             seconds, _ = samlm("prepare", "--data", text, "--out", out, "--no-progress", env=env)
-            result["prepare"][f"bytes text {mb} MB"] = {"seconds": round(seconds, 1),
-                                                        "mb_per_s": round(mb / seconds, 1)}
+            result["prepare"][f"bytes text {mb} MB"] = {
+                "seconds": round(seconds, 1),
+                "mb_per_s": round(mb / seconds, 1),
+            }
         prepared[name] = out
     prepared["tinyshakespeare"] = "tinyshakespeare"
     samlm("pretrain", "--data", "tinyshakespeare", *RUN, "--out", work / "warm", "--overwrite", env=env)  # cache it
@@ -144,8 +194,11 @@ def main() -> None:
             walls[name].append(wall)
             rss[name].append(peak)
     for name in prepared:
-        result["runs"][name] = {"wall_s_median": round(statistics.median(walls[name]), 2),
-                                "walls": [round(w, 2) for w in walls[name]], "peak_rss_mb": max(rss[name])}
+        result["runs"][name] = {
+            "wall_s_median": round(statistics.median(walls[name]), 2),
+            "walls": [round(w, 2) for w in walls[name]],
+            "peak_rss_mb": max(rss[name]),
+        }
         print(name, result["runs"][name], flush=True)
     result["data_startup"] = data_startup(prepared, args.repeats, env)
     print(json.dumps(result, indent=2))

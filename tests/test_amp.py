@@ -54,8 +54,8 @@ def flat(model):
 
 
 def test_grad_scaler_works_on_cpu():
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    assert scaler.is_enabled() and scaler.get_scale() == 2.0 ** 8
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**8
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -65,7 +65,7 @@ def test_scaled_step_equals_the_unscaled_step(method):
     model_b = copy.deepcopy(model_a)
     opt_a = method(torch.optim.AdamW(model_a.parameters(), lr=1e-2))
     opt_b = method(torch.optim.AdamW(model_b.parameters(), lr=1e-2))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
     for _ in range(3):
         stats_a = opt_a.train_step(batch, forward_of(model_a), ce, scaler=scaler)
         stats_b = opt_b.train_step(batch, forward_of(model_b), ce)
@@ -78,13 +78,13 @@ def test_scaled_step_equals_the_unscaled_step(method):
 def test_nonfinite_ascent_gradient_skips_the_step_like_grad_scaler(method):
     model, batch = make_problem(2)
     opt = method(torch.optim.AdamW(model.parameters(), lr=1e-2))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     opt.train_step(batch, forward_of(model), ce, scaler=scaler)  # moments exist (psam needs them)
     before, base_state = flat(model), copy.deepcopy(opt.base_optimizer.state_dict())
     counters = dict(opt.counters)
 
     # what GradScaler itself does with a non-finite gradient
-    reference = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    reference = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     reference.load_state_dict(scaler.state_dict())
     reference.scale(torch.ones(()))  # GradScaler initialises its scale lazily, in scale()
     ref_model = copy.deepcopy(model)
@@ -96,8 +96,8 @@ def test_nonfinite_ascent_gradient_skips_the_step_like_grad_scaler(method):
 
     stats = opt.train_step(batch, forward_of(model), poisoned(1), scaler=scaler)
     assert stats.skipped and stats.ascent_nonfinite
-    assert scaler.get_scale() == 2.0 ** 9 and scaler.state_dict() == reference.state_dict()
-    assert torch.equal(flat(model), before)                       # no perturbation left, no step
+    assert scaler.get_scale() == 2.0**9 and scaler.state_dict() == reference.state_dict()
+    assert torch.equal(flat(model), before)  # no perturbation left, no step
     assert opt.base_optimizer.state_dict()["state"][0]["step"] == base_state["state"][0]["step"]
     assert all(p.grad is None for p in model.parameters())
     assert opt.counters["skipped_steps"] == counters["skipped_steps"] + 1
@@ -113,11 +113,11 @@ def test_nonfinite_ascent_gradient_skips_the_step_like_grad_scaler(method):
 def test_nonfinite_descent_gradient_skips_the_step_like_grad_scaler(method):
     model, batch = make_problem(3)
     opt = method(torch.optim.SGD(model.parameters(), lr=0.1))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     before = flat(model)
     stats = opt.train_step(batch, forward_of(model), poisoned(2), scaler=scaler)  # 2: the descent
     assert stats.skipped and not stats.ascent_nonfinite
-    assert scaler.get_scale() == 2.0 ** 9
+    assert scaler.get_scale() == 2.0**9
     assert torch.equal(flat(model), before)
     assert opt.counters["skipped_steps"] == 1 and opt.counters["steps"] == 0
 
@@ -126,21 +126,21 @@ def test_scale_is_updated_once_per_step_and_grows_on_schedule():
     """One scaler.update() per optimizer step, not one per pass: growth_interval counts steps."""
     model, batch = make_problem(4)
     opt = samlm.SAM(torch.optim.SGD(model.parameters(), lr=0.01))
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6, growth_interval=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=3)
     scales = []
     for _ in range(6):
         opt.train_step(batch, forward_of(model), ce, scaler=scaler)
         scales.append(scaler.get_scale())
-    assert scales == [2.0 ** 6, 2.0 ** 6, 2.0 ** 7, 2.0 ** 7, 2.0 ** 7, 2.0 ** 8]
+    assert scales == [2.0**6, 2.0**6, 2.0**7, 2.0**7, 2.0**7, 2.0**8]
 
 
 def test_plain_optimizer_with_scaler_skips_nonfinite_steps_too():
     model, batch = make_problem(5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = flat(model)
     stats = train_step(opt, batch, forward_of(model), poisoned(1), scaler=scaler)
-    assert stats.skipped and torch.equal(flat(model), before) and scaler.get_scale() == 2.0 ** 9
+    assert stats.skipped and torch.equal(flat(model), before) and scaler.get_scale() == 2.0**9
     assert not train_step(opt, batch, forward_of(model), ce, scaler=scaler).skipped
 
 

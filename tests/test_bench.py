@@ -6,8 +6,25 @@ import pytest
 
 from samlm.cli import main
 
-TINY = ["bench", "--layers", "1", "--width", "16", "--heads", "2", "--vocab", "32", "--batch", "8",
-        "--context", "8", "--steps", "1", "--untimed-steps", "1"]
+TINY = [
+    "bench",
+    "--layers",
+    "1",
+    "--width",
+    "16",
+    "--heads",
+    "2",
+    "--vocab",
+    "32",
+    "--batch",
+    "8",
+    "--context",
+    "8",
+    "--steps",
+    "1",
+    "--untimed-steps",
+    "1",
+]
 
 
 def test_bench_reports_every_method_with_ratios_against_adamw(tmp_path, capsys):
@@ -31,16 +48,19 @@ def test_bench_measures_peak_memory_per_method(tmp_path):
     assert all(row["peak_mem_mb"] >= 0 for row in methods.values())
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--methods", "sam,nope"], "unknown method(s) nope"),
-    (["--width", "15"], "--width 15 must be divisible by --heads 2"),
-    (["--steps", "0"], "--steps must be a positive integer"),
-    (["--ascent-fraction", "2"], "--ascent-fraction must be a finite number in (0.0, 1.0]"),
-    (["--untimed-steps", "-1"], "--untimed-steps must be an integer >= 0"),
-    (["--context", "0"], "--context must be a positive integer"),
-    (["--rho", "-1"], "--rho must be a finite number >= 0"),
-    (["--harness"], "--vocab must be 256, got 32"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--methods", "sam,nope"], "unknown method(s) nope"),
+        (["--width", "15"], "--width 15 must be divisible by --heads 2"),
+        (["--steps", "0"], "--steps must be a positive integer"),
+        (["--ascent-fraction", "2"], "--ascent-fraction must be a finite number in (0.0, 1.0]"),
+        (["--untimed-steps", "-1"], "--untimed-steps must be an integer >= 0"),
+        (["--context", "0"], "--context must be a positive integer"),
+        (["--rho", "-1"], "--rho must be a finite number >= 0"),
+        (["--harness"], "--vocab must be 256, got 32"),
+    ],
+)
 def test_bad_bench_flags_end_in_one_line(flags, message, capsys):
     assert main(TINY + flags) == 2
     err = capsys.readouterr().err.strip()
@@ -52,8 +72,15 @@ def test_floors_add_each_methods_extra_passes_to_the_adamw_step_of_the_same_roun
     peer's a full pass; ratios are per-round pairs, so a slow round moves both sides."""
     from samlm.studies.bench import ratios
 
-    times = {"adamw": [1.0, 2.0, 1.0], "sam": [1.3, 2.6, 1.3], "fsam": [1.6, 3.2, 1.6], "sam_full": [2.1, 4.2, 2.1],
-             "pass:ascent": [0.25, 0.5, 0.25], "pass:clean_forward": [0.25, 0.5, 0.25], "pass:full": [1.0, 2.0, 1.0]}
+    times = {
+        "adamw": [1.0, 2.0, 1.0],
+        "sam": [1.3, 2.6, 1.3],
+        "fsam": [1.6, 3.2, 1.6],
+        "sam_full": [2.1, 4.2, 2.1],
+        "pass:ascent": [0.25, 0.5, 0.25],
+        "pass:clean_forward": [0.25, 0.5, 0.25],
+        "pass:full": [1.0, 2.0, 1.0],
+    }
     rows = ratios(times, ["adamw", "sam", "fsam", "sam_full"])
     assert rows["adamw"] == {"step_s": 1.0, "ratio": 1.0, "ratio_iqr": [1.0, 1.0], "floor": 1.0, "over_floor": 1.0}
     assert (rows["sam"]["ratio"], rows["sam"]["floor"], rows["sam"]["over_floor"]) == (1.3, 1.25, 1.04)
@@ -93,8 +120,13 @@ def test_methods_rho_and_extra_passes_come_from_the_registry(tmp_path):
 def test_floors_with_sam_every_count_the_extra_passes_once_per_cycle():
     from samlm.studies.bench import ratios
 
-    times = {"adamw": [1.0, 2.0], "sam": [1.1, 2.2], "peer_sam": [2.0, 4.0],
-             "pass:ascent": [0.25, 0.5], "pass:full": [1.0, 2.0]}
+    times = {
+        "adamw": [1.0, 2.0],
+        "sam": [1.1, 2.2],
+        "peer_sam": [2.0, 4.0],
+        "pass:ascent": [0.25, 0.5],
+        "pass:full": [1.0, 2.0],
+    }
     rows = ratios(times, ["adamw", "sam", "peer_sam"], {"adamw": 1, "sam": 5, "peer_sam": 1})
     assert (rows["sam"]["ratio"], rows["sam"]["floor"]) == (1.1, 1.05)
     assert rows["peer_sam"]["floor"] == 2.0  # the peer has no schedule
@@ -139,8 +171,16 @@ def test_bench_harness_times_the_pretrain_loop_at_the_same_shape(tmp_path, monke
 
     monkeypatch.setattr(bench, "time_harness", spy)
     out = tmp_path / "bench.json"
-    flags = [f for f in TINY if f not in ("--vocab", "32")] + ["--steps", "3", "--methods", "sam_full,fsam",
-                                                                  "--harness", "--no-memory", "--json", str(out)]
+    flags = [f for f in TINY if f not in ("--vocab", "32")] + [
+        "--steps",
+        "3",
+        "--methods",
+        "sam_full,fsam",
+        "--harness",
+        "--no-memory",
+        "--json",
+        str(out),
+    ]
     assert main(flags) == 0
     methods = json.loads(out.read_text())["methods"]
     assert dict(calls) == {"adamw": 3, "sam_full": 0, "fsam": 3}

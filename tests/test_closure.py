@@ -12,6 +12,7 @@ import samlm
 
 def closure_of(model, opt, batch, calls=None, set_to_none=True):
     """torch's convention: zero the gradients, loss, backward."""
+
     def closure():
         if calls is not None:
             calls.append(1)
@@ -19,11 +20,13 @@ def closure_of(model, opt, batch, calls=None, set_to_none=True):
         loss = ce(model(batch[0]), batch)
         loss.backward()
         return loss
+
     return closure
 
 
 def davda_steps(model, opt, batch, steps):
     """davda54/sam's form: the gradient at w first, then step(closure) for w+ε."""
+
     def closure():
         loss = ce(model(batch[0]), batch)
         loss.backward()

@@ -22,26 +22,75 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def write_run(root, name, *, optimizer, seed, rho=None, val_loss=None, curve=(), sharpness=(), **extra):
     """A run directory with a summary.json and a metrics.jsonl, as pretrain writes them."""
     path = root / name
-    summary = {"optimizer": optimizer, "rho": rho, "seed": seed, "completed": True, "step": 10, "steps": 10,
-               "val_loss": val_loss, "config": {"arch": "gpt2", "layers": 2, "width": 8, "heads": 2, "context": 4,
-                                                "data": "tinyshakespeare", "lr": 0.003, "batch": 2, "grad_accum": 1},
-               "resolved": {"params": 1234, "total_steps": 10}, **extra}
+    summary = {
+        "optimizer": optimizer,
+        "rho": rho,
+        "seed": seed,
+        "completed": True,
+        "step": 10,
+        "steps": 10,
+        "val_loss": val_loss,
+        "config": {
+            "arch": "gpt2",
+            "layers": 2,
+            "width": 8,
+            "heads": 2,
+            "context": 4,
+            "data": "tinyshakespeare",
+            "lr": 0.003,
+            "batch": 2,
+            "grad_accum": 1,
+        },
+        "resolved": {"params": 1234, "total_steps": 10},
+        **extra,
+    }
     io.atomic_write_json(path / "summary.json", summary)
     lines = [{"step": s, "val_loss": v} for s, v in curve]
-    lines += [{"step": s, "sharpness": {"hessian_lambda_max": h, "gauss_newton_lambda_max": h / 2,
-                                        "logit_functional_ratio": 3.0}} for s, h in sharpness]
+    lines += [
+        {
+            "step": s,
+            "sharpness": {"hessian_lambda_max": h, "gauss_newton_lambda_max": h / 2, "logit_functional_ratio": 3.0},
+        }
+        for s, h in sharpness
+    ]
     io.write_jsonl(path / "metrics.jsonl", lines)
     return path
 
 
 @pytest.fixture
 def runs(tmp_path):
-    write_run(tmp_path, "adamw-seed0", optimizer="adamw", seed=0, val_loss=2.0, step_s=0.010, hessian_lambda_max=10.0,
-              curve=[(5, 3.0), (10, 2.0)], sharpness=[(10, 10.0)])
-    write_run(tmp_path, "adamw-seed1", optimizer="adamw", seed=1, val_loss=2.2, step_s=0.012, hessian_lambda_max=None,
-              curve=[(5, 3.2), (10, 2.2)], sharpness=[(10, 12.0)])
-    write_run(tmp_path, "sam-rho0.05-seed0", optimizer="sam", rho=0.05, seed=0, val_loss=1.95, step_s=0.0125,
-              curve=[(5, 2.9), (10, 1.95)])
+    write_run(
+        tmp_path,
+        "adamw-seed0",
+        optimizer="adamw",
+        seed=0,
+        val_loss=2.0,
+        step_s=0.010,
+        hessian_lambda_max=10.0,
+        curve=[(5, 3.0), (10, 2.0)],
+        sharpness=[(10, 10.0)],
+    )
+    write_run(
+        tmp_path,
+        "adamw-seed1",
+        optimizer="adamw",
+        seed=1,
+        val_loss=2.2,
+        step_s=0.012,
+        hessian_lambda_max=None,
+        curve=[(5, 3.2), (10, 2.2)],
+        sharpness=[(10, 12.0)],
+    )
+    write_run(
+        tmp_path,
+        "sam-rho0.05-seed0",
+        optimizer="sam",
+        rho=0.05,
+        seed=0,
+        val_loss=1.95,
+        step_s=0.0125,
+        curve=[(5, 2.9), (10, 1.95)],
+    )
     return [report.load_run(tmp_path / n) for n in ("adamw-seed0", "adamw-seed1", "sam-rho0.05-seed0")]
 
 
@@ -64,19 +113,21 @@ def test_aggregate_groups_by_optimizer_and_rho(runs):
     columns = {c.key: c for c in report.COLUMNS}
     adamw, sam = rows
     assert adamw.cell(columns["val_loss"]) == "2.1000 ± 0.1414"
-    assert adamw.cell(columns["step_s"]) == "11.0 ± 1.4"                 # milliseconds
-    assert adamw.cell(columns["hessian_lambda_max"]) == "10 (n=1)"       # one of the two runs has it
+    assert adamw.cell(columns["step_s"]) == "11.0 ± 1.4"  # milliseconds
+    assert adamw.cell(columns["hessian_lambda_max"]) == "10 (n=1)"  # one of the two runs has it
     assert adamw.cell(columns["val_ppl"]) == "n/a"
-    assert sam.cell(columns["val_loss"]) == "1.9500"                     # one seed: no ±
+    assert sam.cell(columns["val_loss"]) == "1.9500"  # one seed: no ±
     assert adamw.delta_cell() == "(reference)"
-    assert sam.delta_cell() == "-0.0500"                                 # paired with adamw seed 0
+    assert sam.delta_cell() == "-0.0500"  # paired with adamw seed 0
 
 
 def test_paired_delta_uses_matching_seeds(tmp_path):
-    made = [write_run(tmp_path, f"{o}-{s}", optimizer=o, seed=s, val_loss=v)
-            for o, s, v in [("adamw", 0, 2.0), ("adamw", 1, 2.5), ("fsam", 0, 1.9), ("fsam", 1, 2.45)]]
+    made = [
+        write_run(tmp_path, f"{o}-{s}", optimizer=o, seed=s, val_loss=v)
+        for o, s, v in [("adamw", 0, 2.0), ("adamw", 1, 2.5), ("fsam", 0, 1.9), ("fsam", 1, 2.45)]
+    ]
     rows = report.aggregate([report.load_run(p) for p in made])
-    assert rows[0].stats["val_loss"][1] == pytest.approx(0.3535533906)   # unpaired: seeds dominate
+    assert rows[0].stats["val_loss"][1] == pytest.approx(0.3535533906)  # unpaired: seeds dominate
     mean, std, n = rows[1].delta
     assert (mean, std, n) == (pytest.approx(-0.075), pytest.approx(0.0353553391), 2)
     assert rows[1].delta_cell() == "-0.0750 ± 0.0354"
@@ -126,27 +177,49 @@ def test_load_run_needs_a_summary(tmp_path):
 def test_parse_rho():
     opts = ["adamw", "sam", "fsam", "pfsam"]
     assert parse_rho("0.03", opts) == {"adamw": [None], "sam": [0.03], "fsam": [0.03], "pfsam": [0.03]}
-    assert parse_rho("sam=0.02,fsam=0.1,pfsam=0.1", opts) == {"adamw": [None], "sam": [0.02], "fsam": [0.1],
-                                                              "pfsam": [0.1]}
+    assert parse_rho("sam=0.02,fsam=0.1,pfsam=0.1", opts) == {
+        "adamw": [None],
+        "sam": [0.02],
+        "fsam": [0.1],
+        "pfsam": [0.1],
+    }
     assert parse_rho("sam=0.01,sam=0.02,0.2", opts)["sam"] == [0.01, 0.02]
     assert parse_rho("sam=0.01,sam=0.02,0.2", opts)["fsam"] == [0.2]
     assert parse_rho("0.02,0.05", ["sam"]) == {"sam": [0.02, 0.05]}
     assert parse_rho(None, ["asam"]) == {"asam": [0.5]}
-    for bad, message in [("adamw=0.1", "adamw has no"), ("foo=1", "unknown optimizer 'foo'"),
-                         ("sam=x", "'x' is not a number"), ("-1", ">= 0"), ("psam=0.1", "not in --optimizers"),
-                         ("sam=0.1,", "comma-separated")]:
+    for bad, message in [
+        ("adamw=0.1", "adamw has no"),
+        ("foo=1", "unknown optimizer 'foo'"),
+        ("sam=x", "'x' is not a number"),
+        ("-1", ">= 0"),
+        ("psam=0.1", "not in --optimizers"),
+        ("sam=0.1,", "comma-separated"),
+    ]:
         with pytest.raises(UserError, match=message):
             parse_rho(bad, opts)
     assert run_name("adamw", None, 1) == "adamw-seed1" and run_name("sam", 0.05, 0) == "sam-rho0.05-seed0"
 
 
-TINY = PretrainConfig(layers=2, width=32, heads=2, context=16, batch=4, max_chars=20_000, val_batches=2, steps=4,
-                      eval_every=2, sharpness_iters=3, sharpness_batch_size=4, progress=False)
+TINY = PretrainConfig(
+    layers=2,
+    width=32,
+    heads=2,
+    context=16,
+    batch=4,
+    max_chars=20_000,
+    val_batches=2,
+    steps=4,
+    eval_every=2,
+    sharpness_iters=3,
+    sharpness_batch_size=4,
+    progress=False,
+)
 
 
 def test_compare_end_to_end_then_skips_finished_runs(tmp_path):
-    config = CompareConfig(out=str(tmp_path / "cmp"), optimizers=["adamw", "sam"], seeds=[0, 1], rho="sam=0.05",
-                           base=TINY)
+    config = CompareConfig(
+        out=str(tmp_path / "cmp"), optimizers=["adamw", "sam"], seeds=[0, 1], rho="sam=0.05", base=TINY
+    )
     ran = []
     result = compare(config, on_run=lambda name, summary: ran.append(name))
     assert ran == ["adamw-seed0", "sam-rho0.05-seed0", "adamw-seed1", "sam-rho0.05-seed1"]
@@ -171,24 +244,30 @@ def test_compare_resumes_an_interrupted_run(tmp_path):
     # A run killed after step 3: its step-2 checkpoint and metrics survive, no summary.
     run_dir = tmp_path / "cmp" / "fsam-rho0.1-seed0"
     with pytest.raises(Crash):
-        pretrain(dataclasses.replace(TINY, optimizer="fsam", rho=0.1, out=str(run_dir), save_every=2),
-                 on_step=crash_at(3))
+        pretrain(
+            dataclasses.replace(TINY, optimizer="fsam", rho=0.1, out=str(run_dir), save_every=2), on_step=crash_at(3)
+        )
     assert [s for s, _ in io.checkpoint_dirs(run_dir / "checkpoints")] == [2]
     ran = []
-    resumed = compare(CompareConfig(out=str(tmp_path / "cmp"), optimizers=["fsam"], seeds=[0], rho=0.1, base=TINY),
-                      on_run=lambda name, summary: ran.append(summary))
+    resumed = compare(
+        CompareConfig(out=str(tmp_path / "cmp"), optimizers=["fsam"], seeds=[0], rho=0.1, base=TINY),
+        on_run=lambda name, summary: ran.append(summary),
+    )
     assert resumed.completed and ran[0]["loop"]["checkpoint"].endswith("checkpoint-4")
     a, b = straight.summaries["fsam-rho0.1-seed0"], resumed.summaries["fsam-rho0.1-seed0"]
     assert a["val_loss"] == b["val_loss"] and a["hessian_lambda_max"] == b["hessian_lambda_max"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--optimizers", "adamw,foo"], "unknown optimizer(s) foo"),
-    (["--seeds", "a"], "--seeds must be comma-separated integers"),
-    (["--rho", "sam=-0.1"], "--rho must be finite and >= 0"),
-    (["--jobs", "0"], "--jobs must be a positive integer"),
-    (["--width", "100", "--heads", "3"], "--width 100 is not divisible by --heads 3"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--optimizers", "adamw,foo"], "unknown optimizer(s) foo"),
+        (["--seeds", "a"], "--seeds must be comma-separated integers"),
+        (["--rho", "sam=-0.1"], "--rho must be finite and >= 0"),
+        (["--jobs", "0"], "--jobs must be a positive integer"),
+        (["--width", "100", "--heads", "3"], "--width 100 is not divisible by --heads 3"),
+    ],
+)
 def test_compare_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert main(["compare", "--steps", "2"] + argv) == 2
@@ -210,15 +289,27 @@ def test_demo_plan():
 
     def from_flags(argv):
         args = parser.parse_args(argv)
-        return demo_config(out=args.out, seeds=args.seeds, steps=args.steps, jobs=args.jobs, threads=args.threads,
-                           resume=args.resume, sweep=args.sweep)
+        return demo_config(
+            out=args.out,
+            seeds=args.seeds,
+            steps=args.steps,
+            jobs=args.jobs,
+            threads=args.threads,
+            resume=args.resume,
+            sweep=args.sweep,
+        )
 
     config = from_flags([])
     plan = config.plan()
     names = [name for name, _ in plan]
-    assert len(names) == 18 and names[:6] == ["adamw-seed0", "adamw-seed0-equal-compute", "sam-rho0.1-seed0",
-                                              "sam-rho0.1-seed0-equal-compute", "fsam-rho0.1-seed0",
-                                              "pfsam-rho0.1-seed0"]
+    assert len(names) == 18 and names[:6] == [
+        "adamw-seed0",
+        "adamw-seed0-equal-compute",
+        "sam-rho0.1-seed0",
+        "sam-rho0.1-seed0-equal-compute",
+        "fsam-rho0.1-seed0",
+        "pfsam-rho0.1-seed0",
+    ]
     assert config.jobs == 2 and config.overwrite and config.out == "runs/demo" and config.budget == "steps,compute"
     budgets = {name: c.tokens_per_param for name, c in plan}
     assert budgets["adamw-seed0"] == 20 and budgets["fsam-rho0.1-seed0"] == 20

@@ -12,8 +12,28 @@ from safetensors.torch import load_file
 
 from samlm import cli
 
-FLAGS = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "8", "--batch", "8", "--max-chars", "4000",
-         "--val-batches", "1", "--no-sharpness", "--no-progress", "--steps", "3", "--eval-every", "0"]
+FLAGS = [
+    "--layers",
+    "1",
+    "--width",
+    "16",
+    "--heads",
+    "2",
+    "--context",
+    "8",
+    "--batch",
+    "8",
+    "--max-chars",
+    "4000",
+    "--val-batches",
+    "1",
+    "--no-sharpness",
+    "--no-progress",
+    "--steps",
+    "3",
+    "--eval-every",
+    "0",
+]
 
 
 def final_weights(out: Path) -> dict:
@@ -38,7 +58,34 @@ def test_pretrain_fsam_compiled_matches_eager(tmp_path):
 
 def test_bench_compile_flag(tmp_path):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--methods", "sam", "--layers", "1", "--width", "8", "--heads", "1", "--vocab", "16",
-                     "--batch", "4", "--context", "4", "--steps", "1", "--untimed-steps", "1", "--no-memory",
-                     "--compile", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--methods",
+                "sam",
+                "--layers",
+                "1",
+                "--width",
+                "8",
+                "--heads",
+                "1",
+                "--vocab",
+                "16",
+                "--batch",
+                "4",
+                "--context",
+                "4",
+                "--steps",
+                "1",
+                "--untimed-steps",
+                "1",
+                "--no-memory",
+                "--compile",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["config"]["compile"] is True

@@ -91,8 +91,15 @@ def test_a_descent_rule_is_a_pluggable_object(descent):
 def test_step_stats_are_built_by_keyword():
     with pytest.raises(TypeError):
         StepStats(1.0, 1.0, 0.0, 0.0, 0.0, False, False)
-    stats = StepStats(loss=1.0, loss_perturbed=1.0, grad_norm=0.0, eps_norm=0.0, update_grad_norm=0.0,
-                      skipped=False, ascent_nonfinite=False)
+    stats = StepStats(
+        loss=1.0,
+        loss_perturbed=1.0,
+        grad_norm=0.0,
+        eps_norm=0.0,
+        update_grad_norm=0.0,
+        skipped=False,
+        ascent_nonfinite=False,
+    )
     assert "logit_path_norm" not in stats.as_dict()
 
 
@@ -177,8 +184,9 @@ def test_train_step_unwraps_accelerates_prepared_optimizer(cls):
     reference = cls(torch.optim.AdamW(twin.parameters(), lr=1e-2), sam_every=2)
     accelerator = accelerate.Accelerator(cpu=True)
     try:
-        prepared_model, prepared = accelerator.prepare(model, cls(torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                                                  sam_every=2))
+        prepared_model, prepared = accelerator.prepare(
+            model, cls(torch.optim.AdamW(model.parameters(), lr=1e-2), sam_every=2)
+        )
         assert not isinstance(prepared, SharpnessAware) and isinstance(prepared.optimizer, cls)
         for _ in range(3):
             stats = samlm.optim.train_step(prepared, batch, lambda b: prepared_model(b[0]), ce, model=prepared_model)

@@ -59,8 +59,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_core_and_diagnostics_need_only_torch():
-    result = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(HARNESS_ONLY)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, ",".join(HARNESS_ONLY)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -99,7 +100,8 @@ def test_the_cli_without_the_harness_extra_says_what_to_install():
         code = cli.main(["pretrain", "--steps", "1"])
         print("exit", code)
     """)
-    result = subprocess.run([sys.executable, "-c", script, ",".join(HARNESS_ONLY)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, ",".join(HARNESS_ONLY)], capture_output=True, text=True, timeout=300
+    )
     assert result.stdout.strip() == "exit 2", result.stderr
     assert result.stderr.count("\n") == 1 and "pip install 'samlm[harness]'" in result.stderr, result.stderr

@@ -36,17 +36,67 @@ KILL_SEED = int(os.environ.get("SAMLM_KILL_SEED", "6"))
 SAVE_EVERY = 2
 
 PRETRAIN_STEPS = 16
-PRETRAIN = ["--layers", 2, "--width", 32, "--heads", 2, "--context", 16, "--batch", 4, "--max-chars", 20000,
-            "--val-batches", 1, "--optimizer", "sam", "--dropout", 0.1, "--steps", PRETRAIN_STEPS,
-            "--eval-every", 3, "--save-every", SAVE_EVERY, "--sharpness-iters", 3, "--sharpness-batch-size", 4,
-            "--threads", 1, "--no-progress"]
+PRETRAIN = [
+    "--layers",
+    2,
+    "--width",
+    32,
+    "--heads",
+    2,
+    "--context",
+    16,
+    "--batch",
+    4,
+    "--max-chars",
+    20000,
+    "--val-batches",
+    1,
+    "--optimizer",
+    "sam",
+    "--dropout",
+    0.1,
+    "--steps",
+    PRETRAIN_STEPS,
+    "--eval-every",
+    3,
+    "--save-every",
+    SAVE_EVERY,
+    "--sharpness-iters",
+    3,
+    "--sharpness-batch-size",
+    4,
+    "--threads",
+    1,
+    "--no-progress",
+]
 FINETUNE_STEPS = 12
 
 
 def finetune_flags(t5_dir):
-    return ["--model", t5_dir, "--task", "glue/rte", "--data-dir", demo_data_dir(), "--optimizer", "sam",
-            "--batch", 4, "--grad-accum", 2, "--steps", FINETUNE_STEPS, "--eval-every", 4,
-            "--save-every", SAVE_EVERY, "--eval-examples", 2, "--seed", 3]
+    return [
+        "--model",
+        t5_dir,
+        "--task",
+        "glue/rte",
+        "--data-dir",
+        demo_data_dir(),
+        "--optimizer",
+        "sam",
+        "--batch",
+        4,
+        "--grad-accum",
+        2,
+        "--steps",
+        FINETUNE_STEPS,
+        "--eval-every",
+        4,
+        "--save-every",
+        SAVE_EVERY,
+        "--eval-examples",
+        2,
+        "--seed",
+        3,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +139,20 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def headline(harness: str, summary: dict) -> dict:
-    keys = {"pretrain": ("step", "completed", "val_loss", "best_val_loss", "train_loss", "hessian_lambda_max",
-                         "gauss_newton_lambda_max", "nonfinite_steps", "tokens"),
-            "finetune": ("step", "completed", "metrics", "score")}[harness]
+    keys = {
+        "pretrain": (
+            "step",
+            "completed",
+            "val_loss",
+            "best_val_loss",
+            "train_loss",
+            "hessian_lambda_max",
+            "gauss_newton_lambda_max",
+            "nonfinite_steps",
+            "tokens",
+        ),
+        "finetune": ("step", "completed", "metrics", "score"),
+    }[harness]
     return without_timing({k: summary.get(k) for k in keys})
 
 
@@ -101,9 +162,12 @@ def assert_same_run(harness: str, reference: Path, run: Path) -> None:
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"weights differ after resume: {different[:5]}"
     assert without_timing(io.read_jsonl(run / "metrics.jsonl")) == without_timing(
-        io.read_jsonl(reference / "metrics.jsonl"))
-    assert headline(harness, read_json(run / "summary.json")) == headline(harness, read_json(reference / "summary.json"))
-    assert not list(run.rglob(".tmp*")) and not list(run.rglob(".trash*"))   # nothing half-written left
+        io.read_jsonl(reference / "metrics.jsonl")
+    )
+    assert headline(harness, read_json(run / "summary.json")) == headline(
+        harness, read_json(reference / "summary.json")
+    )
+    assert not list(run.rglob(".tmp*")) and not list(run.rglob(".trash*"))  # nothing half-written left
 
 
 def wait_for_checkpoint(out: Path, proc, min_step: int, timeout: float = 180.0) -> int:
@@ -170,7 +234,7 @@ def test_signal_saves_a_checkpoint_exits_130_and_resumes_exactly(harness, signam
     summary = read_json(out / "summary.json")
     stopped = summary["step"]
     assert not summary["completed"] and summary["interrupted"] == signame and step <= stopped < STEPS[harness]
-    assert io.load_latest_checkpoint(out / "checkpoints").step == stopped   # saved where it stopped
+    assert io.load_latest_checkpoint(out / "checkpoints").step == stopped  # saved where it stopped
     assert all(r["step"] <= stopped for r in io.read_jsonl(out / "metrics.jsonl"))
 
     assert samlm(harness, *flags[harness], "--out", out, "--resume") == 0
@@ -190,12 +254,16 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("harness, file, how, reason", [
-    ("pretrain", "model.safetensors", "truncate", "model.safetensors is truncated"),
-    ("finetune", "state.pt", "corrupt", "state.pt is corrupted (sha256 mismatch)"),
-])
+@pytest.mark.parametrize(
+    "harness, file, how, reason",
+    [
+        ("pretrain", "model.safetensors", "truncate", "model.safetensors is truncated"),
+        ("finetune", "state.pt", "corrupt", "state.pt is corrupted (sha256 mismatch)"),
+    ],
+)
 def test_damaged_newest_checkpoint_is_named_and_the_previous_one_is_used(
-        harness, file, how, reason, flags, reference, tmp_path, capsys):
+    harness, file, how, reason, flags, reference, tmp_path, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(reference[harness], run)
     steps = STEPS[harness]
@@ -206,10 +274,12 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_one_is_used(
     assert samlm(harness, *flags[harness], "--out", run, "--resume") == 0
     err = capsys.readouterr().err
     assert f"samlm: warning: checkpoint {newest} is unusable: {reason}" in err
-    assert f"resumed from {run / 'checkpoints' / f'checkpoint-{steps - SAVE_EVERY}'} at step {steps - SAVE_EVERY}" in err
+    assert (
+        f"resumed from {run / 'checkpoints' / f'checkpoint-{steps - SAVE_EVERY}'} at step {steps - SAVE_EVERY}" in err
+    )
     assert "Traceback" not in err
-    assert_same_run(harness, reference[harness], run)   # steps redone from the previous checkpoint
-    io.verify_checkpoint(newest)                        # and the damaged one rewritten whole
+    assert_same_run(harness, reference[harness], run)  # steps redone from the previous checkpoint
+    io.verify_checkpoint(newest)  # and the damaged one rewritten whole
 
 
 def test_no_usable_checkpoint_is_one_line_naming_each(flags, reference, tmp_path, capsys):
@@ -236,9 +306,30 @@ def assert_checkpoints_finite(run: Path) -> None:
             assert torch.isfinite(tensor).all(), f"{path.name}/{name} holds NaN/Inf"
 
 
-SHORT_PRETRAIN = ["--layers", 2, "--width", 32, "--heads", 2, "--context", 16, "--batch", 4, "--max-chars", 20000,
-                  "--val-batches", 1, "--steps", 12, "--eval-every", 2, "--save-every", 2, "--no-sharpness",
-                  "--no-progress"]
+SHORT_PRETRAIN = [
+    "--layers",
+    2,
+    "--width",
+    32,
+    "--heads",
+    2,
+    "--context",
+    16,
+    "--batch",
+    4,
+    "--max-chars",
+    20000,
+    "--val-batches",
+    1,
+    "--steps",
+    12,
+    "--eval-every",
+    2,
+    "--save-every",
+    2,
+    "--no-sharpness",
+    "--no-progress",
+]
 
 
 def test_nonfinite_stop_is_one_line_and_exit_2(tmp_path, capsys):
@@ -276,7 +367,7 @@ def test_finetune_max_nonfinite_sets_the_patience(t5_dir, tmp_path, capsys, monk
     real_step = loop.train_step
     calls = {"n": 0}
 
-    def nan_from_step_2(*args, **kwargs):   # the loss turns NaN at step 2 and stays so
+    def nan_from_step_2(*args, **kwargs):  # the loss turns NaN at step 2 and stays so
         stats = real_step(*args, **kwargs)
         calls["n"] += 1
         return dataclasses.replace(stats, loss=math.nan) if calls["n"] >= 2 else stats
@@ -299,7 +390,7 @@ def test_nan_weights_are_never_saved_through_the_harness(t5_dir, tmp_path, capsy
     def poisoning_step(optimizer, *args, **kwargs):
         stats = real_step(optimizer, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:   # the update of step 3 turns a weight into NaN (loss stayed finite)
+        if calls["n"] == 3:  # the update of step 3 turns a weight into NaN (loss stayed finite)
             with torch.no_grad():
                 optimizer.param_groups[0]["params"][0].view(-1)[0] = math.nan
         return stats
@@ -318,17 +409,25 @@ def test_nan_weights_are_never_saved_through_the_harness(t5_dir, tmp_path, capsy
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "samlm"
 # (file, call) pairs that write something that is not a result of a run.
-WRITE_ALLOWED = {("bench.py", "open"): "os.devnull: silences the profiler's own log lines while it measures memory",
-                 ("prepared.py", "open"): "token streams are appended, fsynced and counted in progress.json after each "
-                                          "chunk (resume truncates to the count); meta.json, written atomically last, "
-                                          "is what makes a prepared directory complete (tests/test_prepared.py)"}
+WRITE_ALLOWED = {
+    ("bench.py", "open"): "os.devnull: silences the profiler's own log lines while it measures memory",
+    ("prepared.py", "open"): "token streams are appended, fsynced and counted in progress.json after each "
+    "chunk (resume truncates to the count); meta.json, written atomically last, "
+    "is what makes a prepared directory complete (tests/test_prepared.py)",
+}
 
 
 def _writes(tree: ast.AST):
     """(lineno, what) of each call that writes a file directly (instead of through samlm.io)."""
-    in_memory = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-                 and getattr(node.value.func, "attr", getattr(node.value.func, "id", "")) in {"BytesIO", "StringIO"}
-                 for t in node.targets if isinstance(t, ast.Name)}
+    in_memory = {
+        t.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Call)
+        and getattr(node.value.func, "attr", getattr(node.value.func, "id", "")) in {"BytesIO", "StringIO"}
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
@@ -336,7 +435,9 @@ def _writes(tree: ast.AST):
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
         owner = getattr(getattr(func, "value", None), "id", "")
         if name == "open":
-            mode = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            mode = (
+                node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            )
             if isinstance(mode, ast.Constant) and any(c in str(mode.value) for c in "wax+"):
                 yield node.lineno, "open"
         elif name in {"write_text", "write_bytes", "to_csv", "tofile", "save_file", "save_pretrained"}:
@@ -345,14 +446,18 @@ def _writes(tree: ast.AST):
             yield node.lineno, f"{owner}.dump"
         elif name == "save" and owner in {"torch", "np", "numpy"}:
             yield node.lineno, f"{owner}.save"
-        elif name == "savefig" and not (node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in in_memory):
+        elif name == "savefig" and not (
+            node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in in_memory
+        ):
             yield node.lineno, "savefig"
 
 
-@pytest.mark.parametrize("path", sorted(p for p in SOURCE.rglob("*.py") if p.name != "io.py"),
-                         ids=lambda p: str(p.relative_to(SOURCE)))
+@pytest.mark.parametrize(
+    "path", sorted(p for p in SOURCE.rglob("*.py") if p.name != "io.py"), ids=lambda p: str(p.relative_to(SOURCE))
+)
 def test_every_file_a_run_writes_goes_through_samlm_io(path):
     """Atomic writes (temp file, fsync, rename) are samlm.io's job: no module writes a file itself."""
-    direct = [(line, what) for line, what in _writes(ast.parse(path.read_text()))
-              if (path.name, what) not in WRITE_ALLOWED]
+    direct = [
+        (line, what) for line, what in _writes(ast.parse(path.read_text())) if (path.name, what) not in WRITE_ALLOWED
+    ]
     assert not direct, f"{path.relative_to(SOURCE)}: direct writes {direct}; use samlm.io.atomic_write_*"

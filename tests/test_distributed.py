@@ -28,10 +28,10 @@ from gloo_ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # the references are float64
 
-ROWS = 8            # rows per replica per step
+ROWS = 8  # rows per replica per step
 STEPS = 2
 ASCENT_FRACTION = 0.5
-SPLITS = [3, 5]     # micro-batches per replica: the ascent rows (4) span both
+SPLITS = [3, 5]  # micro-batches per replica: the ascent rows (4) span both
 
 
 # -- the problem, shared by workers and references ----------------------------------------------
@@ -47,18 +47,23 @@ def make_model(seed=0):
 def global_batches(seed=1):
     """STEPS batches of 2·ROWS rows; rank r gets rows [r·ROWS, (r+1)·ROWS)."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(2 * ROWS, 6, generator=g, dtype=torch.get_default_dtype()),
-             torch.randint(0, 5, (2 * ROWS,), generator=g)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(2 * ROWS, 6, generator=g, dtype=torch.get_default_dtype()),
+            torch.randint(0, 5, (2 * ROWS,), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def rank_rows(batch, rank):
-    return tuple(t[rank * ROWS:(rank + 1) * ROWS] for t in batch)
+    return tuple(t[rank * ROWS : (rank + 1) * ROWS] for t in batch)
 
 
 def split(batch, sizes):
     out, start = [], 0
     for n in sizes:
-        out.append(tuple(t[start:start + n] for t in batch))
+        out.append(tuple(t[start : start + n] for t in batch))
         start += n
     return out
 
@@ -68,8 +73,11 @@ def ce(outputs, batch):
 
 
 def make_optimizer(method, params, **kwargs):
-    base = (torch.optim.AdamW(params, lr=1e-2) if method in (samlm.PreconditionedSAM, samlm.PreconditionedFunctionalSAM)
-            else torch.optim.SGD(params, lr=0.1, momentum=0.9))
+    base = (
+        torch.optim.AdamW(params, lr=1e-2)
+        if method in (samlm.PreconditionedSAM, samlm.PreconditionedFunctionalSAM)
+        else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    )
     return method(base, ascent_fraction=ASCENT_FRACTION, **kwargs)
 
 
@@ -130,8 +138,15 @@ def _run_case(name, info, results):
     stats = []
     for batch in global_batches():
         local = rank_rows(batch, info.rank)
-        stats.append(opt.train_step(split(local, splits) if splits else local, forward, ce,
-                                    model=wrapped, max_grad_norm=0.5 if wrapper != "ddp" else None).as_dict())
+        stats.append(
+            opt.train_step(
+                split(local, splits) if splits else local,
+                forward,
+                ce,
+                model=wrapped,
+                max_grad_norm=0.5 if wrapper != "ddp" else None,
+            ).as_dict()
+        )
     if wrapper == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -149,7 +164,7 @@ def _run_fp16_overflow_on_one_replica(info, results):
     model = make_model().float()
     wrapped = distributed.prepare(model, strategy="ddp", info=info).model
     opt = samlm.SAM(torch.optim.SGD(wrapped.parameters(), lr=0.1), ascent_fraction=ASCENT_FRACTION)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     calls = {"n": 0}
 
     def loss(outputs, batch):
@@ -175,7 +190,9 @@ def _run_fp16_overflow_on_one_replica(info, results):
 
 def make_batchnorm_model(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.Tanh(), torch.nn.Linear(12, 5))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.Tanh(), torch.nn.Linear(12, 5)
+    )
 
 
 def _run_batchnorm(info, results):
@@ -226,9 +243,16 @@ def _worker_main(out_dir: str) -> None:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     info = distributed.setup_distributed(timeout_s=60)
-    results = {"info": {"rank": info.rank, "world_size": info.world_size, "backend": info.backend,
-                        "launcher": info.launcher, "is_main": distributed.is_main_process(),
-                        "device": str(info.device)}}
+    results = {
+        "info": {
+            "rank": info.rank,
+            "world_size": info.world_size,
+            "backend": info.backend,
+            "launcher": info.launcher,
+            "is_main": distributed.is_main_process(),
+            "device": str(info.device),
+        }
+    }
     for name in CASES:
         _run_case(name, info, results)
     _run_fp16_overflow_on_one_replica(info, results)
@@ -269,8 +293,14 @@ def reference_m_sharpness(method):
 
 def test_workers_detect_the_torchrun_environment(results):
     for rank, res in enumerate(results):
-        assert res["info"] == {"rank": rank, "world_size": 2, "backend": "gloo", "launcher": "torchrun",
-                               "is_main": rank == 0, "device": "cpu"}
+        assert res["info"] == {
+            "rank": rank,
+            "world_size": 2,
+            "backend": "gloo",
+            "launcher": "torchrun",
+            "is_main": rank == 0,
+            "device": "cpu",
+        }
 
 
 @pytest.mark.parametrize("name,method", [("sam-sync", samlm.SAM), ("fsam-sync", samlm.FunctionalSAM)])
@@ -280,10 +310,15 @@ def test_sync_ascent_equals_single_process_sam_on_the_global_batch(results, name
         torch.testing.assert_close(res[name]["params"], expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name,method", [
-    ("sam-local", samlm.SAM), ("fsam-local", samlm.FunctionalSAM),
-    ("sam-local-accum", samlm.SAM), ("psam-local-accum", samlm.PreconditionedSAM),
-])
+@pytest.mark.parametrize(
+    "name,method",
+    [
+        ("sam-local", samlm.SAM),
+        ("fsam-local", samlm.FunctionalSAM),
+        ("sam-local-accum", samlm.SAM),
+        ("psam-local-accum", samlm.PreconditionedSAM),
+    ],
+)
 def test_per_replica_ascent_equals_m_sharpness_with_m_replicas(results, name, method):
     expected = reference_m_sharpness(method)
     for res in results:
@@ -301,24 +336,32 @@ def test_ddp_accumulation_equals_the_unaccumulated_step(results):
     assert [s["loss_perturbed"] for s in stats_a] == pytest.approx([s["loss_perturbed"] for s in stats_b], rel=1e-12)
 
 
-@pytest.mark.parametrize("name,forwards,allreduces", [
-    # per replica: ascent forward and backward under no_sync; only the step's last backward syncs
-    ("sam-local", [False, True], 1),
-    ("sam-local-accum", [False, False, False, True], 1),   # ascent 3+1 rows, descent 3, 5 rows
-    # sync_ascent: the ascent's last backward syncs too (functional: + a clean forward, no_sync)
-    ("fsam-sync", [True, False, True], 2),
-    ("fsam-sync-accum", [False, True, False, False, True], 2),
-])
+@pytest.mark.parametrize(
+    "name,forwards,allreduces",
+    [
+        # per replica: ascent forward and backward under no_sync; only the step's last backward syncs
+        ("sam-local", [False, True], 1),
+        ("sam-local-accum", [False, False, False, True], 1),  # ascent 3+1 rows, descent 3, 5 rows
+        # sync_ascent: the ascent's last backward syncs too (functional: + a clean forward, no_sync)
+        ("fsam-sync", [True, False, True], 2),
+        ("fsam-sync-accum", [False, True, False, False, True], 2),
+    ],
+)
 def test_ddp_sync_pattern_per_step(results, name, forwards, allreduces):
     for res in results:
         assert res[name]["forward_synced"] == forwards * STEPS
         assert res[name]["allreduces"] == allreduces * STEPS  # one bucket: one all-reduce per synced backward
 
 
-@pytest.mark.parametrize("name,method", [
-    ("sam-fsdp1-accum", samlm.SAM), ("asam-fsdp1", samlm.ASAM),
-    ("fsam-fsdp2-accum", samlm.FunctionalSAM), ("psam-fsdp2-accum", samlm.PreconditionedSAM),
-])
+@pytest.mark.parametrize(
+    "name,method",
+    [
+        ("sam-fsdp1-accum", samlm.SAM),
+        ("asam-fsdp1", samlm.ASAM),
+        ("fsam-fsdp2-accum", samlm.FunctionalSAM),
+        ("psam-fsdp2-accum", samlm.PreconditionedSAM),
+    ],
+)
 def test_fsdp_with_sharded_norms_equals_global_sam(results, name, method):
     """FSDP1 (flat shards) and FSDP2 (DTensor): ε and the clip use norms summed over shards."""
     expected = reference_sync(method, clip=0.5)  # the workers clip the FSDP runs' global norm to 0.5
@@ -351,7 +394,7 @@ def test_fp16_overflow_on_one_replica_skips_the_step_on_every_replica(results):
         fp16 = res["fp16"]
         assert fp16["skipped"] == [True, False]
         assert fp16["unchanged_after_skip"]
-        assert fp16["scales"] == [2.0 ** 9, 2.0 ** 9]  # backed off once, then a normal step
+        assert fp16["scales"] == [2.0**9, 2.0**9]  # backed off once, then a normal step
         assert fp16["counters"]["skipped_steps"] == 1 and fp16["counters"]["steps"] == 1
     torch.testing.assert_close(results[0]["fp16"]["params"], results[1]["fp16"]["params"], rtol=0, atol=0)
 
@@ -372,8 +415,13 @@ def test_ddp_replicas_keep_the_running_statistics_of_their_own_ascent_rows(resul
 def test_launch_env_detects_torchrun_and_accelerate():
     torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "x"}
     assert distributed.launch_env(torchrun) == {
-        "rank": 1, "local_rank": 1, "world_size": 4, "launcher": "torchrun", "mixed_precision": "no",
-        "use_fsdp": False}
+        "rank": 1,
+        "local_rank": 1,
+        "world_size": 4,
+        "launcher": "torchrun",
+        "mixed_precision": "no",
+        "use_fsdp": False,
+    }
     accelerate = dict(torchrun, ACCELERATE_MIXED_PRECISION="bf16", ACCELERATE_USE_FSDP="true")
     info = distributed.launch_env(accelerate)
     assert (info["launcher"], info["mixed_precision"], info["use_fsdp"]) == ("accelerate", "bf16", True)

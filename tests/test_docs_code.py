@@ -35,8 +35,8 @@ def blocks(page: Path) -> list[tuple[int, str, str | None, str]]:
     text = page.read_text()
     found = []
     for match in FENCE.finditer(text):
-        before = text[:match.start()]
-        tail = before[max(before.rfind("```"), 0):]  # between the previous fence and this block
+        before = text[: match.start()]
+        tail = before[max(before.rfind("```"), 0) :]  # between the previous fence and this block
         skip = SKIP.findall(tail)
         setup = "\n".join(SETUP.findall(tail))
         found.append((before.count("\n") + 1, match.group(1), skip[-1] if skip else None, setup))
@@ -66,8 +66,10 @@ def test_every_python_block_runs(page, tmp_path, monkeypatch, capsys):
 
 def test_the_rules_hold_on_a_made_up_page(tmp_path):
     page = tmp_path / "x.md"
-    page.write_text("text\n<!-- test: skip (needs a GPU) -->\n```python\n1/0\n```\n"
-                    "<!-- test-setup\ny = 2\n-->\n```python\nx = y\n```\n")
+    page.write_text(
+        "text\n<!-- test: skip (needs a GPU) -->\n```python\n1/0\n```\n"
+        "<!-- test-setup\ny = 2\n-->\n```python\nx = y\n```\n"
+    )
     (first, second) = blocks(page)
     assert first[2] == "needs a GPU" and second[2] is None and second[3].strip() == "y = 2"
     assert os.path.basename(str(page)) == "x.md"

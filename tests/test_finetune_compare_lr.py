@@ -19,11 +19,20 @@ RTE_EVAL = {"glue/rte": {"eval": {"glue/rte": {"split": "validation", "examples"
 def write_run(root, name, *, optimizer, seed, best, lr, rho=None, subsample=1.0, data=RTE_EVAL):
     """A summary.json with the fields finetune_compare reads (as harness.finetune writes them)."""
     summary = {
-        "format": "samlm-finetune-summary", "version": 1, "completed": True,
+        "format": "samlm-finetune-summary",
+        "version": 1,
+        "completed": True,
         "metrics": {"glue/rte/accuracy": {"best": best, "final": best - 1}},
         "score": {"name": "mean task score", "best": best, "final": best - 1},
-        "config": {"model": "runs/t5-small", "optimizer": optimizer, "base": "adafactor" if rho else None, "rho": rho,
-                   "lr": lr, "subsample": subsample, "seed": seed},
+        "config": {
+            "model": "runs/t5-small",
+            "optimizer": optimizer,
+            "base": "adafactor" if rho else None,
+            "rho": rho,
+            "lr": lr,
+            "subsample": subsample,
+            "seed": seed,
+        },
         "model": {"name": "t5-small"},
         "data": data,
     }
@@ -35,11 +44,11 @@ def write_run(root, name, *, optimizer, seed, best, lr, rho=None, subsample=1.0,
 
 # best-checkpoint scores by seed 0, 1, 2 at each (optimizer, lr, ρ) point
 POINTS = {
-    ("adafactor", 1e-3, None): [60.0, 62.0, 64.0],     # mean 62
-    ("adafactor", 3e-3, None): [63.0, 64.0, 62.0],     # mean 63: adafactor's tuned point
-    ("sam", 1e-3, 0.05): [64.0, 66.0, 65.0],           # mean 65
-    ("sam", 3e-3, 0.05): [61.0, 61.0, 61.0],           # mean 61
-    ("sam", 1e-3, 0.15): [66.0, 65.0, 67.0],           # mean 66: sam's tuned point
+    ("adafactor", 1e-3, None): [60.0, 62.0, 64.0],  # mean 62
+    ("adafactor", 3e-3, None): [63.0, 64.0, 62.0],  # mean 63: adafactor's tuned point
+    ("sam", 1e-3, 0.05): [64.0, 66.0, 65.0],  # mean 65
+    ("sam", 3e-3, 0.05): [61.0, 61.0, 61.0],  # mean 61
+    ("sam", 1e-3, 0.15): [66.0, 65.0, 67.0],  # mean 66: sam's tuned point
 }
 
 
@@ -48,8 +57,9 @@ def lr_grid(tmp_path):
     runs = tmp_path / "runs"
     for (optimizer, lr, rho), scores in POINTS.items():
         for seed, best in enumerate(scores):
-            write_run(runs, f"{optimizer}-{lr:g}-{rho}-{seed}", optimizer=optimizer, seed=seed, best=best, lr=lr,
-                      rho=rho)
+            write_run(
+                runs, f"{optimizer}-{lr:g}-{rho}-{seed}", optimizer=optimizer, seed=seed, best=best, lr=lr, rho=rho
+            )
     return fc.find_run_dirs([runs])
 
 
@@ -58,9 +68,10 @@ def test_tuned_table_picks_the_best_point_and_pairs_gains_by_seed(lr_grid, tmp_p
     chosen = fc.tuned_groups(report)
     assert {key: (g.lr, g.rho, g.method) for key, g in chosen.items()} == {
         ("t5-small", 1.0, "adafactor"): (3e-3, None, "adafactor lr=0.003"),
-        ("t5-small", 1.0, "sam"): (1e-3, 0.15, "sam rho=0.15 lr=0.001")}
+        ("t5-small", 1.0, "sam"): (1e-3, 0.15, "sam rho=0.15 lr=0.001"),
+    }
     md = (tmp_path / "r" / "results.md").read_text()
-    tuned = md[md.index("## Tuned"):]
+    tuned = md[md.index("## Tuned") :]
     assert "| t5-small | 100% | adafactor | 2 | 0.003 | – | 3 | 63.0 ± 1.0 | (reference) |" in tuned
     # sam rho=0.15 lr=1e-3 minus adafactor lr=3e-3, seed by seed: 3, 1, 5
     assert "| t5-small | 100% | sam | 3 | 0.001 | 0.15 | 3 | 66.0 ± 1.0 | +3.0 ± 2.0 (n=3) |" in tuned
@@ -79,7 +90,8 @@ def test_tuned_table_picks_the_best_point_and_pairs_gains_by_seed(lr_grid, tmp_p
     # --baseline names a point (that one, at every fraction) or an optimizer (its tuned point).
     fixed = fc.build_report(lr_grid, tmp_path / "r2", baseline="adafactor lr=0.001")
     assert {g.method: g.diffs for g in fixed.gains if g.selection == "best" and g.metric == "score"}[
-        "adafactor lr=0.003"] == [3.0, 2.0, -2.0]
+        "adafactor lr=0.003"
+    ] == [3.0, 2.0, -2.0]
     assert "its tuned point" not in fc.render_markdown(fixed)
     assert fc.Baseline("adafactor", "adafactor lr=0.001") == fixed.baselines["t5-small"]
     by_family = fc.build_report(lr_grid, tmp_path / "r3", baseline="adafactor")
@@ -95,7 +107,7 @@ def test_tuned_gain_pairs_only_common_seeds(tmp_path):
             write_run(runs, f"s{lr:g}-{seed}", optimizer="sam", seed=seed, best=best, lr=lr, rho=0.05)
     report = fc.compare_runs(fc.find_run_dirs([runs]), tmp_path / "r")
     md = (tmp_path / "r" / "results.md").read_text()
-    assert "| t5-small | 100% | sam | 2 | 0.001 | 0.05 | 2 | 56.0 ± 1.4 | +3.0 (n=1) |" in md   # seed 1: 55 - 52
+    assert "| t5-small | 100% | sam | 2 | 0.001 | 0.05 | 2 | 56.0 ± 1.4 | +3.0 (n=1) |" in md  # seed 1: 55 - 52
     assert "| t5-small | 100% | adafactor | 1 | 0.001 | – | 2 | 51.0 ± 1.4 | (reference) |" in md
     # adafactor ran at one lr: its label stays as it was
     assert [g.method for g in report.groups] == ["adafactor", "sam rho=0.05 lr=0.001", "sam rho=0.05 lr=0.003"]
@@ -117,11 +129,14 @@ def test_split_text_names_every_task_split():
     runs = []
     for examples in (100, 9815):
         record = fc.RunRecord(Path("x"), "m", "", "adamw", None, None, 1e-3, 1.0, 0, "score", {}, [])
-        record.eval_sets = {"glue/rte": {"split": "validation", "examples": 277},
-                            "glue/mnli:validation_matched": {"split": "validation_matched", "examples": examples}}
+        record.eval_sets = {
+            "glue/rte": {"split": "validation", "examples": 277},
+            "glue/mnli:validation_matched": {"split": "validation_matched", "examples": examples},
+        }
         runs.append(record)
-    assert fc.split_text(runs) == ("glue/rte validation (277 examples), "
-                                   "glue/mnli:validation_matched validation_matched (100/9815 examples)")
+    assert fc.split_text(runs) == (
+        "glue/rte validation (277 examples), glue/mnli:validation_matched validation_matched (100/9815 examples)"
+    )
     assert "do not name it" in fc.split_text([])
 
 
@@ -136,8 +151,9 @@ def t5_dir(tmp_path_factory):
 
 
 def grid_runs(t5_dir, tmp_path, **grid):
-    base = FinetuneConfig(model=str(t5_dir), task="glue/rte", data_dir=str(FIXTURES / "glue"), steps=2,
-                          lr=grid.pop("base_lr", None))
+    base = FinetuneConfig(
+        model=str(t5_dir), task="glue/rte", data_dir=str(FIXTURES / "glue"), steps=2, lr=grid.pop("base_lr", None)
+    )
     return {name: config for name, config, _ in fc.FinetuneGrid(out=str(tmp_path), base=base, **grid).runs()}
 
 
@@ -149,18 +165,26 @@ def test_grid_names_carry_the_lr_only_for_methods_with_several(t5_dir, tmp_path)
 
     every = grid_runs(t5_dir, tmp_path, optimizers="adafactor,sam", lr="1e-3,3e-3", rho="0.05", subsample="0.5")
     assert {n: (c.lr, c.rho) for n, c in every.items()} == {
-        "adafactor-lr0.001-sub0.5-seed0": (1e-3, None), "adafactor-lr0.003-sub0.5-seed0": (3e-3, None),
-        "sam-rho0.05-lr0.001-sub0.5-seed0": (1e-3, 0.05), "sam-rho0.05-lr0.003-sub0.5-seed0": (3e-3, 0.05)}
+        "adafactor-lr0.001-sub0.5-seed0": (1e-3, None),
+        "adafactor-lr0.003-sub0.5-seed0": (3e-3, None),
+        "sam-rho0.05-lr0.001-sub0.5-seed0": (1e-3, 0.05),
+        "sam-rho0.05-lr0.003-sub0.5-seed0": (3e-3, 0.05),
+    }
     assert every["sam-rho0.05-lr0.003-sub0.5-seed0"].out == str(tmp_path / "runs" / "sam-rho0.05-lr0.003-sub0.5-seed0")
 
     # Per method; a method not named runs at the base's lr (None: the model's default), under its old name.
     for base_lr in (None, 5e-4):
-        per = grid_runs(t5_dir, tmp_path, optimizers="adafactor,sam", lr="sam=1e-3,sam=2e-3", seeds="0,1",
-                        base_lr=base_lr)
+        per = grid_runs(
+            t5_dir, tmp_path, optimizers="adafactor,sam", lr="sam=1e-3,sam=2e-3", seeds="0,1", base_lr=base_lr
+        )
         assert {n: c.lr for n, c in per.items()} == {
-            "adafactor-sub1-seed0": base_lr, "adafactor-sub1-seed1": base_lr,
-            "sam-lr0.001-sub1-seed0": 1e-3, "sam-lr0.001-sub1-seed1": 1e-3,
-            "sam-lr0.002-sub1-seed0": 2e-3, "sam-lr0.002-sub1-seed1": 2e-3}
+            "adafactor-sub1-seed0": base_lr,
+            "adafactor-sub1-seed1": base_lr,
+            "sam-lr0.001-sub1-seed0": 1e-3,
+            "sam-lr0.001-sub1-seed1": 1e-3,
+            "sam-lr0.002-sub1-seed0": 2e-3,
+            "sam-lr0.002-sub1-seed1": 2e-3,
+        }
     with pytest.raises(UserError, match="--lr gives a value for fsam"):
         grid_runs(t5_dir, tmp_path, optimizers="adafactor,sam", lr="fsam=1e-3")
 
@@ -172,25 +196,60 @@ def samlm(capsys, *argv):
 
 
 def test_cli_dry_run_lists_the_lr_grid(t5_dir, tmp_path, capsys):
-    code, out, err = samlm(capsys, "--out", tmp_path / "cmp", "--model", t5_dir, "--task", "glue/rte", "--data-dir",
-                           FIXTURES / "glue", "--optimizers", "adafactor,sam", "--lr", "sam=1e-3,sam=3e-3",
-                           "--steps", 2, "--batch", 2, "--dry-run")
+    code, out, err = samlm(
+        capsys,
+        "--out",
+        tmp_path / "cmp",
+        "--model",
+        t5_dir,
+        "--task",
+        "glue/rte",
+        "--data-dir",
+        FIXTURES / "glue",
+        "--optimizers",
+        "adafactor,sam",
+        "--lr",
+        "sam=1e-3,sam=3e-3",
+        "--steps",
+        2,
+        "--batch",
+        2,
+        "--dry-run",
+    )
     assert code == 0, err
     assert [line.split(":")[0] for line in out.splitlines()] == [
-        "adafactor-sub1-seed0", "sam-lr0.001-sub1-seed0", "sam-lr0.003-sub1-seed0"]
+        "adafactor-sub1-seed0",
+        "sam-lr0.001-sub1-seed0",
+        "sam-lr0.003-sub1-seed0",
+    ]
     assert not (tmp_path / "cmp").exists()
 
 
-@pytest.mark.parametrize("lr, message", [
-    ("abc", "--lr: 'abc' is not a number"),
-    ("0", "--lr must be finite and > 0"),
-    ("sam=-1e-3", "--lr must be finite and > 0"),
-    ("samm=1e-3", "--lr: unknown optimizer 'samm'"),
-    ("fsam=1e-3", "--lr gives a value for fsam, which is not in --optimizers"),
-])
+@pytest.mark.parametrize(
+    "lr, message",
+    [
+        ("abc", "--lr: 'abc' is not a number"),
+        ("0", "--lr must be finite and > 0"),
+        ("sam=-1e-3", "--lr must be finite and > 0"),
+        ("samm=1e-3", "--lr: unknown optimizer 'samm'"),
+        ("fsam=1e-3", "--lr gives a value for fsam, which is not in --optimizers"),
+    ],
+)
 def test_bad_lr_is_a_one_line_error(t5_dir, tmp_path, capsys, lr, message):
-    code, out, err = samlm(capsys, "--out", tmp_path / "cmp", "--model", t5_dir, "--task", "glue/rte",
-                           "--optimizers", "adafactor,sam", "--lr", lr, "--dry-run")
+    code, out, err = samlm(
+        capsys,
+        "--out",
+        tmp_path / "cmp",
+        "--model",
+        t5_dir,
+        "--task",
+        "glue/rte",
+        "--optimizers",
+        "adafactor,sam",
+        "--lr",
+        lr,
+        "--dry-run",
+    )
     assert code == 2 and err.startswith("samlm: error: ") and message in err and err.count("\n") == 1, err
     assert not out
 

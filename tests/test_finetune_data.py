@@ -46,29 +46,47 @@ SUPERGLUE = FIXTURES / "superglue"
 
 def test_registry_has_every_task_of_the_study():
     expected = {
-        "glue/cola", "glue/sst2", "glue/mrpc", "glue/stsb", "glue/qqp", "glue/mnli",
-        "glue/qnli", "glue/rte", "glue/wnli",
-        "superglue/boolq", "superglue/cb", "superglue/copa", "superglue/multirc",
-        "superglue/record", "superglue/rte", "superglue/wic", "superglue/wsc",
-        "cbqa/nq", "cbqa/webquestions", "cbqa/triviaqa", "tydiqa/goldp",
+        "glue/cola",
+        "glue/sst2",
+        "glue/mrpc",
+        "glue/stsb",
+        "glue/qqp",
+        "glue/mnli",
+        "glue/qnli",
+        "glue/rte",
+        "glue/wnli",
+        "superglue/boolq",
+        "superglue/cb",
+        "superglue/copa",
+        "superglue/multirc",
+        "superglue/record",
+        "superglue/rte",
+        "superglue/wic",
+        "superglue/wsc",
+        "cbqa/nq",
+        "cbqa/webquestions",
+        "cbqa/triviaqa",
+        "tydiqa/goldp",
     }
     assert set(task_names()) == expected
 
 
-@pytest.mark.parametrize("name, kind, labels, metrics", [
-    ("glue/cola", "classification", ("unacceptable", "acceptable"), ("mcc",)),
-    ("glue/mrpc", "classification", ("not_equivalent", "equivalent"), ("f1", "accuracy")),
-    ("glue/qqp", "classification", ("not_duplicate", "duplicate"), ("f1", "accuracy")),
-    ("glue/stsb", "regression", (), ("pearson", "spearman")),
-    ("glue/mnli", "classification", ("entailment", "neutral", "contradiction"), ("accuracy",)),
-    ("glue/wnli", "classification", ("not_entailment", "entailment"), ("accuracy",)),
-    ("superglue/cb", "classification", ("entailment", "contradiction", "neutral"),
-     ("macro_f1", "accuracy")),
-    ("superglue/multirc", "classification", ("False", "True"), ("f1a", "em")),
-    ("superglue/record", "generation", (), ("f1", "em")),
-    ("cbqa/nq", "generation", (), ("f1", "em")),
-    ("tydiqa/goldp", "generation", (), ("f1", "em")),
-])
+@pytest.mark.parametrize(
+    "name, kind, labels, metrics",
+    [
+        ("glue/cola", "classification", ("unacceptable", "acceptable"), ("mcc",)),
+        ("glue/mrpc", "classification", ("not_equivalent", "equivalent"), ("f1", "accuracy")),
+        ("glue/qqp", "classification", ("not_duplicate", "duplicate"), ("f1", "accuracy")),
+        ("glue/stsb", "regression", (), ("pearson", "spearman")),
+        ("glue/mnli", "classification", ("entailment", "neutral", "contradiction"), ("accuracy",)),
+        ("glue/wnli", "classification", ("not_entailment", "entailment"), ("accuracy",)),
+        ("superglue/cb", "classification", ("entailment", "contradiction", "neutral"), ("macro_f1", "accuracy")),
+        ("superglue/multirc", "classification", ("False", "True"), ("f1a", "em")),
+        ("superglue/record", "generation", (), ("f1", "em")),
+        ("cbqa/nq", "generation", (), ("f1", "em")),
+        ("tydiqa/goldp", "generation", (), ("f1", "em")),
+    ],
+)
 def test_task_metadata(name, kind, labels, metrics):
     task = get_task(name)
     assert (task.kind, task.labels, task.metrics) == (kind, labels, metrics)
@@ -131,7 +149,7 @@ def test_mrpc_raw_microsoft_file_with_byte_order_mark():
     assert examples[0].target == "equivalent"
     # QUOTE_NONE: the double quotes inside the sentence stay as they are.
     assert examples[0].fields["sentence1"].startswith('Amrozi accused his brother , whom he called " the')
-    assert examples[0].inputs.startswith('mrpc sentence1: Amrozi accused')
+    assert examples[0].inputs.startswith("mrpc sentence1: Amrozi accused")
     assert ' sentence2: Referring to him as only " the witness "' in examples[0].inputs
 
 
@@ -148,20 +166,24 @@ def test_stsb_targets_round_to_a_fifth_like_t5():
     # 2.5 * 5 = 12.5 rounds half-to-even to 12 -> "2.4"; 0.75 * 5 = 3.75 -> 4 -> "0.8".
     assert [e.target for e in examples] == ["5.0", "3.8", "2.4", "0.8"]
     assert examples[1].inputs == (
-        "stsb sentence1: A man is playing a large flute. sentence2: A man is playing a flute.")
+        "stsb sentence1: A man is playing a large flute. sentence2: A man is playing a flute."
+    )
 
 
 # Halves round to even like tf.round: 9.5 -> 10, 16.5 -> 16, 20.5 -> 20, 22.5 -> 22, 0.5 -> 0.
-@pytest.mark.parametrize("score, text", [(0.0, "0.0"), (1.9, "2.0"), (3.3, "3.2"), (4.1, "4.0"),
-                                         (4.5, "4.4"), (3.76, "3.8"), (5.0, "5.0"), (0.1, "0.0")])
+@pytest.mark.parametrize(
+    "score, text",
+    [(0.0, "0.0"), (1.9, "2.0"), (3.3, "3.2"), (4.1, "4.0"), (4.5, "4.4"), (3.76, "3.8"), (5.0, "5.0"), (0.1, "0.0")],
+)
 def test_stsb_target_strings(score, text):
     assert stsb_target(score) == text
 
 
 def test_qqp_and_qnli_and_wnli_formats():
     qqp = load_task("glue/qqp", GLUE, "train")
-    assert qqp[1].inputs == ("qqp question1: How do I control my horny emotions? "
-                             "question2: How do you control your horniness?")
+    assert qqp[1].inputs == (
+        "qqp question1: How do I control my horny emotions? question2: How do you control your horniness?"
+    )
     assert [e.target for e in qqp] == ["not_duplicate", "duplicate"]
     [qnli] = load_task("glue/qnli", GLUE, "validation")
     assert qnli.inputs.startswith("qnli question: What came into force") and " sentence: As of" in qnli.inputs
@@ -175,10 +197,13 @@ def test_mnli_matched_and_mismatched_dev_files():
     assert [e.target for e in matched] == ["neutral", "contradiction"]
     assert [e.target for e in mismatched] == ["contradiction"]
     # T5 sorts the feature names: hypothesis before premise.
-    assert matched[0].inputs == ("mnli hypothesis: Everyone really likes the newest benefits  "
-                                 "premise: The new rights are nice enough")
+    assert matched[0].inputs == (
+        "mnli hypothesis: Everyone really likes the newest benefits  premise: The new rights are nice enough"
+    )
     assert (matched[0].text_a, matched[0].text_b) == (
-        "The new rights are nice enough", "Everyone really likes the newest benefits ")
+        "The new rights are nice enough",
+        "Everyone really likes the newest benefits ",
+    )
     assert mismatched[0].uid == "glue/mnli:validation_mismatched:0"
     [train] = load_task("glue/mnli", GLUE, "train")  # 12-column train file
     assert train.target == "neutral"
@@ -186,9 +211,11 @@ def test_mnli_matched_and_mismatched_dev_files():
 
 def test_rte_splits_and_pair_view():
     train = load_task("glue/rte", GLUE, "train")
-    assert train[2].inputs == ("rte sentence1: Herceptin was already approved to treat the sickest "
-                               "breast cancer patients. sentence2: Herceptin can be used to treat "
-                               "breast cancer.")
+    assert train[2].inputs == (
+        "rte sentence1: Herceptin was already approved to treat the sickest "
+        "breast cancer patients. sentence2: Herceptin can be used to treat "
+        "breast cancer."
+    )
     assert [e.label for e in train] == [1, 1, 0]
     [test] = load_task("glue/rte", GLUE, "test")
     assert test.label is None and test.target == ""
@@ -218,21 +245,26 @@ def test_boolq_booleans_become_false_true():
     assert [(e.label, e.target) for e in examples] == [(0, "False"), (1, "True")]
     assert examples[1].inputs == (
         "boolq passage: Property tax -- Property tax or 'house tax' is a local tax on buildings. "
-        "question: is house tax and property tax are same")
+        "question: is house tax and property tax are same"
+    )
     assert examples[1].text_a == "is house tax and property tax are same"
 
 
 def test_cb_label_words_and_order():
     examples = load_task("superglue/cb", SUPERGLUE, "validation")
     assert [e.label for e in examples] == [1, 0, 2]  # contradiction, entailment, neutral
-    assert examples[2].inputs == ("cb hypothesis: she had the nerve to go ahead premise: She "
-                                  "swallowed hard, unsure if she had the nerve to go ahead.")
+    assert examples[2].inputs == (
+        "cb hypothesis: she had the nerve to go ahead premise: She "
+        "swallowed hard, unsure if she had the nerve to go ahead."
+    )
 
 
 def test_copa_sorted_fields_and_choice_targets():
     example = load_task("superglue/copa", SUPERGLUE, "validation")[0]
-    assert example.inputs == ("copa choice1: The toilet filled with water. choice2: Water flowed "
-                              "from the spout. premise: The man turned on the faucet. question: effect")
+    assert example.inputs == (
+        "copa choice1: The toilet filled with water. choice2: Water flowed "
+        "from the spout. premise: The man turned on the faucet. question: effect"
+    )
     assert example.target == "choice2"
 
 
@@ -241,8 +273,10 @@ def test_superglue_rte_and_wic():
     assert rte.inputs.startswith("rte hypothesis: Christopher Reeve had an accident. premise: Dana")
     assert rte.target == "not_entailment"
     [wic] = load_task("superglue/wic", SUPERGLUE, "validation")
-    assert wic.inputs == ("wic sentence1: Do you want to come over to my place later? sentence2: "
-                          "A political system with no place for the less prominent groups. word: place")
+    assert wic.inputs == (
+        "wic sentence1: Do you want to come over to my place later? sentence2: "
+        "A political system with no place for the less prominent groups. word: place"
+    )
     assert wic.target == "False"
     assert wic.text_a == "place: Do you want to come over to my place later?"
 
@@ -258,7 +292,8 @@ def test_multirc_one_example_per_answer_grouped_by_question():
     # HTML markup removed as T5 does: <br> -> space, <b>/</b> dropped.
     assert examples[0].inputs == (
         "multirc question: Who did Susan call? answer: Her friends paragraph: Sent 1: Susan wanted "
-        "to have a birthday party. Sent 2: She called all of her friends. ")
+        "to have a birthday party. Sent 2: She called all of her friends. "
+    )
     assert "<" not in examples[0].text_a
 
 
@@ -272,20 +307,26 @@ def test_record_validation_one_example_per_query_with_all_answers():
     assert second.inputs == (
         "record query: Millions visit @placeholder. entities: Eiffel Tower, Paris, Workers "
         "passage: The Eiffel Tower was painted in Paris. Workers repainted the Eiffel Tower. "
-        "Paris hosts millions")
+        "Paris hosts millions"
+    )
 
 
 def test_record_training_split_has_one_example_per_answer():
     examples = load_task("superglue/record", SUPERGLUE, "train")
     assert [(e.uid.rsplit(":", 1)[1], e.target) for e in examples] == [
-        ("7-0#0", "Eiffel Tower"), ("7-1#0", "Eiffel Tower"), ("7-1#1", "Paris")]
+        ("7-0#0", "Eiffel Tower"),
+        ("7-1#0", "Eiffel Tower"),
+        ("7-1#1", "Paris"),
+    ]
     assert examples[1].group == examples[2].group != examples[0].group
 
 
 def test_wsc_spans_are_marked_like_t5():
     examples = load_task("superglue/wsc", SUPERGLUE, "validation")
-    assert examples[0].inputs == ("wsc text: * Mark * told Pete many lies about himself, which "
-                                  "Pete included in his book. # He # should have been more truthful.")
+    assert examples[0].inputs == (
+        "wsc text: * Mark * told Pete many lies about himself, which "
+        "Pete included in his book. # He # should have been more truthful."
+    )
     # span 2 before span 1: no index shift
     assert examples[1].inputs == "wsc text: When # he # arrived, * Bob * was tired."
     assert examples[0].target == "True"
@@ -294,8 +335,7 @@ def test_wsc_spans_are_marked_like_t5():
 
 
 def test_mark_wsc_spans_marks_nothing_where_the_span_is_not_at_its_index():
-    fields = {"text": "a b c", "span1_text": "zzz", "span1_index": 1, "span2_text": "c",
-              "span2_index": 2}
+    fields = {"text": "a b c", "span1_text": "zzz", "span1_index": 1, "span2_text": "c", "span2_index": 2}
     # Like T5: span 1 is not found, yet span 2's index is still shifted by 2, so it is not
     # found either. The text passes through unmarked rather than failing.
     assert mark_wsc_spans(fields) == "a b c"
@@ -345,13 +385,13 @@ def test_tydiqa_goldp_pads_punctuation_like_mt5():
     english, finnish = examples
     assert english.inputs == (
         "question: When did Apollo 17 launch ? context: Apollo 17 ( December 7 - 19 , 1972 ) was "
-        "the final mission of NASA ' s Apollo program .")
+        "the final mission of NASA ' s Apollo program ."
+    )
     assert english.answers == ("December 7 , 1972", "December 7")
     assert english.fields["language"] == "english"
     # letters with diacritics are not split (mT5 pads only non-letter/number/mark characters)
     assert finnish.inputs == "question: Mikä on Suomen pääkaupunki ? context: Helsinki on Suomen pääkaupunki ."
-    assert (finnish.text_a, finnish.text_b) == ("Mikä on Suomen pääkaupunki?",
-                                               "Helsinki on Suomen pääkaupunki.")
+    assert (finnish.text_a, finnish.text_b) == ("Mikä on Suomen pääkaupunki?", "Helsinki on Suomen pääkaupunki.")
 
 
 def test_pad_punctuation_keeps_underscores_and_accents():
@@ -381,8 +421,11 @@ def fake_hub(monkeypatch):
 def test_hub_glue_rte(fake_hub):
     tables, calls = fake_hub
     tables[("nyu-mll/glue", "rte", "validation")] = {
-        "sentence1": ["A dog ran.", "It rained."], "sentence2": ["An animal ran.", "It was dry."],
-        "label": [0, 1], "idx": [0, 1]}
+        "sentence1": ["A dog ran.", "It rained."],
+        "sentence2": ["An animal ran.", "It was dry."],
+        "label": [0, 1],
+        "idx": [0, 1],
+    }
     examples = load_task("glue/rte", split="validation")
     assert calls == [("nyu-mll/glue", "rte", "validation")]
     assert examples[0].inputs == "rte sentence1: A dog ran. sentence2: An animal ran."
@@ -391,8 +434,7 @@ def test_hub_glue_rte(fake_hub):
 
 def test_hub_test_split_labels_of_minus_one_are_unlabelled(fake_hub):
     tables, _ = fake_hub
-    tables[("nyu-mll/glue", "stsb", "test")] = {
-        "sentence1": ["a"], "sentence2": ["b"], "label": [-1.0], "idx": [0]}
+    tables[("nyu-mll/glue", "stsb", "test")] = {"sentence1": ["a"], "sentence2": ["b"], "label": [-1.0], "idx": [0]}
     [example] = load_task("glue/stsb", split="test")
     assert example.label is None and example.target == ""
 
@@ -404,8 +446,7 @@ def test_hub_and_local_files_give_the_same_examples(fake_hub):
         "paragraph": [e.fields["paragraph"] for e in local],
         "question": [e.fields["question"] for e in local],
         "answer": [e.fields["answer"] for e in local],
-        "idx": [{"paragraph": 0, "question": q, "answer": a}
-                for q, a in [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4)]],
+        "idx": [{"paragraph": 0, "question": q, "answer": a} for q, a in [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4)]],
         "label": [e.label for e in local],
     }
     assert load_task("superglue/multirc", split="validation") == local
@@ -414,19 +455,28 @@ def test_hub_and_local_files_give_the_same_examples(fake_hub):
 def test_hub_qa_datasets(fake_hub):
     tables, _ = fake_hub
     tables[("mandarjoshi/trivia_qa", "rc.nocontext", "validation")] = {
-        "question": ["Who?"], "question_id": ["tc_1"],
-        "answer": [{"value": "Ann", "aliases": ["Ann", "Annie"]}]}
+        "question": ["Who?"],
+        "question_id": ["tc_1"],
+        "answer": [{"value": "Ann", "aliases": ["Ann", "Annie"]}],
+    }
     tables[("google-research-datasets/tydiqa", "secondary_task", "validation")] = {
-        "id": ["english-1-0"], "title": ["t"], "question": ["Who?"], "context": ["Ann did."],
-        "answers": [{"text": ["Ann"], "answer_start": [0]}]}
+        "id": ["english-1-0"],
+        "title": ["t"],
+        "question": ["Who?"],
+        "context": ["Ann did."],
+        "answers": [{"text": ["Ann"], "answer_start": [0]}],
+    }
     tables[("google-research-datasets/nq_open", "nq_open", "train")] = {
-        "question": ["where?"], "answer": [["here", "there"]]}
-    tables[("Stanford/web_questions", None, "test")] = {
-        "url": ["u"], "question": ["what?"], "answers": [["x"]]}
+        "question": ["where?"],
+        "answer": [["here", "there"]],
+    }
+    tables[("Stanford/web_questions", None, "test")] = {"url": ["u"], "question": ["what?"], "answers": [["x"]]}
     assert load_task("cbqa/triviaqa", split="validation")[0].answers == ("Ann", "Annie")
     tables[("mandarjoshi/trivia_qa", "rc.nocontext", "test")] = {
-        "question": ["Who?"], "question_id": ["tc_2"],
-        "answer": [{"value": "<unk>", "aliases": []}]}
+        "question": ["Who?"],
+        "question_id": ["tc_2"],
+        "answer": [{"value": "<unk>", "aliases": []}],
+    }
     [unanswered] = load_task("cbqa/triviaqa", split="test")
     assert (unanswered.answers, unanswered.target) == ((), "")
     assert load_task("tydiqa/goldp", split="validation")[0].inputs == "question: Who ? context: Ann did ."
@@ -441,8 +491,11 @@ def test_hub_failure_is_a_user_error(monkeypatch):
         raise ConnectionError("Couldn't reach the Hugging Face Hub\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError, match=r"could not load glue/rte train from the Hugging Face hub "
-                                        r"nyu-mll/glue \(rte\): ConnectionError: Couldn't reach"):
+    with pytest.raises(
+        UserError,
+        match=r"could not load glue/rte train from the Hugging Face hub "
+        r"nyu-mll/glue \(rte\): ConnectionError: Couldn't reach",
+    ):
         load_task("glue/rte")
 
 
@@ -459,24 +512,27 @@ def test_hub_dataset_with_missing_column(fake_hub):
 
 
 def test_parse_column_mapping():
-    assert parse_column_mapping("input=question, target=answer") == {
-        "input": "question", "target": "answer"}
+    assert parse_column_mapping("input=question, target=answer") == {"input": "question", "target": "answer"}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("target=answer", "needs input=<column>"),
-    ("input=q,input=r", "names 'input' twice"),
-    ("input", "should look like key=column"),
-    ("input=q,label=l", "unknown column-mapping key 'label'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("target=answer", "needs input=<column>"),
+        ("input=q,input=r", "names 'input' twice"),
+        ("input", "should look like key=column"),
+        ("input=q,label=l", "unknown column-mapping key 'label'"),
+    ],
+)
 def test_parse_column_mapping_errors(spec, message):
     with pytest.raises(UserError, match=message):
         parse_column_mapping(spec)
 
 
 def test_generic_jsonl_generation():
-    examples = load_generic(FIXTURES / "generic" / "qa.jsonl",
-                            "input=question,target=answer,answers=aliases,id=id", "generation")
+    examples = load_generic(
+        FIXTURES / "generic" / "qa.jsonl", "input=question,target=answer,answers=aliases,id=id", "generation"
+    )
     assert examples[0].uid == "generic:q1"
     assert (examples[0].inputs, examples[0].target) == ("What is the capital of France?", "Paris")
     assert examples[0].answers == ("Paris", "City of Light")
@@ -485,13 +541,16 @@ def test_generic_jsonl_generation():
 
 def test_generic_csv_classification_with_quoted_multiline_field():
     path = FIXTURES / "generic" / "sentiment.csv"
-    examples = load_generic(path, {"input": "text", "target": "label"}, "classification",
-                            labels=["negative", "positive"])
-    assert [e.inputs for e in examples] == ["Great, really great", "Boring.\nVery boring",
-                                            "Fine I guess"]
+    examples = load_generic(
+        path, {"input": "text", "target": "label"}, "classification", labels=["negative", "positive"]
+    )
+    assert [e.inputs for e in examples] == ["Great, really great", "Boring.\nVery boring", "Fine I guess"]
     assert [e.label for e in examples] == [1, 0, 1]  # words and indices both accepted
-    assert [e.uid for e in examples] == ["generic:sentiment.csv:2", "generic:sentiment.csv:3",
-                                         "generic:sentiment.csv:5"]  # line where each row starts
+    assert [e.uid for e in examples] == [
+        "generic:sentiment.csv:2",
+        "generic:sentiment.csv:3",
+        "generic:sentiment.csv:5",
+    ]  # line where each row starts
 
 
 def test_generic_text_pairs_and_regression(tmp_path):
@@ -508,8 +567,12 @@ def test_generic_text_pairs_and_regression(tmp_path):
 
 
 def _examples(n: int, groups: int | None = None) -> list[Example]:
-    return [Example(uid=f"t:train:{i}", task="t", inputs=str(i), target="",
-                    group=None if groups is None else f"g{i % groups}") for i in range(n)]
+    return [
+        Example(
+            uid=f"t:train:{i}", task="t", inputs=str(i), target="", group=None if groups is None else f"g{i % groups}"
+        )
+        for i in range(n)
+    ]
 
 
 def test_subsample_is_deterministic_and_keeps_the_rate():
@@ -523,8 +586,7 @@ def test_subsample_is_deterministic_and_keeps_the_rate():
     assert positions == sorted(set(positions))
 
 
-@pytest.mark.parametrize("n, rate, kept", [(250, 0.02, 5), (10, 0.25, 3), (10, 0.35, 4),
-                                           (3, 0.01, 1), (7, 1.0, 7)])
+@pytest.mark.parametrize("n, rate, kept", [(250, 0.02, 5), (10, 0.25, 3), (10, 0.35, 4), (3, 0.01, 1), (7, 1.0, 7)])
 def test_subsample_sizes_round_half_up_with_at_least_one(n, rate, kept):
     assert len(subsample(_examples(n), rate, seed=0)) == kept
 
@@ -593,8 +655,7 @@ def test_mixing_rates_are_example_proportional_with_a_cap():
 
 
 def _task_examples(name: str, n: int) -> list[Example]:
-    return [Example(uid=f"{name}:train:{i}", task=name, inputs=f"{name} {i}", target="")
-            for i in range(n)]
+    return [Example(uid=f"{name}:train:{i}", task=name, inputs=f"{name} {i}", target="") for i in range(n)]
 
 
 def test_mixture_sampler_proportions_and_determinism():
@@ -619,7 +680,7 @@ def test_mixture_sampler_walks_each_task_in_epochs():
     data = {"a": _task_examples("a", 5)}
     drawn = [e.uid for e in MixtureSampler(data, seed=1).take(15)]
     for epoch in range(3):
-        assert sorted(drawn[5 * epoch: 5 * epoch + 5]) == sorted(e.uid for e in data["a"])
+        assert sorted(drawn[5 * epoch : 5 * epoch + 5]) == sorted(e.uid for e in data["a"])
     assert drawn[:5] != drawn[5:10]  # each epoch is a fresh permutation
 
 
@@ -651,15 +712,21 @@ RTE_HEADER = "index\tsentence1\tsentence2\tlabel\n"
 
 
 def test_unknown_task_suggests_the_closest_name():
-    with pytest.raises(UserError, match=r"unknown task 'superglue/multi_rc'; did you mean "
-                                        r"'superglue/multirc'\? known tasks: glue/cola") as err:
+    with pytest.raises(
+        UserError,
+        match=r"unknown task 'superglue/multi_rc'; did you mean "
+        r"'superglue/multirc'\? known tasks: glue/cola",
+    ) as err:
         get_task("superglue/multi_rc")
     _assert_one_line(err)
 
 
 def test_unknown_split_lists_the_splits():
-    with pytest.raises(UserError, match=r"glue/mnli has no split 'validation' \(splits: train, "
-                                        r"validation_matched, .*did you mean"):
+    with pytest.raises(
+        UserError,
+        match=r"glue/mnli has no split 'validation' \(splits: train, "
+        r"validation_matched, .*did you mean",
+    ):
         load_task("glue/mnli", GLUE, "validation")
 
 
@@ -694,8 +761,7 @@ def test_label_outside_the_label_set(tmp_path):
     path = _rte_dir(tmp_path, RTE_HEADER + "0\ta\tb\tentailment\n1\ta\tb\tmaybe\n")
     with pytest.raises(UserError) as err:
         load_task("glue/rte", tmp_path, "train")
-    assert _assert_one_line(err) == (
-        f"{path}:3: label 'maybe' is not one of entailment, not_entailment (or 0-1)")
+    assert _assert_one_line(err) == (f"{path}:3: label 'maybe' is not one of entailment, not_entailment (or 0-1)")
 
 
 def test_numeric_label_out_of_range(tmp_path):
@@ -716,7 +782,8 @@ def test_missing_column_in_header(tmp_path):
     with pytest.raises(UserError) as err:
         load_task("glue/rte", tmp_path, "train")
     assert _assert_one_line(err) == (
-        f"{path}:1: missing column 'label' (header has: index, sentence1, sentence2, gold)")
+        f"{path}:1: missing column 'label' (header has: index, sentence1, sentence2, gold)"
+    )
 
 
 def test_empty_file(tmp_path):
@@ -740,8 +807,8 @@ def test_bytes_that_are_not_utf8_name_line_and_offset(tmp_path):
         load_task("glue/rte", tmp_path, "train")
     offset = len(RTE_HEADER) + len("0\ta\tb\tentailment\n1\tcaf")
     assert _assert_one_line(err) == (
-        f"{path}:3: bytes are not valid UTF-8 (0xe9 at byte offset {offset}); "
-        "re-encode the file as UTF-8")
+        f"{path}:3: bytes are not valid UTF-8 (0xe9 at byte offset {offset}); re-encode the file as UTF-8"
+    )
 
 
 def test_non_utf8_offset_counts_the_bom(tmp_path):
@@ -755,42 +822,56 @@ def test_non_utf8_offset_counts_the_bom(tmp_path):
 
 def test_invalid_json_line(tmp_path):
     path = tmp_path / "val.jsonl"
-    path.write_text('{"question": "q", "passage": "p", "idx": 0, "label": true}\n\n'
-                    '{"question": "q", "passage": "p", "idx": 1, "label": tru}\n')
+    path.write_text(
+        '{"question": "q", "passage": "p", "idx": 0, "label": true}\n\n'
+        '{"question": "q", "passage": "p", "idx": 1, "label": tru}\n'
+    )
     with pytest.raises(UserError) as err:
         load_task("superglue/boolq", tmp_path, "validation")
     assert _assert_one_line(err).startswith(f"{path}:3: invalid JSON (Expecting value")
 
 
 def test_json_line_that_is_not_an_object(tmp_path):
-    (tmp_path / "val.jsonl").write_text('[1, 2]\n')
+    (tmp_path / "val.jsonl").write_text("[1, 2]\n")
     with pytest.raises(UserError, match=r"val.jsonl:1: expected a JSON object, found an array"):
         load_task("superglue/cb", tmp_path, "validation")
 
 
 def test_missing_key_in_jsonl(tmp_path):
     path = tmp_path / "val.jsonl"
-    path.write_text('{"premise": "p", "hypothesis": "h", "label": "neutral", "idx": 0}\n'
-                    '{"premise": "p", "label": "neutral", "idx": 1}\n')
+    path.write_text(
+        '{"premise": "p", "hypothesis": "h", "label": "neutral", "idx": 0}\n'
+        '{"premise": "p", "label": "neutral", "idx": 1}\n'
+    )
     with pytest.raises(UserError) as err:
         load_task("superglue/cb", tmp_path, "validation")
     assert _assert_one_line(err) == f"{path}:2: missing key 'hypothesis'"
 
 
 def test_wrong_type_of_nested_key(tmp_path):
-    record = {"idx": 0, "passage": {"text": "t", "questions": [
-        {"question": "q", "idx": 0, "answers": [{"text": 3, "idx": 0, "label": 1}]}]}}
+    record = {
+        "idx": 0,
+        "passage": {
+            "text": "t",
+            "questions": [{"question": "q", "idx": 0, "answers": [{"text": 3, "idx": 0, "label": 1}]}],
+        },
+    }
     (tmp_path / "val.jsonl").write_text(json.dumps(record) + "\n")
-    with pytest.raises(UserError, match=r"val.jsonl:1: key 'passage.questions\[0\].answers\[0\]"
-                                        r".text' should be a string, found an integer"):
+    with pytest.raises(
+        UserError,
+        match=r"val.jsonl:1: key 'passage.questions\[0\].answers\[0\]"
+        r".text' should be a string, found an integer",
+    ):
         load_task("superglue/multirc", tmp_path, "validation")
 
 
 def test_superglue_label_outside_the_set(tmp_path):
-    (tmp_path / "val.jsonl").write_text(
-        '{"premise": "p", "hypothesis": "h", "label": "unsure", "idx": 0}\n')
-    with pytest.raises(UserError, match=r"val.jsonl:1: label 'unsure' is not one of entailment, "
-                                        r"contradiction, neutral"):
+    (tmp_path / "val.jsonl").write_text('{"premise": "p", "hypothesis": "h", "label": "unsure", "idx": 0}\n')
+    with pytest.raises(
+        UserError,
+        match=r"val.jsonl:1: label 'unsure' is not one of entailment, "
+        r"contradiction, neutral",
+    ):
         load_task("superglue/cb", tmp_path, "validation")
 
 
@@ -808,8 +889,7 @@ def test_invalid_json_document_names_the_line(tmp_path):
 
 def test_json_document_errors_name_the_json_path(tmp_path):
     path = tmp_path / "unfiltered-web-dev.json"
-    path.write_text(json.dumps({"Data": [{"Question": "q", "Answer": {"Value": "v"}},
-                                         {"Answer": {"Value": "v"}}]}))
+    path.write_text(json.dumps({"Data": [{"Question": "q", "Answer": {"Value": "v"}}, {"Answer": {"Value": "v"}}]}))
     with pytest.raises(UserError) as err:
         load_task("cbqa/triviaqa", tmp_path, "validation")
     assert _assert_one_line(err) == f"{path}: Data[1]: missing key 'Question'"

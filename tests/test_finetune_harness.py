@@ -52,8 +52,9 @@ def gpt2_dir(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     path = tmp_path_factory.mktemp("gpt2")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=32,
-                               bos_token_id=None, eos_token_id=None)).save_pretrained(path)
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=32, bos_token_id=None, eos_token_id=None)
+    ).save_pretrained(path)
     return path
 
 
@@ -75,8 +76,24 @@ def weights(checkpoint):
 
 def test_t5_rte_end_to_end_with_paper_defaults(t5_dir, tmp_path):
     out = tmp_path / "run"
-    code = finetune("--model", t5_dir, "--task", "glue/rte", "--data-dir", GLUE, "--optimizer", "sam",
-                    "--steps", 4, "--batch", 4, "--eval-every", 2, "--out", out)
+    code = finetune(
+        "--model",
+        t5_dir,
+        "--task",
+        "glue/rte",
+        "--data-dir",
+        GLUE,
+        "--optimizer",
+        "sam",
+        "--steps",
+        4,
+        "--batch",
+        4,
+        "--eval-every",
+        2,
+        "--out",
+        out,
+    )
     assert code == 0
     records = io.read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4]
@@ -88,7 +105,12 @@ def test_t5_rte_end_to_end_with_paper_defaults(t5_dir, tmp_path):
     config = summary["config"]
     # Bahri et al. defaults for a T5 no wider than Small: Adafactor base, lr 1e-3, rho 0.05, 1/4 ascent.
     assert (config["optimizer"], config["base"], config["lr"], config["rho"], config["ascent_fraction"]) == (
-        "sam", "adafactor", 1e-3, 0.05, 0.25)
+        "sam",
+        "adafactor",
+        1e-3,
+        0.05,
+        0.25,
+    )
     assert summary["resolved"]["family"] == "seq2seq" and summary["resolved"]["t5_size"] == "small"
     acc = summary["metrics"]["glue/rte/accuracy"]
     assert acc["mode"] == "max" and acc["final_step"] == 4 and acc["best_step"] in (2, 4)
@@ -101,10 +123,17 @@ def test_t5_rte_end_to_end_with_paper_defaults(t5_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["config"]["optimizer"] == "sam"
 
 
-@pytest.mark.parametrize("d_model,model_type,rho,size", [
-    (32, "t5", 0.05, "small"), (512, "t5", 0.05, "small"), (768, "t5", 0.15, "base"),
-    (1024, "t5", 0.15, "large"), (2048, "t5", 0.15, "xl"), (512, "mt5", 0.02, "small"),
-])
+@pytest.mark.parametrize(
+    "d_model,model_type,rho,size",
+    [
+        (32, "t5", 0.05, "small"),
+        (512, "t5", 0.05, "small"),
+        (768, "t5", 0.15, "base"),
+        (1024, "t5", 0.15, "large"),
+        (2048, "t5", 0.15, "xl"),
+        (512, "mt5", 0.02, "small"),
+    ],
+)
 def test_t5_family_defaults_follow_the_paper(d_model, model_type, rho, size):
     from transformers import MT5Config, T5Config
 
@@ -113,21 +142,50 @@ def test_t5_family_defaults_follow_the_paper(d_model, model_type, rho, size):
     defaults = modeling.paper_defaults(info, "sam")
     assert info.t5_size == size
     assert (defaults["optimizer"], defaults["lr"], defaults["batch"], defaults["ascent_fraction"], defaults["rho"]) == (
-        "adafactor", 1e-3, 128, 0.25, rho)
-    assert modeling.paper_defaults(info, "asam")["rho"] is None   # ASAM keeps its own scale
+        "adafactor",
+        1e-3,
+        128,
+        0.25,
+        rho,
+    )
+    assert modeling.paper_defaults(info, "asam")["rho"] is None  # ASAM keeps its own scale
 
 
 def test_defaults_resolved_without_flags(t5_dir, bert_dir, tmp_path):
     parser = cli.build_parser()
-    args = parser.parse_args(["finetune", "--model", str(t5_dir), "--task", "glue/rte", "--data-dir", str(GLUE),
-                              "--out", str(tmp_path / "x")])
+    args = parser.parse_args(
+        [
+            "finetune",
+            "--model",
+            str(t5_dir),
+            "--task",
+            "glue/rte",
+            "--data-dir",
+            str(GLUE),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     s = harness.prepare(harness.config_from_args(args)).config
     assert (s.optimizer, s.base, s.lr, s.batch, s.rho) == ("adafactor", None, 1e-3, 128, None)
-    args = parser.parse_args(["finetune", "--model", str(bert_dir), "--task", "glue/sst2", "--data-dir", str(GLUE),
-                              "--optimizer", "asam", "--out", str(tmp_path / "y")])
+    args = parser.parse_args(
+        [
+            "finetune",
+            "--model",
+            str(bert_dir),
+            "--task",
+            "glue/sst2",
+            "--data-dir",
+            str(GLUE),
+            "--optimizer",
+            "asam",
+            "--out",
+            str(tmp_path / "y"),
+        ]
+    )
     s = harness.prepare(harness.config_from_args(args)).config
     assert (s.optimizer, s.base, s.lr, s.batch, s.rho) == ("asam", "adamw", 2e-5, 32, 0.5)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()   # prepare writes nothing
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # prepare writes nothing
 
 
 def test_seq2seq_batch_forward_and_loss_contract(t5_dir):
@@ -137,12 +195,12 @@ def test_seq2seq_batch_forward_and_loss_contract(t5_dir):
     batch = fm.collate(examples)
     labels = batch["labels"]
     assert batch["input_ids"].shape[0] == labels.shape[0] == 3
-    assert (labels == modeling.IGNORE_INDEX).any()                    # "entailment" is shorter: padded
+    assert (labels == modeling.IGNORE_INDEX).any()  # "entailment" is shorter: padded
     assert torch.equal(batch["decoder_input_ids"][:, 0], torch.zeros(3, dtype=torch.long))
     logits = fm.forward(batch)
     assert logits.dtype == torch.float32 and logits.shape[:2] == labels.shape
     mask = labels != modeling.IGNORE_INDEX
-    manual = torch.nn.functional.cross_entropy(logits[mask], labels[mask])   # token mean over real targets
+    manual = torch.nn.functional.cross_entropy(logits[mask], labels[mask])  # token mean over real targets
     assert torch.allclose(fm.loss(logits, batch), manual)
     fm.model.eval()
     predictions, loss = fm.predict(TASKS["glue/rte"], examples, batch_size=2)
@@ -155,15 +213,53 @@ def test_t5_generation_task_and_mixture(t5_dir, tmp_path):
     for name in ("NQ-open.train.jsonl", "NQ-open.dev.jsonl"):
         shutil.copy(FIXTURES / "cbqa" / "nq" / "NQ-open.dev.jsonl", data / name)
     out = tmp_path / "nq-run"
-    assert finetune("--model", t5_dir, "--task", "cbqa/nq", "--data-dir", data, "--steps", 2, "--batch", 2,
-                    "--eval-every", 0, "--max-target-length", 6, "--out", out) == 0
+    assert (
+        finetune(
+            "--model",
+            t5_dir,
+            "--task",
+            "cbqa/nq",
+            "--data-dir",
+            data,
+            "--steps",
+            2,
+            "--batch",
+            2,
+            "--eval-every",
+            0,
+            "--max-target-length",
+            6,
+            "--out",
+            out,
+        )
+        == 0
+    )
     summary = read_summary(out)
     assert {"cbqa/nq/f1", "cbqa/nq/em"} <= set(summary["metrics"])
     assert summary["config"]["optimizer"] == "adafactor"
 
     out = tmp_path / "mix"
-    assert finetune("--model", t5_dir, "--task", "glue/rte,glue/sst2", "--data-dir", demo_data_dir(),
-                    "--subsample", 0.5, "--steps", 2, "--batch", 4, "--eval-examples", 4, "--out", out) == 0
+    assert (
+        finetune(
+            "--model",
+            t5_dir,
+            "--task",
+            "glue/rte,glue/sst2",
+            "--data-dir",
+            demo_data_dir(),
+            "--subsample",
+            0.5,
+            "--steps",
+            2,
+            "--batch",
+            4,
+            "--eval-examples",
+            4,
+            "--out",
+            out,
+        )
+        == 0
+    )
     summary = read_summary(out)
     assert {k: v["train_examples"] for k, v in summary["data"].items()} == {"glue/rte": 6, "glue/sst2": 6}
     assert summary["data"]["glue/rte"]["train_examples_before_subsample"] == 12
@@ -177,8 +273,27 @@ def test_generic_columns_data(t5_dir, tmp_path):
     for name in ("train.jsonl", "validation.jsonl"):
         shutil.copy(FIXTURES / "generic" / "qa.jsonl", data / name)
     out = tmp_path / "run"
-    assert finetune("--model", t5_dir, "--task", "trivia", "--columns", "input=question,target=answer,answers=aliases",
-                    "--data-dir", data, "--steps", 1, "--batch", 2, "--max-target-length", 4, "--out", out) == 0
+    assert (
+        finetune(
+            "--model",
+            t5_dir,
+            "--task",
+            "trivia",
+            "--columns",
+            "input=question,target=answer,answers=aliases",
+            "--data-dir",
+            data,
+            "--steps",
+            1,
+            "--batch",
+            2,
+            "--max-target-length",
+            4,
+            "--out",
+            out,
+        )
+        == 0
+    )
     assert {"trivia/f1", "trivia/em"} <= set(read_summary(out)["metrics"])
 
 
@@ -187,8 +302,27 @@ def test_generic_columns_data(t5_dir, tmp_path):
 
 def test_bert_sst2_classifier(bert_dir, tmp_path):
     out = tmp_path / "run"
-    assert finetune("--model", bert_dir, "--task", "glue/sst2", "--data-dir", GLUE, "--optimizer", "fsam",
-                    "--steps", 3, "--batch", 2, "--eval-every", 0, "--out", out) == 0
+    assert (
+        finetune(
+            "--model",
+            bert_dir,
+            "--task",
+            "glue/sst2",
+            "--data-dir",
+            GLUE,
+            "--optimizer",
+            "fsam",
+            "--steps",
+            3,
+            "--batch",
+            2,
+            "--eval-every",
+            0,
+            "--out",
+            out,
+        )
+        == 0
+    )
     summary = read_summary(out)
     assert summary["resolved"]["family"] == "classifier"
     assert (summary["config"]["base"], summary["config"]["lr"]) == ("adamw", 2e-5)
@@ -199,9 +333,33 @@ def test_bert_sst2_classifier(bert_dir, tmp_path):
 
 def test_bert_stsb_regression(bert_dir, tmp_path):
     out = tmp_path / "run"
-    assert finetune("--model", bert_dir, "--task", "glue/stsb", "--data-dir", GLUE, "--eval-split", "train",
-                    "--optimizer", "sam", "--rho", 0.1, "--lr", 1e-3, "--steps", 3, "--batch", 4,
-                    "--eval-every", 1, "--out", out) == 0
+    assert (
+        finetune(
+            "--model",
+            bert_dir,
+            "--task",
+            "glue/stsb",
+            "--data-dir",
+            GLUE,
+            "--eval-split",
+            "train",
+            "--optimizer",
+            "sam",
+            "--rho",
+            0.1,
+            "--lr",
+            1e-3,
+            "--steps",
+            3,
+            "--batch",
+            4,
+            "--eval-every",
+            1,
+            "--out",
+            out,
+        )
+        == 0
+    )
     summary = read_summary(out)
     assert {"glue/stsb:train/pearson", "glue/stsb:train/spearman", "glue/stsb:train/loss"} == set(summary["metrics"])
     assert summary["config"]["rho"] == 0.1
@@ -218,8 +376,26 @@ def _strip(records):
 
 
 def test_resume_is_bitwise(t5_dir, tmp_path):
-    common = ["--model", t5_dir, "--task", "glue/rte,glue/sst2", "--data-dir", demo_data_dir(), "--optimizer", "sam",
-              "--batch", 4, "--grad-accum", 2, "--eval-every", 3, "--eval-examples", 3, "--seed", 3]
+    common = [
+        "--model",
+        t5_dir,
+        "--task",
+        "glue/rte,glue/sst2",
+        "--data-dir",
+        demo_data_dir(),
+        "--optimizer",
+        "sam",
+        "--batch",
+        4,
+        "--grad-accum",
+        2,
+        "--eval-every",
+        3,
+        "--eval-examples",
+        3,
+        "--seed",
+        3,
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     assert finetune(*common, "--steps", 6, "--out", full) == 0
     assert finetune(*common, "--steps", 3, "--out", part) == 0
@@ -244,8 +420,22 @@ def test_crash_leaves_complete_checkpoints_only_and_resumes(t5_dir, tmp_path, mo
 
     monkeypatch.setattr(finetune_build, "compute_metrics", failing)
     out = tmp_path / "run"
-    argv = ["--model", t5_dir, "--task", "glue/rte", "--data-dir", GLUE, "--steps", 4, "--batch", 2,
-            "--eval-every", 2, "--out", out]
+    argv = [
+        "--model",
+        t5_dir,
+        "--task",
+        "glue/rte",
+        "--data-dir",
+        GLUE,
+        "--steps",
+        4,
+        "--batch",
+        2,
+        "--eval-every",
+        2,
+        "--out",
+        out,
+    ]
     assert finetune(*argv) == 2
     assert not (out / "summary.json").exists()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]
@@ -282,30 +472,50 @@ def _bad_rte(tmp_path, row):
 
 
 ERRORS = {
-    "unknown task": (lambda d, t: ["--model", d["t5"], "--task", "glue/rtee", "--data-dir", GLUE],
-                     "unknown task 'glue/rtee'; did you mean 'glue/rte'?"),
-    "missing split file": (lambda d, t: ["--model", d["t5"], "--task", "glue/qqp", "--data-dir", GLUE],
-                           "no validation file for glue/qqp"),
-    "malformed row": (lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--data-dir",
-                                    _bad_rte(t, "1\tonly two\n")],
-                      "RTE/train.tsv:3: expected 4 tab-separated columns, found 2"),
-    "label outside the set": (lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--data-dir",
-                                            _bad_rte(t, "1\ta\tb\tmaybe\n")],
-                              "RTE/train.tsv:3: label 'maybe' is not one of entailment, not_entailment"),
-    "encoder on a generation task": (lambda d, t: ["--model", d["bert"], "--task", "cbqa/nq", "--data-dir", FIXTURES],
-                                     "is an encoder classifier (bert) and cbqa/nq is a generation task"),
-    "causal LM": (lambda d, t: ["--model", d["gpt2"], "--task", "glue/rte", "--data-dir", GLUE],
-                  "a decoder-only causal LM"),
-    "missing model dir": (lambda d, t: ["--model", t / "nope", "--task", "glue/rte", "--data-dir", GLUE],
-                          "model directory"),
-    "unlabelled eval split": (lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--data-dir", GLUE,
-                                            "--eval-split", "test"], "has no label"),
-    "subsample as percent": (lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--subsample", 5],
-                             "did you mean 0.05?"),
-    "rho without SAM": (lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--optimizer", "adafactor",
-                                      "--rho", 0.1], "--rho applies to SAM-family optimizers"),
-    "encoder mixture": (lambda d, t: ["--model", d["bert"], "--task", "glue/rte,glue/sst2", "--data-dir", GLUE],
-                        "one task at a time"),
+    "unknown task": (
+        lambda d, t: ["--model", d["t5"], "--task", "glue/rtee", "--data-dir", GLUE],
+        "unknown task 'glue/rtee'; did you mean 'glue/rte'?",
+    ),
+    "missing split file": (
+        lambda d, t: ["--model", d["t5"], "--task", "glue/qqp", "--data-dir", GLUE],
+        "no validation file for glue/qqp",
+    ),
+    "malformed row": (
+        lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--data-dir", _bad_rte(t, "1\tonly two\n")],
+        "RTE/train.tsv:3: expected 4 tab-separated columns, found 2",
+    ),
+    "label outside the set": (
+        lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--data-dir", _bad_rte(t, "1\ta\tb\tmaybe\n")],
+        "RTE/train.tsv:3: label 'maybe' is not one of entailment, not_entailment",
+    ),
+    "encoder on a generation task": (
+        lambda d, t: ["--model", d["bert"], "--task", "cbqa/nq", "--data-dir", FIXTURES],
+        "is an encoder classifier (bert) and cbqa/nq is a generation task",
+    ),
+    "causal LM": (
+        lambda d, t: ["--model", d["gpt2"], "--task", "glue/rte", "--data-dir", GLUE],
+        "a decoder-only causal LM",
+    ),
+    "missing model dir": (
+        lambda d, t: ["--model", t / "nope", "--task", "glue/rte", "--data-dir", GLUE],
+        "model directory",
+    ),
+    "unlabelled eval split": (
+        lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--data-dir", GLUE, "--eval-split", "test"],
+        "has no label",
+    ),
+    "subsample as percent": (
+        lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--subsample", 5],
+        "did you mean 0.05?",
+    ),
+    "rho without SAM": (
+        lambda d, t: ["--model", d["t5"], "--task", "glue/rte", "--optimizer", "adafactor", "--rho", 0.1],
+        "--rho applies to SAM-family optimizers",
+    ),
+    "encoder mixture": (
+        lambda d, t: ["--model", d["bert"], "--task", "glue/rte,glue/sst2", "--data-dir", GLUE],
+        "one task at a time",
+    ),
 }
 
 
@@ -319,7 +529,7 @@ def test_user_errors_are_one_line(case, t5_dir, bert_dir, gpt2_dir, tmp_path, ca
     assert err.count("\n") == 1 and err.startswith("samlm: error: "), err
     assert expected in err
     assert "Traceback" not in err
-    assert not out.exists()   # nothing written for a run that could not start
+    assert not out.exists()  # nothing written for a run that could not start
 
 
 def test_score_is_the_glue_average_over_best_values():

@@ -29,8 +29,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 
 
 def _labelled(task: str, labels: list) -> list[Example]:
-    return [Example(uid=f"{task}:validation:{i}", task=task, inputs="", target="", label=label)
-            for i, label in enumerate(labels)]
+    return [
+        Example(uid=f"{task}:validation:{i}", task=task, inputs="", target="", label=label)
+        for i, label in enumerate(labels)
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -62,8 +64,9 @@ def test_invalid_words_count_as_wrong_not_crash():
     assert scores == {"f1": pytest.approx(200 / 3), "accuracy": 50.0}
     # CoLA: an invalid answer to a gold 1 becomes a 0 -> gold 1 1 0 0, predicted 1 0 0 0:
     # TP=1, FN=1, TN=2, FP=0 -> MCC = 2 / sqrt(1*2*2*3) = 0.57735
-    scores = compute_metrics("glue/cola", ["acceptable", "???", "unacceptable", "unacceptable"],
-                             _labelled("glue/cola", [1, 1, 0, 0]))
+    scores = compute_metrics(
+        "glue/cola", ["acceptable", "???", "unacceptable", "unacceptable"], _labelled("glue/cola", [1, 1, 0, 0])
+    )
     assert scores["mcc"] == pytest.approx(100 * 2 / np.sqrt(12))
 
 
@@ -117,16 +120,14 @@ def test_stsb_pearson_and_spearman():
     # gold 1 2 3 4, predicted 1 3 2 4: deviations (-1.5 -.5 .5 1.5) and (-1.5 .5 -.5 1.5);
     # covariance sum 2.25 - .25 - .25 + 2.25 = 4; both variance sums 5 -> r = 0.8.
     # The ranks equal the values, so Spearman is 0.8 too.
-    scores = compute_metrics("glue/stsb", ["1.0", "3.0", "2.0", "4.0"],
-                             _labelled("glue/stsb", [1.0, 2.0, 3.0, 4.0]))
+    scores = compute_metrics("glue/stsb", ["1.0", "3.0", "2.0", "4.0"], _labelled("glue/stsb", [1.0, 2.0, 3.0, 4.0]))
     assert scores == {"pearson": pytest.approx(80.0), "spearman": pytest.approx(80.0)}
 
 
 def test_stsb_pearson_differs_from_spearman_on_an_outlier():
     # predicted 1 2 3 10: ranks agree (Spearman 1); deviations (-3 -2 -1 6) -> covariance sum 14,
     # variance sums 5 and 50 -> r = 14 / sqrt(250) = 0.88544
-    scores = compute_metrics("glue/stsb", [1.0, 2.0, 3.0, 10.0],
-                             _labelled("glue/stsb", [1.0, 2.0, 3.0, 4.0]))
+    scores = compute_metrics("glue/stsb", [1.0, 2.0, 3.0, 10.0], _labelled("glue/stsb", [1.0, 2.0, 3.0, 4.0]))
     assert scores["pearson"] == pytest.approx(100 * 14 / np.sqrt(250))
     assert scores["spearman"] == pytest.approx(100.0)
 
@@ -160,8 +161,10 @@ def test_token_f1_of_a_partial_overlap():
 
 
 def _qa_examples(answer_sets: list[tuple[str, ...]]) -> list[Example]:
-    return [Example(uid=f"cbqa/nq:validation:{i}", task="cbqa/nq", inputs="", target=a[0], answers=a)
-            for i, a in enumerate(answer_sets)]
+    return [
+        Example(uid=f"cbqa/nq:validation:{i}", task="cbqa/nq", inputs="", target=a[0], answers=a)
+        for i, a in enumerate(answer_sets)
+    ]
 
 
 def test_qa_scores_take_the_max_over_gold_answers():
@@ -185,8 +188,7 @@ def test_record_max_over_answers():
     # query 2 gold {Eiffel Tower, Paris}: "Paris Hilton" vs "Paris" -> P 1/2, R 1 -> F1 2/3
     scores = compute_metrics("superglue/record", ["Tower", "Paris Hilton"], examples)
     assert scores == {"f1": pytest.approx(200 / 3), "em": 0.0}
-    assert compute_metrics("superglue/record", ["the Eiffel Tower", "Paris."], examples) == {
-        "f1": 100.0, "em": 100.0}
+    assert compute_metrics("superglue/record", ["the Eiffel Tower", "Paris."], examples) == {"f1": 100.0, "em": 100.0}
 
 
 def test_record_per_answer_training_copies_count_once():
@@ -214,14 +216,17 @@ def _perfect_case(name: str) -> tuple[list, list[Example]]:
     if task.kind == "generation":
         examples = _qa_examples([("alpha beta",), ("gamma",), ("delta", "epsilon")])
         return [e.answers[-1] for e in examples], [
-            Example(uid=e.uid.replace("cbqa/nq", name), task=name, inputs="", target=e.target,
-                    answers=e.answers) for e in examples]
+            Example(uid=e.uid.replace("cbqa/nq", name), task=name, inputs="", target=e.target, answers=e.answers)
+            for e in examples
+        ]
     if task.kind == "regression":
         examples = _labelled(name, [0.4, 2.2, 4.8, 1.0])
         return [str(e.label) for e in examples], examples
     labels = [i % len(task.labels) for i in range(2 * len(task.labels))]
-    examples = [Example(uid=f"{name}:validation:{i}", task=name, inputs="", target="", label=y,
-                        group=f"q{i // 2}") for i, y in enumerate(labels)]
+    examples = [
+        Example(uid=f"{name}:validation:{i}", task=name, inputs="", target="", label=y, group=f"q{i // 2}")
+        for i, y in enumerate(labels)
+    ]
     return [task.labels[y] for y in labels], examples
 
 
@@ -239,10 +244,10 @@ def test_generic_task_metrics():
     # ham: P 1/2, R 1 -> F1 2/3; spam: P 1, R 1/2 -> F1 2/3; macro 2/3
     scores = compute_metrics(task, ["ham", "ham", "spam"], _labelled("generic", [0, 1, 1]))
     assert scores == {"accuracy": pytest.approx(200 / 3), "macro_f1": pytest.approx(200 / 3)}
-    examples = load_generic(FIXTURES / "generic" / "qa.jsonl",
-                            "input=question,target=answer,answers=aliases", "generation")
-    assert compute_metrics(generic_task("generation"), ["paris", "Shakespeare"], examples) == {
-        "f1": 100.0, "em": 100.0}
+    examples = load_generic(
+        FIXTURES / "generic" / "qa.jsonl", "input=question,target=answer,answers=aliases", "generation"
+    )
+    assert compute_metrics(generic_task("generation"), ["paris", "Shakespeare"], examples) == {"f1": 100.0, "em": 100.0}
 
 
 # --------------------------------------------------------------------------------------
@@ -270,13 +275,15 @@ def test_superglue_average_of_per_task_means():
 
 def test_glue_average_counts_mnli_matched_and_mismatched_as_one_task():
     scores = {
-        "glue/cola": {"mcc": 50.0}, "glue/sst2": {"accuracy": 90.0},
+        "glue/cola": {"mcc": 50.0},
+        "glue/sst2": {"accuracy": 90.0},
         "glue/mrpc": {"f1": 90.0, "accuracy": 80.0},  # 85
         "glue/stsb": {"pearson": 88.0, "spearman": 86.0},  # 87
         "glue/qqp": {"f1": 70.0, "accuracy": 80.0},  # 75
         "glue/mnli:validation_matched": {"accuracy": 84.0},
         "glue/mnli:validation_mismatched": {"accuracy": 86.0},  # MNLI 85
-        "glue/qnli": {"accuracy": 90.0}, "glue/rte": {"accuracy": 70.0},
+        "glue/qnli": {"accuracy": 90.0},
+        "glue/rte": {"accuracy": 70.0},
         "glue/wnli": {"accuracy": 0.0},  # not part of T5's GLUE average
     }
     # (50 + 90 + 85 + 87 + 75 + 85 + 90 + 70) / 8 = 79 (nine separate tasks would give 79.67)

@@ -36,9 +36,13 @@ from tinymodels import save_gpt2, save_t5
 
 GLUE = Path(__file__).parent / "fixtures" / "finetune" / "glue"
 EXAMPLES = int(os.environ.get("SAMLM_FUZZ_EXAMPLES", "50"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                derandomize=not os.environ.get("SAMLM_FUZZ_RANDOM"),
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=not os.environ.get("SAMLM_FUZZ_RANDOM"),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 # --------------------------------------------------------------------------- the world the fuzz runs in
@@ -60,9 +64,34 @@ def world(tmp_path_factory):
     (generic / "validation.jsonl").write_text('{"text": "fine", "label": "pos"}\n{"text": "awful", "label": "maybe"}\n')
     run = root / "run"
     with contextlib.redirect_stdout(stdio.StringIO()), contextlib.redirect_stderr(stdio.StringIO()):
-        assert cli.main(["pretrain", "--layers", "1", "--width", "16", "--heads", "2", "--context", "8", "--batch", "2",
-                         "--steps", "1", "--max-chars", "4000", "--val-batches", "1", "--no-sharpness",
-                         "--no-progress", "--out", str(run)]) == 0
+        assert (
+            cli.main(
+                [
+                    "pretrain",
+                    "--layers",
+                    "1",
+                    "--width",
+                    "16",
+                    "--heads",
+                    "2",
+                    "--context",
+                    "8",
+                    "--batch",
+                    "2",
+                    "--steps",
+                    "1",
+                    "--max-chars",
+                    "4000",
+                    "--val-batches",
+                    "1",
+                    "--no-sharpness",
+                    "--no-progress",
+                    "--out",
+                    str(run),
+                ]
+            )
+            == 0
+        )
     return root
 
 
@@ -77,9 +106,37 @@ SAFE_PATHS = {
     "--tokenizer": ["bytes", "utf8", "t5", "gpt2", "missing-tokenizer", "file.txt"],
     "--runs": ["run", "missing-run"],
 }
-WORDS = ["glue/rte", "glue/sst2", "cbqa/nq", "superglue/cb", "glue", "adamw", "sam", "fsam", "pfsam", "asam",
-         "psam", "sgd", "adafactor", "input=text,target=label", "pos,neg", "0.9,0.98", "1,2", "sam=0.1,fsam=x",
-         "cpu", "cuda", "cuda:3", "auto", "linear", "constant", "train", "validation", "test", "lanczos", "power"]
+WORDS = [
+    "glue/rte",
+    "glue/sst2",
+    "cbqa/nq",
+    "superglue/cb",
+    "glue",
+    "adamw",
+    "sam",
+    "fsam",
+    "pfsam",
+    "asam",
+    "psam",
+    "sgd",
+    "adafactor",
+    "input=text,target=label",
+    "pos,neg",
+    "0.9,0.98",
+    "1,2",
+    "sam=0.1,fsam=x",
+    "cpu",
+    "cuda",
+    "cuda:3",
+    "auto",
+    "linear",
+    "constant",
+    "train",
+    "validation",
+    "test",
+    "lanczos",
+    "power",
+]
 
 
 def _safe_text(text: str) -> bool:
@@ -89,11 +146,31 @@ def _safe_text(text: str) -> bool:
 
 GARBAGE = st.one_of(
     st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
-    st.sampled_from(["", " ", "-", "--", "-1", "nan", "NaN", "inf", "-inf", "1e999", "0x10", "1_000", "１",
-                     "2**70", "None", "true", "\n", "a\nb", "💥"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "-",
+            "--",
+            "-1",
+            "nan",
+            "NaN",
+            "inf",
+            "-inf",
+            "1e999",
+            "0x10",
+            "1_000",
+            "１",
+            "2**70",
+            "None",
+            "true",
+            "\n",
+            "a\nb",
+            "💥",
+        ]
+    ),
 ).filter(_safe_text)
-INTS = st.one_of(st.integers(-3, 12), st.sampled_from([0, -1, 2**31, 2**63, 2**70, -(2**63)]),
-                 st.integers()).map(str)
+INTS = st.one_of(st.integers(-3, 12), st.sampled_from([0, -1, 2**31, 2**63, 2**70, -(2**63)]), st.integers()).map(str)
 FLOATS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["0", "-0.0", "1", "0.5", "1.5", "-1", "1e-300", "1e39", "3e38", "nan", "inf", "-inf", "1e999"]),
@@ -113,7 +190,7 @@ def flag_strategy(command: str):
         if not action.option_strings or isinstance(action, argparse._HelpAction):
             continue
         flag = max(action.option_strings, key=len)
-        if action.nargs == 0:   # store_true and friends
+        if action.nargs == 0:  # store_true and friends
             options.append(st.just([flag]))
             continue
         if flag in SAFE_PATHS:
@@ -128,16 +205,17 @@ def flag_strategy(command: str):
             values = st.one_of(st.sampled_from(WORDS), GARBAGE)
         options.append(values.map(lambda v, flag=flag: [flag, v]))
         options.append(values.map(lambda v, flag=flag: [f"{flag}={v}"]))
-    options.append(st.sampled_from(["--steps", "--out", "--lr"]).map(lambda f: [f]))   # value missing
+    options.append(st.sampled_from(["--steps", "--out", "--lr"]).map(lambda f: [f]))  # value missing
     options.append(st.tuples(st.sampled_from(["--bogus", "--stpes", "-x", "--rho-"]), GARBAGE).map(list))
-    options.append(GARBAGE.map(lambda g: [g]))                                         # a stray token
+    options.append(GARBAGE.map(lambda g: [g]))  # a stray token
     return st.one_of(*options)
 
 
 def fuzzed_argv(command: str, base: list[str], tail: list[str] = ()):
     """``base`` (a valid command line), then up to 6 fuzzed arguments (later flags win), then ``tail``."""
     return st.lists(flag_strategy(command), max_size=6).map(
-        lambda extra: [command, *base, *[token for arg in extra for token in arg], *tail])
+        lambda extra: [command, *base, *[token for arg in extra for token in arg], *tail]
+    )
 
 
 def check_cli(argv: list[str]) -> None:
@@ -146,7 +224,7 @@ def check_cli(argv: list[str]) -> None:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = cli.main(argv)
-        except SystemExit as exc:   # argparse
+        except SystemExit as exc:  # argparse
             code = exc.code
     text = err.getvalue()
     event(f"exit {code}" + (" (argparse)" if "(see 'samlm" in text else ""))
@@ -166,8 +244,20 @@ def in_world(world, monkeypatch):
 # --------------------------------------------------------------------------- one property per command
 
 
-FINETUNE_BASE = ["--model", "t5", "--task", "glue/rte", "--data-dir", str(GLUE), "--steps", "1", "--batch", "2",
-                 "--out", "out"]
+FINETUNE_BASE = [
+    "--model",
+    "t5",
+    "--task",
+    "glue/rte",
+    "--data-dir",
+    str(GLUE),
+    "--steps",
+    "1",
+    "--batch",
+    "2",
+    "--out",
+    "out",
+]
 
 
 @FUZZ
@@ -175,15 +265,29 @@ FINETUNE_BASE = ["--model", "t5", "--task", "glue/rte", "--data-dir", str(GLUE),
 def test_fuzz_finetune(in_world, monkeypatch, argv):
     from samlm.cli import finetune as command
 
-    def no_training(plan):   # a guard: --dry-run must stop before this
+    def no_training(plan):  # a guard: --dry-run must stop before this
         raise AssertionError("finetune --dry-run started training")
 
     monkeypatch.setattr(command, "execute", no_training)
     check_cli(argv)
 
 
-PRETRAIN_BASE = ["--layers", "2", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4", "--steps", "2",
-                 "--out", "out"]
+PRETRAIN_BASE = [
+    "--layers",
+    "2",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--batch",
+    "4",
+    "--steps",
+    "2",
+    "--out",
+    "out",
+]
 
 
 def _validate_pretrain(args):
@@ -227,23 +331,49 @@ def test_fuzz_compare(in_world, monkeypatch, argv):
 
 
 @FUZZ
-@given(argv=st.one_of(fuzzed_argv("sharpness", ["--run", "run"]),
-                      fuzzed_argv("sharpness", ["--model", "gpt2", "--tokenizer", "bytes", "--context", "8",
-                                                "--max-chars", "4000"])))
+@given(
+    argv=st.one_of(
+        fuzzed_argv("sharpness", ["--run", "run"]),
+        fuzzed_argv("sharpness", ["--model", "gpt2", "--tokenizer", "bytes", "--context", "8", "--max-chars", "4000"]),
+    )
+)
 def test_fuzz_sharpness(in_world, monkeypatch, argv):
     from samlm.harness.pretrain import measure as sharpness_measure
 
-    def cheap_probe(batches, **kwargs):   # the eigensolver is the only thing stubbed
-        return lambda model: {"hessian_lambda_max": 1.0, "iters": 1, "converged": True, "seconds": 0.0,
-                              "rho": kwargs.get("rho")}
+    def cheap_probe(batches, **kwargs):  # the eigensolver is the only thing stubbed
+        return lambda model: {
+            "hessian_lambda_max": 1.0,
+            "iters": 1,
+            "converged": True,
+            "seconds": 0.0,
+            "rho": kwargs.get("rho"),
+        }
 
     monkeypatch.setattr(sharpness_measure, "sharpness_probe", cheap_probe)
     check_cli(argv)
 
 
 @FUZZ
-@given(argv=fuzzed_argv("bench", ["--layers", "1", "--width", "8", "--heads", "1", "--batch", "2", "--context", "4",
-                                  "--steps", "1", "--no-memory"]))
+@given(
+    argv=fuzzed_argv(
+        "bench",
+        [
+            "--layers",
+            "1",
+            "--width",
+            "8",
+            "--heads",
+            "1",
+            "--batch",
+            "2",
+            "--context",
+            "4",
+            "--steps",
+            "1",
+            "--no-memory",
+        ],
+    )
+)
 def test_fuzz_bench(in_world, monkeypatch, argv):
     import torch
 

@@ -25,9 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_gpt2(seed=0, dropout=0.0, cls=GPT2LMHeadModel, **config):
     torch.manual_seed(seed)
-    return cls(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0,
-                          eos_token_id=0, pad_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout,
-                          attn_pdrop=dropout, **config))
+    return cls(
+        GPT2Config(
+            n_layer=2,
+            n_embd=16,
+            n_head=2,
+            vocab_size=VOCAB,
+            n_positions=16,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            **config,
+        )
+    )
 
 
 def token_data(rows=32, length=12, seed=0):
@@ -36,8 +49,18 @@ def token_data(rows=32, length=12, seed=0):
 
 
 def make_args(out_dir, **overrides):
-    kwargs = dict(max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2,
-                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    kwargs = dict(
+        max_steps=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     kwargs.update(overrides)
     return TrainingArguments(str(out_dir), **kwargs)
 
@@ -49,16 +72,22 @@ def flat(model):
 def causal_ce(logits, batch):
     """An independent causal-LM loss: predict token t+1 from tokens ≤ t, mean over tokens."""
     labels = batch["labels"]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             labels[:, 1:].reshape(-1))
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
+    )
 
 
 @pytest.mark.parametrize("method", ["fsam", "sam"])
 def test_trains_saves_and_resumes_exactly_like_an_uninterrupted_run(tmp_path, method):
     data = token_data()
     save = dict(save_strategy="steps", save_steps=2)
-    straight = SAMTrainer(model=tiny_gpt2(dropout=0.1), args=make_args(tmp_path / "straight", **save),
-                          train_dataset=data, sam_method=method, rho=0.05)
+    straight = SAMTrainer(
+        model=tiny_gpt2(dropout=0.1),
+        args=make_args(tmp_path / "straight", **save),
+        train_dataset=data,
+        sam_method=method,
+        rho=0.05,
+    )
     straight.train()
     checkpoint = tmp_path / "straight" / "checkpoint-2"
 
@@ -67,8 +96,13 @@ def test_trains_saves_and_resumes_exactly_like_an_uninterrupted_run(tmp_path, me
     assert saved["counters"]["steps"] == 2 and saved["config"]["rho"] == 0.05
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(saved["base_optimizer"]["state"][0])
 
-    resumed = SAMTrainer(model=tiny_gpt2(seed=99, dropout=0.1), args=make_args(tmp_path / "resumed", **save),
-                         train_dataset=data, sam_method=method, rho=0.05)
+    resumed = SAMTrainer(
+        model=tiny_gpt2(seed=99, dropout=0.1),
+        args=make_args(tmp_path / "resumed", **save),
+        train_dataset=data,
+        sam_method=method,
+        rho=0.05,
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 4 and resumed.sam_optimizer.counters["steps"] == 4
     assert torch.equal(flat(resumed.model), flat(straight.model))
@@ -86,10 +120,20 @@ def test_accumulation_window_equals_one_step_on_the_whole_window(tmp_path, metho
     data = token_data()
     runs = []
     for accumulation, batch in ((2, 4), (1, 8)):
-        trainer = SAMTrainer(model=tiny_gpt2(), train_dataset=data, sam_method=method, rho=0.05,
-                             args=make_args(tmp_path / str(accumulation), max_steps=3, optim="sgd",
-                                            learning_rate=0.1, gradient_accumulation_steps=accumulation,
-                                            per_device_train_batch_size=batch))  # SGD: Adam amplifies roundoff
+        trainer = SAMTrainer(
+            model=tiny_gpt2(),
+            train_dataset=data,
+            sam_method=method,
+            rho=0.05,
+            args=make_args(
+                tmp_path / str(accumulation),
+                max_steps=3,
+                optim="sgd",
+                learning_rate=0.1,
+                gradient_accumulation_steps=accumulation,
+                per_device_train_batch_size=batch,
+            ),
+        )  # SGD: Adam amplifies roundoff
         trainer.train()
         runs.append(trainer)
     torch.testing.assert_close(flat(runs[0].model), flat(runs[1].model), rtol=0, atol=1e-6)
@@ -100,8 +144,14 @@ def test_accumulation_window_equals_one_step_on_the_whole_window(tmp_path, metho
 def test_a_trainer_step_is_the_driver_step_on_the_window_with_the_models_loss(tmp_path):
     """ascent_fraction=1 (row order is then irrelevant); Trainer's SGD, clip at max_grad_norm."""
     data = token_data(rows=8)
-    trainer = SAMTrainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=1, optim="sgd", learning_rate=0.1),
-                         train_dataset=data, sam_method="fsam", rho=0.05, ascent_fraction=1.0)
+    trainer = SAMTrainer(
+        model=tiny_gpt2(),
+        args=make_args(tmp_path, max_steps=1, optim="sgd", learning_rate=0.1),
+        train_dataset=data,
+        sam_method="fsam",
+        rho=0.05,
+        ascent_fraction=1.0,
+    )
     trainer.train()
 
     model = tiny_gpt2()
@@ -110,8 +160,12 @@ def test_a_trainer_step_is_the_driver_step_on_the_window_with_the_models_loss(tm
     # Trainer's token weighting: the summed token loss over the label tokens it counts (num_items_in_batch)
     items = float(trainer._get_num_items_in_batch([batch], "cpu"))
     tokens = batch["labels"][:, 1:].numel()
-    stats = opt.train_step(batch, lambda b: model(input_ids=b["input_ids"]).logits,
-                           lambda logits, b: causal_ce(logits, b) * tokens / items, max_grad_norm=1.0)
+    stats = opt.train_step(
+        batch,
+        lambda b: model(input_ids=b["input_ids"]).logits,
+        lambda logits, b: causal_ce(logits, b) * tokens / items,
+        max_grad_norm=1.0,
+    )
     torch.testing.assert_close(flat(trainer.model), flat(model), rtol=0, atol=1e-6)
     assert trainer.state.log_history[0]["loss"] == pytest.approx(stats.loss, rel=1e-5)
     assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(stats.update_grad_norm, rel=1e-5)
@@ -121,15 +175,17 @@ def test_a_trainer_step_is_the_driver_step_on_the_window_with_the_models_loss(tm
 def test_user_optimizer_and_scheduler_are_used_and_the_scheduler_acts(tmp_path):
     model = tiny_gpt2()
     opt = samlm.PreconditionedSAM(torch.optim.AdamW(model.parameters(), lr=1e-2), rho=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
-    trainer = SAMTrainer(model=model, args=make_args(tmp_path, max_steps=3), train_dataset=token_data(),
-                         optimizers=(opt, scheduler))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    trainer = SAMTrainer(
+        model=model, args=make_args(tmp_path, max_steps=3), train_dataset=token_data(), optimizers=(opt, scheduler)
+    )
     trainer.train()
     assert trainer.sam_optimizer is opt and opt.counters["steps"] == 3
-    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5 ** 3)
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**3)
     # SAM's default ascent_fraction < 1: the loss at w is on the ascent rows only, logged as ascent_loss
     assert [log["learning_rate"] for log in trainer.state.log_history if "ascent_loss" in log] == pytest.approx(
-        [1e-2, 5e-3, 2.5e-3])
+        [1e-2, 5e-3, 2.5e-3]
+    )
 
 
 def test_fp16_overflow_skips_the_step_and_the_scheduler_and_backs_the_scale_off_once(tmp_path):
@@ -142,16 +198,21 @@ def test_fp16_overflow_skips_the_step_and_the_scheduler_and_backs_the_scale_off_
         return value + logits.float().sum() * float("inf") if calls["n"] == 1 else value  # step 1's ascent
 
     model = tiny_gpt2()
-    trainer = SAMTrainer(model=model, args=make_args(tmp_path, max_steps=3), train_dataset=token_data(),
-                         sam_method="sam", sam_loss=loss_with_one_overflow)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    trainer = SAMTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=token_data(),
+        sam_method="sam",
+        sam_loss=loss_with_one_overflow,
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
     trainer.accelerator.scaler = scaler
     trainer.train()
     opt = trainer.sam_optimizer
     assert opt.counters["skipped_steps"] == 1 and opt.counters["ascent_nonfinite"] == 1 and opt.counters["steps"] == 2
-    assert scaler.get_scale() == 2.0 ** 9                   # backed off once, not once per pass
-    assert trainer.optimizer.scaler is None                 # accelerate's wrapper no longer steps the scaler
-    assert trainer.lr_scheduler.last_epoch == 2             # the skipped step kept its learning rate
+    assert scaler.get_scale() == 2.0**9  # backed off once, not once per pass
+    assert trainer.optimizer.scaler is None  # accelerate's wrapper no longer steps the scaler
+    assert trainer.lr_scheduler.last_epoch == 2  # the skipped step kept its learning rate
     assert torch.isfinite(flat(trainer.model)).all()
 
 
@@ -159,13 +220,14 @@ def test_fp16_overflow_skips_the_step_and_the_scheduler_and_backs_the_scale_off_
 def test_sequence_classification_trains_on_the_models_own_loss_without_sam_loss(tmp_path, method):
     """Every standard head is covered in tests/test_hf_heads.py."""
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": ids, "labels": torch.tensor(int(ids[0]) % 3)}
-            for ids in torch.randint(1, VOCAB, (16, 8), generator=g)]
+    data = [
+        {"input_ids": ids, "labels": torch.tensor(int(ids[0]) % 3)}
+        for ids in torch.randint(1, VOCAB, (16, 8), generator=g)
+    ]
     model = tiny_gpt2(cls=GPT2ForSequenceClassification, num_labels=3)
     assert head_kind(model) == "ForSequenceClassification" and head_kind(tiny_gpt2()) == "ForCausalLM"
     before = flat(model)
-    trainer = SAMTrainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=data,
-                         sam_method=method)
+    trainer = SAMTrainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=data, sam_method=method)
     trainer.train()
     assert trainer.sam_optimizer.counters["steps"] == 2 and not torch.equal(flat(model), before)
 
@@ -173,13 +235,17 @@ def test_sequence_classification_trains_on_the_models_own_loss_without_sam_loss(
 def test_bad_configurations_are_refused_with_clear_messages(tmp_path):
     model, args, data = tiny_gpt2(), make_args(tmp_path), token_data()
     with pytest.raises(ValueError, match="SAM-family optimizer"):
-        SAMTrainer(model=model, args=args, train_dataset=data,
-                   optimizers=(torch.optim.AdamW(model.parameters()), None))
+        SAMTrainer(model=model, args=args, train_dataset=data, optimizers=(torch.optim.AdamW(model.parameters()), None))
     with pytest.raises(ValueError, match="sam_method must be one of"):
         SAMTrainer(model=model, args=args, train_dataset=data, sam_method="adam")
     with pytest.raises(ValueError, match="not both"):
-        SAMTrainer(model=model, args=args, train_dataset=data, sam_method="sam",
-                   optimizers=(samlm.SAM(torch.optim.AdamW(model.parameters())), None))
+        SAMTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            sam_method="sam",
+            optimizers=(samlm.SAM(torch.optim.AdamW(model.parameters())), None),
+        )
     with pytest.raises(ValueError, match="DeepSpeed"):
         _refuse_deepspeed(SimpleNamespace(is_deepspeed_enabled=True))
 
@@ -223,7 +289,8 @@ def _ddp_worker(out_dir: str) -> None:
         def sam_step(self, model, micro_batches):
             if not record["wrapped"]:
                 model.register_forward_pre_hook(
-                    lambda module, args: record["forward_synced"].append(bool(module.require_backward_grad_sync)))
+                    lambda module, args: record["forward_synced"].append(bool(module.require_backward_grad_sync))
+                )
 
                 def counting(state, bucket):
                     record["allreduces"] += 1
@@ -233,12 +300,18 @@ def _ddp_worker(out_dir: str) -> None:
             record["wrapped"].append(type(model).__name__)
             return super().sam_step(model, micro_batches)
 
-    trainer = Recording(model=tiny_gpt2(), train_dataset=token_data(), sam_method="sam", rho=0.05,
-                        args=make_args(out_dir, max_steps=2, ddp_backend="gloo"))
+    trainer = Recording(
+        model=tiny_gpt2(),
+        train_dataset=token_data(),
+        sam_method="sam",
+        rho=0.05,
+        args=make_args(out_dir, max_steps=2, ddp_backend="gloo"),
+    )
     trainer.train()
     rank = trainer.args.process_index
-    torch.save({"params": flat(trainer.model), "world": trainer.args.world_size, **record},
-               Path(out_dir) / f"rank{rank}.pt")
+    torch.save(
+        {"params": flat(trainer.model), "world": trainer.args.world_size, **record}, Path(out_dir) / f"rank{rank}.pt"
+    )
 
 
 def test_ddp_via_accelerate_runs_the_ascent_under_no_sync_and_syncs_once_per_step(tmp_path):
@@ -247,10 +320,25 @@ def test_ddp_via_accelerate_runs_the_ascent_under_no_sync_and_syncs_once_per_ste
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, str(tmp_path)],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     try:
         outputs = [p.communicate(timeout=180)[0] for p in procs]
     finally:

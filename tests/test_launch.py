@@ -32,9 +32,35 @@ from samlm.data import demo_data_dir
 from samlm.harness import loop as train_loop
 from tinymodels import SUBPROCESS_ENV, save_bert, save_t5
 
-PRETRAIN = ["pretrain", "--layers", "1", "--width", "32", "--heads", "2", "--context", "32", "--batch", "8",
-            "--steps", "4", "--eval-every", "2", "--save-every", "2", "--val-batches", "2", "--no-sharpness",
-            "--max-chars", "20000", "--threads", "1", "--no-progress", "--lr", "3e-3"]
+PRETRAIN = [
+    "pretrain",
+    "--layers",
+    "1",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--context",
+    "32",
+    "--batch",
+    "8",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--save-every",
+    "2",
+    "--val-batches",
+    "2",
+    "--no-sharpness",
+    "--max-chars",
+    "20000",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--lr",
+    "3e-3",
+]
 TIMEOUT_S = 240
 
 
@@ -42,8 +68,14 @@ def _launch(launcher: list[str], argv: list[str], cwd: Path) -> subprocess.Compl
     env = dict(os.environ, **SUBPROCESS_ENV)
     for key in [k for k in env if k.startswith(("ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))]:
         del env[key]
-    return subprocess.run([sys.executable, "-m", *launcher, "-m", "samlm", *map(str, argv)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", *launcher, "-m", "samlm", *map(str, argv)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
 
 
 def torchrun(argv, cwd) -> subprocess.CompletedProcess:
@@ -54,8 +86,22 @@ def accelerate_launch(options: list[str], argv, cwd) -> subprocess.CompletedProc
     with socket.socket() as s:  # a free port for the rendezvous (tests run in parallel)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return _launch(["accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-                    "--dynamo_backend", "no", "--main_process_port", str(port), *options], argv, cwd)
+    return _launch(
+        [
+            "accelerate.commands.launch",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            *options,
+        ],
+        argv,
+        cwd,
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> None:
@@ -96,11 +142,15 @@ def test_torchrun_pretrain_with_synced_ascent_follows_one_process(global_sam, tm
     ok(torchrun([*PRETRAIN, "--optimizer", "sam", "--ascent-fraction", "1", "--sync-ascent", "--out", out], tmp_path))
     assert_close(final_weights(out), final_weights(global_sam))
     assert read(out, "config.json")["resolved"]["parallel"] == {
-        "world_size": 2, "strategy": "ddp", "mixed_precision": "no", "sync_ascent": True}
+        "world_size": 2,
+        "strategy": "ddp",
+        "mixed_precision": "no",
+        "sync_ascent": True,
+    }
     summary, reference = read(out, "summary.json"), read(global_sam, "summary.json")
     assert summary["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
-    assert summary["tokens"] == reference["tokens"]            # tokens of both processes, counted once
-    assert metrics_steps(out) == metrics_steps(global_sam) == [2, 4]   # written once, by the main process
+    assert summary["tokens"] == reference["tokens"]  # tokens of both processes, counted once
+    assert metrics_steps(out) == metrics_steps(global_sam) == [2, 4]  # written once, by the main process
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
@@ -150,8 +200,13 @@ def test_a_batch_that_does_not_split_over_the_processes_is_one_line(tmp_path):
 def test_accelerate_launch_fsdp_bf16_pretrain(tmp_path):
     """accelerate's --use_fsdp and --mixed_precision reach the harness through its environment."""
     out = tmp_path / "run"
-    ok(accelerate_launch(["--use_fsdp", "--fsdp_version", "2", "--mixed_precision", "bf16"],
-                         [*PRETRAIN, "--optimizer", "fsam", "--out", out], tmp_path))
+    ok(
+        accelerate_launch(
+            ["--use_fsdp", "--fsdp_version", "2", "--mixed_precision", "bf16"],
+            [*PRETRAIN, "--optimizer", "fsam", "--out", out],
+            tmp_path,
+        )
+    )
     parallel = read(out, "config.json")["resolved"]["parallel"]
     assert parallel == {"world_size": 2, "strategy": "fsdp", "mixed_precision": "bf16", "sync_ascent": True}
     summary = read(out, "summary.json")
@@ -169,14 +224,38 @@ def bert_dir(tmp_path_factory) -> Path:
 
 def test_accelerate_launch_finetune_follows_one_process(bert_dir, tmp_path):
     """accelerate launch (DDP) -m samlm finetune: a BERT classifier trained by SAM on the global batch."""
-    argv = ["finetune", "--model", bert_dir, "--task", "glue/sst2", "--data-dir", demo_data_dir(),
-            "--optimizer", "sam", "--ascent-fraction", "1", "--lr", "1e-3", "--steps", "3", "--batch", "4",
-            "--eval-every", "0", "--max-input-length", "32"]
+    argv = [
+        "finetune",
+        "--model",
+        bert_dir,
+        "--task",
+        "glue/sst2",
+        "--data-dir",
+        demo_data_dir(),
+        "--optimizer",
+        "sam",
+        "--ascent-fraction",
+        "1",
+        "--lr",
+        "1e-3",
+        "--steps",
+        "3",
+        "--batch",
+        "4",
+        "--eval-every",
+        "0",
+        "--max-input-length",
+        "32",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main([*map(str, argv), "--out", str(one)]) == 0
     ok(accelerate_launch(["--multi_gpu"], [*argv, "--sync-ascent", "--out", two], tmp_path))
     assert read(two, "summary.json")["parallel"] == {
-        "world_size": 2, "strategy": "ddp", "mixed_precision": "no", "sync_ascent": True}
+        "world_size": 2,
+        "strategy": "ddp",
+        "mixed_precision": "no",
+        "sync_ascent": True,
+    }
     assert_close(final_weights(two), final_weights(one))
     loss = [read(d, "summary.json")["metrics"]["glue/sst2/loss"]["final"] for d in (one, two)]
     assert loss[1] == pytest.approx(loss[0], rel=1e-5)
@@ -185,9 +264,33 @@ def test_accelerate_launch_finetune_follows_one_process(bert_dir, tmp_path):
 def test_torchrun_fsdp_finetune_t5_generates_and_resumes_bitwise(tmp_path):
     """T5 sharded by FSDP2: training, generation for the metrics, gathered checkpoints, resume."""
     t5 = save_t5(tmp_path / "t5")
-    argv = ["finetune", "--model", t5, "--task", "glue/rte,glue/sst2", "--data-dir", demo_data_dir(),
-            "--optimizer", "fsam", "--base", "adamw", "--steps", "4", "--batch", "4", "--eval-every", "2",
-            "--save-every", "2", "--max-input-length", "64", "--max-target-length", "8", "--strategy", "fsdp"]
+    argv = [
+        "finetune",
+        "--model",
+        t5,
+        "--task",
+        "glue/rte,glue/sst2",
+        "--data-dir",
+        demo_data_dir(),
+        "--optimizer",
+        "fsam",
+        "--base",
+        "adamw",
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--max-input-length",
+        "64",
+        "--max-target-length",
+        "8",
+        "--strategy",
+        "fsdp",
+    ]
     out = tmp_path / "run"
     ok(torchrun([*argv, "--out", out], tmp_path))
     summary = read(out, "summary.json")
@@ -201,7 +304,7 @@ def test_torchrun_fsdp_finetune_t5_generates_and_resumes_bitwise(tmp_path):
 
     # HF Adafactor (the T5 default) cannot factor a sharded matrix: refused in one line, nothing written.
     refused = tmp_path / "adafactor"
-    result = torchrun([*argv[:argv.index("--base")], *argv[argv.index("--steps"):], "--out", refused], tmp_path)
+    result = torchrun([*argv[: argv.index("--base")], *argv[argv.index("--steps") :], "--out", refused], tmp_path)
     assert result.returncode != 0 and "samlm: error: Adafactor's factored second moments" in result.stderr
     assert not refused.exists()
 
@@ -245,8 +348,11 @@ def test_torchrun_reports_to_trackers_from_the_main_process_only(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    ok(torchrun([*PRETRAIN, "--optimizer", "fsam", "--report-to", "tensorboard", "--log-every", "1", "--out", out],
-                tmp_path))
+    ok(
+        torchrun(
+            [*PRETRAIN, "--optimizer", "fsam", "--report-to", "tensorboard", "--log-every", "1", "--out", out], tmp_path
+        )
+    )
     events = sorted((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert len(events) == 1, events
     accumulator = EventAccumulator(str(out / "tensorboard"))

@@ -13,14 +13,14 @@ ROOT = Path(samlm.__file__).parent
 
 # Lowest first. A module may import its own layer and the layers before it.
 LAYERS = [
-    ("optim",),                      # the optimizer core (torch only)
-    ("diagnostics",),                # sharpness (torch only)
-    ("errors", "io", "progress"),    # plumbing
+    ("optim",),  # the optimizer core (torch only)
+    ("diagnostics",),  # sharpness (torch only)
+    ("errors", "io", "progress"),  # plumbing
     ("data",),
     ("models",),
-    ("integrations", "hf"),          # torch.distributed / accelerate, Hugging Face Trainer (samlm.hf: its alias)
-    ("harness",),                    # settings, run directory, loop, pretrain, finetune
-    ("studies",),                    # compare, finetune_compare, report, demo, bench
+    ("integrations", "hf"),  # torch.distributed / accelerate, Hugging Face Trainer (samlm.hf: its alias)
+    ("harness",),  # settings, run directory, loop, pretrain, finetune
+    ("studies",),  # compare, finetune_compare, report, demo, bench
     ("cli", "__main__"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
@@ -79,8 +79,10 @@ def test_the_core_and_diagnostics_import_nothing_outside_torch_and_the_core():
     allowed = {"torch", "numpy", "samlm", "__future__"}
     # build_base_optimizer("adafactor") imports Hugging Face's Adafactor when asked for by name.
     # The quantization measure imports torchao's affine primitives when it runs (the harness extra).
-    asked_for = {("optim/__init__.py", "transformers.optimization"),
-                 ("diagnostics/robustness.py", "torchao.quantization.quant_primitives")}
+    asked_for = {
+        ("optim/__init__.py", "transformers.optimization"),
+        ("diagnostics/robustness.py", "torchao.quantization.quant_primitives"),
+    }
     stdlib_like = set(__import__("sys").stdlib_module_names)
     wrong = []
     for folder in ("optim", "diagnostics"):

@@ -20,8 +20,9 @@ class Tiny(L.LightningModule):
         return torch.nn.functional.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
-        return samlm.SAM(torch.optim.AdamW(self.parameters(), lr=1e-2), rho=0.1, ascent_fraction=1.0,
-                         sam_every=self.sam_every)
+        return samlm.SAM(
+            torch.optim.AdamW(self.parameters(), lr=1e-2), rho=0.1, ascent_fraction=1.0, sam_every=self.sam_every
+        )
 
 
 def loader():
@@ -31,8 +32,15 @@ def loader():
 
 
 def trainer(**stop):
-    return L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
-                     enable_checkpointing=False, enable_model_summary=False, **stop)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        **stop,
+    )
 
 
 def test_lightning_trains_with_sam_and_counts_the_steps():

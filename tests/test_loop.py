@@ -28,8 +28,15 @@ def dataset():
 def make_run(dataset, optimizer="adamw", total_steps=8, dropout=0.1):
     """Model, optimizer, scheduler and data built the same way every time (as a harness does)."""
     model = build_decoder("gpt2", layers=1, width=16, heads=2, context=CONTEXT, vocab_size=257, dropout=dropout, seed=0)
-    opt = build_optimizer(optimizer, model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-9,
-                          **({"rho": 0.05} if optimizer != "adamw" else {}))
+    opt = build_optimizer(
+        optimizer,
+        model.parameters(),
+        lr=3e-3,
+        weight_decay=0.1,
+        betas=(0.9, 0.98),
+        eps=1e-9,
+        **({"rho": 0.05} if optimizer != "adamw" else {}),
+    )
     warmup = 2
 
     def schedule(step):  # linear warmup, cosine to 10% of peak
@@ -51,7 +58,9 @@ def make_run(dataset, optimizer="adamw", total_steps=8, dropout=0.1):
 def run(dataset, out_dir, steps=8, optimizer="adamw", on_step=None, loss=lm_loss, **config):
     parts = make_run(dataset, optimizer)
     defaults = dict(eval_every=2, save_every=4, progress=False, seed=1234)
-    result = train(**parts, loss=loss, on_step=on_step, config=LoopConfig(out=out_dir, steps=steps, **(defaults | config)))
+    result = train(
+        **parts, loss=loss, on_step=on_step, config=LoopConfig(out=out_dir, steps=steps, **(defaults | config))
+    )
     return result, parts
 
 
@@ -124,7 +133,7 @@ def test_run_directory_layout_and_summary(dataset, tmp_path):
     assert "train_loss" not in lines[0] and "val_loss" in lines[0]
     assert lines[2]["sharpness"] == {"lambda_max": 1.5} and "val_loss" not in lines[2]
     assert sharpness_calls == [False]  # measured in eval mode...
-    assert parts["model"].training    # ...and train mode restored
+    assert parts["model"].training  # ...and train mode restored
     assert {"train_loss", "val_loss", "val_ppl", "lr", "tokens", "tokens_per_s", "step_s"} <= set(lines[-1])
     assert lines[-1]["tokens"] == 4 * 4 * CONTEXT
 

@@ -37,7 +37,9 @@ def test_untied_and_parameter_counts():
     assert count_parameters(untied) == count_parameters(tied) + embedding
     positions = 16 * 32
     assert count_parameters(tied, exclude_embeddings=True) == count_parameters(tied) - embedding - positions
-    assert count_parameters(untied, exclude_embeddings=True) == count_parameters(tied, exclude_embeddings=True) + embedding
+    assert (
+        count_parameters(untied, exclude_embeddings=True) == count_parameters(tied, exclude_embeddings=True) + embedding
+    )
     tied.transformer.h[0].requires_grad_(False)
     assert count_parameters(tied, trainable_only=True) < count_parameters(tied)
 

@@ -20,16 +20,40 @@ from samlm.optim.registry import METHODS, SAM_FAMILY
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon (torch >= 2.9)")
 
-TINY_PRETRAIN = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "8", "--batch", "4",
-                 "--max-chars", "4000", "--val-batches", "1", "--no-sharpness", "--no-progress", "--eval-every", "0"]
+TINY_PRETRAIN = [
+    "--layers",
+    "1",
+    "--width",
+    "16",
+    "--heads",
+    "2",
+    "--context",
+    "8",
+    "--batch",
+    "4",
+    "--max-chars",
+    "4000",
+    "--val-batches",
+    "1",
+    "--no-sharpness",
+    "--no-progress",
+    "--eval-every",
+    "0",
+]
 
 
 def mlp(seed=0):
     """Two hidden matrices (Muon's) between an input and an output layer with biases (AdamW's)."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 12, bias=False),
-                               torch.nn.Tanh(), torch.nn.Linear(12, 8, bias=False), torch.nn.Tanh(),
-                               torch.nn.Linear(8, 4))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 10),
+        torch.nn.Tanh(),
+        torch.nn.Linear(10, 12, bias=False),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 8, bias=False),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 4),
+    )
 
 
 def hidden_and_rest(model):
@@ -40,8 +64,10 @@ def hidden_and_rest(model):
 
 def bases(model, lr=1e-2, adjust="match_rms_adamw"):
     hidden, rest = hidden_and_rest(model)
-    return [torch.optim.Muon(hidden, lr=lr, weight_decay=0.01, adjust_lr_fn=adjust),
-            torch.optim.AdamW(rest, lr=lr, weight_decay=0.01)]
+    return [
+        torch.optim.Muon(hidden, lr=lr, weight_decay=0.01, adjust_lr_fn=adjust),
+        torch.optim.AdamW(rest, lr=lr, weight_decay=0.01),
+    ]
 
 
 def batches(n=6, rows=16, seed=1):
@@ -85,14 +111,15 @@ def test_param_groups_are_every_bases_groups_and_schedulers_move_them():
     assert len(opt.param_groups) == 2
     assert opt.param_groups[0] is muon.param_groups[0] and opt.param_groups[1] is adamw.param_groups[0]
     assert opt.base_optimizers == (muon, adamw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     opt.train_step(batches(1)[0], forward_of(model), ce)
     sched.step()
     assert muon.param_groups[0]["lr"] == adamw.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("method", [samlm.SAM, samlm.PreconditionedSAM, samlm.PreconditionedFunctionalSAM,
-                                    samlm.SpectralSAM])
+@pytest.mark.parametrize(
+    "method", [samlm.SAM, samlm.PreconditionedSAM, samlm.PreconditionedFunctionalSAM, samlm.SpectralSAM]
+)
 def test_state_dict_nests_every_base_and_resume_mid_cycle_is_bitwise(method, tmp_path):
     """sam_every=3: stop after 4 steps (in the middle of a cycle), save, load into a fresh
     optimizer; the next steps equal the uninterrupted run's bitwise."""
@@ -124,8 +151,10 @@ def test_state_dict_nests_every_base_and_resume_mid_cycle_is_bitwise(method, tmp
     assert opt2.counters == opt.counters
 
 
-@pytest.mark.parametrize("method", [samlm.SAM, samlm.PreconditionedSAM, samlm.SpectralSAM, samlm.FunctionalSAM,
-                                    samlm.PreconditionedFunctionalSAM])
+@pytest.mark.parametrize(
+    "method",
+    [samlm.SAM, samlm.PreconditionedSAM, samlm.SpectralSAM, samlm.FunctionalSAM, samlm.PreconditionedFunctionalSAM],
+)
 def test_rho_zero_equals_the_plain_bases_steps(method):
     data = batches(3)
     a, b = mlp(), mlp()
@@ -164,7 +193,9 @@ def test_combined_optimizer_refuses_foreign_groups_and_nests_its_state():
         combined.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     with pytest.raises(ValueError, match="2 combined base optimizers"):
         combined.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
-    other = CombinedOptimizer([torch.optim.AdamW(hidden_and_rest(model)[0]), torch.optim.AdamW(hidden_and_rest(model)[1])])
+    other = CombinedOptimizer(
+        [torch.optim.AdamW(hidden_and_rest(model)[0]), torch.optim.AdamW(hidden_and_rest(model)[1])]
+    )
     with pytest.raises(ValueError, match="Muon"):
         combined.load_state_dict(other.state_dict())
 
@@ -353,8 +384,23 @@ def run_cli(*argv) -> int:
 @pytest.mark.parametrize("name", ["muon", *SAM_FAMILY])
 def test_pretrain_runs_every_registered_method_with_base_muon(name, tmp_path):
     out = tmp_path / name
-    assert run_cli("pretrain", *TINY_PRETRAIN, "--optimizer", name, "--base", "muon", "--steps", 3,
-                   "--save-every", 2, "--out", out) == 0
+    assert (
+        run_cli(
+            "pretrain",
+            *TINY_PRETRAIN,
+            "--optimizer",
+            name,
+            "--base",
+            "muon",
+            "--steps",
+            3,
+            "--save-every",
+            2,
+            "--out",
+            out,
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["optimizer"] == name and summary["completed"]
     assert json.loads((out / "config.json").read_text())["config"]["base"] == "muon"
@@ -371,8 +417,23 @@ def test_pretrain_base_muon_ctrl_c_then_resume_is_bitwise(tmp_path):
     from samlm.harness.pretrain.config import PretrainConfig
     from samlm.harness.pretrain.run import pretrain
 
-    settings = dict(layers=1, width=16, heads=2, context=8, batch=4, max_chars=4000, val_batches=1, sharpness=False,
-                    progress=False, eval_every=0, optimizer="pfsam", base="muon", steps=6, save_every=3, sam_every=2)
+    settings = dict(
+        layers=1,
+        width=16,
+        heads=2,
+        context=8,
+        batch=4,
+        max_chars=4000,
+        val_batches=1,
+        sharpness=False,
+        progress=False,
+        eval_every=0,
+        optimizer="pfsam",
+        base="muon",
+        steps=6,
+        save_every=3,
+        sam_every=2,
+    )
     straight = pretrain(PretrainConfig(out=str(tmp_path / "straight"), **settings))
 
     def ctrl_c_after_step_3(step, stats):
@@ -385,7 +446,7 @@ def test_pretrain_base_muon_ctrl_c_then_resume_is_bitwise(tmp_path):
     assert resumed["completed"] and resumed["val_loss"] == straight["val_loss"]
 
     def weights(run):
-        (_, path), = io.checkpoint_dirs(tmp_path / run / "checkpoints")[-1:]
+        ((_, path),) = io.checkpoint_dirs(tmp_path / run / "checkpoints")[-1:]
         return load_file(str(path / "model.safetensors"))
 
     a, b = weights("straight"), weights("resumed")
@@ -394,17 +455,54 @@ def test_pretrain_base_muon_ctrl_c_then_resume_is_bitwise(tmp_path):
 
 def test_compare_runs_every_method_with_base_muon(tmp_path):
     out = tmp_path / "cmp"
-    assert run_cli("compare", *TINY_PRETRAIN, "--optimizers", ",".join(["muon", *SAM_FAMILY]), "--base", "muon",
-                   "--steps", 1, "--out", out) == 0
+    assert (
+        run_cli(
+            "compare",
+            *TINY_PRETRAIN,
+            "--optimizers",
+            ",".join(["muon", *SAM_FAMILY]),
+            "--base",
+            "muon",
+            "--steps",
+            1,
+            "--out",
+            out,
+        )
+        == 0
+    )
     report = (out / "report.md").read_text()
     assert all(f"| {n} |" in report for n in ["muon", *SAM_FAMILY])
 
 
 def test_bench_times_every_method_with_base_muon(tmp_path):
     out = tmp_path / "bench.json"
-    assert run_cli("bench", "--base", "muon", "--methods", ",".join(SAM_FAMILY), "--layers", 1, "--width", 8,
-                   "--heads", 1, "--batch", 4, "--context", 4, "--steps", 1, "--untimed-steps", 0, "--no-memory",
-                   "--json", out) == 0
+    assert (
+        run_cli(
+            "bench",
+            "--base",
+            "muon",
+            "--methods",
+            ",".join(SAM_FAMILY),
+            "--layers",
+            1,
+            "--width",
+            8,
+            "--heads",
+            1,
+            "--batch",
+            4,
+            "--context",
+            4,
+            "--steps",
+            1,
+            "--untimed-steps",
+            0,
+            "--no-memory",
+            "--json",
+            out,
+        )
+        == 0
+    )
     text = out.read_text()
     assert all(name in text for name in SAM_FAMILY) and "muon" in text
 
@@ -421,8 +519,15 @@ def test_sam_trainer_takes_a_sam_optimizer_around_muon(name, tmp_path):
     opt = build_optimizer(name, model, base="muon", lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 32, (8, 8))]
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             disable_tqdm=True, save_strategy="no")
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     trainer = SAMTrainer(model=model, args=args, train_dataset=data, optimizers=(opt, sched))
     trainer.train()
     assert trainer.sam_optimizer is opt and opt.counters["steps"] == 2
@@ -442,8 +547,17 @@ def test_sam_trainer_builds_each_method_around_muon(name, tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 32, (8, 8))]
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             disable_tqdm=True, save_strategy="no", learning_rate=3e-3, weight_decay=0.1)
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        learning_rate=3e-3,
+        weight_decay=0.1,
+    )
     trainer = SAMTrainer(model=model, args=args, train_dataset=data, sam_method=name, sam_base="muon", rho=0.05)
     trainer.train()
     sam = trainer.sam_optimizer
@@ -496,12 +610,30 @@ def test_pretrain_study_runs_the_protocol_around_each_base(tmp_path):
 
     from samlm.studies import pretrain_study as ps
 
-    base = dataclasses.replace(ps.PRESETS["cpu"].base, steps=4, tokens_per_param=None, eval_every=2, val_batches=2,
-                               batch=4, context=16, max_chars=20_000, sharpness_iters=3, sharpness_batch_size=2)
-    preset = dataclasses.replace(ps.PRESETS["cpu"], sizes=(ps.ModelSize("1x16", 1, 16, 2),), base=base,
-                                 lr="adamw=1e-2,adamw=3e-2,pfsam=1e-2", rho="pfsam=0.05,pfsam=0.1", seeds=(0,), jobs=1)
-    study = ps.PretrainStudy(out=str(tmp_path / "study"), preset=preset, optimizers=["adamw", "pfsam"],
-                             bases=ps.parse_bases("adamw,muon"))
+    base = dataclasses.replace(
+        ps.PRESETS["cpu"].base,
+        steps=4,
+        tokens_per_param=None,
+        eval_every=2,
+        val_batches=2,
+        batch=4,
+        context=16,
+        max_chars=20_000,
+        sharpness_iters=3,
+        sharpness_batch_size=2,
+    )
+    preset = dataclasses.replace(
+        ps.PRESETS["cpu"],
+        sizes=(ps.ModelSize("1x16", 1, 16, 2),),
+        base=base,
+        lr="adamw=1e-2,adamw=3e-2,pfsam=1e-2",
+        rho="pfsam=0.05,pfsam=0.1",
+        seeds=(0,),
+        jobs=1,
+    )
+    study = ps.PretrainStudy(
+        out=str(tmp_path / "study"), preset=preset, optimizers=["adamw", "pfsam"], bases=ps.parse_bases("adamw,muon")
+    )
     result = ps.run_study(study)
     assert result.interrupted is None and set(result.chosen) == {"1x16", "1x16/muon"}
     assert set(result.chosen["1x16/muon"]) == {"muon", "pfsam"}

@@ -24,8 +24,10 @@ from samlm.integrations import distributed
 
 from gloo_ranks import run_ranks
 
-pytestmark = [pytest.mark.usefixtures("float64_default"),
-              pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon (torch >= 2.9)")]
+pytestmark = [
+    pytest.mark.usefixtures("float64_default"),
+    pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon (torch >= 2.9)"),
+]
 
 ROWS = 8
 STEPS = 3
@@ -34,8 +36,13 @@ ASCENT_FRACTION = 0.5
 
 def make_model(seed=0):
     g = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 12, bias=False),
-                                torch.nn.Tanh(), torch.nn.Linear(12, 5))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 12, bias=False),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 5),
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
@@ -51,12 +58,17 @@ def make_optimizer(method, model, **kwargs):
 
 def global_batches(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(2 * ROWS, 6, generator=g, dtype=torch.get_default_dtype()),
-             torch.randint(0, 5, (2 * ROWS,), generator=g)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(2 * ROWS, 6, generator=g, dtype=torch.get_default_dtype()),
+            torch.randint(0, 5, (2 * ROWS,), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def rank_rows(batch, rank):
-    return tuple(t[rank * ROWS:(rank + 1) * ROWS] for t in batch)
+    return tuple(t[rank * ROWS : (rank + 1) * ROWS] for t in batch)
 
 
 def ce(outputs, batch):

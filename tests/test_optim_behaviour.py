@@ -87,14 +87,15 @@ def test_plain_optimizer_state_dict_loads_into_the_base():
     samlm.train_step(plain, batch, forward_of(model), ce)
     opt = samlm.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2))
     opt.load_state_dict(plain.state_dict())
-    assert torch.equal(opt.base_optimizer.state_dict()["state"][0]["exp_avg_sq"],
-                       plain.state_dict()["state"][0]["exp_avg_sq"])
+    assert torch.equal(
+        opt.base_optimizer.state_dict()["state"][0]["exp_avg_sq"], plain.state_dict()["state"][0]["exp_avg_sq"]
+    )
 
 
 def test_lr_scheduler_acts_on_wrapper_or_base_alike():
     model, batch = make_problem()
     opt = samlm.FunctionalSAM(torch.optim.AdamW(model.parameters(), lr=1.0))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
     opt.train_step(batch, forward_of(model), ce)
     sched.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == 0.5
@@ -154,14 +155,17 @@ def test_zero_gradient_gives_an_unperturbed_step():
     assert opt.counters["zero_grad_norm"] == 1
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"rho": -0.1}, "rho"),
-    ({"rho": float("nan")}, "rho"),
-    ({"ascent_fraction": 0.0}, "ascent_fraction"),
-    ({"ascent_fraction": 1.5}, "ascent_fraction"),
-    ({"m": 0}, "m must"),
-    ({"m": 2.5}, "m must"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rho": -0.1}, "rho"),
+        ({"rho": float("nan")}, "rho"),
+        ({"ascent_fraction": 0.0}, "ascent_fraction"),
+        ({"ascent_fraction": 1.5}, "ascent_fraction"),
+        ({"m": 0}, "m must"),
+        ({"m": 2.5}, "m must"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, match):
     model, _ = make_problem()
     with pytest.raises(ValueError, match=match):
@@ -202,12 +206,17 @@ def test_functional_variants_refuse_the_closure_surface():
         opt.step(lambda: None)
 
 
-@pytest.mark.parametrize("base_factory", [
-    lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
-    lambda ps: __import__("transformers").optimization.Adafactor(
-        ps, lr=1e-2, relative_step=False, scale_parameter=False),
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-], ids=["torch-adafactor", "hf-adafactor", "sgd"])
+@pytest.mark.parametrize(
+    "base_factory",
+    [
+        lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+        lambda ps: __import__("transformers").optimization.Adafactor(
+            ps, lr=1e-2, relative_step=False, scale_parameter=False
+        ),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    ],
+    ids=["torch-adafactor", "hf-adafactor", "sgd"],
+)
 def test_every_method_trains_with_each_base_optimizer(base_factory):
     for method in METHODS:
         model, batch = make_problem(5)
@@ -228,7 +237,7 @@ def top_hessian_eigenvalue(model, x, y):
     def loss_of(vector):
         chunks, i = [], 0
         for p in params:
-            chunks.append(vector[i:i + p.numel()].view_as(p))
+            chunks.append(vector[i : i + p.numel()].view_as(p))
             i += p.numel()
         names = [n for n, _ in model.named_parameters()]
         out = torch.func.functional_call(model, dict(zip(names, chunks)), (x,))
@@ -308,6 +317,7 @@ def test_plain_train_step_peaks_no_higher_than_a_hand_written_loop():
                 opt.zero_grad(set_to_none=True)
                 bench.lm_loss(model(input_ids=batch).logits, batch).backward()
                 opt.step()
+
         return run
 
     loop_mb = bench._cpu_peak_tensor_mb(hand_written())

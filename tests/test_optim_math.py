@@ -95,10 +95,12 @@ def test_sam_equals_pytorch_optimizer_sam(adaptive):
 
     ours, batch = make_problem(2)
     theirs = copy.deepcopy(ours)
-    peer = PeerSAM(theirs.parameters(), base_optimizer=torch.optim.SGD, rho=0.2, adaptive=adaptive,
-                   lr=0.1, momentum=0.9)
-    opt = samlm.SAM(torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9), rho=0.2,
-                    adaptive=adaptive, ascent_fraction=1.0)
+    peer = PeerSAM(
+        theirs.parameters(), base_optimizer=torch.optim.SGD, rho=0.2, adaptive=adaptive, lr=0.1, momentum=0.9
+    )
+    opt = samlm.SAM(
+        torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9), rho=0.2, adaptive=adaptive, ascent_fraction=1.0
+    )
     for _ in range(3):
         ce(theirs(batch[0]), batch).backward()
         peer.first_step(zero_grad=True)
@@ -127,6 +129,7 @@ def test_functional_descent_is_vjp_at_perturbed_point_with_clean_cotangent():
 
 def test_functional_sam_equals_sam_when_loss_is_linear_in_outputs():
     """r does not depend on w when the loss is linear in the outputs, so both descents agree."""
+
     def linear_loss(outputs, batch):
         return (outputs * batch[2]).mean()
 
@@ -245,16 +248,20 @@ def test_sum_of_squares_accumulates_mixed_dtypes_in_at_least_float32():
     from samlm.optim.perturbations import sum_of_squares
 
     g = torch.Generator().manual_seed(16)
-    tensors = [torch.randn(5, generator=g, dtype=torch.float32), torch.randn(7, generator=g, dtype=torch.float64),
-               torch.randn(300, generator=g, dtype=torch.float32).to(torch.bfloat16)]
+    tensors = [
+        torch.randn(5, generator=g, dtype=torch.float32),
+        torch.randn(7, generator=g, dtype=torch.float64),
+        torch.randn(300, generator=g, dtype=torch.float32).to(torch.bfloat16),
+    ]
     total = sum_of_squares(tensors)
     assert total.dtype == torch.float64
     assert float(total) == pytest.approx(sum(float(t.double().square().sum()) for t in tensors), rel=1e-6)
     assert sum_of_squares(tensors[2:]).dtype == torch.float32  # bf16 accumulates in float32
 
 
-@pytest.mark.parametrize("pair", [(samlm.PreconditionedSAM, samlm.SAM),
-                                  (samlm.PreconditionedFunctionalSAM, samlm.FunctionalSAM)])
+@pytest.mark.parametrize(
+    "pair", [(samlm.PreconditionedSAM, samlm.SAM), (samlm.PreconditionedFunctionalSAM, samlm.FunctionalSAM)]
+)
 def test_preconditioned_first_step_equals_plain_variant(pair):
     precond_cls, plain_cls = pair
     model_a, batch = make_problem(7)
@@ -265,12 +272,17 @@ def test_preconditioned_first_step_equals_plain_variant(pair):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("base_factory", [
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.0, 0.99), eps=1e-5, weight_decay=0.0),
-    lambda ps: torch.optim.Adafactor(ps, lr=1e-2, weight_decay=0.0),
-    lambda ps: __import__("transformers").optimization.Adafactor(
-        ps, lr=1e-2, relative_step=False, scale_parameter=False, clip_threshold=1e9),
-], ids=["adamw", "torch-adafactor", "hf-adafactor"])
+@pytest.mark.parametrize(
+    "base_factory",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.0, 0.99), eps=1e-5, weight_decay=0.0),
+        lambda ps: torch.optim.Adafactor(ps, lr=1e-2, weight_decay=0.0),
+        lambda ps: __import__("transformers").optimization.Adafactor(
+            ps, lr=1e-2, relative_step=False, scale_parameter=False, clip_threshold=1e9
+        ),
+    ],
+    ids=["adamw", "torch-adafactor", "hf-adafactor"],
+)
 def test_preconditioner_is_the_base_optimizers_own_denominator(base_factory):
     """After a base step, Δw ∝ g/P elementwise per tensor: P is what the base divides by."""
     from samlm.optim.preconditioners import Preconditioners
@@ -316,9 +328,10 @@ def test_m_sharpness_equals_average_of_single_group_steps(method):
     group_grads = []
     for i in range(m):
         copy_model = copy.deepcopy(model)
-        rows = (batch[0][4 * i: 4 * i + 4], batch[1][4 * i: 4 * i + 4])
+        rows = (batch[0][4 * i : 4 * i + 4], batch[1][4 * i : 4 * i + 4])
         method(torch.optim.AdamW(copy_model.parameters(), lr=0.0), ascent_fraction=0.5).train_step(
-            rows, forward_of(copy_model), ce)
+            rows, forward_of(copy_model), ce
+        )
         group_grads.append([p.grad for p in copy_model.parameters()])
     opt = method(torch.optim.AdamW(model.parameters(), lr=0.0), ascent_fraction=0.5, m=m)
     opt.train_step(batch, forward_of(model), ce)
@@ -333,7 +346,7 @@ def test_accumulated_micro_batches_equal_one_step_on_their_concatenation(method,
     model_b = copy.deepcopy(model_a)
     micro, start = [], 0
     for n in splits:
-        micro.append((batch[0][start:start + n], batch[1][start:start + n]))
+        micro.append((batch[0][start : start + n], batch[1][start : start + n]))
         start += n
     # SGD with momentum: Adam would amplify 1e-17 roundoff in near-zero gradient entries.
     opt_a = method(torch.optim.SGD(model_a.parameters(), lr=0.1, momentum=0.9), ascent_fraction=0.5)

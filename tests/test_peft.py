@@ -17,10 +17,21 @@ VOCAB = 32
 
 def lora_gpt2(seed=0):
     torch.manual_seed(seed)
-    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True,
-                             init_lora_weights=False)  # random B too: both factors get gradients from step 1
+    base = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=16,
+            n_head=2,
+            vocab_size=VOCAB,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False
+    )  # random B too: both factors get gradients from step 1
     return peft.get_peft_model(base, config)
 
 
@@ -51,8 +62,12 @@ def test_only_the_lora_weights_are_perturbed_and_updated():
     seen = []  # at every forward pass: frozen weights intact, and the LoRA weights the pass ran at
 
     def forward(ids):
-        seen.append((all(torch.equal(params[n], w) for n, w in frozen.items()),
-                     torch.cat([params[n].detach().reshape(-1) for n in lora])))
+        seen.append(
+            (
+                all(torch.equal(params[n], w) for n, w in frozen.items()),
+                torch.cat([params[n].detach().reshape(-1) for n in lora]),
+            )
+        )
         return model(input_ids=ids).logits
 
     opt = make_opt(model)
@@ -101,16 +116,36 @@ def test_sam_trainer_fsam_trains_a_lora_sequence_classifier(tmp_path):
     from samlm.integrations.hf import SAMTrainer, head_kind
 
     torch.manual_seed(0)
-    base = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=16,
-                                                    pad_token_id=0, num_labels=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                    attn_pdrop=0.0))
-    model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"],
-                                                      fan_in_fan_out=True))
+    base = GPT2ForSequenceClassification(
+        GPT2Config(
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            vocab_size=VOCAB,
+            n_positions=16,
+            pad_token_id=0,
+            num_labels=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
     assert head_kind(model) == "ForSequenceClassification"
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     data = [{"input_ids": ids, "labels": ids[0] % 2} for ids in batches(steps=1, rows=16)[0].clamp(min=1)]
-    args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = SAMTrainer(model=model, args=args, train_dataset=data, sam_method="fsam")
     trainer.train()
     assert trainer.sam_optimizer.counters["steps"] == 2

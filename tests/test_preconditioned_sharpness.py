@@ -62,15 +62,24 @@ def test_quadratic_matches_the_closed_form(method):
     p_of = {id(model.u): p_flat[:2], id(model.v): p_flat[2:].view(2, 2)}
     expected = dense_top(a, p_flat)
 
-    out = measure_sharpness(model, None, model, model.loss, iters=200 if method == "power" else 6, tol=1e-12,
-                            method=method, preconditioner=lambda param: p_of[id(param)])
+    out = measure_sharpness(
+        model,
+        None,
+        model,
+        model.loss,
+        iters=200 if method == "power" else 6,
+        tol=1e-12,
+        method=method,
+        preconditioner=lambda param: p_of[id(param)],
+    )
     assert out["preconditioned_lambda_max"] == pytest.approx(expected, rel=1e-5)
     assert out["hessian_lambda_max"] == pytest.approx(torch.linalg.eigvalsh(a)[-1].item(), rel=1e-5)
     assert out["converged"] and out["iters"] >= out["preconditioned_iters"]
 
     # the operator itself is P^{-1/2} A P^{-1/2}, column by column
-    matvec = preconditioned_vector_product(hessian_vector_product(params, None, model, model.loss),
-                                           [p_of[id(p)] for p in params])
+    matvec = preconditioned_vector_product(
+        hessian_vector_product(params, None, model, model.loss), [p_of[id(p)] for p in params]
+    )
     columns = [torch.cat([t.reshape(-1) for t in matvec([e[:2], e[2:].view(2, 2)])]) for e in torch.eye(6, dtype=DT)]
     s = p_flat.rsqrt()
     assert torch.allclose(torch.stack(columns, 1), s[:, None] * a * s[None, :], atol=1e-12)
@@ -79,8 +88,9 @@ def test_quadratic_matches_the_closed_form(method):
 def test_identity_preconditioner_gives_the_hessian_and_bad_ones_are_refused():
     a = psd_matrix(seed=1)
     model = Quadratic(a)
-    out = measure_sharpness(model, None, model, model.loss, iters=6, tol=1e-12,
-                            preconditioner=lambda p: torch.ones_like(p))
+    out = measure_sharpness(
+        model, None, model, model.loss, iters=6, tol=1e-12, preconditioner=lambda p: torch.ones_like(p)
+    )
     assert out["preconditioned_lambda_max"] == pytest.approx(out["hessian_lambda_max"], rel=1e-10)
     with pytest.raises(ValueError, match="positive and finite"):
         measure_sharpness(model, None, model, model.loss, iters=2, preconditioner=lambda p: torch.zeros_like(p))
@@ -168,8 +178,9 @@ def test_sgd_has_no_preconditioner():
     model, batch, forward, loss = mlp_problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     train_a_few_steps(model, optimizer, batch, forward, loss, steps=1)
-    assert "preconditioned_lambda_max" not in measure_sharpness(model, batch, forward, loss, iters=2,
-                                                                 preconditioner=optimizer)
+    assert "preconditioned_lambda_max" not in measure_sharpness(
+        model, batch, forward, loss, iters=2, preconditioner=optimizer
+    )
 
 
 def test_half_precision_state_is_measured_in_float32_and_the_model_restored():
@@ -221,15 +232,23 @@ def hf_adafactor_p(optimizer):
 
 def build_hf_adafactor(params):
     transformers = pytest.importorskip("transformers")
-    return transformers.optimization.Adafactor(params, lr=1e-2, scale_parameter=False, relative_step=False,
-                                               warmup_init=False)
+    return transformers.optimization.Adafactor(
+        params, lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False
+    )
 
 
-@pytest.mark.parametrize("build, reference", [
-    pytest.param(lambda params: torch.optim.Adafactor(params, lr=1e-2), torch_adafactor_p, id="torch",
-                 marks=pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch without Adafactor")),
-    pytest.param(build_hf_adafactor, hf_adafactor_p, id="transformers"),
-])
+@pytest.mark.parametrize(
+    "build, reference",
+    [
+        pytest.param(
+            lambda params: torch.optim.Adafactor(params, lr=1e-2),
+            torch_adafactor_p,
+            id="torch",
+            marks=pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch without Adafactor"),
+        ),
+        pytest.param(build_hf_adafactor, hf_adafactor_p, id="transformers"),
+    ],
+)
 def test_factored_adafactor_moments_match_a_dense_computation(build, reference):
     model, batch, forward, loss = mlp_problem(seed=4)
     optimizer = build(model.parameters())
@@ -244,8 +263,9 @@ def test_the_operator_from_an_optimizer_state_matches_a_dense_computation():
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, eps=1e-3)
     train_a_few_steps(model, optimizer, batch, forward, loss)
     params = list(model.parameters())
-    matvec = preconditioned_vector_product(hessian_vector_product(params, batch, forward, loss),
-                                           preconditioner_tensors(optimizer, params))
+    matvec = preconditioned_vector_product(
+        hessian_vector_product(params, batch, forward, loss), preconditioner_tensors(optimizer, params)
+    )
     lanczos = top_eigenvalue(matvec, params, iters=31, tol=1e-12)
     expected = dense_top(dense_hessian(model, batch, loss), adam_p(optimizer))
     assert lanczos.value == pytest.approx(expected, rel=1e-8)
@@ -254,8 +274,18 @@ def test_the_operator_from_an_optimizer_state_matches_a_dense_computation():
 # ---------------------------------------------------------------------------------------------- harness and CLI
 
 
-TINY = dict(layers=1, width=16, heads=2, context=8, batch=4, max_chars=4000, val_batches=1,
-            sharpness_iters=3, sharpness_batch_size=2, progress=False)
+TINY = dict(
+    layers=1,
+    width=16,
+    heads=2,
+    context=8,
+    batch=4,
+    max_chars=4000,
+    val_batches=1,
+    sharpness_iters=3,
+    sharpness_batch_size=2,
+    progress=False,
+)
 
 
 def tiny_run(tmp_path, **overrides):
@@ -321,8 +351,17 @@ def test_sharpness_cli_leaves_the_row_out_without_moments(tmp_path, capsys):
     run = tiny_run(tmp_path, optimizer="sgd", steps=1, sharpness=False)
     out = sharpness_cli(["--run", str(run), "--iters", "2", "--batch-size", "2"], capsys)
     assert "lambda_max(H)" in out and "preconditioned" not in out
-    text = format_measurement({"model": "m", "step": None, "batches": 1, "batch_size": 2, "context": 8,
-                               "method": "lanczos", "hessian_lambda_max": 1.0})
+    text = format_measurement(
+        {
+            "model": "m",
+            "step": None,
+            "batches": 1,
+            "batch_size": 2,
+            "context": 8,
+            "method": "lanczos",
+            "hessian_lambda_max": 1.0,
+        }
+    )
     assert "preconditioned" not in text
 
 
@@ -351,8 +390,8 @@ def test_muon_frozen_geometry_maps_the_momentum_to_muons_step():
         expected = 0.7 * newton_schulz(m, geometry.coefficients, geometry.steps, dtype=DT)
         torch.testing.assert_close(p_inv_m, expected, rtol=1e-9, atol=1e-12)
         side = frozen.inverse_sqrt
-        torch.testing.assert_close(side, side.T)                       # symmetric
-        assert bool((torch.linalg.eigvalsh(side) > 0).all())           # positive definite
+        torch.testing.assert_close(side, side.T)  # symmetric
+        assert bool((torch.linalg.eigvalsh(side) > 0).all())  # positive definite
     # rank-deficient (a head's gradient: rows summing to zero): still finite and positive definite,
     # NS's own small-σ gain a^steps along the null direction
     m = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=DT)
@@ -360,8 +399,8 @@ def test_muon_frozen_geometry_maps_the_momentum_to_muons_step():
     frozen = geometry.frozen(m)
     p_inv = frozen.inverse_sqrt @ frozen.inverse_sqrt
     torch.testing.assert_close(p_inv @ m, 0.7 * newton_schulz(m, dtype=DT), rtol=1e-9, atol=1e-12)
-    null = torch.ones(3, dtype=DT) / 3 ** 0.5
-    assert float(null @ p_inv @ null) == pytest.approx(0.7 * 3.4445 ** 5 / float(m.norm()), rel=1e-6)
+    null = torch.ones(3, dtype=DT) / 3**0.5
+    assert float(null @ p_inv @ null) == pytest.approx(0.7 * 3.4445**5 / float(m.norm()), rel=1e-6)
 
 
 def test_muon_and_adamw_states_match_a_dense_computation():
@@ -393,8 +432,9 @@ def test_muon_and_adamw_states_match_a_dense_computation():
             group = muon.param_groups[0]
             q = muon_gain_matrix(muon.state[p]["momentum_buffer"], muon_lr_ratio(group["adjust_lr_fn"], p.shape))
             tall = p.size(0) > p.size(1)
-            blocks.append(torch.kron(torch.eye(p.size(0), dtype=DT), q) if tall else
-                          torch.kron(q, torch.eye(p.size(1), dtype=DT)))
+            blocks.append(
+                torch.kron(torch.eye(p.size(0), dtype=DT), q) if tall else torch.kron(q, torch.eye(p.size(1), dtype=DT))
+            )
         else:
             state, group = adamw.state[p], adamw.param_groups[0]
             assert p in adamw.state and not any(p is m for m in muon.param_groups[0]["params"])

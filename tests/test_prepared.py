@@ -27,8 +27,26 @@ from samlm.data.text import ByteTokenizer, LMDataset, load_corpus
 from samlm.errors import UserError
 from tinymodels import SUBPROCESS_ENV
 
-TINY_RUN = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch", "4", "--steps", "2",
-            "--no-sharpness", "--no-progress", "--threads", "1", "--val-batches", "2"]
+TINY_RUN = [
+    "--layers",
+    "1",
+    "--width",
+    "16",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--batch",
+    "4",
+    "--steps",
+    "2",
+    "--no-sharpness",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--val-batches",
+    "2",
+]
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -49,8 +67,10 @@ def run_cli(argv, capsys):
 
 
 def batches_equal(a, b) -> bool:
-    return all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
-               for x, y in zip(a, b, strict=True))
+    return all(
+        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 # --------------------------------------------------------------------------- bitwise the in-memory windows
@@ -68,8 +88,9 @@ def test_prepared_windows_equal_the_in_memory_windows_bitwise(spec, tmp_path):
     assert isinstance(mapped.train_tokens, np.memmap)
     it_memory, it_mapped = memory.train_batches(8, seed=3), mapped.train_batches(8, seed=3)
     per_epoch = it_memory.batches_per_epoch()
-    assert batches_equal([next(it_memory) for _ in range(per_epoch + 5)],
-                         [next(it_mapped) for _ in range(per_epoch + 5)])  # across an epoch boundary
+    assert batches_equal(
+        [next(it_memory) for _ in range(per_epoch + 5)], [next(it_mapped) for _ in range(per_epoch + 5)]
+    )  # across an epoch boundary
     assert it_mapped.epoch == 1
     assert batches_equal(memory.val_batches(8), mapped.val_batches(8))
     assert batches_equal(memory.val_batches(8, max_batches=2), mapped.val_batches(8, max_batches=2))
@@ -170,12 +191,13 @@ def test_concurrent_prepares_of_one_directory_tokenize_once(tmp_path):
     out = tmp_path / "prep"
     env = dict(os.environ, **SUBPROCESS_ENV)
     argv = [sys.executable, "-m", "samlm", "prepare", "--data", str(corpus), "--out", str(out), "--no-progress"]
-    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     said = sorted("already prepared" in o for o, _ in outputs)
-    assert said == [False, True], outputs       # one tokenized, the other waited and reused it
+    assert said == [False, True], outputs  # one tokenized, the other waited and reused it
     P.load_prepared(out)
 
 
@@ -235,8 +257,7 @@ def test_a_full_disk_is_one_line_and_the_prepare_resumes(tmp_path, monkeypatch):
 
 
 def test_bpe_is_deterministic_and_stored_with_the_data(tmp_path, capsys):
-    metas = [P.prepare("python-stdlib", tmp_path / name, tokenizer="bpe:600", max_chars=150_000)
-             for name in ("a", "b")]
+    metas = [P.prepare("python-stdlib", tmp_path / name, tokenizer="bpe:600", max_chars=150_000) for name in ("a", "b")]
     a, b = tmp_path / "a", tmp_path / "b"
     assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()
     assert (a / "train.bin").read_bytes() == (b / "train.bin").read_bytes()
@@ -269,8 +290,9 @@ def test_pretrain_and_resume_read_the_cache(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     entries = list((tmp_path / "cache" / "prepared").iterdir())
     assert len(entries) == 1
-    code, _, err = run_cli(["pretrain", "--max-chars", "20000", *TINY_RUN, "--out", out, "--save-every", "1",
-                            "--resume"], capsys)
+    code, _, err = run_cli(
+        ["pretrain", "--max-chars", "20000", *TINY_RUN, "--out", out, "--save-every", "1", "--resume"], capsys
+    )
     assert code == 0, err  # the resume identity holds the data's content and tokenizer hashes: unchanged
     assert list((tmp_path / "cache" / "prepared").iterdir()) == entries
 
@@ -293,15 +315,22 @@ def copy_of(good: Path, tmp_path: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-1]), "not a multiple of uint16"),
-    (lambda d: (d / "val.bin").write_bytes((d / "val.bin").read_bytes() + b"\0\0"), "does not belong to this meta"),
-    (lambda d: (d / "train.bin").unlink(), "train.bin is missing"),
-    (lambda d: (d / "meta.json").write_text(json.dumps(dict(json.loads((d / "meta.json").read_text()),
-                                                             format_version=99))), "format version 99"),
-    (lambda d: (d / "meta.json").write_text("{not json"), "is not valid JSON"),
-    (lambda d: ((d / "meta.json").unlink(), (d / "progress.json").write_text("{}")), "partial prepared dataset"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-1]), "not a multiple of uint16"),
+        (lambda d: (d / "val.bin").write_bytes((d / "val.bin").read_bytes() + b"\0\0"), "does not belong to this meta"),
+        (lambda d: (d / "train.bin").unlink(), "train.bin is missing"),
+        (
+            lambda d: (d / "meta.json").write_text(
+                json.dumps(dict(json.loads((d / "meta.json").read_text()), format_version=99))
+            ),
+            "format version 99",
+        ),
+        (lambda d: (d / "meta.json").write_text("{not json"), "is not valid JSON"),
+        (lambda d: ((d / "meta.json").unlink(), (d / "progress.json").write_text("{}")), "partial prepared dataset"),
+    ],
+)
 def test_a_damaged_prepared_directory_is_one_line(good, tmp_path, capsys, damage, message):
     directory = copy_of(good, tmp_path)
     damage(directory)
@@ -317,8 +346,9 @@ def test_an_empty_directory_is_one_line(tmp_path, capsys):
 
 
 def test_a_tokenizer_that_does_not_match_the_prepared_data_is_one_line(good, tmp_path, capsys):
-    code, _, err = run_cli(["pretrain", "--data", good, "--tokenizer", "bpe:512", *TINY_RUN, "--out", tmp_path / "r"],
-                           capsys)
+    code, _, err = run_cli(
+        ["pretrain", "--data", good, "--tokenizer", "bpe:512", *TINY_RUN, "--out", tmp_path / "r"], capsys
+    )
     assert code == 2 and "was prepared with tokenizer 'bytes'" in err
 
 
@@ -355,15 +385,43 @@ def test_two_ranks_prepare_one_cache_entry_and_train_like_one_process(tmp_path):
     cache = tmp_path / "cache"
     os.environ["SAMLM_CACHE"], saved = str(cache), os.environ.get("SAMLM_CACHE")
     try:
-        ok(torchrun([*flags, "--data", corpus, "--sync-ascent", "--optimizer", "sam", "--ascent-fraction", "1",
-                     "--out", tmp_path / "two"],
-                    tmp_path))
+        ok(
+            torchrun(
+                [
+                    *flags,
+                    "--data",
+                    corpus,
+                    "--sync-ascent",
+                    "--optimizer",
+                    "sam",
+                    "--ascent-fraction",
+                    "1",
+                    "--out",
+                    tmp_path / "two",
+                ],
+                tmp_path,
+            )
+        )
     finally:
         os.environ["SAMLM_CACHE"] = saved
     entries = list((cache / "prepared").iterdir())
     assert len(entries) == 1
-    assert cli.main([*map(str, flags), "--data", str(entries[0]), "--optimizer", "sam", "--ascent-fraction", "1", "--out",
-                     str(tmp_path / "one")]) == 0
+    assert (
+        cli.main(
+            [
+                *map(str, flags),
+                "--data",
+                str(entries[0]),
+                "--optimizer",
+                "sam",
+                "--ascent-fraction",
+                "1",
+                "--out",
+                str(tmp_path / "one"),
+            ]
+        )
+        == 0
+    )
     assert_close(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"))
 
 

@@ -15,16 +15,64 @@ from samlm.cli import main
 from samlm.harness.pretrain import TIMING_KEYS, PretrainConfig, pretrain
 from samlm.harness.pretrain.build import lr_schedule, resolve_steps
 
-TINY = dict(layers=2, width=32, heads=2, context=16, batch=4, max_chars=20_000, val_batches=2,
-            sharpness_iters=3, sharpness_batch_size=4, progress=False)
-TINY_FLAGS = ["--layers", "2", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4",
-              "--max-chars", "20000", "--val-batches", "2", "--sharpness-iters", "3", "--sharpness-batch-size", "4",
-              "--no-progress"]
+TINY = dict(
+    layers=2,
+    width=32,
+    heads=2,
+    context=16,
+    batch=4,
+    max_chars=20_000,
+    val_batches=2,
+    sharpness_iters=3,
+    sharpness_batch_size=4,
+    progress=False,
+)
+TINY_FLAGS = [
+    "--layers",
+    "2",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--batch",
+    "4",
+    "--max-chars",
+    "20000",
+    "--val-batches",
+    "2",
+    "--sharpness-iters",
+    "3",
+    "--sharpness-batch-size",
+    "4",
+    "--no-progress",
+]
 SUMMARY_KEYS = {
-    "optimizer", "rho", "seed", "completed", "step", "steps", "val_loss", "val_ppl", "best_val_loss",
-    "best_val_loss_step", "train_loss", "hessian_lambda_max", "gauss_newton_lambda_max", "logit_path_norm",
-    "functional_path_norm", "logit_functional_ratio", "step_s", "tokens_per_s", "params", "non_embedding_params",
-    "config", "resolved", "loop", "sharpness",
+    "optimizer",
+    "rho",
+    "seed",
+    "completed",
+    "step",
+    "steps",
+    "val_loss",
+    "val_ppl",
+    "best_val_loss",
+    "best_val_loss_step",
+    "train_loss",
+    "hessian_lambda_max",
+    "gauss_newton_lambda_max",
+    "logit_path_norm",
+    "functional_path_norm",
+    "logit_functional_ratio",
+    "step_s",
+    "tokens_per_s",
+    "params",
+    "non_embedding_params",
+    "config",
+    "resolved",
+    "loop",
+    "sharpness",
 }
 
 
@@ -33,7 +81,7 @@ def tiny(tmp_path, name="run", **overrides):
 
 
 def final_weights(run_dir):
-    (_, path), = io.checkpoint_dirs(run_dir / "checkpoints")[-1:]
+    ((_, path),) = io.checkpoint_dirs(run_dir / "checkpoints")[-1:]
     return load_file(str(path / "model.safetensors"))
 
 
@@ -70,8 +118,13 @@ def test_pretrain_writes_metrics_summary_and_checkpoint(tmp_path):
     assert [r["step"] for r in lines] == [3, 6]
     for line in lines:
         assert {"train_loss", "train_loss_perturbed", "val_loss", "val_ppl", "lr", "tokens", "step_s"} <= set(line)
-        assert {"hessian_lambda_max", "gauss_newton_lambda_max", "logit_path_norm", "functional_path_norm",
-                "logit_functional_ratio"} <= set(line["sharpness"])
+        assert {
+            "hessian_lambda_max",
+            "gauss_newton_lambda_max",
+            "logit_path_norm",
+            "functional_path_norm",
+            "logit_functional_ratio",
+        } <= set(line["sharpness"])
 
     assert SUMMARY_KEYS <= set(summary)
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -119,9 +172,30 @@ def test_pretrain_from_a_model_directory(tmp_path, capsys):
     from samlm.models import build_decoder
 
     build_decoder("llama", layers=1, width=16, heads=2, context=16, vocab_size=257).save_pretrained(tmp_path / "m")
-    code, out, err = run_cli(["pretrain", "--model", str(tmp_path / "m"), "--tokenizer", "bytes", "--context", "16",
-                              "--batch", "4", "--max-chars", "20000", "--val-batches", "1", "--steps", "2",
-                              "--no-sharpness", "--no-progress", "--out", str(tmp_path / "run")], capsys)
+    code, out, err = run_cli(
+        [
+            "pretrain",
+            "--model",
+            str(tmp_path / "m"),
+            "--tokenizer",
+            "bytes",
+            "--context",
+            "16",
+            "--batch",
+            "4",
+            "--max-chars",
+            "20000",
+            "--val-batches",
+            "1",
+            "--steps",
+            "2",
+            "--no-sharpness",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "val loss" in out
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["model"] == str(tmp_path / "m")
@@ -143,11 +217,26 @@ def test_ctrl_c_then_resume_is_bitwise_identical(tmp_path, capsys):
     assert not stopped["completed"] and stopped["interrupted"] == "SIGINT" and stopped["step"] == 4
     run_dir = tmp_path / "resumed"
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 4  # results so far
-    assert io.load_latest_checkpoint(run_dir / "checkpoints").step == 4      # a usable checkpoint
+    assert io.load_latest_checkpoint(run_dir / "checkpoints").step == 4  # a usable checkpoint
 
     # Resume through the CLI with the same flags.
-    flags = TINY_FLAGS + ["--optimizer", "pfsam", "--steps", "8", "--eval-every", "2", "--sharpness-every", "4",
-                          "--dropout", "0.1", "--seed", "3", "--out", str(run_dir), "--resume"]
+    flags = TINY_FLAGS + [
+        "--optimizer",
+        "pfsam",
+        "--steps",
+        "8",
+        "--eval-every",
+        "2",
+        "--sharpness-every",
+        "4",
+        "--dropout",
+        "0.1",
+        "--seed",
+        "3",
+        "--out",
+        str(run_dir),
+        "--resume",
+    ]
     code, out, err = run_cli(["pretrain"] + flags, capsys)
     assert code == 0, err
     resumed = json.loads((run_dir / "summary.json").read_text())
@@ -157,14 +246,20 @@ def test_ctrl_c_then_resume_is_bitwise_identical(tmp_path, capsys):
     assert without(resumed, ()) == without(straight, ())
     timing = {"tokens_per_s", "step_s"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing and k != "sharpness"} for r in rows]  # noqa: E731
-    assert strip(io.read_jsonl(run_dir / "metrics.jsonl")) == strip(io.read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
+    assert strip(io.read_jsonl(run_dir / "metrics.jsonl")) == strip(
+        io.read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    )
 
 
 def test_resume_with_a_different_config_names_the_keys(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run_cli(["pretrain"] + TINY_FLAGS + ["--steps", "2", "--no-sharpness", "--out", out], capsys)[0] == 0
-    code, _, err = run_cli(["pretrain"] + TINY_FLAGS + ["--steps", "2", "--no-sharpness", "--out", out,
-                                                        "--optimizer", "sam", "--width", "64", "--resume"], capsys)
+    code, _, err = run_cli(
+        ["pretrain"]
+        + TINY_FLAGS
+        + ["--steps", "2", "--no-sharpness", "--out", out, "--optimizer", "sam", "--width", "64", "--resume"],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1
     assert "cannot resume" in err and "optimizer ('adamw' in the run, 'sam' now)" in err and "width" in err
 
@@ -227,8 +322,10 @@ def test_bad_flags_end_in_one_line(tmp_path, capsys, monkeypatch, flags, message
 def test_sharpness_cli_on_a_run(tmp_path, capsys):
     pretrain(tiny(tmp_path, steps=2, sharpness=False))
     report = tmp_path / "sharp.json"
-    code, out, err = run_cli(["sharpness", "--run", str(tmp_path / "run"), "--iters", "3", "--batch-size", "2",
-                              "--json", str(report)], capsys)
+    code, out, err = run_cli(
+        ["sharpness", "--run", str(tmp_path / "run"), "--iters", "3", "--batch-size", "2", "--json", str(report)],
+        capsys,
+    )
     assert code == 0, err
     assert "lambda_max(H)" in out and "lambda_max(GN)" in out and "logit/functional ratio" in out
     result = json.loads(report.read_text())
@@ -237,12 +334,15 @@ def test_sharpness_cli_on_a_run(tmp_path, capsys):
     assert {"logit_path_norm", "functional_path_norm", "logit_functional_ratio"} <= set(result)
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "exactly one of --run DIR or --model"),
-    (["--run", "nowhere"], "run directory nowhere not found"),
-    (["--run", "."], "is not a samlm pretrain run"),
-    (["--run", ".", "--iters", "0"], "--iters must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "exactly one of --run DIR or --model"),
+        (["--run", "nowhere"], "run directory nowhere not found"),
+        (["--run", "."], "is not a samlm pretrain run"),
+        (["--run", ".", "--iters", "0"], "--iters must be a positive integer"),
+    ],
+)
 def test_sharpness_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(["sharpness"] + argv, capsys)
@@ -259,8 +359,19 @@ def test_cpu_runs_keep_freed_memory_and_numbers_do_not_depend_on_it(tmp_path, mo
     calls = []
     real = parallel.keep_freed_memory
     monkeypatch.setattr(parallel, "keep_freed_memory", lambda: calls.append(1) or False)
-    settings = dict(layers=1, width=16, heads=2, context=16, batch=4, steps=3, eval_every=3, val_batches=1,
-                    sharpness=False, progress=False, max_chars=20_000)
+    settings = dict(
+        layers=1,
+        width=16,
+        heads=2,
+        context=16,
+        batch=4,
+        steps=3,
+        eval_every=3,
+        val_batches=1,
+        sharpness=False,
+        progress=False,
+        max_chars=20_000,
+    )
     without = pretrain(PretrainConfig(out=str(tmp_path / "a"), **settings))
     assert calls == [1]
     monkeypatch.setattr(parallel, "keep_freed_memory", real)

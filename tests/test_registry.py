@@ -18,8 +18,26 @@ from samlm.optim.sam import SAM
 from tinymodels import save_t5
 
 GLUE = Path(__file__).parent / "fixtures" / "finetune" / "glue"
-TINY_PRETRAIN = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "8", "--batch", "4",
-                 "--max-chars", "4000", "--val-batches", "1", "--no-sharpness", "--no-progress", "--eval-every", "0"]
+TINY_PRETRAIN = [
+    "--layers",
+    "1",
+    "--width",
+    "16",
+    "--heads",
+    "2",
+    "--context",
+    "8",
+    "--batch",
+    "4",
+    "--max-chars",
+    "4000",
+    "--val-batches",
+    "1",
+    "--no-sharpness",
+    "--no-progress",
+    "--eval-every",
+    "0",
+]
 
 
 def run_cli(*argv) -> int:
@@ -43,8 +61,30 @@ def test_pretrain_runs_every_registered_method(name, tmp_path):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_finetune_runs_every_registered_method(name, t5_dir, tmp_path):
     out = tmp_path / name
-    assert run_cli("finetune", "--model", t5_dir, "--task", "glue/rte", "--data-dir", GLUE, "--optimizer", name,
-                   "--steps", 1, "--batch", 4, "--eval-examples", 2, "--max-target-length", 4, "--out", out) == 0
+    assert (
+        run_cli(
+            "finetune",
+            "--model",
+            t5_dir,
+            "--task",
+            "glue/rte",
+            "--data-dir",
+            GLUE,
+            "--optimizer",
+            name,
+            "--steps",
+            1,
+            "--batch",
+            4,
+            "--eval-examples",
+            2,
+            "--max-target-length",
+            4,
+            "--out",
+            out,
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["optimizer"] == name and (config["rho"] is not None) == METHODS[name].is_sam
 
@@ -53,24 +93,71 @@ def test_compare_runs_every_registered_method(tmp_path):
     out = tmp_path / "cmp"
     assert run_cli("compare", *TINY_PRETRAIN, "--optimizers", ",".join(METHODS), "--steps", 1, "--out", out) == 0
     names = sorted(p.name for p in out.iterdir() if p.is_dir())
-    expected = sorted(f"{n}-seed0" if not METHODS[n].is_sam else f"{n}-rho{METHODS[n].default_rho:g}-seed0"
-                      for n in METHODS)
+    expected = sorted(
+        f"{n}-seed0" if not METHODS[n].is_sam else f"{n}-rho{METHODS[n].default_rho:g}-seed0" for n in METHODS
+    )
     assert names == expected
     assert all(f"| {n} |" in (out / "report.md").read_text() for n in METHODS)
 
 
 def test_finetune_compare_runs_every_registered_method(t5_dir, tmp_path):
     out = tmp_path / "grid"
-    assert run_cli("finetune-compare", "--out", out, "--model", t5_dir, "--task", "glue/rte", "--data-dir", GLUE,
-                   "--optimizers", ",".join(METHODS), "--steps", 1, "--batch", 4, "--eval-examples", 2,
-                   "--max-target-length", 4, "--baseline", "adafactor") == 0
+    assert (
+        run_cli(
+            "finetune-compare",
+            "--out",
+            out,
+            "--model",
+            t5_dir,
+            "--task",
+            "glue/rte",
+            "--data-dir",
+            GLUE,
+            "--optimizers",
+            ",".join(METHODS),
+            "--steps",
+            1,
+            "--batch",
+            4,
+            "--eval-examples",
+            2,
+            "--max-target-length",
+            4,
+            "--baseline",
+            "adafactor",
+        )
+        == 0
+    )
     assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(f"{n}-sub1-seed0" for n in METHODS)
 
 
 def test_bench_times_every_registered_sam_method(tmp_path):
     out = tmp_path / "bench.json"
-    assert run_cli("bench", "--methods", ",".join(SAM_FAMILY), "--layers", 1, "--width", 8, "--heads", 1, "--batch", 4,
-                   "--context", 4, "--steps", 1, "--untimed-steps", 0, "--no-memory", "--json", out) == 0
+    assert (
+        run_cli(
+            "bench",
+            "--methods",
+            ",".join(SAM_FAMILY),
+            "--layers",
+            1,
+            "--width",
+            8,
+            "--heads",
+            1,
+            "--batch",
+            4,
+            "--context",
+            4,
+            "--steps",
+            1,
+            "--untimed-steps",
+            0,
+            "--no-memory",
+            "--json",
+            out,
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     rows = result.get("methods", result)
     for name in SAM_FAMILY:
@@ -86,8 +173,15 @@ def test_hf_trainer_builds_every_registered_sam_method(name, tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
     data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 32, (8, 8))]
-    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             disable_tqdm=True, save_strategy="no")
+    args = TrainingArguments(
+        str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     trainer = SAMTrainer(model=model, args=args, train_dataset=data, sam_method=name)
     trainer.train()
     assert type(trainer.sam_optimizer) is METHODS[name].cls and trainer.sam_optimizer.rho == METHODS[name].default_rho
@@ -114,8 +208,30 @@ def test_a_new_registry_entry_is_a_choice_of_every_command(one_more_method, tmp_
     assert run_cli("compare", *TINY_PRETRAIN, "--optimizers", "adamw,lsam", "--steps", 1, "--out", out) == 0
     assert (out / "lsam-rho0.07-seed0" / "summary.json").is_file()
     out = tmp_path / "finetune"
-    assert run_cli("finetune", "--model", t5_dir, "--task", "glue/rte", "--data-dir", GLUE, "--optimizer", "lsam",
-                   "--steps", 1, "--batch", 4, "--eval-examples", 2, "--max-target-length", 4, "--out", out) == 0
+    assert (
+        run_cli(
+            "finetune",
+            "--model",
+            t5_dir,
+            "--task",
+            "glue/rte",
+            "--data-dir",
+            GLUE,
+            "--optimizer",
+            "lsam",
+            "--steps",
+            1,
+            "--batch",
+            4,
+            "--eval-examples",
+            2,
+            "--max-target-length",
+            4,
+            "--out",
+            out,
+        )
+        == 0
+    )
     from samlm.optim import build_optimizer
 
     opt = build_optimizer("lsam", torch.nn.Linear(2, 2).parameters(), lr=0.1)

@@ -23,8 +23,28 @@ from samlm.diagnostics import robustness as R
 from samlm.models import build_decoder
 from tinymodels import save_t5
 
-TINY = ["--layers", "2", "--width", "32", "--heads", "2", "--context", "16", "--batch", "4", "--max-chars", "20000",
-        "--val-batches", "2", "--no-sharpness", "--no-progress", "--steps", "6", "--eval-every", "0"]
+TINY = [
+    "--layers",
+    "2",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--batch",
+    "4",
+    "--max-chars",
+    "20000",
+    "--val-batches",
+    "2",
+    "--no-sharpness",
+    "--no-progress",
+    "--steps",
+    "6",
+    "--eval-every",
+    "0",
+]
 FORGET = {"forget_steps": 4, "forget_lrs": "1e-3,1e-2", "noise_draws": 2, "noise_sigmas": "0,0.05"}
 
 
@@ -125,13 +145,13 @@ def test_rtn_matches_a_plain_reference(fmt, group):
 def test_conv1d_is_quantized_per_output_channel():
     """GPT-2 stores its linear weights (in, out): a per-output-channel scale is per *column*."""
     model = tiny_model()
-    conv = model.transformer.h[0].mlp.c_fc          # Conv1D, weight (32, 128)
-    linear_view = conv.weight.detach().t().clone()    # (out, in)
+    conv = model.transformer.h[0].mlp.c_fc  # Conv1D, weight (32, 128)
+    linear_view = conv.weight.detach().t().clone()  # (out, in)
     R.quantize_weights(model, "int4", group_size=8)
     assert torch.equal(conv.weight.detach(), R.rtn(linear_view, "int4", group_size=8).t())
 
 
-def _on_grid(model, fmt, group, scale=2.0 ** -6):
+def _on_grid(model, fmt, group, scale=2.0**-6):
     q_min, q_max = R.QUANT_FORMATS[fmt]
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -139,7 +159,7 @@ def _on_grid(model, fmt, group, scale=2.0 ** -6):
             matrix = weight.t() if transposed else weight
             q = torch.randint(q_min, q_max + 1, matrix.shape, generator=generator).float()
             block = matrix.shape[1] if fmt == "int8" else group
-            q.view(matrix.shape[0], -1, block)[..., 0] = q_max   # each block reaches q_max: its scale is `scale`
+            q.view(matrix.shape[0], -1, block)[..., 0] = q_max  # each block reaches q_max: its scale is `scale`
             matrix.copy_(q * scale)
 
 
@@ -157,7 +177,7 @@ def test_weights_on_the_grid_are_left_bitwise_unchanged(fmt):
 def test_quantization_leaves_embeddings_and_norms_unless_asked():
     model = tiny_model()
     names = [name for name, _, _ in R.quantizable_weights(model)]
-    assert names and all(".attn." in n or ".mlp." in n for n in names)       # the 8 linear layers
+    assert names and all(".attn." in n or ".mlp." in n for n in names)  # the 8 linear layers
     wte = model.transformer.wte.weight.detach().clone()
     ln = model.transformer.ln_f.weight.detach().clone()
     R.quantize_weights(model, "int4", group_size=8)
@@ -178,8 +198,11 @@ def test_quantization_restores_the_model_and_int4_costs_more_than_int8():
 
 
 def test_a_group_size_that_does_not_divide_names_the_layer():
-    with pytest.raises(ValueError, match=r"group size 24 does not divide the input width 32 of layer "
-                                         r"'transformer\.h\.0\.attn\.c_attn'"):
+    with pytest.raises(
+        ValueError,
+        match=r"group size 24 does not divide the input width 32 of layer "
+        r"'transformer\.h\.0\.attn\.c_attn'",
+    ):
         R.quantization(tiny_model(), tiny_eval(), group_size=24)
 
 
@@ -195,8 +218,10 @@ def test_every_measure_restores_the_model_even_when_the_loss_raises():
             raise RuntimeError("boom")
         return 1.0
 
-    for measure in (lambda: R.weight_noise(model, failing, sigmas=[0.5]),
-                    lambda: R.quantization(model, failing, group_size=8)):
+    for measure in (
+        lambda: R.weight_noise(model, failing, sigmas=[0.5]),
+        lambda: R.quantization(model, failing, group_size=8),
+    ):
         calls["n"] = 0
         with pytest.raises(RuntimeError):
             measure()
@@ -208,22 +233,28 @@ def test_every_measure_restores_the_model_even_when_the_loss_raises():
 
 
 def test_frontier_and_interpolation():
-    points = [{"lr": 1, "learning": 2.0, "original": 1.6}, {"lr": 2, "learning": 1.5, "original": 1.9},
-              {"lr": 3, "learning": 1.7, "original": 2.2}]  # lr 3 learned less and forgot more than lr 2: dropped
+    points = [
+        {"lr": 1, "learning": 2.0, "original": 1.6},
+        {"lr": 2, "learning": 1.5, "original": 1.9},
+        {"lr": 3, "learning": 1.7, "original": 2.2},
+    ]  # lr 3 learned less and forgot more than lr 2: dropped
     result = R.forgetting_summary(points, before_learning=3.0, before_original=1.5, target=2.5)
     assert result["frontier"] == [[1.5, pytest.approx(0.4)], [2.0, pytest.approx(0.1)], [3.0, 0.0]]
-    assert result["increase"] == pytest.approx(0.05)                    # halfway between 0.1 and 0
+    assert result["increase"] == pytest.approx(0.05)  # halfway between 0.1 and 0
     assert [p["increase"] for p in result["points"]] == pytest.approx([0.1, 0.4, 0.7])
     at_dropped = R.forgetting_summary(points, before_learning=3.0, before_original=1.5, target=1.7)
-    assert at_dropped["increase"] == pytest.approx(0.4 - 0.3 * 0.2 / 0.5)   # on the frontier, not lr 3's 0.7
+    assert at_dropped["increase"] == pytest.approx(0.4 - 0.3 * 0.2 / 0.5)  # on the frontier, not lr 3's 0.7
     default = R.forgetting_summary(points, before_learning=3.0, before_original=1.5)
     assert default["target"] == 1.5 and default["increase"] == pytest.approx(0.4)
-    assert R.interpolate([[1.5, 0.4], [3.0, 0.0]], 1.4) is None          # no extrapolation below the left end
+    assert R.interpolate([[1.5, 0.4], [3.0, 0.0]], 1.4) is None  # no extrapolation below the left end
     # both losses falling together (a model still learning): the start is dominated; a level every
     # point learned past reads the least forgetting that reached it
-    falling = R.forgetting_summary([{"lr": 1, "learning": 2.0, "original": 1.4},
-                                    {"lr": 2, "learning": 1.0, "original": 1.2}],
-                                   before_learning=3.0, before_original=1.5, target=1.5)
+    falling = R.forgetting_summary(
+        [{"lr": 1, "learning": 2.0, "original": 1.4}, {"lr": 2, "learning": 1.0, "original": 1.2}],
+        before_learning=3.0,
+        before_original=1.5,
+        target=1.5,
+    )
     assert falling["frontier"] == [[1.0, pytest.approx(-0.3)]] and falling["increase"] == pytest.approx(-0.3)
 
 
@@ -239,12 +270,29 @@ def trained(tmp_path_factory):
 
 def test_all_checkpoints_measures_each_kept_checkpoint_oldest_first(trained, tmp_path, capsys):
     run = shutil.copytree(trained, tmp_path / "run")
-    assert run_cli(["robustness", "--run", run, "--all-checkpoints", "--forget-steps", "0", "--noise-draws", "1",
-                    "--json", tmp_path / "all.json"]) == 0
+    assert (
+        run_cli(
+            [
+                "robustness",
+                "--run",
+                run,
+                "--all-checkpoints",
+                "--forget-steps",
+                "0",
+                "--noise-draws",
+                "1",
+                "--json",
+                tmp_path / "all.json",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "all.json").read_text())
     assert [c["step"] for c in result["checkpoints"]] == [3, 6] and result["step"] == 6
     assert result["forgetting"] is None and not (run / "robustness").exists()
-    assert result["checkpoints"][0]["weight_noise"]["base_loss"] != result["checkpoints"][1]["weight_noise"]["base_loss"]
+    assert (
+        result["checkpoints"][0]["weight_noise"]["base_loss"] != result["checkpoints"][1]["weight_noise"]["base_loss"]
+    )
     assert "step 3:" in capsys.readouterr().out
 
 
@@ -321,14 +369,20 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys):
         (["robustness", "--run", no_checkpoint], "has no checkpoint"),
         (["robustness", "--run", tmp_path / "missing"], "not found"),
         (["robustness", "--run", trained, "--forget-data", tmp_path / "missing.txt"], "missing.txt not found"),
-        (["pretrain", *TINY, "--out", tmp_path / "new", "--robustness", "--forget-data", tmp_path / "missing.txt"],
-         "missing.txt not found"),
+        (
+            ["pretrain", *TINY, "--out", tmp_path / "new", "--robustness", "--forget-data", tmp_path / "missing.txt"],
+            "missing.txt not found",
+        ),
         (["robustness", "--run", trained, "--noise-sigmas", "0.01,-0.1"], "--noise-sigmas must be"),
-        (["robustness", "--run", trained, "--quant-group-size", "24"],
-         "group size 24 does not divide the input width 32 of layer 'transformer.h.0.attn.c_attn'"),
+        (
+            ["robustness", "--run", trained, "--quant-group-size", "24"],
+            "group size 24 does not divide the input width 32 of layer 'transformer.h.0.attn.c_attn'",
+        ),
         (["robustness", "--run", trained, "--forget-tokenizer", t5], "does not match the run's"),
-        (["pretrain", *TINY, "--out", tmp_path / "new", "--robustness", "--quant-group-size", "24"],
-         "of layer 'transformer.h.0.attn.c_attn'"),
+        (
+            ["pretrain", *TINY, "--out", tmp_path / "new", "--robustness", "--quant-group-size", "24"],
+            "of layer 'transformer.h.0.attn.c_attn'",
+        ),
     ]
     for argv, expected in cases:
         capsys.readouterr()
@@ -345,16 +399,38 @@ def _fixture_run(root, name, optimizer, seed, *, noise, int4, before, points):
     out = root / name
     out.mkdir(parents=True)
     summary = {
-        "optimizer": optimizer, "rho": None if optimizer == "adamw" else 0.05, "lr": 1e-2, "seed": seed,
-        "completed": True, "step": 10, "steps": 10, "val_loss": before[1], "config": {"sharpness": False},
-        "weight_noise": {"base_loss": before[1], "sigmas": [0.01, 0.1], "draws": 2, "delta_mean": [noise / 10, noise],
-                         "delta_std": [0.0, 0.0]},
-        "quantization": {"base_loss": before[1], "group_size": 32, "embeddings": False,
-                         "int8": {"delta": int4 / 10}, "int4": {"delta": int4}},
-        "forgetting": {"data": "python-stdlib", "steps": 5, "lrs": [1e-3, 1e-2],
-                       "before": {"learning": before[0], "original": before[1]},
-                       "points": [{"lr": lr, "learning": x, "original": before[1] + y} for lr, (x, y) in
-                                  zip((1e-3, 1e-2), points)]},
+        "optimizer": optimizer,
+        "rho": None if optimizer == "adamw" else 0.05,
+        "lr": 1e-2,
+        "seed": seed,
+        "completed": True,
+        "step": 10,
+        "steps": 10,
+        "val_loss": before[1],
+        "config": {"sharpness": False},
+        "weight_noise": {
+            "base_loss": before[1],
+            "sigmas": [0.01, 0.1],
+            "draws": 2,
+            "delta_mean": [noise / 10, noise],
+            "delta_std": [0.0, 0.0],
+        },
+        "quantization": {
+            "base_loss": before[1],
+            "group_size": 32,
+            "embeddings": False,
+            "int8": {"delta": int4 / 10},
+            "int4": {"delta": int4},
+        },
+        "forgetting": {
+            "data": "python-stdlib",
+            "steps": 5,
+            "lrs": [1e-3, 1e-2],
+            "before": {"learning": before[0], "original": before[1]},
+            "points": [
+                {"lr": lr, "learning": x, "original": before[1] + y} for lr, (x, y) in zip((1e-3, 1e-2), points)
+            ],
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary))
     return out
@@ -365,15 +441,41 @@ def test_report_has_paired_robustness_columns_under_both_budgets_and_a_frontier_
 
     runs = {}
     for seed in (0, 1):
-        runs[f"adamw-{seed}"] = _fixture_run(tmp_path, f"adamw-seed{seed}", "adamw", seed, noise=0.2 + seed / 10,
-                                             int4=0.3, before=(3.0, 1.5), points=[(2.5, 0.1), (2.0, 0.3)])
-        runs[f"adamwc-{seed}"] = _fixture_run(tmp_path, f"adamw-seed{seed}-equal-compute", "adamw", seed, noise=0.4,
-                                              int4=0.5, before=(3.0, 1.4), points=[(2.6, 0.2), (2.2, 0.4)])
-        runs[f"sam-{seed}"] = _fixture_run(tmp_path, f"sam-rho0.05-seed{seed}", "sam", seed, noise=0.1 + seed / 10,
-                                           int4=0.2, before=(3.0, 1.5), points=[(2.5, 0.05), (2.1, 0.15)])
+        runs[f"adamw-{seed}"] = _fixture_run(
+            tmp_path,
+            f"adamw-seed{seed}",
+            "adamw",
+            seed,
+            noise=0.2 + seed / 10,
+            int4=0.3,
+            before=(3.0, 1.5),
+            points=[(2.5, 0.1), (2.0, 0.3)],
+        )
+        runs[f"adamwc-{seed}"] = _fixture_run(
+            tmp_path,
+            f"adamw-seed{seed}-equal-compute",
+            "adamw",
+            seed,
+            noise=0.4,
+            int4=0.5,
+            before=(3.0, 1.4),
+            points=[(2.6, 0.2), (2.2, 0.4)],
+        )
+        runs[f"sam-{seed}"] = _fixture_run(
+            tmp_path,
+            f"sam-rho0.05-seed{seed}",
+            "sam",
+            seed,
+            noise=0.1 + seed / 10,
+            int4=0.2,
+            before=(3.0, 1.5),
+            points=[(2.5, 0.05), (2.1, 0.15)],
+        )
     load = {k: report.load_run(v) for k, v in runs.items()}
-    budgets = {"steps": [load["adamw-0"], load["adamw-1"], load["sam-0"], load["sam-1"]],
-               "compute": [load["adamwc-0"], load["adamwc-1"], load["sam-0"], load["sam-1"]]}
+    budgets = {
+        "steps": [load["adamw-0"], load["adamw-1"], load["sam-0"], load["sam-1"]],
+        "compute": [load["adamwc-0"], load["adamwc-1"], load["sam-0"], load["sam-1"]],
+    }
     files = report.write_report(tmp_path / "out", budgets["steps"], budgets=budgets)
     text = files["report"].read_text()
     assert "## Robustness" in text and "![learning–forgetting frontier](forgetting.png)" in text
@@ -382,13 +484,15 @@ def test_report_has_paired_robustness_columns_under_both_budgets_and_a_frontier_
     compute_part = text.split("At equal compute")[1]
     # x* = the largest of the most-learned losses: max(2.0, 2.1) = 2.1 at equal steps
     assert "(x* = 2.1000)" in steps_part and "(x* = 2.2000)" in compute_part
-    header = "| optimizer | ρ | seeds | noise σ=0.1 Δloss | noise σ=0.1: Δ vs adamw | int8 Δloss | int8: Δ vs adamw " \
-             "| int4 Δloss | int4: Δ vs adamw | forgetting Δloss | forgetting: Δ vs adamw |"
+    header = (
+        "| optimizer | ρ | seeds | noise σ=0.1 Δloss | noise σ=0.1: Δ vs adamw | int8 Δloss | int8: Δ vs adamw "
+        "| int4 Δloss | int4: Δ vs adamw | forgetting Δloss | forgetting: Δ vs adamw |"
+    )
     assert header in steps_part and header in compute_part
     sam_row = next(line for line in steps_part.splitlines() if line.startswith("| sam "))
     cells = [c.strip() for c in sam_row.strip("|").split("|")]
-    assert cells[4] == "-0.1000 ± 0.0000 (n=2)"        # noise: 0.1+s/10 - (0.2+s/10), paired by seed
-    assert cells[8] == "-0.1000 ± 0.0000 (n=2)"        # int4: 0.2 - 0.3
+    assert cells[4] == "-0.1000 ± 0.0000 (n=2)"  # noise: 0.1+s/10 - (0.2+s/10), paired by seed
+    assert cells[8] == "-0.1000 ± 0.0000 (n=2)"  # int4: 0.2 - 0.3
     # forgetting at x* = 2.1: adamw between (2.0, 0.3) and (2.5, 0.1) -> 0.26; sam at its own point 0.15
     assert cells[9] == "+0.1500 ± 0.0000" and cells[10] == "-0.1100 ± 0.0000 (n=2)"
     sam_compute = next(line for line in compute_part.splitlines() if line.startswith("| sam "))
@@ -400,7 +504,7 @@ def test_report_has_paired_robustness_columns_under_both_budgets_and_a_frontier_
     sam = rows["sam-rho0.05-seed1"]
     assert float(sam["robust_noise_0.1"]) == pytest.approx(0.2) and float(sam["robust_int4"]) == pytest.approx(0.2)
     assert float(sam["robust_forgetting_level"]) == pytest.approx(2.2)
-    assert float(sam["robust_forgetting"]) == pytest.approx(0.125)   # between (2.5, 0.05) and (2.1, 0.15)
+    assert float(sam["robust_forgetting"]) == pytest.approx(0.125)  # between (2.5, 0.05) and (2.1, 0.15)
 
 
 def test_study_robustness_dry_run_lists_every_run_of_both_budgets(tmp_path, capsys):

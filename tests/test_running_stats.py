@@ -19,8 +19,9 @@ class Net(torch.nn.Module):
 
     def __init__(self, momentum=0.1):
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12, momentum=momentum),
-                                        torch.nn.Tanh(), torch.nn.Linear(12, 5))
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12, momentum=momentum), torch.nn.Tanh(), torch.nn.Linear(12, 5)
+        )
 
     def forward(self, batch):
         return self.body(batch[0])
@@ -81,21 +82,27 @@ def test_each_policy_leaves_the_statistics_of_its_own_pass(method, fraction, asc
     at_ascent, at_descent, at_both = reference_buffers(model, batch, 0.05, ascent_rows)
     for policy, expected in (("ascent", at_ascent), ("descent", at_descent)):
         net = copy.deepcopy(model)
-        opt = method(torch.optim.SGD(net.parameters(), lr=0.1), rho=0.05, ascent_fraction=fraction,
-                     running_stats=policy)
+        opt = method(
+            torch.optim.SGD(net.parameters(), lr=0.1), rho=0.05, ascent_fraction=fraction, running_stats=policy
+        )
         opt.train_step(batch, net, ce)
         assert_buffers_close(buffers(net), expected)
     if method is samlm.SAM:  # "all": both passes count, as in naive two-pass code
         net = copy.deepcopy(model)
-        opt = method(torch.optim.SGD(net.parameters(), lr=0.1), rho=0.05, ascent_fraction=fraction,
-                     running_stats="all")
+        opt = method(torch.optim.SGD(net.parameters(), lr=0.1), rho=0.05, ascent_fraction=fraction, running_stats="all")
         opt.train_step(batch, net, ce)
         assert_buffers_close(buffers(net), at_both)
 
 
-@pytest.mark.parametrize("method,fraction,passes", [
-    (samlm.SAM, 0.25, 2), (samlm.FunctionalSAM, 0.25, 3), (samlm.FunctionalSAM, 1.0, 2),
-    (samlm.PreconditionedFunctionalSAM, 0.25, 3)])
+@pytest.mark.parametrize(
+    "method,fraction,passes",
+    [
+        (samlm.SAM, 0.25, 2),
+        (samlm.FunctionalSAM, 0.25, 3),
+        (samlm.FunctionalSAM, 1.0, 2),
+        (samlm.PreconditionedFunctionalSAM, 0.25, 3),
+    ],
+)
 def test_only_the_all_policy_counts_every_pass(method, fraction, passes):
     """num_batches_tracked: one per step under ascent/descent, one per forward under "all"
     (F-SAM's clean forward at w is a third pass when the ascent uses part of the batch)."""
@@ -174,8 +181,12 @@ def test_frozen_running_stats_restores_even_when_the_block_raises():
 
 
 def test_norm_layers_finds_tracking_layers_only():
-    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3, track_running_stats=False),
-                                torch.nn.InstanceNorm1d(3, track_running_stats=True), torch.nn.LayerNorm(3))
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(3),
+        torch.nn.BatchNorm1d(3, track_running_stats=False),
+        torch.nn.InstanceNorm1d(3, track_running_stats=True),
+        torch.nn.LayerNorm(3),
+    )
     assert norm_layers(model) == [model[0], model[2]]
 
 

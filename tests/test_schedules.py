@@ -18,10 +18,16 @@ def _batch(batch, accumulate):
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=SAM_FAMILY)
-@pytest.mark.parametrize("accumulate,step_args", [(False, {}), (True, {"max_grad_norm": 0.1}),
-                                                  (False, {"autocast_dtype": torch.bfloat16}),
-                                                  (True, {"autocast_dtype": torch.float16, "scaler": True})],
-                         ids=["one", "accumulated-clipped", "bf16", "fp16-scaler"])
+@pytest.mark.parametrize(
+    "accumulate,step_args",
+    [
+        (False, {}),
+        (True, {"max_grad_norm": 0.1}),
+        (False, {"autocast_dtype": torch.bfloat16}),
+        (True, {"autocast_dtype": torch.float16, "scaler": True}),
+    ],
+    ids=["one", "accumulated-clipped", "bf16", "fp16-scaler"],
+)
 def test_the_schedule_is_sam_steps_and_plain_steps_bitwise(cls, accumulate, step_args):
     """sam_every=3, sam_start=2: steps 2, 5, 8 are SAM steps, the others equal plain_step on the
     base optimizer; a SAM wrapper stepping every time, interleaved by hand, is the reference."""
@@ -87,14 +93,17 @@ def test_sam_start_as_a_fraction_of_the_run_needs_total_steps():
     assert kinds == [False, False, True, False, True, False, True, False]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"sam_every": 0}, "sam_every must be an integer >= 1"),
-    ({"sam_every": 2.0}, "sam_every must be an integer >= 1"),
-    ({"sam_every": True}, "sam_every must be an integer >= 1"),
-    ({"sam_start": -1}, "sam_start must be a step index"),
-    ({"sam_start": 1.5, "total_steps": 10}, "sam_start must be a step index"),
-    ({"sam_start": 0.5, "total_steps": 0}, "total_steps must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sam_every": 0}, "sam_every must be an integer >= 1"),
+        ({"sam_every": 2.0}, "sam_every must be an integer >= 1"),
+        ({"sam_every": True}, "sam_every must be an integer >= 1"),
+        ({"sam_start": -1}, "sam_start must be a step index"),
+        ({"sam_start": 1.5, "total_steps": 10}, "sam_start must be a step index"),
+        ({"sam_start": 0.5, "total_steps": 0}, "total_steps must be an integer >= 1"),
+    ],
+)
 def test_bad_schedules_raise_value_error_naming_the_argument(kwargs, match):
     model, _ = make_problem()
     with pytest.raises(ValueError, match=match):

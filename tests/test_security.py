@@ -28,7 +28,8 @@ def test_torch_load_is_always_weights_only(path):
         if isinstance(call.func, ast.Attribute) and getattr(call.func.value, "id", "") == "torch":
             flags = {k.arg: k.value for k in call.keywords}
             assert "weights_only" in flags and getattr(flags["weights_only"], "value", None) is True, (
-                f"{path.name}:{call.lineno}: torch.load without weights_only=True")
+                f"{path.name}:{call.lineno}: torch.load without weights_only=True"
+            )
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SOURCE)))
@@ -41,7 +42,8 @@ def test_no_pickle_module_is_used(path):
         elif isinstance(node, ast.ImportFrom):
             names = [node.module or ""]
         assert not any(n.split(".")[0] in {"pickle", "dill", "cloudpickle", "joblib"} for n in names), (
-            f"{path.name}:{node.lineno}: imports a pickle module")
+            f"{path.name}:{node.lineno}: imports a pickle module"
+        )
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SOURCE)))
@@ -50,7 +52,8 @@ def test_trust_remote_code_is_never_hard_wired_on(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "trust_remote_code":
             assert not (isinstance(node.value, ast.Constant) and node.value.value is True), (
-                f"{path.name}:{node.value.lineno}: trust_remote_code=True")
+                f"{path.name}:{node.value.lineno}: trust_remote_code=True"
+            )
 
 
 def test_loaders_default_trust_remote_code_to_false():
@@ -85,7 +88,8 @@ def test_every_from_pretrained_says_whether_remote_code_is_trusted(path):
         keywords = {k.arg for k in call.keywords}
         splats = {k.value.id for k in call.keywords if k.arg is None and isinstance(k.value, ast.Name)}
         assert "trust_remote_code" in keywords or splats & with_flag, (
-            f"{path.name}:{call.lineno}: from_pretrained without an explicit trust_remote_code")
+            f"{path.name}:{call.lineno}: from_pretrained without an explicit trust_remote_code"
+        )
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SOURCE)))
@@ -95,15 +99,20 @@ def test_unsafe_loading_is_never_switched_on(path):
     unsafe = {"weights_only": False, "use_safetensors": False, "allow_pickle": True}
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg in unsafe and isinstance(node.value, ast.Constant):
-            assert node.value.value is not unsafe[node.arg], f"{path.name}:{node.value.lineno}: {node.arg}={node.value.value}"
+            assert node.value.value is not unsafe[node.arg], (
+                f"{path.name}:{node.value.lineno}: {node.arg}={node.value.value}"
+            )
     for name in ("loads", "Unpickler"):
         for call in calls(tree, name):
             owner = getattr(call.func, "value", None)
-            assert getattr(owner, "id", "") not in {"pickle", "cPickle", "dill", "marshal"}, f"{path.name}:{call.lineno}"
+            assert getattr(owner, "id", "") not in {"pickle", "cPickle", "dill", "marshal"}, (
+                f"{path.name}:{call.lineno}"
+            )
     for call in calls(tree, "load"):
         owner = getattr(call.func, "value", None)
         assert getattr(owner, "id", "") not in {"pickle", "dill", "joblib", "marshal", "np", "numpy"} or any(
-            k.arg == "allow_pickle" for k in call.keywords), f"{path.name}:{call.lineno}: unsafe load"
+            k.arg == "allow_pickle" for k in call.keywords
+        ), f"{path.name}:{call.lineno}: unsafe load"
 
 
 class _Payload:
@@ -127,8 +136,9 @@ def test_a_malicious_pickle_in_a_model_directory_never_runs(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=32).save_pretrained(model_dir)
     torch.save({"transformer.wte.weight": _Payload(marker)}, model_dir / "pytorch_model.bin")
     capsys.readouterr()  # transformers' own warnings while the test wrote the config
-    code = cli.main(["pretrain", "--model", str(model_dir), "--tokenizer", "bytes", "--steps", "1",
-                     "--out", str(tmp_path / "out")])
+    code = cli.main(
+        ["pretrain", "--model", str(model_dir), "--tokenizer", "bytes", "--steps", "1", "--out", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("samlm: error: could not load model") and err.count("\n") == 1, err
     assert not marker.exists()
@@ -142,7 +152,7 @@ def test_a_malicious_pickle_in_a_checkpoint_never_runs_even_with_a_matching_mani
     root, marker = tmp_path / "checkpoints", tmp_path / "pwned"
     path = io.save_checkpoint(root, 1, {"w": torch.ones(2)}, {"step": 1})
     torch.save({"step": _Payload(marker)}, path / io.STATE_FILE)
-    manifest = json.loads((path / io.MANIFEST_FILE).read_text())   # an attacker can fix the hashes too
+    manifest = json.loads((path / io.MANIFEST_FILE).read_text())  # an attacker can fix the hashes too
     manifest["files"][io.STATE_FILE] = io._file_digest(path / io.STATE_FILE)
     (path / io.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(io.CheckpointError, match="state.pt cannot be read"):
@@ -155,12 +165,23 @@ def test_remote_code_in_a_model_directory_is_not_run_unless_asked(tmp_path, caps
 
     model_dir, marker = tmp_path / "custom-model", tmp_path / "pwned"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text(json.dumps({
-        "model_type": "evil", "architectures": ["EvilForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil"}}))
+    (model_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "architectures": ["EvilForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModelForCausalLM": "modeling_evil.Evil",
+                },
+            }
+        )
+    )
     (model_dir / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    for argv in (["pretrain", "--model", str(model_dir), "--tokenizer", "bytes", "--steps", "1"],
-                 ["finetune", "--model", str(model_dir), "--task", "glue/rte"]):
+    for argv in (
+        ["pretrain", "--model", str(model_dir), "--tokenizer", "bytes", "--steps", "1"],
+        ["finetune", "--model", str(model_dir), "--task", "glue/rte"],
+    ):
         code = cli.main([*argv, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("samlm: error: ") and err.count("\n") == 1, err

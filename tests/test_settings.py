@@ -20,8 +20,13 @@ from samlm.harness.pretrain.config import identity as pretrain_identity
 from samlm.studies.grid import GridSettings
 
 CONFIGS = (PretrainConfig, FinetuneConfig)
-SHARED_GROUPS = (settings.OptimizerSettings, settings.ScheduleSettings, settings.BatchSettings,
-                 settings.LoopSettings, settings.ParallelSettings)
+SHARED_GROUPS = (
+    settings.OptimizerSettings,
+    settings.ScheduleSettings,
+    settings.BatchSettings,
+    settings.LoopSettings,
+    settings.ParallelSettings,
+)
 
 
 def parser_for(command: str) -> argparse.ArgumentParser:
@@ -44,8 +49,9 @@ def test_every_field_has_one_flag_and_no_flag_has_its_own_default(cls):
 
 
 def test_parsed_flags_set_exactly_their_fields():
-    args = parser_for("pretrain").parse_args(["--lr", "0.01", "--betas", "0.8,0.9", "--no-sharpness", "--grad-accum",
-                                              "2", "--clip", "1.5"])
+    args = parser_for("pretrain").parse_args(
+        ["--lr", "0.01", "--betas", "0.8,0.9", "--no-sharpness", "--grad-accum", "2", "--clip", "1.5"]
+    )
     config = settings.from_args(PretrainConfig, args)
     changed = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
     assert changed == {"lr", "betas", "sharpness", "grad_accum", "clip"}
@@ -104,8 +110,12 @@ def test_checks_name_the_flag_in_one_line():
 
 def test_resume_identity_ignores_observation_settings_and_sees_the_others():
     base = {"config": PretrainConfig().as_dict(), "resolved": {"total_steps": 10, "rho": None}}
-    observed = {"config": PretrainConfig(eval_every=7, out="elsewhere", threads=3, progress=False,
-                                         keep_checkpoints=5).as_dict(), "resolved": base["resolved"]}
+    observed = {
+        "config": PretrainConfig(
+            eval_every=7, out="elsewhere", threads=3, progress=False, keep_checkpoints=5
+        ).as_dict(),
+        "resolved": base["resolved"],
+    }
     assert pretrain_identity(base) == pretrain_identity(observed)
     for change in ({"lr": 0.1}, {"batch": 64}, {"seed": 3}, {"clip": 1.0}, {"sharpness_rho": 0.1}):
         other = {"config": PretrainConfig(**change).as_dict(), "resolved": base["resolved"]}
@@ -113,13 +123,43 @@ def test_resume_identity_ignores_observation_settings_and_sees_the_others():
 
 
 def test_the_loop_takes_its_settings_by_name_from_a_harness_config():
-    config = PretrainConfig(out="o", eval_every=7, save_every=3, clip=1.5, grad_accum=2, batch=8, nonfinite="stop",
-                            max_nonfinite=4, keep_checkpoints=3, seed=11)
+    config = PretrainConfig(
+        out="o",
+        eval_every=7,
+        save_every=3,
+        clip=1.5,
+        grad_accum=2,
+        batch=8,
+        nonfinite="stop",
+        max_nonfinite=4,
+        keep_checkpoints=3,
+        seed=11,
+    )
     loop = LoopConfig.from_settings(config, steps=9)
-    assert (loop.out, loop.steps, loop.eval_every, loop.save_every, loop.clip, loop.grad_accum, loop.nonfinite,
-            loop.max_nonfinite, loop.keep_checkpoints, loop.seed) == ("o", 9, 7, 3, 1.5, 2, "stop", 4, 3, 11)
-    shared = ("eval_every", "save_every", "keep_checkpoints", "grad_accum", "clip", "nonfinite", "max_nonfinite",
-              "resume", "overwrite", "progress")
+    assert (
+        loop.out,
+        loop.steps,
+        loop.eval_every,
+        loop.save_every,
+        loop.clip,
+        loop.grad_accum,
+        loop.nonfinite,
+        loop.max_nonfinite,
+        loop.keep_checkpoints,
+        loop.seed,
+    ) == ("o", 9, 7, 3, 1.5, 2, "stop", 4, 3, 11)
+    shared = (
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "grad_accum",
+        "clip",
+        "nonfinite",
+        "max_nonfinite",
+        "resume",
+        "overwrite",
+        "progress",
+    )
     for name in shared:  # the same setting: one help text and one check
         a = LoopConfig.__dataclass_fields__[name].metadata
         b = PretrainConfig.__dataclass_fields__[name].metadata
@@ -139,8 +179,24 @@ def test_batch_is_examples_per_step_in_both_harnesses(tmp_path, monkeypatch):
         return real(optimizer, batch, *args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", spy)
-    flags = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "8", "--max-chars", "4000",
-             "--val-batches", "1", "--no-sharpness", "--no-progress", "--steps", "2"]
+    flags = [
+        "--layers",
+        "1",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--context",
+        "8",
+        "--max-chars",
+        "4000",
+        "--val-batches",
+        "1",
+        "--no-sharpness",
+        "--no-progress",
+        "--steps",
+        "2",
+    ]
     assert cli.main(["pretrain", *flags, "--batch", "8", "--grad-accum", "2", "--out", str(tmp_path / "p")]) == 0
     assert seen == [[4, 4], [4, 4]]
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
@@ -159,17 +215,62 @@ def test_sam_schedule_flags_reach_the_optimizer_in_both_harnesses(tmp_path):
     from samlm import io
     from tinymodels import save_t5
 
-    flags = ["--layers", "1", "--width", "16", "--heads", "2", "--context", "8", "--max-chars", "4000", "--batch", "4",
-             "--val-batches", "1", "--no-sharpness", "--no-progress", "--steps", "4", "--optimizer", "sam"]
+    flags = [
+        "--layers",
+        "1",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--context",
+        "8",
+        "--max-chars",
+        "4000",
+        "--batch",
+        "4",
+        "--val-batches",
+        "1",
+        "--no-sharpness",
+        "--no-progress",
+        "--steps",
+        "4",
+        "--optimizer",
+        "sam",
+    ]
     # --sam-start 0.5 of 4 steps: plain steps 0-1, then a SAM step every 2nd: step 2 only
     assert cli.main(["pretrain", *flags, "--sam-every", "2", "--sam-start", "0.5", "--out", str(tmp_path / "p")]) == 0
     counters = io.load_latest_checkpoint(tmp_path / "p" / "checkpoints").extra_state["optimizer"]["counters"]
     assert (counters["sam_steps"], counters["plain_steps"]) == (1, 3)
     glue = __import__("pathlib").Path(__file__).parent / "fixtures" / "finetune" / "glue"
     t5 = save_t5(tmp_path / "t5")
-    assert cli.main(["finetune", "--model", str(t5), "--task", "glue/rte", "--data-dir", str(glue), "--optimizer", "sam",
-                     "--steps", "3", "--batch", "4", "--eval-examples", "2", "--max-target-length", "4",
-                     "--sam-every", "3", "--out", str(tmp_path / "f")]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--model",
+                str(t5),
+                "--task",
+                "glue/rte",
+                "--data-dir",
+                str(glue),
+                "--optimizer",
+                "sam",
+                "--steps",
+                "3",
+                "--batch",
+                "4",
+                "--eval-examples",
+                "2",
+                "--max-target-length",
+                "4",
+                "--sam-every",
+                "3",
+                "--out",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
     counters = io.load_latest_checkpoint(tmp_path / "f" / "checkpoints").extra_state["optimizer"]["counters"]
     assert (counters["sam_steps"], counters["plain_steps"]) == (1, 2)
     assert cli.main(["pretrain", *flags, "--sam-start", "1.5", "--out", str(tmp_path / "q")]) == 2

@@ -20,10 +20,16 @@ from samlm.integrations.hf import SAMSFTTrainer  # noqa: E402
 hf_logging.set_verbosity_error()
 
 # prompts and completions of very different lengths (1 to 12 words)
-PAIRS = [("what is two plus two", "four"), ("name a color", "blue is a color"), ("say hello", "hello there friend"),
-         ("count to three", "one two three"), ("what is the sky", "the sky is above us and it is blue all day long"),
-         ("pick a fruit", "apple"), ("tell me a long story please", "once upon a time a small model learned to talk"),
-         ("yes or no", "no")] * 3
+PAIRS = [
+    ("what is two plus two", "four"),
+    ("name a color", "blue is a color"),
+    ("say hello", "hello there friend"),
+    ("count to three", "one two three"),
+    ("what is the sky", "the sky is above us and it is blue all day long"),
+    ("pick a fruit", "apple"),
+    ("tell me a long story please", "once upon a time a small model learned to talk"),
+    ("yes or no", "no"),
+] * 3
 
 
 @pytest.fixture(scope="module")
@@ -33,33 +39,68 @@ def tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([f"user: {p} assistant: {c}" for p, c in PAIRS],
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<unk>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [f"user: {p} assistant: {c}" for p, c in PAIRS],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<eos>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    hf.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
-                        "{% if add_generation_prompt %}assistant: {% endif %}")
+    hf.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     return hf
 
 
 @pytest.fixture(scope="module")
 def chat():
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": p}],
-                               "completion": [{"role": "assistant", "content": c}]} for p, c in PAIRS])
+    return Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+            for p, c in PAIRS
+        ]
+    )
 
 
 def tiny_lm(tokenizer, seed=0, dropout=0.0):
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, resid_pdrop=dropout,
-        embd_pdrop=dropout, attn_pdrop=dropout))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+        )
+    )
 
 
 def sft_args(out, **overrides):
-    kwargs = dict(max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=0.1,
-                  optim="sgd", max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                  disable_tqdm=True, seed=0, max_length=64, bf16=False)
+    kwargs = dict(
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=0.1,
+        optim="sgd",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        max_length=64,
+        bf16=False,
+    )
     kwargs.update(overrides)
     return SFTConfig(str(out), **kwargs)
 
@@ -77,11 +118,19 @@ def test_rho_zero_equals_plain_sft_with_accumulation_over_unequal_lengths(tmp_pa
     """ρ = 0, two micro-batches of different padded lengths per step: the weights and the logged
     loss are plain SFTTrainer's (its token weighting through num_items_in_batch, its
     completion-only labels), and its entropy / accuracy / num_tokens are logged too."""
-    plain = SFTTrainer(model=tiny_lm(tokenizer), args=sft_args(tmp_path / "plain"), train_dataset=chat,
-                       processing_class=tokenizer)
+    plain = SFTTrainer(
+        model=tiny_lm(tokenizer), args=sft_args(tmp_path / "plain"), train_dataset=chat, processing_class=tokenizer
+    )
     plain.train()
-    sam = SAMSFTTrainer(model=tiny_lm(tokenizer), args=sft_args(tmp_path / "sam"), train_dataset=chat,
-                        processing_class=tokenizer, sam_method=method, rho=0.0, ascent_fraction=fraction)
+    sam = SAMSFTTrainer(
+        model=tiny_lm(tokenizer),
+        args=sft_args(tmp_path / "sam"),
+        train_dataset=chat,
+        processing_class=tokenizer,
+        sam_method=method,
+        rho=0.0,
+        ascent_fraction=fraction,
+    )
     sam.train()
     assert torch.allclose(flat(sam.model), flat(plain.model), atol=1e-5, rtol=0)
     assert logs(sam, "loss") == pytest.approx(logs(plain, "loss"), rel=1e-5)
@@ -93,12 +142,23 @@ def test_rho_zero_equals_plain_sft_with_accumulation_over_unequal_lengths(tmp_pa
 def test_accumulated_window_equals_one_step_on_the_whole_batch(tmp_path, tokenizer, chat):
     """F-SAM with 2 micro-batches of 2 unequal-length conversations equals F-SAM on the 4 at
     once: the loss is weighted by label tokens (row weighting would differ here)."""
-    one = SAMSFTTrainer(model=tiny_lm(tokenizer), args=sft_args(tmp_path / "one", per_device_train_batch_size=4,
-                                                                 gradient_accumulation_steps=1),
-                        train_dataset=chat, processing_class=tokenizer, sam_method="fsam", rho=0.05)
+    one = SAMSFTTrainer(
+        model=tiny_lm(tokenizer),
+        args=sft_args(tmp_path / "one", per_device_train_batch_size=4, gradient_accumulation_steps=1),
+        train_dataset=chat,
+        processing_class=tokenizer,
+        sam_method="fsam",
+        rho=0.05,
+    )
     one.train()
-    two = SAMSFTTrainer(model=tiny_lm(tokenizer), args=sft_args(tmp_path / "two"), train_dataset=chat,
-                        processing_class=tokenizer, sam_method="fsam", rho=0.05)
+    two = SAMSFTTrainer(
+        model=tiny_lm(tokenizer),
+        args=sft_args(tmp_path / "two"),
+        train_dataset=chat,
+        processing_class=tokenizer,
+        sam_method="fsam",
+        rho=0.05,
+    )
     two.train()
     assert torch.allclose(flat(one.model), flat(two.model), atol=1e-5, rtol=0)
     assert logs(one, "loss") == pytest.approx(logs(two, "loss"), rel=1e-5)
@@ -109,10 +169,19 @@ def test_sft_with_sam_and_fsam_logs_its_signals(tmp_path, tokenizer, chat):
     never as loss; F-SAM, which evaluates every row at w, logs the clean loss; clean_loss=True
     gives SAM the clean loss for one more forward. Weights move, losses are finite."""
     runs = {}
-    for name, kwargs in {"sam": dict(sam_method="sam"), "fsam": dict(sam_method="fsam"),
-                         "sam-clean": dict(sam_method="sam", clean_loss=True)}.items():
-        trainer = SAMSFTTrainer(model=tiny_lm(tokenizer), args=sft_args(tmp_path / name, learning_rate=0.05),
-                                train_dataset=chat, processing_class=tokenizer, rho=0.05, **kwargs)
+    for name, kwargs in {
+        "sam": dict(sam_method="sam"),
+        "fsam": dict(sam_method="fsam"),
+        "sam-clean": dict(sam_method="sam", clean_loss=True),
+    }.items():
+        trainer = SAMSFTTrainer(
+            model=tiny_lm(tokenizer),
+            args=sft_args(tmp_path / name, learning_rate=0.05),
+            train_dataset=chat,
+            processing_class=tokenizer,
+            rho=0.05,
+            **kwargs,
+        )
         before = flat(trainer.model).clone()
         trainer.train()
         assert not torch.equal(before, flat(trainer.model))
@@ -131,10 +200,15 @@ def test_sft_with_sam_and_fsam_logs_its_signals(tmp_path, tokenizer, chat):
 def test_lora_peft_config_trains_only_the_adapters(tmp_path, tokenizer, chat):
     from peft import LoraConfig
 
-    trainer = SAMSFTTrainer(model=tiny_lm(tokenizer), args=sft_args(tmp_path / "lora", learning_rate=0.05),
-                            train_dataset=chat, processing_class=tokenizer, sam_method="fsam", rho=0.05,
-                            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
-                                                   task_type="CAUSAL_LM"))
+    trainer = SAMSFTTrainer(
+        model=tiny_lm(tokenizer),
+        args=sft_args(tmp_path / "lora", learning_rate=0.05),
+        train_dataset=chat,
+        processing_class=tokenizer,
+        sam_method="fsam",
+        rho=0.05,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"),
+    )
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
@@ -147,11 +221,23 @@ def test_lora_peft_config_trains_only_the_adapters(tmp_path, tokenizer, chat):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, chat):
     save = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=0.05, optim="adamw_torch")
-    straight = SAMSFTTrainer(model=tiny_lm(tokenizer, dropout=0.1), args=sft_args(tmp_path / "straight", **save),
-                             train_dataset=chat, processing_class=tokenizer, sam_method="fsam", rho=0.05)
+    straight = SAMSFTTrainer(
+        model=tiny_lm(tokenizer, dropout=0.1),
+        args=sft_args(tmp_path / "straight", **save),
+        train_dataset=chat,
+        processing_class=tokenizer,
+        sam_method="fsam",
+        rho=0.05,
+    )
     straight.train()
-    resumed = SAMSFTTrainer(model=tiny_lm(tokenizer, seed=7, dropout=0.1), args=sft_args(tmp_path / "resumed", **save),
-                            train_dataset=chat, processing_class=tokenizer, sam_method="fsam", rho=0.05)
+    resumed = SAMSFTTrainer(
+        model=tiny_lm(tokenizer, seed=7, dropout=0.1),
+        args=sft_args(tmp_path / "resumed", **save),
+        train_dataset=chat,
+        processing_class=tokenizer,
+        sam_method="fsam",
+        rho=0.05,
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
     assert resumed.state.global_step == 4 and resumed.sam_optimizer.counters["steps"] == 4
     assert torch.equal(flat(resumed.model), flat(straight.model))
@@ -161,8 +247,13 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer, chat):
 
 def test_another_loss_needs_sam_loss(tmp_path, tokenizer, chat):
     with pytest.raises(ValueError, match="sam_loss"):
-        SAMSFTTrainer(model=tiny_lm(tokenizer), args=sft_args(tmp_path / "dft", loss_type="dft"), train_dataset=chat,
-                      processing_class=tokenizer, sam_method="fsam")
+        SAMSFTTrainer(
+            model=tiny_lm(tokenizer),
+            args=sft_args(tmp_path / "dft", loss_type="dft"),
+            train_dataset=chat,
+            processing_class=tokenizer,
+            sam_method="fsam",
+        )
 
 
 def test_the_short_import_path():

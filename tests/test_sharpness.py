@@ -122,13 +122,19 @@ def test_hvp_of_quadratic_is_a_times_v():
 
 
 @pytest.mark.parametrize("method", ["lanczos", "power"])
-@pytest.mark.parametrize("eigenvalues", [[9.0, 6.0, 3.0, 1.0, 0.5, -1.0, -4.0],  # dominant positive
-                                         [-8.0, 6.0, 3.0, 1.0, 0.5, -1.0, 0.2]])  # dominant negative
+@pytest.mark.parametrize(
+    "eigenvalues",
+    [
+        [9.0, 6.0, 3.0, 1.0, 0.5, -1.0, -4.0],  # dominant positive
+        [-8.0, 6.0, 3.0, 1.0, 0.5, -1.0, 0.2],
+    ],
+)  # dominant negative
 def test_top_eigenvalue_of_quadratic(method, eigenvalues):
     a = spectrum_matrix(eigenvalues)
     params, forward, loss = quadratic(a)
-    result = top_eigenvalue(hessian_vector_product(params, None, forward, loss), params,
-                            iters=500, tol=1e-9, seed=1, method=method)
+    result = top_eigenvalue(
+        hessian_vector_product(params, None, forward, loss), params, iters=500, tol=1e-9, seed=1, method=method
+    )
     assert abs(result.value - max(eigenvalues)) < 1e-6
     assert result.converged and result.method == method
 
@@ -174,10 +180,12 @@ def test_linear_softmax_hessian_equals_gauss_newton():
     params, batches, forward, loss = problem(linear, LINEAR_SHAPES, ce)
     h, g, _ = explicit(linear, params, batches, ce)
     torch.testing.assert_close(h, g, rtol=1e-10, atol=1e-12)  # H_F = 0: z is linear in W
-    torch.testing.assert_close(matvec_matrix(gauss_newton_vector_product(params, batches, forward, loss), params),
-                               g, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(matvec_matrix(hessian_vector_product(params, batches, forward, loss), params),
-                               h, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        matvec_matrix(gauss_newton_vector_product(params, batches, forward, loss), params), g, rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(
+        matvec_matrix(hessian_vector_product(params, batches, forward, loss), params), h, rtol=1e-10, atol=1e-12
+    )
     hf = matvec_matrix(functional_hessian_vector_product(params, batches, forward, loss), params)
     assert hf.abs().max() < 1e-12
     result = top_eigenvalue(hessian_vector_product(params, batches, forward, loss), params, iters=50, tol=1e-10)
@@ -215,8 +223,9 @@ def test_mlp_spectra_match_eigvalsh():
     result_h = top_eigenvalue(hessian_vector_product(params, batches, forward, loss), params, k=3, **kw)
     result_g = top_eigenvalue(gauss_newton_vector_product(params, batches, forward, loss), params, **kw)
     result_f = functional_hessian_top_eigenvalue(params, batches, forward, loss, **kw)
-    torch.testing.assert_close(torch.tensor(result_h.top_k, dtype=DT), torch.linalg.eigvalsh(h).flip(0)[:3],
-                               rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        torch.tensor(result_h.top_k, dtype=DT), torch.linalg.eigvalsh(h).flip(0)[:3], rtol=0, atol=1e-8
+    )
     assert result_g.value == pytest.approx(torch.linalg.eigvalsh(g)[-1].item(), abs=1e-8)
     assert result_f.value == pytest.approx(torch.linalg.eigvalsh(hf)[-1].item(), abs=1e-8)
     assert result_f.smallest == pytest.approx(torch.linalg.eigvalsh(hf)[0].item(), abs=1e-8)
@@ -354,11 +363,29 @@ def test_measure_sharpness_matches_explicit_and_leaves_the_model_as_it_was():
     assert torch.equal(torch.get_rng_state(), rng)
     assert not model.hidden.bias.requires_grad
 
-    expected_keys = {"hessian_lambda_max", "hessian_top_k", "gauss_newton_lambda_max", "functional_lambda",
-                     "functional_lambda_min", "hessian_iters", "gauss_newton_iters", "functional_iters", "iters",
-                     "converged", "logit_path_norm", "functional_path_norm", "logit_functional_ratio",
-                     "logit_path_cosine", "functional_path_cosine", "sam_shift_norm", "grad_norm",
-                     "sam_grad_norm", "loss", "loss_perturbed", "rho"}
+    expected_keys = {
+        "hessian_lambda_max",
+        "hessian_top_k",
+        "gauss_newton_lambda_max",
+        "functional_lambda",
+        "functional_lambda_min",
+        "hessian_iters",
+        "gauss_newton_iters",
+        "functional_iters",
+        "iters",
+        "converged",
+        "logit_path_norm",
+        "functional_path_norm",
+        "logit_functional_ratio",
+        "logit_path_cosine",
+        "functional_path_cosine",
+        "sam_shift_norm",
+        "grad_norm",
+        "sam_grad_norm",
+        "loss",
+        "loss_perturbed",
+        "rho",
+    }
     assert set(out) == expected_keys
     assert out["iters"] <= 24 and out["converged"]  # 12 + 12 trainable weights
 
@@ -401,8 +428,18 @@ def test_measure_sharpness_runs_half_precision_models_in_float32_and_restores_th
 
 def test_measure_sharpness_on_a_tiny_transformer_lm():
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    config = transformers.GPT2Config(
+        vocab_size=32,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).train()
     ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(0))

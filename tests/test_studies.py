@@ -22,19 +22,36 @@ WIC16 = Path(__file__).parent / "fixtures" / "wic16"
 
 
 def _tiny_pretrain_preset() -> ps.StudyPreset:
-    base = dataclasses.replace(ps.PRESETS["cpu"].base, steps=6, tokens_per_param=None, eval_every=3, val_batches=2,
-                               batch=4, context=16, max_chars=20_000, sharpness_iters=3, sharpness_batch_size=2)
-    return dataclasses.replace(ps.PRESETS["cpu"], sizes=(ps.ModelSize("1x8", 1, 8, 2), ps.ModelSize("1x16", 1, 16, 2)),
-                               base=base, lr="adamw=1e-2,adamw=3e-2,fsam=1e-2", rho="fsam=0.05,fsam=0.1,psam=0.1",
-                               seeds=(0, 1), jobs=1)
+    base = dataclasses.replace(
+        ps.PRESETS["cpu"].base,
+        steps=6,
+        tokens_per_param=None,
+        eval_every=3,
+        val_batches=2,
+        batch=4,
+        context=16,
+        max_chars=20_000,
+        sharpness_iters=3,
+        sharpness_batch_size=2,
+    )
+    return dataclasses.replace(
+        ps.PRESETS["cpu"],
+        sizes=(ps.ModelSize("1x8", 1, 8, 2), ps.ModelSize("1x16", 1, 16, 2)),
+        base=base,
+        lr="adamw=1e-2,adamw=3e-2,fsam=1e-2",
+        rho="fsam=0.05,fsam=0.1,psam=0.1",
+        seeds=(0, 1),
+        jobs=1,
+    )
 
 
 def test_pretrain_study_tunes_on_the_sweep_then_runs_both_budgets(tmp_path):
     """Stage 2 runs each method at the sweep's best point (by tuning-slice val loss), on every
     seed, under both budgets; the report has a row per method with both Δ columns and the four
     curvatures; a second call finds every run finished and reruns nothing."""
-    study = ps.PretrainStudy(out=str(tmp_path / "study"), preset=_tiny_pretrain_preset(),
-                             optimizers=["adamw", "fsam", "psam"])
+    study = ps.PretrainStudy(
+        out=str(tmp_path / "study"), preset=_tiny_pretrain_preset(), optimizers=["adamw", "fsam", "psam"]
+    )
     result = ps.run_study(study)
     assert result.interrupted is None
     for size in study.preset.sizes:
@@ -82,8 +99,9 @@ def test_gpu_presets_are_paper_like():
     from samlm.harness.pretrain.build import build_model
 
     def params(size):
-        config = dataclasses.replace(ps.PRESETS["gpu-118m"].base, layers=size.layers, width=size.width,
-                                     heads=size.heads, device="cpu")
+        config = dataclasses.replace(
+            ps.PRESETS["gpu-118m"].base, layers=size.layers, width=size.width, heads=size.heads, device="cpu"
+        )
         return sum(p.numel() for p in build_model(config, 50257).parameters())  # GPT-2's vocabulary
 
     sizes = {s.name: params(s) for s in ps.PRESETS["gpu-118m"].sizes}
@@ -103,18 +121,33 @@ def bert_dir(tmp_path_factory):
 
 
 def _tiny_finetune_preset() -> fs.FinetunePreset:
-    base = dataclasses.replace(fs.PRESETS["cpu"].base, steps=4, eval_every=2, save_every=4, batch=4, lr=1e-3,
-                               eval_batch=16)
-    return dataclasses.replace(fs.PRESETS["cpu"], base=base, fractions=(0.5, 1.0), sweep_fraction=1.0,
-                               rho="0.02,0.2", optimizers=("adamw", "sam"), seeds=(0, 1), budgets=(2, 4), jobs=1)
+    base = dataclasses.replace(
+        fs.PRESETS["cpu"].base, steps=4, eval_every=2, save_every=4, batch=4, lr=1e-3, eval_batch=16
+    )
+    return dataclasses.replace(
+        fs.PRESETS["cpu"],
+        base=base,
+        fractions=(0.5, 1.0),
+        sweep_fraction=1.0,
+        rho="0.02,0.2",
+        optimizers=("adamw", "sam"),
+        seeds=(0, 1),
+        budgets=(2, 4),
+        jobs=1,
+    )
 
 
 def test_finetune_study_sweeps_rho_then_fractions(tmp_path, bert_dir):
     """Stage 1 runs every ρ at the sweep fraction; stage 2 runs the chosen ρ (best mean
     best-checkpoint score) at every fraction, reusing the sweep's runs; the report names the
     model by its label, pairs gains by seed, and tabulates every step budget."""
-    study = fs.FinetuneStudy(out=str(tmp_path / "ft"), preset=_tiny_finetune_preset(), model=str(bert_dir),
-                             model_label="tiny-bert", data_dir=str(WIC16))
+    study = fs.FinetuneStudy(
+        out=str(tmp_path / "ft"),
+        preset=_tiny_finetune_preset(),
+        model=str(bert_dir),
+        model_label="tiny-bert",
+        data_dir=str(WIC16),
+    )
     result = fs.run_study(study)
     runs = sorted(p.name for p in (tmp_path / "ft" / "runs").iterdir())
     rho = result.chosen["sam"]
@@ -129,7 +162,9 @@ def test_finetune_study_sweeps_rho_then_fractions(tmp_path, bert_dir):
     text = (tmp_path / "ft" / "report.md").read_text()
     assert "tiny-bert" in text and "(n=2)" in text and "| 2 steps | 4 steps |" in text
     assert "superglue/wic validation (16 examples)" in text
-    assert (tmp_path / "ft" / "gain.png").stat().st_size > 0 and (tmp_path / "ft" / "rho-sweep" / "results.md").is_file()
+    assert (tmp_path / "ft" / "gain.png").stat().st_size > 0 and (
+        tmp_path / "ft" / "rho-sweep" / "results.md"
+    ).is_file()
     # the 4-step budget is the run's own best checkpoint
     run = tmp_path / "ft" / "runs" / "adamw-sub1-seed0"
     assert fs.score_at_budget(run, 4) == pytest.approx(json.loads((run / "summary.json").read_text())["score"]["best"])
@@ -140,8 +175,14 @@ def test_a_runs_first_steps_are_the_shorter_run(tmp_path, bert_dir):
     steps of a longer run evaluate exactly as a B-step run."""
     from samlm.harness.finetune import finetune
 
-    base = dataclasses.replace(_tiny_finetune_preset().base, model=str(bert_dir), data_dir=str(WIC16),
-                               model_label=None, optimizer="sam", rho=0.05)
+    base = dataclasses.replace(
+        _tiny_finetune_preset().base,
+        model=str(bert_dir),
+        data_dir=str(WIC16),
+        model_label=None,
+        optimizer="sam",
+        rho=0.05,
+    )
     short = finetune(dataclasses.replace(base, steps=2, eval_every=2, save_every=2, out=str(tmp_path / "short")))
     longer = finetune(dataclasses.replace(base, steps=4, eval_every=2, out=str(tmp_path / "long")))
     assert fs.score_at_budget(tmp_path / "long", 2) == pytest.approx(short["score"]["best"], abs=1e-9)
@@ -164,8 +205,10 @@ def test_model_names_in_reports(tmp_path, bert_dir):
 def test_finetune_study_cli_dry_run_checks_every_run(capsys, bert_dir):
     """The dry run checks each run as the harness would: here the 25% sweep fraction of 16
     examples is smaller than the preset's batch, which is one line naming both."""
-    assert main(["study", "finetune", "--dry-run", "--model", str(bert_dir), "--data-dir", str(WIC16),
-                 "--steps", "4"]) == 2
+    assert (
+        main(["study", "finetune", "--dry-run", "--model", str(bert_dir), "--data-dir", str(WIC16), "--steps", "4"])
+        == 2
+    )
     assert "fewer than one batch of 16" in capsys.readouterr().err
     assert main(["study", "finetune", "--model", "/nonexistent/model", "--dry-run"]) == 2
     assert "not found" in capsys.readouterr().err

@@ -27,10 +27,21 @@ def test_gpu_presets_prepare_exactly_the_tokens_their_longest_run_reads(name):
     longest = 0
     for size in preset.sizes:
         with torch.device("meta"):  # the shape only: no memory
-            model = build_decoder(preset.base.arch, layers=size.layers, width=size.width, heads=size.heads,
-                                  context=preset.base.context, vocab_size=GPT2_VOCAB)
-        config = dataclasses.replace(preset.base, layers=size.layers, width=size.width, heads=size.heads,
-                                     tokens_per_param=preset.base.tokens_per_param * factor)
+            model = build_decoder(
+                preset.base.arch,
+                layers=size.layers,
+                width=size.width,
+                heads=size.heads,
+                context=preset.base.context,
+                vocab_size=GPT2_VOCAB,
+            )
+        config = dataclasses.replace(
+            preset.base,
+            layers=size.layers,
+            width=size.width,
+            heads=size.heads,
+            tokens_per_param=preset.base.tokens_per_param * factor,
+        )
         steps, _ = resolve_steps(config, count_parameters(model), count_parameters(model, exclude_embeddings=True))
         longest = max(longest, steps * config.batch * config.context + 1)
     val = 2 * preset.base.val_batches * preset.base.micro_batch * preset.base.context + 1
@@ -38,10 +49,26 @@ def test_gpu_presets_prepare_exactly_the_tokens_their_longest_run_reads(name):
 
 
 def _tiny_budget_preset() -> ps.StudyPreset:
-    base = dataclasses.replace(ps.PRESETS["cpu"].base, steps=3, tokens_per_param=None, eval_every=3, val_batches=2,
-                               batch=4, context=16, sharpness=False)
-    return dataclasses.replace(ps.PRESETS["cpu"], sizes=(ps.ModelSize("1x8", 1, 8, 2),), base=base,
-                               lr="adamw=1e-2", rho="fsam=0.05", seeds=(0,), jobs=1, data_tokens=(6000, 700))
+    base = dataclasses.replace(
+        ps.PRESETS["cpu"].base,
+        steps=3,
+        tokens_per_param=None,
+        eval_every=3,
+        val_batches=2,
+        batch=4,
+        context=16,
+        sharpness=False,
+    )
+    return dataclasses.replace(
+        ps.PRESETS["cpu"],
+        sizes=(ps.ModelSize("1x8", 1, 8, 2),),
+        base=base,
+        lr="adamw=1e-2",
+        rho="fsam=0.05",
+        seeds=(0,),
+        jobs=1,
+        data_tokens=(6000, 700),
+    )
 
 
 def test_a_preset_with_a_data_budget_prepares_once_into_the_study(tmp_path, monkeypatch):
@@ -64,9 +91,11 @@ def test_a_preset_with_a_data_budget_prepares_once_into_the_study(tmp_path, monk
 def test_study_overrides_replace_the_presets_settings(tmp_path):
     other = tmp_path / "prep"
     P.prepare("python-stdlib", other, max_chars=300_000)
-    study = ps.PretrainStudy(out=str(tmp_path / "s"), preset=ps.PRESETS["gpu-24m"],
-                             overrides={"data": str(other), "device": "cpu", "mixed_precision": "no",
-                                        "compile": False, "tokenizer": None})
+    study = ps.PretrainStudy(
+        out=str(tmp_path / "s"),
+        preset=ps.PRESETS["gpu-24m"],
+        overrides={"data": str(other), "device": "cpu", "mixed_precision": "no", "compile": False, "tokenizer": None},
+    )
     base = study.base_config()
     assert (base.data, base.device, base.mixed_precision, base.compile) == (str(other), "cpu", "no", False)
     assert base.tokenizer == "gpt2"  # None: not overridden
@@ -88,8 +117,26 @@ def test_a_gpu_preset_dry_runs_on_a_machine_without_cuda(capsys):
 def test_study_override_flags_reach_the_runs(tmp_path, capsys):
     from samlm.cli import main
 
-    assert main(["study", "pretrain", "--preset", "cpu", "--data", "python-stdlib", "--tokenizer", "bpe:512",
-                 "--device", "cpu", "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            [
+                "study",
+                "pretrain",
+                "--preset",
+                "cpu",
+                "--data",
+                "python-stdlib",
+                "--tokenizer",
+                "bpe:512",
+                "--device",
+                "cpu",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     from samlm.studies.pretrain_study import PRESETS, PretrainStudySettings
 
     study = PretrainStudySettings(data="python-stdlib", tokenizer="bpe:512").study()
@@ -103,6 +150,8 @@ def test_the_demo_takes_a_prepared_directory(tmp_path, capsys):
     prepared = tmp_path / "prep"
     P.prepare("python-stdlib", prepared, tokenizer="bpe:300", max_chars=300_000)
     out = tmp_path / "demo"
-    assert main(["demo", "--data", str(prepared), "--steps", "2", "--seeds", "0", "--jobs", "1", "--out", str(out)]) == 0
+    assert (
+        main(["demo", "--data", str(prepared), "--steps", "2", "--seeds", "0", "--jobs", "1", "--out", str(out)]) == 0
+    )
     config = json.loads(next(out.glob("adamw*/config.json")).read_text())
     assert config["config"]["data"] == str(prepared) and config["resolved"]["vocab_size"] == 300

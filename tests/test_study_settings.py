@@ -17,36 +17,71 @@ from samlm.studies import pretrain_study as ps
 STUDY_FLAGS = ("--preset", "--out", "--seeds", "--jobs", "--steps", "--overwrite", "--dry-run")
 
 
-@pytest.mark.parametrize("cls, extra", [(ps.PretrainStudySettings, ("--optimizers", "--sweep-seeds")),
-                                        (fs.FinetuneStudySettings, ("--model", "--model-label", "--data-dir"))])
+@pytest.mark.parametrize(
+    "cls, extra",
+    [
+        (ps.PretrainStudySettings, ("--optimizers", "--sweep-seeds")),
+        (fs.FinetuneStudySettings, ("--model", "--model-label", "--data-dir")),
+    ],
+)
 def test_every_study_flag_is_a_setting_field(cls, extra):
     """Each flag comes from one field of the study's settings group (no hand-written argparse)."""
     flags = {settings.flag_of(f) for f in settings.fields(cls)}
     assert set(STUDY_FLAGS) | set(extra) <= flags
-    assert settings.flag(cls, "preset") == "--preset" and cls().preset in cls.__dataclass_fields__["preset"].metadata["choices"]
+    assert (
+        settings.flag(cls, "preset") == "--preset"
+        and cls().preset in cls.__dataclass_fields__["preset"].metadata["choices"]
+    )
 
 
 def test_flags_parse_into_the_study(monkeypatch):
     """The CLI builds the study from the settings: the seeds, sweep seeds, jobs, steps and --out given."""
     seen = {}
-    monkeypatch.setattr(ps, "run_study", lambda study: seen.setdefault("study", study) and (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(
+        ps, "run_study", lambda study: seen.setdefault("study", study) and (_ for _ in ()).throw(SystemExit(0))
+    )
     with pytest.raises(SystemExit):
-        main(["study", "pretrain", "--seeds", "3,4", "--sweep-seeds", "7", "--jobs", "2", "--steps", "5",
-              "--out", "/tmp/x-study", "--optimizers", "adamw,fsam"])
+        main(
+            [
+                "study",
+                "pretrain",
+                "--seeds",
+                "3,4",
+                "--sweep-seeds",
+                "7",
+                "--jobs",
+                "2",
+                "--steps",
+                "5",
+                "--out",
+                "/tmp/x-study",
+                "--optimizers",
+                "adamw,fsam",
+            ]
+        )
     study = seen["study"]
-    assert (list(study.seeds), list(study.sweep_seeds), study.jobs, study.steps, study.out) == ([3, 4], [7], 2, 5, "/tmp/x-study")
+    assert (list(study.seeds), list(study.sweep_seeds), study.jobs, study.steps, study.out) == (
+        [3, 4],
+        [7],
+        2,
+        5,
+        "/tmp/x-study",
+    )
     assert list(study.optimizers) == ["adamw", "fsam"] and study.preset is ps.PRESETS["cpu"]
     config = fs.FinetuneStudySettings(model_label="tiny", seeds="1", data_dir="d")
     assert (config.study().model_label, list(config.study().seeds), config.study().data_dir) == ("tiny", [1], "d")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["study", "pretrain", "--seeds", "a"], "--seeds must be comma-separated integers"),
-    (["study", "pretrain", "--sweep-seeds", "-1"], "--sweep-seeds must be integers >= 0"),
-    (["study", "pretrain", "--jobs", "0"], "--jobs must be a positive integer"),
-    (["study", "finetune", "--steps", "0"], "--steps must be a positive integer"),
-    (["study", "pretrain", "--optimizers", "adamw,nope"], "unknown optimizer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["study", "pretrain", "--seeds", "a"], "--seeds must be comma-separated integers"),
+        (["study", "pretrain", "--sweep-seeds", "-1"], "--sweep-seeds must be integers >= 0"),
+        (["study", "pretrain", "--jobs", "0"], "--jobs must be a positive integer"),
+        (["study", "finetune", "--steps", "0"], "--steps must be a positive integer"),
+        (["study", "pretrain", "--optimizers", "adamw,nope"], "unknown optimizer"),
+    ],
+)
 def test_bad_study_flags_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -67,10 +102,26 @@ def test_study_time_adds_up_over_calls(tmp_path):
 def test_pretrain_study_json_records_the_total_over_calls(tmp_path):
     """Two calls of a (tiny) study: the second finds every run finished, and study.json's
     ``seconds`` is the sum of both calls' times."""
-    base = dataclasses.replace(ps.PRESETS["cpu"].base, steps=2, tokens_per_param=None, eval_every=2, val_batches=1,
-                               batch=2, context=8, max_chars=5_000, sharpness=False)
-    preset = dataclasses.replace(ps.PRESETS["cpu"], sizes=(ps.ModelSize("1x8", 1, 8, 2),), base=base,
-                                 lr="adamw=1e-2", rho="sam=0.05", seeds=(0,), jobs=1)
+    base = dataclasses.replace(
+        ps.PRESETS["cpu"].base,
+        steps=2,
+        tokens_per_param=None,
+        eval_every=2,
+        val_batches=1,
+        batch=2,
+        context=8,
+        max_chars=5_000,
+        sharpness=False,
+    )
+    preset = dataclasses.replace(
+        ps.PRESETS["cpu"],
+        sizes=(ps.ModelSize("1x8", 1, 8, 2),),
+        base=base,
+        lr="adamw=1e-2",
+        rho="sam=0.05",
+        seeds=(0,),
+        jobs=1,
+    )
     study = ps.PretrainStudy(out=str(tmp_path / "s"), preset=preset, optimizers=["adamw", "sam"])
     one = ps.run_study(study)
     two = ps.run_study(study)

@@ -22,8 +22,22 @@ from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig, pretrain
 from samlm.integrations import tracking
 
-TINY = dict(layers=1, width=16, heads=2, context=16, batch=4, max_chars=20_000, val_batches=2, sharpness_iters=3,
-            sharpness_batch_size=4, progress=False, optimizer="sam", steps=6, eval_every=3, log_every=3)
+TINY = dict(
+    layers=1,
+    width=16,
+    heads=2,
+    context=16,
+    batch=4,
+    max_chars=20_000,
+    val_batches=2,
+    sharpness_iters=3,
+    sharpness_batch_size=4,
+    progress=False,
+    optimizer="sam",
+    steps=6,
+    eval_every=3,
+    log_every=3,
+)
 
 
 def tiny(tmp_path, name="run", **overrides) -> PretrainConfig:
@@ -93,10 +107,39 @@ def test_tensorboard_gets_training_means_sam_signals_evaluations_and_sharpness(t
 def test_compare_reports_every_run_to_one_tensorboard(tmp_path):
     """``samlm compare --report-to tensorboard``: each run's events under its own directory, so
     ``tensorboard --logdir OUT`` shows every run's curves side by side; runs named and grouped."""
-    code = main(["compare", "--optimizers", "adamw,sam", "--steps", "4", "--eval-every", "2", "--log-every", "2",
-                 "--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch", "4",
-                 "--max-chars", "20000", "--val-batches", "2", "--no-sharpness", "--no-progress",
-                 "--report-to", "tensorboard", "--out", str(tmp_path / "cmp")])
+    code = main(
+        [
+            "compare",
+            "--optimizers",
+            "adamw,sam",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--log-every",
+            "2",
+            "--layers",
+            "1",
+            "--width",
+            "16",
+            "--heads",
+            "2",
+            "--context",
+            "16",
+            "--batch",
+            "4",
+            "--max-chars",
+            "20000",
+            "--val-batches",
+            "2",
+            "--no-sharpness",
+            "--no-progress",
+            "--report-to",
+            "tensorboard",
+            "--out",
+            str(tmp_path / "cmp"),
+        ]
+    )
     assert code == 0
     for name in ("adamw-seed0", "sam-rho0.05-seed0"):
         scalars = tensorboard_scalars(tmp_path / "cmp" / name / "tensorboard")
@@ -120,8 +163,8 @@ def wandb_records(run_file: Path):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0 and length == 0:
             break
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -141,8 +184,11 @@ def test_wandb_offline_run_files_hold_the_metrics_and_settings(offline):
     assert (run.run_id, run.display_name, run.run_group) == (run_id, "tiny-sam", "my-comparison")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["optimizer"] == "sam" and config["steps"] == 6
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
-               if r.WhichOneof("record_type") == "history"]
+    history = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     val = {h["train/global_step"]: h["eval/val_loss"] for h in history if "eval/val_loss" in h}
     metrics = lines(offline / "run")
     assert val == {3: pytest.approx(metrics[3]["val_loss"]), 6: pytest.approx(metrics[6]["val_loss"])}
@@ -152,6 +198,7 @@ def test_wandb_offline_run_files_hold_the_metrics_and_settings(offline):
 def test_wandb_resume_continues_the_same_run_id(offline):
     """Ctrl-C at step 4 and --resume: W&B is opened again with the saved id (resume="allow"), so the
     resumed offline run is the same run; its history goes on from the resumed step."""
+
     def ctrl_c(step, stats):
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)
@@ -167,10 +214,13 @@ def test_wandb_resume_continues_the_same_run_id(offline):
     for run_file in run_files:
         records = wandb_records(Path(run_file))
         assert all(r.run.run_id == run_id for r in records if r.WhichOneof("record_type") == "run")
-        history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-                   for r in records if r.WhichOneof("record_type") == "history"]
+        history = [
+            {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in records
+            if r.WhichOneof("record_type") == "history"
+        ]
         steps += [h["train/global_step"] for h in history if "eval/val_loss" in h]
-    assert sorted(steps) == [3, 6]   # the evaluation before the stop and the one after, each once
+    assert sorted(steps) == [3, 6]  # the evaluation before the stop and the one after, each once
 
 
 def test_mlflow_file_store_read_back_and_resume_continues_the_run(offline, capsys):
@@ -209,9 +259,11 @@ def test_trackio_local(offline):
         f"pretrain(PretrainConfig(**{dict(TINY, sharpness=False)!r}, report_to='trackio', run_name='tiny', "
         f"out={str(offline / 'run')!r}))\n"
         "from trackio.sqlite_storage import SQLiteStorage\n"
-        "print('LOGS', json.dumps(SQLiteStorage.get_logs('samlm', 'tiny')))\n")
-    done = subprocess.run([sys.executable, "-c", script], check=True, env=dict(os.environ), capture_output=True,
-                          text=True, timeout=180)
+        "print('LOGS', json.dumps(SQLiteStorage.get_logs('samlm', 'tiny')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=True, env=dict(os.environ), capture_output=True, text=True, timeout=180
+    )
     logs = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("LOGS "))[5:])
     val = {row["step"]: row["eval/val_loss"] for row in logs if "eval/val_loss" in row}
     metrics = lines(offline / "run")
@@ -225,6 +277,7 @@ def test_trackio_local(offline):
 def test_a_failing_tracker_is_one_warning_and_changes_nothing(tmp_path, monkeypatch, capsys):
     """A tracker that fails mid-run (a server gone) is one warning line, with a URL's password
     masked; the run completes and its files equal those of a run without trackers."""
+
     def gone(self, metrics, step):
         raise ConnectionError("https://alice:hunter22@tracker.example/api unreachable\nretrying")
 
@@ -238,7 +291,8 @@ def test_a_failing_tracker_is_one_warning_and_changes_nothing(tmp_path, monkeypa
     timing = {"tokens_per_s", "step_s", "sharpness"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(io.read_jsonl(tmp_path / "tracked" / "metrics.jsonl")) == strip(
-        io.read_jsonl(tmp_path / "plain" / "metrics.jsonl"))
+        io.read_jsonl(tmp_path / "plain" / "metrics.jsonl")
+    )
 
 
 def test_a_tracker_that_cannot_start_is_a_warning(tmp_path, monkeypatch, capsys):
@@ -260,15 +314,19 @@ def test_no_secret_reaches_the_run_files(tmp_path, monkeypatch, capsys):
         if path.is_file() and "checkpoints" not in path.parts:
             data = path.read_bytes()
             assert b"wandb-secret-0123456789" not in data and b"mlflow-secret-pw" not in data, path
-    hp = tracking.hyperparameters({"config": {"model": "https://carol:pw-in-url@example.invalid/m",
-                                              "note": "key wandb-secret-0123456789"}})
+    hp = tracking.hyperparameters(
+        {"config": {"model": "https://carol:pw-in-url@example.invalid/m", "note": "key wandb-secret-0123456789"}}
+    )
     assert hp == {"model": "https://***@example.invalid/m", "note": "key ***"}
 
 
-@pytest.mark.parametrize("value, message", [
-    ("tensorbord", "unknown tracker(s) tensorbord"),
-    ("wandb,wandb", "named twice"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("tensorbord", "unknown tracker(s) tensorbord"),
+        ("wandb,wandb", "named twice"),
+    ],
+)
 def test_bad_report_to_is_one_line(value, message, tmp_path, capsys):
     assert main(["pretrain", "--report-to", value, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
@@ -309,8 +367,19 @@ def test_tracking_settings_do_not_change_the_resume_identity():
 def test_robustness_measures_reach_the_same_tracker_run(tmp_path):
     """--robustness measures after training: the run's tracker run is continued and gets them
     (robustness/weight_noise/..., robustness/quantization/..., robustness/forgetting/...)."""
-    summary = pretrain(tiny(tmp_path, report_to="tensorboard", sharpness=False, robustness=True, noise_sigmas="0.05",
-                            noise_draws=1, forget_steps=2, forget_lrs="3e-3", quant_group_size=8))
+    summary = pretrain(
+        tiny(
+            tmp_path,
+            report_to="tensorboard",
+            sharpness=False,
+            robustness=True,
+            noise_sigmas="0.05",
+            noise_draws=1,
+            forget_steps=2,
+            forget_lrs="3e-3",
+            quant_group_size=8,
+        )
+    )
     scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard")
     assert scalars["robustness/weight_noise/base_loss"][6] == pytest.approx(summary["weight_noise"]["base_loss"])
     assert any(k.startswith("robustness/quantization/") for k in scalars)

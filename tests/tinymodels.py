@@ -21,8 +21,12 @@ TIMING_KEYS = RUN_TIMING_KEYS | {"seconds"}
 # Environment of a samlm subprocess: offline, one torch thread (bitwise equal to the in-process
 # runs, which tests/conftest.py pins to one thread), no progress bars.
 SUBPROCESS_ENV = {
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
 }
 
@@ -31,8 +35,18 @@ def save_t5(path: Path) -> Path:
     """A 2-layer, 32-wide T5 with the ByT5 byte tokenizer."""
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
 
-    config = T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, vocab_size=384,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.1)
+    config = T5Config(
+        d_model=32,
+        d_ff=64,
+        d_kv=16,
+        num_layers=2,
+        num_heads=2,
+        vocab_size=384,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.1,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         T5ForConditionalGeneration(config).save_pretrained(path)
@@ -46,16 +60,31 @@ def save_gpt2(path: Path, *, vocab_size: int = 300) -> Path:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=vocab_size, n_positions=32,
-                                   bos_token_id=None, eos_token_id=None)).save_pretrained(path)
+        GPT2LMHeadModel(
+            GPT2Config(
+                n_layer=1,
+                n_embd=16,
+                n_head=2,
+                vocab_size=vocab_size,
+                n_positions=32,
+                bos_token_id=None,
+                eos_token_id=None,
+            )
+        ).save_pretrained(path)
     return path
 
 
 def run_samlm(argv, **kwargs) -> subprocess.Popen:
     """``python -m samlm ARGV`` in a subprocess with :data:`SUBPROCESS_ENV` (stdout/stderr piped)."""
     env = dict(os.environ, **SUBPROCESS_ENV)
-    return subprocess.Popen([sys.executable, "-m", "samlm", *map(str, argv)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "samlm", *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def without_timing(value):
@@ -77,9 +106,16 @@ def save_bert(path: Path, words, *, dropout: float = 0.1) -> Path:
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         BertForMaskedLM(config).save_pretrained(path)
@@ -92,7 +128,9 @@ class Crash(Exception):
 
 def crash_at(step):
     """An ``on_step`` hook that raises :class:`Crash` after ``step``."""
+
     def on_step(current, stats):
         if current == step:
             raise Crash(f"simulated crash after step {step}")
+
     return on_step

@@ -24,8 +24,22 @@ from .optim import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
-    "SharpnessAware", "Euclidean", "Adaptive", "Preconditioned", "PerturbationRule",
-    "StepStats", "train_step", "build_optimizer", "register_preconditioner", "frozen_running_stats",
-    "SpectralSAM", "Spectral", "CombinedOptimizer",
+    "SAM",
+    "ASAM",
+    "FunctionalSAM",
+    "PreconditionedSAM",
+    "PreconditionedFunctionalSAM",
+    "SharpnessAware",
+    "Euclidean",
+    "Adaptive",
+    "Preconditioned",
+    "PerturbationRule",
+    "StepStats",
+    "train_step",
+    "build_optimizer",
+    "register_preconditioner",
+    "frozen_running_stats",
+    "SpectralSAM",
+    "Spectral",
+    "CombinedOptimizer",
 ]

@@ -290,7 +290,8 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         else:
             log.warning(
                 "checkpoint has CUDA RNG state for %d devices, this machine has %d: not restored",
-                len(cuda_states), torch.cuda.device_count(),
+                len(cuda_states),
+                torch.cuda.device_count(),
             )
 
 

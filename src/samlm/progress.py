@@ -15,8 +15,13 @@ def progress_bar(total: int, *, initial: int = 0, enabled: bool = True, desc: st
     from tqdm.auto import tqdm  # here: the CLI's logging setup imports this module without the harness extra
 
     return tqdm(
-        total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
-        disable=not progress_enabled(enabled), leave=True,
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not progress_enabled(enabled),
+        leave=True,
     )
 
 

@@ -13,14 +13,16 @@ from samlm.studies.grid import CompareGridSettings
 
 # What the grid varies or owns (each run gets its own), and the launch flags (runs are local jobs).
 GRID_OWNS = ("optimizer", "rho", "lr", "seed", "out", "resume", "overwrite", "dry_run") + tuple(
-    f.name for f in dataclasses.fields(settings.ParallelSettings))
+    f.name for f in dataclasses.fields(settings.ParallelSettings)
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     settings.add_arguments(parser, CompareGridSettings)
     group = parser.add_argument_group("comparison")
-    group.add_argument("--out", default=CompareConfig.out,
-                       help=f"directory of the runs and the report (default {CompareConfig.out})")
+    group.add_argument(
+        "--out", default=CompareConfig.out, help=f"directory of the runs and the report (default {CompareConfig.out})"
+    )
     group.add_argument("--title", default=CompareConfig.title, help="report title")
     settings.add_arguments(parser, PretrainConfig, exclude=GRID_OWNS)
 
@@ -29,9 +31,18 @@ def config_from_cli(args: argparse.Namespace) -> CompareConfig:
     grid = settings.from_args(CompareGridSettings, args)
     settings.validate(grid)
     base = config_from_args(args, out=args.out)
-    return CompareConfig(out=args.out, optimizers=grid.optimizers or ",".join(DEFAULT_OPTIMIZERS), seeds=grid.seeds,
-                         rho=grid.rho, lr=grid.lr, base=base, overwrite=grid.overwrite, title=args.title,
-                         jobs=grid.jobs, budget=grid.budget)
+    return CompareConfig(
+        out=args.out,
+        optimizers=grid.optimizers or ",".join(DEFAULT_OPTIMIZERS),
+        seeds=grid.seeds,
+        rho=grid.rho,
+        lr=grid.lr,
+        base=base,
+        overwrite=grid.overwrite,
+        title=args.title,
+        jobs=grid.jobs,
+        budget=grid.budget,
+    )
 
 
 def print_result(result: CompareResult) -> None:
@@ -50,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         plan = config.runs()
         for run in plan:
             validate(run.config)
-            budget = run.config.steps if run.config.steps is not None else f"{run.config.tokens_per_param:g} tokens/param"
+            budget = (
+                run.config.steps if run.config.steps is not None else f"{run.config.tokens_per_param:g} tokens/param"
+            )
             print(f"{run.name}: {run.config.out} ({'+'.join(run.budgets)}; {budget} steps)")
         say(f"dry run: {len(plan)} runs are fine; nothing was written")
         return 0

@@ -28,11 +28,19 @@ GRID_ONLY = ("optimizers", "rho", "lr")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="report directory (grid runs go to OUT/runs)")
-    parser.add_argument("--runs", nargs="*", default=[], metavar="DIR",
-                        help="existing run directories (or directories holding them) to include")
-    parser.add_argument("--baseline", default=None,
-                        help="the baseline: a method label (that point), or an optimizer (its best lr/ρ point at "
-                        "each data fraction) (default: the one non-SAM optimizer)")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=[],
+        metavar="DIR",
+        help="existing run directories (or directories holding them) to include",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="the baseline: a method label (that point), or an optimizer (its best lr/ρ point at "
+        "each data fraction) (default: the one non-SAM optimizer)",
+    )
     settings.add_arguments(parser, FinetuneGridSettings)
     parser.add_argument("--subsample", default="1", help="comma-separated data fractions in (0, 1] (default 1)")
     settings.add_arguments(parser, FinetuneConfig, exclude=GRID_OWNS)
@@ -47,9 +55,18 @@ def run(args: argparse.Namespace) -> int:
     base = settings.from_args(FinetuneConfig, args, out=str(out), lr=None)
     run_dirs: list[Path] = []
     if base.model is not None:
-        grid = FinetuneGrid(out=str(out), base=base, optimizers=grid_settings.optimizers, subsample=args.subsample,
-                            seeds=grid_settings.seeds, rho=grid_settings.rho, overwrite=grid_settings.overwrite,
-                            jobs=grid_settings.jobs, budget=grid_settings.budget, lr=grid_settings.lr)
+        grid = FinetuneGrid(
+            out=str(out),
+            base=base,
+            optimizers=grid_settings.optimizers,
+            subsample=args.subsample,
+            seeds=grid_settings.seeds,
+            rho=grid_settings.rho,
+            overwrite=grid_settings.overwrite,
+            jobs=grid_settings.jobs,
+            budget=grid_settings.budget,
+            lr=grid_settings.lr,
+        )
         if grid_settings.dry_run:
             runs = grid.runs()
             for name, config, budgets in runs:
@@ -62,13 +79,18 @@ def run(args: argparse.Namespace) -> int:
         report = compare_budgets(by_budget, out, baseline=args.baseline)
         for line in report.headline():
             say(line)
-        say(f"wrote {out / 'results.md'}, results.csv, gains.csv, gain.png"
-            + (f" (equal compute: {out / 'equal-compute'})" if "compute" in by_budget and by_budget["steps"] else ""))
+        say(
+            f"wrote {out / 'results.md'}, results.csv, gains.csv, gain.png"
+            + (f" (equal compute: {out / 'equal-compute'})" if "compute" in by_budget and by_budget["steps"] else "")
+        )
         return 0
-    grid_only = [settings.flag(FinetuneGridSettings, name) for name in GRID_ONLY
-                 if getattr(grid_settings, name) is not None]
+    grid_only = [
+        settings.flag(FinetuneGridSettings, name) for name in GRID_ONLY if getattr(grid_settings, name) is not None
+    ]
     if grid_only:
-        raise UserError(f"{'/'.join(grid_only)} needs a grid to run: pass --model (and --task) too, or only --runs to report")
+        raise UserError(
+            f"{'/'.join(grid_only)} needs a grid to run: pass --model (and --task) too, or only --runs to report"
+        )
     run_dirs += find_run_dirs(args.runs)
     if not run_dirs:
         raise UserError("nothing to compare: pass --runs DIR ... or --model/--task to run a grid")

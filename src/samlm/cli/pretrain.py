@@ -25,23 +25,29 @@ def format_result(summary: Mapping[str, Any]) -> str:
         return format(value, fmt) if isinstance(value, (int, float)) else "n/a"
 
     lines = [
-        f"{summary['optimizer']}" + (f" rho={summary['rho']:g}" if summary.get("rho") is not None else "")
+        f"{summary['optimizer']}"
+        + (f" rho={summary['rho']:g}" if summary.get("rho") is not None else "")
         + f" seed={summary['seed']}: step {summary['step']}/{summary['steps']}"
         + ("" if summary.get("completed") else f" (stopped by {summary.get('interrupted')})"),
         f"  val loss {num('val_loss')} (ppl {num('val_ppl', '.6g')}), best {num('best_val_loss')}"
         f" at step {summary.get('best_val_loss_step')}, train loss {num('train_loss')}",
     ]
     if summary.get("hessian_lambda_max") is not None:
-        lines.append(f"  lambda_max(H) {num('hessian_lambda_max', '.4g')}, lambda_max(GN) "
-                     f"{num('gauss_newton_lambda_max', '.4g')}, logit/functional path ratio "
-                     f"{num('logit_functional_ratio', '.3g')} (step {summary.get('sharpness_step')})")
+        lines.append(
+            f"  lambda_max(H) {num('hessian_lambda_max', '.4g')}, lambda_max(GN) "
+            f"{num('gauss_newton_lambda_max', '.4g')}, logit/functional path ratio "
+            f"{num('logit_functional_ratio', '.3g')} (step {summary.get('sharpness_step')})"
+        )
     if isinstance(summary.get("weight_noise"), Mapping):  # --robustness
         from samlm.cli.robustness import format_checkpoint
 
         lines.append("  robustness at " + format_checkpoint(summary).replace("\n", "\n  "))
     step_ms = summary.get("step_s")
-    lines.append(f"  {step_ms * 1000:.1f} ms/step, {num('tokens_per_s', ',.0f')} tokens/s"
-                 if isinstance(step_ms, (int, float)) else "  no steps taken")
+    lines.append(
+        f"  {step_ms * 1000:.1f} ms/step, {num('tokens_per_s', ',.0f')} tokens/s"
+        if isinstance(step_ms, (int, float))
+        else "  no steps taken"
+    )
     return "\n".join(lines)
 
 

@@ -32,8 +32,9 @@ MEASURE_FIELDS = tuple(name for name in FIELDS if name != "robustness")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("what to measure")
     group.add_argument("--run", dest="run_dir", metavar="DIR", required=True, help="a samlm pretrain run directory")
-    group.add_argument("--all-checkpoints", action="store_true",
-                       help="every kept checkpoint (oldest first), not only the latest")
+    group.add_argument(
+        "--all-checkpoints", action="store_true", help="every kept checkpoint (oldest first), not only the latest"
+    )
     group.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     settings.add_arguments(parser, PretrainConfig, only=MEASURE_FIELDS + ("threads",))
 
@@ -48,27 +49,35 @@ def format_checkpoint(result: Mapping[str, Any]) -> str:
     if noise:
         lines.append(f"  base val loss {_num(noise.get('base_loss'), '.4f')} on {noise.get('batches')} batches")
         for sigma, mean, std in zip(noise.get("sigmas", []), noise.get("delta_mean", []), noise.get("delta_std", [])):
-            lines.append(f"  weight noise sigma={sigma:g}: dloss {_num(mean)} +- {_num(std, '.4f')} "
-                         f"({noise.get('draws')} draws)")
+            lines.append(
+                f"  weight noise sigma={sigma:g}: dloss {_num(mean)} +- {_num(std, '.4f')} ({noise.get('draws')} draws)"
+            )
     quant = result.get("quantization") or {}
     for fmt in ("int8", "int4"):
         if isinstance(quant.get(fmt), Mapping):
             group = "" if fmt == "int8" else f", groups of {quant.get('group_size')}"
-            lines.append(f"  {fmt} RTN{group}: dloss {_num(quant[fmt].get('delta'))} "
-                         f"({quant[fmt].get('tensors')} tensors)")
+            lines.append(
+                f"  {fmt} RTN{group}: dloss {_num(quant[fmt].get('delta'))} ({quant[fmt].get('tensors')} tensors)"
+            )
     forget = result.get("forgetting")
     if isinstance(forget, Mapping) and forget.get("interrupted"):
         lines.append(f"  forgetting: stopped ({forget['interrupted']}) in {forget.get('run')}")
     elif isinstance(forget, Mapping):
         before = forget.get("before") or {}
-        lines.append(f"  forgetting on {forget.get('data')} ({forget.get('steps')} AdamW steps per lr): before "
-                     f"{_num(before.get('learning'), '.4f')} (second corpus), {_num(before.get('original'), '.4f')} "
-                     "(original)")
+        lines.append(
+            f"  forgetting on {forget.get('data')} ({forget.get('steps')} AdamW steps per lr): before "
+            f"{_num(before.get('learning'), '.4f')} (second corpus), {_num(before.get('original'), '.4f')} "
+            "(original)"
+        )
         for point in forget.get("points", []):
-            lines.append(f"    lr {point['lr']:g}: second corpus {_num(point['learning'], '.4f')}, original "
-                         f"{_num(point['original'], '.4f')} ({_num(point['increase'])})")
-        lines.append(f"    original-loss increase at learning level {_num(forget.get('target'), '.4f')}: "
-                     f"{_num(forget.get('increase'))}")
+            lines.append(
+                f"    lr {point['lr']:g}: second corpus {_num(point['learning'], '.4f')}, original "
+                f"{_num(point['original'], '.4f')} ({_num(point['increase'])})"
+            )
+        lines.append(
+            f"    original-loss increase at learning level {_num(forget.get('target'), '.4f')}: "
+            f"{_num(forget.get('increase'))}"
+        )
     return "\n".join(lines)
 
 

@@ -42,17 +42,28 @@ OPTIONAL_ROWS = {"preconditioned_lambda_max"}  # printed only when measured
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("what to measure (one of)")
-    source.add_argument("--run", dest="run_dir", metavar="DIR", help="a samlm pretrain run directory (its latest checkpoint)")
+    source.add_argument(
+        "--run", dest="run_dir", metavar="DIR", help="a samlm pretrain run directory (its latest checkpoint)"
+    )
     settings.add_arguments(parser, PretrainConfig, only=MODEL_DATA_FIELDS)
     group = parser.add_argument_group("measurement")
-    group.add_argument("--batches", type=int, default=None,
-                       help="validation batches (default: the run's --sharpness-batches, else 1)")
-    group.add_argument("--batch-size", type=int, default=None,
-                       help="sequences per batch (default: the run's --sharpness-batch-size, else 8)")
+    group.add_argument(
+        "--batches", type=int, default=None, help="validation batches (default: the run's --sharpness-batches, else 1)"
+    )
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per batch (default: the run's --sharpness-batch-size, else 8)",
+    )
     group.add_argument("--iters", type=int, default=20, help="Lanczos / power iterations (default 20)")
     group.add_argument("--method", choices=("lanczos", "power"), default="lanczos")
-    group.add_argument("--rho", type=float, default=None,
-                       help="rho of the SAM path split (default: the run's --sharpness-rho, else 0.05)")
+    group.add_argument(
+        "--rho",
+        type=float,
+        default=None,
+        help="rho of the SAM path split (default: the run's --sharpness-rho, else 0.05)",
+    )
     group.add_argument("--seed", type=int, default=0, help="start vector of the eigensolver")
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     group.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -80,16 +91,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(args.threads)
-    return measure_run(run_dir=args.run_dir and Path(args.run_dir),
-                       model_config=None if args.run_dir is not None else PretrainConfig(**model_data),
-                       batches=args.batches, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
-                       rho=args.rho, method=args.method)
+    return measure_run(
+        run_dir=args.run_dir and Path(args.run_dir),
+        model_config=None if args.run_dir is not None else PretrainConfig(**model_data),
+        batches=args.batches,
+        batch_size=args.batch_size,
+        iters=args.iters,
+        seed=args.seed,
+        rho=args.rho,
+        method=args.method,
+    )
 
 
 def format_measurement(result: dict) -> str:
     where = f"run {result['run']} (step {result['step']})" if result.get("run") else f"model {result.get('model')}"
-    lines = [f"{where}: {result['batches']} validation batch(es) x {result['batch_size']} sequences of "
-             f"{result['context']} tokens, {result['method']}, rho={result.get('rho')}"]
+    lines = [
+        f"{where}: {result['batches']} validation batch(es) x {result['batch_size']} sequences of "
+        f"{result['context']} tokens, {result['method']}, rho={result.get('rho')}"
+    ]
     width = max(len(label) for _, label in ROWS)
     for key, label in ROWS:
         if key in OPTIONAL_ROWS and key not in result:
@@ -97,8 +116,10 @@ def format_measurement(result: dict) -> str:
         value = result.get(key)
         text = format(value, ".6g") if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
         lines.append(f"  {label.ljust(width)}  {text}")
-    lines.append(f"  {'iterations'.ljust(width)}  {result.get('iters')} (converged: {result.get('converged')}), "
-                 f"{result.get('seconds', 0):.1f} s")
+    lines.append(
+        f"  {'iterations'.ljust(width)}  {result.get('iters')} (converged: {result.get('converged')}), "
+        f"{result.get('seconds', 0):.1f} s"
+    )
     return "\n".join(lines)
 
 

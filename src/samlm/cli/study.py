@@ -6,6 +6,7 @@ import argparse
 
 from samlm.harness import settings
 from samlm.progress import say
+
 # At import, not in add_arguments: a missing harness dependency then makes this command a stub
 # that names what to install (samlm.cli.build_parser).
 from samlm.studies import finetune_study, pretrain_study, robustness_study
@@ -16,21 +17,31 @@ STUDIES = ("pretrain", "finetune", "robustness")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="study", metavar="STUDY", parser_class=type(parser))
 
-    pretrain = sub.add_parser("pretrain", help="Functional-SAM / preconditioned SAM vs AdamW: sizes x methods, "
-                              "tuned (lr, rho), seeds, equal steps and equal compute, sharpness",
-                              description=pretrain_study.__doc__.strip().splitlines()[0])
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="Functional-SAM / preconditioned SAM vs AdamW: sizes x methods, "
+        "tuned (lr, rho), seeds, equal steps and equal compute, sharpness",
+        description=pretrain_study.__doc__.strip().splitlines()[0],
+    )
     settings.add_arguments(pretrain, pretrain_study.PretrainStudySettings)
     pretrain.set_defaults(_study_run=_run_pretrain, _settings=pretrain_study.PretrainStudySettings)
 
-    finetune = sub.add_parser("finetune", help="SAM / Functional-SAM vs the baseline optimizer when fine-tuning on "
-                              "subsampled data: rho sweep, fractions, seeds, step budgets, best checkpoints",
-                              description=finetune_study.__doc__.strip().splitlines()[0])
+    finetune = sub.add_parser(
+        "finetune",
+        help="SAM / Functional-SAM vs the baseline optimizer when fine-tuning on "
+        "subsampled data: rho sweep, fractions, seeds, step budgets, best checkpoints",
+        description=finetune_study.__doc__.strip().splitlines()[0],
+    )
     settings.add_arguments(finetune, finetune_study.FinetuneStudySettings)
     finetune.set_defaults(_study_run=_run_finetune, _settings=finetune_study.FinetuneStudySettings)
 
-    robustness = sub.add_parser("robustness", help="Watts et al.'s question on CPU: do AdamW, SAM, F-SAM and PF-SAM at "
-                                "their tuned (lr, rho) differ in weight-noise, int8/int4 and forgetting robustness at "
-                                "equal compute?", description=robustness_study.__doc__.strip().splitlines()[0])
+    robustness = sub.add_parser(
+        "robustness",
+        help="Watts et al.'s question on CPU: do AdamW, SAM, F-SAM and PF-SAM at "
+        "their tuned (lr, rho) differ in weight-noise, int8/int4 and forgetting robustness at "
+        "equal compute?",
+        description=robustness_study.__doc__.strip().splitlines()[0],
+    )
     settings.add_arguments(robustness, robustness_study.RobustnessStudySettings)
     robustness.set_defaults(_study_run=_run_robustness, _settings=robustness_study.RobustnessStudySettings)
 
@@ -59,8 +70,10 @@ def _run_pretrain(config) -> int:
         budget = study.data_budget()
         if budget is not None:
             base = study.base_config()
-            print(f"data: {base.data} with tokenizer {base.tokenizer}, prepared once into {study.data_dir()}: "
-                  f"{budget.max_tokens:,} training and {budget.val_tokens:,} validation tokens")
+            print(
+                f"data: {base.data} with tokenizer {base.tokenizer}, prepared once into {study.data_dir()}: "
+                f"{budget.max_tokens:,} training and {budget.val_tokens:,} validation tokens"
+            )
         for size, base in [(size, base) for size in study.preset.sizes for base in study.base_list()]:
             sweep = study.sweep(size, base).runs()
             for planned in sweep:
@@ -69,10 +82,12 @@ def _run_pretrain(config) -> int:
                     run_config, unchecked = dataclasses.replace(run_config, device="cpu"), True
                 validate(run_config)
             total += len(sweep)
-            print(f"{size.name}: {size.layers} layers x {size.width} wide, {size.heads} heads, base {base}: sweep "
-                  f"{len(sweep)} runs -> {study.sweep(size, base).out}, then each method's tuned point on seeds "
-                  f"{','.join(map(str, study.seeds or study.preset.seeds))} at equal steps and equal compute "
-                  f"-> {str(study.sweep(size, base).out)[:-len('sweep')]}final")
+            print(
+                f"{size.name}: {size.layers} layers x {size.width} wide, {size.heads} heads, base {base}: sweep "
+                f"{len(sweep)} runs -> {study.sweep(size, base).out}, then each method's tuned point on seeds "
+                f"{','.join(map(str, study.seeds or study.preset.seeds))} at equal steps and equal compute "
+                f"-> {str(study.sweep(size, base).out)[: -len('sweep')]}final"
+            )
         if unchecked:
             say("no CUDA here: every setting but the device was checked")
         say(f"dry run: {total} sweep runs are fine; nothing was written")
@@ -92,8 +107,10 @@ def _run_finetune(config) -> int:
         for name, config, _ in runs:
             prepare(dataclasses.replace(config, dry_run=True, overwrite=True))
             print(f"{name}: {config.out} ({config.steps} steps)")
-        print(f"then each SAM-family method at its chosen rho at data fractions "
-              f"{','.join(f'{f:g}' for f in study.preset.fractions)}; step budgets {study.budgets}")
+        print(
+            f"then each SAM-family method at its chosen rho at data fractions "
+            f"{','.join(f'{f:g}' for f in study.preset.fractions)}; step budgets {study.budgets}"
+        )
         say(f"dry run: {len(runs)} sweep runs are fine; nothing was written")
         return 0
     return _finished(run_study(study))

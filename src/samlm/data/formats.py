@@ -215,9 +215,7 @@ class TsvTable:
     def column_index(self, name: str) -> int:
         if name not in self.columns:
             where = f"{self.path}:1" if self.has_header else str(self.path)
-            raise UserError(
-                f"{where}: missing column {name!r} (header has: {', '.join(self.columns)})"
-            )
+            raise UserError(f"{where}: missing column {name!r} (header has: {', '.join(self.columns)})")
         return self.columns.index(name)
 
 
@@ -241,9 +239,7 @@ def read_tsv(path: str | Path, columns: Sequence[str] | None = None) -> TsvTable
     for number, line in lines:
         cells = _split_tsv_line(line, path, number)
         if len(cells) != expected:
-            raise UserError(
-                f"{path}:{number}: expected {expected} tab-separated columns, found {len(cells)}"
-            )
+            raise UserError(f"{path}:{number}: expected {expected} tab-separated columns, found {len(cells)}")
         rows.append((number, cells))
     return TsvTable(path, tuple(columns), rows, has_header)
 
@@ -265,9 +261,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(
-                f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})"
-            ) from None
+            raise UserError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(value, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, found {_json_type(value)}")
         records.append((number, value))
@@ -281,9 +275,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(
-            f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})"
-        ) from None
+        raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -388,7 +380,10 @@ _PAIR = {"sentence1": "sentence1", "sentence2": "sentence2"}
 GLUE_LAYOUTS: dict[str, GlueLayout] = {
     # CoLA's train/dev files are the only GLUE files without a header.
     "cola": GlueLayout(
-        ("CoLA", "cola"), {"sentence": "sentence"}, "label", _GLUE_FILES,
+        ("CoLA", "cola"),
+        {"sentence": "sentence"},
+        "label",
+        _GLUE_FILES,
         headerless_columns=("source", "label", "original_label", "sentence"),
         headerless_splits=("train", "validation"),
     ),
@@ -396,32 +391,46 @@ GLUE_LAYOUTS: dict[str, GlueLayout] = {
     # MRPC: download_glue_data.py copies msr_paraphrase_train.txt (BOM included) into
     # train.tsv/dev.tsv; the raw Microsoft files are accepted too (train = all of it).
     "mrpc": GlueLayout(
-        ("MRPC", "mrpc"), {"sentence1": "#1 String", "sentence2": "#2 String"}, "Quality",
-        {"train": ("train.tsv", "msr_paraphrase_train.txt"), "validation": ("dev.tsv",),
-         "test": ("test.tsv", "msr_paraphrase_test.txt")},
+        ("MRPC", "mrpc"),
+        {"sentence1": "#1 String", "sentence2": "#2 String"},
+        "Quality",
+        {
+            "train": ("train.tsv", "msr_paraphrase_train.txt"),
+            "validation": ("dev.tsv",),
+            "test": ("test.tsv", "msr_paraphrase_test.txt"),
+        },
     ),
     "stsb": GlueLayout(("STS-B", "stsb"), _PAIR, "score", _GLUE_FILES),
     "qqp": GlueLayout(
-        ("QQP", "qqp"), {"question1": "question1", "question2": "question2"}, "is_duplicate",
+        ("QQP", "qqp"),
+        {"question1": "question1", "question2": "question2"},
+        "is_duplicate",
         _GLUE_FILES,
     ),
     "mnli": GlueLayout(
-        ("MNLI", "mnli"), {"premise": "sentence1", "hypothesis": "sentence2"}, "gold_label",
-        {"train": ("train.tsv",), "validation_matched": ("dev_matched.tsv",),
-         "validation_mismatched": ("dev_mismatched.tsv",),
-         "test_matched": ("test_matched.tsv",), "test_mismatched": ("test_mismatched.tsv",)},
+        ("MNLI", "mnli"),
+        {"premise": "sentence1", "hypothesis": "sentence2"},
+        "gold_label",
+        {
+            "train": ("train.tsv",),
+            "validation_matched": ("dev_matched.tsv",),
+            "validation_mismatched": ("dev_mismatched.tsv",),
+            "test_matched": ("test_matched.tsv",),
+            "test_mismatched": ("test_mismatched.tsv",),
+        },
     ),
     "qnli": GlueLayout(
-        ("QNLI", "qnli"), {"question": "question", "sentence": "sentence"}, "label", _GLUE_FILES,
+        ("QNLI", "qnli"),
+        {"question": "question", "sentence": "sentence"},
+        "label",
+        _GLUE_FILES,
     ),
     "rte": GlueLayout(("RTE", "rte"), _PAIR, "label", _GLUE_FILES),
     "wnli": GlueLayout(("WNLI", "wnli"), _PAIR, "label", _GLUE_FILES),
 }
 
 
-def load_glue_rows(
-    task: str, data_dir: str | Path, split: str, parse_label: LabelParser
-) -> list[Row]:
+def load_glue_rows(task: str, data_dir: str | Path, split: str, parse_label: LabelParser) -> list[Row]:
     """Rows of GLUE task ``task`` (``"rte"``) for ``split`` from a GLUE directory."""
     layout = GLUE_LAYOUTS[task]
     path = find_split_file(data_dir, layout.directories, layout.files[split], f"glue/{task}", split)
@@ -446,9 +455,14 @@ def load_glue_rows(
 # --------------------------------------------------------------------------------------
 
 SUPERGLUE_DIRECTORIES = {
-    "boolq": ("BoolQ", "boolq"), "cb": ("CB", "cb"), "copa": ("COPA", "copa"),
-    "multirc": ("MultiRC", "multirc"), "record": ("ReCoRD", "record"), "rte": ("RTE", "rte"),
-    "wic": ("WiC", "wic"), "wsc": ("WSC", "wsc"),
+    "boolq": ("BoolQ", "boolq"),
+    "cb": ("CB", "cb"),
+    "copa": ("COPA", "copa"),
+    "multirc": ("MultiRC", "multirc"),
+    "record": ("ReCoRD", "record"),
+    "rte": ("RTE", "rte"),
+    "wic": ("WiC", "wic"),
+    "wsc": ("WSC", "wsc"),
 }
 SUPERGLUE_FILES = {"train": ("train.jsonl",), "validation": ("val.jsonl",), "test": ("test.jsonl",)}
 
@@ -462,13 +476,9 @@ _SUPERGLUE_TEXT_FIELDS = {
 }
 
 
-def load_superglue_rows(
-    task: str, data_dir: str | Path, split: str, parse_label: LabelParser
-) -> list[Row]:
+def load_superglue_rows(task: str, data_dir: str | Path, split: str, parse_label: LabelParser) -> list[Row]:
     """Rows of SuperGLUE task ``task`` (``"boolq"``) for ``split`` from a SuperGLUE directory."""
-    path = find_split_file(
-        data_dir, SUPERGLUE_DIRECTORIES[task], SUPERGLUE_FILES[split], f"superglue/{task}", split
-    )
+    path = find_split_file(data_dir, SUPERGLUE_DIRECTORIES[task], SUPERGLUE_FILES[split], f"superglue/{task}", split)
     labelled = split != "test"
     rows: list[Row] = []
     for number, obj in read_jsonl(path):
@@ -481,28 +491,24 @@ def load_superglue_rows(
         elif task == "wsc":
             rows.append(_wsc_row(obj, uid, where, parse_label, labelled))
         else:
-            fields = {name: _require(obj, name, "a string", where)
-                      for name in _SUPERGLUE_TEXT_FIELDS[task]}
+            fields = {name: _require(obj, name, "a string", where) for name in _SUPERGLUE_TEXT_FIELDS[task]}
             if task == "copa" and fields["question"] not in ("cause", "effect"):
-                raise UserError(
-                    f"{where}: key 'question' should be 'cause' or 'effect', "
-                    f"found {fields['question']!r}"
-                )
+                raise UserError(f"{where}: key 'question' should be 'cause' or 'effect', found {fields['question']!r}")
             label = _optional_label(obj, where, parse_label, labelled)
             rows.append(Row(uid=uid, fields=fields, label=label, where=where))
     return rows
 
 
-def _optional_label(obj: Mapping[str, Any], where: str, parse_label: LabelParser,
-                    labelled: bool, path: str = "") -> int | float | None:
+def _optional_label(
+    obj: Mapping[str, Any], where: str, parse_label: LabelParser, labelled: bool, path: str = ""
+) -> int | float | None:
     """The parsed ``label``; required in labelled splits, optional in test files."""
     if not labelled and "label" not in obj:
         return None
     return parse_label(_require(obj, "label", "a label", where, path), where)
 
 
-def _wsc_row(obj: Mapping[str, Any], uid: str, where: str, parse_label: LabelParser,
-             labelled: bool) -> Row:
+def _wsc_row(obj: Mapping[str, Any], uid: str, where: str, parse_label: LabelParser, labelled: bool) -> Row:
     target = _require(obj, "target", "an object", where)
     fields = {
         "text": _require(obj, "text", "a string", where),
@@ -515,8 +521,7 @@ def _wsc_row(obj: Mapping[str, Any], uid: str, where: str, parse_label: LabelPar
     return Row(uid=uid, fields=fields, label=label, where=where)
 
 
-def _multirc_rows(obj: Mapping[str, Any], where: str, parse_label: LabelParser,
-                  labelled: bool) -> list[Row]:
+def _multirc_rows(obj: Mapping[str, Any], where: str, parse_label: LabelParser, labelled: bool) -> list[Row]:
     """One row per answer option; the options of one question share a group."""
     p_idx = obj.get("idx", 0)
     passage = _require(obj, "passage", "an object", where)
@@ -532,11 +537,15 @@ def _multirc_rows(obj: Mapping[str, Any], where: str, parse_label: LabelParser,
             answer_text = _require(answer, "text", "a string", where, a_path)
             label = _optional_label(answer, where, parse_label, labelled, a_path)
             a_idx = answer.get("idx", ai)
-            rows.append(Row(
-                uid=f"{p_idx}-{q_idx}-{a_idx}",
-                fields={"paragraph": paragraph, "question": question_text, "answer": answer_text},
-                label=label, group=f"{p_idx}-{q_idx}", where=where,
-            ))
+            rows.append(
+                Row(
+                    uid=f"{p_idx}-{q_idx}-{a_idx}",
+                    fields={"paragraph": paragraph, "question": question_text, "answer": answer_text},
+                    label=label,
+                    group=f"{p_idx}-{q_idx}",
+                    where=where,
+                )
+            )
     return rows
 
 
@@ -552,7 +561,7 @@ def _record_rows(obj: Mapping[str, Any], where: str, labelled: bool) -> list[Row
         end = _require(entity, "end", "an integer", where, e_path)
         if not 0 <= start <= end < len(text):
             raise UserError(f"{where}: {e_path} span {start}-{end} is outside the passage")
-        entities.add(text[start:end + 1])  # ReCoRD's entity ends are inclusive
+        entities.add(text[start : end + 1])  # ReCoRD's entity ends are inclusive
     rows = []
     for qi, qa in enumerate(_require(obj, "qas", "an array", where)):
         q_path = f"qas[{qi}]"
@@ -563,11 +572,15 @@ def _record_rows(obj: Mapping[str, Any], where: str, labelled: bool) -> list[Row
                 answers.add(_require(answer, "text", "a string", where, f"{q_path}.answers[{ai}]"))
         q_idx = qa.get("idx", qi)
         # Sorted sets, as TFDS and HF super_glue store them.
-        rows.append(Row(
-            uid=f"{p_idx}-{q_idx}",
-            fields={"passage": text, "query": query, "entities": sorted(entities)},
-            answers=tuple(sorted(answers)), group=f"{p_idx}-{q_idx}", where=where,
-        ))
+        rows.append(
+            Row(
+                uid=f"{p_idx}-{q_idx}",
+                fields={"passage": text, "query": query, "entities": sorted(entities)},
+                answers=tuple(sorted(answers)),
+                group=f"{p_idx}-{q_idx}",
+                where=where,
+            )
+        )
     return rows
 
 
@@ -587,10 +600,20 @@ WEBQUESTIONS_FILES = {
 # then the RC web and Wikipedia splits.
 TRIVIAQA_FILES = {
     "train": ("unfiltered-web-train.json", "web-train.json", "wikipedia-train.json", "train.json"),
-    "validation": ("unfiltered-web-dev.json", "web-dev.json", "verified-web-dev.json",
-                   "wikipedia-dev.json", "verified-wikipedia-dev.json", "dev.json"),
-    "test": ("unfiltered-web-test-without-answers.json", "web-test-without-answers.json",
-             "wikipedia-test-without-answers.json", "test.json"),
+    "validation": (
+        "unfiltered-web-dev.json",
+        "web-dev.json",
+        "verified-web-dev.json",
+        "wikipedia-dev.json",
+        "verified-wikipedia-dev.json",
+        "dev.json",
+    ),
+    "test": (
+        "unfiltered-web-test-without-answers.json",
+        "web-test-without-answers.json",
+        "wikipedia-test-without-answers.json",
+        "test.json",
+    ),
 }
 TYDIQA_FILES = {
     "train": ("tydiqa-goldp-v1.1-train.json", "train.json"),
@@ -600,15 +623,13 @@ TYDIQA_FILES = {
 
 def load_nq_open_rows(data_dir: str | Path, split: str) -> list[Row]:
     """NQ-open JSONL: ``{"question": str, "answer": [str, ...]}`` per line."""
-    path = find_split_file(data_dir, ("NQ-open", "nq_open", "nq"), NQ_OPEN_FILES[split],
-                           "cbqa/nq", split)
+    path = find_split_file(data_dir, ("NQ-open", "nq_open", "nq"), NQ_OPEN_FILES[split], "cbqa/nq", split)
     rows = []
     for number, obj in read_jsonl(path):
         where = f"{path}:{number}"
         question = _require(obj, "question", "a string", where)
         answers = _nonempty_answers(obj.get("answer"), where, "answer")
-        rows.append(Row(uid=str(number - 1), fields={"question": question},
-                        answers=answers, where=where))
+        rows.append(Row(uid=str(number - 1), fields={"question": question}, answers=answers, where=where))
     return rows
 
 
@@ -639,8 +660,9 @@ def parse_webquestions_target(target_value: str) -> tuple[str, ...]:
 
 def load_webquestions_rows(data_dir: str | Path, split: str) -> list[Row]:
     """WebQuestions JSON: a list of ``{"url", "targetValue", "utterance"}`` objects."""
-    path = find_split_file(data_dir, ("webquestions", "WebQuestions"), WEBQUESTIONS_FILES[split],
-                           "cbqa/webquestions", split)
+    path = find_split_file(
+        data_dir, ("webquestions", "WebQuestions"), WEBQUESTIONS_FILES[split], "cbqa/webquestions", split
+    )
     data = read_json(path)
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON array of questions, found {_json_type(data)}")
@@ -651,10 +673,10 @@ def load_webquestions_rows(data_dir: str | Path, split: str) -> list[Row]:
         target_value = _require(item, "targetValue", "a string", where)
         answers = parse_webquestions_target(target_value)
         if not answers:
-            raise UserError(
-                f"{where}: targetValue {target_value!r} has no (description ...) answer")
-        rows.append(Row(uid=str(i), fields={"question": question, "url": item.get("url", "")},
-                        answers=answers, where=where))
+            raise UserError(f"{where}: targetValue {target_value!r} has no (description ...) answer")
+        rows.append(
+            Row(uid=str(i), fields={"question": question, "url": item.get("url", "")}, answers=answers, where=where)
+        )
     return rows
 
 
@@ -664,8 +686,9 @@ def load_triviaqa_rows(data_dir: str | Path, split: str) -> list[Row]:
     Answers are the answer's ``Value`` followed by its ``Aliases`` (T5 scores against the
     aliases; the value is normally one of them). Test files have no ``Answer``.
     """
-    path = find_split_file(data_dir, ("qa", "triviaqa-unfiltered", "triviaqa"),
-                           TRIVIAQA_FILES[split], "cbqa/triviaqa", split)
+    path = find_split_file(
+        data_dir, ("qa", "triviaqa-unfiltered", "triviaqa"), TRIVIAQA_FILES[split], "cbqa/triviaqa", split
+    )
     document = read_json(path)
     items = _require(document, "Data", "an array", str(path))
     rows = []
@@ -685,8 +708,7 @@ def load_triviaqa_rows(data_dir: str | Path, split: str) -> list[Row]:
 
 def load_tydiqa_rows(data_dir: str | Path, split: str) -> list[Row]:
     """TyDiQA-GoldP SQuAD-style JSON: ``data[].paragraphs[].{context, qas[]}``."""
-    path = find_split_file(data_dir, ("tydiqa", "TyDiQA", "tydiqa-goldp"), TYDIQA_FILES[split],
-                           "tydiqa/goldp", split)
+    path = find_split_file(data_dir, ("tydiqa", "TyDiQA", "tydiqa-goldp"), TYDIQA_FILES[split], "tydiqa/goldp", split)
     document = read_json(path)
     rows = []
     for di, article in enumerate(_require(document, "data", "an array", str(path))):
@@ -698,8 +720,10 @@ def load_tydiqa_rows(data_dir: str | Path, split: str) -> list[Row]:
                 where = f"{p_where}.qas[{qi}]"
                 qid = _require(qa, "id", "a string", where)
                 question = _require(qa, "question", "a string", where)
-                texts = [_require(a, "text", "a string", f"{where}.answers[{ai}]")
-                         for ai, a in enumerate(_require(qa, "answers", "an array", where))]
+                texts = [
+                    _require(a, "text", "a string", f"{where}.answers[{ai}]")
+                    for ai, a in enumerate(_require(qa, "answers", "an array", where))
+                ]
                 if not texts:
                     raise UserError(f"{where}: key 'answers' has no answers")
                 rows.append(tydiqa_row(qid, question, context, texts, where))
@@ -709,8 +733,12 @@ def load_tydiqa_rows(data_dir: str | Path, split: str) -> list[Row]:
 def tydiqa_row(qid: str, question: str, context: str, answers: Sequence[str], where: str) -> Row:
     """A TyDiQA row; the language is the id's prefix (``"english-123..."`` -> ``english``)."""
     language = qid.split("-", 1)[0] if "-" in qid else ""
-    return Row(uid=qid, fields={"question": question, "context": context, "language": language},
-               answers=_dedupe(answers), where=where)
+    return Row(
+        uid=qid,
+        fields={"question": question, "context": context, "language": language},
+        answers=_dedupe(answers),
+        where=where,
+    )
 
 
 def _dedupe(values: Iterable[str]) -> tuple[str, ...]:
@@ -746,9 +774,7 @@ def parse_column_mapping(spec: str) -> dict[str, str]:
         if not sep or not key or not column:
             raise UserError(f"column mapping {part!r} should look like key=column (in {spec!r})")
         if key not in GENERIC_KEYS:
-            raise UserError(
-                f"unknown column-mapping key {key!r}; use {', '.join(GENERIC_KEYS)}"
-            )
+            raise UserError(f"unknown column-mapping key {key!r}; use {', '.join(GENERIC_KEYS)}")
         if key in mapping:
             raise UserError(f"column mapping names {key!r} twice (in {spec!r})")
         mapping[key] = column
@@ -777,9 +803,7 @@ def load_generic(
         mapping = dict(mapping)
         unknown = [k for k in mapping if k not in GENERIC_KEYS]
         if unknown or "input" not in mapping:
-            raise UserError(
-                f"column mapping needs input=<column> and keys among {', '.join(GENERIC_KEYS)}"
-            )
+            raise UserError(f"column mapping needs input=<column> and keys among {', '.join(GENERIC_KEYS)}")
     parse_target = _generic_target_parser(kind, labels)
     if kind != "generation" and "target" not in mapping:
         raise UserError(f"a {kind} file needs target=<column> in the column mapping")
@@ -824,28 +848,22 @@ def _generic_records(path: Path, mapping: Mapping[str, str]) -> list[tuple[str, 
     raise UserError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .tsv")
 
 
-def _csv_records(path: Path, mapping: Mapping[str, str], delimiter: str
-                 ) -> list[tuple[str, dict[str, Any]]]:
+def _csv_records(path: Path, mapping: Mapping[str, str], delimiter: str) -> list[tuple[str, dict[str, Any]]]:
     # CSV uses standard quoting (a quoted field may span lines), so each record is reported
     # at the line where it starts. TSV follows GLUE: no quoting.
     quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter,
-                        quoting=quoting)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader)
         missing = [c for c in mapping.values() if c not in header]
         if missing:
-            raise UserError(
-                f"{path}:1: missing column {missing[0]!r} (header has: {', '.join(header)})"
-            )
+            raise UserError(f"{path}:1: missing column {missing[0]!r} (header has: {', '.join(header)})")
         records = []
         start = reader.line_num + 1
         for cells in reader:
             if cells:
                 if len(cells) != len(header):
-                    raise UserError(
-                        f"{path}:{start}: expected {len(header)} columns, found {len(cells)}"
-                    )
+                    raise UserError(f"{path}:{start}: expected {len(header)} columns, found {len(cells)}")
                 records.append((f"{path}:{start}", dict(zip(header, cells))))
             start = reader.line_num + 1
     except csv.Error as err:
@@ -853,20 +871,24 @@ def _csv_records(path: Path, mapping: Mapping[str, str], delimiter: str
     return records
 
 
-def _generic_example(path: Path, where: str, record: Mapping[str, Any],
-                     mapping: Mapping[str, str], kind: str, labels: Sequence[str] | None,
-                     parse_target: LabelParser | None) -> Example:
+def _generic_example(
+    path: Path,
+    where: str,
+    record: Mapping[str, Any],
+    mapping: Mapping[str, str],
+    kind: str,
+    labels: Sequence[str] | None,
+    parse_target: LabelParser | None,
+) -> Example:
     def text(key: str) -> str:
         value = record[mapping[key]]
         if not isinstance(value, str):
-            raise UserError(
-                f"{where}: {mapping[key]!r} should be a string, found {_json_type(value)}")
+            raise UserError(f"{where}: {mapping[key]!r} should be a string, found {_json_type(value)}")
         return value
 
     first = text("input")
     second = text("input2") if "input2" in mapping else None
-    inputs = first if second is None else (
-        f"{mapping['input']}: {first} {mapping['input2']}: {second}")
+    inputs = first if second is None else (f"{mapping['input']}: {first} {mapping['input2']}: {second}")
 
     label: int | float | None = None
     answers: tuple[str, ...] = ()
@@ -883,6 +905,15 @@ def _generic_example(path: Path, where: str, record: Mapping[str, Any],
     uid = str(record[mapping["id"]]) if "id" in mapping else where.rsplit("/", 1)[-1]
     group = str(record[mapping["group"]]) if "group" in mapping else None
     fields = {mapping[k]: record[mapping[k]] for k in mapping}
-    return Example(uid=f"generic:{uid}", task="generic", inputs=inputs, target=target,
-                   label=label, answers=answers, group=group, text_a=first, text_b=second,
-                   fields=fields)
+    return Example(
+        uid=f"generic:{uid}",
+        task="generic",
+        inputs=inputs,
+        target=target,
+        label=label,
+        answers=answers,
+        group=group,
+        text_a=first,
+        text_b=second,
+        fields=fields,
+    )

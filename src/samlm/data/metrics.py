@@ -55,10 +55,17 @@ INVALID = -1  # class index of a generated string that is no label word
 
 # Tasks in each benchmark's average, as in T5's compute_avg_glue.
 AVERAGED_TASKS: dict[str, tuple[str, ...]] = {
-    "glue": ("glue/cola", "glue/sst2", "glue/mrpc", "glue/stsb", "glue/qqp", "glue/mnli",
-             "glue/qnli", "glue/rte"),
-    "superglue": ("superglue/boolq", "superglue/cb", "superglue/copa", "superglue/multirc",
-                  "superglue/record", "superglue/rte", "superglue/wic", "superglue/wsc"),
+    "glue": ("glue/cola", "glue/sst2", "glue/mrpc", "glue/stsb", "glue/qqp", "glue/mnli", "glue/qnli", "glue/rte"),
+    "superglue": (
+        "superglue/boolq",
+        "superglue/cb",
+        "superglue/copa",
+        "superglue/multirc",
+        "superglue/record",
+        "superglue/rte",
+        "superglue/wic",
+        "superglue/wsc",
+    ),
 }
 
 
@@ -94,8 +101,7 @@ def _class_prediction(task: Task, prediction: Any) -> int:
         index = operator.index(prediction)  # int, numpy integer, 0-d integer tensor
     except TypeError:
         raise UserError(
-            f"predictions for {task.name} must be class indices or generated strings, "
-            f"got {type(prediction).__name__}"
+            f"predictions for {task.name} must be class indices or generated strings, got {type(prediction).__name__}"
         ) from None
     return index if 0 <= index < len(task.labels) else INVALID
 
@@ -107,8 +113,7 @@ def _score_prediction(task: Task, prediction: Any) -> float:
         value = float(prediction)
     except (TypeError, ValueError):
         raise UserError(
-            f"predictions for {task.name} must be numbers or generated strings, "
-            f"got {type(prediction).__name__}"
+            f"predictions for {task.name} must be numbers or generated strings, got {type(prediction).__name__}"
         ) from None
     return value if math.isfinite(value) else -1.0
 
@@ -144,8 +149,7 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _squad_scores(predictions: Sequence[str], answer_sets: Sequence[Sequence[str]]
-                  ) -> dict[str, float]:
+def _squad_scores(predictions: Sequence[str], answer_sets: Sequence[Sequence[str]]) -> dict[str, float]:
     f1 = [max(token_f1(p, a) for a in answers) for p, answers in zip(predictions, answer_sets)]
     em = [max(exact_match(p, a) for a in answers) for p, answers in zip(predictions, answer_sets)]
     return {"f1": 100 * float(np.mean(f1)), "em": 100 * float(np.mean(em))}
@@ -156,8 +160,7 @@ def _squad_scores(predictions: Sequence[str], answer_sets: Sequence[Sequence[str
 # --------------------------------------------------------------------------------------
 
 
-def compute_metrics(task: str | Task, predictions: Sequence[Any],
-                    examples: Sequence[Example]) -> dict[str, float]:
+def compute_metrics(task: str | Task, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
     """The task's official metrics (x100) of ``predictions`` against ``examples``' gold labels.
 
     ``predictions[i]`` is the prediction for ``examples[i]``. Returns a dict with exactly the
@@ -166,9 +169,7 @@ def compute_metrics(task: str | Task, predictions: Sequence[Any],
     task = get_task(task)
     predictions = list(predictions)
     if len(predictions) != len(examples):
-        raise UserError(
-            f"{task.name}: got {len(predictions)} predictions for {len(examples)} examples"
-        )
+        raise UserError(f"{task.name}: got {len(predictions)} predictions for {len(examples)} examples")
     if not examples:
         raise UserError(f"{task.name}: no examples to score")
     if task.kind == GENERATION:
@@ -177,16 +178,13 @@ def compute_metrics(task: str | Task, predictions: Sequence[Any],
         return _regression_metrics(task, predictions, examples)
     gold = np.array([_gold_label(task, e) for e in examples], dtype=int)
     predicted = np.array([_class_prediction(task, p) for p in predictions], dtype=int)
-    scores = {name: _CLASSIFICATION_METRICS[name](gold, predicted, task, examples)
-              for name in task.metrics}
+    scores = {name: _CLASSIFICATION_METRICS[name](gold, predicted, task, examples) for name in task.metrics}
     return {name: float(value) for name, value in scores.items()}
 
 
 def _gold_label(task: Task, example: Example) -> int | float:
     if example.label is None:
-        raise UserError(
-            f"{task.name}: example {example.uid} has no gold label (test splits are unlabelled)"
-        )
+        raise UserError(f"{task.name}: example {example.uid} has no gold label (test splits are unlabelled)")
     return example.label
 
 
@@ -221,8 +219,9 @@ def _macro_f1(gold, predicted, task, examples) -> float:
     import sklearn.metrics
 
     # Invalid predictions are no class: a miss for the gold class, a false alarm for none.
-    return 100 * sklearn.metrics.f1_score(gold, predicted, labels=range(len(task.labels)),
-                                          average="macro", zero_division=0)
+    return 100 * sklearn.metrics.f1_score(
+        gold, predicted, labels=range(len(task.labels)), average="macro", zero_division=0
+    )
 
 
 def _group_exact_match(gold, predicted, task, examples) -> float:
@@ -244,14 +243,15 @@ _CLASSIFICATION_METRICS = {
 }
 
 
-def _regression_metrics(task: Task, predictions: Sequence[Any],
-                        examples: Sequence[Example]) -> dict[str, float]:
+def _regression_metrics(task: Task, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
     import scipy.stats
 
     gold = np.array([_gold_label(task, e) for e in examples], dtype=float)
     predicted = np.array([_score_prediction(task, p) for p in predictions], dtype=float)
-    return {"pearson": 100 * _correlation(scipy.stats.pearsonr, gold, predicted),
-            "spearman": 100 * _correlation(scipy.stats.spearmanr, gold, predicted)}
+    return {
+        "pearson": 100 * _correlation(scipy.stats.pearsonr, gold, predicted),
+        "spearman": 100 * _correlation(scipy.stats.spearmanr, gold, predicted),
+    }
 
 
 def _correlation(statistic, gold: np.ndarray, predicted: np.ndarray) -> float:
@@ -260,15 +260,11 @@ def _correlation(statistic, gold: np.ndarray, predicted: np.ndarray) -> float:
     return float(statistic(gold, predicted)[0])
 
 
-def _generation_metrics(task: Task, predictions: Sequence[Any],
-                        examples: Sequence[Example]) -> dict[str, float]:
+def _generation_metrics(task: Task, predictions: Sequence[Any], examples: Sequence[Example]) -> dict[str, float]:
     texts, answer_sets, seen = [], [], set()
     for prediction, example in zip(predictions, examples):
         if not isinstance(prediction, str):
-            raise UserError(
-                f"predictions for {task.name} must be generated strings, "
-                f"got {type(prediction).__name__}"
-            )
+            raise UserError(f"predictions for {task.name} must be generated strings, got {type(prediction).__name__}")
         # Copies of one question (ReCoRD's per-answer training copies) count once, as T5's
         # deduplicate_metric does.
         if example.group is not None:
@@ -277,10 +273,7 @@ def _generation_metrics(task: Task, predictions: Sequence[Any],
             seen.add(example.group)
         answers = example.answers or ((example.target,) if example.target else ())
         if not answers:
-            raise UserError(
-                f"{task.name}: example {example.uid} has no gold answers "
-                "(test splits are unlabelled)"
-            )
+            raise UserError(f"{task.name}: example {example.uid} has no gold answers (test splits are unlabelled)")
         texts.append(prediction)
         answer_sets.append(answers)
     return _squad_scores(texts, answer_sets)
@@ -296,8 +289,7 @@ def task_score(task: str | Task, metrics: Mapping[str, float]) -> float:
     task = get_task(task)
     missing = [m for m in task.metrics if m not in metrics]
     if missing:
-        raise UserError(
-            f"{task.name}: scores lack metric {missing[0]!r} (need {', '.join(task.metrics)})")
+        raise UserError(f"{task.name}: scores lack metric {missing[0]!r} (need {', '.join(task.metrics)})")
     return float(np.mean([metrics[m] for m in task.metrics]))
 
 
@@ -320,8 +312,7 @@ def benchmark_average(scores: Mapping[str, Mapping[str, float]], benchmark: str)
     return float(np.mean(task_means))
 
 
-def _lookup(scores: Mapping[str, Mapping[str, float]], task: Task, split: str
-            ) -> Mapping[str, float]:
+def _lookup(scores: Mapping[str, Mapping[str, float]], task: Task, split: str) -> Mapping[str, float]:
     keys = [f"{task.name}:{split}"] + ([task.name] if len(task.eval_splits) == 1 else [])
     for key in keys:
         if key in scores:

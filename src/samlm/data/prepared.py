@@ -66,9 +66,9 @@ LOCK_FILE = ".lock"
 TOKENIZER_DIR = "tokenizer"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 DOCUMENT_SEPARATOR = "\n\n"
-CHUNK_CHARS = 4_000_000        # characters per chunk: one progress checkpoint, one parallel map
-BLOCK_BYTES = 4 << 20           # a single-document file is read in newline-aligned blocks of this size
-PIECE_CHARS = 1 << 16           # long documents reach a subword tokenizer in newline-aligned pieces
+CHUNK_CHARS = 4_000_000  # characters per chunk: one progress checkpoint, one parallel map
+BLOCK_BYTES = 4 << 20  # a single-document file is read in newline-aligned blocks of this size
+PIECE_CHARS = 1 << 16  # long documents reach a subword tokenizer in newline-aligned pieces
 DEFAULT_BPE_TRAIN_CHARS = 50_000_000
 BPE_PREFIX = "bpe:"
 EOS_TOKEN = "<|endoftext|>"
@@ -104,12 +104,12 @@ class Source:
     """A corpus as a stream of documents (see :func:`open_source`)."""
 
     spec: str
-    kind: str                      # builtin | text-file | jsonl-file | directory | hub
-    single_document: bool          # one document, read in pieces: split by the tail rule
-    identity: dict                 # what the cache key and a resume compare
-    has_validation_split: bool | None = False   # None: a hub dataset not asked yet (resolve_splits)
+    kind: str  # builtin | text-file | jsonl-file | directory | hub
+    single_document: bool  # one document, read in pieces: split by the tail rule
+    identity: dict  # what the cache key and a resume compare
+    has_validation_split: bool | None = False  # None: a hub dataset not asked yet (resolve_splits)
     max_chars: int | None = None
-    _hub: tuple | None = None      # (name, config, split) of a hub dataset
+    _hub: tuple | None = None  # (name, config, split) of a hub dataset
     _path: Path | None = None
     _resource: Any = None
 
@@ -157,15 +157,17 @@ class Source:
             from samlm.data.text import hub_documents
 
             name, config, own_split = self._hub
-            yield from hub_documents(self.spec, name, config, own_split if split == "train" else "validation",
-                                     streaming=True)
+            yield from hub_documents(
+                self.spec, name, config, own_split if split == "train" else "validation", streaming=True
+            )
 
 
 def _directory_files(directory: Path) -> list[Path]:
     files = sorted(p for p in directory.rglob("*.txt") if p.is_file())
     if not files:
-        raise UserError(f"corpus directory {directory} has no .txt files and is not a prepared dataset "
-                        f"(no {META_FILE})")
+        raise UserError(
+            f"corpus directory {directory} has no .txt files and is not a prepared dataset (no {META_FILE})"
+        )
     return files
 
 
@@ -221,18 +223,28 @@ def open_source(spec: str | os.PathLike, *, max_chars: int | None = None) -> Sou
     if spec in BUILTIN_CORPORA:
         resource = importlib.resources.files("samlm.resources").joinpath(BUILTIN_CORPORA[spec])
         digest = _sha256(resource.read_bytes())
-        return Source(spec, "builtin", not resource.name.endswith(".jsonl"),
-                      {"builtin": spec, "sha256": digest, "max_chars": max_chars}, max_chars=max_chars,
-                      _resource=resource)
+        return Source(
+            spec,
+            "builtin",
+            not resource.name.endswith(".jsonl"),
+            {"builtin": spec, "sha256": digest, "max_chars": max_chars},
+            max_chars=max_chars,
+            _resource=resource,
+        )
     if not spec.startswith("hf:"):
         path = Path(spec).expanduser()
         if path.is_file():
             stat = path.stat()
-            identity = {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                        "max_chars": max_chars}
+            identity = {
+                "path": str(path.resolve()),
+                "bytes": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "max_chars": max_chars,
+            }
             jsonl = path.suffix.lower() == ".jsonl"
-            return Source(spec, "jsonl-file" if jsonl else "text-file", not jsonl, identity, max_chars=max_chars,
-                          _path=path)
+            return Source(
+                spec, "jsonl-file" if jsonl else "text-file", not jsonl, identity, max_chars=max_chars, _path=path
+            )
         if path.is_dir():
             files = _directory_files(path)
             listing = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
@@ -246,8 +258,15 @@ def open_source(spec: str | os.PathLike, *, max_chars: int | None = None) -> Sou
     identity = {"hub": name, "config": config, "split": split, "max_chars": max_chars}
     # Whether it has a validation split is asked of the hub only when preparing (resolve_splits):
     # a cached entry is found offline.
-    return Source(spec, "hub", False, identity, has_validation_split=False if split_named else None,
-                  max_chars=max_chars, _hub=(name, config, split))
+    return Source(
+        spec,
+        "hub",
+        False,
+        identity,
+        has_validation_split=False if split_named else None,
+        max_chars=max_chars,
+        _hub=(name, config, split),
+    )
 
 
 def _hub_split_names(spec: str, name: str, config: str | None) -> list[str]:
@@ -256,8 +275,10 @@ def _hub_split_names(spec: str, name: str, config: str | None) -> list[str]:
     try:
         return list(datasets.get_dataset_split_names(name, config))
     except Exception as exc:
-        raise UserError(f"corpus '{spec}' is not a local file, directory or prepared dataset, and reading it as a "
-                        f"Hugging Face dataset failed: {first_line(exc)}") from None
+        raise UserError(
+            f"corpus '{spec}' is not a local file, directory or prepared dataset, and reading it as a "
+            f"Hugging Face dataset failed: {first_line(exc)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -267,11 +288,11 @@ def _hub_split_names(spec: str, name: str, config: str | None) -> list[str]:
 class PrepTokenizer:
     """What a prepare needs of a tokenizer: its identity, vocabulary and a batch encoder."""
 
-    name: str                       # as given: "bytes", a hub id or path, "bpe:8192"
-    sha256: str                     # of its definition (tokenizer.json, or the byte rule)
+    name: str  # as given: "bytes", a hub id or path, "bpe:8192"
+    sha256: str  # of its definition (tokenizer.json, or the byte rule)
     vocab_size: int
-    definition: str | None = None   # tokenizers' JSON (None: bytes, or a slow tokenizer)
-    hf: Any = None                  # the Hugging Face tokenizer (None: bytes)
+    definition: str | None = None  # tokenizers' JSON (None: bytes, or a slow tokenizer)
+    hf: Any = None  # the Hugging Face tokenizer (None: bytes)
 
     @property
     def is_bytes(self) -> bool:
@@ -319,7 +340,7 @@ def _encode_with(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
 
     pieces, owners = [], []
     for i, text in enumerate(texts):
-        for piece in (_newline_chunks(text, PIECE_CHARS) if len(text) > PIECE_CHARS else [text]):
+        for piece in _newline_chunks(text, PIECE_CHARS) if len(text) > PIECE_CHARS else [text]:
             pieces.append(piece)
             owners.append(i)
     encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
@@ -351,8 +372,12 @@ def train_bpe(documents: Iterator[str], vocab_size: int, out_dir: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(documents, trainer=trainer)
     io.atomic_save_pretrained(PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN), out_dir)
 
@@ -361,14 +386,16 @@ def parse_bpe(name: str) -> int | None:
     """``"bpe:8192"`` -> 8192; ``None`` for any other tokenizer name."""
     if not str(name).lower().startswith(BPE_PREFIX):
         return None
-    text = str(name)[len(BPE_PREFIX):]
+    text = str(name)[len(BPE_PREFIX) :]
     try:
         size = int(text)
     except ValueError:
         size = -1
     if not 257 <= size <= 2**31 - 1:
-        raise UserError(f"--tokenizer {name}: the BPE vocabulary size must be an integer >= 257 "
-                        "(the 256 bytes and an end-of-text token), like bpe:8192")
+        raise UserError(
+            f"--tokenizer {name}: the BPE vocabulary size must be an integer >= 257 "
+            "(the 256 bytes and an end-of-text token), like bpe:8192"
+        )
     return size
 
 
@@ -379,14 +406,18 @@ def parse_bpe(name: str) -> int | None:
 class Budget:
     """How much of the source a prepare reads (``None``: no limit)."""
 
-    max_tokens: int | None = None       # training tokens
+    max_tokens: int | None = None  # training tokens
     val_tokens: int | None = None
     val_documents: int | None = None
     val_fraction: float = 0.1
 
     def as_dict(self) -> dict:
-        return {"max_tokens": self.max_tokens, "val_tokens": self.val_tokens, "val_documents": self.val_documents,
-                "val_fraction": self.val_fraction}
+        return {
+            "max_tokens": self.max_tokens,
+            "val_tokens": self.val_tokens,
+            "val_documents": self.val_documents,
+            "val_fraction": self.val_fraction,
+        }
 
 
 def split_rule(source: Source, budget: Budget) -> dict:
@@ -401,8 +432,9 @@ def split_rule(source: Source, budget: Budget) -> dict:
     return {"rule": "every_kth_document", "k": k}
 
 
-def prepare_identity(source: Source, tokenizer_name: str, tokenizer_sha: str | None, budget: Budget,
-                     bpe_train_chars: int | None) -> dict:
+def prepare_identity(
+    source: Source, tokenizer_name: str, tokenizer_sha: str | None, budget: Budget, bpe_train_chars: int | None
+) -> dict:
     """What makes two prepares the same (the cache key, and what a rerun on a directory compares)."""
     bpe = parse_bpe(tokenizer_name)
     return {
@@ -452,8 +484,13 @@ class PreparedTokens:
 
     def summary(self) -> dict:
         """What a run records of its data (and what its resume compares)."""
-        return {"content_sha256": self.meta["source"]["content_sha256"], "tokenizer_sha256": self.tokenizer_sha256,
-                "split": self.meta["split"], "tokens": self.meta["tokens"], "path": str(self.path)}
+        return {
+            "content_sha256": self.meta["source"]["content_sha256"],
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "split": self.meta["split"],
+            "tokens": self.meta["tokens"],
+            "path": str(self.path),
+        }
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedTokens:
@@ -462,8 +499,10 @@ def load_prepared(path: str | os.PathLike) -> PreparedTokens:
     meta_path = directory / META_FILE
     if not meta_path.exists():
         if (directory / PROGRESS_FILE).exists():
-            raise UserError(f"{directory} is a partial prepared dataset (its prepare did not finish): rerun "
-                            "'samlm prepare' with the same flags to resume it")
+            raise UserError(
+                f"{directory} is a partial prepared dataset (its prepare did not finish): rerun "
+                "'samlm prepare' with the same flags to resume it"
+            )
         raise UserError(f"{directory} is not a prepared dataset: it has no {META_FILE}")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -472,8 +511,10 @@ def load_prepared(path: str | os.PathLike) -> PreparedTokens:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{meta_path} is not a samlm prepared-dataset meta.json")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{meta_path} has format version {meta.get('format_version')!r}, this samlm reads version "
-                        f"{FORMAT_VERSION}: prepare the data again with this samlm ('samlm prepare ... --overwrite')")
+        raise UserError(
+            f"{meta_path} has format version {meta.get('format_version')!r}, this samlm reads version "
+            f"{FORMAT_VERSION}: prepare the data again with this samlm ('samlm prepare ... --overwrite')"
+        )
     try:
         dtype = np.dtype(meta["dtype"])
         counts = {split: int(meta["tokens"][split]) for split in SPLIT_FILES}
@@ -489,12 +530,16 @@ def load_prepared(path: str | os.PathLike) -> PreparedTokens:
             raise UserError(f"{file} is missing (the prepared dataset is incomplete)")
         size = file.stat().st_size
         if size % dtype.itemsize:
-            raise UserError(f"{file} has {size} bytes, not a multiple of {meta['dtype']}'s {dtype.itemsize}: "
-                            "the file is truncated or corrupt")
+            raise UserError(
+                f"{file} has {size} bytes, not a multiple of {meta['dtype']}'s {dtype.itemsize}: "
+                "the file is truncated or corrupt"
+            )
         if size // dtype.itemsize != counts[split]:
-            raise UserError(f"{file} holds {size // dtype.itemsize} tokens but {META_FILE} says {counts[split]}: "
-                            "the file does not belong to this meta.json")
-        arrays[split] = (np.memmap(file, dtype=dtype, mode="r") if size else np.empty(0, dtype))
+            raise UserError(
+                f"{file} holds {size // dtype.itemsize} tokens but {META_FILE} says {counts[split]}: "
+                "the file does not belong to this meta.json"
+            )
+        arrays[split] = np.memmap(file, dtype=dtype, mode="r") if size else np.empty(0, dtype)
     if meta["tokenizer"]["kind"] != "bytes" and not (directory / TOKENIZER_DIR).is_dir():
         raise UserError(f"{directory / TOKENIZER_DIR} is missing: the prepared dataset's tokenizer is not there")
     return PreparedTokens(directory, meta, arrays["train"], arrays["val"])
@@ -552,19 +597,27 @@ class _Writer:
         if rule["rule"] == "tail":  # one stream, cut at the end: its cap covers both splits
             self.stream_cap = None
             if budget.max_tokens is not None:
-                val = budget.val_tokens if budget.val_tokens is not None else \
-                    math.ceil(budget.max_tokens * budget.val_fraction / (1 - budget.val_fraction))
+                val = (
+                    budget.val_tokens
+                    if budget.val_tokens is not None
+                    else math.ceil(budget.max_tokens * budget.val_fraction / (1 - budget.val_fraction))
+                )
                 self.stream_cap = budget.max_tokens + val
         self.val_cap = budget.val_tokens
-        if rule["rule"] == "source_split" and self.val_cap is None and budget.val_documents is None \
-                and budget.max_tokens is not None:
+        if (
+            rule["rule"] == "source_split"
+            and self.val_cap is None
+            and budget.val_documents is None
+            and budget.max_tokens is not None
+        ):
             self.val_cap = math.ceil(budget.max_tokens * budget.val_fraction / (1 - budget.val_fraction))
 
     # -- budgets
     def val_full(self) -> bool:
         b = self.budget
-        return ((self.val_cap is not None and self.streams.tokens["val"] >= self.val_cap)
-                or (b.val_documents is not None and self.val_documents >= b.val_documents))
+        return (self.val_cap is not None and self.streams.tokens["val"] >= self.val_cap) or (
+            b.val_documents is not None and self.val_documents >= b.val_documents
+        )
 
     def val_limited(self) -> bool:
         return self.val_cap is not None or self.budget.val_documents is not None
@@ -596,12 +649,15 @@ class _Writer:
         return None
 
     def add(self, split: str, tokens: np.ndarray) -> None:
-        cap = self.stream_cap if (split == "train" and self.rule["rule"] == "tail") else \
-            (self.budget.max_tokens if split == "train" else self.val_cap)
+        cap = (
+            self.stream_cap
+            if (split == "train" and self.rule["rule"] == "tail")
+            else (self.budget.max_tokens if split == "train" else self.val_cap)
+        )
         if self.streams.tokens[split] and not self.single_document:
             tokens = np.concatenate([self.separator, tokens])
         if cap is not None:
-            tokens = tokens[:max(0, cap - self.streams.tokens[split])]
+            tokens = tokens[: max(0, cap - self.streams.tokens[split])]
         self.streams.append(split, tokens)
         if split == "val":
             self.val_documents += 1
@@ -611,8 +667,10 @@ class _Writer:
 
 def _check_dtype(tokens: np.ndarray, vocab_size: int) -> None:
     if tokens.size and int(tokens.max()) >= vocab_size:
-        raise UserError(f"the tokenizer produced token id {int(tokens.max())}, outside its vocabulary of "
-                        f"{vocab_size}: the tokenizer is inconsistent")
+        raise UserError(
+            f"the tokenizer produced token id {int(tokens.max())}, outside its vocabulary of "
+            f"{vocab_size}: the tokenizer is inconsistent"
+        )
 
 
 def prepare(
@@ -639,29 +697,52 @@ def prepare(
         raise UserError(f"--out {directory} is a file, not a directory")
     source = open_source(spec, max_chars=max_chars)
     if source.single_document and budget.val_documents is not None:
-        raise UserError(f"--val-documents: {source.spec} is one document (its validation split is the last "
-                        f"{budget.val_fraction:g} of its tokens); use --val-tokens")
+        raise UserError(
+            f"--val-documents: {source.spec} is one document (its validation split is the last "
+            f"{budget.val_fraction:g} of its tokens); use --val-tokens"
+        )
     bpe = parse_bpe(tokenizer)
     described = None
     if bpe is None:
         from samlm.data.text import load_tokenizer
 
         described = describe_tokenizer(load_tokenizer(tokenizer, trust_remote_code=trust_remote_code), tokenizer)
-    identity = prepare_identity(source, tokenizer, described.sha256 if described else None, budget,
-                                bpe_train_chars if bpe else None)
-    if directory.is_dir() and not is_prepared_dir(directory) and not overwrite and \
-            any(p.name not in (LOCK_FILE, TOKENIZER_DIR) and not p.name.endswith(".partial") for p in directory.iterdir()):
-        raise UserError(f"--out {directory} is not empty and holds no prepared dataset: choose an empty or new "
-                        "directory (--overwrite prepares there anyway, replacing only train.bin, val.bin, "
-                        "meta.json and tokenizer/)")
+    identity = prepare_identity(
+        source, tokenizer, described.sha256 if described else None, budget, bpe_train_chars if bpe else None
+    )
+    if (
+        directory.is_dir()
+        and not is_prepared_dir(directory)
+        and not overwrite
+        and any(
+            p.name not in (LOCK_FILE, TOKENIZER_DIR) and not p.name.endswith(".partial") for p in directory.iterdir()
+        )
+    ):
+        raise UserError(
+            f"--out {directory} is not empty and holds no prepared dataset: choose an empty or new "
+            "directory (--overwrite prepares there anyway, replacing only train.bin, val.bin, "
+            "meta.json and tokenizer/)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory):
-        return _prepare_locked(source, directory, identity, tokenizer, described, bpe, budget, workers,
-                               bpe_train_chars, overwrite, progress)
+        return _prepare_locked(
+            source,
+            directory,
+            identity,
+            tokenizer,
+            described,
+            bpe,
+            budget,
+            workers,
+            bpe_train_chars,
+            overwrite,
+            progress,
+        )
 
 
-def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe, budget, workers,
-                    bpe_train_chars, overwrite, progress) -> dict:
+def _prepare_locked(
+    source, directory, identity, tokenizer_name, described, bpe, budget, workers, bpe_train_chars, overwrite, progress
+) -> dict:
     meta_path, progress_path = directory / META_FILE, directory / PROGRESS_FILE
     existing = _read_json(meta_path) if meta_path.exists() else None
     if existing is not None:
@@ -670,14 +751,18 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
             progress_path.unlink(missing_ok=True)  # a crash between meta.json and its removal
             return dict(existing, reused=True)
         if not overwrite:
-            raise UserError(f"{directory} holds a prepared dataset of another source, tokenizer, split or budget; "
-                            "choose another --out, or --overwrite to prepare again there")
+            raise UserError(
+                f"{directory} holds a prepared dataset of another source, tokenizer, split or budget; "
+                "choose another --out, or --overwrite to prepare again there"
+            )
     state = _read_json(progress_path) if progress_path.exists() else None
     if state is not None and state.get("identity") != identity and not overwrite:
-        raise UserError(f"{directory} holds a partial prepare of another source, tokenizer, split or budget; "
-                        "rerun that command to finish it, or --overwrite to start again")
+        raise UserError(
+            f"{directory} holds a partial prepare of another source, tokenizer, split or budget; "
+            "rerun that command to finish it, or --overwrite to start again"
+        )
     if overwrite or state is None or state.get("identity") != identity:
-        _clear(directory)   # start over (a resume keeps the partial files and the trained tokenizer)
+        _clear(directory)  # start over (a resume keeps the partial files and the trained tokenizer)
         state = None
     for leftover in directory.glob(f".tmp-{TOKENIZER_DIR}-*"):  # a tokenizer save that was cut short
         shutil.rmtree(leftover, ignore_errors=True)
@@ -715,7 +800,7 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
     started, chars_this_call = time.perf_counter(), 0
     streams.open()
     try:
-        pending: list[_Chunk] = []   # tokenizing in the pool, written in order (workers run ahead)
+        pending: list[_Chunk] = []  # tokenizing in the pool, written in order (workers run ahead)
 
         def finish(job: _Chunk) -> None:
             nonlocal chars_this_call
@@ -735,7 +820,7 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
             for document in source.documents(phase):
                 content.update(document.encode("utf-8"))
                 content.update(b"\0")
-                if index < done_documents[phase]:   # done before an interruption: only hashed again
+                if index < done_documents[phase]:  # done before an interruption: only hashed again
                     index += 1
                     continue
                 if writer.done(phase):
@@ -748,14 +833,16 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
                     chunk, chunk_chars = [], 0
             if chunk:
                 submit(chunk, phase, index, chunk_chars)
-            while pending:   # a phase ends with its chunks written: the next phase's budget sees them
+            while pending:  # a phase ends with its chunks written: the next phase's budget sees them
                 finish(pending.pop(0))
         streams.sync()
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on the device while preparing {directory} "
-                            f"({sum(streams.tokens.values()):,} tokens written): free space and rerun the same "
-                            "command to resume from the last complete chunk") from None
+            raise UserError(
+                f"no space left on the device while preparing {directory} "
+                f"({sum(streams.tokens.values()):,} tokens written): free space and rerun the same "
+                "command to resume from the last complete chunk"
+            ) from None
         raise
     finally:
         streams.close()
@@ -770,9 +857,11 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
     for split, name in (("train", "training"), ("val", "validation")):
         if streams.tokens[split] == 0:
             documents = counts["train_documents"] + counts["val_documents"]
-            raise UserError(f"corpus too small: {source.spec} gave no {name} tokens ({documents} documents, split "
-                            f"rule {rule['rule']}{', every %dth document is validation' % rule['k'] if 'k' in rule else ''}); "
-                            "use a larger corpus")
+            raise UserError(
+                f"corpus too small: {source.spec} gave no {name} tokens ({documents} documents, split "
+                f"rule {rule['rule']}{', every %dth document is validation' % rule['k'] if 'k' in rule else ''}); "
+                "use a larger corpus"
+            )
     for split in SPLIT_FILES:
         os.replace(streams.partial(split), directory / SPLIT_FILES[split])
     from samlm import __version__
@@ -781,12 +870,22 @@ def _prepare_locked(source, directory, identity, tokenizer_name, described, bpe,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "identity": identity,
-        "tokenizer": {"name": tokenizer_name, "kind": "bytes" if described.is_bytes else "huggingface",
-                      "sha256": described.sha256, "vocab_size": described.vocab_size, "max_id": counts["max_id"]},
+        "tokenizer": {
+            "name": tokenizer_name,
+            "kind": "bytes" if described.is_bytes else "huggingface",
+            "sha256": described.sha256,
+            "vocab_size": described.vocab_size,
+            "max_id": counts["max_id"],
+        },
         "dtype": dtype.name,
-        "source": {"spec": str(source.spec), "kind": source.kind, "identity": source.identity,
-                   "documents": counts["train_documents"] + counts["val_documents"],
-                   "characters": counts["chars"], "content_sha256": content.hexdigest()},
+        "source": {
+            "spec": str(source.spec),
+            "kind": source.kind,
+            "identity": source.identity,
+            "documents": counts["train_documents"] + counts["val_documents"],
+            "characters": counts["chars"],
+            "content_sha256": content.hexdigest(),
+        },
         "tokens": dict(streams.tokens),
         "documents": {"train": counts["train_documents"], "val": counts["val_documents"]},
         "split": rule,
@@ -870,7 +969,7 @@ def _write_chunk(job: _Chunk, writer: _Writer, described: PrepTokenizer, counts)
 
 def _split_evenly(items: list, parts: int) -> list[list]:
     size = max(1, math.ceil(len(items) / parts))
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _split_tail(streams: _Streams, budget: Budget) -> None:
@@ -894,8 +993,10 @@ def _split_tail(streams: _Streams, budget: Budget) -> None:
 
 def _checkpoint(path: Path, identity, streams: _Streams, documents, counts) -> None:
     streams.sync()  # the tokens first, then the record that counts them
-    io.atomic_write_json(path, {"identity": identity, "tokens": dict(streams.tokens), "documents": dict(documents),
-                                "counts": dict(counts)})
+    io.atomic_write_json(
+        path,
+        {"identity": identity, "tokens": dict(streams.tokens), "documents": dict(documents), "counts": dict(counts)},
+    )
 
 
 def _pool(described: PrepTokenizer, workers: int):
@@ -903,15 +1004,25 @@ def _pool(described: PrepTokenizer, workers: int):
         return None
     import multiprocessing
 
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                               initargs=(described.definition,))
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(described.definition,),
+    )
 
 
 def _bar(enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(desc="prepare", unit="B", unit_scale=True, unit_divisor=1000, dynamic_ncols=True,
-                disable=not progress_enabled(enabled))
+    return tqdm(
+        desc="prepare",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        dynamic_ncols=True,
+        disable=not progress_enabled(enabled),
+    )
 
 
 def _advance(bar, chars: int, streams: _Streams, started: float, chars_this_call: int) -> None:
@@ -924,8 +1035,9 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({first_line(exc)}); --overwrite prepares the directory again") \
-            from None
+        raise UserError(
+            f"{path} is not valid JSON ({first_line(exc)}); --overwrite prepares the directory again"
+        ) from None
     if not isinstance(value, dict):
         raise UserError(f"{path} is not a samlm prepare record; --overwrite prepares the directory again")
     return value
@@ -997,9 +1109,18 @@ def ensure_prepared(
                 return prepared
         except UserError:
             pass  # a damaged cache entry is prepared again below
-    prepare(spec, directory, tokenizer=tokenizer, budget=budget, workers=workers, max_chars=max_chars,
-            bpe_train_chars=DEFAULT_BPE_TRAIN_CHARS, trust_remote_code=trust_remote_code, progress=progress,
-            overwrite=(directory / META_FILE).exists() and not _complete(directory, identity))
+    prepare(
+        spec,
+        directory,
+        tokenizer=tokenizer,
+        budget=budget,
+        workers=workers,
+        max_chars=max_chars,
+        bpe_train_chars=DEFAULT_BPE_TRAIN_CHARS,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+        overwrite=(directory / META_FILE).exists() and not _complete(directory, identity),
+    )
     return load_prepared(directory)
 
 

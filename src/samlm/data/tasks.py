@@ -81,8 +81,7 @@ class Task:
     hub_path: str | None
     hub_config: str | None
     format_inputs: Callable[[Mapping[str, Any]], str] = field(repr=False, compare=False)
-    encoder_pair: Callable[[Mapping[str, Any]], tuple[str, str | None]] = field(
-        repr=False, compare=False)
+    encoder_pair: Callable[[Mapping[str, Any]], tuple[str, str | None]] = field(repr=False, compare=False)
 
     @property
     def benchmark(self) -> str:
@@ -157,17 +156,17 @@ def _record_passage(passage: str) -> str:
 
 
 def _record_inputs(fields: Mapping[str, Any]) -> str:
-    return (f"record query: {fields['query']} entities: {', '.join(fields['entities'])} "
-            f"passage: {_record_passage(fields['passage'])}")
+    return (
+        f"record query: {fields['query']} entities: {', '.join(fields['entities'])} "
+        f"passage: {_record_passage(fields['passage'])}"
+    )
 
 
 def pad_punctuation(text: str) -> str:
     """mT5's TyDiQA preprocessing: spaces around every character that is not a letter,
     number, mark, underscore or space; whitespace collapsed."""
     padded = "".join(
-        f" {ch} " if not (ch == "_" or ch.isspace() or unicodedata.category(ch)[0] in "LNM")
-        else ch
-        for ch in text
+        f" {ch} " if not (ch == "_" or ch.isspace() or unicodedata.category(ch)[0] in "LNM") else ch for ch in text
     )
     return re.sub(r"\s+", " ", padded)
 
@@ -201,8 +200,10 @@ def _pair(a: str, b: str | None = None) -> Callable[[Mapping[str, Any]], tuple[s
 
 def _copa_pair(fields: Mapping[str, Any]) -> tuple[str, str | None]:
     # A simple pair view; a multiple-choice head would score each choice separately.
-    return (f"{fields['premise']} What was the {fields['question']}?",
-            f"choice1: {fields['choice1']} choice2: {fields['choice2']}")
+    return (
+        f"{fields['premise']} What was the {fields['question']}?",
+        f"choice1: {fields['choice1']} choice2: {fields['choice2']}",
+    )
 
 
 def _multirc_pair(fields: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -221,82 +222,247 @@ _ENTAILMENT = ("entailment", "not_entailment")
 _FALSE_TRUE = ("False", "True")
 
 
-def _classification(name, labels, metrics, fields, keys, pair, hub_config, *,
-                    splits=_STANDARD_SPLITS, eval_splits=("validation",)) -> Task:
+def _classification(
+    name, labels, metrics, fields, keys, pair, hub_config, *, splits=_STANDARD_SPLITS, eval_splits=("validation",)
+) -> Task:
     benchmark, short = name.split("/")
     hub_path = "nyu-mll/glue" if benchmark == "glue" else "aps/super_glue"
-    return Task(name, CLASSIFICATION, labels, metrics, splits, eval_splits, fields, hub_path,
-                hub_config, _t5_glue_inputs(short, keys), pair)
+    return Task(
+        name,
+        CLASSIFICATION,
+        labels,
+        metrics,
+        splits,
+        eval_splits,
+        fields,
+        hub_path,
+        hub_config,
+        _t5_glue_inputs(short, keys),
+        pair,
+    )
 
 
 def _build_registry() -> dict[str, Task]:
     acc = ("accuracy",)
     tasks = [
         # ---- GLUE (label order = HF glue label ids = TFDS label_classes) ----
-        _classification("glue/cola", ("unacceptable", "acceptable"), ("mcc",), ("sentence",),
-                        ("sentence",), _pair("sentence"), "cola"),
-        _classification("glue/sst2", ("negative", "positive"), acc, ("sentence",),
-                        ("sentence",), _pair("sentence"), "sst2"),
-        _classification("glue/mrpc", ("not_equivalent", "equivalent"), ("f1", "accuracy"),
-                        ("sentence1", "sentence2"), ("sentence1", "sentence2"),
-                        _pair("sentence1", "sentence2"), "mrpc"),
-        Task("glue/stsb", REGRESSION, (), ("pearson", "spearman"), _STANDARD_SPLITS,
-             ("validation",), ("sentence1", "sentence2"), "nyu-mll/glue", "stsb",
-             _t5_glue_inputs("stsb", ("sentence1", "sentence2")), _pair("sentence1", "sentence2")),
-        _classification("glue/qqp", ("not_duplicate", "duplicate"), ("f1", "accuracy"),
-                        ("question1", "question2"), ("question1", "question2"),
-                        _pair("question1", "question2"), "qqp"),
-        _classification("glue/mnli", ("entailment", "neutral", "contradiction"), acc,
-                        ("premise", "hypothesis"), ("hypothesis", "premise"),
-                        _pair("premise", "hypothesis"), "mnli",
-                        splits=("train", "validation_matched", "validation_mismatched",
-                                "test_matched", "test_mismatched"),
-                        eval_splits=("validation_matched", "validation_mismatched")),
-        _classification("glue/qnli", _ENTAILMENT, acc, ("question", "sentence"),
-                        ("question", "sentence"), _pair("question", "sentence"), "qnli"),
-        _classification("glue/rte", _ENTAILMENT, acc, ("sentence1", "sentence2"),
-                        ("sentence1", "sentence2"), _pair("sentence1", "sentence2"), "rte"),
-        _classification("glue/wnli", ("not_entailment", "entailment"), acc,
-                        ("sentence1", "sentence2"), ("sentence1", "sentence2"),
-                        _pair("sentence1", "sentence2"), "wnli"),
+        _classification(
+            "glue/cola",
+            ("unacceptable", "acceptable"),
+            ("mcc",),
+            ("sentence",),
+            ("sentence",),
+            _pair("sentence"),
+            "cola",
+        ),
+        _classification(
+            "glue/sst2", ("negative", "positive"), acc, ("sentence",), ("sentence",), _pair("sentence"), "sst2"
+        ),
+        _classification(
+            "glue/mrpc",
+            ("not_equivalent", "equivalent"),
+            ("f1", "accuracy"),
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            _pair("sentence1", "sentence2"),
+            "mrpc",
+        ),
+        Task(
+            "glue/stsb",
+            REGRESSION,
+            (),
+            ("pearson", "spearman"),
+            _STANDARD_SPLITS,
+            ("validation",),
+            ("sentence1", "sentence2"),
+            "nyu-mll/glue",
+            "stsb",
+            _t5_glue_inputs("stsb", ("sentence1", "sentence2")),
+            _pair("sentence1", "sentence2"),
+        ),
+        _classification(
+            "glue/qqp",
+            ("not_duplicate", "duplicate"),
+            ("f1", "accuracy"),
+            ("question1", "question2"),
+            ("question1", "question2"),
+            _pair("question1", "question2"),
+            "qqp",
+        ),
+        _classification(
+            "glue/mnli",
+            ("entailment", "neutral", "contradiction"),
+            acc,
+            ("premise", "hypothesis"),
+            ("hypothesis", "premise"),
+            _pair("premise", "hypothesis"),
+            "mnli",
+            splits=("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched"),
+            eval_splits=("validation_matched", "validation_mismatched"),
+        ),
+        _classification(
+            "glue/qnli",
+            _ENTAILMENT,
+            acc,
+            ("question", "sentence"),
+            ("question", "sentence"),
+            _pair("question", "sentence"),
+            "qnli",
+        ),
+        _classification(
+            "glue/rte",
+            _ENTAILMENT,
+            acc,
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            _pair("sentence1", "sentence2"),
+            "rte",
+        ),
+        _classification(
+            "glue/wnli",
+            ("not_entailment", "entailment"),
+            acc,
+            ("sentence1", "sentence2"),
+            ("sentence1", "sentence2"),
+            _pair("sentence1", "sentence2"),
+            "wnli",
+        ),
         # ---- SuperGLUE (label order = HF super_glue label ids) ----
-        _classification("superglue/boolq", _FALSE_TRUE, acc, ("question", "passage"),
-                        ("passage", "question"), _pair("question", "passage"), "boolq"),
-        _classification("superglue/cb", ("entailment", "contradiction", "neutral"),
-                        ("macro_f1", "accuracy"), ("premise", "hypothesis"),
-                        ("hypothesis", "premise"), _pair("premise", "hypothesis"), "cb"),
-        _classification("superglue/copa", ("choice1", "choice2"), acc,
-                        ("premise", "choice1", "choice2", "question"),
-                        ("choice1", "choice2", "premise", "question"), _copa_pair, "copa"),
+        _classification(
+            "superglue/boolq",
+            _FALSE_TRUE,
+            acc,
+            ("question", "passage"),
+            ("passage", "question"),
+            _pair("question", "passage"),
+            "boolq",
+        ),
+        _classification(
+            "superglue/cb",
+            ("entailment", "contradiction", "neutral"),
+            ("macro_f1", "accuracy"),
+            ("premise", "hypothesis"),
+            ("hypothesis", "premise"),
+            _pair("premise", "hypothesis"),
+            "cb",
+        ),
+        _classification(
+            "superglue/copa",
+            ("choice1", "choice2"),
+            acc,
+            ("premise", "choice1", "choice2", "question"),
+            ("choice1", "choice2", "premise", "question"),
+            _copa_pair,
+            "copa",
+        ),
         replace(
-            _classification("superglue/multirc", _FALSE_TRUE, ("f1a", "em"),
-                            ("paragraph", "question", "answer"), (), _multirc_pair, "multirc"),
-            format_inputs=_multirc_inputs),
-        Task("superglue/record", GENERATION, (), ("f1", "em"), _STANDARD_SPLITS, ("validation",),
-             ("passage", "query", "entities"), "aps/super_glue", "record", _record_inputs,
-             lambda f: (f["query"], _record_passage(f["passage"]))),
-        _classification("superglue/rte", _ENTAILMENT, acc, ("premise", "hypothesis"),
-                        ("hypothesis", "premise"), _pair("premise", "hypothesis"), "rte"),
-        _classification("superglue/wic", _FALSE_TRUE, acc, ("word", "sentence1", "sentence2"),
-                        ("sentence1", "sentence2", "word"), _wic_pair, "wic"),
+            _classification(
+                "superglue/multirc",
+                _FALSE_TRUE,
+                ("f1a", "em"),
+                ("paragraph", "question", "answer"),
+                (),
+                _multirc_pair,
+                "multirc",
+            ),
+            format_inputs=_multirc_inputs,
+        ),
+        Task(
+            "superglue/record",
+            GENERATION,
+            (),
+            ("f1", "em"),
+            _STANDARD_SPLITS,
+            ("validation",),
+            ("passage", "query", "entities"),
+            "aps/super_glue",
+            "record",
+            _record_inputs,
+            lambda f: (f["query"], _record_passage(f["passage"])),
+        ),
+        _classification(
+            "superglue/rte",
+            _ENTAILMENT,
+            acc,
+            ("premise", "hypothesis"),
+            ("hypothesis", "premise"),
+            _pair("premise", "hypothesis"),
+            "rte",
+        ),
+        _classification(
+            "superglue/wic",
+            _FALSE_TRUE,
+            acc,
+            ("word", "sentence1", "sentence2"),
+            ("sentence1", "sentence2", "word"),
+            _wic_pair,
+            "wic",
+        ),
         replace(
-            _classification("superglue/wsc", _FALSE_TRUE, acc,
-                            ("text", "span1_text", "span1_index", "span2_text", "span2_index"),
-                            (), lambda f: (mark_wsc_spans(f), None), "wsc.fixed"),
-            format_inputs=_wsc_inputs),
+            _classification(
+                "superglue/wsc",
+                _FALSE_TRUE,
+                acc,
+                ("text", "span1_text", "span1_index", "span2_text", "span2_index"),
+                (),
+                lambda f: (mark_wsc_spans(f), None),
+                "wsc.fixed",
+            ),
+            format_inputs=_wsc_inputs,
+        ),
         # ---- closed-book QA (T5 CBQA prefixes) and TyDiQA-GoldP (mT5) ----
-        Task("cbqa/nq", GENERATION, (), ("f1", "em"), ("train", "validation"), ("validation",),
-             ("question",), "google-research-datasets/nq_open", "nq_open",
-             _question_inputs("nq question:"), _pair("question")),
-        Task("cbqa/webquestions", GENERATION, (), ("f1", "em"), ("train", "test"), ("test",),
-             ("question",), "Stanford/web_questions", None,
-             _question_inputs("wq question:"), _pair("question")),
-        Task("cbqa/triviaqa", GENERATION, (), ("f1", "em"), _STANDARD_SPLITS, ("validation",),
-             ("question",), "mandarjoshi/trivia_qa", "rc.nocontext",
-             _question_inputs("trivia_qa question:"), _pair("question")),
-        Task("tydiqa/goldp", GENERATION, (), ("f1", "em"), ("train", "validation"),
-             ("validation",), ("question", "context"), "google-research-datasets/tydiqa",
-             "secondary_task", _tydiqa_inputs, _pair("question", "context")),
+        Task(
+            "cbqa/nq",
+            GENERATION,
+            (),
+            ("f1", "em"),
+            ("train", "validation"),
+            ("validation",),
+            ("question",),
+            "google-research-datasets/nq_open",
+            "nq_open",
+            _question_inputs("nq question:"),
+            _pair("question"),
+        ),
+        Task(
+            "cbqa/webquestions",
+            GENERATION,
+            (),
+            ("f1", "em"),
+            ("train", "test"),
+            ("test",),
+            ("question",),
+            "Stanford/web_questions",
+            None,
+            _question_inputs("wq question:"),
+            _pair("question"),
+        ),
+        Task(
+            "cbqa/triviaqa",
+            GENERATION,
+            (),
+            ("f1", "em"),
+            _STANDARD_SPLITS,
+            ("validation",),
+            ("question",),
+            "mandarjoshi/trivia_qa",
+            "rc.nocontext",
+            _question_inputs("trivia_qa question:"),
+            _pair("question"),
+        ),
+        Task(
+            "tydiqa/goldp",
+            GENERATION,
+            (),
+            ("f1", "em"),
+            ("train", "validation"),
+            ("validation",),
+            ("question", "context"),
+            "google-research-datasets/tydiqa",
+            "secondary_task",
+            _tydiqa_inputs,
+            _pair("question", "context"),
+        ),
     ]
     return {task.name: task for task in tasks}
 
@@ -333,15 +499,24 @@ def generic_task(kind: str, labels: Sequence[str] | None = None, name: str = "ge
     Metrics: accuracy + macro-F1 (classification), Pearson + Spearman (regression),
     SQuAD F1 + EM (generation).
     """
-    metrics = {CLASSIFICATION: ("accuracy", "macro_f1"), REGRESSION: ("pearson", "spearman"),
-               GENERATION: ("f1", "em")}
+    metrics = {CLASSIFICATION: ("accuracy", "macro_f1"), REGRESSION: ("pearson", "spearman"), GENERATION: ("f1", "em")}
     if kind not in metrics:
         raise UserError(f"unknown kind {kind!r}; use {', '.join(metrics)}")
     if kind == CLASSIFICATION and not labels:
         raise UserError("a generic classification task needs its label words")
-    return Task(name, kind, tuple(labels or ()), metrics[kind], _STANDARD_SPLITS,
-                ("validation",), ("input",), None, None, lambda f: str(f.get("input", "")),
-                lambda f: (str(f.get("input", "")), None))
+    return Task(
+        name,
+        kind,
+        tuple(labels or ()),
+        metrics[kind],
+        _STANDARD_SPLITS,
+        ("validation",),
+        ("input",),
+        None,
+        None,
+        lambda f: str(f.get("input", "")),
+        lambda f: (str(f.get("input", "")), None),
+    )
 
 
 def demo_data_dir() -> Path:
@@ -355,8 +530,7 @@ def demo_data_dir() -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def load_task(name: str | Task, data_dir: str | Path | None = None,
-              split: str = "train") -> list[Example]:
+def load_task(name: str | Task, data_dir: str | Path | None = None, split: str = "train") -> list[Example]:
     """The examples of one split of a task.
 
     With ``data_dir``, reads the official local files (see ``docs/data.md``); without it,
@@ -383,9 +557,7 @@ def _check_split(task: Task, split: str) -> None:
         return
     close = difflib.get_close_matches(split, task.splits, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise UserError(
-        f"{task.name} has no split {split!r} (splits: {', '.join(task.splits)}){hint}"
-    )
+    raise UserError(f"{task.name} has no split {split!r} (splits: {', '.join(task.splits)}){hint}")
 
 
 def _label_parser(task: Task) -> formats.LabelParser:
@@ -453,8 +625,9 @@ def one_example_per_answer(examples: Sequence[Example]) -> list[Example]:
             expanded.append(example)
             continue
         for i, answer in enumerate(example.answers):
-            expanded.append(replace(example, uid=f"{example.uid}#{i}", target=answer,
-                                    group=example.group or example.uid))
+            expanded.append(
+                replace(example, uid=f"{example.uid}#{i}", target=answer, group=example.group or example.uid)
+            )
     return expanded
 
 
@@ -488,40 +661,40 @@ def _read_hub_rows(task: Task, split: str) -> list[Row]:
     missing = [c for c in required if c not in dataset.column_names]
     if missing:
         raise UserError(
-            f"hub dataset {where} {split} lacks column {missing[0]!r} "
-            f"(has: {', '.join(dataset.column_names)})"
+            f"hub dataset {where} {split} lacks column {missing[0]!r} (has: {', '.join(dataset.column_names)})"
         )
-    return [_hub_row(task, record, n, f"{where} {split} row {n}")
-            for n, record in enumerate(dataset)]
+    return [_hub_row(task, record, n, f"{where} {split} row {n}") for n, record in enumerate(dataset)]
 
 
 def _hub_row(task: Task, record: Mapping[str, Any], n: int, where: str) -> Row:
     """A hub record as a Row. Hub labels are class ids, with -1 for unlabelled test rows."""
     name = task.name
     if name == "cbqa/nq":
-        return Row(str(n), {"question": record["question"]}, answers=tuple(record["answer"]),
-                   where=where)
+        return Row(str(n), {"question": record["question"]}, answers=tuple(record["answer"]), where=where)
     if name == "cbqa/webquestions":
-        return Row(str(n), {"question": record["question"], "url": record.get("url", "")},
-                   answers=tuple(record["answers"]), where=where)
+        return Row(
+            str(n),
+            {"question": record["question"], "url": record.get("url", "")},
+            answers=tuple(record["answers"]),
+            where=where,
+        )
     if name == "cbqa/triviaqa":
         answer = record["answer"] or {}
         values = [answer.get("value") or "", *(answer.get("aliases") or [])]
         # Unanswered (test) rows hold the placeholder value "<unk>".
         answers = tuple(dict.fromkeys(v for v in values if v and v != "<unk>"))
-        return Row(str(record.get("question_id", n)), {"question": record["question"]},
-                   answers=answers, where=where)
+        return Row(str(record.get("question_id", n)), {"question": record["question"]}, answers=answers, where=where)
     if name == "tydiqa/goldp":
-        return formats.tydiqa_row(record["id"], record["question"], record["context"],
-                                  list(record["answers"]["text"]), where)
+        return formats.tydiqa_row(
+            record["id"], record["question"], record["context"], list(record["answers"]["text"]), where
+        )
 
     fields = {key: record[key] for key in task.fields}
     idx = record.get("idx", n)
     if name == "superglue/record":
         uid = f"{idx['passage']}-{idx['query']}"
         fields["entities"] = sorted(set(fields["entities"]))
-        return Row(uid, fields, answers=tuple(sorted(set(record["answers"]))), group=uid,
-                   where=where)
+        return Row(uid, fields, answers=tuple(sorted(set(record["answers"]))), group=uid, where=where)
     label = _hub_label(task, record.get("label"), where)
     if name == "superglue/multirc":
         group = f"{idx['paragraph']}-{idx['question']}"
@@ -616,8 +789,9 @@ class MixtureSampler:
     at draw ``start`` by replaying the draws before it (cheap: no example is copied).
     """
 
-    def __init__(self, examples_by_task: Mapping[str, Sequence[Example]],
-                 limit: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, examples_by_task: Mapping[str, Sequence[Example]], limit: int | None = None, seed: int = 0
+    ) -> None:
         if not examples_by_task:
             raise UserError("a task mixture needs at least one task")
         empty = [name for name, examples in examples_by_task.items() if not examples]

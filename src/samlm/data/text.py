@@ -50,8 +50,17 @@ DEFAULT_STREAMING_MAX_CHARS = 50_000_000
 _PATH_SUFFIXES = {".txt", ".text", ".md", ".raw", ".jsonl", ".json", ".csv", ".tsv", ".gz"}
 JSONL_TEXT_FIELD = "text"
 # Files that make a directory a tokenizer directory (one of them is enough).
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
-                    "special_tokens_map.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -122,14 +131,17 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def utf8_error(path: Path | str, data: bytes, exc: UnicodeDecodeError, *, offset: int = 0,
-               lines_before: int = 0) -> UserError:
+def utf8_error(
+    path: Path | str, data: bytes, exc: UnicodeDecodeError, *, offset: int = 0, lines_before: int = 0
+) -> UserError:
     """The one-line error for invalid UTF-8 in ``data``, a piece of ``path`` that starts at byte
     ``offset`` after ``lines_before`` newlines: the file's byte offset, line, column and bad byte."""
     line = lines_before + data.count(b"\n", 0, exc.start) + 1
     column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-    return UserError(f"{path} is not valid UTF-8: byte {offset + exc.start} (line {line}, column {column}) "
-                     f"is {data[exc.start:exc.start + 1]!r}")
+    return UserError(
+        f"{path} is not valid UTF-8: byte {offset + exc.start} (line {line}, column {column}) "
+        f"is {data[exc.start : exc.start + 1]!r}"
+    )
 
 
 def read_utf8(path: Path) -> str:
@@ -167,14 +179,18 @@ def read_jsonl_documents(path: Path) -> Iterator[str]:
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object with a '{JSONL_TEXT_FIELD}' field, "
-                                f"found {type(record).__name__}")
+                raise UserError(
+                    f"{path}:{number}: expected a JSON object with a '{JSONL_TEXT_FIELD}' field, "
+                    f"found {type(record).__name__}"
+                )
             if JSONL_TEXT_FIELD not in record:
                 fields = ", ".join(map(str, list(record)[:8])) or "none"
                 raise UserError(f"{path}:{number}: no '{JSONL_TEXT_FIELD}' field (fields: {fields})")
             text = record[JSONL_TEXT_FIELD]
             if not isinstance(text, str):
-                raise UserError(f"{path}:{number}: '{JSONL_TEXT_FIELD}' should be a string, found {type(text).__name__}")
+                raise UserError(
+                    f"{path}:{number}: '{JSONL_TEXT_FIELD}' should be a string, found {type(text).__name__}"
+                )
             if text:
                 yield text
 
@@ -220,8 +236,10 @@ def hub_documents(spec: str, name: str, config: str | None, split: str, *, strea
     try:
         dataset = datasets.load_dataset(name, config, split=split, streaming=streaming)
     except Exception as exc:  # network, unknown name, bad config: one clear line
-        raise UserError(f"corpus '{spec}' is not a local file or directory, and loading its split '{split}' as a "
-                        f"Hugging Face dataset failed: {first_line(exc)}") from None
+        raise UserError(
+            f"corpus '{spec}' is not a local file or directory, and loading its split '{split}' as a "
+            f"Hugging Face dataset failed: {first_line(exc)}"
+        ) from None
     column = _text_column(dataset, spec)
     try:
         for example in dataset:
@@ -231,8 +249,10 @@ def hub_documents(spec: str, name: str, config: str | None, split: str, *, strea
     except UserError:
         raise
     except Exception as exc:  # a stream lost in the middle: prepare resumes from its last chunk
-        raise UserError(f"corpus '{spec}': the stream of split '{split}' failed part way: {first_line(exc)}; "
-                        "rerun the same command to resume from the last complete chunk") from None
+        raise UserError(
+            f"corpus '{spec}': the stream of split '{split}' failed part way: {first_line(exc)}; "
+            "rerun the same command to resume from the last complete chunk"
+        ) from None
 
 
 def _text_column(dataset, spec: str) -> str:
@@ -295,8 +315,10 @@ def load_tokenizer(name_or_path: str | os.PathLike = "bytes", *, trust_remote_co
         raise UserError(f"tokenizer directory {spec} not found")
     if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
         # transformers would build an empty tokenizer from a bare config.json (every text -> 0 tokens)
-        raise UserError(f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:4])}, ...); "
-                        "pass --tokenizer bytes or a directory/hub id with a tokenizer")
+        raise UserError(
+            f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:4])}, ...); "
+            "pass --tokenizer bytes or a directory/hub id with a tokenizer"
+        )
     from transformers import AutoTokenizer
 
     try:
@@ -328,8 +350,10 @@ def encode_text(tokenizer, text: str, chunk_chars: int = 1 << 16) -> torch.Tenso
     tokens = torch.cat([torch.tensor(ids, dtype=torch.long) for ids in encoded])
     if tokens.numel() == 0 and text.strip():
         name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
-        raise UserError(f"tokenizer '{name}' turned {len(text)} characters into no tokens (an empty vocabulary?); "
-                        "use another --tokenizer")
+        raise UserError(
+            f"tokenizer '{name}' turned {len(text)} characters into no tokens (an empty vocabulary?); "
+            "use another --tokenizer"
+        )
     return tokens
 
 
@@ -401,8 +425,13 @@ class LMDataset:
             raise UserError(f"token id {int(tokens.max())} is outside the vocabulary of size {vocab_size}")
         n_val = int(round(tokens.size * val_fraction))
         n_train = tokens.size - n_val
-        self._setup(tokens[:n_train], tokens[n_train:], context=context, vocab_size=vocab_size,
-                    what=f"{tokens.size} tokens in all, val_fraction={val_fraction}")
+        self._setup(
+            tokens[:n_train],
+            tokens[n_train:],
+            context=context,
+            vocab_size=vocab_size,
+            what=f"{tokens.size} tokens in all, val_fraction={val_fraction}",
+        )
         self.val_fraction = val_fraction
 
     def _setup(self, train, val, *, context: int, vocab_size: int, what: str) -> None:
@@ -424,8 +453,13 @@ class LMDataset:
     def from_splits(cls, train, val, *, context: int, vocab_size: int, what: str = "") -> "LMDataset":
         """A dataset of given training and validation streams (numpy arrays or memory maps, used as they are)."""
         dataset = cls.__new__(cls)
-        dataset._setup(_token_array(train, vocab_size), _token_array(val, vocab_size), context=context,
-                       vocab_size=vocab_size, what=what or f"{len(train)} training and {len(val)} validation tokens")
+        dataset._setup(
+            _token_array(train, vocab_size),
+            _token_array(val, vocab_size),
+            context=context,
+            vocab_size=vocab_size,
+            what=what or f"{len(train)} training and {len(val)} validation tokens",
+        )
         return dataset
 
     @classmethod
@@ -434,8 +468,13 @@ class LMDataset:
         from samlm.data.prepared import load_prepared
 
         prepared = load_prepared(path)
-        return cls.from_splits(prepared.train, prepared.val, context=context, vocab_size=prepared.vocab_size,
-                               what=f"prepared dataset {prepared.path}")
+        return cls.from_splits(
+            prepared.train,
+            prepared.val,
+            context=context,
+            vocab_size=prepared.vocab_size,
+            what=f"prepared dataset {prepared.path}",
+        )
 
     @classmethod
     def from_text(cls, text: str, tokenizer, *, context: int, val_fraction: float = 0.1) -> "LMDataset":
@@ -444,7 +483,12 @@ class LMDataset:
 
     @classmethod
     def from_corpus(
-        cls, spec: str | os.PathLike = DEFAULT_CORPUS, tokenizer=None, *, context: int, val_fraction: float = 0.1,
+        cls,
+        spec: str | os.PathLike = DEFAULT_CORPUS,
+        tokenizer=None,
+        *,
+        context: int,
+        val_fraction: float = 0.1,
         max_chars: int | None = None,
     ) -> "LMDataset":
         """Load a corpus (see :func:`load_corpus`) and tokenize it in memory (byte tokenizer by default)."""
@@ -465,7 +509,7 @@ class LMDataset:
             n_windows = min(n_windows, max_batches * batch_size)
         starts = np.arange(n_windows, dtype=np.int64) * self.context
         size = min(batch_size, max(n_windows, 1))
-        return [_windows(self.val_tokens, starts[i:i + size], self.context) for i in range(0, n_windows, size)]
+        return [_windows(self.val_tokens, starts[i : i + size], self.context) for i in range(0, n_windows, size)]
 
     @property
     def train_windows(self) -> int:
@@ -525,7 +569,7 @@ class LMBatchIterator:
             self.epoch += 1
             self.index = 0
         self._plan(self.epoch)
-        order = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        order = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
         chosen = self._offset + order.numpy().astype(np.int64) * self.context
         self.index += 1
         return _windows(self.tokens, chosen, self.context)
@@ -542,7 +586,11 @@ class LMBatchIterator:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a saved position; the data and batch shape must be the same."""
-        for key, mine in (("batch_size", self.batch_size), ("context", self.context), ("num_tokens", int(len(self.tokens)))):
+        for key, mine in (
+            ("batch_size", self.batch_size),
+            ("context", self.context),
+            ("num_tokens", int(len(self.tokens))),
+        ):
             if int(state[key]) != mine:
                 raise UserError(
                     f"cannot resume the data iterator: saved {key}={state[key]}, now {mine} "

@@ -14,7 +14,13 @@ from samlm.diagnostics.sharpness import (
 )
 
 __all__ = [
-    "functional_hessian_top_eigenvalue", "gauss_newton_vector_product", "hessian_vector_product",
-    "measure_sharpness", "preconditioned_vector_product", "preconditioner_tensors", "sam_path_norms",
-    "sam_path_split", "top_eigenvalue",
+    "functional_hessian_top_eigenvalue",
+    "gauss_newton_vector_product",
+    "hessian_vector_product",
+    "measure_sharpness",
+    "preconditioned_vector_product",
+    "preconditioner_tensors",
+    "sam_path_norms",
+    "sam_path_split",
+    "top_eigenvalue",
 ]

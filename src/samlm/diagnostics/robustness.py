@@ -112,8 +112,9 @@ def check_sigmas(sigmas: Iterable[float]) -> tuple[float, ...]:
     return values
 
 
-def weight_noise(model: nn.Module, evaluate: Evaluate, *, sigmas: Iterable[float] = DEFAULT_SIGMAS,
-                 draws: int = 3, seed: int = 0) -> dict:
+def weight_noise(
+    model: nn.Module, evaluate: Evaluate, *, sigmas: Iterable[float] = DEFAULT_SIGMAS, draws: int = 3, seed: int = 0
+) -> dict:
     """Δloss under W_t + σ·rms(W_t)·z per parameter tensor (module docstring), for each σ:
     ``{"base_loss", "sigmas", "draws", "seed", "delta_mean", "delta_std", "losses"}`` (``losses[i][k]``:
     σ_i, draw k). The model is restored bitwise."""
@@ -135,9 +136,16 @@ def weight_noise(model: nn.Module, evaluate: Evaluate, *, sigmas: Iterable[float
                         p.copy_(w + (sigma * rms * z.to(p.device)).to(p.dtype))
                 losses[i][k] = _loss(model, evaluate)
     stats = [_mean_std([loss - base for loss in row]) for row in losses]
-    return {"base_loss": base, "sigmas": list(sigmas), "draws": draws, "seed": seed,
-            "delta_mean": [m for m, _ in stats], "delta_std": [s for _, s in stats], "losses": losses,
-            "scaling": "W + sigma * rms(W) * z per tensor"}
+    return {
+        "base_loss": base,
+        "sigmas": list(sigmas),
+        "draws": draws,
+        "seed": seed,
+        "delta_mean": [m for m, _ in stats],
+        "delta_std": [s for _, s in stats],
+        "losses": losses,
+        "scaling": "W + sigma * rms(W) * z per tensor",
+    }
 
 
 # --------------------------------------------------------------------------- quantization
@@ -149,8 +157,9 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
-def quantizable_weights(model: nn.Module, *, embeddings: bool = False, norms: bool = False
-                        ) -> list[tuple[str, torch.Tensor, bool]]:
+def quantizable_weights(
+    model: nn.Module, *, embeddings: bool = False, norms: bool = False
+) -> list[tuple[str, torch.Tensor, bool]]:
     """``(name, weight, transposed)`` of each tensor RTN quantizes, each once: the weights of the
     linear layers (``transposed``: stored (in, out), GPT-2's ``Conv1D``); with ``embeddings``, the
     embedding tables (a head tied to one is an embedding); with ``norms``, every 1-D tensor."""
@@ -190,8 +199,7 @@ def rtn(weight: torch.Tensor, fmt: str, *, group_size: int = DEFAULT_GROUP_SIZE)
     matrix = weight.detach().float()
     matrix = matrix.reshape(1, -1) if matrix.dim() == 1 else matrix.reshape(matrix.shape[0], -1)
     block = (1, matrix.shape[1]) if fmt == "int8" else (1, group_size)
-    scale, zero = choose_qparams_affine(matrix, MappingType.SYMMETRIC_NO_CLIPPING_ERR, block, torch.int8,
-                                        q_min, q_max)
+    scale, zero = choose_qparams_affine(matrix, MappingType.SYMMETRIC_NO_CLIPPING_ERR, block, torch.int8, q_min, q_max)
     quantized = quantize_affine(matrix, block, scale, zero, torch.int8, q_min, q_max)
     out = dequantize_affine(quantized, block, scale, zero, torch.int8, q_min, q_max, output_dtype=torch.float32)
     return out.reshape(weight.shape).to(weight.dtype)
@@ -204,12 +212,15 @@ def check_group_size(model: nn.Module, group_size: int, *, embeddings: bool = Fa
     for name, weight, transposed in quantizable_weights(model, embeddings=embeddings, norms=norms):
         width = weight.shape[0] if transposed else (weight.numel() if weight.dim() == 1 else weight.shape[-1])
         if width % group_size:
-            raise ValueError(f"group size {group_size} does not divide the input width {width} of layer "
-                             f"'{name or type(model).__name__}'")
+            raise ValueError(
+                f"group size {group_size} does not divide the input width {width} of layer "
+                f"'{name or type(model).__name__}'"
+            )
 
 
-def quantize_weights(model: nn.Module, fmt: str, *, group_size: int = DEFAULT_GROUP_SIZE, embeddings: bool = False,
-                     norms: bool = False) -> int:
+def quantize_weights(
+    model: nn.Module, fmt: str, *, group_size: int = DEFAULT_GROUP_SIZE, embeddings: bool = False, norms: bool = False
+) -> int:
     """Replace (in place) each quantizable weight by its RTN fake quantization; the number of
     tensors quantized. Wrap in :func:`restored` to get the weights back."""
     if fmt == "int4":
@@ -224,17 +235,28 @@ def quantize_weights(model: nn.Module, fmt: str, *, group_size: int = DEFAULT_GR
     return len(chosen)
 
 
-def quantization(model: nn.Module, evaluate: Evaluate, *, formats: Sequence[str] = ("int8", "int4"),
-                 group_size: int = DEFAULT_GROUP_SIZE, embeddings: bool = False, norms: bool = False,
-                 base_loss: float | None = None) -> dict:
+def quantization(
+    model: nn.Module,
+    evaluate: Evaluate,
+    *,
+    formats: Sequence[str] = ("int8", "int4"),
+    group_size: int = DEFAULT_GROUP_SIZE,
+    embeddings: bool = False,
+    norms: bool = False,
+    base_loss: float | None = None,
+) -> dict:
     """Δloss under weight-only RTN (module docstring) for each format:
     ``{"base_loss", "group_size", "embeddings", "norms", "int8": {"loss", "delta", "tensors"}, ...}``.
     ``base_loss``: L(W) when the caller has measured it already (then not measured again). The model
     is restored bitwise."""
     if "int4" in formats:
         check_group_size(model, group_size, embeddings=embeddings, norms=norms)
-    result: dict = {"group_size": group_size, "embeddings": embeddings, "norms": norms,
-                    "method": "RTN, torchao affine primitives, SYMMETRIC_NO_CLIPPING_ERR (fake quantization)"}
+    result: dict = {
+        "group_size": group_size,
+        "embeddings": embeddings,
+        "norms": norms,
+        "method": "RTN, torchao affine primitives, SYMMETRIC_NO_CLIPPING_ERR (fake quantization)",
+    }
     with restored(model):
         base = _loss(model, evaluate) if base_loss is None else float(base_loss)
         result["base_loss"] = base
@@ -276,8 +298,9 @@ def interpolate(frontier: Sequence[tuple[float, float]], x: float) -> float | No
     return frontier[-1][1]
 
 
-def forgetting_summary(points: Sequence[Mapping], *, before_learning: float, before_original: float,
-                       target: float | None = None) -> dict:
+def forgetting_summary(
+    points: Sequence[Mapping], *, before_learning: float, before_original: float, target: float | None = None
+) -> dict:
     """The learning–forgetting summary of fine-tuning runs (module docstring). ``points``: one
     mapping per learning rate with ``lr``, ``learning`` (second corpus's val loss after) and
     ``original`` (original corpus's val loss after); ``before_*``: both losses before fine-tuning."""
@@ -285,6 +308,10 @@ def forgetting_summary(points: Sequence[Mapping], *, before_learning: float, bef
     frontier = pareto_frontier([(before_learning, 0.0)] + [(r["learning"], r["increase"]) for r in rows])
     if target is None and frontier:
         target = frontier[0][0]
-    return {"before": {"learning": before_learning, "original": before_original}, "points": rows,
-            "frontier": [list(p) for p in frontier], "target": target,
-            "increase": None if target is None else interpolate(frontier, target)}
+    return {
+        "before": {"learning": before_learning, "original": before_original},
+        "points": rows,
+        "frontier": [list(p) for p in frontier],
+        "target": target,
+        "increase": None if target is None else interpolate(frontier, target),
+    }

@@ -87,8 +87,14 @@ def _outputs(forward: Forward, batch: Batch) -> Tensor:
     return z
 
 
-def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor] | None = None,
-          *, create_graph: bool = False, retain_graph: bool | None = None) -> list[Tensor]:
+def _grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor] | None = None,
+    *,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> list[Tensor]:
     """Σ_i ∂⟨outputs_i, grad_outputs_i⟩/∂inputs, zeros where there is no dependence.
 
     Outputs that do not require grad (constant in the inputs) contribute nothing and are skipped.
@@ -98,8 +104,14 @@ def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Seq
     pairs = [(o, go) for o, go in zip(outputs, grad_outputs) if o.requires_grad]
     if not pairs:
         return [torch.zeros_like(x) for x in inputs]
-    grads = torch.autograd.grad([o for o, _ in pairs], list(inputs), [go for _, go in pairs],
-                                create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
+    grads = torch.autograd.grad(
+        [o for o, _ in pairs],
+        list(inputs),
+        [go for _, go in pairs],
+        create_graph=create_graph,
+        retain_graph=retain_graph,
+        allow_unused=True,
+    )
     return [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
 
 
@@ -111,8 +123,14 @@ def _output_grad(z: Tensor, batch: Batch, loss: Loss, *, create_graph: bool = Fa
     return r, value.detach(), z_leaf
 
 
-def _vjp(z: Tensor, params: Sequence[Tensor], cotangent: Tensor, *, retain_graph: bool | None = None,
-         create_graph: bool = False) -> list[Tensor]:
+def _vjp(
+    z: Tensor,
+    params: Sequence[Tensor],
+    cotangent: Tensor,
+    *,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+) -> list[Tensor]:
     """Jᵀ u: the vector-Jacobian product of the outputs z = F(w) with the cotangent u."""
     return _grad([z], params, [cotangent], retain_graph=retain_graph, create_graph=create_graph)
 
@@ -205,8 +223,7 @@ def gauss_newton_vector_product(params: Sequence[Tensor], batches: Batch, forwar
     return _averaged(_gnvp_one, params, batches, forward, loss)
 
 
-def functional_hessian_vector_product(params: Sequence[Tensor], batches: Batch, forward: Forward,
-                                      loss: Loss) -> MatVec:
+def functional_hessian_vector_product(params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss) -> MatVec:
     """v ↦ H_F v = (H − H_O) v = Σ_k r_k ∇²F_k v; averaged over the batches.
 
     Computed directly (one double backward of Jᵀr̄ with r̄ fixed) rather than as Hv − Gv: the same
@@ -230,8 +247,9 @@ def preconditioned_vector_product(matvec: MatVec, preconditioner: Sequence[Tenso
     return lambda v: scaled(matvec(scaled(v)))
 
 
-def preconditioner_tensors(preconditioner: Callable[[Tensor], Tensor | None] | torch.optim.Optimizer,
-                           params: Sequence[Tensor]) -> list[Tensor | FrozenMuon] | None:
+def preconditioner_tensors(
+    preconditioner: Callable[[Tensor], Tensor | None] | torch.optim.Optimizer, params: Sequence[Tensor]
+) -> list[Tensor | FrozenMuon] | None:
     """P for each of ``params``, from a callable ``param -> P`` (same shape) or an optimizer.
 
     An optimizer's P is read by ``samlm.optim.preconditioners`` (Adam/AdamW: √v̂ + eps; Adafactor:
@@ -323,8 +341,9 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[Tensor, 
     return torch.linalg.eigh(t)
 
 
-def _lanczos(matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, generator: torch.Generator,
-             iters: int, tol: float, k: int) -> EigenResult:
+def _lanczos(
+    matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, generator: torch.Generator, iters: int, tol: float, k: int
+) -> EigenResult:
     """Lanczos with full reorthogonalization: Ritz values of A on the Krylov space span{q, Aq, A²q, …}.
 
     The residual of a Ritz pair (θ_i, y_i) is ‖A y_i − θ_i y_i‖ = β_m |s_{m,i}|. On breakdown (β ≈ 0:
@@ -364,13 +383,20 @@ def _lanczos(matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, generator
         q = q / q_norm
         betas.append(0.0)
     values = theta.flip(0)
-    return EigenResult(value=values[0].item(), iters=len(alphas), top_k=tuple(values[:top].tolist()),
-                       smallest=values[-1].item(), residual=residuals[-1].item(), converged=converged,
-                       method="lanczos")
+    return EigenResult(
+        value=values[0].item(),
+        iters=len(alphas),
+        top_k=tuple(values[:top].tolist()),
+        smallest=values[-1].item(),
+        residual=residuals[-1].item(),
+        converged=converged,
+        method="lanczos",
+    )
 
 
-def _power_dominant(matvec: Callable[[Tensor], Tensor], v: Tensor, iters: int,
-                    tol: float) -> tuple[float, float, int, bool]:
+def _power_dominant(
+    matvec: Callable[[Tensor], Tensor], v: Tensor, iters: int, tol: float
+) -> tuple[float, float, int, bool]:
     """Power iteration v ← Av/‖Av‖, λ = vᵀAv: the largest-magnitude eigenvalue.
 
     Returns (λ, residual ‖Av − λv‖, matvecs, converged).
@@ -387,8 +413,9 @@ def _power_dominant(matvec: Callable[[Tensor], Tensor], v: Tensor, iters: int,
     return lam, residual, iters, False
 
 
-def _power(matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, generator: torch.Generator,
-           iters: int, tol: float) -> EigenResult:
+def _power(
+    matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, generator: torch.Generator, iters: int, tol: float
+) -> EigenResult:
     """Largest algebraic eigenvalue by power iteration, shifting when the dominant one is negative.
 
     Power iteration finds λ_dom (largest |λ|). If λ_dom ≥ 0 it is λ_max. Otherwise λ_dom = λ_min and
@@ -398,15 +425,25 @@ def _power(matvec: Callable[[Tensor], Tensor], n: int, like: Tensor, generator: 
     lam, residual, used, converged = _power_dominant(matvec, _random_unit(n, generator, like), iters, tol)
     if lam < 0:
         shift = lam
-        mu, residual, used2, converged = _power_dominant(lambda v: matvec(v) - shift * v,
-                                                         _random_unit(n, generator, like), iters, tol)
+        mu, residual, used2, converged = _power_dominant(
+            lambda v: matvec(v) - shift * v, _random_unit(n, generator, like), iters, tol
+        )
         lam, used = mu + shift, used + used2
-    return EigenResult(value=lam, iters=used, top_k=(lam,), smallest=math.nan, residual=residual,
-                       converged=converged, method="power")
+    return EigenResult(
+        value=lam, iters=used, top_k=(lam,), smallest=math.nan, residual=residual, converged=converged, method="power"
+    )
 
 
-def top_eigenvalue(matvec: MatVec, params: Sequence[Tensor], *, iters: int = 20, tol: float = 1e-5,
-                   seed: int = 0, method: str = "lanczos", k: int = 1) -> EigenResult:
+def top_eigenvalue(
+    matvec: MatVec,
+    params: Sequence[Tensor],
+    *,
+    iters: int = 20,
+    tol: float = 1e-5,
+    seed: int = 0,
+    method: str = "lanczos",
+    k: int = 1,
+) -> EigenResult:
     """λ_max(A), the largest *algebraic* eigenvalue of the symmetric operator A given by ``matvec``.
 
     ``method="lanczos"`` (default): Lanczos with full reorthogonalization, which also gives the k
@@ -440,9 +477,18 @@ def top_eigenvalue(matvec: MatVec, params: Sequence[Tensor], *, iters: int = 20,
     return _lanczos(flat_matvec, n, like, generator, iters, tol, k)
 
 
-def functional_hessian_top_eigenvalue(params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss,
-                                      *, iters: int = 20, tol: float = 1e-5, seed: int = 0,
-                                      method: str = "lanczos", k: int = 1) -> EigenResult:
+def functional_hessian_top_eigenvalue(
+    params: Sequence[Tensor],
+    batches: Batch,
+    forward: Forward,
+    loss: Loss,
+    *,
+    iters: int = 20,
+    tol: float = 1e-5,
+    seed: int = 0,
+    method: str = "lanczos",
+    k: int = 1,
+) -> EigenResult:
     """λ_max(H_F), the largest *algebraic* eigenvalue of the functional Hessian H_F = H − H_O.
 
     H_F is indefinite. We report the largest algebraic eigenvalue (not the largest magnitude) so it
@@ -496,14 +542,16 @@ def sam_path_split(params: Sequence[Tensor], batch: Batch, forward: Forward, los
         g_norm = _norm(g)
         return [gi * (rho / g_norm) if g_norm > 0 else torch.zeros_like(gi) for gi in g]
 
-    split = path_gradients(params, batches, lambda b: _outputs(forward, b), loss, eps,
-                           [1 / len(batches)] * len(batches))
+    split = path_gradients(
+        params, batches, lambda b: _outputs(forward, b), loss, eps, [1 / len(batches)] * len(batches)
+    )
     split.loss, split.loss_perturbed = float(split.loss), float(split.loss_perturbed)
     return split
 
 
-def sam_path_norms(params: Sequence[Tensor], batch: Batch, forward: Forward, loss: Loss,
-                   rho: float) -> dict[str, float]:
+def sam_path_norms(
+    params: Sequence[Tensor], batch: Batch, forward: Forward, loss: Loss, rho: float
+) -> dict[str, float]:
     """‖δ_logit‖, ‖δ_func‖, their ratio and cosines with g_SAM − g = δ_logit + δ_func (see module doc).
 
     Keys: ``logit_path_norm`` = ‖δ_logit‖, ``functional_path_norm`` = ‖δ_func‖,
@@ -564,10 +612,20 @@ def _measurement_mode(model: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def measure_sharpness(model: torch.nn.Module, batches: Batch, forward: Forward, loss: Loss, *, iters: int = 20,
-                      seed: int = 0, rho: float = 0.05, tol: float = 1e-5, method: str = "lanczos",
-                      k: int = 1, preconditioner: Callable[[Tensor], Tensor | None] | torch.optim.Optimizer | None = None,
-                      ) -> dict[str, Any]:
+def measure_sharpness(
+    model: torch.nn.Module,
+    batches: Batch,
+    forward: Forward,
+    loss: Loss,
+    *,
+    iters: int = 20,
+    seed: int = 0,
+    rho: float = 0.05,
+    tol: float = 1e-5,
+    method: str = "lanczos",
+    k: int = 1,
+    preconditioner: Callable[[Tensor], Tensor | None] | torch.optim.Optimizer | None = None,
+) -> dict[str, Any]:
     """λ_max(H), λ_max(H_O), λ(H_F), λ_max(P⁻¹H) and the SAM path split, in float32 and eval mode.
 
     Over the trainable parameters (requires_grad=False ones are excluded) and the average of the
@@ -611,8 +669,11 @@ def measure_sharpness(model: torch.nn.Module, batches: Batch, forward: Forward, 
         "gauss_newton_lambda_max": gauss_newton.value,
         "functional_lambda": functional.value,
         "functional_lambda_min": functional.smallest,
-        **({} if preconditioned is None else {"preconditioned_lambda_max": preconditioned.value,
-                                              "preconditioned_iters": preconditioned.iters}),
+        **(
+            {}
+            if preconditioned is None
+            else {"preconditioned_lambda_max": preconditioned.value, "preconditioned_iters": preconditioned.iters}
+        ),
         "hessian_iters": hessian.iters,
         "gauss_newton_iters": gauss_newton.iters,
         "functional_iters": functional.iters,

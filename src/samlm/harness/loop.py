@@ -106,8 +106,9 @@ class LoopConfig:
     resume: bool = override(LoopSettings, "resume")
     overwrite: bool = override(LoopSettings, "overwrite")
     eval_at_start: bool = setting(False, "also evaluate the initial model (a step-0 line)")
-    seed: int | None = setting(None, "fresh start: seed python/numpy/torch RNGs (dropout); resume restores them",
-                               check=s.seed)
+    seed: int | None = setting(
+        None, "fresh start: seed python/numpy/torch RNGs (dropout); resume restores them", check=s.seed
+    )
     progress: bool = override(LoopSettings, "progress")
     report_to: str = override(LoopSettings, "report_to")
     run_name: str | None = override(LoopSettings, "run_name")
@@ -142,9 +143,9 @@ class _Window:
     steps: int = 0
     seconds: float = 0.0
     tokens: int = 0
-    sums: dict[str, float] = field(default_factory=dict)   # finite StepStats values, summed
+    sums: dict[str, float] = field(default_factory=dict)  # finite StepStats values, summed
     counts: dict[str, int] = field(default_factory=dict)
-    flags: bool = False   # also average the bool statistics (sam_step: the share of SAM steps)
+    flags: bool = False  # also average the bool statistics (sam_step: the share of SAM steps)
 
     def add(self, stats: Mapping[str, Any], tokens: int, seconds: float) -> None:
         self.steps += 1
@@ -167,7 +168,7 @@ class _LoopState:
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
-    nonfinite_steps: int = 0        # steps with a non-finite loss or a skipped update
+    nonfinite_steps: int = 0  # steps with a non-finite loss or a skipped update
     nonfinite_streak: int = 0
     ascent_nonfinite_steps: int = 0
     last_lr: float | None = None
@@ -195,15 +196,15 @@ class LoopResult:
 
     out_dir: Path
     config: LoopConfig
-    step: int                        # steps done in total (across resumes)
-    start_step: int                  # where this call started (0, or the resumed checkpoint's step)
-    history: list[dict]              # every metrics line, as in metrics.jsonl
+    step: int  # steps done in total (across resumes)
+    start_step: int  # where this call started (0, or the resumed checkpoint's step)
+    history: list[dict]  # every metrics line, as in metrics.jsonl
     tokens: int
     train_seconds: float
     nonfinite_steps: int
     ascent_nonfinite_steps: int
-    interrupted: str | None = None   # "SIGINT" / "SIGTERM" if a signal ended the run early
-    checkpoint: Path | None = None   # the last checkpoint written or loaded
+    interrupted: str | None = None  # "SIGINT" / "SIGTERM" if a signal ended the run early
+    checkpoint: Path | None = None  # the last checkpoint written or loaded
 
     @property
     def completed(self) -> bool:
@@ -231,22 +232,24 @@ class LoopResult:
         return best
 
     def summary(self) -> dict:
-        return io.json_safe({
-            "step": self.step,
-            "steps": self.config.steps,
-            "completed": self.completed,
-            "interrupted": self.interrupted,
-            "final": self.final,
-            "best": self.best(),
-            "tokens": self.tokens,
-            "train_seconds": self.train_seconds,
-            "step_s": self.train_seconds / self.step if self.step else None,
-            "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
-            "nonfinite_steps": self.nonfinite_steps,
-            "ascent_nonfinite_steps": self.ascent_nonfinite_steps,
-            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-            "loop_config": self.config.as_dict(),
-        })
+        return io.json_safe(
+            {
+                "step": self.step,
+                "steps": self.config.steps,
+                "completed": self.completed,
+                "interrupted": self.interrupted,
+                "final": self.final,
+                "best": self.best(),
+                "tokens": self.tokens,
+                "train_seconds": self.train_seconds,
+                "step_s": self.train_seconds / self.step if self.step else None,
+                "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
+                "nonfinite_steps": self.nonfinite_steps,
+                "ascent_nonfinite_steps": self.ascent_nonfinite_steps,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "loop_config": self.config.as_dict(),
+            }
+        )
 
 
 # Fields of a metrics line written by the loop itself; every other number came from evaluate().
@@ -258,8 +261,11 @@ def evaluation_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     return {
         key: value
         for key, value in record.items()
-        if key not in LOOP_FIELDS and not key.startswith("train_")
-        and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if key not in LOOP_FIELDS
+        and not key.startswith("train_")
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
     }
 
 
@@ -416,10 +422,12 @@ def train(
         step_args["split"] = True
 
     trackers = _open_trackers(run, state)
-    tracked = _Window(flags=True)   # the steps since the trackers' last training log
+    tracked = _Window(flags=True)  # the steps since the trackers' last training log
 
     def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
-        record = _measurement(step, state, run.module, evaluate if do_eval else None, sharpness if do_sharpness else None)
+        record = _measurement(
+            step, state, run.module, evaluate if do_eval else None, sharpness if do_sharpness else None
+        )
         state.history.append(record)
         if run.main:
             run_dir.append_metrics(record)
@@ -466,17 +474,29 @@ def train(
         bar.close()
     with trackers:
         last = state.history[-1] if state.history else {}
-        if (final_sharpness and sharpness is not None and state.step >= config.steps
-                and not (last.get("step") == state.step and "sharpness" in last)):
+        if (
+            final_sharpness
+            and sharpness is not None
+            and state.step >= config.steps
+            and not (last.get("step") == state.step and "sharpness" in last)
+        ):
             record = io.json_safe({"step": state.step, "sharpness": _in_eval_mode(run.module, sharpness)})
             state.history.append(record)
             if run.main:
                 run_dir.append_metrics(record)
                 trackers.log(_tracked_measurement(record), state.step)
     return LoopResult(
-        out_dir=run_dir.path, config=config, step=state.step, start_step=start_step, history=state.history,
-        tokens=state.tokens, train_seconds=state.train_seconds, nonfinite_steps=state.nonfinite_steps,
-        ascent_nonfinite_steps=state.ascent_nonfinite_steps, interrupted=interrupted, checkpoint=checkpoint,
+        out_dir=run_dir.path,
+        config=config,
+        step=state.step,
+        start_step=start_step,
+        history=state.history,
+        tokens=state.tokens,
+        train_seconds=state.train_seconds,
+        nonfinite_steps=state.nonfinite_steps,
+        ascent_nonfinite_steps=state.ascent_nonfinite_steps,
+        interrupted=interrupted,
+        checkpoint=checkpoint,
     )
 
 
@@ -557,9 +577,13 @@ def _check_optimizer_settings(optimizer: torch.optim.Optimizer) -> None:
     float32's range (``lr=1e39``) fails inside the step with an overflow traceback, and NaN
     silently ruins the weights. Checked before anything is written.
     """
+
     def bad(value) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX))
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX)
+        )
 
     settings: list[tuple[str, Any]] = []
     for group in optimizer.param_groups:
@@ -575,8 +599,10 @@ def _check_optimizer_settings(optimizer: torch.optim.Optimizer) -> None:
             value = value.item()
         if bad(value):
             name = "lr" if key == "initial_lr" else key
-            raise UserError(f"optimizer setting {name}={value!r} is not a finite number within float32's range "
-                            f"(|x| <= {_FLOAT32_MAX:.3g})")
+            raise UserError(
+                f"optimizer setting {name}={value!r} is not a finite number within float32's range "
+                f"(|x| <= {_FLOAT32_MAX:.3g})"
+            )
 
 
 def _check_step_plan(optimizer, micro_batches: list) -> None:
@@ -647,14 +673,21 @@ def _open_trackers(run: "_Run", state: _LoopState):
     if not run.main or not tracking.parse_report_to(config.report_to):
         return tracking.Trackers()
     record = run.run_dir.read_config() or {"config": config.as_dict()}
-    return tracking.start(config.report_to, run.out_dir, run_name=config.run_name, group=config.run_group,
-                          hparams=tracking.hyperparameters(record), resume=state.step > 0, step=state.step)
+    return tracking.start(
+        config.report_to,
+        run.out_dir,
+        run_name=config.run_name,
+        group=config.run_group,
+        hparams=tracking.hyperparameters(record),
+        resume=state.step > 0,
+        step=state.step,
+    )
 
 
 def _tracked_training(window: _Window, lr: float | None) -> dict:
     """A tracker's training log: the means since the last one (``train/loss``, SAM's signals,
     ``train/sam_step`` the share of SAM steps), the lr, tokens/s and the mean step time."""
-    values = {"train/" + k[len("train_"):]: v for k, v in window.means().items()}
+    values = {"train/" + k[len("train_") :]: v for k, v in window.means().items()}
     values["train/lr"] = lr
     if window.seconds:
         values["train/tokens_per_s"] = window.tokens / window.seconds
@@ -699,7 +732,7 @@ class _Run:
     def __init__(self, model, optimizer, train_batches, config: LoopConfig, scheduler, scaler):
         self.model = model
         self.module = distributed.unwrap_model(model)  # evaluated, measured and saved without DDP/FSDP1
-        self.main = distributed.is_main_process()      # the one process that writes
+        self.main = distributed.is_main_process()  # the one process that writes
         self.optimizer = optimizer
         self.train_batches = train_batches
         self.config = config
@@ -721,8 +754,10 @@ class _Run:
             if self.main:
                 self.run_dir.rewrite_metrics(state.history)
             skipped = ", ".join(path.name for path, _ in checkpoint.skipped)
-            say(f"resumed from {checkpoint.path} at step {state.step}"
-                + (f" (newer checkpoint(s) {skipped} unusable, see the warning above)" if skipped else ""))
+            say(
+                f"resumed from {checkpoint.path} at step {state.step}"
+                + (f" (newer checkpoint(s) {skipped} unusable, see the warning above)" if skipped else "")
+            )
             return state, checkpoint.path
         if self.main:  # LoopConfig.validate has checked that starting over here is allowed
             self.run_dir.clear()
@@ -737,8 +772,9 @@ class _Run:
             # Every process stops here together (a single rank raising would leave the others waiting).
             previous = io.checkpoint_dirs(self.checkpoint_root)
             last_good = previous[-1][1] if previous else "none"
-            raise NonFiniteLossError(f"weights at step {state.step} are not finite; the weights diverged. "
-                                     f"Last checkpoint: {last_good}")
+            raise NonFiniteLossError(
+                f"weights at step {state.step} are not finite; the weights diverged. Last checkpoint: {last_good}"
+            )
         model_state = distributed.model_state_to_save(self.module)
         optimizer_state = distributed.optimizer_state_to_save(self.module, self.optimizer)
         if self.main:
@@ -791,9 +827,7 @@ class _Run:
         try:
             missing, unexpected = distributed.load_model_state(self.module, checkpoint.model_state)
         except RuntimeError as exc:  # shapes differ: another architecture
-            raise UserError(
-                f"checkpoint {checkpoint.path} does not match the model: {first_line(exc)}"
-            ) from None
+            raise UserError(f"checkpoint {checkpoint.path} does not match the model: {first_line(exc)}") from None
         if missing or unexpected:
             raise UserError(
                 f"checkpoint {checkpoint.path} does not match the model: "

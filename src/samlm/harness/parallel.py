@@ -34,18 +34,36 @@ MIXED_PRECISION = distributed.MIXED_PRECISION
 
 def add_arguments(parser, *, device_flag: bool = True) -> None:
     """``--device``, ``--strategy``, ``--sync-ascent``, ``--mixed-precision`` (on a parser or a group)."""
-    group = parser if not isinstance(parser, argparse.ArgumentParser) else parser.add_argument_group(
-        "devices and processes (multi-GPU: torchrun --nproc-per-node N -m samlm ... or accelerate launch -m samlm ...)")
+    group = (
+        parser
+        if not isinstance(parser, argparse.ArgumentParser)
+        else parser.add_argument_group(
+            "devices and processes (multi-GPU: torchrun --nproc-per-node N -m samlm ... or accelerate launch -m samlm ...)"
+        )
+    )
     if device_flag:
-        group.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu, cuda")
-    group.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                       help="data parallelism across processes: auto (FSDP under accelerate's --use_fsdp, else "
-                            "DDP when launched on several processes), ddp, fsdp (FSDP2), none")
-    group.add_argument("--sync-ascent", action="store_true",
-                       help="average SAM's ascent gradient over processes (exact global SAM); default: each "
-                            "process perturbs with its own gradient (m-sharpness with m = processes, as in the papers)")
-    group.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=None,
-                       help="no | bf16 (autocast) | fp16 (autocast + GradScaler); default: accelerate's setting, else no")
+        group.add_argument(
+            "--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu, cuda"
+        )
+    group.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="auto",
+        help="data parallelism across processes: auto (FSDP under accelerate's --use_fsdp, else "
+        "DDP when launched on several processes), ddp, fsdp (FSDP2), none",
+    )
+    group.add_argument(
+        "--sync-ascent",
+        action="store_true",
+        help="average SAM's ascent gradient over processes (exact global SAM); default: each "
+        "process perturbs with its own gradient (m-sharpness with m = processes, as in the papers)",
+    )
+    group.add_argument(
+        "--mixed-precision",
+        choices=MIXED_PRECISION,
+        default=None,
+        help="no | bf16 (autocast) | fp16 (autocast + GradScaler); default: accelerate's setting, else no",
+    )
 
 
 def resolve_device(spec: str) -> Optional[torch.device]:
@@ -105,15 +123,15 @@ class Parallel:
     prepared: distributed.Prepared
     mixed_precision: str
     autocast_dtype: Optional[torch.dtype]
-    scaler: Any                      # torch.amp.GradScaler for fp16, else None
-    sam_kwargs: dict                 # for build_optimizer(sam_kwargs=...)
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
+    sam_kwargs: dict  # for build_optimizer(sam_kwargs=...)
 
     @property
-    def model(self) -> nn.Module:    # run forward on this, pass it to train()
+    def model(self) -> nn.Module:  # run forward on this, pass it to train()
         return self.prepared.model
 
     @property
-    def module(self) -> nn.Module:   # the model itself: parameters, state_dict, generate
+    def module(self) -> nn.Module:  # the model itself: parameters, state_dict, generate
         return self.prepared.module
 
     @property
@@ -130,14 +148,23 @@ class Parallel:
 
     def describe(self) -> dict:
         """The settings a resumed run must share (recorded in the run's config)."""
-        return {"world_size": self.world_size, "strategy": self.strategy,
-                "mixed_precision": self.mixed_precision,
-                "sync_ascent": bool(self.sam_kwargs.get("sync_ascent", False))}
+        return {
+            "world_size": self.world_size,
+            "strategy": self.strategy,
+            "mixed_precision": self.mixed_precision,
+            "sync_ascent": bool(self.sam_kwargs.get("sync_ascent", False)),
+        }
 
 
-def parallelize(model: nn.Module, info: distributed.DistInfo, *, strategy: str = "auto",
-                sync_ascent: bool = False, mixed_precision: Optional[str] = None,
-                sam: bool = True) -> Parallel:
+def parallelize(
+    model: nn.Module,
+    info: distributed.DistInfo,
+    *,
+    strategy: str = "auto",
+    sync_ascent: bool = False,
+    mixed_precision: Optional[str] = None,
+    sam: bool = True,
+) -> Parallel:
     """Wrap ``model`` for this launch and choose the SAM and mixed-precision settings."""
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{strategy}'")
@@ -153,5 +180,6 @@ def parallelize(model: nn.Module, info: distributed.DistInfo, *, strategy: str =
     sam_kwargs = dict(prepared.sam_kwargs) if sam else {}
     if sam and sync_ascent:
         sam_kwargs["sync_ascent"] = True
-    return Parallel(prepared=prepared, mixed_precision=mixed, autocast_dtype=autocast_dtype, scaler=scaler,
-                    sam_kwargs=sam_kwargs)
+    return Parallel(
+        prepared=prepared, mixed_precision=mixed, autocast_dtype=autocast_dtype, scaler=scaler, sam_kwargs=sam_kwargs
+    )

@@ -21,26 +21,49 @@ from samlm.harness.settings import override, setting
 class PrepareConfig:
     """prepare"""
 
-    data: str = override(TextDataSettings, "data", help="the corpus: 'tinyshakespeare' or 'python-stdlib' (built "
-                         "in), a text file, a .jsonl file, a directory of .txt files, or a datasets hub id "
-                         "[hf:]NAME[:CONFIG][:SPLIT] (streamed)", group="data")
+    data: str = override(
+        TextDataSettings,
+        "data",
+        help="the corpus: 'tinyshakespeare' or 'python-stdlib' (built "
+        "in), a text file, a .jsonl file, a directory of .txt files, or a datasets hub id "
+        "[hf:]NAME[:CONFIG][:SPLIT] (streamed)",
+        group="data",
+    )
     tokenizer: str = override(TextDataSettings, "tokenizer", default="bytes", default_text="bytes", group="data")
     max_chars: Optional[int] = override(TextDataSettings, "max_chars", group="data")
-    out: Optional[str] = override(s.LoopSettings, "out", default=None, help="the prepared directory to write",
-                                  default_text="required", group="output")
-    max_tokens: Optional[int] = setting(None, "at most this many training tokens (default: the whole source)",
-                                        check=s.positive_int, group="budget")
-    val_tokens: Optional[int] = setting(None, "at most this many validation tokens", check=s.positive_int,
-                                        group="budget")
-    val_documents: Optional[int] = setting(None, "at most this many validation documents", check=s.positive_int,
-                                           group="budget")
-    workers: int = setting(1, "processes that tokenize in parallel (Hugging Face and BPE tokenizers)",
-                           check=s.threads, group="speed")
-    tokenizer_train_chars: int = setting(DEFAULT_BPE_TRAIN_CHARS, "with --tokenizer bpe:VOCAB: characters of "
-                                         "training text the BPE is trained on", check=s.positive_int, group="data")
+    out: Optional[str] = override(
+        s.LoopSettings,
+        "out",
+        default=None,
+        help="the prepared directory to write",
+        default_text="required",
+        group="output",
+    )
+    max_tokens: Optional[int] = setting(
+        None, "at most this many training tokens (default: the whole source)", check=s.positive_int, group="budget"
+    )
+    val_tokens: Optional[int] = setting(
+        None, "at most this many validation tokens", check=s.positive_int, group="budget"
+    )
+    val_documents: Optional[int] = setting(
+        None, "at most this many validation documents", check=s.positive_int, group="budget"
+    )
+    workers: int = setting(
+        1, "processes that tokenize in parallel (Hugging Face and BPE tokenizers)", check=s.threads, group="speed"
+    )
+    tokenizer_train_chars: int = setting(
+        DEFAULT_BPE_TRAIN_CHARS,
+        "with --tokenizer bpe:VOCAB: characters of training text the BPE is trained on",
+        check=s.positive_int,
+        group="data",
+    )
     trust_remote_code: bool = override(ModelSettings, "trust_remote_code", group="data")
-    overwrite: bool = override(s.LoopSettings, "overwrite", help="prepare again in an --out that holds another "
-                               "prepared dataset", group="output")
+    overwrite: bool = override(
+        s.LoopSettings,
+        "overwrite",
+        help="prepare again in an --out that holds another prepared dataset",
+        group="output",
+    )
     progress: bool = override(s.LoopSettings, "progress", group="output")
 
     def check(self) -> None:
@@ -56,7 +79,15 @@ def prepare(config: PrepareConfig) -> dict:
     from samlm.data import prepared
 
     s.validate(config)
-    return prepared.prepare(config.data, config.out, tokenizer=config.tokenizer, budget=config.budget(),
-                            workers=config.workers, max_chars=config.max_chars,
-                            bpe_train_chars=config.tokenizer_train_chars, overwrite=config.overwrite,
-                            trust_remote_code=config.trust_remote_code, progress=config.progress)
+    return prepared.prepare(
+        config.data,
+        config.out,
+        tokenizer=config.tokenizer,
+        budget=config.budget(),
+        workers=config.workers,
+        max_chars=config.max_chars,
+        bpe_train_chars=config.tokenizer_train_chars,
+        overwrite=config.overwrite,
+        trust_remote_code=config.trust_remote_code,
+        progress=config.progress,
+    )

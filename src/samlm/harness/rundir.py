@@ -68,12 +68,16 @@ class RunDir:
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: choose one")
         if self.holds_run() and not (resume or overwrite):
-            raise UserError(f"{self.path} already holds a run (metrics.jsonl or checkpoints): pass --resume to "
-                            "continue it, --overwrite to start over, or choose another --out")
+            raise UserError(
+                f"{self.path} already holds a run (metrics.jsonl or checkpoints): pass --resume to "
+                "continue it, --overwrite to start over, or choose another --out"
+            )
         if resume and not self.has_checkpoint():
             what = "a run stopped before its first checkpoint" if self.holds_run() else "no run"
-            raise UserError(f"nothing to resume in {self.path}: it holds {what}; start without --resume"
-                            + (" (with --overwrite)" if self.holds_run() else ""))
+            raise UserError(
+                f"nothing to resume in {self.path}: it holds {what}; start without --resume"
+                + (" (with --overwrite)" if self.holds_run() else "")
+            )
 
     def resumes(self, resume: bool) -> bool:
         """This start continues a checkpoint (else it starts over, clearing what is here)."""
@@ -89,8 +93,10 @@ class RunDir:
         if keys:
             shown = ", ".join(f"{k} ({before.get(k)!r} in the run, {now.get(k)!r} now)" for k in keys[:6])
             more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
-            raise UserError(f"cannot resume {self.path}: it was run with a different configuration: {shown}{more}; "
-                            "use the same flags, or --overwrite to start over")
+            raise UserError(
+                f"cannot resume {self.path}: it was run with a different configuration: {shown}{more}; "
+                "use the same flags, or --overwrite to start over"
+            )
 
     # -- writing ------------------------------------------------------------------------------
     def begin(self, record: Mapping[str, Any], *, resume: bool) -> None:

@@ -27,21 +27,41 @@ from typing import Any, Callable, Mapping, Optional
 from samlm.errors import UserError
 from samlm.optim.registry import BASE_OPTIMIZERS, METHODS
 
-FLOAT32_MAX = 3.4028234663852886e38   # lr, rho, ... multiply float32 weights
-MAX_SEED = 2**63                      # torch.manual_seed takes a 64-bit signed seed
-Check = Callable[[str, Any], None]    # check(flag, value) raises UserError
+FLOAT32_MAX = 3.4028234663852886e38  # lr, rho, ... multiply float32 weights
+MAX_SEED = 2**63  # torch.manual_seed takes a 64-bit signed seed
+Check = Callable[[str, Any], None]  # check(flag, value) raises UserError
 
 
-def setting(default: Any = None, help: str = "", *, check: Optional[Check] = None,
-            choices: Optional[tuple] = None, resume: bool = True, cli: bool = True,
-            flag: Optional[str] = None, metavar: Optional[str] = None, default_text: Optional[str] = None,
-            group: Optional[str] = None) -> Any:
+def setting(
+    default: Any = None,
+    help: str = "",
+    *,
+    check: Optional[Check] = None,
+    choices: Optional[tuple] = None,
+    resume: bool = True,
+    cli: bool = True,
+    flag: Optional[str] = None,
+    metavar: Optional[str] = None,
+    default_text: Optional[str] = None,
+    group: Optional[str] = None,
+) -> Any:
     """A run setting. ``resume=False``: may change between a run and its ``--resume``.
     ``cli=False``: a setting of the library API only (no flag). ``default_text``: how help shows
     a default that is resolved later (``None`` in the dataclass)."""
-    return dataclasses.field(default=default, metadata={
-        "help": help, "check": check, "choices": choices, "resume": resume, "cli": cli, "flag": flag,
-        "metavar": metavar, "default_text": default_text, "group": group})
+    return dataclasses.field(
+        default=default,
+        metadata={
+            "help": help,
+            "check": check,
+            "choices": choices,
+            "resume": resume,
+            "cli": cli,
+            "flag": flag,
+            "metavar": metavar,
+            "default_text": default_text,
+            "group": group,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- checks
@@ -80,8 +100,10 @@ def finite(low=None, high=None, *, low_open: bool = False, high_open: bool = Fal
     def check(flag: str, value) -> None:
         ok = _number(value)
         if ok and abs(value) > FLOAT32_MAX:
-            raise UserError(f"{flag} {value:g} is beyond float32's range (|x| <= {FLOAT32_MAX:.3g}), "
-                            "in which the weights are updated")
+            raise UserError(
+                f"{flag} {value:g} is beyond float32's range (|x| <= {FLOAT32_MAX:.3g}), "
+                "in which the weights are updated"
+            )
         if ok and low is not None:
             ok = value > low if low_open else value >= low
         if ok and high is not None:
@@ -120,8 +142,11 @@ def sam_start(flag: str, value) -> None:
 def sam_schedule(config, total_steps: int) -> dict:
     """``sam_every``/``sam_start`` of a config as ``build_optimizer`` takes them."""
     start = config.sam_start
-    return {"sam_every": config.sam_every, "sam_start": start if 0 < start < 1 else int(start),
-            "total_steps": total_steps}
+    return {
+        "sam_every": config.sam_every,
+        "sam_start": start if 0 < start < 1 else int(start),
+        "total_steps": total_steps,
+    }
 
 
 def known_method(flag: str, value) -> None:
@@ -146,24 +171,40 @@ def _parse_pair(text: str) -> tuple[float, float]:
 class OptimizerSettings:
     """optimizer and SAM"""
 
-    optimizer: str = setting("adamw", "a plain optimizer, or a SAM-family method around --base: "
-                             + "|".join(METHODS), check=known_method)
-    base: Optional[str] = setting("adamw", "the base optimizer a SAM-family method wraps",
-                                  choices=BASE_OPTIMIZERS)
-    rho: Optional[float] = setting(None, "SAM's perturbation radius", check=finite(0.0),
-                                   default_text=", ".join(f"{m.name} {m.default_rho:g}" for m in METHODS.values() if m.is_sam))
-    ascent_fraction: float = setting(0.25, "share of the batch for SAM's ascent gradient (Bahri et al. 0.25; "
-                                     "1 = classic SAM)", check=finite(0.0, 1.0, low_open=True))
+    optimizer: str = setting(
+        "adamw", "a plain optimizer, or a SAM-family method around --base: " + "|".join(METHODS), check=known_method
+    )
+    base: Optional[str] = setting("adamw", "the base optimizer a SAM-family method wraps", choices=BASE_OPTIMIZERS)
+    rho: Optional[float] = setting(
+        None,
+        "SAM's perturbation radius",
+        check=finite(0.0),
+        default_text=", ".join(f"{m.name} {m.default_rho:g}" for m in METHODS.values() if m.is_sam),
+    )
+    ascent_fraction: float = setting(
+        0.25,
+        "share of the batch for SAM's ascent gradient (Bahri et al. 0.25; 1 = classic SAM)",
+        check=finite(0.0, 1.0, low_open=True),
+    )
     m: int = setting(1, "m-sharpness groups per batch (each group its own ε)", check=positive_int)
     lr: Optional[float] = setting(3e-3, "peak learning rate", check=finite(0.0, low_open=True))
     weight_decay: float = setting(0.1, "decoupled weight decay", check=finite(0.0))
-    sam_every: int = setting(1, "a SAM-family step every k-th step, plain base-optimizer steps between "
-                             "(a step then costs 1 + extra/k of a plain one)", check=positive_int)
-    sam_start: float = setting(0, "plain base-optimizer steps before this step (an integer), or before this "
-                               "fraction of the run (in (0, 1); 0.8: SAM in the last 20%%)", check=sam_start,
-                               metavar="STEP_OR_FRACTION")
-    betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas", check=pair(finite(0.0, 1.0, high_open=True)),
-                                         metavar="B1,B2")
+    sam_every: int = setting(
+        1,
+        "a SAM-family step every k-th step, plain base-optimizer steps between "
+        "(a step then costs 1 + extra/k of a plain one)",
+        check=positive_int,
+    )
+    sam_start: float = setting(
+        0,
+        "plain base-optimizer steps before this step (an integer), or before this "
+        "fraction of the run (in (0, 1); 0.8: SAM in the last 20%%)",
+        check=sam_start,
+        metavar="STEP_OR_FRACTION",
+    )
+    betas: tuple[float, float] = setting(
+        (0.9, 0.98), "AdamW betas", check=pair(finite(0.0, 1.0, high_open=True)), metavar="B1,B2"
+    )
     adam_eps: float = setting(1e-9, "AdamW eps", check=finite(0.0, low_open=True))
 
 
@@ -173,8 +214,9 @@ class ScheduleSettings:
 
     steps: Optional[int] = setting(None, "optimizer steps", check=positive_int)
     warmup: Optional[int] = setting(None, "linear learning-rate warmup steps", check=nonnegative_int)
-    clip: Optional[float] = setting(None, "clip the update gradient's global norm (default: no clipping)",
-                                    check=finite(0.0, low_open=True))
+    clip: Optional[float] = setting(
+        None, "clip the update gradient's global norm (default: no clipping)", check=finite(0.0, low_open=True)
+    )
 
 
 @dataclass
@@ -199,54 +241,91 @@ def _check_report_to(flag: str, value) -> None:
 class LoopSettings:
     """loop, evaluation and checkpoints"""
 
-    eval_every: int = setting(100, "evaluate every N steps and at the end (0: only at the end)",
-                              check=nonnegative_int, resume=False)
-    save_every: Optional[int] = setting(0, "checkpoint every N steps (0: only at the end; always on Ctrl-C)",
-                                        check=nonnegative_int, resume=False)
+    eval_every: int = setting(
+        100, "evaluate every N steps and at the end (0: only at the end)", check=nonnegative_int, resume=False
+    )
+    save_every: Optional[int] = setting(
+        0, "checkpoint every N steps (0: only at the end; always on Ctrl-C)", check=nonnegative_int, resume=False
+    )
     keep_checkpoints: int = setting(2, "newest checkpoints kept", check=positive_int, resume=False)
-    nonfinite: str = setting("skip", "on a NaN/Inf loss or gradient: skip the step, or stop after "
-                             "--max-nonfinite in a row (exit 2); NaN weights are never saved",
-                             choices=("skip", "stop"), resume=False)
-    max_nonfinite: int = setting(5, "with --nonfinite stop: consecutive non-finite steps allowed",
-                                 check=positive_int, resume=False, metavar="N")
+    nonfinite: str = setting(
+        "skip",
+        "on a NaN/Inf loss or gradient: skip the step, or stop after "
+        "--max-nonfinite in a row (exit 2); NaN weights are never saved",
+        choices=("skip", "stop"),
+        resume=False,
+    )
+    max_nonfinite: int = setting(
+        5, "with --nonfinite stop: consecutive non-finite steps allowed", check=positive_int, resume=False, metavar="N"
+    )
     progress: bool = setting(True, "progress bar", resume=False)
-    threads: Optional[int] = setting(None, "torch CPU threads (default: torch's choice)", check=threads,
-                                     resume=False)
+    threads: Optional[int] = setting(None, "torch CPU threads (default: torch's choice)", check=threads, resume=False)
     out: str = setting("runs/run", "run directory", resume=False)
     resume: bool = setting(False, "continue the run in --out from its latest checkpoint", resume=False)
     overwrite: bool = setting(False, "start over in an --out that holds a run", resume=False)
-    dry_run: bool = setting(False, "check flags, data, model and --out, print the resolved run; write nothing",
-                            resume=False)
-    report_to: str = setting("none", "experiment trackers to watch the run in, comma-separated: tensorboard, wandb, "
-                             "mlflow, trackio; all (every one installed) or none (docs/tracking.md)",
-                             check=lambda flag, value: _check_report_to(flag, value), resume=False,
-                             metavar="TRACKERS", group=TRACKING)
-    run_name: Optional[str] = setting(None, "the run's name in the trackers", resume=False,
-                                      default_text="--out's directory name", group=TRACKING)
-    log_every: int = setting(10, "send the training means (loss, lr, tokens/s, step time, SAM's loss at w+eps, "
-                             "|g|, |eps|, SAM-step share, update-gradient norm) to the trackers every N steps",
-                             check=positive_int, resume=False, group=TRACKING)
-    run_group: Optional[str] = setting(None, "the trackers' group of this run (W&B group, MLflow experiment, "
-                                       "trackio project); set by compare and the studies", resume=False, cli=False)
+    dry_run: bool = setting(
+        False, "check flags, data, model and --out, print the resolved run; write nothing", resume=False
+    )
+    report_to: str = setting(
+        "none",
+        "experiment trackers to watch the run in, comma-separated: tensorboard, wandb, "
+        "mlflow, trackio; all (every one installed) or none (docs/tracking.md)",
+        check=lambda flag, value: _check_report_to(flag, value),
+        resume=False,
+        metavar="TRACKERS",
+        group=TRACKING,
+    )
+    run_name: Optional[str] = setting(
+        None, "the run's name in the trackers", resume=False, default_text="--out's directory name", group=TRACKING
+    )
+    log_every: int = setting(
+        10,
+        "send the training means (loss, lr, tokens/s, step time, SAM's loss at w+eps, "
+        "|g|, |eps|, SAM-step share, update-gradient norm) to the trackers every N steps",
+        check=positive_int,
+        resume=False,
+        group=TRACKING,
+    )
+    run_group: Optional[str] = setting(
+        None,
+        "the trackers' group of this run (W&B group, MLflow experiment, "
+        "trackio project); set by compare and the studies",
+        resume=False,
+        cli=False,
+    )
 
 
 @dataclass
 class ParallelSettings:
     """devices and processes (multi-GPU: torchrun --nproc-per-node N -m samlm ... or accelerate launch -m samlm ...)"""
 
-    device: str = setting("auto", "auto (cuda:<local rank> if available, else cpu), cpu, cuda, cuda:N",
-                          resume=False)
-    strategy: str = setting("auto", "data parallelism across processes: auto (FSDP under accelerate's --use_fsdp, "
-                            "else DDP when launched on several processes), ddp, fsdp (FSDP2), none",
-                            choices=("auto", "ddp", "fsdp", "none"), resume=False)
-    sync_ascent: bool = setting(False, "average SAM's ascent gradient over processes (exact global SAM); default: "
-                                "each process perturbs with its own gradient (m-sharpness, m = processes)",
-                                resume=False)
-    compile: bool = setting(False, "torch.compile the model's forward (the first steps of each batch shape "
-                            "compile: minutes on a CPU; needs a C++ compiler there)", resume=False)
-    mixed_precision: Optional[str] = setting(None, "no | bf16 (autocast) | fp16 (autocast + GradScaler)",
-                                             choices=("no", "bf16", "fp16"), resume=False,
-                                             default_text="accelerate's setting, else no")
+    device: str = setting("auto", "auto (cuda:<local rank> if available, else cpu), cpu, cuda, cuda:N", resume=False)
+    strategy: str = setting(
+        "auto",
+        "data parallelism across processes: auto (FSDP under accelerate's --use_fsdp, "
+        "else DDP when launched on several processes), ddp, fsdp (FSDP2), none",
+        choices=("auto", "ddp", "fsdp", "none"),
+        resume=False,
+    )
+    sync_ascent: bool = setting(
+        False,
+        "average SAM's ascent gradient over processes (exact global SAM); default: "
+        "each process perturbs with its own gradient (m-sharpness, m = processes)",
+        resume=False,
+    )
+    compile: bool = setting(
+        False,
+        "torch.compile the model's forward (the first steps of each batch shape "
+        "compile: minutes on a CPU; needs a C++ compiler there)",
+        resume=False,
+    )
+    mixed_precision: Optional[str] = setting(
+        None,
+        "no | bf16 (autocast) | fp16 (autocast + GradScaler)",
+        choices=("no", "bf16", "fp16"),
+        resume=False,
+        default_text="accelerate's setting, else no",
+    )
 
 
 # --------------------------------------------------------------------------- generated from the fields
@@ -271,8 +350,11 @@ def _types(cls) -> dict[str, Any]:
 
 def _base_type(hint) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", ())) \
-        and len(args) == 1 else hint
+    return (
+        args[0]
+        if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", ())) and len(args) == 1
+        else hint
+    )
 
 
 def _group_title(cls, field: dataclasses.Field) -> str:
@@ -293,8 +375,9 @@ def _default_text(field: dataclasses.Field) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...] = (),
-                  only: Optional[tuple[str, ...]] = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...] = (), only: Optional[tuple[str, ...]] = None
+) -> None:
     """One flag per CLI field of the dataclass ``cls``, grouped by setting group.
 
     Defaults are not put in the namespace (``argparse.SUPPRESS``): :func:`from_args` takes the
@@ -302,7 +385,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, .
     types = _types(cls)
     groups: dict[str, Any] = {}
     for field in fields(cls):
-        if not field.metadata.get("cli", True) or field.name in exclude or (only is not None and field.name not in only):
+        if (
+            not field.metadata.get("cli", True)
+            or field.name in exclude
+            or (only is not None and field.name not in only)
+        ):
             continue
         title = _group_title(cls, field)
         group = groups.get(title)
@@ -384,8 +471,7 @@ def from_mapping(cls, values: Mapping[str, Any], what: str = "setting"):
 
 def identity(config) -> dict:
     """The settings a resumed run must share with the run it continues."""
-    return {f.name: v for f in fields(config) if f.metadata.get("resume", True)
-            for v in [getattr(config, f.name)]}
+    return {f.name: v for f in fields(config) if f.metadata.get("resume", True) for v in [getattr(config, f.name)]}
 
 
 class _Unused:
@@ -409,6 +495,7 @@ UNUSED = _Unused()
 
 def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """Keys whose values differ between two identity dicts (tuples and lists compare equal)."""
+
     def norm(v):
         return list(v) if isinstance(v, tuple) else v
 
@@ -431,4 +518,3 @@ def override(group, name: str, /, **changes) -> Any:
         raise TypeError(f"override({name}): unknown parts {sorted(unknown)}")
     metadata.update(changes)
     return dataclasses.field(default=default, metadata=metadata)
-

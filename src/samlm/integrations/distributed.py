@@ -53,10 +53,10 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: Optional[str] = None          # "nccl" | "gloo" | None (not distributed)
-    launcher: str = "none"                 # "torchrun" | "accelerate" | "none"
-    mixed_precision: str = "no"            # from accelerate's config/flags, else "no"
-    use_fsdp: bool = False                 # accelerate launch --use_fsdp
+    backend: Optional[str] = None  # "nccl" | "gloo" | None (not distributed)
+    launcher: str = "none"  # "torchrun" | "accelerate" | "none"
+    mixed_precision: str = "no"  # from accelerate's config/flags, else "no"
+    use_fsdp: bool = False  # accelerate launch --use_fsdp
 
     @property
     def is_distributed(self) -> bool:
@@ -88,14 +88,22 @@ def launch_env(env: Optional[Mapping[str, str]] = None) -> dict:
             "passes of a SAM step cannot run inside it; launch with DDP or FSDP instead"
         )
     return {
-        "rank": rank, "local_rank": local_rank, "world_size": world_size, "launcher": launcher,
+        "rank": rank,
+        "local_rank": local_rank,
+        "world_size": world_size,
+        "launcher": launcher,
         "mixed_precision": mixed,
         "use_fsdp": str(env.get("ACCELERATE_USE_FSDP", "false")).lower() == "true",
     }
 
 
-def setup_distributed(*, backend: Optional[str] = None, device: Optional[str | torch.device] = None,
-                      timeout_s: Optional[float] = None, env: Optional[Mapping[str, str]] = None) -> DistInfo:
+def setup_distributed(
+    *,
+    backend: Optional[str] = None,
+    device: Optional[str | torch.device] = None,
+    timeout_s: Optional[float] = None,
+    env: Optional[Mapping[str, str]] = None,
+) -> DistInfo:
     """Detect the launcher, pick this process's device and initialise the process group.
 
     Idempotent: an already initialised process group is kept. With a world of one nothing is
@@ -121,8 +129,9 @@ def setup_distributed(*, backend: Optional[str] = None, device: Optional[str | t
         kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         if chosen == "nccl":
             kwargs["device_id"] = device
-        dist.init_process_group(backend=chosen, init_method="env://", rank=info["rank"],
-                                world_size=info["world_size"], **kwargs)
+        dist.init_process_group(
+            backend=chosen, init_method="env://", rank=info["rank"], world_size=info["world_size"], **kwargs
+        )
     return DistInfo(device=device, backend=chosen, **info)
 
 
@@ -158,8 +167,9 @@ def all_reduce_mean(value: float | Tensor, device: Optional[torch.device] = None
     """The mean of a scalar over all processes (e.g. a metric); the value itself when single."""
     if not is_distributed():
         return float(value)
-    t = torch.as_tensor(value, dtype=torch.float64 if device is None or device.type == "cpu" else torch.float32,
-                        device=device).clone()
+    t = torch.as_tensor(
+        value, dtype=torch.float64 if device is None or device.type == "cpu" else torch.float32, device=device
+    ).clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t) / dist.get_world_size()
 
@@ -236,8 +246,14 @@ def sam_kwargs_for(strategy: str, process_group=None) -> dict:
     return {}
 
 
-def prepare(model: nn.Module, *, strategy: str = "auto", info: Optional[DistInfo] = None,
-            find_unused_parameters: bool = False, **wrapper_kwargs) -> Prepared:
+def prepare(
+    model: nn.Module,
+    *,
+    strategy: str = "auto",
+    info: Optional[DistInfo] = None,
+    find_unused_parameters: bool = False,
+    **wrapper_kwargs,
+) -> Prepared:
     """Set up the process group (``setup_distributed``), move ``model`` to this process's device
     and wrap it for data parallelism.
 
@@ -255,13 +271,15 @@ def prepare(model: nn.Module, *, strategy: str = "auto", info: Optional[DistInfo
     if strategy == "ddp" and info.is_distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, **wrapper_kwargs)
+            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, **wrapper_kwargs
+        )
     elif strategy == "fsdp" and info.is_distributed:
         wrapped = shard_model(model, **wrapper_kwargs)
     else:
         wrapped = model
-    return Prepared(model=wrapped, module=unwrap_model(wrapped), info=info, strategy=strategy,
-                    sam_kwargs=sam_kwargs_for(strategy))
+    return Prepared(
+        model=wrapped, module=unwrap_model(wrapped), info=info, strategy=strategy, sam_kwargs=sam_kwargs_for(strategy)
+    )
 
 
 def shard_model(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
@@ -313,8 +331,9 @@ def check_batch_split(rows: int, world_size: int, what: str = "--batch") -> None
     if rows % world_size:
         from samlm.errors import UserError
 
-        raise UserError(f"{what} {rows} cannot be split evenly over {world_size} processes: "
-                        f"use a multiple of {world_size}")
+        raise UserError(
+            f"{what} {rows} cannot be split evenly over {world_size} processes: use a multiple of {world_size}"
+        )
 
 
 def shard_batches(batches, rank: Optional[int] = None, world_size: Optional[int] = None):
@@ -396,8 +415,10 @@ def load_optimizer_state(module: nn.Module, optimizer, state: Mapping) -> None:
     if sharded != is_fsdp2(module):
         saved = "with FSDP" if sharded else "without FSDP"
         now = "with" if is_fsdp2(module) else "without"
-        raise ValueError(f"the checkpoint's optimizer state was saved {saved}; this run is {now} FSDP: "
-                         "resume with the strategy it was saved with")
+        raise ValueError(
+            f"the checkpoint's optimizer state was saved {saved}; this run is {now} FSDP: "
+            "resume with the strategy it was saved with"
+        )
     if not sharded:
         optimizer.load_state_dict(state)
         return

@@ -204,12 +204,16 @@ def head_kind(module: torch.nn.Module) -> Optional[str]:
             return kind
     # A class outside the auto mappings named like a standard head (transformers' own loss_type)
     loss_type = getattr(module, "loss_type", None)
-    return loss_type if loss_type in ("ForCausalLM", "ForMaskedLM", "ForSequenceClassification",
-                                      "ForTokenClassification") else None
+    return (
+        loss_type
+        if loss_type in ("ForCausalLM", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification")
+        else None
+    )
 
 
-def head_loss(kind: str, module: torch.nn.Module,
-              reduction: str = "mean") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def head_loss(
+    kind: str, module: torch.nn.Module, reduction: str = "mean"
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss(logits, labels)``: the mean loss the model of head ``kind`` computes from its logits
     (its ``outputs.loss``); ``reduction="sum"``: summed over the label tokens instead (the
     token-level heads, :data:`TOKEN_HEADS`)."""
@@ -268,10 +272,19 @@ class SAMTrainerMixin:
             metrics from the logits, e.g. SFTTrainer's ``entropy``/``mean_token_accuracy``).
     """
 
-    def __init__(self, *args, sam_method: Optional[str] = None, rho: Optional[float] = None,
-                 ascent_fraction: float = 0.25, m: int = 1, sync_ascent: bool = False,
-                 sam_loss: Optional[SamLoss] = None, clean_loss: Optional[bool] = None,
-                 sam_base: Optional[str] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        sam_method: Optional[str] = None,
+        rho: Optional[float] = None,
+        ascent_fraction: float = 0.25,
+        m: int = 1,
+        sync_ascent: bool = False,
+        sam_loss: Optional[SamLoss] = None,
+        clean_loss: Optional[bool] = None,
+        sam_base: Optional[str] = None,
+        **kwargs,
+    ):
         if sam_base not in SAM_BASES:
             raise ValueError(f"sam_base must be one of {SAM_BASES}, got {sam_base!r}")
         super().__init__(*args, **kwargs)
@@ -284,8 +297,9 @@ class SAMTrainerMixin:
                     f"got {type(given).__name__}; wrap it (e.g. samlm.SAM(optimizer)) or pass sam_method=... instead"
                 )
             if sam_method is not None or rho is not None or sam_base is not None:
-                raise ValueError("pass either sam_method/rho/sam_base or optimizers=(samlm optimizer, scheduler), "
-                                 "not both")
+                raise ValueError(
+                    "pass either sam_method/rho/sam_base or optimizers=(samlm optimizer, scheduler), not both"
+                )
             self.optimizer = TrainerOptimizer(given, flat_state_dict=self.is_fsdp_enabled)
         else:
             sam_method = sam_method or "sam"
@@ -321,12 +335,19 @@ class SAMTrainerMixin:
         """``samlm.optim.build_muon`` (as the harness builds it) with ``args``' hyperparameters and
         Trainer's weight-decay rule for AdamW's half."""
         if self.is_fsdp_enabled:
-            raise ValueError("Muon orthogonalizes whole weight matrices, which FSDP shards across processes: "
-                             "use DDP with sam_base='muon'")
+            raise ValueError(
+                "Muon orthogonalizes whole weight matrices, which FSDP shards across processes: "
+                "use DDP with sam_base='muon'"
+            )
         args, decay = self.args, set(self.get_decay_parameter_names(model))
-        return build_muon(model, lr=args.learning_rate, weight_decay=args.weight_decay,
-                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                          no_decay=[n for n, _ in model.named_parameters() if n not in decay])
+        return build_muon(
+            model,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            no_decay=[n for n, _ in model.named_parameters() if n not in decay],
+        )
 
     def _build_sam(self, base: torch.optim.Optimizer) -> SharpnessAware:
         entry = method(self.sam_method)
@@ -386,8 +407,9 @@ class SAMTrainerMixin:
             clean.closed = True  # the step's own passes at w add nothing more
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
         batch = micro_batches if len(micro_batches) > 1 else micro_batches[0]
-        stats = opt.train_step(batch, forward, loss, model=model, scaler=self._take_over_grad_scaler(),
-                               max_grad_norm=max_norm)
+        stats = opt.train_step(
+            batch, forward, loss, model=model, scaler=self._take_over_grad_scaler(), max_grad_norm=max_norm
+        )
         if hasattr(self.optimizer, "_is_overflow"):
             self.optimizer._is_overflow = stats.skipped  # accelerate: a skipped step keeps the LR
         if clean is not None:
@@ -400,8 +422,11 @@ class SAMTrainerMixin:
             self._sam_log_ascent_only |= not complete
             self.sam_clean_outputs_done(micro_batches, complete)
         self.sam_last_stats = stats
-        for key, value in (("loss_perturbed", stats.loss_perturbed), ("sam_eps_norm", stats.eps_norm),
-                           ("sam_ascent_grad_norm", stats.grad_norm)):
+        for key, value in (
+            ("loss_perturbed", stats.loss_perturbed),
+            ("sam_eps_norm", stats.eps_norm),
+            ("sam_ascent_grad_norm", stats.grad_norm),
+        ):
             self._sam_log_sums[key] = self._sam_log_sums.get(key, 0.0) + value
         self._sam_log_steps += 1
         return stats
@@ -434,8 +459,13 @@ class SAMTrainerMixin:
             return outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
 
         per_token = None
-        if self.sam_loss is None and kind in TOKEN_HEADS and self._sam_num_items is not None \
-                and self.label_smoother is None and micro_batches:
+        if (
+            self.sam_loss is None
+            and kind in TOKEN_HEADS
+            and self._sam_num_items is not None
+            and self.label_smoother is None
+            and micro_batches
+        ):
             # Trainer's token weighting: the window's loss is its label tokens' summed loss / N.
             # The driver weights a piece by its rows, so a piece's loss is its summed loss over
             # (its rows x the window's mean label tokens per row): exact for the descent, and the
@@ -443,8 +473,9 @@ class SAMTrainerMixin:
             world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             rows = sum(_rows(b) for b in micro_batches)
             per_token = float(self._sam_num_items) / world / rows
-        recorder = _Recorder(opt, self.sam_clean_outputs, label_key,
-                             tokens=None if per_token is None else (per_token, kind))
+        recorder = _Recorder(
+            opt, self.sam_clean_outputs, label_key, tokens=None if per_token is None else (per_token, kind)
+        )
 
         if self.sam_loss is not None:
             return logits, recorder.wrap(self.sam_loss)

@@ -42,8 +42,10 @@ class SAMSFTTrainer(SAMTrainerMixin, SFTTrainer):
         custom = getattr(self.args, "loss_type", "nll") != "nll" or self.compute_loss_func is not None
         if custom and self.sam_loss is None:
             what = f"loss_type={self.args.loss_type!r}" if self.args.loss_type != "nll" else "compute_loss_func"
-            raise ValueError(f"SAMSFTTrainer with {what} trains on another loss than the causal LM's: pass "
-                             "sam_loss=fn(logits, batch) -> mean loss, the same loss as a function of the logits")
+            raise ValueError(
+                f"SAMSFTTrainer with {what} trains on another loss than the causal LM's: pass "
+                "sam_loss=fn(logits, batch) -> mean loss, the same loss as a function of the logits"
+            )
         self._sam_sft_sums = torch.zeros(3, dtype=torch.float64)  # entropy, correct, valid positions
 
     def sam_clean_outputs(self, logits: torch.Tensor, batch: Mapping) -> None:

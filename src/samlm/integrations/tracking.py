@@ -43,15 +43,26 @@ from samlm.progress import say
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 # The module each tracker needs, and what to install for it.
-_MODULES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "mlflow": ("mlflow", "mlflow-skinny"), "trackio": ("trackio", "trackio")}
-IDS_FILE = "tracking.json"          # in the run directory: each tracker's run id (resume continues it)
-TENSORBOARD_DIR = "tensorboard"     # in the run directory: TensorBoard's event files
+_MODULES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+    "trackio": ("trackio", "trackio"),
+}
+IDS_FILE = "tracking.json"  # in the run directory: each tracker's run id (resume continues it)
+TENSORBOARD_DIR = "tensorboard"  # in the run directory: TensorBoard's event files
 DEFAULT_PROJECT = "samlm"
 # Environment variables whose values are secrets: masked wherever they might surface.
-SECRET_VARIABLES = ("WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN",
-                    "HUGGING_FACE_HUB_TOKEN", "DATABRICKS_TOKEN", "AWS_SECRET_ACCESS_KEY",
-                    "AZURE_STORAGE_ACCESS_KEY")
+SECRET_VARIABLES = (
+    "WANDB_API_KEY",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "DATABRICKS_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+)
 
 
 # --------------------------------------------------------------------------- the setting
@@ -72,8 +83,10 @@ def parse_report_to(value: Optional[str | Iterable[str]]) -> tuple[str, ...]:
     missing = [t for t in items if not installed(t)]
     if missing:
         packages = " ".join(_MODULES[t][1] for t in missing)
-        raise UserError(f"--report-to {','.join(missing)} needs {packages}: pip install 'samlm[tracking]' "
-                        f"(or pip install {packages})")
+        raise UserError(
+            f"--report-to {','.join(missing)} needs {packages}: pip install 'samlm[tracking]' "
+            f"(or pip install {packages})"
+        )
     return tuple(items)
 
 
@@ -125,8 +138,11 @@ def hyperparameters(record: Optional[Mapping[str, Any]]) -> dict[str, Any]:
             for key, inner in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), inner)
         elif isinstance(value, (list, tuple)):
-            flat[prefix] = redact(json.dumps(value)) if any(isinstance(v, (dict, list)) for v in value) else \
-                ",".join(redact(str(v)) for v in value)
+            flat[prefix] = (
+                redact(json.dumps(value))
+                if any(isinstance(v, (dict, list)) for v in value)
+                else ",".join(redact(str(v)) for v in value)
+            )
         elif isinstance(value, str):
             flat[prefix] = redact(value)
         else:
@@ -160,8 +176,15 @@ class _Adapter:
 
     name = ""
 
-    def __init__(self, out: Path, run_name: str, group: Optional[str], hparams: Mapping[str, Any],
-                 run_id: Optional[str], step: int):
+    def __init__(
+        self,
+        out: Path,
+        run_name: str,
+        group: Optional[str],
+        hparams: Mapping[str, Any],
+        run_id: Optional[str],
+        step: int,
+    ):
         self.out, self.run_name, self.group, self.hparams, self.step = out, run_name, group, hparams, step
         self.run_id = run_id
 
@@ -207,9 +230,16 @@ class _Wandb(_Adapter):
         import wandb
 
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, name=self.run_name,
-                              group=self.group, id=self.run_id, resume="allow", dir=str(self.out),
-                              config=dict(self.hparams), reinit="finish_previous")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            name=self.run_name,
+            group=self.group,
+            id=self.run_id,
+            resume="allow",
+            dir=str(self.out),
+            config=dict(self.hparams),
+            reinit="finish_previous",
+        )
         # the loop's step is the x-axis (a resumed run logs again from its checkpoint's step)
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
@@ -239,7 +269,7 @@ class _MLflow(_Adapter):
         self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in self.hparams.items() if v is not None]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def log(self, metrics, step):
         import time
@@ -265,8 +295,15 @@ class _Trackio(_Adapter):
 
         project = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.group or DEFAULT_PROJECT).strip("-") or DEFAULT_PROJECT
         with contextlib.redirect_stdout(_io.StringIO()):  # its banner would break the progress bar
-            self.run = trackio.init(project=project, name=self.run_name, config=dict(self.hparams),
-                                    resume="allow", embed=False, auto_log_cpu=False, auto_log_gpu=False)
+            self.run = trackio.init(
+                project=project,
+                name=self.run_name,
+                config=dict(self.hparams),
+                resume="allow",
+                embed=False,
+                auto_log_cpu=False,
+                auto_log_gpu=False,
+            )
         self.run_id = f"{project}/{self.run_name}"
 
     def log(self, metrics, step):
@@ -327,21 +364,29 @@ class Trackers:
 
 def _warn(name: str, what: str, exc: BaseException) -> None:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    say(f"warning: {name} failed ({what}: {type(exc).__name__}: {redact(text)[:300]}); "
-        f"training continues without it")
+    say(f"warning: {name} failed ({what}: {type(exc).__name__}: {redact(text)[:300]}); training continues without it")
 
 
-def start(report_to: Optional[str | Iterable[str]], out: str | Path, *, run_name: Optional[str] = None,
-          group: Optional[str] = None, hparams: Optional[Mapping[str, Any]] = None, resume: bool = False,
-          step: int = 0) -> Trackers:
+def start(
+    report_to: Optional[str | Iterable[str]],
+    out: str | Path,
+    *,
+    run_name: Optional[str] = None,
+    group: Optional[str] = None,
+    hparams: Optional[Mapping[str, Any]] = None,
+    resume: bool = False,
+    step: int = 0,
+) -> Trackers:
     """Open (``resume``: continue) the run's trackers. ``out``: the run directory (TensorBoard's
     events and W&B's files go there; ``tracking.json`` keeps each tracker's run id). ``run_name``:
     default the directory's name. ``hparams``: flat hyperparameters (:func:`hyperparameters`)."""
     names = parse_report_to(report_to)
     if not names:
         if _items(report_to) == ["all"]:  # as Trainer's report_to="all", but said rather than silent
-            say("--report-to all: no tracker library is installed, so nothing is reported "
-                "(metrics.jsonl has everything); pip install 'samlm[tracking]'")
+            say(
+                "--report-to all: no tracker library is installed, so nothing is reported "
+                "(metrics.jsonl has everything); pip install 'samlm[tracking]'"
+            )
         return Trackers()
     out = Path(out)
     ids_file = out / IDS_FILE
@@ -371,7 +416,8 @@ def start(report_to: Optional[str | Iterable[str]], out: str | Path, *, run_name
     return Trackers(adapters, out=out)
 
 
-def continue_run(out: str | Path, report_to: Optional[str], *, run_name: Optional[str] = None,
-                 group: Optional[str] = None) -> Trackers:
+def continue_run(
+    out: str | Path, report_to: Optional[str], *, run_name: Optional[str] = None, group: Optional[str] = None
+) -> Trackers:
     """The trackers of a finished run, opened again to add what was measured after training."""
     return start(report_to, out, run_name=run_name, group=group, resume=True)

@@ -11,5 +11,12 @@ from samlm.models.causal import (
     load_model_config,
 )
 
-__all__ = ["ARCHITECTURES", "build_decoder", "count_parameters", "estimate_parameters", "lm_forward",
-           "load_causal_lm", "load_model_config"]
+__all__ = [
+    "ARCHITECTURES",
+    "build_decoder",
+    "count_parameters",
+    "estimate_parameters",
+    "lm_forward",
+    "load_causal_lm",
+    "load_model_config",
+]

@@ -68,7 +68,13 @@ def build_decoder(
 def _check_shape(arch, layers, width, heads, context, vocab_size, dropout) -> None:
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHITECTURES)})")
-    for name, value in (("layers", layers), ("width", width), ("heads", heads), ("context", context), ("vocab_size", vocab_size)):
+    for name, value in (
+        ("layers", layers),
+        ("width", width),
+        ("heads", heads),
+        ("context", context),
+        ("vocab_size", vocab_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
     if width % heads:
@@ -86,8 +92,9 @@ def _physical_memory_bytes() -> int | None:
         return None
 
 
-def estimate_parameters(arch: str, config, layers: int, width: int, context: int, vocab_size: int,
-                        tie_embeddings: bool) -> int:
+def estimate_parameters(
+    arch: str, config, layers: int, width: int, context: int, vocab_size: int, tie_embeddings: bool
+) -> int:
     """Parameters of a decoder from its shape, without building it (within a few per cent)."""
     embeddings = vocab_size * width * (1 if tie_embeddings else 2)
     if arch == "gpt2":
@@ -116,18 +123,31 @@ def _make_config(arch, layers, width, heads, context, vocab_size, dropout, tie_e
         from transformers import GPT2Config
 
         return GPT2Config(
-            n_layer=layers, n_embd=width, n_head=heads, n_positions=context, vocab_size=vocab_size,
+            n_layer=layers,
+            n_embd=width,
+            n_head=heads,
+            n_positions=context,
+            vocab_size=vocab_size,
             n_inner=None if mlp_ratio is None else int(round(mlp_ratio * width)),
-            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-            tie_word_embeddings=tie_embeddings, **special_tokens,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            tie_word_embeddings=tie_embeddings,
+            **special_tokens,
         )
     from transformers import LlamaConfig
 
     hidden = _round_up(math.ceil((8 / 3 if mlp_ratio is None else mlp_ratio) * width), 32)
     return LlamaConfig(
-        hidden_size=width, intermediate_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=context,
-        vocab_size=vocab_size, attention_dropout=dropout, tie_word_embeddings=tie_embeddings,
+        hidden_size=width,
+        intermediate_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=context,
+        vocab_size=vocab_size,
+        attention_dropout=dropout,
+        tie_word_embeddings=tie_embeddings,
         **special_tokens,
     )
 
@@ -237,8 +257,10 @@ def config_error(spec: str, exc: Exception) -> UserError:
     """The one-line error for a model config that cannot be loaded."""
     text = str(exc)
     if "custom code" in text or "trust_remote_code" in text:
-        return UserError(f"'{spec}' ships its own model code, which samlm runs only with --trust-remote-code; "
-                         "read that code first, then pass the flag if you trust it")
+        return UserError(
+            f"'{spec}' ships its own model code, which samlm runs only with --trust-remote-code; "
+            "read that code first, then pass the flag if you trust it"
+        )
     return UserError(f"could not load the model config of '{spec}': {first_line(exc)}")
 
 

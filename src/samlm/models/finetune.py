@@ -61,9 +61,9 @@ MT5_TYPES = ("mt5", "umt5")
 class ModelInfo:
     """What a model's config says, read before any weights are loaded."""
 
-    spec: str                       # as given (--model)
-    source: str                     # what from_pretrained gets (a directory or a hub id)
-    family: str                     # "seq2seq" or "classifier"
+    spec: str  # as given (--model)
+    source: str  # what from_pretrained gets (a directory or a hub id)
+    family: str  # "seq2seq" or "classifier"
     model_type: str
     config: Any = field(repr=False)
     trust_remote_code: bool = False
@@ -112,14 +112,24 @@ class ModelInfo:
             if title and len(title) <= 100:
                 return title
         named = str(getattr(self.config, "_name_or_path", "") or getattr(self.config, "name_or_path", "") or "")
-        if named and not Path(named).expanduser().exists() and not named.startswith(("/", ".", "~")) \
-                and named.count("/") <= 1:
+        if (
+            named
+            and not Path(named).expanduser().exists()
+            and not named.startswith(("/", ".", "~"))
+            and named.count("/") <= 1
+        ):
             return named
         return f"{self.model_type} ({path.resolve()})"
 
     def describe(self) -> dict:
-        return {"model": self.spec, "name": self.name, "family": self.family, "model_type": self.model_type,
-                "d_model": self.d_model, "t5_size": self.t5_size}
+        return {
+            "model": self.spec,
+            "name": self.name,
+            "family": self.family,
+            "model_type": self.model_type,
+            "d_model": self.d_model,
+            "t5_size": self.t5_size,
+        }
 
 
 def inspect_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> ModelInfo:
@@ -156,7 +166,9 @@ def _family(config) -> str | None:
         return None
     # A bidirectional encoder: has a masked-LM model and a sequence-classification head.
     # (Decoder-only LMs such as GPT-2 and Llama have classification heads too, but no MLM.)
-    in_mapping = kind in AutoModelForSequenceClassification._model_mapping and kind in AutoModelForMaskedLM._model_mapping
+    in_mapping = (
+        kind in AutoModelForSequenceClassification._model_mapping and kind in AutoModelForMaskedLM._model_mapping
+    )
     if in_mapping or "AutoModelForSequenceClassification" in auto_map:
         return CLASSIFIER
     return None
@@ -203,14 +215,34 @@ def paper_defaults(info: ModelInfo, optimizer: str | None = None) -> dict[str, A
     """
     if info.is_t5:
         rho = 0.02 if info.is_mt5 else (0.05 if info.t5_size == "small" else 0.15)
-        return {"optimizer": "adafactor", "base": "adafactor", "lr": 1e-3, "batch": 128,
-                "ascent_fraction": 0.25, "rho": rho if optimizer in (None, "sam", "fsam") else None,
-                "source": f"Bahri et al. 2022 ({'mT5' if info.is_mt5 else 'T5'} {info.t5_size or ''}".rstrip() + ")"}
+        return {
+            "optimizer": "adafactor",
+            "base": "adafactor",
+            "lr": 1e-3,
+            "batch": 128,
+            "ascent_fraction": 0.25,
+            "rho": rho if optimizer in (None, "sam", "fsam") else None,
+            "source": f"Bahri et al. 2022 ({'mT5' if info.is_mt5 else 'T5'} {info.t5_size or ''}".rstrip() + ")",
+        }
     if info.family == SEQ2SEQ:
-        return {"optimizer": "adafactor", "base": "adafactor", "lr": 1e-3, "batch": 128,
-                "ascent_fraction": 0.25, "rho": None, "source": "seq2seq (T5-style)"}
-    return {"optimizer": "adamw", "base": "adamw", "lr": 2e-5, "batch": 32, "ascent_fraction": 0.25,
-            "rho": None, "source": "encoder classifier (BERT-style)"}
+        return {
+            "optimizer": "adafactor",
+            "base": "adafactor",
+            "lr": 1e-3,
+            "batch": 128,
+            "ascent_fraction": 0.25,
+            "rho": None,
+            "source": "seq2seq (T5-style)",
+        }
+    return {
+        "optimizer": "adamw",
+        "base": "adamw",
+        "lr": 2e-5,
+        "batch": 32,
+        "ascent_fraction": 0.25,
+        "rho": None,
+        "source": "encoder classifier (BERT-style)",
+    }
 
 
 # --------------------------------------------------------------------------- loading
@@ -245,21 +277,23 @@ def load_finetune_model(
                     model = AutoModelForSeq2SeqLM.from_pretrained(info.source, dtype=torch.float32, **kwargs)
                 else:
                     regression = task.kind == REGRESSION
-                    head = {"num_labels": task.num_labels,
-                            "problem_type": "regression" if regression else "single_label_classification"}
+                    head = {
+                        "num_labels": task.num_labels,
+                        "problem_type": "regression" if regression else "single_label_classification",
+                    }
                     if not regression:
                         head["id2label"] = dict(enumerate(task.labels))
                         head["label2id"] = {label: i for i, label in enumerate(task.labels)}
                     model = AutoModelForSequenceClassification.from_pretrained(
-                        info.source, dtype=torch.float32, ignore_mismatched_sizes=True, **head, **kwargs)
+                        info.source, dtype=torch.float32, ignore_mismatched_sizes=True, **head, **kwargs
+                    )
             except Exception as exc:
                 raise UserError(f"could not load model '{info.spec}': {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         raise UserError(f"the tokenizer of '{info.spec}' has no padding token")
     model.to(device)
     model.train()
-    return FinetuneModel(info, model, tokenizer, max_input_length=max_input_length,
-                         max_target_length=max_target_length)
+    return FinetuneModel(info, model, tokenizer, max_input_length=max_input_length, max_target_length=max_target_length)
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -268,8 +302,9 @@ def load_finetune_model(
 class FinetuneModel:
     """A model plus its tokenizer, adapted to the optimizer contract and to evaluation."""
 
-    def __init__(self, info: ModelInfo, model: nn.Module, tokenizer, *, max_input_length: int = 512,
-                 max_target_length: int = 128):
+    def __init__(
+        self, info: ModelInfo, model: nn.Module, tokenizer, *, max_input_length: int = 512, max_target_length: int = 128
+    ):
         if max_input_length < 1 or max_target_length < 1:
             raise UserError("maximum input and target lengths must be >= 1")
         self.info = info
@@ -301,13 +336,23 @@ class FinetuneModel:
         return batch
 
     def _encode_inputs(self, examples: Sequence[Example]) -> dict[str, Tensor]:
-        enc = self.tokenizer([e.inputs for e in examples], padding=True, truncation=True,
-                             max_length=self.max_input_length, return_tensors="pt")
+        enc = self.tokenizer(
+            [e.inputs for e in examples],
+            padding=True,
+            truncation=True,
+            max_length=self.max_input_length,
+            return_tensors="pt",
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def _encode_targets(self, targets: Sequence[str]) -> Tensor:
-        enc = self.tokenizer(text_target=list(targets), padding=True, truncation=True,
-                             max_length=self.max_target_length, return_tensors="pt")
+        enc = self.tokenizer(
+            text_target=list(targets),
+            padding=True,
+            truncation=True,
+            max_length=self.max_target_length,
+            return_tensors="pt",
+        )
         return enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE_INDEX)
 
     def _decoder_inputs(self, labels: Tensor) -> Tensor:
@@ -329,11 +374,18 @@ class FinetuneModel:
         first = [e.text_a for e in examples]
         second = [e.text_b for e in examples]
         if all(s is None for s in second):
-            enc = self.tokenizer(first, padding=True, truncation=True, max_length=self.max_input_length,
-                                 return_tensors="pt")
+            enc = self.tokenizer(
+                first, padding=True, truncation=True, max_length=self.max_input_length, return_tensors="pt"
+            )
         else:
-            enc = self.tokenizer(first, [s or "" for s in second], padding=True, truncation=True,
-                                 max_length=self.max_input_length, return_tensors="pt")
+            enc = self.tokenizer(
+                first,
+                [s or "" for s in second],
+                padding=True,
+                truncation=True,
+                max_length=self.max_input_length,
+                return_tensors="pt",
+            )
         return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
     def _label_tensor(self, examples: Sequence[Example]) -> Tensor:
@@ -353,8 +405,12 @@ class FinetuneModel:
         ``module``: run this wrapper of the model instead (DDP/FSDP during training)."""
         module = self.model if module is None else module
         if self.family == SEQ2SEQ:
-            out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         decoder_input_ids=batch["decoder_input_ids"], use_cache=False)
+            out = module(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=batch["decoder_input_ids"],
+                use_cache=False,
+            )
         else:
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
             out = module(**inputs)
@@ -365,8 +421,7 @@ class FinetuneModel:
         labels = batch["labels"]
         logits = logits.float()
         if self.family == SEQ2SEQ:
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         if self.model.config.problem_type == "regression":
             return F.mse_loss(logits.reshape(-1), labels.float().reshape(-1))
         return F.cross_entropy(logits, labels)
@@ -374,8 +429,9 @@ class FinetuneModel:
     # ---- evaluation
 
     @torch.no_grad()
-    def predict(self, task: Task, examples: Sequence[Example], batch_size: int = 32,
-                autocast_dtype: torch.dtype | None = None) -> tuple[list, float]:
+    def predict(
+        self, task: Task, examples: Sequence[Example], batch_size: int = 32, autocast_dtype: torch.dtype | None = None
+    ) -> tuple[list, float]:
         """Predictions for ``compute_metrics`` and the mean loss over ``examples``.
 
         Seq2seq: greedy decoding, each text mapped with ``postprocess_generation``; the loss is
@@ -387,8 +443,11 @@ class FinetuneModel:
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].inputs))
         predictions: list[Any] = [None] * len(examples)
         loss_sum, weight = 0.0, 0
-        autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
-                    if autocast_dtype is not None else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
         with autocast:
             for chunk in _chunks(order, batch_size):
                 group = [examples[i] for i in chunk]
@@ -409,8 +468,9 @@ class FinetuneModel:
 
     def _generate(self, task: Task, batch: dict[str, Tensor]) -> list:
         config = self._generation_config(task)
-        ids = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  generation_config=config)
+        ids = self.model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], generation_config=config
+        )
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [postprocess_generation(task, text) for text in texts]
 
@@ -425,8 +485,12 @@ class FinetuneModel:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return GenerationConfig(
-            max_new_tokens=self.max_new_tokens(task), do_sample=False, num_beams=1,
-            decoder_start_token_id=start, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens=self.max_new_tokens(task),
+            do_sample=False,
+            num_beams=1,
+            decoder_start_token_id=start,
+            eos_token_id=eos,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
 
     def max_new_tokens(self, task: Task) -> int:
@@ -451,4 +515,4 @@ class FinetuneModel:
 
 def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
-        yield list(items[start:start + size])
+        yield list(items[start : start + size])

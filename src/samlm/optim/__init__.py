@@ -28,35 +28,63 @@ from .sam import (
 # Derived from the registry, for existing callers.
 
 
-def build_muon(model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
-               momentum: float = 0.95, no_decay: Collection[str] = ()) -> CombinedOptimizer:
+def build_muon(
+    model,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    momentum: float = 0.95,
+    no_decay: Collection[str] = (),
+) -> CombinedOptimizer:
     """Muon (hidden matrices, lr matched to AdamW's RMS) + AdamW (everything else), as one optimizer.
     ``no_decay``: names (``model.named_parameters()``) of AdamW's parameters that take no weight
     decay (their own group; Hugging Face Trainer's decay rule)."""
     if not hasattr(torch.optim, "Muon"):
-        raise ValueError(f"base optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
+        raise ValueError(
+            f"base optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}"
+        )
     if not isinstance(model, torch.nn.Module):
-        raise ValueError("base optimizer muon needs the model (build_optimizer(name, model, ...)) to split its "
-                         "hidden matrices from its embeddings, head, gains and biases")
+        raise ValueError(
+            "base optimizer muon needs the model (build_optimizer(name, model, ...)) to split its "
+            "hidden matrices from its embeddings, head, gains and biases"
+        )
     if any(hasattr(p, "to_local") for p in model.parameters()):
-        raise ValueError("Muon orthogonalizes whole weight matrices, which FSDP shards across processes: "
-                         "use DDP (--strategy ddp) with --base muon / --optimizer muon")
+        raise ValueError(
+            "Muon orthogonalizes whole weight matrices, which FSDP shards across processes: "
+            "use DDP (--strategy ddp) with --base muon / --optimizer muon"
+        )
     matrices, others = muon_split(model)
-    muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
-                            adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(
+        matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True, adjust_lr_fn="match_rms_adamw"
+    )
     if not others:
         return CombinedOptimizer([muon])
     if no_decay:
         undecayed = {id(p) for n, p in model.named_parameters() if n in set(no_decay)}
-        groups = [{"params": [p for p in others if (id(p) in undecayed) == skip],
-                   "weight_decay": 0.0 if skip else weight_decay} for skip in (False, True)]
+        groups = [
+            {
+                "params": [p for p in others if (id(p) in undecayed) == skip],
+                "weight_decay": 0.0 if skip else weight_decay,
+            }
+            for skip in (False, True)
+        ]
         others = [g for g in groups if g["params"]]
     adamw = torch.optim.AdamW(others, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     return CombinedOptimizer([muon, adamw])
 
 
-def build_base_optimizer(name: str, params, *, lr: float, weight_decay: float = 0.0,
-                         betas=(0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0):
+def build_base_optimizer(
+    name: str,
+    params,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+):
     """AdamW, SGD, Adafactor or Muon over ``params`` (a module, or an iterable of parameters).
 
     ``muon``: needs the module (``params`` = the model): ``torch.optim.Muon`` on its hidden 2-D
@@ -78,14 +106,27 @@ def build_base_optimizer(name: str, params, *, lr: float, weight_decay: float = 
             raise ValueError("base optimizer adafactor needs transformers: pip install 'samlm[harness]'") from None
 
         # Bahri et al.: Adafactor with a constant lr (1e-3), no relative step, no warmup init.
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False,
-                         warmup_init=False, weight_decay=weight_decay)
+        return Adafactor(
+            params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=weight_decay
+        )
     raise ValueError(f"base optimizer must be one of {BASE_OPTIMIZERS}, got {name!r}")
 
 
-def build_optimizer(name: str, params, *, base: str = "adamw", lr: float, rho=None,
-                    ascent_fraction: float = 0.25, m: int = 1, sam_every: int = 1, sam_start=0,
-                    total_steps=None, sam_kwargs=None, **base_kwargs):
+def build_optimizer(
+    name: str,
+    params,
+    *,
+    base: str = "adamw",
+    lr: float,
+    rho=None,
+    ascent_fraction: float = 0.25,
+    m: int = 1,
+    sam_every: int = 1,
+    sam_start=0,
+    total_steps=None,
+    sam_kwargs=None,
+    **base_kwargs,
+):
     """A registered method: a base optimizer alone, or a SAM-family wrapper around ``base``.
 
     ``rho`` None: the method's registry default. ``sam_every``/``sam_start``/``total_steps``: the
@@ -96,17 +137,55 @@ def build_optimizer(name: str, params, *, base: str = "adamw", lr: float, rho=No
     if not entry.is_sam:
         return build_base_optimizer(name, params, lr=lr, **base_kwargs)
     inner = build_base_optimizer(base, params, lr=lr, **base_kwargs)
-    return entry.cls(inner, rho=rho, ascent_fraction=ascent_fraction, m=m, sam_every=sam_every,
-                     sam_start=sam_start, total_steps=total_steps, **dict(sam_kwargs or {}))
+    return entry.cls(
+        inner,
+        rho=rho,
+        ascent_fraction=ascent_fraction,
+        m=m,
+        sam_every=sam_every,
+        sam_start=sam_start,
+        total_steps=total_steps,
+        **dict(sam_kwargs or {}),
+    )
 
 
 __all__ = [
-    "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM", "SpectralSAM",
-    "SharpnessAware", "Euclidean", "Adaptive", "Preconditioned", "Spectral", "PerturbationRule",
-    "CombinedOptimizer", "muon_split", "build_muon", "newton_schulz", "Orthogonalized",
-    "DescentRule", "Standard", "Functional",
-    "register_preconditioner", "frozen_running_stats", "norm_layers", "RUNNING_STATS", "StepStats",
-    "train_step", "plain_step", "sharpness_aware_step",
-    "build_optimizer", "build_base_optimizer", "METHODS", "Method", "method", "register", "sam_family",
-    "SAM_FAMILY", "BASE_OPTIMIZERS", "SamSchedule",
+    "SAM",
+    "ASAM",
+    "FunctionalSAM",
+    "PreconditionedSAM",
+    "PreconditionedFunctionalSAM",
+    "SpectralSAM",
+    "SharpnessAware",
+    "Euclidean",
+    "Adaptive",
+    "Preconditioned",
+    "Spectral",
+    "PerturbationRule",
+    "CombinedOptimizer",
+    "muon_split",
+    "build_muon",
+    "newton_schulz",
+    "Orthogonalized",
+    "DescentRule",
+    "Standard",
+    "Functional",
+    "register_preconditioner",
+    "frozen_running_stats",
+    "norm_layers",
+    "RUNNING_STATS",
+    "StepStats",
+    "train_step",
+    "plain_step",
+    "sharpness_aware_step",
+    "build_optimizer",
+    "build_base_optimizer",
+    "METHODS",
+    "Method",
+    "method",
+    "register",
+    "sam_family",
+    "SAM_FAMILY",
+    "BASE_OPTIMIZERS",
+    "SamSchedule",
 ]

@@ -98,8 +98,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers],
-                "classes": [type(opt).__name__ for opt in self.optimizers]}
+        return {
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "classes": [type(opt).__name__ for opt in self.optimizers],
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         states = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
@@ -107,8 +109,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"not a state dict of {len(self.optimizers)} combined base optimizers")
         classes = state_dict.get("classes")
         if classes is not None and list(classes) != [type(o).__name__ for o in self.optimizers]:
-            raise ValueError(f"the state dict is of base optimizers {classes}, "
-                             f"these are {[type(o).__name__ for o in self.optimizers]}")
+            raise ValueError(
+                f"the state dict is of base optimizers {classes}, "
+                f"these are {[type(o).__name__ for o in self.optimizers]}"
+            )
         for opt, state in zip(self.optimizers, states):
             opt.load_state_dict(state)
 
@@ -126,7 +130,8 @@ def _check_disjoint(optimizers: Sequence[torch.optim.Optimizer]) -> None:
                     raise ValueError(
                         f"a parameter of shape {tuple(p.shape)} is in two base optimizers "
                         f"(#{j} {type(optimizers[j]).__name__} and #{k} {type(opt).__name__}): "
-                        "give each parameter to one of them")
+                        "give each parameter to one of them"
+                    )
 
 
 def as_optimizer(base) -> torch.optim.Optimizer:
@@ -180,8 +185,10 @@ def muon_split(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         seen.add(id(p))
         (matrices if p.ndim == 2 and id(p) not in excluded else others).append(p)
     if not matrices:
-        raise ValueError(f"{type(inner).__name__} has no hidden 2-D weight matrix for Muon "
-                         "(all its parameters are embeddings, heads, gains or biases): use --base adamw")
+        raise ValueError(
+            f"{type(inner).__name__} has no hidden 2-D weight matrix for Muon "
+            "(all its parameters are embeddings, heads, gains or biases): use --base adamw"
+        )
     return matrices, others
 
 

@@ -24,9 +24,7 @@ def _tensors(batch: Batch) -> list[torch.Tensor]:
         return [v for v in batch.values() if isinstance(v, torch.Tensor)]
     if isinstance(batch, tuple):
         return [v for v in batch if isinstance(v, torch.Tensor)]
-    raise ValueError(
-        f"batch must be a tensor, a tuple of tensors or a dict of tensors, got {type(batch).__name__}"
-    )
+    raise ValueError(f"batch must be a tensor, a tuple of tensors or a dict of tensors, got {type(batch).__name__}")
 
 
 def batch_rows(batch: Batch) -> int:
@@ -41,6 +39,7 @@ def batch_rows(batch: Batch) -> int:
 
 def slice_rows(batch: Batch, start: int, stop: int) -> Batch:
     """Rows [start, stop) of every tensor in the batch (views, no copies)."""
+
     def cut(value):
         return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
 
@@ -103,9 +102,7 @@ def plan_step(sizes: Sequence[int], ascent_fraction: float, m: int) -> list[Grou
     """
     total = sum(sizes)
     if total % m:
-        raise ValueError(
-            f"m={m} must divide the batch size {total} (each of the m groups gets an equal share of rows)"
-        )
+        raise ValueError(f"m={m} must divide the batch size {total} (each of the m groups gets an equal share of rows)")
     group_rows = total // m
     ascent_rows = math.ceil(ascent_fraction * group_rows - 1e-9)
     if ascent_rows < 1:

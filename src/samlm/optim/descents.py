@@ -76,6 +76,7 @@ def as_descent_rule(descent) -> DescentRule:
 
 # -- autograd pieces shared with the driver's ascent -------------------------------------------
 
+
 def at_least_fp32(t: Tensor) -> Tensor:
     return t.detach().to(torch.promote_types(t.dtype, torch.float32))
 

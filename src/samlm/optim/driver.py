@@ -48,15 +48,15 @@ Loss = Callable[[Tensor, object], Tensor]
 class StepStats:
     """What one optimizer step measured (floats; built by keyword)."""
 
-    loss: float                     # mean loss at w (ascent rows; all rows for plain optimizers)
-    loss_perturbed: float           # mean loss at w+ε over all rows
-    grad_norm: float                # ‖g‖ of the ascent gradient (scaled by the rule's T or 1/P)
-    eps_norm: float                 # ‖ε‖
-    update_grad_norm: float         # ‖d‖ of the descent gradient fed to the base optimizer
-    skipped: bool                   # the base step was not taken (non-finite gradient)
-    ascent_nonfinite: bool          # the ascent gradient was non-finite (ε = 0 or step skipped)
-    sam_step: bool = True           # a SAM-family step (False: a plain step, of any optimizer)
-    logit_path_norm: Optional[float] = None       # ‖g_SAM − g_F‖, with split=True
+    loss: float  # mean loss at w (ascent rows; all rows for plain optimizers)
+    loss_perturbed: float  # mean loss at w+ε over all rows
+    grad_norm: float  # ‖g‖ of the ascent gradient (scaled by the rule's T or 1/P)
+    eps_norm: float  # ‖ε‖
+    update_grad_norm: float  # ‖d‖ of the descent gradient fed to the base optimizer
+    skipped: bool  # the base step was not taken (non-finite gradient)
+    ascent_nonfinite: bool  # the ascent gradient was non-finite (ε = 0 or step skipped)
+    sam_step: bool = True  # a SAM-family step (False: a plain step, of any optimizer)
+    logit_path_norm: Optional[float] = None  # ‖g_SAM − g_F‖, with split=True
     functional_path_norm: Optional[float] = None  # ‖g_F − g‖, with split=True
 
     def as_dict(self) -> dict:
@@ -83,7 +83,8 @@ class _Passes:
         """The model reduces gradients across replicas itself (DDP, FSDP1: ``no_sync``; FSDP2:
         ``set_requires_gradient_sync``)."""
         return self.model is not None and (
-            hasattr(self.model, "no_sync") or hasattr(self.model, "set_requires_gradient_sync"))
+            hasattr(self.model, "no_sync") or hasattr(self.model, "set_requires_gradient_sync")
+        )
 
     def no_sync(self, skip_sync: bool = True):
         if skip_sync and self.model is not None:
@@ -126,7 +127,7 @@ def _fsdp2_no_sync(model):
 
 
 def _sharding(model) -> Optional[str]:
-    """"fsdp1" (``FullyShardedDataParallel``), "fsdp2" (``fully_shard``) or None."""
+    """ "fsdp1" (``FullyShardedDataParallel``), "fsdp2" (``fully_shard``) or None."""
     if model is None:
         return None
     try:
@@ -219,16 +220,27 @@ def _device_of(optimizer) -> torch.device:
     return next(p for g in optimizer.param_groups for p in g["params"]).device
 
 
-def plain_step(optimizer: torch.optim.Optimizer, batch, forward: Forward, loss: Loss, *,
-               model=None, scaler=None, autocast_dtype=None, max_grad_norm=None, split=False) -> StepStats:
+def plain_step(
+    optimizer: torch.optim.Optimizer,
+    batch,
+    forward: Forward,
+    loss: Loss,
+    *,
+    model=None,
+    scaler=None,
+    autocast_dtype=None,
+    max_grad_norm=None,
+    split=False,
+) -> StepStats:
     """One step of a plain optimizer with the same conventions as the SAM driver."""
     if split:
         raise ValueError("split=True needs a SAM-family optimizer (it splits SAM's extra gradient)")
     return _one_pass_step(optimizer, batch, forward, loss, model, scaler, autocast_dtype, max_grad_norm)
 
 
-def _one_pass_step(optimizer, batch, forward, loss, model, scaler, autocast_dtype, max_grad_norm,
-                   norm_fn=None) -> StepStats:
+def _one_pass_step(
+    optimizer, batch, forward, loss, model, scaler, autocast_dtype, max_grad_norm, norm_fn=None
+) -> StepStats:
     """One forward+backward per micro-batch on all rows (no_sync but for the last), then the step."""
     micro_batches, sizes = _validate_step_args(batch, forward, loss)
     total = sum(sizes)
@@ -245,8 +257,16 @@ def _one_pass_step(optimizer, batch, forward, loss, model, scaler, autocast_dtyp
     update_norm = _unscale_and_check(optimizer, scaler, max_grad_norm, norm_fn)
     skipped = _finish_step(optimizer, scaler, update_norm)
     loss_value, norm_value = torch.stack([loss_sum, update_norm.to(loss_sum)]).tolist()
-    return StepStats(loss=loss_value, loss_perturbed=loss_value, grad_norm=norm_value, eps_norm=0.0,
-                     update_grad_norm=norm_value, skipped=skipped, ascent_nonfinite=False, sam_step=False)
+    return StepStats(
+        loss=loss_value,
+        loss_perturbed=loss_value,
+        grad_norm=norm_value,
+        eps_norm=0.0,
+        update_grad_norm=norm_value,
+        skipped=skipped,
+        ascent_nonfinite=False,
+        sam_step=False,
+    )
 
 
 def _finish_step(optimizer, scaler, update_norm: Tensor) -> bool:
@@ -265,9 +285,18 @@ def _finish_step(optimizer, scaler, update_norm: Tensor) -> bool:
     return skipped
 
 
-def sharpness_aware_step(opt, batch, forward: Forward, loss: Loss, *,
-                         model=None, scaler=None, autocast_dtype=None, max_grad_norm=None,
-                         split: bool = False) -> StepStats:
+def sharpness_aware_step(
+    opt,
+    batch,
+    forward: Forward,
+    loss: Loss,
+    *,
+    model=None,
+    scaler=None,
+    autocast_dtype=None,
+    max_grad_norm=None,
+    split: bool = False,
+) -> StepStats:
     """One step of ``opt`` (a SharpnessAware) over ``batch`` (a list = accumulated micro-batches).
 
     Args:
@@ -290,8 +319,9 @@ def sharpness_aware_step(opt, batch, forward: Forward, loss: Loss, *,
     steps after one forward+backward per micro-batch, as ``plain_step`` (``split`` is not measured).
     """
     if not opt.sam_step_due():
-        stats = _one_pass_step(opt.base_optimizer, batch, forward, loss, model, scaler, autocast_dtype,
-                               max_grad_norm, opt.grad_norm_fn)
+        stats = _one_pass_step(
+            opt.base_optimizer, batch, forward, loss, model, scaler, autocast_dtype, max_grad_norm, opt.grad_norm_fn
+        )
         opt.record_step(skipped=stats.skipped, sam_step=False)
         return stats
     micro_batches, sizes = _validate_step_args(batch, forward, loss)
@@ -357,8 +387,9 @@ def sharpness_aware_step(opt, batch, forward: Forward, loss: Loss, *,
             # ascent would flush: there every group's descent ends with a reduction.
             last_group = index == len(plans) - 1
             with running_stats_move_in("descent"):
-                loss_perturbed += _descent(passes, plan, total, descent_rule, cotangents,
-                                           sync_at_end=last_group or sharded)
+                loss_perturbed += _descent(
+                    passes, plan, total, descent_rule, cotangents, sync_at_end=last_group or sharded
+                )
         finally:
             # 5. restore w exactly, even if a pass raised
             opt.restore()
@@ -370,15 +401,35 @@ def sharpness_aware_step(opt, batch, forward: Forward, loss: Loss, *,
     eps_norm = torch.stack(eps_norms).square().mean().sqrt()
     ascent_nonfinite = ~torch.stack([torch.isfinite(n) for n in grad_norms]).all()
     zero_norm = torch.stack([n == 0 for n in grad_norms]).any()
-    values = torch.stack([v.to(device=device, dtype=f32["dtype"]) for v in (
-        loss_clean, loss_perturbed, grad_norm, eps_norm, update_norm.to(device), ascent_nonfinite, zero_norm,
-        *split_norms)]).tolist()  # the step's one host sync
+    values = torch.stack(
+        [
+            v.to(device=device, dtype=f32["dtype"])
+            for v in (
+                loss_clean,
+                loss_perturbed,
+                grad_norm,
+                eps_norm,
+                update_norm.to(device),
+                ascent_nonfinite,
+                zero_norm,
+                *split_norms,
+            )
+        ]
+    ).tolist()  # the step's one host sync
     ascent_nonfinite = bool(values[5])
-    opt.record_step(skipped=skipped, ascent_nonfinite=ascent_nonfinite,
-                    zero_grad_norm=bool(values[6]) and not ascent_nonfinite)
-    return StepStats(loss=values[0], loss_perturbed=values[1], grad_norm=values[2], eps_norm=values[3],
-                     update_grad_norm=values[4], skipped=skipped, ascent_nonfinite=ascent_nonfinite,
-                     **dict(zip(("logit_path_norm", "functional_path_norm"), values[7:])))
+    opt.record_step(
+        skipped=skipped, ascent_nonfinite=ascent_nonfinite, zero_grad_norm=bool(values[6]) and not ascent_nonfinite
+    )
+    return StepStats(
+        loss=values[0],
+        loss_perturbed=values[1],
+        grad_norm=values[2],
+        eps_norm=values[3],
+        update_grad_norm=values[4],
+        skipped=skipped,
+        ascent_nonfinite=ascent_nonfinite,
+        **dict(zip(("logit_path_norm", "functional_path_norm"), values[7:])),
+    )
 
 
 class _Cotangents:
@@ -401,7 +452,7 @@ class _Cotangents:
             return
         if part.micro not in self.buffers:
             self.buffers[part.micro] = r.new_empty((piece.rows, *r.shape[1:]))
-        torch.mul(r, scale, out=self.buffers[part.micro][part.start - piece.start:part.stop - piece.start])
+        torch.mul(r, scale, out=self.buffers[part.micro][part.start - piece.start : part.stop - piece.start])
 
     def take(self, piece: Piece) -> Tensor:
         return self.buffers.pop(piece.micro)
@@ -455,8 +506,9 @@ def _scaled(t: Tensor, factor: float) -> Tensor:
     return t if factor == 1 else t * factor
 
 
-def _descent(passes: _Passes, plan: GroupPlan, total: int, descent_rule, cotangents: Optional[_Cotangents],
-             sync_at_end: bool) -> Tensor:
+def _descent(
+    passes: _Passes, plan: GroupPlan, total: int, descent_rule, cotangents: Optional[_Cotangents], sync_at_end: bool
+) -> Tensor:
     """Descent gradient at w+ε, weighted by each piece's share of the step's rows, into p.grad."""
     loss_sum = None
     last = len(plan.descent) - 1
@@ -474,15 +526,26 @@ def _measure_split(passes: _Passes, plans, total: int, epsilons: list[dict], par
     device = params[0].device
     rng_devices = [] if device.type == "cpu" else [device]
     g = g_sam = g_func = None
-    with torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"), \
-            (frozen_running_stats(stats_layers) if stats_layers else contextlib.nullcontext()), passes.no_sync():
+    with (
+        torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"),
+        frozen_running_stats(stats_layers) if stats_layers else contextlib.nullcontext(),
+        passes.no_sync(),
+    ):
         for plan, eps_of in zip(plans, epsilons):
             eps = [eps_of[id(p)] if id(p) in eps_of else torch.zeros_like(p) for p in params]
             pieces = plan.descent
-            paths = path_gradients(params, [passes.rows(piece) for piece in pieces], passes.outputs, passes.loss,
-                                   eps, [piece.rows / total for piece in pieces])
-            g, g_sam, g_func = (new if old is None else [a + b for a, b in zip(old, new)]
-                                for old, new in ((g, paths.g), (g_sam, paths.g_sam), (g_func, paths.g_func)))
+            paths = path_gradients(
+                params,
+                [passes.rows(piece) for piece in pieces],
+                passes.outputs,
+                passes.loss,
+                eps,
+                [piece.rows / total for piece in pieces],
+            )
+            g, g_sam, g_func = (
+                new if old is None else [a + b for a, b in zip(old, new)]
+                for old, new in ((g, paths.g), (g_sam, paths.g_sam), (g_func, paths.g_func))
+            )
     return [_norm_of_difference(g_sam, g_func), _norm_of_difference(g_func, g)]
 
 
@@ -526,11 +589,17 @@ def _skip_for_overflow(opt, scaler, loss_clean: Tensor) -> StepStats:
     # non-finite so that its GradScaler skips and backs off identically.
     local_tensor(opt.params_with_grad()[0].grad).fill_(float("inf"))
     scaler.unscale_(opt.base_optimizer)  # records the inf for this optimizer
-    scaler.step(opt.base_optimizer)      # skipped: inf found
-    scaler.update()                      # backs the scale off
+    scaler.step(opt.base_optimizer)  # skipped: inf found
+    scaler.update()  # backs the scale off
     opt.zero_grad(set_to_none=True)
     opt.record_step(skipped=True, ascent_nonfinite=True)
     nan = float("nan")
-    return StepStats(loss=float(loss_clean), loss_perturbed=nan, grad_norm=nan, eps_norm=0.0,
-                     update_grad_norm=nan, skipped=True, ascent_nonfinite=True)
-
+    return StepStats(
+        loss=float(loss_clean),
+        loss_perturbed=nan,
+        grad_norm=nan,
+        eps_norm=0.0,
+        update_grad_norm=nan,
+        skipped=True,
+        ascent_nonfinite=True,
+    )

@@ -189,8 +189,7 @@ def _chunks(params: Sequence[Tensor], grads: Sequence[Tensor]):
 def perturbation_norm(rule: PerturbationRule, params, grads, precond) -> Tensor:
     """‖scaled_gradient‖₂ over all local tensors. (Euclidean: ‖g‖, with no copies of g.)"""
     return sum(
-        sum_of_squares([rule.scaled_gradient(p, g, precond(p)) for p, g in chunk])
-        for chunk in _chunks(params, grads)
+        sum_of_squares([rule.scaled_gradient(p, g, precond(p)) for p, g in chunk]) for chunk in _chunks(params, grads)
     ).sqrt()
 
 

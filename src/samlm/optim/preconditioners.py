@@ -171,8 +171,9 @@ if hasattr(torch.optim, "Adafactor"):
 MUON_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults (Jordan et al. 2024)
 
 
-def newton_schulz(g: Tensor, coefficients=MUON_COEFFICIENTS, steps: int = 5, eps: float = 1e-7,
-                  dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def newton_schulz(
+    g: Tensor, coefficients=MUON_COEFFICIENTS, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
     """orth(G) ≈ UVᵀ (G = USVᵀ), as torch.optim.Muon computes it (in bf16, its default):
 
         X ← G/‖G‖_F  (wide side first)
@@ -241,8 +242,8 @@ class Orthogonalized:
         phi = sigma.clone()
         a, b, c = self.coefficients
         for _ in range(self.steps):  # each NS step maps a singular value σ to aσ + bσ³ + cσ⁵
-            phi = a * phi + b * phi ** 3 + c * phi ** 5
-        gain = torch.where(sigma > 1e-12, phi / sigma.clamp(min=1e-12), torch.full_like(sigma, a ** self.steps))
+            phi = a * phi + b * phi**3 + c * phi**5
+        gain = torch.where(sigma > 1e-12, phi / sigma.clamp(min=1e-12), torch.full_like(sigma, a**self.steps))
         if not bool((gain > 0).all()):
             raise ValueError("Muon's Newton–Schulz map is not positive definite at this momentum")
         inverse_sqrt = (vectors * (self.scale * gain / norm).sqrt()) @ vectors.T
@@ -268,8 +269,12 @@ class FrozenMuon:
 def muon_geometry(optimizer, group, param, state):
     """torch.optim.Muon: its orthogonalization with the group's coefficients, steps, eps and lr
     adjustment. Needs no state: ready at the first step."""
-    return Orthogonalized(tuple(group["ns_coefficients"]), int(group["ns_steps"]), float(group["eps"]),
-                          muon_lr_ratio(group.get("adjust_lr_fn"), param.shape))
+    return Orthogonalized(
+        tuple(group["ns_coefficients"]),
+        int(group["ns_steps"]),
+        float(group["eps"]),
+        muon_lr_ratio(group.get("adjust_lr_fn"), param.shape),
+    )
 
 
 if hasattr(torch.optim, "Muon"):

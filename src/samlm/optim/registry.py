@@ -102,7 +102,7 @@ for _entry in (
 ):
     register(_entry)
 
-SAM_FAMILY = sam_family()   # the built-in SAM family (``sam_family()`` includes methods registered later)
+SAM_FAMILY = sam_family()  # the built-in SAM family (``sam_family()`` includes methods registered later)
 
 
 def method(name: str) -> Method:

@@ -31,13 +31,13 @@ _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 def norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` that keep running statistics (BatchNorm*, SyncBatchNorm,
     InstanceNorm* with ``track_running_stats=True``)."""
-    return [m for m in model.modules()
-            if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None]
+    return [
+        m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
+    ]
 
 
 def _tensors(layers: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
-    return [t for layer in layers for name in _BUFFERS
-            if (t := getattr(layer, name, None)) is not None]
+    return [t for layer in layers for name in _BUFFERS if (t := getattr(layer, name, None)) is not None]
 
 
 @contextlib.contextmanager

@@ -36,8 +36,17 @@ from .preconditioners import Preconditioners, find_reader
 from .running_stats import check_policy
 from .schedule import SamSchedule
 
-__all__ = ["SharpnessAware", "SAM", "ASAM", "FunctionalSAM", "PreconditionedSAM", "PreconditionedFunctionalSAM",
-           "SpectralSAM", "train_step", "local_tensor"]
+__all__ = [
+    "SharpnessAware",
+    "SAM",
+    "ASAM",
+    "FunctionalSAM",
+    "PreconditionedSAM",
+    "PreconditionedFunctionalSAM",
+    "SpectralSAM",
+    "train_step",
+    "local_tensor",
+]
 
 
 def _on_shards(precond, owner: dict):
@@ -95,15 +104,11 @@ class SharpnessAware(torch.optim.Optimizer):
     ):
         base = as_optimizer(base)
         if not isinstance(base, torch.optim.Optimizer):
-            raise ValueError(
-                f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}"
-            )
+            raise ValueError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
         if isinstance(base, SharpnessAware):
             raise ValueError("base is already a SAM optimizer; wrap the plain base optimizer instead")
         if not isinstance(perturbation, PerturbationRule):
-            raise ValueError(
-                "perturbation must provide rho, needs_preconditioner, scaled_gradient() and direction()"
-            )
+            raise ValueError("perturbation must provide rho, needs_preconditioner, scaled_gradient() and direction()")
         descent_rule = as_descent_rule(self.descent_rule if descent is None else descent)
         if not (isinstance(ascent_fraction, (int, float)) and 0 < ascent_fraction <= 1):
             raise ValueError(f"ascent_fraction must be in (0, 1], got {ascent_fraction!r}")
@@ -119,8 +124,10 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"one registered with register_preconditioner); got {', '.join(names)}"
             )
         if isinstance(perturbation, Spectral) and not _has_muon(base):
-            raise ValueError("the spectral perturbation perturbs Muon's matrices: it needs a Muon base "
-                             "optimizer (e.g. [torch.optim.Muon(hidden_matrices), torch.optim.AdamW(rest)])")
+            raise ValueError(
+                "the spectral perturbation perturbs Muon's matrices: it needs a Muon base "
+                "optimizer (e.g. [torch.optim.Muon(hidden_matrices), torch.optim.AdamW(rest)])"
+            )
         self.base_optimizer = base
         self.perturbation = perturbation
         self.descent_rule = descent_rule
@@ -132,8 +139,14 @@ class SharpnessAware(torch.optim.Optimizer):
         self.schedule = schedule
         self.sam_start, self.total_steps = sam_start, total_steps
         # steps: taken; skipped_steps: not taken (non-finite); sam_steps + plain_steps: both, by kind
-        self.counters = {"steps": 0, "skipped_steps": 0, "ascent_nonfinite": 0, "zero_grad_norm": 0,
-                         "sam_steps": 0, "plain_steps": 0}
+        self.counters = {
+            "steps": 0,
+            "skipped_steps": 0,
+            "ascent_nonfinite": 0,
+            "zero_grad_norm": 0,
+            "sam_steps": 0,
+            "plain_steps": 0,
+        }
         self._saved: Optional[list[Tensor]] = None  # weights at w while perturbed: not state
         self._perturbed = False
         # torch.optim.Optimizer.__init__ assigns self.param_groups = [] and re-adds each group:
@@ -210,8 +223,11 @@ class SharpnessAware(torch.optim.Optimizer):
             params = shards
         norm = self._global_norm(perturbation_norm(self.perturbation, params, grads, precond).square())
         ok = torch.isfinite(norm) & (norm > 0)
-        radius = self.perturbation.rho / (norm + 1e-12) if getattr(self.perturbation, "normalize", True) \
-            else torch.full_like(norm, self.perturbation.rho)  # a radius per tensor (Spectral)
+        radius = (
+            self.perturbation.rho / (norm + 1e-12)
+            if getattr(self.perturbation, "normalize", True)
+            else torch.full_like(norm, self.perturbation.rho)
+        )  # a radius per tensor (Spectral)
         scale = torch.where(ok, radius, torch.zeros_like(norm))
 
         self._save_weights(params)
@@ -221,16 +237,18 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _preconditioner(self, params):
         if self.perturbation.needs_preconditioner:
-            view = Preconditioners(self.base_optimizer, params,
-                                   joint=getattr(self.perturbation, "normalize", True))
+            view = Preconditioners(self.base_optimizer, params, joint=getattr(self.perturbation, "normalize", True))
             return view.geometry
         return lambda param: None
 
     def _save_weights(self, params: list[Tensor]) -> None:
         # One parameter-sized buffer, reused across steps; never part of state_dict().
-        if self._saved is None or len(self._saved) != len(params) or any(
-            s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
-            for s, p in zip(self._saved, params)
+        if (
+            self._saved is None
+            or len(self._saved) != len(params)
+            or any(
+                s.shape != p.shape or s.dtype != p.dtype or s.device != p.device for s, p in zip(self._saved, params)
+            )
         ):
             self._saved = [torch.empty_like(p) for p in params]
         self._saved_params = params
@@ -264,8 +282,14 @@ class SharpnessAware(torch.optim.Optimizer):
         """The next step is a SAM-family step of the schedule (else a plain one)."""
         return self.schedule.is_sam_step(self.counters["steps"] + self.counters["skipped_steps"])
 
-    def record_step(self, *, skipped: bool = False, ascent_nonfinite: bool = False,
-                    zero_grad_norm: bool = False, sam_step: bool = True) -> None:
+    def record_step(
+        self,
+        *,
+        skipped: bool = False,
+        ascent_nonfinite: bool = False,
+        zero_grad_norm: bool = False,
+        sam_step: bool = True,
+    ) -> None:
         """Count one optimizer step: taken or skipped, SAM or plain, and whether its ascent
         gradient was non-finite or zero."""
         self.counters["sam_steps" if sam_step else "plain_steps"] += 1
@@ -410,8 +434,18 @@ class SAM(SharpnessAware):
     ``SAM(params, torch.optim.SGD, rho=0.05, adaptive=False, lr=0.1)`` also works.
     """
 
-    def __init__(self, base, base_optimizer=None, *, rho: Optional[float] = None, adaptive: bool = False,
-                 eta: float = 0.0, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
+    def __init__(
+        self,
+        base,
+        base_optimizer=None,
+        *,
+        rho: Optional[float] = None,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        ascent_fraction: float = 0.25,
+        m: int = 1,
+        **kwargs,
+    ):
         sam_kwargs = {k: kwargs.pop(k) for k in _WRAPPER_OPTIONS if k in kwargs}
         base = _wrap_base(base, base_optimizer, kwargs, type(self).__name__)
         rho = self.resolve_rho(rho)
@@ -422,10 +456,19 @@ class SAM(SharpnessAware):
 class ASAM(SharpnessAware):
     """Adaptive SAM (Kwon et al. 2021): ε = ρ T²g/‖Tg‖, T = |w| + η."""
 
-    def __init__(self, base, rho: Optional[float] = None, eta: float = 0.01, *, ascent_fraction: float = 0.25,
-                 m: int = 1, **kwargs):
-        super().__init__(base, Adaptive(rho=self.resolve_rho(rho), eta=eta), ascent_fraction=ascent_fraction,
-                         m=m, **kwargs)
+    def __init__(
+        self,
+        base,
+        rho: Optional[float] = None,
+        eta: float = 0.01,
+        *,
+        ascent_fraction: float = 0.25,
+        m: int = 1,
+        **kwargs,
+    ):
+        super().__init__(
+            base, Adaptive(rho=self.resolve_rho(rho), eta=eta), ascent_fraction=ascent_fraction, m=m, **kwargs
+        )
 
 
 class _FixedRules(SharpnessAware):
@@ -434,10 +477,10 @@ class _FixedRules(SharpnessAware):
 
     perturbation_rule: type
 
-    def __init__(self, base, rho: Optional[float] = None, *, ascent_fraction: float = 0.25, m: int = 1,
-                 **kwargs):
-        super().__init__(base, self.perturbation_rule(rho=self.resolve_rho(rho)), ascent_fraction=ascent_fraction,
-                         m=m, **kwargs)
+    def __init__(self, base, rho: Optional[float] = None, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
+        super().__init__(
+            base, self.perturbation_rule(rho=self.resolve_rho(rho)), ascent_fraction=ascent_fraction, m=m, **kwargs
+        )
 
 
 class FunctionalSAM(_FixedRules):

@@ -21,8 +21,9 @@ class SamSchedule:
     start: int = 0
 
     @classmethod
-    def of(cls, sam_every: int = 1, sam_start: Union[int, float] = 0,
-           total_steps: Optional[int] = None) -> "SamSchedule":
+    def of(
+        cls, sam_every: int = 1, sam_start: Union[int, float] = 0, total_steps: Optional[int] = None
+    ) -> "SamSchedule":
         """From the wrapper's arguments: ``sam_start`` a step index, or a fraction in (0, 1) of
         ``total_steps``."""
         if not (_is_int(sam_every) and sam_every >= 1):
@@ -42,10 +43,12 @@ def start_step(sam_start: Union[int, float], total_steps: Optional[int]) -> int:
     if isinstance(sam_start, float) and sam_start == 0:
         return 0
     if not (isinstance(sam_start, float) and 0 < sam_start < 1):
-        raise ValueError(f"sam_start must be a step index (int >= 0) or a fraction of the run in (0, 1), "
-                         f"got {sam_start!r}")
+        raise ValueError(
+            f"sam_start must be a step index (int >= 0) or a fraction of the run in (0, 1), got {sam_start!r}"
+        )
     if total_steps is None:
-        raise ValueError(f"sam_start={sam_start} is a fraction of the run: pass total_steps= (the run's "
-                         f"optimizer steps), or give sam_start as a step index")
+        raise ValueError(
+            f"sam_start={sam_start} is a fraction of the run: pass total_steps= (the run's "
+            f"optimizer steps), or give sam_start as a step index"
+        )
     return math.ceil(sam_start * total_steps - 1e-9)
-

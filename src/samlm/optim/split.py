@@ -61,9 +61,14 @@ def perturbed(params: Sequence[Tensor], eps: Sequence[Tensor]) -> Iterator[None]
                 p.copy_(s)
 
 
-def path_gradients(params: Sequence[Tensor], batches: Sequence, forward: Callable, loss: Callable,
-                   eps: Union[Sequence[Tensor], Callable[[list[Tensor]], list[Tensor]]],
-                   weights: Sequence[float]) -> PathGradients:
+def path_gradients(
+    params: Sequence[Tensor],
+    batches: Sequence,
+    forward: Callable,
+    loss: Callable,
+    eps: Union[Sequence[Tensor], Callable[[list[Tensor]], list[Tensor]]],
+    weights: Sequence[float],
+) -> PathGradients:
     """g, g_SAM and g_F over ``batches``, each batch's term weighted by ``weights``:
 
         g = Σ_b c_b J_b(w)ᵀ r_b(w),   g_SAM = Σ_b c_b J_b(w+ε)ᵀ r_b(w+ε),   g_F = Σ_b c_b J_b(w+ε)ᵀ r_b(w)

@@ -56,6 +56,8 @@ PSEUDO_METHODS = {
     "peer_sam": ("sam", (FULL,)),  # pytorch-optimizer's SAM: two full-batch passes
     "sam_full": ("sam", (FULL,)),  # samlm's SAM with ascent_fraction = 1
 }
+
+
 def extra_passes(name: str, base: str = "adamw") -> tuple[str, ...]:
     """The passes ``name`` runs on top of the base optimizer's one forward+backward of the batch
     (around Muon, a geometry-reading perturbation also orthogonalizes the ascent gradient)."""
@@ -105,21 +107,29 @@ class BenchConfig:
     vocab: int = setting(256, "vocabulary size", check=s.positive_int)
     batch: int = override(s.BatchSettings, "batch")
     context: int = override(ModelSettings, "context")
-    steps: int = setting(10, "timed steps per method, after the untimed ones (--sam-every K: rounds of K steps)",
-                         check=s.positive_int)
+    steps: int = setting(
+        10, "timed steps per method, after the untimed ones (--sam-every K: rounds of K steps)", check=s.positive_int
+    )
     untimed_steps: int = setting(2, "steps (rounds) per method run before timing", check=s.nonnegative_int)
     rho: Optional[float] = override(s.OptimizerSettings, "rho")
     ascent_fraction: float = override(s.OptimizerSettings, "ascent_fraction")
-    base: str = setting("adamw", "the base optimizer every SAM-family method wraps, and the reference of every "
-                        "ratio (muon: Muon on the hidden matrices + AdamW on the rest)", choices=("adamw", "muon"))
+    base: str = setting(
+        "adamw",
+        "the base optimizer every SAM-family method wraps, and the reference of every "
+        "ratio (muon: Muon on the hidden matrices + AdamW on the rest)",
+        choices=("adamw", "muon"),
+    )
     sam_every: int = override(s.OptimizerSettings, "sam_every", metavar="K")  # a round: K steps of each method
     compile: bool = override(s.ParallelSettings, "compile")
     methods: str = setting(",".join(bench_methods()), "comma-separated subset of " + ",".join(bench_methods()))
     device: str = setting(_device_default(), "cpu, cuda or cuda:N")
     dtype: str = setting("fp32", "bf16: autocast", choices=("fp32", "bf16"))
     no_memory: bool = setting(False, "skip the peak-memory measurement")
-    harness: bool = setting(False, "also time samlm pretrain's loop (data, stats, schedule; no evaluation) at the "
-                            "same shape on the built-in corpus, and report its step time over bench's")
+    harness: bool = setting(
+        False,
+        "also time samlm pretrain's loop (data, stats, schedule; no evaluation) at the "
+        "same shape on the built-in corpus, and report its step time over bench's",
+    )
     json: Optional[str] = setting(None, "also write the results as JSON", metavar="PATH")
 
     def check(self) -> None:
@@ -132,8 +142,10 @@ class BenchConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available")
         if self.harness and self.vocab != 256:
-            raise UserError(f"--harness trains on the built-in corpus with the bytes tokenizer (256 tokens): "
-                            f"--vocab must be 256, got {self.vocab}")
+            raise UserError(
+                f"--harness trains on the built-in corpus with the bytes tokenizer (256 tokens): "
+                f"--vocab must be 256, got {self.vocab}"
+            )
 
 
 def _check(args) -> list[str]:
@@ -156,9 +168,18 @@ def _check(args) -> list[str]:
 def build_model(args) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.heads, vocab_size=args.vocab,
-                        n_positions=args.context, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=args.vocab - 1, eos_token_id=args.vocab - 1)
+    config = GPT2Config(
+        n_layer=args.layers,
+        n_embd=args.width,
+        n_head=args.heads,
+        vocab_size=args.vocab,
+        n_positions=args.context,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=args.vocab - 1,
+        eos_token_id=args.vocab - 1,
+    )
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).to(args.device)
 
@@ -174,8 +195,9 @@ class _PeerStep:
         from pytorch_optimizer import SAM as PeerSAM
 
         self.model = model
-        self.opt = PeerSAM(model.parameters(), base_optimizer=torch.optim.AdamW, rho=method_rho(args, "peer_sam"),
-                           lr=1e-4)
+        self.opt = PeerSAM(
+            model.parameters(), base_optimizer=torch.optim.AdamW, rho=method_rho(args, "peer_sam"), lr=1e-4
+        )
 
     def __call__(self, batch, forward, autocast):
         with autocast():
@@ -200,8 +222,7 @@ def make_stepper(name: str, model, args):
     else:
         runs = PSEUDO_METHODS.get(name, (name,))[0]
         fraction = 1.0 if name == "sam_full" else args.ascent_fraction
-        opt = method(runs).cls(base, rho=method_rho(args, name), ascent_fraction=fraction,
-                               sam_every=cycle(args, name))
+        opt = method(runs).cls(base, rho=method_rho(args, name), ascent_fraction=fraction, sam_every=cycle(args, name))
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
 
     def step(batch, forward, autocast):
@@ -220,8 +241,9 @@ class _BarePasses:
     def __init__(self, model, args):
         self.model = model
         self.ascent_rows = plan_step([args.batch], args.ascent_fraction, 1)[0].ascent_rows  # as the driver
-        self.matrices = ([torch.randn_like(p) for p in muon_split(model)[0]]
-                         if reference_method(args) == "muon" else [])  # stand-ins for Muon's gradients
+        self.matrices = (
+            [torch.randn_like(p) for p in muon_split(model)[0]] if reference_method(args) == "muon" else []
+        )  # stand-ins for Muon's gradients
 
     def orthogonalize(self, batch, forward, autocast):
         for g in self.matrices:  # what Muon's geometry computes for the ascent direction
@@ -231,10 +253,10 @@ class _BarePasses:
         self._backward(batch, forward, autocast)
 
     def ascent(self, batch, forward, autocast):
-        self._backward(batch[:self.ascent_rows], forward, autocast)
+        self._backward(batch[: self.ascent_rows], forward, autocast)
 
     def clean_forward(self, batch, forward, autocast):
-        rest = batch[self.ascent_rows:]
+        rest = batch[self.ascent_rows :]
         if len(rest) == 0:
             return
         with torch.no_grad(), autocast():
@@ -266,8 +288,9 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
     (a whole cycle of the SAM schedule), and records the mean."""
     reference = build_model(args)
     generator = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, args.vocab, (args.batch, args.context), generator=generator).to(args.device)
-               for _ in range(4)]
+    batches = [
+        torch.randint(0, args.vocab, (args.batch, args.context), generator=generator).to(args.device) for _ in range(4)
+    ]
     models = {name: copy.deepcopy(reference) for name in methods}
     steppers = {name: make_stepper(name, models[name], args) for name in methods}
     passes_model = copy.deepcopy(reference)
@@ -310,12 +333,32 @@ def time_harness(args, name: str) -> list[float]:
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="samlm-bench-") as out:
         config = PretrainConfig(
-            arch="gpt2", layers=args.layers, width=args.width, heads=args.heads, context=args.context,
-            batch=args.batch, tokenizer="bytes", steps=steps, warmup=0, optimizer=name, base=reference_method(args),
-            rho=method_rho(args, name) if name != reference_method(args) else None, ascent_fraction=args.ascent_fraction, sam_every=cycle(args, name),
-            eval_every=0, save_every=0, val_batches=1, sharpness=False, compile=args.compile, device=args.device,
-            mixed_precision="bf16" if args.dtype == "bf16" else None, threads=torch.get_num_threads(),
-            progress=False, out=out, overwrite=True)
+            arch="gpt2",
+            layers=args.layers,
+            width=args.width,
+            heads=args.heads,
+            context=args.context,
+            batch=args.batch,
+            tokenizer="bytes",
+            steps=steps,
+            warmup=0,
+            optimizer=name,
+            base=reference_method(args),
+            rho=method_rho(args, name) if name != reference_method(args) else None,
+            ascent_fraction=args.ascent_fraction,
+            sam_every=cycle(args, name),
+            eval_every=0,
+            save_every=0,
+            val_batches=1,
+            sharpness=False,
+            compile=args.compile,
+            device=args.device,
+            mixed_precision="bf16" if args.dtype == "bf16" else None,
+            threads=torch.get_num_threads(),
+            progress=False,
+            out=out,
+            overwrite=True,
+        )
 
         def on_step(step, stats):
             _sync(args.device)
@@ -323,9 +366,9 @@ def time_harness(args, name: str) -> list[float]:
 
         pretrain(config, on_step=on_step)
     per_step = [b - a for a, b in zip(stamps, stamps[1:])]
-    timed = per_step[args.untimed_steps * args.sam_every:]
+    timed = per_step[args.untimed_steps * args.sam_every :]
     # rounds of K steps, as the bench times them
-    return [sum(timed[i:i + args.sam_every]) / args.sam_every for i in range(0, len(timed), args.sam_every)]
+    return [sum(timed[i : i + args.sam_every]) / args.sam_every for i in range(0, len(timed), args.sam_every)]
 
 
 @contextlib.contextmanager
@@ -350,8 +393,9 @@ def _cpu_peak_tensor_mb(run) -> float:
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if _is_memory_event(e)),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if _is_memory_event(e)), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for event in events:
         live += event.nbytes()
@@ -396,10 +440,14 @@ def peak_memory_mb(args, name: str) -> float:
 def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return (
+        f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
 
 
-def ratios(times: dict[str, list[float]], methods: list[str], cycles=None, base: str = "adamw") -> dict[str, dict[str, float]]:
+def ratios(
+    times: dict[str, list[float]], methods: list[str], cycles=None, base: str = "adamw"
+) -> dict[str, dict[str, float]]:
     """Each method's median step time, median per-round ratio against the plain ``base`` (AdamW;
     and its quartiles: the machine's noise), and floor (the base's step plus the method's extra
     bare passes, over the base's step; per round, then the median). ``cycles``: a method's steps
@@ -409,13 +457,18 @@ def ratios(times: dict[str, list[float]], methods: list[str], cycles=None, base:
     for name in methods:
         per_round = [t / a for t, a in zip(times[name], adamw)]
         k = (cycles or {}).get(name, 1)
-        floor = [1 + sum(times[f"pass:{kind}"][i] for kind in extra_passes(name, base)) / k / a
-                 for i, a in enumerate(adamw)]
+        floor = [
+            1 + sum(times[f"pass:{kind}"][i] for kind in extra_passes(name, base)) / k / a for i, a in enumerate(adamw)
+        ]
         ratio, floor_ratio = statistics.median(per_round), statistics.median(floor)
         q1, _, q3 = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else (ratio,) * 3
-        rows[name] = {"step_s": round(statistics.median(times[name]), 5), "ratio": round(ratio, 3),
-                      "ratio_iqr": [round(q1, 3), round(q3, 3)],
-                      "floor": round(floor_ratio, 3), "over_floor": round(ratio / floor_ratio, 3)}
+        rows[name] = {
+            "step_s": round(statistics.median(times[name]), 5),
+            "ratio": round(ratio, 3),
+            "ratio_iqr": [round(q1, 3), round(q3, 3)],
+            "floor": round(floor_ratio, 3),
+            "over_floor": round(ratio / floor_ratio, 3),
+        }
     return rows
 
 
@@ -426,8 +479,11 @@ def run_bench(args: BenchConfig) -> dict:
     params = sum(p.numel() for p in build_model(args).parameters())
     ref = reference_method(args)
     results = ratios(times, methods, {name: cycle(args, name) for name in methods}, base=ref)
-    passes = {name.removeprefix("pass:"): round(statistics.median(t), 5)
-              for name, t in times.items() if name.startswith("pass:")}
+    passes = {
+        name.removeprefix("pass:"): round(statistics.median(t), 5)
+        for name, t in times.items()
+        if name.startswith("pass:")
+    }
     if args.harness:
         for name in methods:
             loop = time_harness(args, name)
@@ -443,11 +499,32 @@ def run_bench(args: BenchConfig) -> dict:
     for name in methods:
         if name != ref:
             results[name]["rho"] = method_rho(args, name)
-    config = {k: getattr(args, k) for k in ("layers", "width", "heads", "vocab", "batch", "context", "steps",
-                                            "untimed_steps", "rho", "ascent_fraction", "sam_every", "compile", "device", "dtype",
-                                            "base")}
-    config.update(parameters=params, param_mb=round(params * 4 / 2**20, 1), machine=machine_description(args.device),
-                  torch=torch.__version__)
+    config = {
+        k: getattr(args, k)
+        for k in (
+            "layers",
+            "width",
+            "heads",
+            "vocab",
+            "batch",
+            "context",
+            "steps",
+            "untimed_steps",
+            "rho",
+            "ascent_fraction",
+            "sam_every",
+            "compile",
+            "device",
+            "dtype",
+            "base",
+        )
+    }
+    config.update(
+        parameters=params,
+        param_mb=round(params * 4 / 2**20, 1),
+        machine=machine_description(args.device),
+        torch=torch.__version__,
+    )
     report = {"config": config, "methods": results, "passes_s": passes}
     if args.json:
         atomic_write_json(args.json, report)
@@ -467,16 +544,29 @@ def format_table(report: dict) -> str:
         f"{'method':<10} {'step (s)':>10} {'x ' + ref:>8} {'IQR':>13} {'floor':>7} {'x floor':>8} {'peak MB':>9} {'+ vs ' + ref:>10}",
     ]
     for name, row in report["methods"].items():
-        mem = f"{row['peak_mem_mb']:>9.1f} {row['extra_mem_mb']:>+10.1f}" if "peak_mem_mb" in row else f"{'-':>9} {'-':>10}"
+        mem = (
+            f"{row['peak_mem_mb']:>9.1f} {row['extra_mem_mb']:>+10.1f}"
+            if "peak_mem_mb" in row
+            else f"{'-':>9} {'-':>10}"
+        )
         q1, q3 = row.get("ratio_iqr", (row["ratio"], row["ratio"]))
-        lines.append(f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {f'{q1:.3f}-{q3:.3f}':>13} {row['floor']:>7.3f} "
-                     f"{row['over_floor']:>8.3f} {mem}")
+        lines.append(
+            f"{name:<10} {row['step_s']:>10.4f} {row['ratio']:>8.3f} {f'{q1:.3f}-{q3:.3f}':>13} {row['floor']:>7.3f} "
+            f"{row['over_floor']:>8.3f} {mem}"
+        )
     if any("harness_step_s" in row for row in report["methods"].values()):
-        lines.append("samlm pretrain's loop at the same shape (built-in corpus, no evaluation), median step: "
-                     + ", ".join(f"{name} {row['harness_step_s']:.4f} s ({row['harness_over_bench']:.3f}x bench)"
-                                 for name, row in report["methods"].items() if "harness_step_s" in row))
+        lines.append(
+            "samlm pretrain's loop at the same shape (built-in corpus, no evaluation), median step: "
+            + ", ".join(
+                f"{name} {row['harness_step_s']:.4f} s ({row['harness_over_bench']:.3f}x bench)"
+                for name, row in report["methods"].items()
+                if "harness_step_s" in row
+            )
+        )
     passes = ", ".join(f"{kind} {seconds:.4f} s" for kind, seconds in report.get("passes_s", {}).items())
     if passes:
-        lines.append(f"bare passes (median): {passes}; floor = ({ref} step + a method's extra passes{per_step}) "
-                     f"/ {ref} step" + (" (Muon + AdamW: every method wraps both)" if base == "muon" else ""))
+        lines.append(
+            f"bare passes (median): {passes}; floor = ({ref} step + a method's extra passes{per_step}) "
+            f"/ {ref} step" + (" (Muon + AdamW: every method wraps both)" if base == "muon" else "")
+        )
     return "\n".join(lines)

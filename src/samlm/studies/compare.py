@@ -48,14 +48,16 @@ DEFAULT_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
 # The settings a finished run must share with the comparison asking for it: those a resume
 # must match, and the budget (resumable only because its resolved value is compared).
 _SAME_RUN = frozenset(f.name for f in dataclasses.fields(PretrainConfig) if f.metadata.get("resume", True)) | {
-    "steps", "tokens_per_param", "warmup"}
+    "steps",
+    "tokens_per_param",
+    "warmup",
+}
 
 
 def run_name(optimizer: str, rho: float | None, seed: int, lr: float | None = None) -> str:
     """``sam-rho0.05-seed0``; ``lr`` (named only when a method's lr grid has several values):
     ``sam-rho0.05-lr0.003-seed0``."""
-    return (optimizer + ("" if rho is None else f"-rho{rho:g}") + ("" if lr is None else f"-lr{lr:g}")
-            + f"-seed{seed}")
+    return optimizer + ("" if rho is None else f"-rho{rho:g}") + ("" if lr is None else f"-lr{lr:g}") + f"-seed{seed}"
 
 
 COMPUTE_SUFFIX = "-equal-compute"
@@ -69,16 +71,23 @@ class PlannedRun:
     name: str
     config: PretrainConfig
     budgets: tuple[str, ...]
-    factor: float = 1.0          # its steps relative to --steps (equal compute: cost of the costliest / its own)
+    factor: float = 1.0  # its steps relative to --steps (equal compute: cost of the costliest / its own)
 
 
 def _at_compute(config: PretrainConfig, factor: float) -> PretrainConfig:
     """``config`` with its budget, warmup and evaluation cadence stretched by ``factor``."""
-    budget = ({"steps": stretched(config.steps, factor)} if config.steps is not None else
-              {"tokens_per_param": (config.tokens_per_param or DEFAULT_TOKENS_PER_PARAM) * factor})
-    return dataclasses.replace(config, **budget, warmup=stretched(config.warmup, factor),
-                               eval_every=stretched(config.eval_every, factor),
-                               sharpness_every=stretched(config.sharpness_every, factor))
+    budget = (
+        {"steps": stretched(config.steps, factor)}
+        if config.steps is not None
+        else {"tokens_per_param": (config.tokens_per_param or DEFAULT_TOKENS_PER_PARAM) * factor}
+    )
+    return dataclasses.replace(
+        config,
+        **budget,
+        warmup=stretched(config.warmup, factor),
+        eval_every=stretched(config.eval_every, factor),
+        sharpness_every=stretched(config.sharpness_every, factor),
+    )
 
 
 @dataclass
@@ -94,14 +103,14 @@ class CompareConfig:
     optimizers: Sequence[str] = DEFAULT_OPTIMIZERS
     seeds: Sequence[int] = (0,)
     rho: str | float | Mapping | None = None
-    lr: str | float | Mapping | None = None      # a grid like rho's (default: base.lr for every method)
+    lr: str | float | Mapping | None = None  # a grid like rho's (default: base.lr for every method)
     base: PretrainConfig = field(default_factory=PretrainConfig)
     overwrite: bool = False
     title: str = "samlm compare"
     notes: str = ""
-    jobs: int = 1                        # runs at a time (worker processes); 1: one after another
+    jobs: int = 1  # runs at a time (worker processes); 1: one after another
     budget: str = "steps"
-    lr_in_names: bool = False            # name every run's lr (default: only a method's with several)
+    lr_in_names: bool = False  # name every run's lr (default: only a method's with several)
 
     def runs(self) -> list[PlannedRun]:
         """Every run, seed by seed (a partial comparison has every optimizer)."""
@@ -110,15 +119,18 @@ class CompareConfig:
         rhos = parse_rho(self.rho, optimizers)
         lrs = parse_lr(self.lr, optimizers, self.base.lr)
         budgets = parse_budget(self.budget)
-        factors = compute_factors(optimizers, self.base.ascent_fraction, sam_every=self.base.sam_every,
-                                  sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps))
+        factors = compute_factors(
+            optimizers,
+            self.base.ascent_fraction,
+            sam_every=self.base.sam_every,
+            sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps),
+        )
         runs = []
         for seed in seeds:
             for optimizer in optimizers:
                 for lr, rho in itertools.product(lrs[optimizer], rhos[optimizer]):
-                    name = run_name(optimizer, rho, seed,
-                                    lr if self.lr_in_names or len(lrs[optimizer]) > 1 else None)
-                    variants = []   # (name, factor, budgets)
+                    name = run_name(optimizer, rho, seed, lr if self.lr_in_names or len(lrs[optimizer]) > 1 else None)
+                    variants = []  # (name, factor, budgets)
                     stretch = factors[optimizer] if "compute" in budgets else 1.0
                     if stretch == 1.0:
                         variants.append((name, 1.0, budgets))
@@ -132,8 +144,15 @@ class CompareConfig:
                         # its first checkpoint leaves only a partial metrics.jsonl behind).
                         resume = not self.overwrite and RunDir(out).has_checkpoint()
                         config = dataclasses.replace(
-                            self.base, optimizer=optimizer, rho=rho, lr=lr, seed=seed, out=str(out),
-                            resume=resume, overwrite=not resume)
+                            self.base,
+                            optimizer=optimizer,
+                            rho=rho,
+                            lr=lr,
+                            seed=seed,
+                            out=str(out),
+                            resume=resume,
+                            overwrite=not resume,
+                        )
                         if factor != 1.0:
                             config = _at_compute(config, factor)
                         runs.append(PlannedRun(run, tracked(config, run, self.out), serves, factor))
@@ -147,11 +166,11 @@ class CompareConfig:
 @dataclass
 class CompareResult:
     out: Path
-    summaries: dict[str, dict]           # run name -> summary (finished runs)
-    skipped: list[str]                   # finished before this call
-    unfinished: list[str]                # not (yet) completed
-    files: dict[str, Path]               # report files
-    table: str                           # the terminal table
+    summaries: dict[str, dict]  # run name -> summary (finished runs)
+    skipped: list[str]  # finished before this call
+    unfinished: list[str]  # not (yet) completed
+    files: dict[str, Path]  # report files
+    table: str  # the terminal table
     interrupted: str | None = None
     seconds: float = 0.0
 
@@ -212,18 +231,31 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
             say(f"{job.name} stopped at step {summary.get('step')}: run the same command again to resume")
             return False
         summaries[job.name] = summary
-        say(f"[{job.index}/{len(plan)}] {job.name}: val loss {summary.get('val_loss'):.4f}, "
-            f"{(summary.get('step_s') or 0) * 1000:.1f} ms/step")
+        say(
+            f"[{job.index}/{len(plan)}] {job.name}: val loss {summary.get('val_loss'):.4f}, "
+            f"{(summary.get('step_s') or 0) * 1000:.1f} ms/step"
+        )
         return True
 
     interrupted = run_jobs(todo, len(plan), done, run=run_pretrain, jobs=config.jobs)
     unfinished = [name for name, _ in plan if name not in summaries]
     loaded = {r.name: report.load_run(out / r.name) for r in planned if r.name in summaries}
-    by_budget = {budget: [loaded[r.name] for r in planned if r.name in loaded and budget in r.budgets]
-                 for budget in parse_budget(config.budget)}
+    by_budget = {
+        budget: [loaded[r.name] for r in planned if r.name in loaded and budget in r.budgets]
+        for budget in parse_budget(config.budget)
+    }
     runs = by_budget.get("steps") or by_budget["compute"]
-    files = report.write_report(out, runs, title=config.title, notes=config.notes, unfinished=unfinished,
-                                budgets=by_budget)
+    files = report.write_report(
+        out, runs, title=config.title, notes=config.notes, unfinished=unfinished, budgets=by_budget
+    )
     table = report.text_table(report.aggregate(runs))
-    return CompareResult(out=out, summaries=summaries, skipped=skipped, unfinished=unfinished, files=files,
-                         table=table, interrupted=interrupted, seconds=time.perf_counter() - started)
+    return CompareResult(
+        out=out,
+        summaries=summaries,
+        skipped=skipped,
+        unfinished=unfinished,
+        files=files,
+        table=table,
+        interrupted=interrupted,
+        seconds=time.perf_counter() - started,
+    )

@@ -30,9 +30,10 @@ DEMO_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
 # lr, each SAM-family method at every one of its ρ; the demo's points below are its "Tuned" table.
 # The grid is the pretraining study's CPU grid for these methods (samlm study pretrain, its 2x32 size
 # is this model), centred on the optimum of the 40-wide demo's sweep (docs/comparing.md, "The demo").
-SWEEP_LR = ",".join([f"adamw={lr}" for lr in ("2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1")]
-                    + [f"{method}={lr}" for method in ("sam", "fsam", "pfsam")
-                       for lr in ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2")])
+SWEEP_LR = ",".join(
+    [f"adamw={lr}" for lr in ("2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1")]
+    + [f"{method}={lr}" for method in ("sam", "fsam", "pfsam") for lr in ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2")]
+)
 SWEEP_RHO = "sam=0.05,sam=0.1,fsam=0.05,fsam=0.1,pfsam=0.1,pfsam=0.2"
 SWEEP_SEEDS = (0,)
 DEMO_LR = "adamw=4.8e-2,sam=2.4e-2,fsam=1.2e-2,pfsam=1.2e-2"
@@ -40,10 +41,23 @@ DEMO_RHO = "sam=0.1,fsam=0.1,pfsam=0.1"
 DEMO_SEEDS = (0, 1, 2)
 DEMO_BUDGET = "steps,compute"
 DEMO_BASE = PretrainConfig(
-    arch="gpt2", layers=2, width=32, heads=4, context=64, data="tinyshakespeare", tokenizer="bytes",
-    batch=32, tokens_per_param=20, eval_every=100, val_batches=16,
-    sharpness_every=0, sharpness_iters=10, sharpness_batches=1, sharpness_batch_size=8,
-    threads=1, progress=False,
+    arch="gpt2",
+    layers=2,
+    width=32,
+    heads=4,
+    context=64,
+    data="tinyshakespeare",
+    tokenizer="bytes",
+    batch=32,
+    tokens_per_param=20,
+    eval_every=100,
+    val_batches=16,
+    sharpness_every=0,
+    sharpness_iters=10,
+    sharpness_batches=1,
+    sharpness_batch_size=8,
+    threads=1,
+    progress=False,
 )
 DEMO_JOBS = 2
 DEMO_NOTES = """\
@@ -54,9 +68,17 @@ weights and the order of the training batches; it is the same for every optimize
 to AdamW are shown *paired by seed*."""
 
 
-def demo_config(*, out: str | None = None, seeds=None, steps: int | None = None, jobs: int = DEMO_JOBS,
-                threads: int = DEMO_BASE.threads, resume: bool = False, sweep: bool = False,
-                data: str | None = None) -> CompareConfig:
+def demo_config(
+    *,
+    out: str | None = None,
+    seeds=None,
+    steps: int | None = None,
+    jobs: int = DEMO_JOBS,
+    threads: int = DEMO_BASE.threads,
+    resume: bool = False,
+    sweep: bool = False,
+    data: str | None = None,
+) -> CompareConfig:
     """The demo's comparison, or with ``sweep`` the grid its lr and ρ came from (``out`` and
     ``seeds`` default to each one's own); ``steps``: instead of 20 tokens per parameter;
     ``resume``: keep finished runs and resume interrupted ones; ``data``: another corpus (a
@@ -72,12 +94,24 @@ def demo_config(*, out: str | None = None, seeds=None, steps: int | None = None,
 
         base = dataclasses.replace(base, data=data, tokenizer=None if is_prepared_dir(data) else base.tokenizer)
     if sweep:
-        variant = dict(out=out or "runs/demo-sweep", seeds=SWEEP_SEEDS if seeds is None else seeds, rho=SWEEP_RHO,
-                       lr=SWEEP_LR, base=dataclasses.replace(base, sharpness=False), budget="steps",
-                       title="samlm demo --sweep: the (lr, ρ) grid behind the demo's settings")
+        variant = dict(
+            out=out or "runs/demo-sweep",
+            seeds=SWEEP_SEEDS if seeds is None else seeds,
+            rho=SWEEP_RHO,
+            lr=SWEEP_LR,
+            base=dataclasses.replace(base, sharpness=False),
+            budget="steps",
+            title="samlm demo --sweep: the (lr, ρ) grid behind the demo's settings",
+        )
     else:
-        variant = dict(out=out or "runs/demo", seeds=DEMO_SEEDS if seeds is None else seeds, rho=DEMO_RHO,
-                       lr=DEMO_LR, base=base, budget=DEMO_BUDGET,
-                       title="samlm demo: AdamW vs SAM vs Functional-SAM on Tiny Shakespeare")
+        variant = dict(
+            out=out or "runs/demo",
+            seeds=DEMO_SEEDS if seeds is None else seeds,
+            rho=DEMO_RHO,
+            lr=DEMO_LR,
+            base=base,
+            budget=DEMO_BUDGET,
+            title="samlm demo: AdamW vs SAM vs Functional-SAM on Tiny Shakespeare",
+        )
     variant["seeds"] = parse_seeds(variant["seeds"])
     return CompareConfig(optimizers=DEMO_OPTIMIZERS, overwrite=not resume, notes=DEMO_NOTES, jobs=jobs, **variant)

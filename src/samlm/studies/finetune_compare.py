@@ -82,7 +82,8 @@ class FinetuneGridSettings(CompareGridSettings):
 
     # samlm compare's lr grid; a method not named runs at the model's fine-tuning lr, not pretraining's.
     lr: Optional[str] = settings.override(
-        CompareGridSettings, "lr", default_text=FinetuneConfig.__dataclass_fields__["lr"].metadata["default_text"])
+        CompareGridSettings, "lr", default_text=FinetuneConfig.__dataclass_fields__["lr"].metadata["default_text"]
+    )
 
 
 @dataclass
@@ -95,13 +96,13 @@ class FinetuneGrid:
 
     out: str
     base: FinetuneConfig
-    optimizers: str | None = None        # default: the model's baseline optimizer and sam
+    optimizers: str | None = None  # default: the model's baseline optimizer and sam
     subsample: str = "1"
     seeds: str = "0"
     rho: str | None = None
     overwrite: bool = False
     jobs: int = 1
-    budget: str = "steps"                # steps | compute | steps,compute (samlm.studies.grid)
+    budget: str = "steps"  # steps | compute | steps,compute (samlm.studies.grid)
     lr: str | None = None
 
     def runs(self) -> list[tuple[str, FinetuneConfig, tuple[str, ...]]]:
@@ -118,21 +119,37 @@ class FinetuneGrid:
         rates = parse_numbers(self.subsample, "--subsample")
         seeds = parse_seeds(self.seeds)
         budgets = parse_budget(self.budget)
-        factors = compute_factors(optimizers, self.base.ascent_fraction or 0.25, sam_every=self.base.sam_every,
-                                  sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps))
+        factors = compute_factors(
+            optimizers,
+            self.base.ascent_fraction or 0.25,
+            sam_every=self.base.sam_every,
+            sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps),
+        )
         runs = []
         for optimizer in optimizers:
             points = itertools.product(lrs[optimizer], rhos[optimizer] if self.rho is not None else [None])
             for lr, rho in points:
                 for rate in rates:
                     for seed in seeds:
-                        name = (optimizer + (f"-rho{rho:g}" if rho is not None else "")
-                                + (f"-lr{lr:g}" if len(lrs[optimizer]) > 1 else "") + f"-sub{rate:g}-seed{seed}")
+                        name = (
+                            optimizer
+                            + (f"-rho{rho:g}" if rho is not None else "")
+                            + (f"-lr{lr:g}" if len(lrs[optimizer]) > 1 else "")
+                            + f"-sub{rate:g}-seed{seed}"
+                        )
                         sam = METHODS[optimizer].is_sam
                         config = dataclasses.replace(
-                            self.base, optimizer=optimizer, rho=rho, lr=lr, subsample=rate, seed=seed,
-                            out=str(Path(self.out) / "runs" / name), resume=False, overwrite=self.overwrite,
-                            **({} if sam else {"base": None, "ascent_fraction": None, "m": 1}))
+                            self.base,
+                            optimizer=optimizer,
+                            rho=rho,
+                            lr=lr,
+                            subsample=rate,
+                            seed=seed,
+                            out=str(Path(self.out) / "runs" / name),
+                            resume=False,
+                            overwrite=self.overwrite,
+                            **({} if sam else {"base": None, "ascent_fraction": None, "m": 1}),
+                        )
                         factor = factors[optimizer] if "compute" in budgets else 1.0
                         if factor == 1.0:
                             runs.append((name, tracked(config, name, self.out), budgets))
@@ -140,10 +157,24 @@ class FinetuneGrid:
                         if "steps" in budgets:
                             runs.append((name, tracked(config, name, self.out), ("steps",)))
                         longer = name + COMPUTE_SUFFIX
-                        runs.append((longer, tracked(dataclasses.replace(
-                            config, out=str(Path(self.out) / "runs" / longer), steps=stretched(config.steps, factor),
-                            warmup=stretched(config.warmup, factor), eval_every=stretched(config.eval_every, factor),
-                            save_every=stretched(config.save_every, factor)), longer, self.out), ("compute",)))
+                        runs.append(
+                            (
+                                longer,
+                                tracked(
+                                    dataclasses.replace(
+                                        config,
+                                        out=str(Path(self.out) / "runs" / longer),
+                                        steps=stretched(config.steps, factor),
+                                        warmup=stretched(config.warmup, factor),
+                                        eval_every=stretched(config.eval_every, factor),
+                                        save_every=stretched(config.save_every, factor),
+                                    ),
+                                    longer,
+                                    self.out,
+                                ),
+                                ("compute",),
+                            )
+                        )
         return runs
 
 
@@ -174,15 +205,21 @@ def run_grid(grid: FinetuneGrid) -> dict[str, list[Path]]:
             prepare(dataclasses.replace(config, dry_run=True))  # every run's mistakes before any training
         except UserError as err:
             raise UserError(f"run {name}: {err}") from None
-        cost = METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25, sam_every=config.sam_every) * config.steps
+        cost = (
+            METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25, sam_every=config.sam_every)
+            * config.steps
+        )
         todo.append(Job(number, name + (" (resuming)" if config.resume else ""), config, cost))
 
-    interrupted = run_jobs(todo, len(runs), lambda job, summary: bool(summary.get("completed")),
-                           run=run_finetune, jobs=grid.jobs)
+    interrupted = run_jobs(
+        todo, len(runs), lambda job, summary: bool(summary.get("completed")), run=run_finetune, jobs=grid.jobs
+    )
     if interrupted:
         raise UserError(f"the grid stopped before the end ({interrupted}); run the same command to resume")
-    return {budget: [Path(config.out) for _, config, serves in runs if budget in serves]
-            for budget in parse_budget(grid.budget)}
+    return {
+        budget: [Path(config.out) for _, config, serves in runs if budget in serves]
+        for budget in parse_budget(grid.budget)
+    }
 
 
 def budget_markdown(reports: Mapping[str, "Report"]) -> str:
@@ -196,17 +233,22 @@ def budget_markdown(reports: Mapping[str, "Report"]) -> str:
                 method = g.method
                 n = f" (n={len(g.diffs)})" if g.paired else " (unpaired)"
                 cells.setdefault((g.model, g.subsample, method), {})[budget] = _gain_text(g) + n
-    lines = ["## Gain over the baseline at equal steps and at equal compute (best checkpoints, score)", "",
-             "Paired by seed: mean ± std of (method − baseline) over seeds, n seed pairs. **Equal steps**: every method "
-             "the same number of steps. **Equal compute**: every method the forward+backward compute of the costliest "
-             "method (a backward counted as 2 forwards; cheaper methods run proportionally more steps, with warmup, "
-             "evaluation and checkpoint cadence stretched), so one baseline run per seed serves every method. Each "
-             "budget's full tables: this file (equal steps) and equal-compute/results.md.", "",
-             "| model | data | method | " + " | ".join(headers[b] for b in reports) + " |",
-             "|---|---:|---|" + "---:|" * len(reports)]
+    lines = [
+        "## Gain over the baseline at equal steps and at equal compute (best checkpoints, score)",
+        "",
+        "Paired by seed: mean ± std of (method − baseline) over seeds, n seed pairs. **Equal steps**: every method "
+        "the same number of steps. **Equal compute**: every method the forward+backward compute of the costliest "
+        "method (a backward counted as 2 forwards; cheaper methods run proportionally more steps, with warmup, "
+        "evaluation and checkpoint cadence stretched), so one baseline run per seed serves every method. Each "
+        "budget's full tables: this file (equal steps) and equal-compute/results.md.",
+        "",
+        "| model | data | method | " + " | ".join(headers[b] for b in reports) + " |",
+        "|---|---:|---|" + "---:|" * len(reports),
+    ]
     for (model, rate, method), by_budget in cells.items():
-        lines.append(f"| {model} | {_percent(rate)} | {method} | "
-                     + " | ".join(by_budget.get(b, "–") for b in reports) + " |")
+        lines.append(
+            f"| {model} | {_percent(rate)} | {method} | " + " | ".join(by_budget.get(b, "–") for b in reports) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -225,11 +267,11 @@ class RunRecord:
     subsample: float
     seed: int
     score_name: str
-    values: dict[str, dict[str, float | None]]    # selection -> metric key (or "score") -> value
+    values: dict[str, dict[str, float | None]]  # selection -> metric key (or "score") -> value
     metric_keys: list[str]
     # eval key ("glue/rte", "glue/mnli:validation_matched") -> {"split": ..., "examples": ...}
     eval_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    family: str = ""     # the method without its (lr, ρ) point: what the Tuned table picks a point for
+    family: str = ""  # the method without its (lr, ρ) point: what the Tuned table picks a point for
 
     @property
     def is_baseline(self) -> bool:
@@ -275,13 +317,25 @@ def load_run(path: Path) -> RunRecord:
     score = summary.get("score", {})
     for sel in SELECTIONS:
         values[sel][SCORE] = finite_number(score.get(sel))
-    eval_sets = {key: dict(info) for task in (summary.get("data") or {}).values()
-                 for key, info in (task.get("eval") or {}).items()}
+    eval_sets = {
+        key: dict(info)
+        for task in (summary.get("data") or {}).values()
+        for key, info in (task.get("eval") or {}).items()
+    }
     return RunRecord(
-        path=path, model=model_name(summary), method="", optimizer=str(config.get("optimizer")),
-        base=config.get("base"), rho=config.get("rho"), lr=finite_number(config.get("lr")),
-        subsample=float(config.get("subsample", 1.0)), seed=int(config.get("seed", 0)),
-        score_name=str(score.get("name", SCORE)), values=values, metric_keys=keys, eval_sets=eval_sets,
+        path=path,
+        model=model_name(summary),
+        method="",
+        optimizer=str(config.get("optimizer")),
+        base=config.get("base"),
+        rho=config.get("rho"),
+        lr=finite_number(config.get("lr")),
+        subsample=float(config.get("subsample", 1.0)),
+        seed=int(config.get("seed", 0)),
+        score_name=str(score.get("name", SCORE)),
+        values=values,
+        metric_keys=keys,
+        eval_sets=eval_sets,
     )
 
 
@@ -379,7 +433,7 @@ class Gain:
     method: str
     selection: str
     metric: str
-    diffs: list[float]            # paired by seed; else [mean(method) - mean(baseline)]
+    diffs: list[float]  # paired by seed; else [mean(method) - mean(baseline)]
     paired: bool
     baseline_mean: float | None
 
@@ -413,34 +467,40 @@ class Report:
     score_name: str
     gains: list[Gain]
     out_dir: Path
-    baselines: dict[str, Baseline] = field(default_factory=dict)   # model -> what its gains are over
+    baselines: dict[str, Baseline] = field(default_factory=dict)  # model -> what its gains are over
 
     def headline(self) -> list[str]:
         lines = []
         for g in self.gains:
             if g.selection == "best" and g.metric == SCORE and g.mean is not None:
                 rel = f" ({g.relative:+.1f}%)" if g.relative is not None else ""
-                lines.append(f"{g.model} {_percent(g.subsample)} data: {g.method} {g.mean:+.2f} {self.score_name}{rel} "
-                             "over the baseline (best checkpoints)")
+                lines.append(
+                    f"{g.model} {_percent(g.subsample)} data: {g.method} {g.mean:+.2f} {self.score_name}{rel} "
+                    "over the baseline (best checkpoints)"
+                )
         return lines
 
 
-def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None,
-                 extra_markdown: str = "") -> Report:
+def compare_runs(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None, extra_markdown: str = ""
+) -> Report:
     """Aggregate runs, write results.md (then ``extra_markdown``) / results.csv / gains.csv /
     gain.png into ``out_dir``."""
     report = build_report(run_dirs, out_dir, baseline=baseline)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_text(out / "results.md", render_markdown(report) + (("\n" + extra_markdown) if extra_markdown else ""))
+    io.atomic_write_text(
+        out / "results.md", render_markdown(report) + (("\n" + extra_markdown) if extra_markdown else "")
+    )
     io.atomic_write_text(out / "results.csv", _results_csv(report))
     io.atomic_write_text(out / "gains.csv", _gains_csv(report))
     io.atomic_write_bytes(out / "gain.png", plot_gain(report))
     return report
 
 
-def compare_budgets(by_budget: Mapping[str, Sequence[Path]], out_dir: str | Path, *,
-                    baseline: str | None = None) -> Report:
+def compare_budgets(
+    by_budget: Mapping[str, Sequence[Path]], out_dir: str | Path, *, baseline: str | None = None
+) -> Report:
     """The reports of a grid run under one or both budgets: equal steps in ``out_dir`` (with the
     side-by-side gains when both ran), equal compute in ``out_dir/equal-compute`` (or in
     ``out_dir`` when it is the only one). Returns the main report."""
@@ -451,8 +511,9 @@ def compare_budgets(by_budget: Mapping[str, Sequence[Path]], out_dir: str | Path
         return compare_runs(by_budget["compute"], out, baseline=baseline)
     compute = compare_runs(by_budget["compute"], out / "equal-compute", baseline=baseline)
     steps = build_report(by_budget["steps"], out, baseline=baseline)
-    return compare_runs(by_budget["steps"], out, baseline=baseline,
-                        extra_markdown=budget_markdown({"steps": steps, "compute": compute}))
+    return compare_runs(
+        by_budget["steps"], out, baseline=baseline, extra_markdown=budget_markdown({"steps": steps, "compute": compute})
+    )
 
 
 def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baseline: str | None = None) -> Report:
@@ -465,8 +526,11 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baselin
     keys = list(dict.fromkeys(k for r in runs for k in r.metric_keys))
     names = sorted({r.score_name for r in runs})
     score_name = names[0] if len(names) == 1 else "score"
-    baselines = {model: ref for model in dict.fromkeys(g.model for g in groups)
-                 if (ref := _baseline(groups, baseline, model)) is not None}
+    baselines = {
+        model: ref
+        for model in dict.fromkeys(g.model for g in groups)
+        if (ref := _baseline(groups, baseline, model)) is not None
+    }
     return Report(groups, keys, score_name, _gains(groups, keys, baselines), Path(out_dir), baselines)
 
 
@@ -477,15 +541,19 @@ def _group(runs: Sequence[RunRecord]) -> list[Group]:
         group = groups.setdefault(key, Group(r.model, r.subsample, r.method, r.is_baseline))
         if any(other.seed == r.seed for other in group.runs):
             clash = next(o for o in group.runs if o.seed == r.seed)
-            raise UserError(f"two runs of {r.method} at {_percent(r.subsample)} data with seed {r.seed}: "
-                            f"{clash.path} and {r.path}; keep one")
+            raise UserError(
+                f"two runs of {r.method} at {_percent(r.subsample)} data with seed {r.seed}: "
+                f"{clash.path} and {r.path}; keep one"
+            )
         group.runs.append(r)
+
     # Paper order: model, data fraction, baseline first, then each method's points by ρ and lr.
     def point(value: float | None) -> tuple[bool, float]:
         return value is not None, value or 0.0
 
-    return sorted(groups.values(), key=lambda g: (g.model, g.subsample, not g.is_baseline, g.family,
-                                                  point(g.rho), point(g.lr)))
+    return sorted(
+        groups.values(), key=lambda g: (g.model, g.subsample, not g.is_baseline, g.family, point(g.rho), point(g.lr))
+    )
 
 
 def tuned_groups(report: Report) -> dict[tuple[str, float, str], Group]:
@@ -528,8 +596,12 @@ def _gains(groups: Sequence[Group], keys: Sequence[str], baselines: Mapping[str,
             for g in of_model:
                 if g.subsample != rate or g is ref or (label is None and g.family == family):
                     continue
-                gains += [gain for selection in SELECTIONS for key in [*keys, SCORE]
-                          if (gain := _gain(g, ref, selection, key)) is not None]
+                gains += [
+                    gain
+                    for selection in SELECTIONS
+                    for key in [*keys, SCORE]
+                    if (gain := _gain(g, ref, selection, key)) is not None
+                ]
     return gains
 
 
@@ -544,8 +616,9 @@ def _gain(group: Group, ref: Group, selection: str, key: str) -> Gain | None:
         diffs, paired = [mine[s] - theirs[s] for s in common], True
     else:
         diffs, paired = [statistics.fmean(mine.values()) - statistics.fmean(theirs.values())], False
-    return Gain(group.model, group.subsample, group.method, selection, key, diffs, paired,
-                statistics.fmean(theirs.values()))
+    return Gain(
+        group.model, group.subsample, group.method, selection, key, diffs, paired, statistics.fmean(theirs.values())
+    )
 
 
 def _baseline(groups: Sequence[Group], baseline: str | None, model: str) -> Baseline | None:
@@ -582,9 +655,11 @@ def _short(key: str) -> str:
 
 def render_markdown(report: Report) -> str:
     lines = ["# Fine-tuning comparison", ""]
-    lines.append(f"Cells: mean ± sample std over seeds. Score: {report.score_name} (mean over tasks of the mean "
-                 "of each task's official metrics). **Best**: every task-metric at its own best checkpoint and "
-                 "the score from those values (Bahri et al. 2022); **final**: the last evaluation.")
+    lines.append(
+        f"Cells: mean ± sample std over seeds. Score: {report.score_name} (mean over tasks of the mean "
+        "of each task's official metrics). **Best**: every task-metric at its own best checkpoint and "
+        "the score from those values (Bahri et al. 2022); **final**: the last evaluation."
+    )
     lines.append("")
     columns = [_short(k) for k in report.metric_keys] + [report.score_name]
     for selection in SELECTIONS:
@@ -593,20 +668,31 @@ def render_markdown(report: Report) -> str:
         lines.append("|---|---|---|---|" + "---|" * len(columns))
         for g in report.groups:
             cells = [g.cell(selection, k).text() for k in [*report.metric_keys, SCORE]]
-            lines.append(f"| {g.model} | {_percent(g.subsample)} | {g.method} | {len(g.runs)} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {g.model} | {_percent(g.subsample)} | {g.method} | {len(g.runs)} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     points = Counter((g.model, g.subsample, g.family) for g in report.groups)
-    tuned_baseline = any(points[(g.model, g.subsample, ref.family)] > 1
-                         for g in report.groups if (ref := report.baselines.get(g.model)) and ref.label is None)
+    tuned_baseline = any(
+        points[(g.model, g.subsample, ref.family)] > 1
+        for g in report.groups
+        if (ref := report.baselines.get(g.model)) and ref.label is None
+    )
     for selection in SELECTIONS:
         gains = [g for g in report.gains if g.selection == selection]
         if not gains:
             continue
         lines += [f"## Gain over the baseline ({selection} checkpoint)", ""]
-        lines.append("Paired by seed (mean ± std of the differences) when the runs share seeds; relative gain in % "
-                     "of the baseline's score."
-                     + (" The baseline ran at several (lr, ρ) points: the reference is its tuned point at each data "
-                        "fraction (see Tuned)." if tuned_baseline else ""))
+        lines.append(
+            "Paired by seed (mean ± std of the differences) when the runs share seeds; relative gain in % "
+            "of the baseline's score."
+            + (
+                " The baseline ran at several (lr, ρ) points: the reference is its tuned point at each data "
+                "fraction (see Tuned)."
+                if tuned_baseline
+                else ""
+            )
+        )
         lines.append("")
         header = ["Δ " + report.score_name, "Δ% " + report.score_name] + ["Δ " + _short(k) for k in report.metric_keys]
         lines.append("| model | data | method | " + " | ".join(header) + " |")
@@ -632,18 +718,23 @@ def tuned_markdown(report: Report) -> list[str]:
         return []
     chosen = tuned_groups(report)
     score = report.score_name
-    lines = ["## Tuned: each method at its best (lr, ρ)", "",
-             f"For each model, data fraction and method, the (lr, ρ) point whose {score} (each run at its best "
-             f"checkpoint) is highest on average over its seeds, with that {score} (mean ± std over seeds); Δ: its "
-             "gain over the tuned baseline at the same seed (mean ± std over seed pairs, n = pairs). points: the "
-             "(lr, ρ) points the method ran (every one is in the tables above).", "",
-             "Selection and reporting both use the best-checkpoint protocol, on the same split: selected and "
-             f"reported on {split_text(r for g in chosen.values() for r in g.runs)}. The tuned numbers are "
-             "therefore optimistic (a maximum over points and checkpoints, measured on the data that chose them), "
-             "as in Bahri et al. (2022), who also select on validation.", "",
-             f"| model | data | method | points | chosen lr | chosen ρ | seeds | {score} (best checkpoint) | "
-             f"Δ {score} vs tuned baseline (paired) |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Tuned: each method at its best (lr, ρ)",
+        "",
+        f"For each model, data fraction and method, the (lr, ρ) point whose {score} (each run at its best "
+        f"checkpoint) is highest on average over its seeds, with that {score} (mean ± std over seeds); Δ: its "
+        "gain over the tuned baseline at the same seed (mean ± std over seed pairs, n = pairs). points: the "
+        "(lr, ρ) points the method ran (every one is in the tables above).",
+        "",
+        "Selection and reporting both use the best-checkpoint protocol, on the same split: selected and "
+        f"reported on {split_text(r for g in chosen.values() for r in g.runs)}. The tuned numbers are "
+        "therefore optimistic (a maximum over points and checkpoints, measured on the data that chose them), "
+        "as in Bahri et al. (2022), who also select on validation.",
+        "",
+        f"| model | data | method | points | chosen lr | chosen ρ | seeds | {score} (best checkpoint) | "
+        f"Δ {score} vs tuned baseline (paired) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for (model, rate, family), g in chosen.items():
         baseline = report.baselines.get(model)
         ref = chosen.get((model, rate, baseline.family)) if baseline is not None else None
@@ -654,8 +745,17 @@ def tuned_markdown(report: Report) -> list[str]:
         else:
             gain = _gain(g, ref, "best", SCORE)
             delta = _gain_text(gain) + ((f" (n={len(gain.diffs)})" if gain.paired else " (unpaired)") if gain else "")
-        cells = [model, _percent(rate), family, str(points[(model, rate, family)]), value_text(g.lr),
-                 value_text(g.rho), str(len(g.runs)), g.cell("best", SCORE).text(), delta]
+        cells = [
+            model,
+            _percent(rate),
+            family,
+            str(points[(model, rate, family)]),
+            value_text(g.lr),
+            value_text(g.rho),
+            str(len(g.runs)),
+            g.cell("best", SCORE).text(),
+            delta,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return lines
@@ -673,8 +773,10 @@ def split_text(runs: Iterable[RunRecord]) -> str:
     if not examples:
         return "the runs' evaluation split (their summaries do not name it)"
     # Several counts for one split: runs that capped it differently (--eval-examples).
-    return ", ".join(f"{key} {split}" + (f" ({'/'.join(map(str, sorted(counts)))} examples)" if counts else "")
-                     for (key, split), counts in examples.items())
+    return ", ".join(
+        f"{key} {split}" + (f" ({'/'.join(map(str, sorted(counts)))} examples)" if counts else "")
+        for (key, split), counts in examples.items()
+    )
 
 
 def _gain_text(gain: Gain | None) -> str:
@@ -700,18 +802,78 @@ def _results_csv(report: Report) -> str:
             r0 = g.runs[0]
             for key in [*report.metric_keys, SCORE]:
                 cell = g.cell(selection, key)
-                rows.append([selection, g.model, g.subsample, g.method, r0.optimizer, r0.base, r0.rho, r0.lr,
-                             report.score_name if key == SCORE else key, cell.n, cell.mean, cell.std,
-                             " ".join(f"{v:.6g}" for v in cell.values), " ".join(str(s) for s in g.seeds)])
-    return _csv_text(["selection", "model", "subsample", "method", "optimizer", "base", "rho", "lr", "metric", "n",
-                      "mean", "std", "values", "seeds"], rows)
+                rows.append(
+                    [
+                        selection,
+                        g.model,
+                        g.subsample,
+                        g.method,
+                        r0.optimizer,
+                        r0.base,
+                        r0.rho,
+                        r0.lr,
+                        report.score_name if key == SCORE else key,
+                        cell.n,
+                        cell.mean,
+                        cell.std,
+                        " ".join(f"{v:.6g}" for v in cell.values),
+                        " ".join(str(s) for s in g.seeds),
+                    ]
+                )
+    return _csv_text(
+        [
+            "selection",
+            "model",
+            "subsample",
+            "method",
+            "optimizer",
+            "base",
+            "rho",
+            "lr",
+            "metric",
+            "n",
+            "mean",
+            "std",
+            "values",
+            "seeds",
+        ],
+        rows,
+    )
 
 
 def _gains_csv(report: Report) -> str:
-    rows = [[g.selection, g.model, g.subsample, g.method, report.score_name if g.metric == SCORE else g.metric,
-             len(g.diffs), g.paired, g.mean, g.std, g.baseline_mean, g.relative] for g in report.gains]
-    return _csv_text(["selection", "model", "subsample", "method", "metric", "n", "paired", "gain", "gain_std",
-                      "baseline", "relative_gain_pct"], rows)
+    rows = [
+        [
+            g.selection,
+            g.model,
+            g.subsample,
+            g.method,
+            report.score_name if g.metric == SCORE else g.metric,
+            len(g.diffs),
+            g.paired,
+            g.mean,
+            g.std,
+            g.baseline_mean,
+            g.relative,
+        ]
+        for g in report.gains
+    ]
+    return _csv_text(
+        [
+            "selection",
+            "model",
+            "subsample",
+            "method",
+            "metric",
+            "n",
+            "paired",
+            "gain",
+            "gain_std",
+            "baseline",
+            "relative_gain_pct",
+        ],
+        rows,
+    )
 
 
 def plot_gain(report: Report) -> bytes:
@@ -731,8 +893,9 @@ def plot_gain(report: Report) -> bytes:
         gains = sorted(gains, key=lambda g: g.subsample)
         xs = [g.subsample for g in gains]
         label = method if len({m for m, _ in series}) == 1 else f"{model} {method}"
-        absolute.errorbar(xs, [g.mean for g in gains], yerr=[g.std or 0.0 for g in gains], marker="o",
-                          capsize=3, label=label)
+        absolute.errorbar(
+            xs, [g.mean for g in gains], yerr=[g.std or 0.0 for g in gains], marker="o", capsize=3, label=label
+        )
         relative.plot(xs, [g.relative if g.relative is not None else math.nan for g in gains], marker="o", label=label)
     for ax, ylabel in ((absolute, f"Δ {report.score_name} (points)"), (relative, f"Δ {report.score_name} (%)")):
         ax.axhline(0.0, color="grey", linewidth=0.8)
@@ -756,7 +919,22 @@ def plot_gain(report: Report) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["compare_runs", "find_run_dirs", "load_run", "render_markdown", "tuned_markdown", "tuned_groups",
-           "split_text", "plot_gain", "Baseline", "FinetuneGrid", "FinetuneGridSettings", "run_grid", "Report", "RunRecord",
-           "Group", "Gain", "Cell"]
-
+__all__ = [
+    "compare_runs",
+    "find_run_dirs",
+    "load_run",
+    "render_markdown",
+    "tuned_markdown",
+    "tuned_groups",
+    "split_text",
+    "plot_gain",
+    "Baseline",
+    "FinetuneGrid",
+    "FinetuneGridSettings",
+    "run_grid",
+    "Report",
+    "RunRecord",
+    "Group",
+    "Gain",
+    "Cell",
+]

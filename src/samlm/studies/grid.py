@@ -32,25 +32,40 @@ class GridSettings:
 
     optimizers: Optional[str] = setting(None, "comma-separated methods to compare (samlm.optim.registry)")
     seeds: str = setting("0", "comma-separated seeds")
-    rho: Optional[str] = setting(None, "one value, a list (0.02,0.05: a grid for every SAM-family method), or per "
-                                 "method (sam=0.02,fsam=0.1; repeat a name for a grid)",
-                                 default_text="each method's default")
-    jobs: int = setting(1, "runs at a time, in worker processes (1: one after another, so step times are "
-                        "comparable); use with --threads", check=s.positive_int)
+    rho: Optional[str] = setting(
+        None,
+        "one value, a list (0.02,0.05: a grid for every SAM-family method), or per "
+        "method (sam=0.02,fsam=0.1; repeat a name for a grid)",
+        default_text="each method's default",
+    )
+    jobs: int = setting(
+        1,
+        "runs at a time, in worker processes (1: one after another, so step times are comparable); use with --threads",
+        check=s.positive_int,
+    )
     overwrite: bool = setting(False, "rerun finished runs too")
     dry_run: bool = setting(False, "check every run's settings and print the grid; write nothing")
-    budget: str = setting("steps", "steps: every method the same number of steps; compute: the same "
-                          "forward+backward compute (cheaper methods get proportionally more steps); "
-                          "steps,compute: both", check=lambda flag, value: parse_budget(value))
+    budget: str = setting(
+        "steps",
+        "steps: every method the same number of steps; compute: the same "
+        "forward+backward compute (cheaper methods get proportionally more steps); "
+        "steps,compute: both",
+        check=lambda flag, value: parse_budget(value),
+    )
 
 
 @dataclass
 class CompareGridSettings(GridSettings):
     """comparison"""
 
-    lr: Optional[str] = setting(None, "peak learning rate: one value, a list (1e-3,3e-3: a grid for every method), "
-                                "or per method (adamw=1e-3,adamw=3e-3,sam=3e-3; a bare value applies to the "
-                                "methods not named)", default_text=f"{s.OptimizerSettings.lr:g}", group="comparison")
+    lr: Optional[str] = setting(
+        None,
+        "peak learning rate: one value, a list (1e-3,3e-3: a grid for every method), "
+        "or per method (adamw=1e-3,adamw=3e-3,sam=3e-3; a bare value applies to the "
+        "methods not named)",
+        default_text=f"{s.OptimizerSettings.lr:g}",
+        group="comparison",
+    )
 
 
 @dataclass
@@ -59,24 +74,35 @@ class StudySettings:
 
     preset: str = setting("cpu", "the study's preset")
     out: str = setting("runs/study", "study directory")
-    seeds: Optional[str] = setting(None, "comma-separated seeds of the final runs", default_text="the preset's",
-                                   check=lambda flag, value: parse_seeds(value, flag))
+    seeds: Optional[str] = setting(
+        None,
+        "comma-separated seeds of the final runs",
+        default_text="the preset's",
+        check=lambda flag, value: parse_seeds(value, flag),
+    )
     jobs: Optional[int] = setting(None, "runs at a time", check=s.positive_int, default_text="the preset's")
-    steps: Optional[int] = setting(None, "steps per run instead of the preset's budget (a quick look)",
-                                   check=s.positive_int)
+    steps: Optional[int] = setting(
+        None, "steps per run instead of the preset's budget (a quick look)", check=s.positive_int
+    )
     overwrite: bool = setting(False, "rerun finished runs too")
     dry_run: bool = setting(False, "print the sizes, grids and runs; write nothing")
     # experiment trackers: the runs' own settings, passed to every run of the study
     report_to: str = s.override(s.LoopSettings, "report_to")
-    run_name: Optional[str] = s.override(s.LoopSettings, "run_name",
-                                         help="the study's name in the trackers (its runs' group and name prefix)",
-                                         default_text="the runs' directories")
+    run_name: Optional[str] = s.override(
+        s.LoopSettings,
+        "run_name",
+        help="the study's name in the trackers (its runs' group and name prefix)",
+        default_text="the runs' directories",
+    )
     log_every: Optional[int] = s.override(s.LoopSettings, "log_every", default=None, default_text="the preset's")
 
     def tracking(self) -> dict:
         """The tracker settings given, for the runs' configs."""
-        return {k: v for k in ("report_to", "run_name", "log_every")
-                if (v := getattr(self, k)) is not None and not (k == "report_to" and v == "none")}
+        return {
+            k: v
+            for k in ("report_to", "run_name", "log_every")
+            if (v := getattr(self, k)) is not None and not (k == "report_to" and v == "none")
+        }
 
 
 def study_seconds(record_file: Path, seconds: float, *, restart: bool = False) -> dict:
@@ -95,8 +121,11 @@ def study_seconds(record_file: Path, seconds: float, *, restart: bool = False) -
 def study_time_text(time: Mapping[str, Any], seconds: float) -> str:
     """The report's line on a study's time (``time``: :func:`study_seconds`)."""
     calls = time.get("calls_seconds") or [round(seconds, 1)]
-    return (f"The study took {time.get('seconds', seconds):.0f} s in all"
-            + (f" over {len(calls)} calls" if len(calls) > 1 else "") + f" (this call {seconds:.0f} s).")
+    return (
+        f"The study took {time.get('seconds', seconds):.0f} s in all"
+        + (f" over {len(calls)} calls" if len(calls) > 1 else "")
+        + f" (this call {seconds:.0f} s)."
+    )
 
 
 BUDGETS = ("steps", "compute")
@@ -110,14 +139,17 @@ def parse_budget(text: str) -> tuple[str, ...]:
     return tuple(b for b in BUDGETS if b in items)
 
 
-def compute_factors(optimizers: Sequence[str], ascent_fraction: float, *, sam_every: int = 1,
-                    sam_start_fraction: float = 0.0) -> dict[str, float]:
+def compute_factors(
+    optimizers: Sequence[str], ascent_fraction: float, *, sam_every: int = 1, sam_start_fraction: float = 0.0
+) -> dict[str, float]:
     """Steps multiplier of each method at equal compute: every method gets the compute of the most
     expensive one (``Method.step_cost``: passes counted with a backward = 2 forwards, a SAM step
     every ``sam_every`` steps after ``sam_start_fraction`` of the run), so one run of the
     costliest method and one baseline run per seed serve every comparison."""
-    costs = {name: METHODS[name].step_cost(ascent_fraction, sam_every=sam_every, sam_start_fraction=sam_start_fraction)
-             for name in optimizers}
+    costs = {
+        name: METHODS[name].step_cost(ascent_fraction, sam_every=sam_every, sam_start_fraction=sam_start_fraction)
+        for name in optimizers
+    }
     most = max(costs.values())
     return {name: most / cost for name, cost in costs.items()}
 
@@ -129,8 +161,9 @@ def start_fraction(sam_start: float, steps: Optional[int]) -> float:
     if not sam_start:
         return 0.0
     if not steps:
-        raise UserError("--budget compute with --sam-start as a step needs --steps (or give --sam-start as a "
-                        "fraction of the run)")
+        raise UserError(
+            "--budget compute with --sam-start as a step needs --steps (or give --sam-start as a fraction of the run)"
+        )
     return min(1.0, sam_start / steps)
 
 
@@ -149,8 +182,9 @@ def tracked(config, name: str, out: str | os.PathLike):
     import dataclasses
 
     group = config.run_group or config.run_name or str(out)
-    return dataclasses.replace(config, run_name=f"{config.run_name}/{name}" if config.run_name else name,
-                               run_group=group)
+    return dataclasses.replace(
+        config, run_name=f"{config.run_name}/{name}" if config.run_name else name, run_group=group
+    )
 
 
 def stretched(steps: Optional[int], factor: float) -> Optional[int]:
@@ -211,9 +245,15 @@ def _grid_value(text: str, spec: str, flag: str, positive: bool) -> float:
     return value
 
 
-def parse_grid(spec: str | float | Mapping[str, Sequence[float] | float] | None, optimizers: Sequence[str],
-               flag: str, default: Callable[[str], float], *, applies: Optional[Sequence[str]] = None,
-               positive: bool = False) -> dict[str, list[float | None]]:
+def parse_grid(
+    spec: str | float | Mapping[str, Sequence[float] | float] | None,
+    optimizers: Sequence[str],
+    flag: str,
+    default: Callable[[str], float],
+    *,
+    applies: Optional[Sequence[str]] = None,
+    positive: bool = False,
+) -> dict[str, list[float | None]]:
     """The values of a grid flag (``--rho``, ``--lr``) per optimizer: one value, a list (a grid for
     every method), or per method (``name=value``, repeated for a grid; a bare value applies to the
     methods not named). Methods without a value get ``default(name)``; methods the flag does not
@@ -247,14 +287,16 @@ def parse_grid(spec: str | float | Mapping[str, Sequence[float] | float] | None,
     return result
 
 
-def parse_rho(spec: str | float | Mapping[str, Sequence[float] | float] | None,
-              optimizers: Sequence[str]) -> dict[str, list[float | None]]:
+def parse_rho(
+    spec: str | float | Mapping[str, Sequence[float] | float] | None, optimizers: Sequence[str]
+) -> dict[str, list[float | None]]:
     """ρ values per optimizer (plain optimizers: ``[None]``; default: the registry's ρ)."""
     return parse_grid(spec, optimizers, "--rho", lambda name: METHODS[name].default_rho, applies=sam_family())
 
 
-def parse_lr(spec: str | float | Mapping[str, Sequence[float] | float] | None, optimizers: Sequence[str],
-             default: float) -> dict[str, list[float]]:
+def parse_lr(
+    spec: str | float | Mapping[str, Sequence[float] | float] | None, optimizers: Sequence[str], default: float
+) -> dict[str, list[float]]:
     """Peak learning rates per optimizer (default: ``default``, the run's ``--lr``)."""
     return parse_grid(spec, optimizers, "--lr", lambda name: default, positive=True)
 
@@ -272,8 +314,9 @@ class Job:
 Runner = Callable[[Mapping[str, Any], Optional[Callable[[int, dict], None]]], dict]
 
 
-def run_jobs(todo: Sequence[Job], total: int, done: Callable[[Job, dict], bool], *, run: Runner,
-             jobs: int = 1) -> Optional[str]:
+def run_jobs(
+    todo: Sequence[Job], total: int, done: Callable[[Job, dict], bool], *, run: Runner, jobs: int = 1
+) -> Optional[str]:
     """Run ``todo`` with ``run(config_dict, on_step) -> summary`` (a module-level function, so
     that worker processes can import it). ``jobs`` > 1: that many at a time, longest first.
     ``done(job, summary)`` is False when the run stopped early. Returns what interrupted the
@@ -334,8 +377,12 @@ def _run_in_parallel(queue: list[Job], total: int, done, run: Runner, jobs: int)
     queue = list(queue)
     threads = queue[0].config.threads
     interrupted: list[str] = []
-    executor = ProcessPoolExecutor(max_workers=min(jobs, len(queue)), mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(threads,))
+    executor = ProcessPoolExecutor(
+        max_workers=min(jobs, len(queue)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(threads,),
+    )
     running: dict = {}
 
     def forward(signum, frame):

@@ -47,8 +47,14 @@ from samlm.studies import report
 from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
 from samlm.harness import settings
 from samlm.harness.settings import setting
-from samlm.studies.grid import (StudySettings, check_out_dir, parse_optimizers, parse_seeds, study_seconds,
-                                study_time_text)
+from samlm.studies.grid import (
+    StudySettings,
+    check_out_dir,
+    parse_optimizers,
+    parse_seeds,
+    study_seconds,
+    study_time_text,
+)
 
 STUDY_OPTIMIZERS = ("adamw", "sam", "fsam", "psam", "pfsam")
 STUDY_FILE = "study.json"
@@ -72,14 +78,14 @@ class StudyPreset:
     description: str
     sizes: tuple[ModelSize, ...]
     base: PretrainConfig
-    lr: str                      # the sweep's lr grid (samlm.studies.grid syntax)
-    rho: str                     # the sweep's ρ grid
+    lr: str  # the sweep's lr grid (samlm.studies.grid syntax)
+    rho: str  # the sweep's ρ grid
     sweep_seeds: tuple[int, ...] = (0,)
     seeds: tuple[int, ...] = (0, 1, 2)
     jobs: int = 1
-    minutes: str = ""            # what it took, where it was measured (docs/results.md)
-    data_tokens: tuple[int, int] | None = None   # (training, validation) tokens to prepare into OUT/data first
-    bases: tuple[str, ...] = ("adamw",)          # the base optimizers the protocol runs around, each in turn
+    minutes: str = ""  # what it took, where it was measured (docs/results.md)
+    data_tokens: tuple[int, int] | None = None  # (training, validation) tokens to prepare into OUT/data first
+    bases: tuple[str, ...] = ("adamw",)  # the base optimizers the protocol runs around, each in turn
 
 
 def _grid(values: Mapping[str, Sequence[str]]) -> str:
@@ -90,29 +96,69 @@ def _grid(values: Mapping[str, Sequence[str]]) -> str:
 # each method's best lr there (psam starts from pfsam's: the two share the preconditioned ε), one
 # more step on the side where a first 3-point grid chose its edge. The report marks a choice on
 # the grid's edge.
-CPU_LR = _grid({"adamw": ("2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1"), "sam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2"),
-                "fsam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2"), "psam": ("3e-3", "6e-3", "1.2e-2", "2.4e-2"),
-                "pfsam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2")})
+CPU_LR = _grid(
+    {
+        "adamw": ("2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1"),
+        "sam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2"),
+        "fsam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2"),
+        "psam": ("3e-3", "6e-3", "1.2e-2", "2.4e-2"),
+        "pfsam": ("6e-3", "1.2e-2", "2.4e-2", "4.8e-2"),
+    }
+)
 # Around Muon every method is swept on one grid centred on the base's best lr: a first sweep on
 # CPU_LR put SAM, F-SAM and PF-SAM at its top edge (4.8e-2, Muon's own optimum), docs/results.md §7.
-CPU_MUON_LR = _grid({method: ("1.2e-2", "2.4e-2", "4.8e-2", "9.6e-2") for method in ("sam", "fsam", "psam", "pfsam")}
-                    | {"adamw": ("2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1")})
+CPU_MUON_LR = _grid(
+    {method: ("1.2e-2", "2.4e-2", "4.8e-2", "9.6e-2") for method in ("sam", "fsam", "psam", "pfsam")}
+    | {"adamw": ("2.4e-2", "4.8e-2", "9.6e-2", "1.92e-1")}
+)
 CPU_RHO = _grid({"sam": ("0.05", "0.1"), "fsam": ("0.05", "0.1"), "psam": ("0.1", "0.2"), "pfsam": ("0.1", "0.2")})
 # Singh et al. tune AdamW's lr and each method's ρ around it at ~1e-3 (Adam-scale ε for the
 # preconditioned variants: ρ is a radius in the P-metric).
-GPU_LR = _grid({"adamw": ("5e-4", "1e-3", "2e-3"), "sam": ("5e-4", "1e-3", "2e-3"), "fsam": ("5e-4", "1e-3", "2e-3"),
-                "psam": ("5e-4", "1e-3", "2e-3"), "pfsam": ("5e-4", "1e-3", "2e-3")})
+GPU_LR = _grid(
+    {
+        "adamw": ("5e-4", "1e-3", "2e-3"),
+        "sam": ("5e-4", "1e-3", "2e-3"),
+        "fsam": ("5e-4", "1e-3", "2e-3"),
+        "psam": ("5e-4", "1e-3", "2e-3"),
+        "pfsam": ("5e-4", "1e-3", "2e-3"),
+    }
+)
 GPU_RHO = _grid({"sam": ("0.01", "0.05"), "fsam": ("0.01", "0.05"), "psam": ("0.05", "0.2"), "pfsam": ("0.05", "0.2")})
 
 _CPU_BASE = PretrainConfig(
-    arch="gpt2", context=64, data="tinyshakespeare", tokenizer="bytes", batch=32, tokens_per_param=20,
-    eval_every=100, val_batches=16, sharpness_every=0, sharpness_iters=10, sharpness_batches=1,
-    sharpness_batch_size=8, threads=1, progress=False)
+    arch="gpt2",
+    context=64,
+    data="tinyshakespeare",
+    tokenizer="bytes",
+    batch=32,
+    tokens_per_param=20,
+    eval_every=100,
+    val_batches=16,
+    sharpness_every=0,
+    sharpness_iters=10,
+    sharpness_batches=1,
+    sharpness_batch_size=8,
+    threads=1,
+    progress=False,
+)
 _GPU_BASE = PretrainConfig(
-    arch="llama", context=512, data="allenai/c4:en", tokenizer="gpt2", batch=256,
-    tokens_per_param=20, eval_every=500, val_batches=32, sharpness_every=0, sharpness_iters=20,
-    sharpness_batches=4, sharpness_batch_size=16, mixed_precision="bf16", compile=True, device="cuda",
-    progress=False)
+    arch="llama",
+    context=512,
+    data="allenai/c4:en",
+    tokenizer="gpt2",
+    batch=256,
+    tokens_per_param=20,
+    eval_every=500,
+    val_batches=32,
+    sharpness_every=0,
+    sharpness_iters=20,
+    sharpness_batches=4,
+    sharpness_batch_size=16,
+    mixed_precision="bf16",
+    compile=True,
+    device="cuda",
+    progress=False,
+)
 
 # What the GPU presets prepare (tests/test_studies.py recomputes both from the sizes). Training: the
 # tokens of the longest run, AdamW's at equal compute on the largest size (20 tokens/param x 1.5, the
@@ -121,37 +167,79 @@ _GPU_BASE = PretrainConfig(
 GPU_24M_TOKENS = (705_691_649, 8_388_609)
 GPU_118M_TOKENS = (3_706_585_089, 8_388_609)
 OVERRIDES_GROUP = "overrides of the preset's run settings"
-STUDY_OVERRIDES = ("data", "tokenizer", "max_chars", "device", "mixed_precision", "compile", "report_to", "run_name",
-                   "log_every")
+STUDY_OVERRIDES = (
+    "data",
+    "tokenizer",
+    "max_chars",
+    "device",
+    "mixed_precision",
+    "compile",
+    "report_to",
+    "run_name",
+    "log_every",
+)
 
 PRESETS: dict[str, StudyPreset] = {
     "cpu": StudyPreset(
         "two byte-level GPT-2 models (2x32 and 2x40, context 64) on Tiny Shakespeare, 20 tokens/param",
-        (ModelSize("2x32", 2, 32, 4), ModelSize("2x40", 2, 40, 4)), _CPU_BASE, CPU_LR, CPU_RHO, jobs=2,
-        minutes="docs/results.md"),
+        (ModelSize("2x32", 2, 32, 4), ModelSize("2x40", 2, 40, 4)),
+        _CPU_BASE,
+        CPU_LR,
+        CPU_RHO,
+        jobs=2,
+        minutes="docs/results.md",
+    ),
     "cpu-bpe": StudyPreset(
         "a 2x32 GPT-2 model (context 64) on Tiny Shakespeare with a byte-level BPE of 512 tokens trained on its "
         "training split, 20 tokens/param",
-        (ModelSize("2x32-bpe512", 2, 32, 4),), dataclasses.replace(_CPU_BASE, tokenizer="bpe:512"), CPU_LR, CPU_RHO,
-        jobs=2, minutes="docs/results.md"),
+        (ModelSize("2x32-bpe512", 2, 32, 4),),
+        dataclasses.replace(_CPU_BASE, tokenizer="bpe:512"),
+        CPU_LR,
+        CPU_RHO,
+        jobs=2,
+        minutes="docs/results.md",
+    ),
     "gpu-24m": StudyPreset(
         "a ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 (prepared once into OUT/data), 20 tokens/param",
-        (ModelSize("24m", 6, 320, 5),), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1, data_tokens=GPU_24M_TOKENS),
+        (ModelSize("24m", 6, 320, 5),),
+        _GPU_BASE,
+        GPU_LR,
+        GPU_RHO,
+        jobs=1,
+        data_tokens=GPU_24M_TOKENS,
+    ),
     "gpu-118m": StudyPreset(
         "~24M and ~118M-parameter llama-style models (GPT-2 tokenizer) on C4 (prepared once into OUT/data), "
         "20 tokens/param",
-        (ModelSize("24m", 6, 320, 5), ModelSize("118m", 12, 768, 12)), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1,
-        data_tokens=GPU_118M_TOKENS),
+        (ModelSize("24m", 6, 320, 5), ModelSize("118m", 12, 768, 12)),
+        _GPU_BASE,
+        GPU_LR,
+        GPU_RHO,
+        jobs=1,
+        data_tokens=GPU_118M_TOKENS,
+    ),
     "cpu-muon": StudyPreset(
         "the cpu preset's 2x32 byte-level GPT-2 model on Tiny Shakespeare around Muon+AdamW (--base muon), "
         "20 tokens/param",
-        (ModelSize("2x32", 2, 32, 4),), _CPU_BASE, CPU_MUON_LR, CPU_RHO, jobs=2, minutes="docs/results.md",
-        bases=("muon",)),
+        (ModelSize("2x32", 2, 32, 4),),
+        _CPU_BASE,
+        CPU_MUON_LR,
+        CPU_RHO,
+        jobs=2,
+        minutes="docs/results.md",
+        bases=("muon",),
+    ),
     "gpu-24m-muon": StudyPreset(
         "the ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 around AdamW and around Muon+AdamW, "
         "20 tokens/param",
-        (ModelSize("24m", 6, 320, 5),), _GPU_BASE, GPU_LR, GPU_RHO, jobs=1, data_tokens=GPU_24M_TOKENS,
-        bases=("adamw", "muon")),
+        (ModelSize("24m", 6, 320, 5),),
+        _GPU_BASE,
+        GPU_LR,
+        GPU_RHO,
+        jobs=1,
+        data_tokens=GPU_24M_TOKENS,
+        bases=("adamw", "muon"),
+    ),
 }
 
 STUDY_BASES = ("adamw", "muon")
@@ -161,8 +249,9 @@ def _for_base(spec: str | None, base: str) -> str | None:
     """A per-method grid spec with AdamW's entries given to the plain ``base`` (its reference)."""
     if spec is None or base == "adamw":
         return spec
-    return ",".join(f"{base}={item.partition('=')[2]}" if item.partition("=")[0] == "adamw" else item
-                    for item in spec.split(","))
+    return ",".join(
+        f"{base}={item.partition('=')[2]}" if item.partition("=")[0] == "adamw" else item for item in spec.split(",")
+    )
 
 
 @dataclass
@@ -179,9 +268,9 @@ class PretrainStudy:
     jobs: int | None = None
     steps: int | None = None
     overwrite: bool = False
-    overrides: Mapping[str, object] = field(default_factory=dict)   # of STUDY_OVERRIDES: replace the preset's
-    robustness: bool = False     # the final runs measure weight noise, quantization and forgetting at their end
-    bases: Sequence[str] | None = None   # None: the preset's
+    overrides: Mapping[str, object] = field(default_factory=dict)  # of STUDY_OVERRIDES: replace the preset's
+    robustness: bool = False  # the final runs measure weight noise, quantization and forgetting at their end
+    bases: Sequence[str] | None = None  # None: the preset's
 
     def base_list(self) -> tuple[str, ...]:
         return tuple(self.bases or self.preset.bases)
@@ -205,8 +294,7 @@ class PretrainStudy:
     def base_config(self) -> PretrainConfig:
         """The run settings (data: the prepared ``OUT/data`` once it exists)."""
         base = self.configured()
-        if self.preset.data_tokens is not None and not is_prepared_dir(base.data) \
-                and is_prepared_dir(self.data_dir()):
+        if self.preset.data_tokens is not None and not is_prepared_dir(base.data) and is_prepared_dir(self.data_dir()):
             base = dataclasses.replace(base, data=str(self.data_dir()), tokenizer=None, max_chars=None)
         return base
 
@@ -230,19 +318,29 @@ class PretrainStudy:
         if budget is None or (self.data_dir() / META_FILE).exists() or is_prepared_dir(source.data):
             return  # no budget, prepared by an earlier call, or a prepared --data given
         tokenizer = source.tokenizer or "bytes"
-        say(f"study data: preparing {source.data} ({budget.max_tokens:,} training, {budget.val_tokens:,} "
-            f"validation tokens, tokenizer {tokenizer}) into {self.data_dir()}")
-        prepare(source.data, self.data_dir(), tokenizer=tokenizer, budget=budget, max_chars=source.max_chars,
-                workers=max(1, os.cpu_count() or 1), trust_remote_code=source.trust_remote_code, progress=True)
+        say(
+            f"study data: preparing {source.data} ({budget.max_tokens:,} training, {budget.val_tokens:,} "
+            f"validation tokens, tokenizer {tokenizer}) into {self.data_dir()}"
+        )
+        prepare(
+            source.data,
+            self.data_dir(),
+            tokenizer=tokenizer,
+            budget=budget,
+            max_chars=source.max_chars,
+            workers=max(1, os.cpu_count() or 1),
+            trust_remote_code=source.trust_remote_code,
+            progress=True,
+        )
 
     def _base(self, size: ModelSize, base: str = "adamw") -> PretrainConfig:
         budget = {} if self.steps is None else {"steps": self.steps, "tokens_per_param": None}
-        return dataclasses.replace(self.base_config(), layers=size.layers, width=size.width, heads=size.heads,
-                                   base=base, **budget)
+        return dataclasses.replace(
+            self.base_config(), layers=size.layers, width=size.width, heads=size.heads, base=base, **budget
+        )
 
     def _common(self, base: str = "adamw") -> dict:
-        return dict(optimizers=self.optimizers_for(base), overwrite=self.overwrite,
-                    jobs=self.jobs or self.preset.jobs)
+        return dict(optimizers=self.optimizers_for(base), overwrite=self.overwrite, jobs=self.jobs or self.preset.jobs)
 
     def sweep(self, size: ModelSize, base: str | None = None) -> CompareConfig:
         """Stage 1: every (lr, ρ) of the grid on the sweep seeds, equal steps, no sharpness."""
@@ -252,71 +350,117 @@ class PretrainStudy:
         return CompareConfig(
             out=str(self.stage_dir(size, "sweep", base)),
             seeds=parse_seeds(self.sweep_seeds or self.preset.sweep_seeds),
-            rho=_restrict(self.preset.rho, optimizers), lr=_restrict(_for_base(self.preset.lr, base), optimizers),
-            base=dataclasses.replace(self._base(size, base), sharpness=False), budget="steps",
-            title=f"samlm study pretrain, {size.name}{around}: the (lr, ρ) sweep", **self._common(base))
+            rho=_restrict(self.preset.rho, optimizers),
+            lr=_restrict(_for_base(self.preset.lr, base), optimizers),
+            base=dataclasses.replace(self._base(size, base), sharpness=False),
+            budget="steps",
+            title=f"samlm study pretrain, {size.name}{around}: the (lr, ρ) sweep",
+            **self._common(base),
+        )
 
     def _final_base(self, size: ModelSize, base: str = "adamw") -> PretrainConfig:
         if not self.robustness:
             return self._base(size, base)
         from samlm.harness.pretrain.robustness import group_size_for
 
-        return dataclasses.replace(self._base(size, base), robustness=True,
-                                   quant_group_size=group_size_for(size.width))
+        return dataclasses.replace(self._base(size, base), robustness=True, quant_group_size=group_size_for(size.width))
 
-    def final(self, size: ModelSize, chosen: Mapping[str, tuple[float | None, float]],
-              base: str | None = None) -> CompareConfig:
+    def final(
+        self, size: ModelSize, chosen: Mapping[str, tuple[float | None, float]], base: str | None = None
+    ) -> CompareConfig:
         """Stage 2: each method at its ``chosen`` (ρ, lr), every seed, equal steps and equal compute."""
         base = base or self.base_list()[0]
         rho = ",".join(f"{m}={r:g}" for m, (r, _) in chosen.items() if r is not None) or None
         lr = ",".join(f"{m}={l:g}" for m, (_, l) in chosen.items())
         around = "" if base == "adamw" else f" around {base}"
         return CompareConfig(
-            out=str(self.stage_dir(size, "final", base)), seeds=parse_seeds(self.seeds or self.preset.seeds),
-            rho=rho, lr=lr, base=self._final_base(size, base), budget="steps,compute", lr_in_names=True,
+            out=str(self.stage_dir(size, "final", base)),
+            seeds=parse_seeds(self.seeds or self.preset.seeds),
+            rho=rho,
+            lr=lr,
+            base=self._final_base(size, base),
+            budget="steps,compute",
+            lr_in_names=True,
             title=f"samlm study pretrain, {size.name}{around}: tuned methods, equal steps and equal compute",
-            **self._common(base))
+            **self._common(base),
+        )
 
 
 @dataclass
 class PretrainStudySettings(StudySettings):
     """study"""
 
-    preset: str = settings.override(StudySettings, "preset", choices=tuple(PRESETS),
-                                    help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()))
+    preset: str = settings.override(
+        StudySettings,
+        "preset",
+        choices=tuple(PRESETS),
+        help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()),
+    )
     out: str = settings.override(StudySettings, "out", default="runs/study-pretrain")
-    optimizers: str = setting(",".join(STUDY_OPTIMIZERS), "comma-separated methods (must include adamw)",
-                              check=lambda flag, value: parse_optimizers(value), group="study")
-    sweep_seeds: Optional[str] = setting(None, "comma-separated seeds of the sweep", default_text="the preset's",
-                                         check=lambda flag, value: parse_seeds(value, flag), group="study")
+    optimizers: str = setting(
+        ",".join(STUDY_OPTIMIZERS),
+        "comma-separated methods (must include adamw)",
+        check=lambda flag, value: parse_optimizers(value),
+        group="study",
+    )
+    sweep_seeds: Optional[str] = setting(
+        None,
+        "comma-separated seeds of the sweep",
+        default_text="the preset's",
+        check=lambda flag, value: parse_seeds(value, flag),
+        group="study",
+    )
     # The pretraining settings themselves (one definition), as overrides of the preset's.
-    data: Optional[str] = settings.override(TextDataSettings, "data", default=None, default_text="the preset's",
-                                            group=OVERRIDES_GROUP)
-    tokenizer: Optional[str] = settings.override(TextDataSettings, "tokenizer", default_text="the preset's",
-                                                 group=OVERRIDES_GROUP)
+    data: Optional[str] = settings.override(
+        TextDataSettings, "data", default=None, default_text="the preset's", group=OVERRIDES_GROUP
+    )
+    tokenizer: Optional[str] = settings.override(
+        TextDataSettings, "tokenizer", default_text="the preset's", group=OVERRIDES_GROUP
+    )
     max_chars: Optional[int] = settings.override(TextDataSettings, "max_chars", group=OVERRIDES_GROUP)
-    device: Optional[str] = settings.override(settings.ParallelSettings, "device", default=None,
-                                              default_text="the preset's", group=OVERRIDES_GROUP)
-    mixed_precision: Optional[str] = settings.override(settings.ParallelSettings, "mixed_precision",
-                                                       default_text="the preset's", group=OVERRIDES_GROUP)
-    robustness: bool = setting(False, "the final runs also measure weight noise, int8/int4 quantization and forgetting "
-                               "(docs/robustness.md; int4 groups of 32, or of the model width where 32 does not divide "
-                               "it)", group="study")
-    bases: Optional[str] = setting(None, "comma-separated base optimizers: the whole study around each (adamw; muon: "
-                                   "Muon on the hidden matrices + AdamW, its plain run the reference)",
-                                   default_text="the preset's", check=lambda flag, value: parse_bases(value),
-                                   group="study")
+    device: Optional[str] = settings.override(
+        settings.ParallelSettings, "device", default=None, default_text="the preset's", group=OVERRIDES_GROUP
+    )
+    mixed_precision: Optional[str] = settings.override(
+        settings.ParallelSettings, "mixed_precision", default_text="the preset's", group=OVERRIDES_GROUP
+    )
+    robustness: bool = setting(
+        False,
+        "the final runs also measure weight noise, int8/int4 quantization and forgetting "
+        "(docs/robustness.md; int4 groups of 32, or of the model width where 32 does not divide "
+        "it)",
+        group="study",
+    )
+    bases: Optional[str] = setting(
+        None,
+        "comma-separated base optimizers: the whole study around each (adamw; muon: "
+        "Muon on the hidden matrices + AdamW, its plain run the reference)",
+        default_text="the preset's",
+        check=lambda flag, value: parse_bases(value),
+        group="study",
+    )
 
     def study(self) -> PretrainStudy:
         """The study these settings describe."""
-        overrides = {name: getattr(self, name) for name in ("data", "tokenizer", "max_chars", "device",
-                                                            "mixed_precision") if getattr(self, name) is not None}
+        overrides = {
+            name: getattr(self, name)
+            for name in ("data", "tokenizer", "max_chars", "device", "mixed_precision")
+            if getattr(self, name) is not None
+        }
         overrides.update(self.tracking())
-        return PretrainStudy(out=self.out, preset=PRESETS[self.preset], optimizers=parse_optimizers(self.optimizers),
-                             seeds=None if self.seeds is None else parse_seeds(self.seeds),
-                             sweep_seeds=None if self.sweep_seeds is None else parse_seeds(self.sweep_seeds),
-                             jobs=self.jobs, steps=self.steps, overwrite=self.overwrite, overrides=overrides,
-                             robustness=self.robustness, bases=None if self.bases is None else parse_bases(self.bases))
+        return PretrainStudy(
+            out=self.out,
+            preset=PRESETS[self.preset],
+            optimizers=parse_optimizers(self.optimizers),
+            seeds=None if self.seeds is None else parse_seeds(self.seeds),
+            sweep_seeds=None if self.sweep_seeds is None else parse_seeds(self.sweep_seeds),
+            jobs=self.jobs,
+            steps=self.steps,
+            overwrite=self.overwrite,
+            overrides=overrides,
+            robustness=self.robustness,
+            bases=None if self.bases is None else parse_bases(self.bases),
+        )
 
 
 def parse_bases(value: str) -> tuple[str, ...]:
@@ -348,11 +492,11 @@ def choose(sweep_dir: Path, runs: Sequence[str], optimizers: Sequence[str]) -> d
 @dataclass
 class StudyResult:
     out: Path
-    stages: dict[str, CompareResult] = field(default_factory=dict)   # "<size>/sweep", "<size>/final"
-    chosen: dict[str, dict] = field(default_factory=dict)            # size -> method -> {"rho", "lr"}
+    stages: dict[str, CompareResult] = field(default_factory=dict)  # "<size>/sweep", "<size>/final"
+    chosen: dict[str, dict] = field(default_factory=dict)  # size -> method -> {"rho", "lr"}
     interrupted: str | None = None
     seconds: float = 0.0
-    time: dict = field(default_factory=dict)   # grid.study_seconds: the total over every call
+    time: dict = field(default_factory=dict)  # grid.study_seconds: the total over every call
 
 
 def run_study(study: PretrainStudy) -> StudyResult:
@@ -378,8 +522,10 @@ def run_study(study: PretrainStudy) -> StudyResult:
             break
         chosen = choose(Path(sweep_config.out), list(sweep.summaries), study.optimizers_for(base))
         result.chosen[key] = {m: {"rho": r, "lr": l} for m, (r, l) in chosen.items()}
-        say(f"study {key}: tuned " + ", ".join(
-            f"{m} lr={l:g}" + ("" if r is None else f" ρ={r:g}") for m, (r, l) in chosen.items()))
+        say(
+            f"study {key}: tuned "
+            + ", ".join(f"{m} lr={l:g}" + ("" if r is None else f" ρ={r:g}") for m, (r, l) in chosen.items())
+        )
         final = compare(study.final(size, chosen, base))
         result.stages[f"{key}/final"] = final
         if not final.completed:
@@ -408,8 +554,12 @@ TABLE_COLUMNS = (
 )
 
 
-def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping[str, list]] | None = None,
-               reference: str = "adamw") -> str:
+def size_table(
+    final_dir: Path,
+    names: Sequence[str],
+    grid: Mapping[str, Mapping[str, list]] | None = None,
+    reference: str = "adamw",
+) -> str:
     """Markdown: one row per method at its tuned point (equal steps): report loss, the paired Δ
     report loss to AdamW at equal steps and at equal compute, and the sharpness columns.
     ``grid``: each method's swept values (``{"lr": [...], "rho": [...]}``); a chosen value on the
@@ -417,22 +567,36 @@ def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping
     runs = [report.load_run(final_dir / name) for name in names if (final_dir / name).is_dir()]
     steps_runs = [r for r in runs if not r.name.endswith(COMPUTE_SUFFIX)]
     compute = {r.summary.get("optimizer"): r for r in runs if r.name.endswith(COMPUTE_SUFFIX)}
-    budgets = {"steps": steps_runs,
-               "compute": [r for r in runs if r.name.endswith(COMPUTE_SUFFIX)]
-               + [r for r in steps_runs if r.summary.get("optimizer") not in compute]}
+    budgets = {
+        "steps": steps_runs,
+        "compute": [r for r in runs if r.name.endswith(COMPUTE_SUFFIX)]
+        + [r for r in steps_runs if r.summary.get("optimizer") not in compute],
+    }
     groups = {kind: report.group_runs(rs) for kind, rs in budgets.items()}
     references = {kind: next((k for k in g if k[0] == reference), None) for kind, g in groups.items()}
     ref = {"adamw": "AdamW", "muon": "Muon"}.get(reference, reference)
-    headers = ["method", "lr", "ρ", "seeds", "steps", TABLE_COLUMNS[0].header, f"Δ vs {ref} (equal steps)",
-               f"Δ vs {ref} (equal compute)"] + [c.header for c in TABLE_COLUMNS[1:]]
+    headers = [
+        "method",
+        "lr",
+        "ρ",
+        "seeds",
+        "steps",
+        TABLE_COLUMNS[0].header,
+        f"Δ vs {ref} (equal steps)",
+        f"Δ vs {ref} (equal compute)",
+    ] + [c.header for c in TABLE_COLUMNS[1:]]
     lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|" + "---:|" * (len(headers) - 5)]
     order = {name: i for i, name in enumerate(STUDY_OPTIMIZERS)}
     order[reference] = order["adamw"]
     for key, members in sorted(groups["steps"].items(), key=lambda item: order.get(item[0][0], len(order))):
         swept = (grid or {}).get(key[0], {})
-        cells = [key[0], report.value_text(key[2]) + _edge(key[2], swept.get("lr")),
-                 report.value_text(key[1]) + _edge(key[1], swept.get("rho")), str(len(members)),
-                 str(members[0].summary.get("steps"))]
+        cells = [
+            key[0],
+            report.value_text(key[2]) + _edge(key[2], swept.get("lr")),
+            report.value_text(key[1]) + _edge(key[1], swept.get("rho")),
+            str(len(members)),
+            str(members[0].summary.get("steps")),
+        ]
         cells.append(report.format_mean_std(*report.mean_std(r.summary.get("report_loss") for r in members)[:2]))
         for kind in ("steps", "compute"):
             g, ref = groups[kind], references[kind]
@@ -444,8 +608,9 @@ def size_table(final_dir: Path, names: Sequence[str], grid: Mapping[str, Mapping
             else:
                 cells.append(report.format_delta(report.paired_delta(mine, g[ref], report.REPORT_KEY)))
         for column in TABLE_COLUMNS[1:]:
-            cells.append(report.format_mean_std(*report.mean_std(r.summary.get(column.key) for r in members)[:2],
-                                                column.fmt))
+            cells.append(
+                report.format_mean_std(*report.mean_std(r.summary.get(column.key) for r in members)[:2], column.fmt)
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -468,34 +633,51 @@ def swept_values(study: PretrainStudy, size: ModelSize, base: str | None = None)
 
 def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
     preset = study.preset
-    lines = ["# samlm study pretrain", "", f"Preset: {preset.description}.", "",
-             "Protocol: for every size, (1) a sweep of each method over its (lr, ρ) grid on seed(s) "
-             f"{','.join(map(str, study.sweep_seeds or preset.sweep_seeds))} at equal steps; (2) each method at the "
-             "point with the lowest mean val loss on the **tuning slice** of the validation split, rerun on seeds "
-             f"{','.join(map(str, study.seeds or preset.seeds))} at equal steps and at equal compute (AdamW and the "
-             "two-pass methods get the steps that cost what the costliest method's steps cost). Losses below are on "
-             "the disjoint **report slice**, which the choice did not see. Δ: report loss minus AdamW's at the same "
-             "seed, mean ± std over seed pairs (n). Sharpness at the end of the equal-steps runs: λ_max of the "
-             "Hessian H, of the Gauss-Newton matrix GN, the largest eigenvalue of the functional Hessian H_F = H − GN, "
-             "and λ_max(P^-1/2 H P^-1/2) with P = √v̂ + eps from the run's own optimizer state. (edge): the "
-             "chosen value is the smallest or largest of its grid, so the optimum may lie beyond it.", ""]
+    lines = [
+        "# samlm study pretrain",
+        "",
+        f"Preset: {preset.description}.",
+        "",
+        "Protocol: for every size, (1) a sweep of each method over its (lr, ρ) grid on seed(s) "
+        f"{','.join(map(str, study.sweep_seeds or preset.sweep_seeds))} at equal steps; (2) each method at the "
+        "point with the lowest mean val loss on the **tuning slice** of the validation split, rerun on seeds "
+        f"{','.join(map(str, study.seeds or preset.seeds))} at equal steps and at equal compute (AdamW and the "
+        "two-pass methods get the steps that cost what the costliest method's steps cost). Losses below are on "
+        "the disjoint **report slice**, which the choice did not see. Δ: report loss minus AdamW's at the same "
+        "seed, mean ± std over seed pairs (n). Sharpness at the end of the equal-steps runs: λ_max of the "
+        "Hessian H, of the Gauss-Newton matrix GN, the largest eigenvalue of the functional Hessian H_F = H − GN, "
+        "and λ_max(P^-1/2 H P^-1/2) with P = √v̂ + eps from the run's own optimizer state. (edge): the "
+        "chosen value is the smallest or largest of its grid, so the optimum may lie beyond it.",
+        "",
+    ]
     for size in preset.sizes:
         for base in study.base_list():
             key = size_key(size, base)
             final = result.stages.get(f"{key}/final")
-            around = "" if base == "adamw" else (" — around Muon+AdamW (--base muon; λ_max(P⁻¹H): P⁻¹ is Muon's "
-                                                 "Newton–Schulz map frozen at each matrix's momentum, and AdamW's "
-                                                 "1/(√v̂ + eps) for the rest)" if base == "muon" else f" — around {base}")
+            around = (
+                ""
+                if base == "adamw"
+                else (
+                    " — around Muon+AdamW (--base muon; λ_max(P⁻¹H): P⁻¹ is Muon's "
+                    "Newton–Schulz map frozen at each matrix's momentum, and AdamW's "
+                    "1/(√v̂ + eps) for the rest)"
+                    if base == "muon"
+                    else f" — around {base}"
+                )
+            )
             lines += [f"## {size.name}: {size.layers} layers × {size.width} wide, {size.heads} heads{around}", ""]
             if final is None or not final.summaries:
                 lines += ["Not run yet (run the same command to continue).", ""]
                 continue
             sample = next(s for name, s in final.summaries.items() if not name.endswith(COMPUTE_SUFFIX))
-            lines += [f"{sample.get('params', '?')} parameters, {sample.get('steps', '?')} steps at equal steps "
-                      f"({(sample.get('config') or {}).get('tokens_per_param') or 'fixed'} tokens/param). Grid and each "
-                      f"point: `{key}/sweep/report.md`; per-run details: `{key}/final/report.md`.", "",
-                      size_table(Path(final.out), list(final.summaries), swept_values(study, size, base), reference=base),
-                      ""]
+            lines += [
+                f"{sample.get('params', '?')} parameters, {sample.get('steps', '?')} steps at equal steps "
+                f"({(sample.get('config') or {}).get('tokens_per_param') or 'fixed'} tokens/param). Grid and each "
+                f"point: `{key}/sweep/report.md`; per-run details: `{key}/final/report.md`.",
+                "",
+                size_table(Path(final.out), list(final.summaries), swept_values(study, size, base), reference=base),
+                "",
+            ]
     if result.seconds:
         lines += [study_time_text(result.time, result.seconds)]
     return "\n".join(lines) + "\n"
@@ -503,11 +685,17 @@ def study_markdown(study: PretrainStudy, result: StudyResult) -> str:
 
 def write_study(out: Path, study: PretrainStudy, result: StudyResult) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    record = {"format": "samlm-pretrain-study", "preset": study.preset.description,
-              "sizes": [dataclasses.asdict(s) for s in study.preset.sizes], "optimizers": list(study.optimizers),
-              "bases": list(study.base_list()),
-              "lr_grid": study.preset.lr, "rho_grid": study.preset.rho, "chosen": result.chosen,
-              "completed": result.interrupted is None,
-              **(result.time or {"seconds": round(result.seconds, 1)})}
+    record = {
+        "format": "samlm-pretrain-study",
+        "preset": study.preset.description,
+        "sizes": [dataclasses.asdict(s) for s in study.preset.sizes],
+        "optimizers": list(study.optimizers),
+        "bases": list(study.base_list()),
+        "lr_grid": study.preset.lr,
+        "rho_grid": study.preset.rho,
+        "chosen": result.chosen,
+        "completed": result.interrupted is None,
+        **(result.time or {"seconds": round(result.seconds, 1)}),
+    }
     io.atomic_write_text(out / STUDY_FILE, json.dumps(record, indent=2) + "\n")
     io.atomic_write_text(out / REPORT_FILE, study_markdown(study, result))

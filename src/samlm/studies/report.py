@@ -38,9 +38,9 @@ SHARPNESS_PLOT = "sharpness.png"
 
 @dataclass(frozen=True)
 class Column:
-    key: str          # summary.json key
-    header: str       # table header
-    fmt: str          # format spec of mean and std
+    key: str  # summary.json key
+    header: str  # table header
+    fmt: str  # format spec of mean and std
     scale: float = 1.0
 
 
@@ -58,12 +58,36 @@ COLUMNS = (
 )
 
 CSV_FIELDS = (
-    "run", "optimizer", "rho", "lr", "seed", "completed", "step", "steps", "val_loss", "val_ppl", "report_loss",
-    "report_ppl", "best_val_loss",
-    "best_val_loss_step", "train_loss", "hessian_lambda_max", "gauss_newton_lambda_max", "functional_lambda",
+    "run",
+    "optimizer",
+    "rho",
+    "lr",
+    "seed",
+    "completed",
+    "step",
+    "steps",
+    "val_loss",
+    "val_ppl",
+    "report_loss",
+    "report_ppl",
+    "best_val_loss",
+    "best_val_loss_step",
+    "train_loss",
+    "hessian_lambda_max",
+    "gauss_newton_lambda_max",
+    "functional_lambda",
     "preconditioned_lambda_max",
-    "logit_path_norm", "functional_path_norm", "logit_functional_ratio", "step_s", "tokens_per_s",
-    "train_seconds", "wall_seconds", "tokens", "params", "non_embedding_params", "nonfinite_steps",
+    "logit_path_norm",
+    "functional_path_norm",
+    "logit_functional_ratio",
+    "step_s",
+    "tokens_per_s",
+    "train_seconds",
+    "wall_seconds",
+    "tokens",
+    "params",
+    "non_embedding_params",
+    "nonfinite_steps",
 )
 
 
@@ -191,8 +215,7 @@ class Row:
     def cell(self, column: Column) -> str:
         mean, std, n = self.stats[column.key]
         scale = column.scale
-        text = format_mean_std(None if mean is None else mean * scale, None if std is None else std * scale,
-                               column.fmt)
+        text = format_mean_std(None if mean is None else mean * scale, None if std is None else std * scale, column.fmt)
         if 0 < n < self.n:
             text += f" (n={n})"
         return text
@@ -213,13 +236,14 @@ def group_runs(runs: Sequence[Run]) -> "OrderedDict[tuple[str, float | None, flo
     return groups
 
 
-TUNING_KEY = "val_loss"       # measured on the tuning slice: what the tuned tables select by
-REPORT_KEY = "report_loss"    # measured on the disjoint report slice: what they report
+TUNING_KEY = "val_loss"  # measured on the tuning slice: what the tuned tables select by
+REPORT_KEY = "report_loss"  # measured on the disjoint report slice: what they report
 
 
 def tuned_point(groups: Mapping[tuple, Sequence[Run]], optimizer: str) -> tuple | None:
     """The key of ``optimizer``'s (ρ, lr) point with the lowest mean tuning-slice val loss over its
     seeds (the first such point on a tie; points without a val loss come last), or None."""
+
     def score(key):
         mean = mean_std(r.summary.get(TUNING_KEY) for r in groups[key])[0]
         return math.inf if mean is None else mean
@@ -242,8 +266,9 @@ def paired_delta(members: Sequence[Run], reference: Sequence[Run], key: str = "v
     return mean_std(differences)
 
 
-def aggregate(runs: Sequence[Run], columns: Sequence[Column] = COLUMNS,
-              reference: str | None = REFERENCE_OPTIMIZER) -> list[Row]:
+def aggregate(
+    runs: Sequence[Run], columns: Sequence[Column] = COLUMNS, reference: str | None = REFERENCE_OPTIMIZER
+) -> list[Row]:
     """One :class:`Row` per (optimizer, rho, lr) group with mean ± std of each column over its seeds,
     and (when ``reference`` ran) the val-loss difference to it paired by seed (to its tuned point,
     :func:`tuned_point`, when it ran at several learning rates)."""
@@ -279,8 +304,10 @@ def _table_cells(rows: Sequence[Row], columns: Sequence[Column]) -> tuple[list[s
 def markdown_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> str:
     """The aggregated table in Markdown (a Δ-to-AdamW column when AdamW is among the rows)."""
     headers, body, text_columns = _table_cells(rows, columns)
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join(["---"] * text_columns + ["---:"] * (len(headers) - text_columns)) + "|"]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join(["---"] * text_columns + ["---:"] * (len(headers) - text_columns)) + "|",
+    ]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
 
@@ -290,7 +317,8 @@ def text_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> str:
     headers, body, text_columns = _table_cells(rows, columns)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
     fmt_line = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
     return "\n".join([fmt_line(headers)] + [fmt_line(r) for r in body])
 
 
@@ -301,7 +329,7 @@ def results_csv(runs: Sequence[Run], budgets: Mapping[str, Sequence[Run]] | None
 
     robust: list[str] = []
     if robustness_report.measured(runs):  # --robustness: each σ's, int8's, int4's Δloss and the forgetting
-        level = robustness_report.matched_level(runs)   # x*, matched over every run in the file
+        level = robustness_report.matched_level(runs)  # x*, matched over every run in the file
         runs = [robustness_report.flatten(r, level) for r in runs]
         robust = [f"robust_noise_{s:g}" for s in robustness_report.sigmas(runs)] + ["robust_int8", "robust_int4"]
         if level is not None:
@@ -383,15 +411,31 @@ def _draw(ax, runs_by_group, metric: str, colors: dict, *, from_step: int = 0) -
         ax.plot(x, y, marker="o" if len(x) < 12 else None, markersize=3, color=colors[key], label=label)
         s = [stds[i] for i in keep]
         if all(v is not None for v in s) and len(x) > 1:
-            ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)],
-                            color=colors[key], alpha=0.15, linewidth=0)
+            ax.fill_between(
+                x,
+                [a - b for a, b in zip(y, s)],
+                [a + b for a, b in zip(y, s)],
+                color=colors[key],
+                alpha=0.15,
+                linewidth=0,
+            )
         drew = True
     return drew
 
 
 def _colors(groups) -> dict:
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf"]
+    palette = [
+        "#1f77b4",
+        "#d62728",
+        "#2ca02c",
+        "#9467bd",
+        "#ff7f0e",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
     return {key: palette[i % len(palette)] for i, key in enumerate(groups)}
 
 
@@ -520,8 +564,11 @@ def budget_table(budgets: Mapping[str, Sequence[Run]], reference: str = REFERENC
         fraction = float(config.get("ascent_fraction", 0.25))
         # the schedule the run used: a SAM step every k-th step, plain steps before --sam-start
         start = start_fraction(float(config.get("sam_start") or 0), sample.summary.get("steps") or config.get("steps"))
-        cost = (METHODS[key[0]].step_cost(fraction, sam_every=int(config.get("sam_every") or 1),
-                                          sam_start_fraction=start) if key[0] in METHODS else None)
+        cost = (
+            METHODS[key[0]].step_cost(fraction, sam_every=int(config.get("sam_every") or 1), sam_start_fraction=start)
+            if key[0] in METHODS
+            else None
+        )
         step = mean_std(r.summary.get("step_s") for r in timing.get(key, []))[0]
         measured = f"{step / ref_step:.2f}x" if step and ref_step else "n/a"
         cells = _point_cells(key, with_lr) + ["n/a" if cost is None else f"{cost:.3g}x", measured]
@@ -545,8 +592,10 @@ def slices_text(summary: Mapping[str, Any]) -> str:
     tuning, held_out = resolved.get("tuning_batches"), resolved.get("report_batches")
     if not (tuning and held_out):
         return "the tuning slice (the validation batches val loss is measured on), reported on the report slice"
-    return (f"the tuning slice (validation batches 1-{tuning}), reported on the report slice "
-            f"(batches {tuning + 1}-{tuning + held_out})")
+    return (
+        f"the tuning slice (validation batches 1-{tuning}), reported on the report slice "
+        f"(batches {tuning + 1}-{tuning + held_out})"
+    )
 
 
 def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> str | None:
@@ -561,8 +610,16 @@ def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> st
         return None
     chosen = {m: tuned_point(groups, m) for m in methods}
     reference_runs = groups[chosen[reference]] if reference in chosen else None
-    headers = ["method", "points", "chosen lr", "chosen ρ", "seeds", "val loss (tuning slice)",
-               "report loss (report slice)", f"Δ report loss vs tuned {reference} (paired)"]
+    headers = [
+        "method",
+        "points",
+        "chosen lr",
+        "chosen ρ",
+        "seeds",
+        "val loss (tuning slice)",
+        "report loss (report slice)",
+        f"Δ report loss vs tuned {reference} (paired)",
+    ]
     lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for method in methods:
         key, members = chosen[method], groups[chosen[method]]
@@ -572,16 +629,29 @@ def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> st
             delta = "(reference)"
         else:
             delta = format_delta(paired_delta(members, reference_runs, REPORT_KEY))
-        cells = [method, str(points[method]), value_text(key[2]), value_text(key[1]), str(len(members)),
-                 format_mean_std(*mean_std(r.summary.get(TUNING_KEY) for r in members)[:2]),
-                 format_mean_std(*mean_std(r.summary.get(REPORT_KEY) for r in members)[:2]), delta]
+        cells = [
+            method,
+            str(points[method]),
+            value_text(key[2]),
+            value_text(key[1]),
+            str(len(members)),
+            format_mean_std(*mean_std(r.summary.get(TUNING_KEY) for r in members)[:2]),
+            format_mean_std(*mean_std(r.summary.get(REPORT_KEY) for r in members)[:2]),
+            delta,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes: str = "",
-                    unfinished: Sequence[str] = (), plots: Sequence[str] = (),
-                    budgets: Mapping[str, Sequence[Run]] | None = None) -> str:
+def report_markdown(
+    runs: Sequence[Run],
+    *,
+    title: str = "samlm compare",
+    notes: str = "",
+    unfinished: Sequence[str] = (),
+    plots: Sequence[str] = (),
+    budgets: Mapping[str, Sequence[Run]] | None = None,
+) -> str:
     rows = aggregate(runs)
     lines = [f"# {title}", ""]
     if runs:
@@ -609,8 +679,11 @@ def report_markdown(runs: Sequence[Run], *, title: str = "samlm compare", notes:
                 "",
             ]
         if any(r.is_reference for r in rows):
-            tuned = ("; AdamW ran at several learning rates: its point with the lowest mean val loss is the reference"
-                     if sum(r.optimizer == REFERENCE_OPTIMIZER for r in rows) > 1 else "")
+            tuned = (
+                "; AdamW ran at several learning rates: its point with the lowest mean val loss is the reference"
+                if sum(r.optimizer == REFERENCE_OPTIMIZER for r in rows) > 1
+                else ""
+            )
             lines += [
                 f"{DELTA_HEADER}: mean ± std over seeds of (val loss − AdamW's val loss at the same seed{tuned}). "
                 "The "
@@ -666,20 +739,32 @@ def _tuned_section(budgets: Mapping[str, Sequence[Run]]) -> list[str]:
     if not tables:
         return []
     sample = budgets[next(iter(tables))][0].summary
-    per_budget = (" The choice is made separately under each budget, among that budget's runs." if len(budgets) > 1
-                  else "")
-    lines = ["## Tuned", "",
-             f"For each method, the (lr, ρ) point chosen by mean val loss (over seeds) on {slices_text(sample)}, "
-             "which the choice did not see, so the reported loss is free of the selection's optimism. points: the "
-             f"(lr, ρ) points the method ran (every one is in the table above); Δ: report loss minus the tuned "
-             f"{REFERENCE_OPTIMIZER}'s at the same seed (mean ± std over seed pairs, n = pairs).{per_budget}", ""]
+    per_budget = (
+        " The choice is made separately under each budget, among that budget's runs." if len(budgets) > 1 else ""
+    )
+    lines = [
+        "## Tuned",
+        "",
+        f"For each method, the (lr, ρ) point chosen by mean val loss (over seeds) on {slices_text(sample)}, "
+        "which the choice did not see, so the reported loss is free of the selection's optimism. points: the "
+        f"(lr, ρ) points the method ran (every one is in the table above); Δ: report loss minus the tuned "
+        f"{REFERENCE_OPTIMIZER}'s at the same seed (mean ± std over seed pairs, n = pairs).{per_budget}",
+        "",
+    ]
     for kind, table in tables.items():
         lines += [f"At {BUDGET_HEADERS[kind]}:", "", table, ""]
     return lines
 
 
-def write_report(out_dir: str | Path, runs: Sequence[Run], *, title: str = "samlm compare", notes: str = "",
-                 unfinished: Sequence[str] = (), budgets: Mapping[str, Sequence[Run]] | None = None) -> dict[str, Path]:
+def write_report(
+    out_dir: str | Path,
+    runs: Sequence[Run],
+    *,
+    title: str = "samlm compare",
+    notes: str = "",
+    unfinished: Sequence[str] = (),
+    budgets: Mapping[str, Sequence[Run]] | None = None,
+) -> dict[str, Path]:
     """``report.md``, ``results.csv``, ``val_loss.png`` and ``sharpness.png`` in ``out_dir``; with runs
     measured by ``--robustness``, a robustness section and ``forgetting.png``."""
     out_dir = Path(out_dir)
@@ -692,15 +777,22 @@ def write_report(out_dir: str | Path, runs: Sequence[Run], *, title: str = "saml
             written[key] = path
     from samlm.studies import robustness_report
 
-    frontier = robustness_report.plot_frontier(budgets or {"steps": runs}, out_dir / robustness_report.FRONTIER_PLOT,
-                                               title=plot_title)
+    frontier = robustness_report.plot_frontier(
+        budgets or {"steps": runs}, out_dir / robustness_report.FRONTIER_PLOT, title=plot_title
+    )
     if frontier is not None:
         written["forgetting"] = frontier
     every = list({r.name: r for group in (budgets or {}).values() for r in group}.values()) or runs
     io.atomic_write_text(out_dir / RESULTS_FILE, results_csv(every, budgets))
     written["csv"] = out_dir / RESULTS_FILE
-    text = report_markdown(runs, title=title, notes=notes, unfinished=unfinished,
-                           plots=[p.name for k, p in written.items() if k != "csv"], budgets=budgets)
+    text = report_markdown(
+        runs,
+        title=title,
+        notes=notes,
+        unfinished=unfinished,
+        plots=[p.name for k, p in written.items() if k != "csv"],
+        budgets=budgets,
+    )
     io.atomic_write_text(out_dir / REPORT_FILE, text)
     written["report"] = out_dir / REPORT_FILE
     return written

@@ -63,8 +63,9 @@ def increase_at(run: Run, level: float) -> float | None:
     if forget is None:
         return None
     before = forget.get("before") or {}
-    return forgetting_summary(forget["points"], before_learning=before["learning"],
-                              before_original=before["original"], target=level)["increase"]
+    return forgetting_summary(
+        forget["points"], before_learning=before["learning"], before_original=before["original"], target=level
+    )["increase"]
 
 
 def sigmas(runs: Sequence[Run]) -> list[float]:
@@ -115,14 +116,14 @@ def budget_robustness_table(runs: Sequence[Run], reference: str = REFERENCE_OPTI
     headers = ["optimizer", "ρ"] + ["lr"] * with_lr + ["seeds"]
     for _, header in metric_columns:
         headers += [f"{header} Δloss", f"{header}: Δ vs {reference}"]
-    lines = ["| " + " | ".join(headers) + " |",
-             "|---|---|" + "---|" * with_lr + "---:|" * (len(headers) - 2 - with_lr)]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---|" * with_lr + "---:|" * (len(headers) - 2 - with_lr)]
     for key, members in groups.items():
         cells = _point_cells(key, with_lr) + [str(len(members))]
         for flat_key, _ in metric_columns:
             mean, std, n = mean_std(r.summary.get(flat_key) for r in members)
-            cells.append(format_mean_std(mean, std, "+.4f").replace("± +", "± ") + (
-                f" (n={n})" if 0 < n < len(members) else ""))
+            cells.append(
+                format_mean_std(mean, std, "+.4f").replace("± +", "± ") + (f" (n={n})" if 0 < n < len(members) else "")
+            )
             if reference_key is None:
                 cells.append("n/a")
             elif key == reference_key:
@@ -142,7 +143,8 @@ def section(budgets: Mapping[str, Sequence[Run]], plot: str | None = None) -> li
     noise, quant = sample.get("weight_noise") or {}, sample.get("quantization") or {}
     forget = sample.get("forgetting") if isinstance(sample.get("forgetting"), Mapping) else {}
     lines = [
-        "## Robustness", "",
+        "## Robustness",
+        "",
         "Measured at the end of each run (`--robustness`, docs/robustness.md) on the run's tuning validation "
         f"batches. **noise σ**: Δloss under W + σ·rms(W)·z per tensor, mean over {noise.get('draws')} seeded draws, "
         "at the largest σ measured (every σ is in each run's summary.json). "
@@ -154,7 +156,8 @@ def section(budgets: Mapping[str, Sequence[Run]], plot: str | None = None) -> li
         "matched learning level x* (the second corpus's val loss every run's frontier reaches: the largest of the "
         "runs' most-learned losses), interpolated linearly on each run's learning–forgetting Pareto frontier (a "
         "fine-tuning lr that learned less and forgot more than another is not on it). Lower is more robust; "
-        "Δ vs the baseline is paired by seed (mean ± std over seed pairs).", "",
+        "Δ vs the baseline is paired by seed (mean ± std over seed pairs).",
+        "",
     ]
     for kind, runs in budgets.items():
         table, level = budget_robustness_table(runs)
@@ -191,9 +194,11 @@ def plot_frontier(budgets: Mapping[str, Sequence[Run]], path: str | Path, *, tit
     """The learning–forgetting frontier: the original corpus's val-loss increase against the second
     corpus's val loss, one curve per (optimizer, ρ, lr) group through its mean start point and its
     mean point at each fine-tuning lr (in lr order); one panel per budget; x* dotted."""
-    budgets = {kind: runs for kind, runs in budgets.items()
-               if any(isinstance(r.summary.get("forgetting"), Mapping) and r.summary["forgetting"].get("points")
-                      for r in runs)}
+    budgets = {
+        kind: runs
+        for kind, runs in budgets.items()
+        if any(isinstance(r.summary.get("forgetting"), Mapping) and r.summary["forgetting"].get("points") for r in runs)
+    }
     if not budgets:
         return None
     plt = _pyplot()

@@ -37,8 +37,14 @@ from samlm.harness.settings import setting
 from samlm.progress import say
 from samlm.studies import report
 from samlm.studies.compare import CompareConfig, CompareResult, compare
-from samlm.studies.grid import (StudySettings, check_out_dir, parse_optimizers, parse_seeds, study_seconds,
-                                study_time_text)
+from samlm.studies.grid import (
+    StudySettings,
+    check_out_dir,
+    parse_optimizers,
+    parse_seeds,
+    study_seconds,
+    study_time_text,
+)
 
 STUDY_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
 STUDY_FILE = "study.json"
@@ -70,17 +76,35 @@ def _cpu_base() -> PretrainConfig:
     # wide: the default 32 does not divide it; harness.pretrain.robustness.group_size_for).
     from samlm.harness.pretrain.robustness import group_size_for
 
-    return dataclasses.replace(DEMO_BASE, layers=2, width=40, heads=4, robustness=True,
-                               quant_group_size=group_size_for(40), save_every=128, keep_checkpoints=20)
+    return dataclasses.replace(
+        DEMO_BASE,
+        layers=2,
+        width=40,
+        heads=4,
+        robustness=True,
+        quant_group_size=group_size_for(40),
+        save_every=128,
+        keep_checkpoints=20,
+    )
 
 
 def _gpu_base() -> PretrainConfig:
     from samlm.studies.pretrain_study import _GPU_BASE
 
-    return dataclasses.replace(_GPU_BASE, layers=6, width=320, heads=5, robustness=True, save_every=2000,
-                               keep_checkpoints=20, robustness_batches=16, noise_draws=3,
-                               noise_sigmas="0.009,0.03,0.1", forget_lrs="3e-4,4e-4,5e-4,6e-4,8e-4",
-                               forget_steps=200)
+    return dataclasses.replace(
+        _GPU_BASE,
+        layers=6,
+        width=320,
+        heads=5,
+        robustness=True,
+        save_every=2000,
+        keep_checkpoints=20,
+        robustness_batches=16,
+        noise_draws=3,
+        noise_sigmas="0.009,0.03,0.1",
+        forget_lrs="3e-4,4e-4,5e-4,6e-4,8e-4",
+        forget_steps=200,
+    )
 
 
 def presets() -> dict[str, RobustnessPreset]:
@@ -91,11 +115,20 @@ def presets() -> dict[str, RobustnessPreset]:
             "a 2x40 byte-level GPT-2 on Tiny Shakespeare (the demo's model until 2026-12-03), 20 tokens/param, "
             "each method at that demo's committed (lr, rho), 3 seeds, equal steps and equal compute; forgetting "
             "on python-stdlib",
-            _cpu_base(), CPU_LR, CPU_RHO, tuple(DEMO_SEEDS), jobs=2, minutes="docs/results.md"),
+            _cpu_base(),
+            CPU_LR,
+            CPU_RHO,
+            tuple(DEMO_SEEDS),
+            jobs=2,
+            minutes="docs/results.md",
+        ),
         "gpu-24m": RobustnessPreset(
             "a ~24M llama-style model on C4 (GPT-2 tokenizer), 20 tokens/param, lr 1e-3, SAM/F-SAM rho 0.05, "
             "PF-SAM rho 0.2 (not tuned), 3 seeds; forgetting on python-stdlib over Watts et al.'s lr grid",
-            _gpu_base(), "1e-3", "sam=0.05,fsam=0.05,pfsam=0.2"),
+            _gpu_base(),
+            "1e-3",
+            "sam=0.05,fsam=0.05,pfsam=0.2",
+        ),
     }
 
 
@@ -117,43 +150,72 @@ class RobustnessStudy:
     def compare_config(self) -> CompareConfig:
         base = self.preset.base
         if self.steps is not None:
-            base = dataclasses.replace(base, steps=self.steps, tokens_per_param=None,
-                                       save_every=max(1, self.steps // 4), eval_every=max(1, self.steps // 4))
+            base = dataclasses.replace(
+                base,
+                steps=self.steps,
+                tokens_per_param=None,
+                save_every=max(1, self.steps // 4),
+                eval_every=max(1, self.steps // 4),
+            )
         return CompareConfig(
-            out=str(Path(self.out) / RUNS_DIR), optimizers=parse_optimizers(self.optimizers),
-            seeds=parse_seeds(self.seeds or self.preset.seeds), rho=self.rho or self.preset.rho,
-            lr=self.lr or self.preset.lr, base=base, overwrite=self.overwrite, jobs=self.jobs or self.preset.jobs,
-            budget="steps,compute", title="samlm study robustness: AdamW vs the SAM family, weight noise, "
-            "quantization and forgetting at equal steps and equal compute")
+            out=str(Path(self.out) / RUNS_DIR),
+            optimizers=parse_optimizers(self.optimizers),
+            seeds=parse_seeds(self.seeds or self.preset.seeds),
+            rho=self.rho or self.preset.rho,
+            lr=self.lr or self.preset.lr,
+            base=base,
+            overwrite=self.overwrite,
+            jobs=self.jobs or self.preset.jobs,
+            budget="steps,compute",
+            title="samlm study robustness: AdamW vs the SAM family, weight noise, "
+            "quantization and forgetting at equal steps and equal compute",
+        )
 
 
 @dataclass
 class RobustnessStudySettings(StudySettings):
     """study"""
 
-    preset: str = settings.override(StudySettings, "preset", choices=PRESET_NAMES,
-                                    help="cpu: the demo's model and committed (lr, rho) choices, 3 seeds (docs/results.md "
-                                    "has its time); gpu-24m: a ~24M llama-style model on C4 (lr, rho not tuned)")
+    preset: str = settings.override(
+        StudySettings,
+        "preset",
+        choices=PRESET_NAMES,
+        help="cpu: the demo's model and committed (lr, rho) choices, 3 seeds (docs/results.md "
+        "has its time); gpu-24m: a ~24M llama-style model on C4 (lr, rho not tuned)",
+    )
     out: str = settings.override(StudySettings, "out", default="runs/study-robustness")
-    optimizers: str = setting(",".join(STUDY_OPTIMIZERS), "comma-separated methods (must include adamw)",
-                              check=lambda flag, value: parse_optimizers(value), group="study")
-    lr: Optional[str] = setting(None, "each method's lr instead of the preset's (METHOD=LR,...)",
-                                default_text="the preset's", group="study")
-    rho: Optional[str] = setting(None, "each method's rho instead of the preset's (METHOD=RHO,...)",
-                                 default_text="the preset's", group="study")
+    optimizers: str = setting(
+        ",".join(STUDY_OPTIMIZERS),
+        "comma-separated methods (must include adamw)",
+        check=lambda flag, value: parse_optimizers(value),
+        group="study",
+    )
+    lr: Optional[str] = setting(
+        None, "each method's lr instead of the preset's (METHOD=LR,...)", default_text="the preset's", group="study"
+    )
+    rho: Optional[str] = setting(
+        None, "each method's rho instead of the preset's (METHOD=RHO,...)", default_text="the preset's", group="study"
+    )
 
     def study(self) -> RobustnessStudy:
-        return RobustnessStudy(out=self.out, preset=presets()[self.preset],
-                               optimizers=parse_optimizers(self.optimizers),
-                               seeds=None if self.seeds is None else parse_seeds(self.seeds), jobs=self.jobs,
-                               steps=self.steps, overwrite=self.overwrite, lr=self.lr, rho=self.rho)
+        return RobustnessStudy(
+            out=self.out,
+            preset=presets()[self.preset],
+            optimizers=parse_optimizers(self.optimizers),
+            seeds=None if self.seeds is None else parse_seeds(self.seeds),
+            jobs=self.jobs,
+            steps=self.steps,
+            overwrite=self.overwrite,
+            lr=self.lr,
+            rho=self.rho,
+        )
 
 
 @dataclass
 class StudyResult:
     out: Path
     compare: Optional[CompareResult] = None
-    along: dict = field(default_factory=dict)     # run name -> [checkpoint measures]
+    along: dict = field(default_factory=dict)  # run name -> [checkpoint measures]
     interrupted: Optional[str] = None
     seconds: float = 0.0
     time: dict = field(default_factory=dict)
@@ -177,8 +239,10 @@ def measure_along_training(run_dir: Path) -> list[dict]:
         except (ValueError, KeyError, TypeError):
             pass
     result = measure_run(run_dir, overrides={"forget_steps": 0}, all_checkpoints=True)
-    measured = [{"step": c["step"], "weight_noise": c["weight_noise"], "quantization": c["quantization"]}
-                for c in result["checkpoints"]]
+    measured = [
+        {"step": c["step"], "weight_noise": c["weight_noise"], "quantization": c["quantization"]}
+        for c in result["checkpoints"]
+    ]
     io.atomic_write_json(cache, measured)
     return measured
 
@@ -186,8 +250,10 @@ def measure_along_training(run_dir: Path) -> list[dict]:
 def along_table(runs: dict[str, list[report.Run]], along: dict[str, list[dict]]) -> str:
     """Markdown: per method (ρ, lr group) and checkpoint step, mean over seeds of the int8, int4 and
     largest-σ noise Δloss (equal-steps runs)."""
-    lines = ["| method | step | seeds | int8 Δloss | int4 Δloss | noise Δloss (largest σ) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | step | seeds | int8 Δloss | int4 Δloss | noise Δloss (largest σ) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for label, members in runs.items():
         by_step: dict[int, list[dict]] = {}
         for run in members:
@@ -199,7 +265,8 @@ def along_table(runs: dict[str, list[report.Run]], along: dict[str, list[dict]])
             int4 = report.mean_std(p["quantization"]["int4"]["delta"] for p in points)
             noise = report.mean_std(p["weight_noise"]["delta_mean"][-1] for p in points)
             cells = [label, str(step), str(len(points))] + [
-                report.format_mean_std(m, s, "+.4f").replace("± +", "± ") for m, s, _ in (int8, int4, noise)]
+                report.format_mean_std(m, s, "+.4f").replace("± +", "± ") for m, s, _ in (int8, int4, noise)
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -230,32 +297,54 @@ def run_study(study: RobustnessStudy) -> StudyResult:
 
 def write_study(out: Path, study: RobustnessStudy, config: CompareConfig, result: StudyResult) -> None:
     compare_report = Path(config.out) / report.REPORT_FILE
-    lines = [f"# samlm study robustness ({study.preset.description})", "",
-             study_time_text(result.time, result.seconds), "",
-             f"The comparison's report, with the tables, the Robustness section and the frontier plot: "
-             f"[{RUNS_DIR}/report.md]({RUNS_DIR}/report.md).", ""]
+    lines = [
+        f"# samlm study robustness ({study.preset.description})",
+        "",
+        study_time_text(result.time, result.seconds),
+        "",
+        f"The comparison's report, with the tables, the Robustness section and the frontier plot: "
+        f"[{RUNS_DIR}/report.md]({RUNS_DIR}/report.md).",
+        "",
+    ]
     if result.compare is not None and compare_report.is_file():
         from samlm.studies import robustness_report
 
         planned = config.runs()
         finished = {r.name: report.load_run(Path(r.config.out)) for r in planned if r.name in result.compare.summaries}
-        budgets = {kind: [finished[r.name] for r in planned if r.name in finished and kind in r.budgets]
-                   for kind in ("steps", "compute")}
+        budgets = {
+            kind: [finished[r.name] for r in planned if r.name in finished and kind in r.budgets]
+            for kind in ("steps", "compute")
+        }
         lines += robustness_report.section(budgets)
         if (Path(config.out) / robustness_report.FRONTIER_PLOT).is_file():
             lines += [f"![learning–forgetting frontier]({RUNS_DIR}/{robustness_report.FRONTIER_PLOT})", ""]
     if result.along:
         loaded = {name: report.load_run(Path(config.out) / name) for name in result.along}
         groups = report.group_runs(list(loaded.values()))
-        lines += ["## Along training (equal steps)", "",
-                  "Weight noise (largest σ) and int8/int4 Δloss at every kept checkpoint, mean ± std over seeds "
-                  "(no forgetting runs: `samlm robustness --all-checkpoints --forget-steps 0`).", "",
-                  along_table({report.group_label(*key): members for key, members in groups.items()}, result.along),
-                  ""]
+        lines += [
+            "## Along training (equal steps)",
+            "",
+            "Weight noise (largest σ) and int8/int4 Δloss at every kept checkpoint, mean ± std over seeds "
+            "(no forgetting runs: `samlm robustness --all-checkpoints --forget-steps 0`).",
+            "",
+            along_table({report.group_label(*key): members for key, members in groups.items()}, result.along),
+            "",
+        ]
     if result.interrupted:
         lines += [f"The study stopped ({result.interrupted}); run the same command again to continue.", ""]
     io.atomic_write_text(out / "report.md", "\n".join(lines))
-    io.atomic_write_json(out / STUDY_FILE, io.json_safe({
-        "preset": study.preset.description, "optimizers": list(study.optimizers),
-        "seeds": list(study.seeds or study.preset.seeds), "lr": study.lr or study.preset.lr,
-        "rho": study.rho or study.preset.rho, "steps": study.steps, "seconds": result.seconds, **result.time}))
+    io.atomic_write_json(
+        out / STUDY_FILE,
+        io.json_safe(
+            {
+                "preset": study.preset.description,
+                "optimizers": list(study.optimizers),
+                "seeds": list(study.seeds or study.preset.seeds),
+                "lr": study.lr or study.preset.lr,
+                "rho": study.rho or study.preset.rho,
+                "steps": study.steps,
+                "seconds": result.seconds,
+                **result.time,
+            }
+        ),
+    )

@@ -18,5 +18,14 @@ def finetune(config: FinetuneConfig, *, on_step=None) -> dict:
     return execute(prepare(config), on_step=on_step)
 
 
-__all__ = ["FinetuneConfig", "Plan", "config_from_args", "execute", "finetune", "overall_score", "prepare",
-           "resolve", "validate"]
+__all__ = [
+    "FinetuneConfig",
+    "Plan",
+    "config_from_args",
+    "execute",
+    "finetune",
+    "overall_score",
+    "prepare",
+    "resolve",
+    "validate",
+]

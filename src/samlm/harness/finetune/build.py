@@ -36,7 +36,7 @@ GENERIC_SPLIT_NAMES = {"validation": ("validation", "dev", "val"), "train": ("tr
 class EvalSet:
     task: Task
     split: str
-    key: str                     # metric key prefix: "glue/rte" or "glue/mnli:validation_matched"
+    key: str  # metric key prefix: "glue/rte" or "glue/mnli:validation_matched"
     examples: list[Example]
 
 
@@ -45,7 +45,8 @@ def resolve_tasks(args: FinetuneConfig) -> list[Task]:
         if args.task is not None and ("," in args.task or args.task.strip().lower() in {*TASKS, *MIXTURES}):
             raise UserError(
                 f"--columns reads generic files, so --task names that data and must not be a registered task "
-                f"or a mixture (got {args.task!r}); drop --columns to read {args.task}'s official files")
+                f"or a mixture (got {args.task!r}); drop --columns to read {args.task}'s official files"
+            )
         parse_column_mapping(args.columns)
         labels = _split_list(args.labels)
         kind = args.kind or (CLASSIFICATION if labels else GENERATION)
@@ -72,7 +73,9 @@ def load_data(args: FinetuneConfig, tasks: Sequence[Task]):
         examples = _read_split(args, task, "train")
         _check_labelled(task, "train", examples, training=True)
         sizes[task.name] = len(examples)
-        train[task.name] = subsample(examples, args.subsample, seed=args.subsample_seed) if args.subsample < 1 else examples
+        train[task.name] = (
+            subsample(examples, args.subsample, seed=args.subsample_seed) if args.subsample < 1 else examples
+        )
         default_splits = ("validation",) if args.columns is not None else task.eval_splits
         splits = (args.eval_split,) if args.eval_split else default_splits
         for split in splits:
@@ -112,7 +115,8 @@ def _check_labelled(task: Task, split: str, examples: Sequence[Example], *, trai
             what = "train on" if training else "evaluate on"
             raise UserError(
                 f"{task.name} {split}: example {example.uid} has no label (an unlabelled test split?); "
-                f"cannot {what} it" + ("" if training else "; choose a labelled split with --eval-split"))
+                f"cannot {what} it" + ("" if training else "; choose a labelled split with --eval-split")
+            )
 
 
 def run_device(spec: str) -> torch.device:
@@ -150,8 +154,10 @@ class TrainBatches:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("fingerprint") != self.fingerprint:
-            raise UserError("the checkpoint was trained on other data (the tasks, data files or --subsample "
-                            "changed); resume with the original flags or start over with --overwrite")
+            raise UserError(
+                "the checkpoint was trained on other data (the tasks, data files or --subsample "
+                "changed); resume with the original flags or start over with --overwrite"
+            )
         self.draws = int(state["draws"])
         self._stream = self.sampler.iterate(self.draws)
 
@@ -179,8 +185,9 @@ def make_evaluator(fm, eval_sets: Sequence[EvalSet], batch_size: int, autocast_d
     return evaluate
 
 
-def overall_score(values: Mapping[str, float], eval_keys: Mapping[str, Sequence[str]],
-                  tasks: Mapping[str, Task]) -> tuple[str, float | None]:
+def overall_score(
+    values: Mapping[str, float], eval_keys: Mapping[str, Sequence[str]], tasks: Mapping[str, Task]
+) -> tuple[str, float | None]:
     """The run's one-number score from metric values (``<key>/<metric>`` -> value).
 
     Mean over tasks of each task's mean over its evaluation splits of ``task_score`` (the mean
@@ -222,5 +229,3 @@ def lr_schedule(kind: str, warmup: int, steps: int):
         return 1.0
 
     return factor
-
-

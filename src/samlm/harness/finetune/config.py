@@ -26,8 +26,11 @@ MODEL_DEFAULT = "the model's: 1e-3 T5, 2e-5 encoders"
 def _subsample(flag: str, value) -> None:
     if not (isinstance(value, (int, float)) and 0 < value <= 1):
         hint = f" (did you mean {value / 100:g}?)" if isinstance(value, (int, float)) and 1 < value <= 100 else ""
-        raise UserError(f"{flag} must be in (0, 1], got {value:g}{hint}" if isinstance(value, (int, float))
-                        else f"{flag} must be in (0, 1], got {value!r}")
+        raise UserError(
+            f"{flag} must be in (0, 1], got {value:g}{hint}"
+            if isinstance(value, (int, float))
+            else f"{flag} must be in (0, 1], got {value!r}"
+        )
 
 
 @dataclass
@@ -35,37 +38,50 @@ class FinetuneModelSettings:
     """model"""
 
     model: Optional[str] = setting(None, "local model directory or hub id (T5/mT5 or an encoder)")
-    trust_remote_code: bool = setting(False, "allow model code from the model repository (off by default)",
-                                      resume=False)
-    model_label: Optional[str] = setting(None, "the model's name in reports", resume=False,
-                                         default_text="its hub id, model card title or config name")
+    trust_remote_code: bool = setting(
+        False, "allow model code from the model repository (off by default)", resume=False
+    )
+    model_label: Optional[str] = setting(
+        None, "the model's name in reports", resume=False, default_text="its hub id, model card title or config name"
+    )
 
 
 @dataclass
 class TaskSettings:
     """data and tasks"""
 
-    task: Optional[str] = setting(None, "task or comma-separated mixture (glue/rte, superglue, glue/rte,superglue/cb); "
-                                  "with --columns, a name for generic data (default 'generic')")
-    data_dir: Optional[str] = setting(None, "directory with the official files (default: the Hugging Face hub)",
-                                      resume=False)  # the data is checked by its fingerprint
-    columns: Optional[str] = setting(None, "generic JSONL/CSV/TSV data in --data-dir (train.*, validation.*): "
-                                     "input=COL[,input2=COL][,target=COL][,answers=COL]", metavar="MAPPING")
+    task: Optional[str] = setting(
+        None,
+        "task or comma-separated mixture (glue/rte, superglue, glue/rte,superglue/cb); "
+        "with --columns, a name for generic data (default 'generic')",
+    )
+    data_dir: Optional[str] = setting(
+        None, "directory with the official files (default: the Hugging Face hub)", resume=False
+    )  # the data is checked by its fingerprint
+    columns: Optional[str] = setting(
+        None,
+        "generic JSONL/CSV/TSV data in --data-dir (train.*, validation.*): "
+        "input=COL[,input2=COL][,target=COL][,answers=COL]",
+        metavar="MAPPING",
+    )
     labels: Optional[str] = setting(None, "generic classification: comma-separated label words")
-    kind: Optional[str] = setting(None, "generic data kind (default: classification with --labels, else generation)",
-                                  choices=KINDS)
-    subsample: float = setting(1.0, "train on this fraction in (0, 1] of each training split", check=_subsample,
-                               metavar="RATE")
+    kind: Optional[str] = setting(
+        None, "generic data kind (default: classification with --labels, else generation)", choices=KINDS
+    )
+    subsample: float = setting(
+        1.0, "train on this fraction in (0, 1] of each training split", check=_subsample, metavar="RATE"
+    )
     subsample_seed: int = setting(0, "seed of the subsample (the same subset for every run)", check=s.seed)
-    mixture_limit: Optional[int] = setting(None, "examples-proportional mixing with each task's size capped at K",
-                                           check=s.positive_int, metavar="K")
+    mixture_limit: Optional[int] = setting(
+        None, "examples-proportional mixing with each task's size capped at K", check=s.positive_int, metavar="K"
+    )
     eval_split: Optional[str] = setting(None, "split to evaluate on (default: each task's validation split(s))")
-    eval_examples: int = setting(0, "evaluate on the first N examples of each split (0: all)",
-                                 check=s.nonnegative_int)
+    eval_examples: int = setting(0, "evaluate on the first N examples of each split (0: all)", check=s.nonnegative_int)
     eval_batch: int = setting(32, "evaluation batch size", check=s.positive_int, resume=False)
     max_input_length: int = setting(512, "input tokens (truncated)", check=s.positive_int)
-    max_target_length: int = setting(128, "target tokens (truncated) and the decoding budget of generation tasks",
-                                     check=s.positive_int)
+    max_target_length: int = setting(
+        128, "target tokens (truncated) and the decoding budget of generation tasks", check=s.positive_int
+    )
 
 
 @dataclass
@@ -74,27 +90,42 @@ class FinetuneScheduleSettings(s.ScheduleSettings):
 
     steps: Optional[int] = override(s.ScheduleSettings, "steps", default=1000, resume=False)
     warmup: Optional[int] = override(s.ScheduleSettings, "warmup", default=0, help="linear warmup steps (to the lr)")
-    lr_schedule: str = setting("constant", "constant (the paper) or linear decay to 0; both after --warmup",
-                               choices=("constant", "linear"))
+    lr_schedule: str = setting(
+        "constant", "constant (the paper) or linear decay to 0; both after --warmup", choices=("constant", "linear")
+    )
 
 
 @dataclass
-class FinetuneConfig(s.ParallelSettings, s.LoopSettings, s.BatchSettings, FinetuneScheduleSettings,
-                     s.OptimizerSettings, TaskSettings, FinetuneModelSettings):
+class FinetuneConfig(
+    s.ParallelSettings,
+    s.LoopSettings,
+    s.BatchSettings,
+    FinetuneScheduleSettings,
+    s.OptimizerSettings,
+    TaskSettings,
+    FinetuneModelSettings,
+):
     """Everything a fine-tuning run depends on; the flags of ``samlm finetune``, one to one.
     ``None``: the model's default (filled in by :func:`resolve`)."""
 
-    optimizer: Optional[str] = override(s.OptimizerSettings, "optimizer", default=None,
-                                        default_text="adafactor for T5, adamw for encoders")
-    base: Optional[str] = override(s.OptimizerSettings, "base", default=None,
-                                   default_text="adafactor for T5, adamw for encoders")
-    rho: Optional[float] = override(s.OptimizerSettings, "rho",
-                                    default_text="for T5 with sam/fsam: 0.05 Small, 0.15 Base+, 0.02 mT5; otherwise "
-                                    + override(s.OptimizerSettings, "rho").metadata["default_text"])
-    ascent_fraction: Optional[float] = override(s.OptimizerSettings, "ascent_fraction", default=None,
-                                                default_text="0.25, Bahri et al.")
-    lr: Optional[float] = override(s.OptimizerSettings, "lr", default=None, default_text="1e-3 T5, 2e-5 encoders",
-                                   help="learning rate")
+    optimizer: Optional[str] = override(
+        s.OptimizerSettings, "optimizer", default=None, default_text="adafactor for T5, adamw for encoders"
+    )
+    base: Optional[str] = override(
+        s.OptimizerSettings, "base", default=None, default_text="adafactor for T5, adamw for encoders"
+    )
+    rho: Optional[float] = override(
+        s.OptimizerSettings,
+        "rho",
+        default_text="for T5 with sam/fsam: 0.05 Small, 0.15 Base+, 0.02 mT5; otherwise "
+        + override(s.OptimizerSettings, "rho").metadata["default_text"],
+    )
+    ascent_fraction: Optional[float] = override(
+        s.OptimizerSettings, "ascent_fraction", default=None, default_text="0.25, Bahri et al."
+    )
+    lr: Optional[float] = override(
+        s.OptimizerSettings, "lr", default=None, default_text="1e-3 T5, 2e-5 encoders", help="learning rate"
+    )
     weight_decay: float = override(s.OptimizerSettings, "weight_decay", default=0.0, help="weight decay")
     betas: tuple[float, float] = override(s.OptimizerSettings, "betas", default=(0.9, 0.999))
     adam_eps: float = override(s.OptimizerSettings, "adam_eps", default=1e-8)
@@ -110,9 +141,11 @@ class FinetuneConfig(s.ParallelSettings, s.LoopSettings, s.BatchSettings, Finetu
         if self.optimizer is not None and not method(self.optimizer).is_sam:
             for name in ("rho", "base", "ascent_fraction"):
                 if getattr(self, name) is not None:
-                    raise UserError(f"{s.flag(self, name)} applies to SAM-family optimizers "
-                                    f"({', '.join(m for m in METHODS if METHODS[m].is_sam)}), "
-                                    f"not --optimizer {self.optimizer}")
+                    raise UserError(
+                        f"{s.flag(self, name)} applies to SAM-family optimizers "
+                        f"({', '.join(m for m in METHODS if METHODS[m].is_sam)}), "
+                        f"not --optimizer {self.optimizer}"
+                    )
             if self.m != 1:
                 raise UserError(f"--m applies to SAM-family optimizers, not --optimizer {self.optimizer}")
         if self.rho is not None and self.rho == 0:
@@ -153,12 +186,20 @@ def resolve(config: FinetuneConfig, defaults: Mapping[str, Any]) -> FinetuneConf
     if batch % config.grad_accum:
         raise UserError(f"--batch {batch} is not divisible by --grad-accum {config.grad_accum}")
     if sam and batch % config.m:
-        raise UserError(f"--m {config.m} does not divide --batch {batch}: each of the m groups needs an equal "
-                        "share of the batch's rows")
+        raise UserError(
+            f"--m {config.m} does not divide --batch {batch}: each of the m groups needs an equal "
+            "share of the batch's rows"
+        )
     return dataclasses.replace(
-        config, optimizer=optimizer, base=base, rho=rho, ascent_fraction=ascent_fraction,
-        lr=config.lr if config.lr is not None else defaults["lr"], batch=batch,
-        save_every=config.save_every if config.save_every is not None else config.eval_every)
+        config,
+        optimizer=optimizer,
+        base=base,
+        rho=rho,
+        ascent_fraction=ascent_fraction,
+        lr=config.lr if config.lr is not None else defaults["lr"],
+        batch=batch,
+        save_every=config.save_every if config.save_every is not None else config.eval_every,
+    )
 
 
 def validate(config: FinetuneConfig) -> None:

@@ -86,11 +86,15 @@ def _check_training_set(config: FinetuneConfig, train: Mapping[str, list[Example
     total = sum(len(examples) for examples in train.values())
     sub = f" (--subsample {config.subsample:g})"
     if total < batch:
-        raise UserError(f"the subsampled training set has {total} example(s){sub}, fewer than one batch of {batch}: "
-                        "raise --subsample or lower --batch")
+        raise UserError(
+            f"the subsampled training set has {total} example(s){sub}, fewer than one batch of {batch}: "
+            "raise --subsample or lower --batch"
+        )
     if total < SMALL_TRAINING_SET_BATCHES * batch:
-        say(f"warning: only {total} training examples{sub}, {total / batch:.1f} batches of {batch}: "
-            "each pass over them is a few steps, so expect noisy results")
+        say(
+            f"warning: only {total} training examples{sub}, {total / batch:.1f} batches of {batch}: "
+            "each pass over them is a few steps, so expect noisy results"
+        )
 
 
 def prepare(config: FinetuneConfig) -> Plan:
@@ -110,15 +114,27 @@ def prepare(config: FinetuneConfig) -> Plan:
     defaults = modeling.paper_defaults(info, config.optimizer)
     resolved_config = resolve(config, defaults)
     resolved = {
-        "family": info.family, "model_type": info.model_type, "t5_size": info.t5_size,
-        "tasks": [t.name for t in tasks], "micro_batch": resolved_config.micro_batch,
+        "family": info.family,
+        "model_type": info.model_type,
+        "t5_size": info.t5_size,
+        "tasks": [t.name for t in tasks],
+        "micro_batch": resolved_config.micro_batch,
         "labels": list(tasks[0].labels) if config.columns is not None else None,
         "kind": tasks[0].kind if config.columns is not None else None,
         "defaults_from": defaults["source"],
     }
     _check_training_set(config, train, resolved_config.batch)
-    plan = Plan(config=resolved_config, resolved=resolved, run_dir=run_dir, info=info, tasks=tasks, train=train,
-                train_sizes=sizes, eval_sets=eval_sets, device=run_device(config.device))
+    plan = Plan(
+        config=resolved_config,
+        resolved=resolved,
+        run_dir=run_dir,
+        info=info,
+        tasks=tasks,
+        train=train,
+        train_sizes=sizes,
+        eval_sets=eval_sets,
+        device=run_device(config.device),
+    )
     if config.resume:  # the launch is compared once the processes are known (execute)
         run_dir.check_resume(plan.record(), functools.partial(identity, parallel=False))
     return plan
@@ -137,45 +153,77 @@ def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -
     info = parallel.setup(s.device)
     distributed.check_batch_split(s.micro_batch, info.world_size, "--batch / --grad-accum (the micro-batch)")
     first_task = plan.tasks[0]
-    fm = load_finetune_model(plan.info, first_task, seed=s.seed, max_input_length=s.max_input_length,
-                             max_target_length=s.max_target_length, device=info.device)
-    par = parallel.parallelize(fm.model, info, strategy=s.strategy, sync_ascent=s.sync_ascent,
-                               mixed_precision=s.mixed_precision, sam=s.is_sam)
+    fm = load_finetune_model(
+        plan.info,
+        first_task,
+        seed=s.seed,
+        max_input_length=s.max_input_length,
+        max_target_length=s.max_target_length,
+        device=info.device,
+    )
+    par = parallel.parallelize(
+        fm.model, info, strategy=s.strategy, sync_ascent=s.sync_ascent, mixed_precision=s.mixed_precision, sam=s.is_sam
+    )
     if par.strategy == "fsdp" and "adafactor" in (s.optimizer, s.base):
-        raise UserError("Adafactor's factored second moments need whole weight matrices, which FSDP shards "
-                        "across processes: use --base adamw (or --optimizer adamw) with FSDP, or DDP")
+        raise UserError(
+            "Adafactor's factored second moments need whole weight matrices, which FSDP shards "
+            "across processes: use --base adamw (or --optimizer adamw) with FSDP, or DDP"
+        )
     record = plan.record(par.describe())
     if s.resume:
         run_dir.check_resume(record, identity)
     model = par.module
     try:
         optimizer = build_optimizer(
-            s.optimizer, model, base=s.base or "adamw", lr=s.lr, rho=s.rho,
-            ascent_fraction=s.ascent_fraction if s.ascent_fraction is not None else 0.25, m=s.m,
-            weight_decay=s.weight_decay, betas=s.betas, eps=s.adam_eps, sam_kwargs=par.sam_kwargs,
-            **sam_schedule(s, s.steps))
+            s.optimizer,
+            model,
+            base=s.base or "adamw",
+            lr=s.lr,
+            rho=s.rho,
+            ascent_fraction=s.ascent_fraction if s.ascent_fraction is not None else 0.25,
+            m=s.m,
+            weight_decay=s.weight_decay,
+            betas=s.betas,
+            eps=s.adam_eps,
+            sam_kwargs=par.sam_kwargs,
+            **sam_schedule(s, s.steps),
+        )
     except ValueError as exc:
         raise UserError(f"cannot build optimizer {s.optimizer}: {exc}") from None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s.lr_schedule, s.warmup, s.steps))
     sampler = MixtureSampler(plan.train, limit=s.mixture_limit, seed=s.seed)
-    batches = distributed.shard_batches(TrainBatches(sampler, fm.collate, s.micro_batch, data_fingerprint(plan.train)),
-                                        info.rank, info.world_size)
+    batches = distributed.shard_batches(
+        TrainBatches(sampler, fm.collate, s.micro_batch, data_fingerprint(plan.train)), info.rank, info.world_size
+    )
     evaluate = make_evaluator(fm, plan.eval_sets, s.eval_batch, autocast_dtype=par.autocast_dtype)
 
     # Written only now that everything loaded: a failed start leaves no trace in --out.
     if info.is_main:
         run_dir.begin(record, resume=s.resume)
     total = sum(len(v) for v in plan.train.values())
-    say(f"fine-tuning {plan.info.spec} ({plan.info.family}, {plan.info.model_type}) on {', '.join(plan.train)}: "
+    say(
+        f"fine-tuning {plan.info.spec} ({plan.info.family}, {plan.info.model_type}) on {', '.join(plan.train)}: "
         f"{total} training examples, {s.optimizer}"
         + (f"[{s.base}, rho={s.rho:g}, ascent fraction {s.ascent_fraction:g}]" if s.base else "")
-        + f", lr {s.lr:g}, batch {s.batch}, {s.steps} steps (defaults: {plan.resolved['defaults_from']})")
+        + f", lr {s.lr:g}, batch {s.batch}, {s.steps} steps (defaults: {plan.resolved['defaults_from']})"
+    )
 
-    result = train(par.model, optimizer, batches, config=LoopConfig.from_settings(s), evaluate=evaluate,
-                   scheduler=scheduler, forward=functools.partial(fm.forward, module=torch.compile(par.model) if s.compile else par.model), loss=fm.loss,
-                   scaler=par.scaler, step_kwargs=par.step_kwargs, on_step=on_step)
-    summary = build_summary(result, plan, {"model": {"parameters": sum(p.numel() for p in model.parameters())},
-                                           "parallel": par.describe()})
+    result = train(
+        par.model,
+        optimizer,
+        batches,
+        config=LoopConfig.from_settings(s),
+        evaluate=evaluate,
+        scheduler=scheduler,
+        forward=functools.partial(fm.forward, module=torch.compile(par.model) if s.compile else par.model),
+        loss=fm.loss,
+        scaler=par.scaler,
+        step_kwargs=par.step_kwargs,
+        on_step=on_step,
+    )
+    summary = build_summary(
+        result, plan, {"model": {"parameters": sum(p.numel() for p in model.parameters())}, "parallel": par.describe()}
+    )
     if info.is_main:
         run_dir.write_summary(summary)
     _report(summary, run_dir.path)
@@ -190,38 +238,59 @@ def build_summary(result, plan: Plan, extra: Mapping[str, Any]) -> dict:
     final = result.final or {}
     metrics = {}
     for key, b in best.items():
-        metrics[key] = {"best": b["value"], "best_step": b["step"], "mode": b["mode"],
-                        "final": final.get(key), "final_step": final.get("step")}
+        metrics[key] = {
+            "best": b["value"],
+            "best_step": b["step"],
+            "mode": b["mode"],
+            "final": final.get(key),
+            "final_step": final.get("step"),
+        }
     tasks = {t.name: t for t in plan.tasks}
     eval_keys: dict[str, list[str]] = {}
     for es in plan.eval_sets:
         eval_keys.setdefault(es.task.name, []).append(es.key)
     name, best_score = overall_score({k: v["best"] for k, v in metrics.items()}, eval_keys, tasks)
-    _, final_score = overall_score({k: v["final"] for k, v in metrics.items() if v["final"] is not None},
-                                   eval_keys, tasks)
-    return io.json_safe({
-        "format": SUMMARY_FORMAT,
-        "version": 1,
-        "completed": loop["completed"],
-        "interrupted": loop["interrupted"],
-        "step": loop["step"],
-        "steps": loop["steps"],
-        "metrics": metrics,
-        "score": {"name": name, "best": best_score, "final": final_score,
-                  "note": "best: from each task-metric's best checkpoint (Bahri et al.); final: last evaluation"},
-        "config": plan.config.as_dict(),
-        "resolved": plan.record(extra.get("parallel"))["resolved"],
-        "model": {**plan.info.describe(), **extra.get("model", {}),
-                  **({"name": plan.config.model_label} if plan.config.model_label else {})},
-        "parallel": extra.get("parallel", {"world_size": 1}),
-        "data": {
-            name: {"train_examples": len(plan.train[name]), "train_examples_before_subsample": plan.train_sizes[name],
-                   "eval": {es.key: {"split": es.split, "examples": len(es.examples)}
-                            for es in plan.eval_sets if es.task.name == name}}
-            for name in plan.train
-        },
-        "loop": loop,
-    })
+    _, final_score = overall_score(
+        {k: v["final"] for k, v in metrics.items() if v["final"] is not None}, eval_keys, tasks
+    )
+    return io.json_safe(
+        {
+            "format": SUMMARY_FORMAT,
+            "version": 1,
+            "completed": loop["completed"],
+            "interrupted": loop["interrupted"],
+            "step": loop["step"],
+            "steps": loop["steps"],
+            "metrics": metrics,
+            "score": {
+                "name": name,
+                "best": best_score,
+                "final": final_score,
+                "note": "best: from each task-metric's best checkpoint (Bahri et al.); final: last evaluation",
+            },
+            "config": plan.config.as_dict(),
+            "resolved": plan.record(extra.get("parallel"))["resolved"],
+            "model": {
+                **plan.info.describe(),
+                **extra.get("model", {}),
+                **({"name": plan.config.model_label} if plan.config.model_label else {}),
+            },
+            "parallel": extra.get("parallel", {"world_size": 1}),
+            "data": {
+                name: {
+                    "train_examples": len(plan.train[name]),
+                    "train_examples_before_subsample": plan.train_sizes[name],
+                    "eval": {
+                        es.key: {"split": es.split, "examples": len(es.examples)}
+                        for es in plan.eval_sets
+                        if es.task.name == name
+                    },
+                }
+                for name in plan.train
+            },
+            "loop": loop,
+        }
+    )
 
 
 def _report(summary: Mapping[str, Any], out: Path) -> None:

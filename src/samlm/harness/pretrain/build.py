@@ -16,15 +16,16 @@ from samlm.harness.pretrain.config import PretrainConfig
 MAX_DEFAULT_WARMUP = 1000
 DEFAULT_TOKENS_PER_PARAM = 20.0
 
+
 @dataclass
 class RunData:
     """A run's tokens and tokenizer (:func:`load_data`)."""
 
-    dataset: Any                # samlm.data.text.LMDataset over the prepared memory maps
+    dataset: Any  # samlm.data.text.LMDataset over the prepared memory maps
     tokenizer: Any
-    tokenizer_name: str         # what the run records: as given (bytes, a hub id, bpe:8192)
+    tokenizer_name: str  # what the run records: as given (bytes, a hub id, bpe:8192)
     vocab_size: int
-    prepared: Any               # samlm.data.prepared.PreparedTokens
+    prepared: Any  # samlm.data.prepared.PreparedTokens
 
     def describe(self) -> dict:
         """``config.json``'s ``resolved.data``: the prepared data the run reads."""
@@ -45,15 +46,22 @@ def load_data(config: PretrainConfig, *, progress: bool | None = None) -> RunDat
         name = prepared.tokenizer_name
     else:
         name = resolve_tokenizer_name(config)
-        prepared = ensure_prepared(config.data, name, max_chars=config.max_chars,
-                                   budget=Budget(val_fraction=config.val_fraction),
-                                   trust_remote_code=config.trust_remote_code,
-                                   progress=config.progress if progress is None else progress)
+        prepared = ensure_prepared(
+            config.data,
+            name,
+            max_chars=config.max_chars,
+            budget=Budget(val_fraction=config.val_fraction),
+            trust_remote_code=config.trust_remote_code,
+            progress=config.progress if progress is None else progress,
+        )
     tokenizer = load_tokenizer(prepared.tokenizer_path())
-    dataset = LMDataset.from_splits(prepared.train, prepared.val, context=config.context,
-                                    vocab_size=prepared.vocab_size,
-                                    what=f"{len(prepared.train)} training and {len(prepared.val)} validation tokens "
-                                         f"of {config.data}")
+    dataset = LMDataset.from_splits(
+        prepared.train,
+        prepared.val,
+        context=config.context,
+        vocab_size=prepared.vocab_size,
+        what=f"{len(prepared.train)} training and {len(prepared.val)} validation tokens of {config.data}",
+    )
     return RunData(dataset, tokenizer, name, prepared.vocab_size, prepared)
 
 
@@ -66,8 +74,10 @@ def _check_prepared_tokenizer(config: PretrainConfig, prepared) -> None:
         return
     if parse_bpe(asked) is not None:
         if asked.lower() != prepared.tokenizer_name.lower():
-            raise UserError(f"--data {config.data} was prepared with tokenizer '{prepared.tokenizer_name}', "
-                            f"not {asked}: drop --tokenizer or prepare the data again")
+            raise UserError(
+                f"--data {config.data} was prepared with tokenizer '{prepared.tokenizer_name}', "
+                f"not {asked}: drop --tokenizer or prepare the data again"
+            )
         return
     try:
         tokenizer = load_tokenizer(asked, trust_remote_code=config.trust_remote_code)
@@ -76,9 +86,11 @@ def _check_prepared_tokenizer(config: PretrainConfig, prepared) -> None:
             return  # a model directory without a tokenizer: its vocabulary is checked with the model
         raise
     if describe_tokenizer(tokenizer, asked).sha256 != prepared.tokenizer_sha256:
-        raise UserError(f"--data {config.data} was prepared with tokenizer '{prepared.tokenizer_name}', which is not "
-                        f"{flag} {asked}'s tokenizer: prepare the data with that tokenizer (samlm prepare "
-                        f"--tokenizer {asked}), or drop {flag}")
+        raise UserError(
+            f"--data {config.data} was prepared with tokenizer '{prepared.tokenizer_name}', which is not "
+            f"{flag} {asked}'s tokenizer: prepare the data with that tokenizer (samlm prepare "
+            f"--tokenizer {asked}), or drop {flag}"
+        )
 
 
 def validation_slices(batches: list, val_batches: int) -> tuple[list, list]:
@@ -88,7 +100,7 @@ def validation_slices(batches: list, val_batches: int) -> tuple[list, list]:
     none when nothing is left; ``report_loss``)."""
     if not val_batches:
         return list(batches), []
-    return batches[:val_batches], batches[val_batches:2 * val_batches]
+    return batches[:val_batches], batches[val_batches : 2 * val_batches]
 
 
 def resolve_tokenizer_name(config: PretrainConfig) -> str:
@@ -102,14 +114,23 @@ def build_model(config: PretrainConfig, vocab_size: int):
     from samlm.models import build_decoder, load_causal_lm
 
     if config.model is None:
-        return build_decoder(config.arch, layers=config.layers, width=config.width, heads=config.heads,
-                             context=config.context, vocab_size=vocab_size, dropout=config.dropout,
-                             seed=config.seed)
+        return build_decoder(
+            config.arch,
+            layers=config.layers,
+            width=config.width,
+            heads=config.heads,
+            context=config.context,
+            vocab_size=vocab_size,
+            dropout=config.dropout,
+            seed=config.seed,
+        )
     model = load_causal_lm(config.model, trust_remote_code=config.trust_remote_code)
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if vocab_size > model_vocab:
-        raise UserError(f"the tokenizer has {vocab_size} tokens but model {config.model} embeds only {model_vocab}; "
-                        "use the model's own tokenizer (--tokenizer)")
+        raise UserError(
+            f"the tokenizer has {vocab_size} tokens but model {config.model} embeds only {model_vocab}; "
+            "use the model's own tokenizer (--tokenizer)"
+        )
     positions = max_positions(model)
     if positions is not None and config.context > positions:
         raise UserError(f"--context {config.context} is longer than model {config.model}'s {positions} positions")
@@ -124,10 +145,20 @@ def build_run_optimizer(config: PretrainConfig, params, *, total_steps: int, sam
     from samlm.optim import build_optimizer
 
     try:
-        return build_optimizer(config.optimizer, params, base=config.base, lr=config.lr, rho=config.rho,
-                               weight_decay=config.weight_decay, betas=config.betas, eps=config.adam_eps,
-                               ascent_fraction=config.ascent_fraction, m=config.m, sam_kwargs=sam_kwargs,
-                               **sam_schedule(config, total_steps))
+        return build_optimizer(
+            config.optimizer,
+            params,
+            base=config.base,
+            lr=config.lr,
+            rho=config.rho,
+            weight_decay=config.weight_decay,
+            betas=config.betas,
+            eps=config.adam_eps,
+            ascent_fraction=config.ascent_fraction,
+            m=config.m,
+            sam_kwargs=sam_kwargs,
+            **sam_schedule(config, total_steps),
+        )
     except ValueError as exc:
         raise UserError(f"cannot build optimizer {config.optimizer}: {exc}") from None
 
@@ -169,14 +200,33 @@ def resolve_steps(config: PretrainConfig, params: int, non_embedding_params: int
 
 
 SHARPNESS_KEYS = (
-    "hessian_lambda_max", "gauss_newton_lambda_max", "functional_lambda", "functional_lambda_min",
-    "preconditioned_lambda_max", "logit_path_norm", "functional_path_norm", "logit_functional_ratio",
-    "logit_path_cosine", "functional_path_cosine", "grad_norm", "loss", "iters", "converged", "rho",
+    "hessian_lambda_max",
+    "gauss_newton_lambda_max",
+    "functional_lambda",
+    "functional_lambda_min",
+    "preconditioned_lambda_max",
+    "logit_path_norm",
+    "functional_path_norm",
+    "logit_functional_ratio",
+    "logit_path_cosine",
+    "functional_path_cosine",
+    "grad_norm",
+    "loss",
+    "iters",
+    "converged",
+    "rho",
 )
 
 
-def sharpness_probe(batches: list, *, iters: int = 20, seed: int = 0, rho: float = 0.05, method: str = "lanczos",
-                    optimizer: torch.optim.Optimizer | None = None) -> Callable[[torch.nn.Module], dict]:
+def sharpness_probe(
+    batches: list,
+    *,
+    iters: int = 20,
+    seed: int = 0,
+    rho: float = 0.05,
+    method: str = "lanczos",
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Callable[[torch.nn.Module], dict]:
     """``probe(model) -> dict``: :func:`samlm.diagnostics.sharpness.measure_sharpness` of a causal LM on fixed
     batches (token-mean cross-entropy, fp32, eval mode); what the loop's ``sharpness=`` calls.
 
@@ -190,12 +240,19 @@ def sharpness_probe(batches: list, *, iters: int = 20, seed: int = 0, rho: float
         device = next(model.parameters()).device
         moved = [{k: v.to(device) for k, v in b.items()} for b in batches]
         started = time.perf_counter()
-        result = measure_sharpness(model, moved, lm_forward(model), lm_loss, iters=iters, seed=seed, rho=rho,
-                                   method=method, preconditioner=optimizer)
+        result = measure_sharpness(
+            model,
+            moved,
+            lm_forward(model),
+            lm_loss,
+            iters=iters,
+            seed=seed,
+            rho=rho,
+            method=method,
+            preconditioner=optimizer,
+        )
         out = {k: result[k] for k in SHARPNESS_KEYS if k in result}
         out["seconds"] = time.perf_counter() - started
         return out
 
     return probe
-
-

@@ -65,8 +65,10 @@ def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint, to
     try:
         optimizer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
-        raise UserError(f"checkpoint {checkpoint.path} does not hold the state of the run's {config.optimizer} "
-                        f"optimizer ({type(exc).__name__})") from None
+        raise UserError(
+            f"checkpoint {checkpoint.path} does not hold the state of the run's {config.optimizer} "
+            f"optimizer ({type(exc).__name__})"
+        ) from None
     return optimizer
 
 
@@ -80,9 +82,17 @@ def load_model(config: PretrainConfig):
     return config, model, data.dataset
 
 
-def measure(*, run_dir: Optional[Path] = None, model_config: Optional[PretrainConfig] = None,
-            batches: Optional[int] = None, batch_size: Optional[int] = None, iters: int = 20, seed: int = 0,
-            rho: Optional[float] = None, method: str = "lanczos") -> dict[str, Any]:
+def measure(
+    *,
+    run_dir: Optional[Path] = None,
+    model_config: Optional[PretrainConfig] = None,
+    batches: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    iters: int = 20,
+    seed: int = 0,
+    rho: Optional[float] = None,
+    method: str = "lanczos",
+) -> dict[str, Any]:
     """Measure a run (its latest checkpoint) or a model; the JSON-ready result. ``batches``,
     ``batch_size``, ``rho`` None: the run's own sharpness settings (a model: 1, 8, 0.05)."""
     if run_dir is not None:
@@ -100,7 +110,15 @@ def measure(*, run_dir: Optional[Path] = None, model_config: Optional[PretrainCo
     val = dataset.val_batches(batch_size, max_batches=batches)
     probe = sharpness_probe(val, iters=iters, seed=seed, rho=rho, method=method, optimizer=optimizer)
     values = probe(model)
-    return io.json_safe({
-        **source, "data": config.data, "context": config.context, "batches": len(val), "batch_size": batch_size,
-        "method": method, "iters_requested": iters, **values,
-    })
+    return io.json_safe(
+        {
+            **source,
+            "data": config.data,
+            "context": config.context,
+            "batches": len(val),
+            "batch_size": batch_size,
+            "method": method,
+            "iters_requested": iters,
+            **values,
+        }
+    )

@@ -60,8 +60,9 @@ def check_model(config: PretrainConfig, model) -> None:
     from samlm.diagnostics.robustness import check_group_size
 
     try:
-        check_group_size(model, config.quant_group_size, embeddings=config.quantize_embeddings,
-                         norms=config.quantize_norms)
+        check_group_size(
+            model, config.quant_group_size, embeddings=config.quantize_embeddings, norms=config.quantize_norms
+        )
     except ValueError as exc:
         raise UserError(f"--quant-group-size: {exc}") from None
 
@@ -90,8 +91,10 @@ def check_tokenizer(config: PretrainConfig, data) -> None:
     else:
         return  # read with the run's own tokenizer
     if other_sha != run_sha:
-        raise UserError(f"the second corpus's tokenizer ({other_name}) does not match the run's ({data.tokenizer_name}): "
-                        "the model's embeddings index the run's tokens; give --forget-data in the run's tokenizer")
+        raise UserError(
+            f"the second corpus's tokenizer ({other_name}) does not match the run's ({data.tokenizer_name}): "
+            "the model's embeddings index the run's tokens; give --forget-data in the run's tokenizer"
+        )
 
 
 def check_config(config: PretrainConfig, model, data) -> None:
@@ -124,31 +127,53 @@ def _evaluator(batches: list) -> Callable[[torch.nn.Module], float]:
     return lambda model: evaluate(model)["val_loss"]
 
 
-def measure_model(config: PretrainConfig, model, tuning: list, *, run_dir: Path, step: int, run_tokenizer: str,
-                  on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+def measure_model(
+    config: PretrainConfig,
+    model,
+    tuning: list,
+    *,
+    run_dir: Path,
+    step: int,
+    run_tokenizer: str,
+    on_step: Optional[Callable[[int, dict], None]] = None,
+) -> dict:
     """The three measures of ``model`` (the run's weights at ``step``) on the first
     ``--robustness-batches`` of the run's tuning validation batches ``tuning``; ``{"weight_noise", "quantization", "forgetting"}`` (forgetting
     None with ``--forget-steps 0``; ``{"interrupted": ...}`` when a fine-tuning run was stopped)."""
     from samlm.diagnostics import robustness
 
     check_model(config, model)
-    batches = tuning[:config.robustness_batches]
+    batches = tuning[: config.robustness_batches]
     evaluate = _evaluator(batches)
     started = time.perf_counter()
-    noise = robustness.weight_noise(model, evaluate, sigmas=numbers(config.noise_sigmas), draws=config.noise_draws,
-                                    seed=config.seed)
+    noise = robustness.weight_noise(
+        model, evaluate, sigmas=numbers(config.noise_sigmas), draws=config.noise_draws, seed=config.seed
+    )
     noise["seconds"] = time.perf_counter() - started
     noise["batches"] = len(batches)
     started = time.perf_counter()
-    quant = robustness.quantization(model, evaluate, group_size=config.quant_group_size,
-                                    embeddings=config.quantize_embeddings, norms=config.quantize_norms,
-                                    base_loss=noise["base_loss"])
+    quant = robustness.quantization(
+        model,
+        evaluate,
+        group_size=config.quant_group_size,
+        embeddings=config.quantize_embeddings,
+        norms=config.quantize_norms,
+        base_loss=noise["base_loss"],
+    )
     quant["seconds"] = time.perf_counter() - started
     quant["batches"] = len(batches)
     forget = None
     if config.forget_steps:
-        forget = forgetting(config, model, batches, run_dir=run_dir, step=step, run_tokenizer=run_tokenizer,
-                            on_step=on_step, before_original=noise["base_loss"])
+        forget = forgetting(
+            config,
+            model,
+            batches,
+            run_dir=run_dir,
+            step=step,
+            run_tokenizer=run_tokenizer,
+            on_step=on_step,
+            before_original=noise["base_loss"],
+        )
     return io.json_safe({"weight_noise": noise, "quantization": quant, "forgetting": forget})
 
 
@@ -164,25 +189,47 @@ def export_model(model, directory: Path) -> Path:
     return directory
 
 
-def finetune_config(config: PretrainConfig, *, model_dir: Path, lr: float, out: Path, run_tokenizer: str
-                    ) -> PretrainConfig:
+def finetune_config(
+    config: PretrainConfig, *, model_dir: Path, lr: float, out: Path, run_tokenizer: str
+) -> PretrainConfig:
     """The fine-tuning run at ``lr``: plain AdamW from ``model_dir`` on the second corpus for
     ``--forget-steps`` steps; the run's batch, context, seed, weight decay, betas and schedule shape;
     no sharpness, no robustness, evaluated (on ``--robustness-batches`` batches) and saved at the end.
     A run of these settings in ``out`` resumes; one of other settings (an earlier ``--forget-steps``,
     say) is started over."""
     tuned = dataclasses.replace(
-        second_corpus_config(config, run_tokenizer), model=str(model_dir), optimizer="adamw", rho=None, lr=lr,
-        steps=config.forget_steps, tokens_per_param=None, warmup=None, sam_every=1, sam_start=0, split=False,
-        sharpness=False, sharpness_every=0, robustness=False, eval_every=0, save_every=0, keep_checkpoints=1,
-        val_batches=config.robustness_batches, out=str(out), dry_run=False, progress=False, compile=False)
+        second_corpus_config(config, run_tokenizer),
+        model=str(model_dir),
+        optimizer="adamw",
+        rho=None,
+        lr=lr,
+        steps=config.forget_steps,
+        tokens_per_param=None,
+        warmup=None,
+        sam_every=1,
+        sam_start=0,
+        split=False,
+        sharpness=False,
+        sharpness_every=0,
+        robustness=False,
+        eval_every=0,
+        save_every=0,
+        keep_checkpoints=1,
+        val_batches=config.robustness_batches,
+        out=str(out),
+        dry_run=False,
+        progress=False,
+        compile=False,
+    )
     saved = _saved_config(out)
     resume = saved is not None and RunDir(out).has_checkpoint() and _same(saved, tuned)
     return dataclasses.replace(tuned, resume=resume, overwrite=not resume)
 
 
 _SAME_RUN = frozenset(f.name for f in dataclasses.fields(PretrainConfig) if f.metadata.get("resume", True)) | {
-    "steps", "warmup"}
+    "steps",
+    "warmup",
+}
 
 
 def _same(saved: Mapping[str, Any], config: PretrainConfig) -> bool:
@@ -206,8 +253,17 @@ def _same_finished(config: PretrainConfig) -> Optional[dict]:
     return summary
 
 
-def forgetting(config: PretrainConfig, model, tuning: list, *, run_dir: Path, step: int, run_tokenizer: str,
-               on_step: Optional[Callable[[int, dict], None]] = None, before_original: Optional[float] = None) -> dict:
+def forgetting(
+    config: PretrainConfig,
+    model,
+    tuning: list,
+    *,
+    run_dir: Path,
+    step: int,
+    run_tokenizer: str,
+    on_step: Optional[Callable[[int, dict], None]] = None,
+    before_original: Optional[float] = None,
+) -> dict:
     """Fine-tune from ``model`` at each lr of ``--forget-lrs`` (resumable run directories under
     ``run_dir/robustness/step<step>/``) and summarise with
     :func:`samlm.diagnostics.robustness.forgetting_summary`."""
@@ -229,8 +285,9 @@ def forgetting(config: PretrainConfig, model, tuning: list, *, run_dir: Path, st
     tuned = copy.deepcopy(model)
     points = []
     for lr in numbers(config.forget_lrs):
-        run_config = finetune_config(config, model_dir=model_dir, lr=lr, out=root / lr_name(lr),
-                                     run_tokenizer=run_tokenizer)
+        run_config = finetune_config(
+            config, model_dir=model_dir, lr=lr, out=root / lr_name(lr), run_tokenizer=run_tokenizer
+        )
         summary = _same_finished(run_config)
         if summary is None:
             say(f"forgetting: fine-tuning at lr {lr:g} for {config.forget_steps} steps on {config.forget_data}")
@@ -241,13 +298,24 @@ def forgetting(config: PretrainConfig, model, tuning: list, *, run_dir: Path, st
         checkpoint = io.load_latest_checkpoint(RunDir(run_config.out).checkpoints)
         tuned.load_state_dict(checkpoint.model_state, strict=False)
         tuned.eval()
-        points.append({"lr": lr, "learning": float(summary["val_loss"]), "original": evaluate_original(tuned),
-                       "run": str(Path(run_config.out).relative_to(root.parent.parent))})
+        points.append(
+            {
+                "lr": lr,
+                "learning": float(summary["val_loss"]),
+                "original": evaluate_original(tuned),
+                "run": str(Path(run_config.out).relative_to(root.parent.parent)),
+            }
+        )
     model.train(training)
-    result = forgetting_summary(points, before_learning=before_learning, before_original=before_original,
-                                target=config.forget_target)
-    result.update(data=config.forget_data, steps=config.forget_steps, lrs=numbers(config.forget_lrs),
-                  seconds=time.perf_counter() - started)
+    result = forgetting_summary(
+        points, before_learning=before_learning, before_original=before_original, target=config.forget_target
+    )
+    result.update(
+        data=config.forget_data,
+        steps=config.forget_steps,
+        lrs=numbers(config.forget_lrs),
+        seconds=time.perf_counter() - started,
+    )
     return result
 
 
@@ -268,8 +336,13 @@ def read_run_config(run_dir: Path, overrides: Mapping[str, Any]) -> PretrainConf
     return config
 
 
-def measure_run(run_dir: str | Path, *, overrides: Mapping[str, Any] | None = None, all_checkpoints: bool = False,
-                on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+def measure_run(
+    run_dir: str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    all_checkpoints: bool = False,
+    on_step: Optional[Callable[[int, dict], None]] = None,
+) -> dict:
     """``samlm robustness --run DIR``: the measures of the latest checkpoint (``all_checkpoints``:
     of every kept one, oldest first). ``{"run", "checkpoints": [{"step", "weight_noise",
     "quantization", "forgetting"}, ...]}``, plus the latest one's keys at the top level."""
@@ -295,8 +368,15 @@ def measure_run(run_dir: str | Path, *, overrides: Mapping[str, Any] | None = No
         if loaded.missing_keys or loaded.unexpected_keys:
             raise UserError(f"checkpoint {path} does not match the run's model")
         say(f"robustness of {run_dir} at step {step}")
-        measured = measure_model(config, model, tuning, run_dir=run_dir, step=step,
-                                 run_tokenizer=data.prepared.tokenizer_path(), on_step=on_step)
+        measured = measure_model(
+            config,
+            model,
+            tuning,
+            run_dir=run_dir,
+            step=step,
+            run_tokenizer=data.prepared.tokenizer_path(),
+            on_step=on_step,
+        )
         results.append({"step": step, **measured})
         if (measured.get("forgetting") or {}).get("interrupted"):
             break

@@ -35,8 +35,9 @@ from samlm.harness.rundir import RunDir
 from samlm.progress import say
 
 # Summary keys that are wall-clock measurements (differ between otherwise identical runs).
-TIMING_KEYS = frozenset({"step_s", "tokens_per_s", "train_seconds", "wall_seconds", "sharpness_seconds",
-                         "robustness_seconds"})
+TIMING_KEYS = frozenset(
+    {"step_s", "tokens_per_s", "train_seconds", "wall_seconds", "sharpness_seconds", "robustness_seconds"}
+)
 
 
 @dataclass
@@ -53,10 +54,10 @@ class Resolved:
     tokens_per_step: int
     train_tokens: int
     val_tokens: int
-    tuning_batches: int               # validation batches 1..tuning_batches: val_loss (the tuning slice)
-    report_batches: int               # the next report_batches: report_loss (the report slice)
-    parallel: dict                    # world_size, strategy, mixed_precision, sync_ascent
-    data: dict                        # the prepared tokens read: content and tokenizer sha256, split, counts, path
+    tuning_batches: int  # validation batches 1..tuning_batches: val_loss (the tuning slice)
+    report_batches: int  # the next report_batches: report_loss (the report slice)
+    parallel: dict  # world_size, strategy, mixed_precision, sync_ascent
+    data: dict  # the prepared tokens read: content and tokenizer sha256, split, counts, path
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,9 +76,11 @@ def _check_step_split(config: PretrainConfig, world_size: int) -> None:
         plan_step([rows] * config.grad_accum, config.ascent_fraction, config.m)
     except ValueError as exc:
         per = f" per process ({world_size} processes)" if world_size > 1 else ""
-        raise UserError(f"cannot split a step of {rows * config.grad_accum} rows{per} for SAM "
-                        f"(--batch {config.batch}, --grad-accum {config.grad_accum}, --m {config.m}, "
-                        f"--ascent-fraction {config.ascent_fraction:g}): {exc}") from None
+        raise UserError(
+            f"cannot split a step of {rows * config.grad_accum} rows{per} for SAM "
+            f"(--batch {config.batch}, --grad-accum {config.grad_accum}, --m {config.m}, "
+            f"--ascent-fraction {config.ascent_fraction:g}): {exc}"
+        ) from None
 
 
 def _resolve_rho(config: PretrainConfig) -> float | None:
@@ -122,27 +125,47 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
         from samlm.harness.pretrain import robustness
 
         if info.world_size > 1:
-            raise UserError("--robustness measures on one process: measure the finished run with "
-                            "'samlm robustness --run DIR' instead")
+            raise UserError(
+                "--robustness measures on one process: measure the finished run with "
+                "'samlm robustness --run DIR' instead"
+            )
         robustness.check_config(config, model, data)
     params = count_parameters(model)
     non_embedding = count_parameters(model, exclude_embeddings=True)
     total_steps, warmup_steps = resolve_steps(config, params, non_embedding)
-    par = parallel.parallelize(model, info, strategy=config.strategy, sync_ascent=config.sync_ascent,
-                               mixed_precision=config.mixed_precision, sam=method(config.optimizer).is_sam)
+    par = parallel.parallelize(
+        model,
+        info,
+        strategy=config.strategy,
+        sync_ascent=config.sync_ascent,
+        mixed_precision=config.mixed_precision,
+        sam=method(config.optimizer).is_sam,
+    )
     if par.strategy == "fsdp" and config.sharpness:
-        raise UserError("sharpness measurements need the whole model on each process: "
-                        "pass --no-sharpness with --strategy fsdp")
+        raise UserError(
+            "sharpness measurements need the whole model on each process: pass --no-sharpness with --strategy fsdp"
+        )
     model = par.module
     rho = _resolve_rho(config)
-    wanted = 2 * config.val_batches if config.val_batches else None   # the tuning and report slices
-    tuning, held_out = validation_slices(dataset.val_batches(config.micro_batch, max_batches=wanted),
-                                         config.val_batches)
+    wanted = 2 * config.val_batches if config.val_batches else None  # the tuning and report slices
+    tuning, held_out = validation_slices(
+        dataset.val_batches(config.micro_batch, max_batches=wanted), config.val_batches
+    )
     resolved = Resolved(
-        tokenizer=tokenizer_name, total_steps=total_steps, warmup_steps=warmup_steps, rho=rho, params=params,
-        non_embedding_params=non_embedding, vocab_size=vocab_size, tokens_per_step=config.batch * config.context,
-        train_tokens=len(dataset.train_tokens), val_tokens=len(dataset.val_tokens), data=data.describe(),
-        tuning_batches=len(tuning), report_batches=len(held_out), parallel=par.describe(),
+        tokenizer=tokenizer_name,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        rho=rho,
+        params=params,
+        non_embedding_params=non_embedding,
+        vocab_size=vocab_size,
+        tokens_per_step=config.batch * config.context,
+        train_tokens=len(dataset.train_tokens),
+        val_tokens=len(dataset.val_tokens),
+        data=data.describe(),
+        tuning_batches=len(tuning),
+        report_batches=len(held_out),
+        parallel=par.describe(),
     )
     record = {"config": config.as_dict(), "resolved": resolved.as_dict()}
     if config.resume:
@@ -160,12 +183,15 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     probe = None
     if config.sharpness:
         probe_batches = dataset.val_batches(config.sharpness_batch_size, max_batches=config.sharpness_batches)
-        probe = sharpness_probe(probe_batches, iters=config.sharpness_iters, seed=config.seed,
-                                rho=config.sharpness_rho, optimizer=optimizer)
+        probe = sharpness_probe(
+            probe_batches, iters=config.sharpness_iters, seed=config.seed, rho=config.sharpness_rho, optimizer=optimizer
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_schedule(total_steps, warmup_steps, config.min_lr_ratio))
+        optimizer, lr_schedule(total_steps, warmup_steps, config.min_lr_ratio)
+    )
     loop_config = LoopConfig.from_settings(
-        config, steps=total_steps, sharpness_every=config.sharpness_every if probe is not None else 0)
+        config, steps=total_steps, sharpness_every=config.sharpness_every if probe is not None else 0
+    )
     if config.dry_run:
         return {"dry_run": True, **record, **_environment(info.world_size)}
     if info.is_main:
@@ -174,11 +200,28 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     # --compile: the training forward runs the compiled module; evaluation, sharpness and
     # checkpoints use the module itself (the same parameters).
     forward = lm_forward(torch.compile(par.model)) if config.compile else None
-    result = train(par.model, optimizer, train_batches, config=loop_config, evaluate=evaluate, scheduler=scheduler,
-                   forward=forward, sharpness=probe, on_step=on_step, scaler=par.scaler,
-                   step_kwargs=par.step_kwargs, final_sharpness=probe is not None)
-    summary = build_summary(config, resolved, result, list(result.history),
-                            wall_seconds=time.perf_counter() - started, world_size=info.world_size)
+    result = train(
+        par.model,
+        optimizer,
+        train_batches,
+        config=loop_config,
+        evaluate=evaluate,
+        scheduler=scheduler,
+        forward=forward,
+        sharpness=probe,
+        on_step=on_step,
+        scaler=par.scaler,
+        step_kwargs=par.step_kwargs,
+        final_sharpness=probe is not None,
+    )
+    summary = build_summary(
+        config,
+        resolved,
+        result,
+        list(result.history),
+        wall_seconds=time.perf_counter() - started,
+        world_size=info.world_size,
+    )
     if info.is_main:
         run_dir.write_summary(summary)
     if config.robustness and summary.get("completed") and info.is_main:
@@ -194,8 +237,15 @@ def _measure_robustness(config, model, tuning, result, summary: dict, run_dir: R
     from samlm.harness.pretrain import robustness
 
     started = time.perf_counter()
-    measured = robustness.measure_model(config, model, tuning, run_dir=run_dir.path, step=result.step,
-                                        run_tokenizer=data.prepared.tokenizer_path(), on_step=on_step)
+    measured = robustness.measure_model(
+        config,
+        model,
+        tuning,
+        run_dir=run_dir.path,
+        step=result.step,
+        run_tokenizer=data.prepared.tokenizer_path(),
+        on_step=on_step,
+    )
     summary = io.json_safe({**summary, **measured, "robustness_seconds": time.perf_counter() - started})
     stopped = robustness.interrupted(measured)
     if stopped:
@@ -204,10 +254,17 @@ def _measure_robustness(config, model, tuning, result, summary: dict, run_dir: R
     if config.report_to != "none":  # the run's trackers, continued: robustness/<measure>/...
         from samlm.integrations import tracking
 
-        with tracking.continue_run(run_dir.path, config.report_to, run_name=config.run_name,
-                                   group=config.run_group) as trackers:
-            trackers.log_final({k: measured[k] for k in ("weight_noise", "quantization", "forgetting")
-                                if isinstance(measured.get(k), dict)}, result.step)
+        with tracking.continue_run(
+            run_dir.path, config.report_to, run_name=config.run_name, group=config.run_group
+        ) as trackers:
+            trackers.log_final(
+                {
+                    k: measured[k]
+                    for k in ("weight_noise", "quantization", "forgetting")
+                    if isinstance(measured.get(k), dict)
+                },
+                result.step,
+            )
     return summary
 
 
@@ -223,8 +280,9 @@ def _environment(world_size: int = 1) -> dict:
     }
 
 
-def build_summary(config: PretrainConfig, resolved: Resolved, result, history: list[dict], *,
-                  wall_seconds: float, world_size: int = 1) -> dict:
+def build_summary(
+    config: PretrainConfig, resolved: Resolved, result, history: list[dict], *, wall_seconds: float, world_size: int = 1
+) -> dict:
     """Flat headline numbers first, then the loop's summary and the full configuration."""
     from samlm import io
 
