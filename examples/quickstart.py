@@ -26,7 +26,7 @@ for method in (samlm.SAM, samlm.ASAM, samlm.FunctionalSAM, samlm.PreconditionedS
     model = GPT2LMHeadModel(config)
     opt = method(torch.optim.AdamW(model.parameters(), lr=3e-3))  # wraps any optimizer instance
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)  # schedulers act on either
-    for step in range(10):
+    for _ in range(10):
         stats = opt.train_step(batch, forward, loss)  # ascent on the first quarter of the rows
         schedule.step()
     print(
@@ -37,7 +37,7 @@ for method in (samlm.SAM, samlm.ASAM, samlm.FunctionalSAM, samlm.PreconditionedS
 # The surface davda54/sam users know: first_step / second_step (or step(closure)).
 model = GPT2LMHeadModel(config)
 opt = samlm.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
-for step in range(3):
+for _ in range(3):
     loss(forward(batch), batch).backward()
     opt.first_step(zero_grad=True)  # w -> w + eps
     loss(forward(batch), batch).backward()

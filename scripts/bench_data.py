@@ -21,11 +21,9 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 RUN = [
@@ -53,8 +51,9 @@ RUN = [
 
 
 def documents() -> list[str]:
-    from samlm.data.text import load_corpus, read_jsonl_documents
     import importlib.resources
+
+    from samlm.data.text import load_corpus, read_jsonl_documents
 
     shakespeare = [p for p in load_corpus("tinyshakespeare").split("\n\n") if p.strip()]
     with importlib.resources.as_file(importlib.resources.files("samlm.resources") / "python_stdlib.jsonl") as path:
@@ -188,7 +187,7 @@ def main() -> None:
     samlm("pretrain", "--data", "tinyshakespeare", *RUN, "--out", work / "warm", "--overwrite", env=env)  # cache it
     walls = {name: [] for name in prepared}
     rss = {name: [] for name in prepared}
-    for repeat in range(args.repeats):  # round robin: a load change on the machine hits every corpus alike
+    for _ in range(args.repeats):  # round robin: a load change on the machine hits every corpus alike
         for name, data in prepared.items():
             wall, peak = samlm("pretrain", "--data", data, *RUN, "--out", work / f"run-{name}", "--overwrite", env=env)
             walls[name].append(wall)

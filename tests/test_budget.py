@@ -149,10 +149,10 @@ def test_budget_compute_end_to_end_and_resume_after_an_interruption(tmp_path):
 
 
 def test_finetune_compare_reports_both_budgets(tmp_path):
+    from pathlib import Path
+
     from samlm import cli
     from tinymodels import save_t5
-
-    from pathlib import Path
 
     glue = Path(__file__).parent / "fixtures" / "finetune" / "glue"
     t5 = save_t5(tmp_path / "t5")

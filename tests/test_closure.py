@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
-from test_optim_math import ce, make_problem
 
 import samlm
+from test_optim_math import ce, make_problem
 
 
 def closure_of(model, opt, batch, calls=None, set_to_none=True):

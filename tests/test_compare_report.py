@@ -9,11 +9,11 @@ import json
 import pytest
 
 from samlm import io
-from samlm.studies import report
 from samlm.cli import main
-from samlm.studies.compare import CompareConfig, compare, parse_rho, run_name
 from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig, pretrain
+from samlm.studies import report
+from samlm.studies.compare import CompareConfig, compare, parse_rho, run_name
 from tinymodels import Crash, crash_at
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samlm.errors import UserError
 from samlm.data import (
     MIXTURES,
     Example,
@@ -33,6 +32,7 @@ from samlm.data import (
 )
 from samlm.data.formats import parse_webquestions_target
 from samlm.data.tasks import mark_wsc_spans, pad_punctuation
+from samlm.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 GLUE = FIXTURES / "glue"

@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from samlm import cli, io
 from samlm.data import TASKS, demo_data_dir, load_task
-from samlm.harness.finetune import build as finetune_build
 from samlm.harness import finetune as harness
+from samlm.harness.finetune import build as finetune_build
 from samlm.models import finetune as modeling
 from tinymodels import save_bert, save_t5
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from samlm.errors import UserError
 from samlm.data import (
     INVALID,
     Example,
@@ -24,6 +23,7 @@ from samlm.data import (
     task_score,
     token_f1,
 )
+from samlm.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 

@@ -109,7 +109,10 @@ def test_trains_saves_and_resumes_exactly_like_an_uninterrupted_run(tmp_path, me
     a, b = straight.sam_optimizer.base_optimizer.state_dict(), resumed.sam_optimizer.base_optimizer.state_dict()
     for key in a["state"]:
         assert torch.equal(a["state"][key]["exp_avg_sq"], b["state"][key]["exp_avg_sq"])
-    losses = lambda t: [log["loss"] for log in t.state.log_history if "loss" in log and log["step"] > 2]
+
+    def losses(t):
+        return [log["loss"] for log in t.state.log_history if "loss" in log and log["step"] > 2]
+
     assert losses(resumed) == losses(straight)
     assert resumed.lr_scheduler.get_last_lr() == straight.lr_scheduler.get_last_lr()
 
@@ -137,7 +140,10 @@ def test_accumulation_window_equals_one_step_on_the_whole_window(tmp_path, metho
         trainer.train()
         runs.append(trainer)
     torch.testing.assert_close(flat(runs[0].model), flat(runs[1].model), rtol=0, atol=1e-6)
-    loss = lambda t: [log["loss"] for log in t.state.log_history if "loss" in log]
+
+    def loss(t):
+        return [log["loss"] for log in t.state.log_history if "loss" in log]
+
     assert loss(runs[0]) == pytest.approx(loss(runs[1]), rel=1e-5)  # logged once per step, not per micro-batch
 
 

@@ -27,9 +27,9 @@ import pytest
 import torch
 
 from samlm import cli, io
-from samlm.integrations import distributed
 from samlm.data import demo_data_dir
 from samlm.harness import loop as train_loop
+from samlm.integrations import distributed
 from tinymodels import SUBPROCESS_ENV, save_bert, save_t5
 
 PRETRAIN = [

@@ -11,9 +11,9 @@ import torch
 from samlm import io
 from samlm.data import LMDataset, lm_loss
 from samlm.errors import NonFiniteLossError, UserError
+from samlm.harness.loop import LoopConfig, lm_evaluator, train
 from samlm.models import build_decoder
 from samlm.optim import build_optimizer
-from samlm.harness.loop import LoopConfig, lm_evaluator, train
 from tinymodels import Crash, crash_at
 
 CONTEXT = 16

@@ -5,7 +5,6 @@ the commands."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -16,7 +15,7 @@ import samlm
 from samlm import cli
 from samlm.optim import CombinedOptimizer, build_optimizer, muon_split, newton_schulz, train_step
 from samlm.optim.preconditioners import MUON_COEFFICIENTS, Preconditioners, muon_lr_ratio
-from samlm.optim.registry import METHODS, SAM_FAMILY
+from samlm.optim.registry import SAM_FAMILY
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon (torch >= 2.9)")
 

@@ -20,9 +20,8 @@ import pytest
 import torch
 
 import samlm
-from samlm.integrations import distributed
-
 from gloo_ranks import run_ranks
+from samlm.integrations import distributed
 
 pytestmark = [
     pytest.mark.usefixtures("float64_default"),

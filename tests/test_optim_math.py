@@ -8,7 +8,6 @@ import torch
 from torch.func import functional_call, vjp
 
 import samlm
-from samlm.optim import Adaptive, Euclidean, SharpnessAware
 
 # These tests compare against references in float64; other test files keep float32.
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("float64_default")]

@@ -23,7 +23,7 @@ import torch
 from samlm import cli
 from samlm.data import prepared as P
 from samlm.data import text as T
-from samlm.data.text import ByteTokenizer, LMDataset, load_corpus
+from samlm.data.text import LMDataset
 from samlm.errors import UserError
 from tinymodels import SUBPROCESS_ENV
 

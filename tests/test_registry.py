@@ -4,7 +4,6 @@ a choice of all of them."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 

@@ -9,7 +9,6 @@ import torch
 import samlm
 from samlm.optim import frozen_running_stats, norm_layers
 
-
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 

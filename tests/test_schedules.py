@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
-from test_optim_math import ce, forward_of, make_problem
 
 import samlm
 from samlm.optim import METHODS, SamSchedule, build_optimizer, plain_step
 from samlm.optim.registry import SAM_FAMILY
+from test_optim_math import ce, forward_of, make_problem
 
 CLASSES = [METHODS[name].cls for name in SAM_FAMILY]
 

@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+from trl import SFTConfig, SFTTrainer
 
-from samlm.integrations.hf import SAMSFTTrainer  # noqa: E402
+from samlm.integrations.hf import SAMSFTTrainer
 
 hf_logging.set_verbosity_error()
 

@@ -13,7 +13,6 @@ from samlm.data import ByteTokenizer, LMDataset, lm_loss, load_corpus, load_toke
 from samlm.data.text import encode_text
 from samlm.errors import UserError
 
-
 # --------------------------------------------------------------------------- tokenizers
 
 

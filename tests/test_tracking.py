@@ -18,7 +18,6 @@ import pytest
 
 from samlm import io
 from samlm.cli import main
-from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig, pretrain
 from samlm.integrations import tracking
 
@@ -393,10 +392,9 @@ def test_finetune_compare_names_and_groups_its_runs(tmp_path):
     import sys as _sys
 
     _sys.path.insert(0, str(Path(__file__).parent))
-    from tinymodels import save_bert
-
     from samlm.harness.finetune import FinetuneConfig
     from samlm.studies.finetune_compare import FinetuneGrid
+    from tinymodels import save_bert
 
     wic = Path(__file__).parent / "fixtures" / "wic16" / "WiC" / "train.jsonl"
     bert = save_bert(tmp_path / "bert", sorted(set(_re.findall(r"[a-z]+", wic.read_text().lower()))))

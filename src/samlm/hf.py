@@ -3,7 +3,7 @@
 ``samlm.hf`` keep working. Also ``SAMTrainerMixin``, ``TrainerOptimizer`` and, with TRL
 installed, ``SAMSFTTrainer``."""
 
-from samlm.integrations.hf import *  # noqa: F401,F403
+from samlm.integrations.hf import *  # noqa: F403
 from samlm.integrations.hf import __all__  # noqa: F401
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from samlm.harness import settings
 from samlm.harness.pretrain import PretrainConfig, config_from_args, pretrain

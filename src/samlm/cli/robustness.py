@@ -18,8 +18,9 @@ The robustness settings default to the run's own (``pretrain --robustness ...``)
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from samlm import io
 from samlm.harness import settings

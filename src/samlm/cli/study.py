@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_pretrain(config) -> int:
-    from samlm.studies.pretrain_study import run_study
     from samlm.harness.pretrain import validate
+    from samlm.studies.pretrain_study import run_study
 
     study = config.study()
     if config.dry_run:

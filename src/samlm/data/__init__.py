@@ -15,27 +15,6 @@ See ``docs/data.md``. Depends on torch and the plumbing only (transformers for h
 hub data, scikit-learn/scipy for metrics, each imported where it is used).
 """
 
-from samlm.data.text import (
-    DEFAULT_CORPUS,
-    IGNORE_INDEX,
-    ByteTokenizer,
-    LMBatchIterator,
-    LMDataset,
-    count_targets,
-    encode_text,
-    lm_loss,
-    load_corpus,
-    load_tokenizer,
-    tokenizer_vocab_size,
-)
-
-from samlm.data.prepared import (
-    Budget,
-    PreparedTokens,
-    ensure_prepared,
-    load_prepared,
-    prepare,
-)
 from samlm.data.formats import (
     GENERIC_KEYS,
     Example,
@@ -52,6 +31,13 @@ from samlm.data.metrics import (
     squad_normalize,
     task_score,
     token_f1,
+)
+from samlm.data.prepared import (
+    Budget,
+    PreparedTokens,
+    ensure_prepared,
+    load_prepared,
+    prepare,
 )
 from samlm.data.tasks import (
     CLASSIFICATION,
@@ -71,6 +57,19 @@ from samlm.data.tasks import (
     stsb_target,
     subsample,
     task_names,
+)
+from samlm.data.text import (
+    DEFAULT_CORPUS,
+    IGNORE_INDEX,
+    ByteTokenizer,
+    LMBatchIterator,
+    LMDataset,
+    count_targets,
+    encode_text,
+    lm_loss,
+    load_corpus,
+    load_tokenizer,
+    tokenizer_vocab_size,
 )
 
 __all__ = [

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from samlm.errors import UserError
 from samlm.data.formats import Example
 from samlm.data.tasks import CLASSIFICATION, GENERATION, REGRESSION, Task, get_task
+from samlm.errors import UserError
 
 __all__ = [
     "INVALID",

@@ -47,10 +47,11 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -857,9 +858,10 @@ def _prepare_locked(
     for split, name in (("train", "training"), ("val", "validation")):
         if streams.tokens[split] == 0:
             documents = counts["train_documents"] + counts["val_documents"]
+            every_kth = f", every {rule['k']}th document is validation" if "k" in rule else ""
             raise UserError(
                 f"corpus too small: {source.spec} gave no {name} tokens ({documents} documents, split "
-                f"rule {rule['rule']}{', every %dth document is validation' % rule['k'] if 'k' in rule else ''}); "
+                f"rule {rule['rule']}{every_kth}); "
                 "use a larger corpus"
             )
     for split in SPLIT_FILES:
@@ -936,7 +938,7 @@ class _Chunk:
     parts: list
 
     @classmethod
-    def start(cls, chunk, phase, end, chars, writer: "_Writer", described: PrepTokenizer, pool) -> "_Chunk":
+    def start(cls, chunk, phase, end, chars, writer: _Writer, described: PrepTokenizer, pool) -> _Chunk:
         # a document not needed now is not needed later either: budgets only fill up
         candidates = [(i, d) for i, d in chunk if writer.destination(phase, i) is not None]
         texts = [d for _, d in candidates]
@@ -1047,7 +1049,7 @@ def _clear(directory: Path) -> None:
     """Remove what an earlier prepare wrote (meta.json first: the directory stops being complete)."""
     (directory / META_FILE).unlink(missing_ok=True)
     (directory / PROGRESS_FILE).unlink(missing_ok=True)
-    for split, name in SPLIT_FILES.items():
+    for name in SPLIT_FILES.values():
         (directory / name).unlink(missing_ok=True)
         (directory / (name + ".partial")).unlink(missing_ok=True)
     shutil.rmtree(directory / TOKENIZER_DIR, ignore_errors=True)

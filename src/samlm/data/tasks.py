@@ -30,9 +30,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from samlm.errors import UserError
 from samlm.data import formats
 from samlm.data.formats import Example, Row
+from samlm.errors import UserError
 
 __all__ = [
     "CLASSIFICATION",
@@ -135,7 +135,7 @@ def mark_wsc_spans(fields: Mapping[str, Any]) -> str:
     """
 
     def mark(text: str, span: str, index: int, symbol: str) -> str:
-        pattern = r"^((?:\S+\s){%d})(%s)" % (index, re.escape(span))
+        pattern = rf"^((?:\S+\s){{{index}}})({re.escape(span)})"
         return re.sub(pattern, lambda m: f"{m.group(1)}{symbol} {m.group(2)} {symbol}", text)
 
     text = mark(fields["text"], fields["span1_text"], fields["span1_index"], "*")

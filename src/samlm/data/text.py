@@ -27,9 +27,9 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -450,7 +450,7 @@ class LMDataset:
         self.val_tokens = val
 
     @classmethod
-    def from_splits(cls, train, val, *, context: int, vocab_size: int, what: str = "") -> "LMDataset":
+    def from_splits(cls, train, val, *, context: int, vocab_size: int, what: str = "") -> LMDataset:
         """A dataset of given training and validation streams (numpy arrays or memory maps, used as they are)."""
         dataset = cls.__new__(cls)
         dataset._setup(
@@ -463,7 +463,7 @@ class LMDataset:
         return dataset
 
     @classmethod
-    def from_prepared(cls, path, *, context: int) -> "LMDataset":
+    def from_prepared(cls, path, *, context: int) -> LMDataset:
         """The memory-mapped splits of a prepared directory (``samlm prepare``)."""
         from samlm.data.prepared import load_prepared
 
@@ -477,7 +477,7 @@ class LMDataset:
         )
 
     @classmethod
-    def from_text(cls, text: str, tokenizer, *, context: int, val_fraction: float = 0.1) -> "LMDataset":
+    def from_text(cls, text: str, tokenizer, *, context: int, val_fraction: float = 0.1) -> LMDataset:
         tokens = encode_text(tokenizer, text)
         return cls(tokens, context=context, vocab_size=tokenizer_vocab_size(tokenizer), val_fraction=val_fraction)
 
@@ -490,12 +490,12 @@ class LMDataset:
         context: int,
         val_fraction: float = 0.1,
         max_chars: int | None = None,
-    ) -> "LMDataset":
+    ) -> LMDataset:
         """Load a corpus (see :func:`load_corpus`) and tokenize it in memory (byte tokenizer by default)."""
         text = load_corpus(spec, max_chars=max_chars)
         return cls.from_text(text, tokenizer or ByteTokenizer(), context=context, val_fraction=val_fraction)
 
-    def train_batches(self, batch_size: int, seed: int = 0) -> "LMBatchIterator":
+    def train_batches(self, batch_size: int, seed: int = 0) -> LMBatchIterator:
         """An endless, deterministic, resumable iterator of training batches."""
         return LMBatchIterator(self.train_tokens, context=self.context, batch_size=batch_size, seed=seed)
 
@@ -561,7 +561,7 @@ class LMBatchIterator:
         self._plan(self.epoch if epoch is None else epoch)
         return len(self._order) // self.batch_size
 
-    def __iter__(self) -> "LMBatchIterator":
+    def __iter__(self) -> LMBatchIterator:
         return self
 
     def __next__(self) -> Batch:

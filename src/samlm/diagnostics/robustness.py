@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn

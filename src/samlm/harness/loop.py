@@ -49,31 +49,30 @@ run that ``resume=True`` continues exactly from its newest good checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
-import shutil
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Mapping
-import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from samlm import io
-from samlm.integrations import distributed
 from samlm.data.text import count_targets, lm_loss
 from samlm.errors import NonFiniteLossError, UserError, first_line
 from samlm.harness import settings as s
-from samlm.harness.rundir import CHECKPOINTS_DIR, METRICS_FILE, RunDir
+from samlm.harness.rundir import RunDir
 from samlm.harness.settings import BatchSettings, LoopSettings, ScheduleSettings, override, setting
+from samlm.integrations import distributed
 from samlm.models import lm_forward
 from samlm.optim import SharpnessAware, train_step
 from samlm.progress import progress_bar, say
@@ -117,7 +116,7 @@ class LoopConfig:
     handle_signals: bool = setting(True, "SIGINT/SIGTERM: finish the step, checkpoint, return")
 
     @classmethod
-    def from_settings(cls, config, **values) -> "LoopConfig":
+    def from_settings(cls, config, **values) -> LoopConfig:
         """The loop's part of a harness config (the fields of the same name), then ``values``."""
         names = {f.name for f in dataclasses.fields(cls)}
         shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
@@ -183,7 +182,7 @@ class _LoopState:
         return d
 
     @classmethod
-    def from_state(cls, d: Mapping[str, Any]) -> "_LoopState":
+    def from_state(cls, d: Mapping[str, Any]) -> _LoopState:
         d = dict(d)
         d["window"] = _Window(**json.loads(d["window"]))
         d["history"] = json.loads(d["history"])
@@ -348,7 +347,7 @@ class _StopSignals:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         if self.enabled:
             for name in self.SIGNALS:
                 signum = getattr(signal, name, None)
@@ -504,7 +503,7 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _one_step(run: "_Run", state: _LoopState, forward, loss, count_tokens, step_args) -> dict:
+def _one_step(run: _Run, state: _LoopState, forward, loss, count_tokens, step_args) -> dict:
     """Draw the micro-batches, take one optimizer step, step the scheduler, update counters.
     Returns the step's statistics (agreed across processes)."""
     started = time.perf_counter()  # step time includes fetching the data
@@ -664,7 +663,7 @@ def _measurement(step: int, state: _LoopState, model: nn.Module, evaluate, sharp
     return io.json_safe(record)
 
 
-def _open_trackers(run: "_Run", state: _LoopState):
+def _open_trackers(run: _Run, state: _LoopState):
     """The run's ``--report-to`` trackers (rank 0 only; the others get none), its settings as
     hyperparameters: ``config.json`` as the harness wrote it, else the loop's own."""
     from samlm.integrations import tracking

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from samlm.integrations import distributed
 from samlm.errors import UserError
+from samlm.integrations import distributed
 
 STRATEGIES = distributed.STRATEGIES
 MIXED_PRECISION = distributed.MIXED_PRECISION
@@ -66,7 +66,7 @@ def add_arguments(parser, *, device_flag: bool = True) -> None:
     )
 
 
-def resolve_device(spec: str) -> Optional[torch.device]:
+def resolve_device(spec: str) -> torch.device | None:
     """``--device`` → a device, or None for "auto" (the launcher's local rank decides)."""
     if spec == "auto":
         return None
@@ -122,7 +122,7 @@ class Parallel:
 
     prepared: distributed.Prepared
     mixed_precision: str
-    autocast_dtype: Optional[torch.dtype]
+    autocast_dtype: torch.dtype | None
     scaler: Any  # torch.amp.GradScaler for fp16, else None
     sam_kwargs: dict  # for build_optimizer(sam_kwargs=...)
 
@@ -143,7 +143,7 @@ class Parallel:
         return self.prepared.strategy
 
     @property
-    def step_kwargs(self) -> Optional[dict]:
+    def step_kwargs(self) -> dict | None:
         return {"autocast_dtype": self.autocast_dtype} if self.autocast_dtype is not None else None
 
     def describe(self) -> dict:
@@ -162,7 +162,7 @@ def parallelize(
     *,
     strategy: str = "auto",
     sync_ascent: bool = False,
-    mixed_precision: Optional[str] = None,
+    mixed_precision: str | None = None,
     sam: bool = True,
 ) -> Parallel:
     """Wrap ``model`` for this launch and choose the SAM and mixed-precision settings."""

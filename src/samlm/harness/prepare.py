@@ -8,7 +8,6 @@ settings themselves (one definition, the same meaning in every command); ``--out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from samlm.data.prepared import DEFAULT_BPE_TRAIN_CHARS, Budget
 from samlm.errors import UserError
@@ -30,8 +29,8 @@ class PrepareConfig:
         group="data",
     )
     tokenizer: str = override(TextDataSettings, "tokenizer", default="bytes", default_text="bytes", group="data")
-    max_chars: Optional[int] = override(TextDataSettings, "max_chars", group="data")
-    out: Optional[str] = override(
+    max_chars: int | None = override(TextDataSettings, "max_chars", group="data")
+    out: str | None = override(
         s.LoopSettings,
         "out",
         default=None,
@@ -39,13 +38,11 @@ class PrepareConfig:
         default_text="required",
         group="output",
     )
-    max_tokens: Optional[int] = setting(
+    max_tokens: int | None = setting(
         None, "at most this many training tokens (default: the whole source)", check=s.positive_int, group="budget"
     )
-    val_tokens: Optional[int] = setting(
-        None, "at most this many validation tokens", check=s.positive_int, group="budget"
-    )
-    val_documents: Optional[int] = setting(
+    val_tokens: int | None = setting(None, "at most this many validation tokens", check=s.positive_int, group="budget")
+    val_documents: int | None = setting(
         None, "at most this many validation documents", check=s.positive_int, group="budget"
     )
     workers: int = setting(

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from samlm import io
 from samlm.errors import UserError
@@ -46,13 +47,13 @@ class RunDir:
         """Metrics or checkpoints of an earlier run are here."""
         return self.metrics_file.exists() or self.has_checkpoint()
 
-    def read_config(self) -> Optional[dict]:
+    def read_config(self) -> dict | None:
         return _read_json(self.config_file, "run configuration")
 
-    def read_summary(self) -> Optional[dict]:
+    def read_summary(self) -> dict | None:
         return _read_json(self.summary_file, "summary")
 
-    def finished_summary(self) -> Optional[dict]:
+    def finished_summary(self) -> dict | None:
         """The summary of a completed run, else None (missing, unreadable or unfinished)."""
         try:
             summary = self.read_summary()
@@ -130,7 +131,7 @@ def _norm(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _read_json(path: Path, what: str) -> Optional[dict]:
+def _read_json(path: Path, what: str) -> dict | None:
     if not path.is_file():
         return None
     try:

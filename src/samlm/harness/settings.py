@@ -21,8 +21,9 @@ import argparse
 import dataclasses
 import math
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from samlm.errors import UserError
 from samlm.optim.registry import BASE_OPTIMIZERS, METHODS
@@ -36,14 +37,14 @@ def setting(
     default: Any = None,
     help: str = "",
     *,
-    check: Optional[Check] = None,
-    choices: Optional[tuple] = None,
+    check: Check | None = None,
+    choices: tuple | None = None,
     resume: bool = True,
     cli: bool = True,
-    flag: Optional[str] = None,
-    metavar: Optional[str] = None,
-    default_text: Optional[str] = None,
-    group: Optional[str] = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+    group: str | None = None,
 ) -> Any:
     """A run setting. ``resume=False``: may change between a run and its ``--resume``.
     ``cli=False``: a setting of the library API only (no flag). ``default_text``: how help shows
@@ -174,8 +175,8 @@ class OptimizerSettings:
     optimizer: str = setting(
         "adamw", "a plain optimizer, or a SAM-family method around --base: " + "|".join(METHODS), check=known_method
     )
-    base: Optional[str] = setting("adamw", "the base optimizer a SAM-family method wraps", choices=BASE_OPTIMIZERS)
-    rho: Optional[float] = setting(
+    base: str | None = setting("adamw", "the base optimizer a SAM-family method wraps", choices=BASE_OPTIMIZERS)
+    rho: float | None = setting(
         None,
         "SAM's perturbation radius",
         check=finite(0.0),
@@ -187,7 +188,7 @@ class OptimizerSettings:
         check=finite(0.0, 1.0, low_open=True),
     )
     m: int = setting(1, "m-sharpness groups per batch (each group its own ε)", check=positive_int)
-    lr: Optional[float] = setting(3e-3, "peak learning rate", check=finite(0.0, low_open=True))
+    lr: float | None = setting(3e-3, "peak learning rate", check=finite(0.0, low_open=True))
     weight_decay: float = setting(0.1, "decoupled weight decay", check=finite(0.0))
     sam_every: int = setting(
         1,
@@ -212,9 +213,9 @@ class OptimizerSettings:
 class ScheduleSettings:
     """schedule and budget"""
 
-    steps: Optional[int] = setting(None, "optimizer steps", check=positive_int)
-    warmup: Optional[int] = setting(None, "linear learning-rate warmup steps", check=nonnegative_int)
-    clip: Optional[float] = setting(
+    steps: int | None = setting(None, "optimizer steps", check=positive_int)
+    warmup: int | None = setting(None, "linear learning-rate warmup steps", check=nonnegative_int)
+    clip: float | None = setting(
         None, "clip the update gradient's global norm (default: no clipping)", check=finite(0.0, low_open=True)
     )
 
@@ -223,7 +224,7 @@ class ScheduleSettings:
 class BatchSettings:
     """batch and seed"""
 
-    batch: Optional[int] = setting(32, "examples (sequences) per optimizer step", check=positive_int)
+    batch: int | None = setting(32, "examples (sequences) per optimizer step", check=positive_int)
     grad_accum: int = setting(1, "split each step's batch into this many micro-batches", check=positive_int)
     seed: int = setting(0, "initial weights (or a new head), data order, dropout", check=seed)
 
@@ -244,7 +245,7 @@ class LoopSettings:
     eval_every: int = setting(
         100, "evaluate every N steps and at the end (0: only at the end)", check=nonnegative_int, resume=False
     )
-    save_every: Optional[int] = setting(
+    save_every: int | None = setting(
         0, "checkpoint every N steps (0: only at the end; always on Ctrl-C)", check=nonnegative_int, resume=False
     )
     keep_checkpoints: int = setting(2, "newest checkpoints kept", check=positive_int, resume=False)
@@ -259,7 +260,7 @@ class LoopSettings:
         5, "with --nonfinite stop: consecutive non-finite steps allowed", check=positive_int, resume=False, metavar="N"
     )
     progress: bool = setting(True, "progress bar", resume=False)
-    threads: Optional[int] = setting(None, "torch CPU threads (default: torch's choice)", check=threads, resume=False)
+    threads: int | None = setting(None, "torch CPU threads (default: torch's choice)", check=threads, resume=False)
     out: str = setting("runs/run", "run directory", resume=False)
     resume: bool = setting(False, "continue the run in --out from its latest checkpoint", resume=False)
     overwrite: bool = setting(False, "start over in an --out that holds a run", resume=False)
@@ -275,7 +276,7 @@ class LoopSettings:
         metavar="TRACKERS",
         group=TRACKING,
     )
-    run_name: Optional[str] = setting(
+    run_name: str | None = setting(
         None, "the run's name in the trackers", resume=False, default_text="--out's directory name", group=TRACKING
     )
     log_every: int = setting(
@@ -286,7 +287,7 @@ class LoopSettings:
         resume=False,
         group=TRACKING,
     )
-    run_group: Optional[str] = setting(
+    run_group: str | None = setting(
         None,
         "the trackers' group of this run (W&B group, MLflow experiment, "
         "trackio project); set by compare and the studies",
@@ -319,7 +320,7 @@ class ParallelSettings:
         "compile: minutes on a CPU; needs a C++ compiler there)",
         resume=False,
     )
-    mixed_precision: Optional[str] = setting(
+    mixed_precision: str | None = setting(
         None,
         "no | bf16 (autocast) | fp16 (autocast + GradScaler)",
         choices=("no", "bf16", "fp16"),
@@ -376,7 +377,7 @@ def _default_text(field: dataclasses.Field) -> str:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...] = (), only: Optional[tuple[str, ...]] = None
+    parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None
 ) -> None:
     """One flag per CLI field of the dataclass ``cls``, grouped by setting group.
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    backend: Optional[str] = None  # "nccl" | "gloo" | None (not distributed)
+    backend: str | None = None  # "nccl" | "gloo" | None (not distributed)
     launcher: str = "none"  # "torchrun" | "accelerate" | "none"
     mixed_precision: str = "no"  # from accelerate's config/flags, else "no"
     use_fsdp: bool = False  # accelerate launch --use_fsdp
@@ -67,7 +67,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def launch_env(env: Optional[Mapping[str, str]] = None) -> dict:
+def launch_env(env: Mapping[str, str] | None = None) -> dict:
     """Read the launcher's environment variables (torchrun / accelerate launch)."""
     env = os.environ if env is None else env
     world_size = int(env.get("WORLD_SIZE", "1") or 1)
@@ -99,10 +99,10 @@ def launch_env(env: Optional[Mapping[str, str]] = None) -> dict:
 
 def setup_distributed(
     *,
-    backend: Optional[str] = None,
-    device: Optional[str | torch.device] = None,
-    timeout_s: Optional[float] = None,
-    env: Optional[Mapping[str, str]] = None,
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    timeout_s: float | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> DistInfo:
     """Detect the launcher, pick this process's device and initialise the process group.
 
@@ -163,7 +163,7 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: float | Tensor, device: Optional[torch.device] = None) -> float:
+def all_reduce_mean(value: float | Tensor, device: torch.device | None = None) -> float:
     """The mean of a scalar over all processes (e.g. a metric); the value itself when single."""
     if not is_distributed():
         return float(value)
@@ -250,7 +250,7 @@ def prepare(
     model: nn.Module,
     *,
     strategy: str = "auto",
-    info: Optional[DistInfo] = None,
+    info: DistInfo | None = None,
     find_unused_parameters: bool = False,
     **wrapper_kwargs,
 ) -> Prepared:
@@ -307,7 +307,7 @@ class RankShard:
         self.rank = rank
         self.world_size = world_size
 
-    def __iter__(self) -> "RankShard":
+    def __iter__(self) -> RankShard:
         return self
 
     def __next__(self):
@@ -336,7 +336,7 @@ def check_batch_split(rows: int, world_size: int, what: str = "--batch") -> None
         )
 
 
-def shard_batches(batches, rank: Optional[int] = None, world_size: Optional[int] = None):
+def shard_batches(batches, rank: int | None = None, world_size: int | None = None):
     """``batches`` itself in a world of one, else a :class:`RankShard` of it."""
     rank = get_rank() if rank is None else rank
     world_size = get_world_size() if world_size is None else world_size

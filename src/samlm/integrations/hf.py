@@ -84,8 +84,7 @@ expect); see ``samlm.integrations.distributed``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Callable, Optional
+from collections.abc import Callable, Mapping
 
 import torch
 from transformers import Trainer
@@ -192,7 +191,7 @@ def _base_model(module: torch.nn.Module) -> torch.nn.Module:
     return base() if callable(base) else module
 
 
-def head_kind(module: torch.nn.Module) -> Optional[str]:
+def head_kind(module: torch.nn.Module) -> str | None:
     """The model's head, one of ``HEADS`` (``"ForCausalLM"``, ``"ForSequenceClassification"``, ...),
     or None when SAMTrainer does not know its loss."""
     from transformers.models.auto import modeling_auto
@@ -275,14 +274,14 @@ class SAMTrainerMixin:
     def __init__(
         self,
         *args,
-        sam_method: Optional[str] = None,
-        rho: Optional[float] = None,
+        sam_method: str | None = None,
+        rho: float | None = None,
         ascent_fraction: float = 0.25,
         m: int = 1,
         sync_ascent: bool = False,
-        sam_loss: Optional[SamLoss] = None,
-        clean_loss: Optional[bool] = None,
-        sam_base: Optional[str] = None,
+        sam_loss: SamLoss | None = None,
+        clean_loss: bool | None = None,
+        sam_base: str | None = None,
         **kwargs,
     ):
         if sam_base not in SAM_BASES:
@@ -313,7 +312,7 @@ class SAMTrainerMixin:
         self.sam_sync_ascent = sync_ascent
         self.sam_loss = sam_loss
         self.sam_clean_loss = clean_loss
-        self.sam_last_stats: Optional[StepStats] = None
+        self.sam_last_stats: StepStats | None = None
         self._sam_window: list = []
         self._sam_num_items = None
         self._sam_log_sums: dict[str, float] = {}
@@ -435,7 +434,7 @@ class SAMTrainerMixin:
         """The step itself evaluates every row at w (no extra forward needed)."""
         return (not opt.sam_step_due()) or opt.descent_rule.needs_clean_cotangent or opt.ascent_fraction >= 1
 
-    def sam_forward_and_loss(self, model, opt: SharpnessAware, micro_batches: Optional[list] = None):
+    def sam_forward_and_loss(self, model, opt: SharpnessAware, micro_batches: list | None = None):
         """The driver's ``forward(batch)`` and ``loss(outputs, batch)`` for this model.
 
         For the standard heads the loss comes from the logits with the batch's labels (so a
@@ -589,7 +588,7 @@ class _Recorder:
         self.clean = _Clean()
         self.fn = None
 
-    def wrap(self, fn) -> "_Recorder":
+    def wrap(self, fn) -> _Recorder:
         self.fn = fn
         return self
 

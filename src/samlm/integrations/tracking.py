@@ -34,8 +34,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 from samlm import io
 from samlm.errors import UserError
@@ -68,7 +69,7 @@ SECRET_VARIABLES = (
 # --------------------------------------------------------------------------- the setting
 
 
-def parse_report_to(value: Optional[str | Iterable[str]]) -> tuple[str, ...]:
+def parse_report_to(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """``--report-to`` as tracker names: a comma-separated list, ``all`` (every tracker installed)
     or ``none``. One line naming the problem for an unknown name or a missing library."""
     items = _items(value)
@@ -90,7 +91,7 @@ def parse_report_to(value: Optional[str | Iterable[str]]) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _items(value: Optional[str | Iterable[str]]) -> list[str]:
+def _items(value: str | Iterable[str] | None) -> list[str]:
     """``--report-to``'s names, lower-cased, blanks dropped."""
     if value is None:
         return []
@@ -128,7 +129,7 @@ def redact(text: str) -> str:
     return text
 
 
-def hyperparameters(record: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+def hyperparameters(record: Mapping[str, Any] | None) -> dict[str, Any]:
     """A run's ``config.json`` record as flat hyperparameters: the settings by name, the values
     resolved from them as ``resolved.<name>`` (nested ones joined with dots); strings masked."""
     flat: dict[str, Any] = {}
@@ -180,9 +181,9 @@ class _Adapter:
         self,
         out: Path,
         run_name: str,
-        group: Optional[str],
+        group: str | None,
         hparams: Mapping[str, Any],
-        run_id: Optional[str],
+        run_id: str | None,
         step: int,
     ):
         self.out, self.run_name, self.group, self.hparams, self.step = out, run_name, group, hparams, step
@@ -327,7 +328,7 @@ class Trackers:
     """The trackers a run reports to (none: every call does nothing). A tracker that raises is
     one warning line and is dropped; nothing it does reaches training."""
 
-    def __init__(self, adapters: Iterable[_Adapter] = (), *, out: Optional[Path] = None):
+    def __init__(self, adapters: Iterable[_Adapter] = (), *, out: Path | None = None):
         self.adapters = list(adapters)
         self.out = out
 
@@ -338,7 +339,7 @@ class Trackers:
         for adapter in list(self.adapters):
             try:
                 call(adapter)
-            except Exception as exc:  # noqa: BLE001 - a tracker never stops training
+            except Exception as exc:
                 self.adapters.remove(adapter)
                 _warn(adapter.name, what, exc)
 
@@ -355,7 +356,7 @@ class Trackers:
         self._each("finish", lambda adapter: adapter.finish())
         self.adapters = []
 
-    def __enter__(self) -> "Trackers":
+    def __enter__(self) -> Trackers:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -368,12 +369,12 @@ def _warn(name: str, what: str, exc: BaseException) -> None:
 
 
 def start(
-    report_to: Optional[str | Iterable[str]],
+    report_to: str | Iterable[str] | None,
     out: str | Path,
     *,
-    run_name: Optional[str] = None,
-    group: Optional[str] = None,
-    hparams: Optional[Mapping[str, Any]] = None,
+    run_name: str | None = None,
+    group: str | None = None,
+    hparams: Mapping[str, Any] | None = None,
     resume: bool = False,
     step: int = 0,
 ) -> Trackers:
@@ -405,7 +406,7 @@ def start(
     for name in names:
         try:
             adapters.append(ADAPTERS[name](out, run_name, group, dict(hparams or {}), ids.get(name), step))
-        except Exception as exc:  # noqa: BLE001 - a tracker that cannot start is a warning
+        except Exception as exc:
             _warn(name, "start", exc)
     ids.update({a.name: a.run_id for a in adapters if a.run_id})
     if adapters:
@@ -417,7 +418,7 @@ def start(
 
 
 def continue_run(
-    out: str | Path, report_to: Optional[str], *, run_name: Optional[str] = None, group: Optional[str] = None
+    out: str | Path, report_to: str | None, *, run_name: str | None = None, group: str | None = None
 ) -> Trackers:
     """The trackers of a finished run, opened again to add what was measured after training."""
     return start(report_to, out, run_name=run_name, group=group, resume=True)

@@ -28,19 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samlm.errors import UserError, first_line
 from samlm.data.formats import Example
 from samlm.data.metrics import postprocess_generation
 from samlm.data.tasks import CLASSIFICATION, GENERATION, REGRESSION, Task
+from samlm.errors import UserError, first_line
 from samlm.models.causal import load_model_config
 from samlm.models.causal import quiet_transformers as _quiet_transformers
 
@@ -256,7 +256,7 @@ def load_finetune_model(
     max_input_length: int = 512,
     max_target_length: int = 128,
     device: str | torch.device = "cpu",
-) -> "FinetuneModel":
+) -> FinetuneModel:
     """Load weights and tokenizer; returns the adapter, the model in train mode, fp32.
 
     ``task`` sets an encoder's head (its ``num_labels``, regression or not); a seq2seq model

@@ -6,14 +6,13 @@ from collections.abc import Collection
 
 import torch
 
+from .bases import CombinedOptimizer, muon_split, params_of
 from .descents import DescentRule, Functional, Standard
 from .driver import StepStats, plain_step, sharpness_aware_step
-from .bases import CombinedOptimizer, muon_split, params_of
 from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, Spectral
 from .preconditioners import Orthogonalized, newton_schulz, register_preconditioner
 from .registry import BASE_OPTIMIZERS, METHODS, SAM_FAMILY, Method, method, register, sam_family
 from .running_stats import RUNNING_STATS, frozen_running_stats, norm_layers
-from .schedule import SamSchedule
 from .sam import (
     ASAM,
     SAM,
@@ -24,6 +23,7 @@ from .sam import (
     SpectralSAM,
     train_step,
 )
+from .schedule import SamSchedule
 
 # Derived from the registry, for existing callers.
 

@@ -15,7 +15,7 @@ embedding and head are not "hidden": their gradients are sparse or tied to the v
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -28,8 +28,8 @@ This module sees the optimizer through its public API only and imports no optimi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -56,8 +56,8 @@ class StepStats:
     skipped: bool  # the base step was not taken (non-finite gradient)
     ascent_nonfinite: bool  # the ascent gradient was non-finite (ε = 0 or step skipped)
     sam_step: bool = True  # a SAM-family step (False: a plain step, of any optimizer)
-    logit_path_norm: Optional[float] = None  # ‖g_SAM − g_F‖, with split=True
-    functional_path_norm: Optional[float] = None  # ‖g_F − g‖, with split=True
+    logit_path_norm: float | None = None  # ‖g_SAM − g_F‖, with split=True
+    functional_path_norm: float | None = None  # ‖g_F − g‖, with split=True
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -126,7 +126,7 @@ def _fsdp2_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def _sharding(model) -> Optional[str]:
+def _sharding(model) -> str | None:
     """ "fsdp1" (``FullyShardedDataParallel``), "fsdp2" (``fully_shard``) or None."""
     if model is None:
         return None
@@ -139,7 +139,7 @@ def _sharding(model) -> Optional[str]:
     return "fsdp2" if isinstance(model, FSDPModule) else None
 
 
-def _check_sharded(opt, sharding: Optional[str], plans, split: bool) -> None:
+def _check_sharded(opt, sharding: str | None, plans, split: bool) -> None:
     if sharding is None:
         return
     if not opt.sync_ascent:
@@ -168,7 +168,7 @@ def _reshard_fsdp2(model) -> None:
             module.reshard()
 
 
-def _stats_module(model, forward) -> Optional[torch.nn.Module]:
+def _stats_module(model, forward) -> torch.nn.Module | None:
     """The module whose norm layers' running statistics the step manages: ``model``, else
     ``forward`` itself when it is a module (or a module's bound method)."""
     if model is not None:
@@ -351,7 +351,7 @@ def sharpness_aware_step(
     loss_clean, loss_perturbed = torch.zeros((), **f32), torch.zeros((), **f32)
     grad_norms, eps_norms, oks = [], [], []
     epsilons = [] if split else None  # split=True: each group's ε, for the measurement after the passes
-    descent_so_far: Optional[list] = None  # m > 1: earlier groups' descent gradients, set aside
+    descent_so_far: list | None = None  # m > 1: earlier groups' descent gradients, set aside
     for index, plan in enumerate(plans):
         if index > 0:
             descent_so_far = [p.grad for p in params]
@@ -458,7 +458,7 @@ class _Cotangents:
         return self.buffers.pop(piece.micro)
 
 
-def _ascent(passes: _Passes, plan: GroupPlan, cotangents: Optional[_Cotangents], sync_at_end: bool = False) -> Tensor:
+def _ascent(passes: _Passes, plan: GroupPlan, cotangents: _Cotangents | None, sync_at_end: bool = False) -> Tensor:
     """Ascent gradient of the mean loss over the group's ascent rows, into p.grad. Local to the
     replica (no_sync), unless ``sync_at_end``: then the last piece's backward reduces it.
     ``cotangents``: also keep r(w) on these rows (a descent rule that needs them)."""
@@ -507,7 +507,7 @@ def _scaled(t: Tensor, factor: float) -> Tensor:
 
 
 def _descent(
-    passes: _Passes, plan: GroupPlan, total: int, descent_rule, cotangents: Optional[_Cotangents], sync_at_end: bool
+    passes: _Passes, plan: GroupPlan, total: int, descent_rule, cotangents: _Cotangents | None, sync_at_end: bool
 ) -> Tensor:
     """Descent gradient at w+ε, weighted by each piece's share of the step's rows, into p.grad."""
     loss_sum = None

@@ -26,8 +26,9 @@ Frobenius-ball ε on transformer-sized matrices.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -38,9 +39,9 @@ class PerturbationRule(Protocol):
     rho: float
     needs_preconditioner: bool
 
-    def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Optional[Tensor]) -> Tensor: ...
+    def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Tensor | None) -> Tensor: ...
 
-    def direction(self, param: Tensor, grad: Tensor, precond: Optional[Tensor]) -> Tensor: ...
+    def direction(self, param: Tensor, grad: Tensor, precond: Tensor | None) -> Tensor: ...
 
 
 def _check_rho(rho: float) -> None:
@@ -140,7 +141,7 @@ class Spectral:
         return orthogonalize(grad) if orthogonalize is not None else torch.zeros_like(grad)
 
 
-def local_tensor(t: Optional[Tensor]) -> Optional[Tensor]:
+def local_tensor(t: Tensor | None) -> Tensor | None:
     """This process's shard of a DTensor (FSDP2 parameters, gradients, optimizer state), else
     ``t`` itself. Under no_grad it is the DTensor's own storage: in-place ops act on it."""
     to_local = getattr(t, "to_local", None)

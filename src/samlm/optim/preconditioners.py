@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 # reader(optimizer, group, param, state) -> P or None (None: no moments yet)
-PreconditionerReader = Callable[[torch.optim.Optimizer, dict, Tensor, dict], Optional[Tensor]]
+PreconditionerReader = Callable[[torch.optim.Optimizer, dict, Tensor, dict], Tensor | None]
 
 _READERS: dict[type, PreconditionerReader] = {}
 _STATELESS: set = set()  # readers whose geometry needs no optimizer state (Muon's)
@@ -40,7 +40,7 @@ def register_preconditioner(optimizer_cls: type, reader: PreconditionerReader, *
         _STATELESS.add(reader)
 
 
-def find_reader(optimizer: torch.optim.Optimizer) -> Optional[PreconditionerReader]:
+def find_reader(optimizer: torch.optim.Optimizer) -> PreconditionerReader | None:
     """The reader of ``optimizer``'s geometry; of several combined bases, a reader only if every
     base has one."""
     bases = getattr(optimizer, "optimizers", None)
@@ -54,7 +54,7 @@ def find_reader(optimizer: torch.optim.Optimizer) -> Optional[PreconditionerRead
     return reader
 
 
-def _lookup(optimizer_cls: type) -> Optional[PreconditionerReader]:
+def _lookup(optimizer_cls: type) -> PreconditionerReader | None:
     return next((_READERS[c] for c in optimizer_cls.__mro__ if c in _READERS), None)
 
 
@@ -193,7 +193,7 @@ def newton_schulz(
     return (x.T if tall else x).to(g.dtype)
 
 
-def muon_lr_ratio(adjust_lr_fn: Optional[str], shape) -> float:
+def muon_lr_ratio(adjust_lr_fn: str | None, shape) -> float:
     """Muon's step per unit lr scales NS(G) by this (torch.optim.Muon's ``adjust_lr_fn``):
     "match_rms_adamw": 0.2·√max(A, B) (Liu et al. 2025: the update's RMS matches AdamW's, 0.2);
     None/"original": √max(1, A/B) (Jordan et al.)."""
@@ -223,7 +223,7 @@ class Orthogonalized:
     def __call__(self, g: Tensor) -> Tensor:
         return self.orthogonalize(g).mul_(self.scale)
 
-    def frozen(self, momentum: Tensor) -> "FrozenMuon":
+    def frozen(self, momentum: Tensor) -> FrozenMuon:
         """Muon's map at ``momentum`` M as a fixed linear P⁻¹ (for curvature measures, as λ_max(P⁻¹H)
         freezes Adam's v̂). Newton–Schulz is a matrix polynomial: NS(M) = q(XXᵀ)·X with X = M/‖M‖_F
         (wide side first), so Muon's step per unit lr is P⁻¹M with
@@ -258,7 +258,7 @@ class FrozenMuon:
     inverse_sqrt: Tensor
     tall: bool
 
-    def to(self, *, device=None, dtype=None) -> "FrozenMuon":
+    def to(self, *, device=None, dtype=None) -> FrozenMuon:
         """The same block with its factor on ``device`` in ``dtype`` (as ``Tensor.to``)."""
         return FrozenMuon(self.inverse_sqrt.to(device=device, dtype=dtype), self.tall)
 
@@ -327,7 +327,7 @@ class Preconditioners:
             return found
         return self._memo.setdefault(id(param), _Once(found))
 
-    def __call__(self, param: Tensor) -> Optional[Tensor]:
+    def __call__(self, param: Tensor) -> Tensor | None:
         found = self.geometry(param)
         return found if isinstance(found, Tensor) else None
 

@@ -18,7 +18,6 @@ of every row that any optimizer runs:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from .sam import ASAM, SAM, FunctionalSAM, PreconditionedFunctionalSAM, PreconditionedSAM, SharpnessAware
 
@@ -33,8 +32,8 @@ class Method:
 
     name: str
     description: str
-    cls: Optional[type] = None
-    default_rho: Optional[float] = None
+    cls: type | None = None
+    default_rho: float | None = None
 
     @property
     def is_sam(self) -> bool:
@@ -113,7 +112,7 @@ def method(name: str) -> Method:
         raise ValueError(f"unknown optimizer {name!r} (choose from {', '.join(METHODS)})") from None
 
 
-def method_of(optimizer) -> Optional[Method]:
+def method_of(optimizer) -> Method | None:
     """The entry whose class built ``optimizer`` (a SharpnessAware instance), else None."""
     if not isinstance(optimizer, SharpnessAware):
         return None

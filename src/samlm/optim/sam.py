@@ -14,7 +14,7 @@ default ρ is its entry's in ``registry.py``, which sets ``default_rho``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -85,7 +85,7 @@ class SharpnessAware(torch.optim.Optimizer):
     """
 
     descent_rule: DescentRule = Standard()
-    default_rho: Optional[float] = None  # set from the class's registry entry (registry.py)
+    default_rho: float | None = None  # set from the class's registry entry (registry.py)
 
     def __init__(
         self,
@@ -96,11 +96,11 @@ class SharpnessAware(torch.optim.Optimizer):
         ascent_fraction: float = 0.25,
         m: int = 1,
         sync_ascent: bool = False,
-        grad_norm_fn: Optional[Callable[[Tensor], Tensor]] = None,
+        grad_norm_fn: Callable[[Tensor], Tensor] | None = None,
         running_stats: str = "ascent",
         sam_every: int = 1,
-        sam_start: Union[int, float] = 0,
-        total_steps: Optional[int] = None,
+        sam_start: int | float = 0,
+        total_steps: int | None = None,
     ):
         base = as_optimizer(base)
         if not isinstance(base, torch.optim.Optimizer):
@@ -147,7 +147,7 @@ class SharpnessAware(torch.optim.Optimizer):
             "sam_steps": 0,
             "plain_steps": 0,
         }
-        self._saved: Optional[list[Tensor]] = None  # weights at w while perturbed: not state
+        self._saved: list[Tensor] | None = None  # weights at w while perturbed: not state
         self._perturbed = False
         # torch.optim.Optimizer.__init__ assigns self.param_groups = [] and re-adds each group:
         # while adopting, both leave the base's own groups (the same dicts) as they are.
@@ -180,7 +180,7 @@ class SharpnessAware(torch.optim.Optimizer):
         return self.descent_rule.name
 
     @classmethod
-    def resolve_rho(cls, rho: Optional[float]) -> float:
+    def resolve_rho(cls, rho: float | None) -> float:
         """``rho``, or the class's registry default when None."""
         if rho is not None:
             return rho
@@ -328,7 +328,7 @@ class SharpnessAware(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+    def step(self, closure: Callable[[], Tensor] | None = None):
         """A step with a closure that computes the loss and calls backward (it may zero the
         gradients first).
 
@@ -439,7 +439,7 @@ class SAM(SharpnessAware):
         base,
         base_optimizer=None,
         *,
-        rho: Optional[float] = None,
+        rho: float | None = None,
         adaptive: bool = False,
         eta: float = 0.0,
         ascent_fraction: float = 0.25,
@@ -459,7 +459,7 @@ class ASAM(SharpnessAware):
     def __init__(
         self,
         base,
-        rho: Optional[float] = None,
+        rho: float | None = None,
         eta: float = 0.01,
         *,
         ascent_fraction: float = 0.25,
@@ -477,7 +477,7 @@ class _FixedRules(SharpnessAware):
 
     perturbation_rule: type
 
-    def __init__(self, base, rho: Optional[float] = None, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
+    def __init__(self, base, rho: float | None = None, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
         super().__init__(
             base, self.perturbation_rule(rho=self.resolve_rho(rho)), ascent_fraction=ascent_fraction, m=m, **kwargs
         )
@@ -525,7 +525,7 @@ def train_step(optimizer: torch.optim.Optimizer, batch, forward, loss, **kwargs)
     return plain_step(optimizer, batch, forward, loss, **kwargs)
 
 
-def sharpness_aware_inside(optimizer) -> Optional[SharpnessAware]:
+def sharpness_aware_inside(optimizer) -> SharpnessAware | None:
     """``optimizer`` if SAM-family, else the SAM-family optimizer its ``.optimizer`` chain wraps."""
     for _ in range(8):  # wrappers of wrappers, never a cycle
         if isinstance(optimizer, SharpnessAware):

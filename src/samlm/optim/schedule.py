@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 
 def _is_int(value) -> bool:
@@ -21,9 +20,7 @@ class SamSchedule:
     start: int = 0
 
     @classmethod
-    def of(
-        cls, sam_every: int = 1, sam_start: Union[int, float] = 0, total_steps: Optional[int] = None
-    ) -> "SamSchedule":
+    def of(cls, sam_every: int = 1, sam_start: int | float = 0, total_steps: int | None = None) -> SamSchedule:
         """From the wrapper's arguments: ``sam_start`` a step index, or a fraction in (0, 1) of
         ``total_steps``."""
         if not (_is_int(sam_every) and sam_every >= 1):
@@ -36,7 +33,7 @@ class SamSchedule:
         return step >= self.start and (step - self.start) % self.every == 0
 
 
-def start_step(sam_start: Union[int, float], total_steps: Optional[int]) -> int:
+def start_step(sam_start: int | float, total_steps: int | None) -> int:
     """The first step index of the SAM phase: ``sam_start`` itself, or ⌈fraction · total_steps⌉."""
     if _is_int(sam_start) and sam_start >= 0:
         return sam_start

@@ -15,8 +15,9 @@ One implementation for ``train_step(..., split=True)`` (the step's rows and ε) 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,7 +67,7 @@ def path_gradients(
     batches: Sequence,
     forward: Callable,
     loss: Callable,
-    eps: Union[Sequence[Tensor], Callable[[list[Tensor]], list[Tensor]]],
+    eps: Sequence[Tensor] | Callable[[list[Tensor]], list[Tensor]],
     weights: Sequence[float],
 ) -> PathGradients:
     """g, g_SAM and g_F over ``batches``, each batch's term weighted by ``weights``:

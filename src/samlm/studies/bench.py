@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import platform
 import random
@@ -36,7 +35,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -111,7 +109,7 @@ class BenchConfig:
         10, "timed steps per method, after the untimed ones (--sam-every K: rounds of K steps)", check=s.positive_int
     )
     untimed_steps: int = setting(2, "steps (rounds) per method run before timing", check=s.nonnegative_int)
-    rho: Optional[float] = override(s.OptimizerSettings, "rho")
+    rho: float | None = override(s.OptimizerSettings, "rho")
     ascent_fraction: float = override(s.OptimizerSettings, "ascent_fraction")
     base: str = setting(
         "adamw",
@@ -130,7 +128,7 @@ class BenchConfig:
         "also time samlm pretrain's loop (data, stats, schedule; no evaluation) at the "
         "same shape on the built-in corpus, and report its step time over bench's",
     )
-    json: Optional[str] = setting(None, "also write the results as JSON", metavar="PATH")
+    json: str | None = setting(None, "also write the results as JSON", metavar="PATH")
 
     def check(self) -> None:
         if self.width % self.heads:
@@ -422,7 +420,7 @@ def peak_memory_mb(args, name: str) -> float:
 
     def run():
         for _ in range(3):
-            stepper(batch, lambda b: model(input_ids=b).logits, autocast)
+            stepper(batch, lambda b: model(input_ids=b).logits, autocast)  # noqa: F821 (deleted only after its last call)
 
     if not args.device.startswith("cuda"):
         return _cpu_peak_tensor_mb(run)

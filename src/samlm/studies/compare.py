@@ -18,28 +18,28 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig, pretrain, validate
+from samlm.harness.pretrain.build import DEFAULT_TOKENS_PER_PARAM
 from samlm.harness.rundir import RunDir
-from samlm.optim.registry import METHODS, sam_family
+from samlm.optim.registry import METHODS
 from samlm.progress import say
 from samlm.studies import report
-from samlm.harness.pretrain.build import DEFAULT_TOKENS_PER_PARAM
 from samlm.studies.grid import (
     Job,
     check_out_dir,
     compute_factors,
     parse_budget,
-    start_fraction,
-    parse_optimizers,
     parse_lr,
+    parse_optimizers,
     parse_rho,
     parse_seeds,
     run_jobs,
+    start_fraction,
     stretched,
     tracked,
 )

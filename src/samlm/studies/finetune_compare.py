@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from samlm import io
 from samlm.errors import UserError
@@ -57,13 +57,13 @@ from samlm.studies.grid import (
     Job,
     compute_factors,
     parse_budget,
-    start_fraction,
     parse_lr,
+    parse_numbers,
     parse_optimizers,
     parse_rho,
     parse_seeds,
-    parse_numbers,
     run_jobs,
+    start_fraction,
     stretched,
     tracked,
 )
@@ -81,7 +81,7 @@ class FinetuneGridSettings(CompareGridSettings):
     """comparison"""
 
     # samlm compare's lr grid; a method not named runs at the model's fine-tuning lr, not pretraining's.
-    lr: Optional[str] = settings.override(
+    lr: str | None = settings.override(
         CompareGridSettings, "lr", default_text=FinetuneConfig.__dataclass_fields__["lr"].metadata["default_text"]
     )
 
@@ -222,7 +222,7 @@ def run_grid(grid: FinetuneGrid) -> dict[str, list[Path]]:
     }
 
 
-def budget_markdown(reports: Mapping[str, "Report"]) -> str:
+def budget_markdown(reports: Mapping[str, Report]) -> str:
     """Each method's gain in score over the baseline (best checkpoints), paired by seed, at equal
     steps and at equal compute, side by side."""
     headers = {"steps": "equal steps", "compute": "equal compute"}

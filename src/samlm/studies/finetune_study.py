@@ -27,20 +27,19 @@ import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 from samlm import io
 from samlm.errors import UserError
+from samlm.harness import settings
 from samlm.harness.finetune import FinetuneConfig
 from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
+from samlm.harness.settings import setting
 from samlm.optim.registry import METHODS
 from samlm.progress import say
 from samlm.studies import finetune_compare as fc
-from samlm.studies.report import finite_number, value_text
-from samlm.harness import settings
-from samlm.harness.settings import setting
 from samlm.studies.grid import (
     StudySettings,
     check_out_dir,
@@ -50,6 +49,7 @@ from samlm.studies.grid import (
     study_seconds,
     study_time_text,
 )
+from samlm.studies.report import finite_number, value_text
 
 STUDY_FILE = "study.json"
 REPORT_FILE = "report.md"
@@ -209,11 +209,11 @@ class FinetuneStudySettings(StudySettings):
         help="; ".join(f"{name}: {p.description}" for name, p in PRESETS.items()),
     )
     out: str = settings.override(StudySettings, "out", default="runs/study-finetune")
-    model: Optional[str] = setting(None, "model directory or hub id instead of the preset's", group="study")
-    model_label: Optional[str] = setting(None, "the model's name in the reports", group="study")
-    data_dir: Optional[str] = setting(None, "the task's official files", default_text="the preset's", group="study")
+    model: str | None = setting(None, "model directory or hub id instead of the preset's", group="study")
+    model_label: str | None = setting(None, "the model's name in the reports", group="study")
+    data_dir: str | None = setting(None, "the task's official files", default_text="the preset's", group="study")
 
-    def study(self) -> "FinetuneStudy":
+    def study(self) -> FinetuneStudy:
         """The study these settings describe."""
         return FinetuneStudy(
             out=self.out,

@@ -15,9 +15,10 @@ import math
 import os
 import signal
 import threading
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any
 
 from samlm.errors import UserError
 from samlm.harness import settings as s
@@ -30,9 +31,9 @@ from samlm.progress import say
 class GridSettings:
     """comparison"""
 
-    optimizers: Optional[str] = setting(None, "comma-separated methods to compare (samlm.optim.registry)")
+    optimizers: str | None = setting(None, "comma-separated methods to compare (samlm.optim.registry)")
     seeds: str = setting("0", "comma-separated seeds")
-    rho: Optional[str] = setting(
+    rho: str | None = setting(
         None,
         "one value, a list (0.02,0.05: a grid for every SAM-family method), or per "
         "method (sam=0.02,fsam=0.1; repeat a name for a grid)",
@@ -58,7 +59,7 @@ class GridSettings:
 class CompareGridSettings(GridSettings):
     """comparison"""
 
-    lr: Optional[str] = setting(
+    lr: str | None = setting(
         None,
         "peak learning rate: one value, a list (1e-3,3e-3: a grid for every method), "
         "or per method (adamw=1e-3,adamw=3e-3,sam=3e-3; a bare value applies to the "
@@ -74,27 +75,27 @@ class StudySettings:
 
     preset: str = setting("cpu", "the study's preset")
     out: str = setting("runs/study", "study directory")
-    seeds: Optional[str] = setting(
+    seeds: str | None = setting(
         None,
         "comma-separated seeds of the final runs",
         default_text="the preset's",
         check=lambda flag, value: parse_seeds(value, flag),
     )
-    jobs: Optional[int] = setting(None, "runs at a time", check=s.positive_int, default_text="the preset's")
-    steps: Optional[int] = setting(
+    jobs: int | None = setting(None, "runs at a time", check=s.positive_int, default_text="the preset's")
+    steps: int | None = setting(
         None, "steps per run instead of the preset's budget (a quick look)", check=s.positive_int
     )
     overwrite: bool = setting(False, "rerun finished runs too")
     dry_run: bool = setting(False, "print the sizes, grids and runs; write nothing")
     # experiment trackers: the runs' own settings, passed to every run of the study
     report_to: str = s.override(s.LoopSettings, "report_to")
-    run_name: Optional[str] = s.override(
+    run_name: str | None = s.override(
         s.LoopSettings,
         "run_name",
         help="the study's name in the trackers (its runs' group and name prefix)",
         default_text="the runs' directories",
     )
-    log_every: Optional[int] = s.override(s.LoopSettings, "log_every", default=None, default_text="the preset's")
+    log_every: int | None = s.override(s.LoopSettings, "log_every", default=None, default_text="the preset's")
 
     def tracking(self) -> dict:
         """The tracker settings given, for the runs' configs."""
@@ -154,7 +155,7 @@ def compute_factors(
     return {name: most / cost for name, cost in costs.items()}
 
 
-def start_fraction(sam_start: float, steps: Optional[int]) -> float:
+def start_fraction(sam_start: float, steps: int | None) -> float:
     """``--sam-start`` as a fraction of the run (a step count needs the run's ``steps``)."""
     if 0 < sam_start < 1:
         return float(sam_start)
@@ -187,7 +188,7 @@ def tracked(config, name: str, out: str | os.PathLike):
     )
 
 
-def stretched(steps: Optional[int], factor: float) -> Optional[int]:
+def stretched(steps: int | None, factor: float) -> int | None:
     """A step count (a budget, a warmup, an evaluation period) at ``factor`` times the compute."""
     return None if steps is None else max(1, round(steps * factor)) if steps else steps
 
@@ -251,7 +252,7 @@ def parse_grid(
     flag: str,
     default: Callable[[str], float],
     *,
-    applies: Optional[Sequence[str]] = None,
+    applies: Sequence[str] | None = None,
     positive: bool = False,
 ) -> dict[str, list[float | None]]:
     """The values of a grid flag (``--rho``, ``--lr``) per optimizer: one value, a list (a grid for
@@ -311,12 +312,12 @@ class Job:
     cost: float = 1.0
 
 
-Runner = Callable[[Mapping[str, Any], Optional[Callable[[int, dict], None]]], dict]
+Runner = Callable[[Mapping[str, Any], Callable[[int, dict], None] | None], dict]
 
 
 def run_jobs(
     todo: Sequence[Job], total: int, done: Callable[[Job, dict], bool], *, run: Runner, jobs: int = 1
-) -> Optional[str]:
+) -> str | None:
     """Run ``todo`` with ``run(config_dict, on_step) -> summary`` (a module-level function, so
     that worker processes can import it). ``jobs`` > 1: that many at a time, longest first.
     ``done(job, summary)`` is False when the run stopped early. Returns what interrupted the
@@ -370,7 +371,7 @@ def _worker_run(run: Runner, config: dict) -> dict:
     return run(dict(config, progress=False), on_step)
 
 
-def _run_in_parallel(queue: list[Job], total: int, done, run: Runner, jobs: int) -> Optional[str]:
+def _run_in_parallel(queue: list[Job], total: int, done, run: Runner, jobs: int) -> str | None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 

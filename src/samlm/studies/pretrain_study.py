@@ -33,20 +33,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 from samlm import io
 from samlm.data.prepared import Budget, is_prepared_dir
 from samlm.errors import UserError
+from samlm.harness import settings
 from samlm.harness.pretrain import PretrainConfig
 from samlm.harness.pretrain.config import TextDataSettings
+from samlm.harness.settings import setting
 from samlm.progress import say
 from samlm.studies import report
 from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
-from samlm.harness import settings
-from samlm.harness.settings import setting
 from samlm.studies.grid import (
     StudySettings,
     check_out_dir,
@@ -371,7 +371,7 @@ class PretrainStudy:
         """Stage 2: each method at its ``chosen`` (ρ, lr), every seed, equal steps and equal compute."""
         base = base or self.base_list()[0]
         rho = ",".join(f"{m}={r:g}" for m, (r, _) in chosen.items() if r is not None) or None
-        lr = ",".join(f"{m}={l:g}" for m, (_, l) in chosen.items())
+        lr = ",".join(f"{m}={lr:g}" for m, (_, lr) in chosen.items())
         around = "" if base == "adamw" else f" around {base}"
         return CompareConfig(
             out=str(self.stage_dir(size, "final", base)),
@@ -403,7 +403,7 @@ class PretrainStudySettings(StudySettings):
         check=lambda flag, value: parse_optimizers(value),
         group="study",
     )
-    sweep_seeds: Optional[str] = setting(
+    sweep_seeds: str | None = setting(
         None,
         "comma-separated seeds of the sweep",
         default_text="the preset's",
@@ -411,17 +411,17 @@ class PretrainStudySettings(StudySettings):
         group="study",
     )
     # The pretraining settings themselves (one definition), as overrides of the preset's.
-    data: Optional[str] = settings.override(
+    data: str | None = settings.override(
         TextDataSettings, "data", default=None, default_text="the preset's", group=OVERRIDES_GROUP
     )
-    tokenizer: Optional[str] = settings.override(
+    tokenizer: str | None = settings.override(
         TextDataSettings, "tokenizer", default_text="the preset's", group=OVERRIDES_GROUP
     )
-    max_chars: Optional[int] = settings.override(TextDataSettings, "max_chars", group=OVERRIDES_GROUP)
-    device: Optional[str] = settings.override(
+    max_chars: int | None = settings.override(TextDataSettings, "max_chars", group=OVERRIDES_GROUP)
+    device: str | None = settings.override(
         settings.ParallelSettings, "device", default=None, default_text="the preset's", group=OVERRIDES_GROUP
     )
-    mixed_precision: Optional[str] = settings.override(
+    mixed_precision: str | None = settings.override(
         settings.ParallelSettings, "mixed_precision", default_text="the preset's", group=OVERRIDES_GROUP
     )
     robustness: bool = setting(
@@ -431,7 +431,7 @@ class PretrainStudySettings(StudySettings):
         "it)",
         group="study",
     )
-    bases: Optional[str] = setting(
+    bases: str | None = setting(
         None,
         "comma-separated base optimizers: the whole study around each (adamw; muon: "
         "Muon on the hidden matrices + AdamW, its plain run the reference)",
@@ -521,10 +521,10 @@ def run_study(study: PretrainStudy) -> StudyResult:
             result.interrupted = sweep.interrupted or "unfinished sweep runs"
             break
         chosen = choose(Path(sweep_config.out), list(sweep.summaries), study.optimizers_for(base))
-        result.chosen[key] = {m: {"rho": r, "lr": l} for m, (r, l) in chosen.items()}
+        result.chosen[key] = {m: {"rho": r, "lr": lr} for m, (r, lr) in chosen.items()}
         say(
             f"study {key}: tuned "
-            + ", ".join(f"{m} lr={l:g}" + ("" if r is None else f" ρ={r:g}") for m, (r, l) in chosen.items())
+            + ", ".join(f"{m} lr={lr:g}" + ("" if r is None else f" ρ={r:g}") for m, (r, lr) in chosen.items())
         )
         final = compare(study.final(size, chosen, base))
         result.stages[f"{key}/final"] = final

@@ -21,14 +21,15 @@ import csv
 import io as _stdio
 import math
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from samlm import io
-from samlm.studies.grid import start_fraction
 from samlm.errors import UserError
 from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
+from samlm.studies.grid import start_fraction
 
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.csv"
@@ -228,7 +229,7 @@ class Row:
         return format_delta(self.delta, show_n=self.delta[2] < self.n)
 
 
-def group_runs(runs: Sequence[Run]) -> "OrderedDict[tuple[str, float | None, float | None], list[Run]]":
+def group_runs(runs: Sequence[Run]) -> OrderedDict[tuple[str, float | None, float | None], list[Run]]:
     """Runs by (optimizer, rho, lr), in order of first appearance."""
     groups: OrderedDict[tuple[str, float | None, float | None], list[Run]] = OrderedDict()
     for run in runs:

@@ -13,9 +13,9 @@ seed (paired), the baseline being the tuned AdamW point as in the rest of the re
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from samlm.diagnostics.robustness import forgetting_summary
 from samlm.studies.report import (
@@ -24,10 +24,10 @@ from samlm.studies.report import (
     Run,
     _colors,
     _finish_figure,
-    finite_number,
     _point_cells,
     _pyplot,
     _several_lrs,
+    finite_number,
     format_delta,
     format_mean_std,
     group_label,

@@ -27,7 +27,6 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from samlm import io
 from samlm.errors import UserError
@@ -70,11 +69,10 @@ CPU_RHO = "sam=0.1,fsam=0.1,pfsam=0.2"
 
 
 def _cpu_base() -> PretrainConfig:
-    from samlm.studies.demo import DEMO_BASE
-
     # Checkpoints along training for the measures along training; int4 groups of 40 (the model is 40
     # wide: the default 32 does not divide it; harness.pretrain.robustness.group_size_for).
     from samlm.harness.pretrain.robustness import group_size_for
+    from samlm.studies.demo import DEMO_BASE
 
     return dataclasses.replace(
         DEMO_BASE,
@@ -140,12 +138,12 @@ class RobustnessStudy:
     out: str
     preset: RobustnessPreset
     optimizers: tuple[str, ...] = STUDY_OPTIMIZERS
-    seeds: Optional[tuple[int, ...]] = None
-    jobs: Optional[int] = None
-    steps: Optional[int] = None
+    seeds: tuple[int, ...] | None = None
+    jobs: int | None = None
+    steps: int | None = None
     overwrite: bool = False
-    lr: Optional[str] = None
-    rho: Optional[str] = None
+    lr: str | None = None
+    rho: str | None = None
 
     def compare_config(self) -> CompareConfig:
         base = self.preset.base
@@ -190,10 +188,10 @@ class RobustnessStudySettings(StudySettings):
         check=lambda flag, value: parse_optimizers(value),
         group="study",
     )
-    lr: Optional[str] = setting(
+    lr: str | None = setting(
         None, "each method's lr instead of the preset's (METHOD=LR,...)", default_text="the preset's", group="study"
     )
-    rho: Optional[str] = setting(
+    rho: str | None = setting(
         None, "each method's rho instead of the preset's (METHOD=RHO,...)", default_text="the preset's", group="study"
     )
 
@@ -214,9 +212,9 @@ class RobustnessStudySettings(StudySettings):
 @dataclass
 class StudyResult:
     out: Path
-    compare: Optional[CompareResult] = None
+    compare: CompareResult | None = None
     along: dict = field(default_factory=dict)  # run name -> [checkpoint measures]
-    interrupted: Optional[str] = None
+    interrupted: str | None = None
     seconds: float = 0.0
     time: dict = field(default_factory=dict)
 

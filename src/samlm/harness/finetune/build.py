@@ -141,7 +141,7 @@ class TrainBatches:
         self.draws = 0
         self._stream = sampler.iterate(0)
 
-    def __iter__(self) -> "TrainBatches":
+    def __iter__(self) -> TrainBatches:
         return self
 
     def __next__(self):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from samlm.data.tasks import CLASSIFICATION, GENERATION, REGRESSION
 from samlm.errors import UserError
@@ -37,11 +38,11 @@ def _subsample(flag: str, value) -> None:
 class FinetuneModelSettings:
     """model"""
 
-    model: Optional[str] = setting(None, "local model directory or hub id (T5/mT5 or an encoder)")
+    model: str | None = setting(None, "local model directory or hub id (T5/mT5 or an encoder)")
     trust_remote_code: bool = setting(
         False, "allow model code from the model repository (off by default)", resume=False
     )
-    model_label: Optional[str] = setting(
+    model_label: str | None = setting(
         None, "the model's name in reports", resume=False, default_text="its hub id, model card title or config name"
     )
 
@@ -50,32 +51,32 @@ class FinetuneModelSettings:
 class TaskSettings:
     """data and tasks"""
 
-    task: Optional[str] = setting(
+    task: str | None = setting(
         None,
         "task or comma-separated mixture (glue/rte, superglue, glue/rte,superglue/cb); "
         "with --columns, a name for generic data (default 'generic')",
     )
-    data_dir: Optional[str] = setting(
+    data_dir: str | None = setting(
         None, "directory with the official files (default: the Hugging Face hub)", resume=False
     )  # the data is checked by its fingerprint
-    columns: Optional[str] = setting(
+    columns: str | None = setting(
         None,
         "generic JSONL/CSV/TSV data in --data-dir (train.*, validation.*): "
         "input=COL[,input2=COL][,target=COL][,answers=COL]",
         metavar="MAPPING",
     )
-    labels: Optional[str] = setting(None, "generic classification: comma-separated label words")
-    kind: Optional[str] = setting(
+    labels: str | None = setting(None, "generic classification: comma-separated label words")
+    kind: str | None = setting(
         None, "generic data kind (default: classification with --labels, else generation)", choices=KINDS
     )
     subsample: float = setting(
         1.0, "train on this fraction in (0, 1] of each training split", check=_subsample, metavar="RATE"
     )
     subsample_seed: int = setting(0, "seed of the subsample (the same subset for every run)", check=s.seed)
-    mixture_limit: Optional[int] = setting(
+    mixture_limit: int | None = setting(
         None, "examples-proportional mixing with each task's size capped at K", check=s.positive_int, metavar="K"
     )
-    eval_split: Optional[str] = setting(None, "split to evaluate on (default: each task's validation split(s))")
+    eval_split: str | None = setting(None, "split to evaluate on (default: each task's validation split(s))")
     eval_examples: int = setting(0, "evaluate on the first N examples of each split (0: all)", check=s.nonnegative_int)
     eval_batch: int = setting(32, "evaluation batch size", check=s.positive_int, resume=False)
     max_input_length: int = setting(512, "input tokens (truncated)", check=s.positive_int)
@@ -88,8 +89,8 @@ class TaskSettings:
 class FinetuneScheduleSettings(s.ScheduleSettings):
     """schedule and budget"""
 
-    steps: Optional[int] = override(s.ScheduleSettings, "steps", default=1000, resume=False)
-    warmup: Optional[int] = override(s.ScheduleSettings, "warmup", default=0, help="linear warmup steps (to the lr)")
+    steps: int | None = override(s.ScheduleSettings, "steps", default=1000, resume=False)
+    warmup: int | None = override(s.ScheduleSettings, "warmup", default=0, help="linear warmup steps (to the lr)")
     lr_schedule: str = setting(
         "constant", "constant (the paper) or linear decay to 0; both after --warmup", choices=("constant", "linear")
     )
@@ -108,30 +109,30 @@ class FinetuneConfig(
     """Everything a fine-tuning run depends on; the flags of ``samlm finetune``, one to one.
     ``None``: the model's default (filled in by :func:`resolve`)."""
 
-    optimizer: Optional[str] = override(
+    optimizer: str | None = override(
         s.OptimizerSettings, "optimizer", default=None, default_text="adafactor for T5, adamw for encoders"
     )
-    base: Optional[str] = override(
+    base: str | None = override(
         s.OptimizerSettings, "base", default=None, default_text="adafactor for T5, adamw for encoders"
     )
-    rho: Optional[float] = override(
+    rho: float | None = override(
         s.OptimizerSettings,
         "rho",
         default_text="for T5 with sam/fsam: 0.05 Small, 0.15 Base+, 0.02 mT5; otherwise "
         + override(s.OptimizerSettings, "rho").metadata["default_text"],
     )
-    ascent_fraction: Optional[float] = override(
+    ascent_fraction: float | None = override(
         s.OptimizerSettings, "ascent_fraction", default=None, default_text="0.25, Bahri et al."
     )
-    lr: Optional[float] = override(
+    lr: float | None = override(
         s.OptimizerSettings, "lr", default=None, default_text="1e-3 T5, 2e-5 encoders", help="learning rate"
     )
     weight_decay: float = override(s.OptimizerSettings, "weight_decay", default=0.0, help="weight decay")
     betas: tuple[float, float] = override(s.OptimizerSettings, "betas", default=(0.9, 0.999))
     adam_eps: float = override(s.OptimizerSettings, "adam_eps", default=1e-8)
-    batch: Optional[int] = override(s.BatchSettings, "batch", default=None, default_text="128 for T5, 32 for encoders")
-    save_every: Optional[int] = override(s.LoopSettings, "save_every", default=None, default_text="--eval-every")
-    out: Optional[str] = override(s.LoopSettings, "out", default=None, default_text="required")
+    batch: int | None = override(s.BatchSettings, "batch", default=None, default_text="128 for T5, 32 for encoders")
+    save_every: int | None = override(s.LoopSettings, "save_every", default=None, default_text="--eval-every")
+    out: str | None = override(s.LoopSettings, "out", default=None, default_text="required")
 
     def check(self) -> None:
         if self.out is None:
@@ -163,7 +164,7 @@ class FinetuneConfig(
         return method(self.optimizer).is_sam
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "FinetuneConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> FinetuneConfig:
         return s.from_mapping(cls, values, what="finetune setting")
 
     def as_dict(self) -> dict:

@@ -23,10 +23,10 @@ when the evaluation split is not the task's only default one (MNLI's two validat
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -142,11 +142,11 @@ def prepare(config: FinetuneConfig) -> Plan:
 
 def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Load the model, train, write ``summary.json``; returns the summary."""
+    from samlm.harness import parallel
+    from samlm.harness.loop import LoopConfig, train
     from samlm.integrations import distributed
     from samlm.models.finetune import load_finetune_model
     from samlm.optim import build_optimizer
-    from samlm.harness import parallel
-    from samlm.harness.loop import LoopConfig, train
 
     s = plan.config
     run_dir = plan.run_dir

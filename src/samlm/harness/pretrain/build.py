@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -233,8 +234,8 @@ def sharpness_probe(
     With the run's ``optimizer``, also λ_max(P⁻¹H) with P = √v̂ + eps read from its second moments at
     the time of each call (``preconditioned_lambda_max``; absent before its first step, or for SGD)."""
     from samlm.data.text import lm_loss
-    from samlm.models import lm_forward
     from samlm.diagnostics import measure_sharpness
+    from samlm.models import lm_forward
 
     def probe(model: torch.nn.Module) -> dict:
         device = next(model.parameters()).device

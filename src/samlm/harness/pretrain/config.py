@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from samlm.errors import UserError
 from samlm.harness import settings as s
@@ -34,7 +35,7 @@ class ModelSettings:
     heads: int = setting(4, "attention heads", check=s.positive_int)
     context: int = setting(128, "tokens per training window", check=s.positive_int)
     dropout: float = setting(0.0, "dropout", check=s.finite(0.0, 1.0, high_open=True))
-    model: Optional[str] = setting(
+    model: str | None = setting(
         None,
         "start from this causal LM (directory or hub id) instead of a fresh one built from --arch/--layers/...",
         metavar="DIR_OR_HUB_ID",
@@ -52,14 +53,14 @@ class TextDataSettings:
         "cache ($SAMLM_CACHE): 'tinyshakespeare' or 'python-stdlib' (built in), a text file, a .jsonl "
         "file or a directory of .txt files, or a datasets hub id [hf:]NAME[:CONFIG][:SPLIT]",
     )
-    tokenizer: Optional[str] = setting(
+    tokenizer: str | None = setting(
         None,
         "'bytes' (UTF-8 bytes), a Hugging Face tokenizer name/path, or "
         "bpe:VOCAB (a byte-level BPE trained on the training split and stored with "
         "the prepared data)",
         default_text="bytes; with --model, the model's; with a prepared --data, its own",
     )
-    max_chars: Optional[int] = setting(None, "truncate the corpus to this many characters", check=s.positive_int)
+    max_chars: int | None = setting(None, "truncate the corpus to this many characters", check=s.positive_int)
     val_fraction: float = setting(
         0.1,
         "the last fraction of the token stream held out for validation",
@@ -72,20 +73,20 @@ class TextDataSettings:
 class PretrainScheduleSettings(s.ScheduleSettings):
     """schedule and budget (equal steps for every optimizer)"""
 
-    steps: Optional[int] = override(
+    steps: int | None = override(
         s.ScheduleSettings,
         "steps",
         resume=False,  # its resolved value is compared
         default_text="from --tokens-per-param",
     )
-    warmup: Optional[int] = override(
+    warmup: int | None = override(
         s.ScheduleSettings,
         "warmup",
         resume=False,
         help="linear warmup steps, from 10% of the peak lr",
         default_text="5% of the steps, <= 1000",
     )
-    tokens_per_param: Optional[float] = setting(
+    tokens_per_param: float | None = setting(
         None,
         "Chinchilla-style budget: steps = tokens_per_param x params / tokens per step",
         check=s.finite(0.0, low_open=True),
@@ -181,7 +182,7 @@ class RobustnessSettings:
     forget_data: str = setting(
         "python-stdlib", "second corpus of the forgetting measure (any --data spec)", resume=False
     )
-    forget_tokenizer: Optional[str] = setting(
+    forget_tokenizer: str | None = setting(
         None, "the second corpus's tokenizer (must be the run's)", resume=False, default_text="the run's"
     )
     forget_lrs: str = setting(
@@ -194,7 +195,7 @@ class RobustnessSettings:
     forget_steps: int = setting(
         8, "AdamW steps of each fine-tuning run (0: no forgetting measure)", check=s.nonnegative_int, resume=False
     )
-    forget_target: Optional[float] = setting(
+    forget_target: float | None = setting(
         None,
         "learning level (the second corpus's val loss) at which the forgetting frontier is read",
         check=s.finite(0.0, low_open=True),
@@ -247,7 +248,7 @@ class PretrainConfig(
         return self.batch // self.grad_accum
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "PretrainConfig":
+    def from_mapping(cls, values: Mapping[str, Any]) -> PretrainConfig:
         return s.from_mapping(cls, values, what="pretrain setting")
 
     def as_dict(self) -> dict:

@@ -8,7 +8,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from samlm import io
 from samlm.errors import UserError
@@ -84,13 +84,13 @@ def load_model(config: PretrainConfig):
 
 def measure(
     *,
-    run_dir: Optional[Path] = None,
-    model_config: Optional[PretrainConfig] = None,
-    batches: Optional[int] = None,
-    batch_size: Optional[int] = None,
+    run_dir: Path | None = None,
+    model_config: PretrainConfig | None = None,
+    batches: int | None = None,
+    batch_size: int | None = None,
     iters: int = 20,
     seed: int = 0,
-    rho: Optional[float] = None,
+    rho: float | None = None,
     method: str = "lanczos",
 ) -> dict[str, Any]:
     """Measure a run (its latest checkpoint) or a model; the JSON-ready result. ``batches``,

@@ -21,8 +21,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -135,7 +136,7 @@ def measure_model(
     run_dir: Path,
     step: int,
     run_tokenizer: str,
-    on_step: Optional[Callable[[int, dict], None]] = None,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """The three measures of ``model`` (the run's weights at ``step``) on the first
     ``--robustness-batches`` of the run's tuning validation batches ``tuning``; ``{"weight_noise", "quantization", "forgetting"}`` (forgetting
@@ -238,7 +239,7 @@ def _same(saved: Mapping[str, Any], config: PretrainConfig) -> bool:
     return all(saved.get(k) == wanted.get(k) for k in _SAME_RUN)
 
 
-def _saved_config(out: Path) -> Optional[dict]:
+def _saved_config(out: Path) -> dict | None:
     try:
         record = RunDir(out).read_config()
     except UserError:
@@ -246,7 +247,7 @@ def _saved_config(out: Path) -> Optional[dict]:
     return record.get("config") if isinstance(record, dict) and isinstance(record.get("config"), dict) else None
 
 
-def _same_finished(config: PretrainConfig) -> Optional[dict]:
+def _same_finished(config: PretrainConfig) -> dict | None:
     summary = RunDir(config.out).finished_summary()
     if summary is None or not _same(summary.get("config") or {}, config):
         return None
@@ -261,8 +262,8 @@ def forgetting(
     run_dir: Path,
     step: int,
     run_tokenizer: str,
-    on_step: Optional[Callable[[int, dict], None]] = None,
-    before_original: Optional[float] = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    before_original: float | None = None,
 ) -> dict:
     """Fine-tune from ``model`` at each lr of ``--forget-lrs`` (resumable run directories under
     ``run_dir/robustness/step<step>/``) and summarise with
@@ -341,7 +342,7 @@ def measure_run(
     *,
     overrides: Mapping[str, Any] | None = None,
     all_checkpoints: bool = False,
-    on_step: Optional[Callable[[int, dict], None]] = None,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """``samlm robustness --run DIR``: the measures of the latest checkpoint (``all_checkpoints``:
     of every kept one, oldest first). ``{"run", "checkpoints": [{"step", "weight_noise",
@@ -383,7 +384,7 @@ def measure_run(
     return io.json_safe({"run": str(run_dir), **results[-1], "checkpoints": results})
 
 
-def interrupted(result: Mapping[str, Any]) -> Optional[str]:
+def interrupted(result: Mapping[str, Any]) -> str | None:
     """The signal that stopped a forgetting run of a measurement, else None."""
     forget = result.get("forgetting")
     return forget.get("interrupted") if isinstance(forget, Mapping) else None

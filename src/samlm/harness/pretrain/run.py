@@ -15,8 +15,9 @@ import dataclasses
 import os
 import platform
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
