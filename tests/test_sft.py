@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
-from samlm.integrations.hf import SAMSFTTrainer
+from samlm.integrations.sft import SAMSFTTrainer
 
 hf_logging.set_verbosity_error()
 
@@ -257,12 +257,15 @@ def test_another_loss_needs_sam_loss(tmp_path, tokenizer, chat):
 
 
 def test_the_short_import_path():
-    """``samlm.hf`` is the alias of ``samlm.integrations.hf`` (scripts written for it keep working)."""
+    """``samlm.hf`` is the alias of ``samlm.integrations.hf`` (scripts written for it keep working)
+    and the short path of ``samlm.integrations.sft.SAMSFTTrainer``."""
     import samlm.hf
     import samlm.integrations.hf as full
+    from samlm.hf import SAMSFTTrainer as short
 
     assert samlm.hf.SAMTrainer is full.SAMTrainer and samlm.hf.SAMTrainerMixin is full.SAMTrainerMixin
-    assert samlm.hf.SAMSFTTrainer is SAMSFTTrainer and issubclass(SAMSFTTrainer, SFTTrainer)
+    assert short is SAMSFTTrainer and issubclass(SAMSFTTrainer, SFTTrainer)
+    assert samlm.hf.head_loss is full.head_loss and samlm.hf.SamLoss is full.SamLoss
 
 
 def test_example_script_runs(tmp_path, capsys):

@@ -56,7 +56,7 @@ of 3 label tokens counts for 3); other heads by rows.
 Any Trainer subclass: ``SAMTrainerMixin`` holds all of the above, so ``class
 X(SAMTrainerMixin, SomeTrainer)`` takes SAM-family steps with ``SomeTrainer``'s data, collator,
 evaluation and logging (``SAMTrainer`` is ``SAMTrainerMixin`` + ``Trainer``; ``SAMSFTTrainer``,
-importable from here when TRL is installed, is ``SAMTrainerMixin`` + ``trl.SFTTrainer``:
+importable from ``samlm.hf`` when TRL is installed, is ``SAMTrainerMixin`` + ``trl.SFTTrainer``:
 ``samlm.integrations.sft``). The SAM step does not call the subclass's ``compute_loss``: it needs
 the loss as a function of the logits at w and at w+ε (Functional-SAM also its derivative r(w)),
 while ``compute_loss`` runs the model itself (TRL's through a fused LM head that never builds the
@@ -93,7 +93,7 @@ from samlm.integrations.distributed import sam_kwargs_for
 from samlm.optim import SharpnessAware, StepStats, build_muon
 from samlm.optim.registry import method, sam_family
 
-__all__ = ["SAMTrainer", "SAMTrainerMixin", "TrainerOptimizer", "head_kind", "head_loss"]  # + SAMSFTTrainer (TRL)
+__all__ = ["SAMTrainer", "SAMTrainerMixin", "TrainerOptimizer", "head_kind", "head_loss"]
 
 SamLoss = Callable[[torch.Tensor, Mapping], torch.Tensor]
 
@@ -607,16 +607,3 @@ class _Recorder:
             if isinstance(outputs, torch.Tensor):
                 self.on_clean(outputs.detach(), batch)
         return value
-
-
-def __getattr__(name: str):
-    """``SAMSFTTrainer``, built the first time it is asked for (it needs TRL)."""
-    if name == "SAMSFTTrainer":
-        import importlib.util
-
-        if importlib.util.find_spec("trl") is None:
-            raise ImportError("SAMSFTTrainer is TRL's SFTTrainer with SAM steps: it needs TRL (pip install trl)")
-        from samlm.integrations.sft import SAMSFTTrainer
-
-        return SAMSFTTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

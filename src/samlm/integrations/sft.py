@@ -1,6 +1,6 @@
 """``SAMSFTTrainer``: TRL's ``SFTTrainer`` with SAM-family steps (needs ``trl``).
 
-    from samlm.integrations.hf import SAMSFTTrainer
+    from samlm.hf import SAMSFTTrainer   # or: from samlm.integrations.sft import SAMSFTTrainer
     trainer = SAMSFTTrainer(model=model, args=SFTConfig(...), train_dataset=chat_data,
                             processing_class=tokenizer, sam_method="fsam", rho=0.05)
 
