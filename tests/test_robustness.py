@@ -9,6 +9,7 @@ interpolation; the forgetting runs resume after an interruption and give the sam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -140,6 +141,52 @@ def test_rtn_matches_a_plain_reference(fmt, group):
     assert torch.equal(got[2], torch.zeros(64))
     levels = (got.reshape(6, -1, 64 if fmt == "int8" else group)).unique(dim=None).numel()
     assert levels <= 6 * (64 // (64 if fmt == "int8" else group)) * (q_max - q_min + 1)
+
+
+def _pinned_input() -> torch.Tensor:
+    """6 x 64 values from integer arithmetic and one correctly rounded division: the same bits on
+    every machine, no random generator involved. Row 2 is all zero."""
+    i = torch.arange(6 * 64)
+    matrix = ((i * 7919 % 1000 - 500).float() / 997.0).reshape(6, 64)
+    matrix[2] = 0.0
+    return matrix
+
+
+# sha256 of the float32 bytes of rtn(_pinned_input()), and the first four values of row 0. Recorded
+# with torchao 0.18.0's affine primitives (SYMMETRIC_NO_CLIPPING_ERR), which rtn reproduces bitwise.
+PINNED = {
+    ("int8", 64): (
+        "5622cba4fedd3025c8be090c6fa18e19cb3fd41e94e32a718b167d5b05ded6d6",
+        [-0.5015045404434204, 0.41922643780708313, 0.340866357088089, 0.2585882842540741],
+    ),
+    ("int4", 32): (
+        "b4912b1c4c9149996bef016edd50b31a88db8d232021c4f7e5084c740bbd8c43",
+        [-0.4764293134212494, 0.40836799144744873, 0.3403066396713257, 0.272245317697525],
+    ),
+    ("int4", 8): (
+        "110179e8546ad503c502bd5bf87e0486286d79a21682c66fc5b82ad11ec5680d",
+        [-0.5015045404434204, 0.43881648778915405, 0.31344032287597656, 0.2507522702217102],
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt,group", sorted(PINNED))
+def test_rtn_values_are_pinned_bitwise(fmt, group):
+    digest, head = PINNED[fmt, group]
+    got = R.rtn(_pinned_input(), fmt, group_size=group)
+    assert got.dtype == torch.float32 and got[0, :4].tolist() == head
+    assert hashlib.sha256(got.contiguous().numpy().tobytes()).hexdigest() == digest
+    assert not torch.signbit(got[2]).any()  # zeros are +0.0, as an integer grid has no -0
+
+
+def test_rtn_keeps_the_weights_dtype_and_shape():
+    matrix = _pinned_input()
+    for dtype in (torch.bfloat16, torch.float16):
+        got = R.rtn(matrix.to(dtype), "int4", group_size=8)
+        assert got.dtype == dtype and torch.equal(got, R.rtn(matrix.to(dtype).float(), "int4", group_size=8).to(dtype))
+    assert R.rtn(matrix[0], "int8").shape == (64,) and torch.equal(R.rtn(matrix[0], "int8"), R.rtn(matrix, "int8")[0])
+    with pytest.raises(ValueError, match="unknown quantization format"):
+        R.rtn(matrix, "int3")
 
 
 def test_conv1d_is_quantized_per_output_channel():

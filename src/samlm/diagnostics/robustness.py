@@ -14,11 +14,10 @@ loss, eval mode, fp32):
   ``seed + k``, drawn on the CPU in ``named_parameters`` order), so Δ(σ) is a curve in σ.
 
 * :func:`quantization`: weight-only round-to-nearest (RTN) of the linear layers (``nn.Linear`` and
-  GPT-2's ``Conv1D``), with torchao's affine quantization primitives
-  (``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine``, mapping
-  ``SYMMETRIC_NO_CLIPPING_ERR``, zero point 0) as fake quantization: for each block B of the weight
-  in (out, in) orientation (int8: one block per output channel, a whole row; int4: groups of
-  ``group_size`` consecutive input weights of a row),
+  GPT-2's ``Conv1D``) as fake quantization, symmetric with zero point 0 and no clipping (the
+  arithmetic of torchao's affine primitives with ``MappingType.SYMMETRIC_NO_CLIPPING_ERR``, bitwise,
+  in plain torch): for each block B of the weight in (out, in) orientation (int8: one block per
+  output channel, a whole row; int4: groups of ``group_size`` consecutive input weights of a row),
 
       s_B = max(max(W_B⁺) / q_max, min(W_B⁻) / q_min)  (≥ the smallest normal float),
       Ŵ_B = s_B · clamp(round(W_B / s_B), q_min, q_max),
@@ -45,8 +44,7 @@ loss, eval mode, fp32):
   (:mod:`samlm.studies.robustness_report`).
 
 Every measure restores the model's parameters and buffers bitwise (``copy_`` from a snapshot) and
-its train/eval mode, even when ``evaluate`` raises. Torch only; torchao is imported when
-quantization is measured.
+its train/eval mode, even when ``evaluate`` raises. Torch only.
 """
 
 from __future__ import annotations
@@ -54,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,7 +113,7 @@ def check_sigmas(sigmas: Iterable[float]) -> tuple[float, ...]:
 
 def weight_noise(
     model: nn.Module, evaluate: Evaluate, *, sigmas: Iterable[float] = DEFAULT_SIGMAS, draws: int = 3, seed: int = 0
-) -> dict:
+) -> dict[str, Any]:
     """Δloss under W_t + σ·rms(W_t)·z per parameter tensor (module docstring), for each σ:
     ``{"base_loss", "sigmas", "draws", "seed", "delta_mean", "delta_std", "losses"}`` (``losses[i][k]``:
     σ_i, draw k). The model is restored bitwise."""
@@ -184,25 +183,22 @@ def quantizable_weights(
 
 def rtn(weight: torch.Tensor, fmt: str, *, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
     """Round-to-nearest fake quantization of a weight in (out, in) orientation (a 1-D tensor: one
-    row) with torchao's affine primitives (module docstring): int8 per output channel, int4 in
-    groups of ``group_size`` input weights. Returns a new tensor, float32 math, ``weight``'s dtype."""
-    from torchao.quantization.quant_primitives import (
-        MappingType,
-        choose_qparams_affine,
-        dequantize_affine,
-        quantize_affine,
-    )
-
+    row), module docstring: int8 per output channel, int4 in groups of ``group_size`` input weights.
+    Returns a new tensor, float32 math, ``weight``'s dtype. Each operation is the one torchao's
+    ``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine`` apply, in the same order
+    (a multiply by the reciprocal scale, not a divide), so the results are bitwise theirs."""
     if fmt not in QUANT_FORMATS:
         raise ValueError(f"unknown quantization format {fmt!r} (choose from {', '.join(QUANT_FORMATS)})")
     q_min, q_max = QUANT_FORMATS[fmt]
     matrix = weight.detach().float()
     matrix = matrix.reshape(1, -1) if matrix.dim() == 1 else matrix.reshape(matrix.shape[0], -1)
-    block = (1, matrix.shape[1]) if fmt == "int8" else (1, group_size)
-    scale, zero = choose_qparams_affine(matrix, MappingType.SYMMETRIC_NO_CLIPPING_ERR, block, torch.int8, q_min, q_max)
-    quantized = quantize_affine(matrix, block, scale, zero, torch.int8, q_min, q_max)
-    out = dequantize_affine(quantized, block, scale, zero, torch.int8, q_min, q_max, output_dtype=torch.float32)
-    return out.reshape(weight.shape).to(weight.dtype)
+    blocks = matrix.reshape(matrix.shape[0], -1, matrix.shape[1] if fmt == "int8" else group_size)
+    low = blocks.amin(-1, keepdim=True).clamp(max=0)
+    high = blocks.amax(-1, keepdim=True).clamp(min=0)
+    scale = torch.maximum(high / q_max, low / q_min).clamp(min=torch.finfo(torch.float32).smallest_normal)
+    # Integer codes: the round trip through int8 also turns a -0.0 into 0.0, as a real int grid does.
+    codes = torch.clamp(torch.round(blocks * (1.0 / scale)), q_min, q_max).to(torch.int8)
+    return (codes.float() * scale).reshape(weight.shape).to(weight.dtype)
 
 
 def check_group_size(model: nn.Module, group_size: int, *, embeddings: bool = False, norms: bool = False) -> None:
@@ -244,18 +240,18 @@ def quantization(
     embeddings: bool = False,
     norms: bool = False,
     base_loss: float | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Δloss under weight-only RTN (module docstring) for each format:
     ``{"base_loss", "group_size", "embeddings", "norms", "int8": {"loss", "delta", "tensors"}, ...}``.
     ``base_loss``: L(W) when the caller has measured it already (then not measured again). The model
     is restored bitwise."""
     if "int4" in formats:
         check_group_size(model, group_size, embeddings=embeddings, norms=norms)
-    result: dict = {
+    result: dict[str, Any] = {
         "group_size": group_size,
         "embeddings": embeddings,
         "norms": norms,
-        "method": "RTN, torchao affine primitives, SYMMETRIC_NO_CLIPPING_ERR (fake quantization)",
+        "method": "RTN, symmetric, no clipping, zero point 0 (fake quantization)",
     }
     with restored(model):
         base = _loss(model, evaluate) if base_loss is None else float(base_loss)
@@ -299,8 +295,8 @@ def interpolate(frontier: Sequence[tuple[float, float]], x: float) -> float | No
 
 
 def forgetting_summary(
-    points: Sequence[Mapping], *, before_learning: float, before_original: float, target: float | None = None
-) -> dict:
+    points: Sequence[Mapping[str, Any]], *, before_learning: float, before_original: float, target: float | None = None
+) -> dict[str, Any]:
     """The learning–forgetting summary of fine-tuning runs (module docstring). ``points``: one
     mapping per learning rate with ``lr``, ``learning`` (second corpus's val loss after) and
     ``original`` (original corpus's val loss after); ``before_*``: both losses before fine-tuning."""
