@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # instead of resolving a multi-GB CUDA build for the unpinned dependency.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install lint test demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -n 2 --dist loadfile
+# The quick loop: lint, format and type checks (seconds).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests scripts examples
+	$(VENV)/bin/ruff format --check src tests scripts examples
+	$(VENV)/bin/mypy
+
+test: lint
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest -n 2 --dist loadfile \
+		--cov=samlm --cov-report=term:skip-covered
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/samlm demo
