@@ -12,8 +12,9 @@ from samlm import io
 from samlm.cli import main
 from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig, pretrain
-from samlm.studies import report
+from samlm.studies import plots, report, stats
 from samlm.studies.compare import CompareConfig, compare, parse_rho, run_name
+from samlm.studies.runs import COLUMNS
 from tinymodels import Crash, crash_at
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -98,19 +99,19 @@ def runs(tmp_path):
 
 
 def test_mean_std_and_formatting_are_pinned():
-    assert report.mean_std([2.0, 2.2]) == (pytest.approx(2.1), pytest.approx(0.1414213562), 2)  # sample std (n-1)
-    assert report.mean_std([1.5, None, "nan", float("inf"), True]) == (1.5, None, 1)
-    assert report.mean_std([]) == (None, None, 0)
-    assert report.format_mean_std(2.1, 0.1414213562) == "2.1000 ± 0.1414"
-    assert report.format_mean_std(2.1, None) == "2.1000"
-    assert report.format_mean_std(None, None) == "n/a"
-    assert report.format_mean_std(12345.678, 98.7, ".3g") == "1.23e+04 ± 98.7"
+    assert stats.mean_std([2.0, 2.2]) == (pytest.approx(2.1), pytest.approx(0.1414213562), 2)  # sample std (n-1)
+    assert stats.mean_std([1.5, None, "nan", float("inf"), True]) == (1.5, None, 1)
+    assert stats.mean_std([]) == (None, None, 0)
+    assert stats.format_mean_std(2.1, 0.1414213562) == "2.1000 ± 0.1414"
+    assert stats.format_mean_std(2.1, None) == "2.1000"
+    assert stats.format_mean_std(None, None) == "n/a"
+    assert stats.format_mean_std(12345.678, 98.7, ".3g") == "1.23e+04 ± 98.7"
 
 
 def test_aggregate_groups_by_optimizer_and_rho(runs):
     rows = report.aggregate(runs)
     assert [(r.optimizer, r.rho, r.n) for r in rows] == [("adamw", None, 2), ("sam", 0.05, 1)]
-    columns = {c.key: c for c in report.COLUMNS}
+    columns = {c.key: c for c in COLUMNS}
     adamw, sam = rows
     assert adamw.cell(columns["val_loss"]) == "2.1000 ± 0.1414"
     assert adamw.cell(columns["step_s"]) == "11.0 ± 1.4"  # milliseconds
@@ -148,10 +149,10 @@ def test_tables_and_csv(runs):
 
 
 def test_curves_average_over_seeds(runs):
-    steps, means, stds = report.mean_curve(runs[:2], "val_loss")
+    steps, means, stds = plots.mean_curve(runs[:2], "val_loss")
     assert steps == [5, 10] and means == pytest.approx([3.1, 2.1]) and stds == pytest.approx([0.1414213562] * 2)
-    assert report.metric_series(runs[1], "sharpness.hessian_lambda_max") == [(10, 12.0)]
-    assert report.mean_curve(runs[2:], "sharpness.hessian_lambda_max") == ([], [], [])
+    assert plots.metric_series(runs[1], "sharpness.hessian_lambda_max") == [(10, 12.0)]
+    assert plots.mean_curve(runs[2:], "sharpness.hessian_lambda_max") == ([], [], [])
 
 
 def test_write_report(tmp_path, runs):

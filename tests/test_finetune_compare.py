@@ -11,6 +11,7 @@ import torch
 from samlm.cli import OneLineParser
 from samlm.errors import UserError
 from samlm.studies import finetune_compare as compare
+from samlm.studies.finetune_runs import find_run_dirs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 
@@ -92,7 +93,7 @@ def grid(tmp_path):
 
 def test_tables_gains_csv_and_plot(grid, tmp_path):
     out = tmp_path / "report"
-    report = compare.compare_runs(compare.find_run_dirs([grid]), out)
+    report = compare.compare_runs(find_run_dirs([grid]), out)
     md = (out / "results.md").read_text()
     assert "| t5-small | 5% | adafactor | 3 | 52.0 ± 2.0 | 52.0 ± 2.0 |" in md
     assert "| t5-small | 5% | sam rho=0.05 | 3 | 55.0 ± 1.7 | 55.0 ± 1.7 |" in md
@@ -133,7 +134,7 @@ def test_unpaired_seeds_compare_means(tmp_path):
     write_run(runs, "a0", optimizer="adafactor", subsample=0.2, seed=0, best=40.0)
     write_run(runs, "a1", optimizer="adafactor", subsample=0.2, seed=1, best=44.0)
     write_run(runs, "s5", optimizer="sam", rho=0.15, subsample=0.2, seed=5, best=45.0)
-    report = compare.compare_runs(compare.find_run_dirs([runs]), tmp_path / "r")
+    report = compare.compare_runs(find_run_dirs([runs]), tmp_path / "r")
     g = next(g for g in report.gains if g.selection == "best" and g.metric == "score")
     assert not g.paired and g.mean == pytest.approx(3.0) and g.std is None
 
@@ -153,7 +154,7 @@ def test_benchmark_score_and_several_baselines(tmp_path):
         best=62.0,
         score_name="superglue average",
     )
-    dirs = compare.find_run_dirs([runs])
+    dirs = find_run_dirs([runs])
     with pytest.raises(UserError, match="several baselines"):
         compare.compare_runs(dirs, tmp_path / "r")
     report = compare.compare_runs(dirs, tmp_path / "r", baseline="adamw")
@@ -169,12 +170,12 @@ def test_duplicate_seed_and_missing_runs(tmp_path):
     write_run(runs, "a", optimizer="adafactor", subsample=1.0, seed=0, best=1.0)
     write_run(runs, "b", optimizer="adafactor", subsample=1.0, seed=0, best=2.0)
     with pytest.raises(UserError, match="seed 0"):
-        compare.compare_runs(compare.find_run_dirs([runs]), tmp_path / "r")
+        compare.compare_runs(find_run_dirs([runs]), tmp_path / "r")
     with pytest.raises(UserError, match="not found"):
-        compare.find_run_dirs([tmp_path / "nothing"])
+        find_run_dirs([tmp_path / "nothing"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no summary.json"):
-        compare.find_run_dirs([tmp_path / "empty"])
+        find_run_dirs([tmp_path / "empty"])
 
 
 # --------------------------------------------------------------------------- the grid, end to end

@@ -11,6 +11,8 @@ from samlm import cli
 from samlm.errors import UserError
 from samlm.harness.finetune import FinetuneConfig
 from samlm.studies import finetune_compare as fc
+from samlm.studies import finetune_runs as fr
+from samlm.studies.finetune_grid import FinetuneGrid
 
 FIXTURES = Path(__file__).parent / "fixtures" / "finetune"
 RTE_EVAL = {"glue/rte": {"eval": {"glue/rte": {"split": "validation", "examples": 277}}}}
@@ -60,12 +62,12 @@ def lr_grid(tmp_path):
             write_run(
                 runs, f"{optimizer}-{lr:g}-{rho}-{seed}", optimizer=optimizer, seed=seed, best=best, lr=lr, rho=rho
             )
-    return fc.find_run_dirs([runs])
+    return fr.find_run_dirs([runs])
 
 
 def test_tuned_table_picks_the_best_point_and_pairs_gains_by_seed(lr_grid, tmp_path):
     report = fc.compare_runs(lr_grid, tmp_path / "r")
-    chosen = fc.tuned_groups(report)
+    chosen = fr.tuned_groups(report)
     assert {key: (g.lr, g.rho, g.method) for key, g in chosen.items()} == {
         ("t5-small", 1.0, "adafactor"): (3e-3, None, "adafactor lr=0.003"),
         ("t5-small", 1.0, "sam"): (1e-3, 0.15, "sam rho=0.15 lr=0.001"),
@@ -84,17 +86,17 @@ def test_tuned_table_picks_the_best_point_and_pairs_gains_by_seed(lr_grid, tmp_p
     gains = {g.method: g for g in report.gains if g.selection == "best" and g.metric == "score"}
     assert set(gains) == {"sam rho=0.05 lr=0.001", "sam rho=0.05 lr=0.003", "sam rho=0.15 lr=0.001"}
     assert gains["sam rho=0.15 lr=0.001"].diffs == [3.0, 1.0, 5.0]
-    assert report.baselines == {"t5-small": fc.Baseline("adafactor")}
+    assert report.baselines == {"t5-small": fr.Baseline("adafactor")}
     assert "lr" in (tmp_path / "r" / "results.csv").read_text().splitlines()[0].split(",")
 
     # --baseline names a point (that one, at every fraction) or an optimizer (its tuned point).
-    fixed = fc.build_report(lr_grid, tmp_path / "r2", baseline="adafactor lr=0.001")
+    fixed = fr.build_report(lr_grid, tmp_path / "r2", baseline="adafactor lr=0.001")
     assert {g.method: g.diffs for g in fixed.gains if g.selection == "best" and g.metric == "score"}[
         "adafactor lr=0.003"
     ] == [3.0, 2.0, -2.0]
     assert "its tuned point" not in fc.render_markdown(fixed)
-    assert fc.Baseline("adafactor", "adafactor lr=0.001") == fixed.baselines["t5-small"]
-    by_family = fc.build_report(lr_grid, tmp_path / "r3", baseline="adafactor")
+    assert fr.Baseline("adafactor", "adafactor lr=0.001") == fixed.baselines["t5-small"]
+    by_family = fr.build_report(lr_grid, tmp_path / "r3", baseline="adafactor")
     assert [g.diffs for g in by_family.gains] == [g.diffs for g in report.gains]
 
 
@@ -105,7 +107,7 @@ def test_tuned_gain_pairs_only_common_seeds(tmp_path):
     for lr, scores in ((1e-3, {1: 55.0, 2: 57.0}), (3e-3, {1: 51.0, 2: 51.0})):
         for seed, best in scores.items():
             write_run(runs, f"s{lr:g}-{seed}", optimizer="sam", seed=seed, best=best, lr=lr, rho=0.05)
-    report = fc.compare_runs(fc.find_run_dirs([runs]), tmp_path / "r")
+    report = fc.compare_runs(fr.find_run_dirs([runs]), tmp_path / "r")
     md = (tmp_path / "r" / "results.md").read_text()
     assert "| t5-small | 100% | sam | 2 | 0.001 | 0.05 | 2 | 56.0 ± 1.4 | +3.0 (n=1) |" in md  # seed 1: 55 - 52
     assert "| t5-small | 100% | adafactor | 1 | 0.001 | – | 2 | 51.0 ± 1.4 | (reference) |" in md
@@ -118,17 +120,17 @@ def test_without_a_grid_labels_and_report_are_unchanged(tmp_path):
     for seed in (0, 1):
         write_run(runs, f"a{seed}", optimizer="adafactor", seed=seed, best=60.0 + seed, lr=1e-3)
         write_run(runs, f"s{seed}", optimizer="sam", seed=seed, best=62.0 + seed, lr=1e-3, rho=0.05)
-    report = fc.compare_runs(fc.find_run_dirs([runs]), tmp_path / "r")
+    report = fc.compare_runs(fr.find_run_dirs([runs]), tmp_path / "r")
     assert [g.method for g in report.groups] == ["adafactor", "sam rho=0.05"]
     md = (tmp_path / "r" / "results.md").read_text()
     assert "## Tuned" not in md and "| t5-small | 100% | sam rho=0.05 | +2.0 ± 0.0 |" in md
-    assert fc.tuned_groups(report)[("t5-small", 1.0, "sam")].method == "sam rho=0.05"
+    assert fr.tuned_groups(report)[("t5-small", 1.0, "sam")].method == "sam rho=0.05"
 
 
 def test_split_text_names_every_task_split():
     runs = []
     for examples in (100, 9815):
-        record = fc.RunRecord(Path("x"), "m", "", "adamw", None, None, 1e-3, 1.0, 0, "score", {}, [])
+        record = fr.RunRecord(Path("x"), "m", "", "adamw", None, None, 1e-3, 1.0, 0, "score", {}, [])
         record.eval_sets = {
             "glue/rte": {"split": "validation", "examples": 277},
             "glue/mnli:validation_matched": {"split": "validation_matched", "examples": examples},
@@ -154,7 +156,7 @@ def grid_runs(t5_dir, tmp_path, **grid):
     base = FinetuneConfig(
         model=str(t5_dir), task="glue/rte", data_dir=str(FIXTURES / "glue"), steps=2, lr=grid.pop("base_lr", None)
     )
-    return {name: config for name, config, _ in fc.FinetuneGrid(out=str(tmp_path), base=base, **grid).runs()}
+    return {name: config for name, config, _ in FinetuneGrid(out=str(tmp_path), base=base, **grid).runs()}
 
 
 def test_grid_names_carry_the_lr_only_for_methods_with_several(t5_dir, tmp_path):

@@ -79,8 +79,12 @@ def test_pretrain_study_tunes_on_the_sweep_then_runs_both_budgets(tmp_path):
 
 
 def test_a_choice_on_the_grids_edge_is_marked():
-    assert ps._edge(0.1, [0.1, 0.2, 0.4]) == " (edge)" and ps._edge(0.4, [0.1, 0.2, 0.4]) == " (edge)"
-    assert ps._edge(0.2, [0.1, 0.2, 0.4]) == "" and ps._edge(0.1, [0.1, 0.2]) == "" and ps._edge(None, [None]) == ""
+    assert ps.edge_mark(0.1, [0.1, 0.2, 0.4]) == " (edge)" and ps.edge_mark(0.4, [0.1, 0.2, 0.4]) == " (edge)"
+    assert (
+        ps.edge_mark(0.2, [0.1, 0.2, 0.4]) == ""
+        and ps.edge_mark(0.1, [0.1, 0.2]) == ""
+        and ps.edge_mark(None, [None]) == ""
+    )
 
 
 def test_pretrain_study_cli_dry_run_and_errors(capsys):
@@ -156,7 +160,7 @@ def test_finetune_study_sweeps_rho_then_fractions(tmp_path, bert_dir):
     expected |= {f"sam-rho{r:g}-sub1-seed{s}" for r in (0.02, 0.2) for s in (0, 1)}
     expected |= {f"sam-rho{rho:g}-sub0.5-seed{s}" for s in (0, 1)}
     assert set(runs) == expected
-    sweep = [fs.fc.load_run(tmp_path / "ft" / "runs" / n) for n in runs if "sub1-" in n]
+    sweep = [fs.load_run(tmp_path / "ft" / "runs" / n) for n in runs if "sub1-" in n]
     scores = {r: sum(x.values["best"]["score"] for x in sweep if x.rho == r) for r in (0.02, 0.2)}
     assert scores[rho] == max(scores.values())
     text = (tmp_path / "ft" / "report.md").read_text()

@@ -393,7 +393,7 @@ def test_finetune_compare_names_and_groups_its_runs(tmp_path):
 
     _sys.path.insert(0, str(Path(__file__).parent))
     from samlm.harness.finetune import FinetuneConfig
-    from samlm.studies.finetune_compare import FinetuneGrid
+    from samlm.studies.finetune_grid import FinetuneGrid
     from tinymodels import save_bert
 
     wic = Path(__file__).parent / "fixtures" / "wic16" / "WiC" / "train.jsonl"

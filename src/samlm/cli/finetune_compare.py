@@ -10,14 +10,9 @@ from samlm.errors import UserError
 from samlm.harness import settings
 from samlm.harness.finetune import FinetuneConfig, prepare
 from samlm.progress import say
-from samlm.studies.finetune_compare import (
-    FinetuneGrid,
-    FinetuneGridSettings,
-    compare_budgets,
-    compare_runs,
-    find_run_dirs,
-    run_grid,
-)
+from samlm.studies.finetune_compare import compare_budgets, compare_runs
+from samlm.studies.finetune_grid import FinetuneGrid, FinetuneGridSettings, run_grid
+from samlm.studies.finetune_runs import find_run_dirs
 
 # What the grid varies or owns (--lr and --rho are grids of FinetuneGridSettings); every other
 # finetune flag applies to every run.

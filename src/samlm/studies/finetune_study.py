@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,9 @@ from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
 from samlm.harness.settings import setting
 from samlm.optim.registry import METHODS
 from samlm.progress import say
-from samlm.studies import finetune_compare as fc
+from samlm.studies.finetune_compare import compare_runs, gain_text, split_text
+from samlm.studies.finetune_grid import FinetuneGrid, run_grid
+from samlm.studies.finetune_runs import SCORE, Report, RunRecord, load_run
 from samlm.studies.grid import (
     StudySettings,
     check_out_dir,
@@ -49,7 +50,15 @@ from samlm.studies.grid import (
     study_seconds,
     study_time_text,
 )
-from samlm.studies.report import finite_number, value_text
+from samlm.studies.stats import (
+    finite_number,
+    format_delta,
+    format_mean_std,
+    mean_std,
+    paired_delta,
+    percent,
+    value_text,
+)
 
 STUDY_FILE = "study.json"
 REPORT_FILE = "report.md"
@@ -173,8 +182,8 @@ class FinetuneStudy:
         steps = self.base.steps
         return sorted({b for b in self.preset.budgets if b <= steps} | {steps})
 
-    def _grid(self, subsample: str, rho: str | None) -> fc.FinetuneGrid:
-        return fc.FinetuneGrid(
+    def _grid(self, subsample: str, rho: str | None) -> FinetuneGrid:
+        return FinetuneGrid(
             out=self.out,
             base=self.base,
             optimizers=",".join(self.preset.optimizers),
@@ -185,11 +194,11 @@ class FinetuneStudy:
             jobs=self.jobs or self.preset.jobs,
         )
 
-    def sweep(self) -> fc.FinetuneGrid:
+    def sweep(self) -> FinetuneGrid:
         """Stage 1: the ρ grid at the sweep fraction."""
         return self._grid(f"{self.preset.sweep_fraction:g}", self.preset.rho)
 
-    def fractions(self, chosen: Mapping[str, float]) -> fc.FinetuneGrid:
+    def fractions(self, chosen: Mapping[str, float]) -> FinetuneGrid:
         """Stage 2: each SAM-family method at its chosen ρ, at every fraction."""
         rho = ",".join(f"{m}={r:g}" for m, r in chosen.items()) or None
         return self._grid(",".join(f"{f:g}" for f in self.preset.fractions), rho)
@@ -229,15 +238,15 @@ class FinetuneStudySettings(StudySettings):
         )
 
 
-def choose_rho(records: Sequence[fc.RunRecord], fraction: float) -> dict[str, float]:
+def choose_rho(records: Sequence[RunRecord], fraction: float) -> dict[str, float]:
     """Each SAM-family optimizer's ρ with the highest mean best-checkpoint score at ``fraction``."""
     scores: dict[tuple[str, float], list[float]] = {}
     for r in records:
-        if not r.is_baseline and r.subsample == fraction and r.values["best"].get(fc.SCORE) is not None:
-            scores.setdefault((r.optimizer, r.rho), []).append(r.values["best"][fc.SCORE])
+        if not r.is_baseline and r.subsample == fraction and r.values["best"].get(SCORE) is not None:
+            scores.setdefault((r.optimizer, r.rho), []).append(r.values["best"][SCORE])
     chosen: dict[str, tuple[float, float]] = {}
     for (optimizer, rho), values in scores.items():
-        mean = statistics.fmean(values)
+        mean = mean_std(values)[0]
         if optimizer not in chosen or mean > chosen[optimizer][1]:
             chosen[optimizer] = (rho, mean)
     return {optimizer: rho for optimizer, (rho, _) in chosen.items()}
@@ -281,7 +290,7 @@ def score_at_budget(run_dir: Path, budget: int) -> float | None:
     return scores_at_budgets(run_dir, [budget])[budget]
 
 
-def budget_table(records: Sequence[fc.RunRecord], budgets: Sequence[int], chosen: Mapping[str, float]) -> str:
+def budget_table(records: Sequence[RunRecord], budgets: Sequence[int], chosen: Mapping[str, float]) -> str:
     """Markdown: each method's score gain over the baseline at every step budget, paired by seed."""
     at: dict[tuple[float, str], dict[int, dict[int, float]]] = {}  # (fraction, method) -> budget -> seed -> score
     for r in records:
@@ -304,25 +313,12 @@ def budget_table(records: Sequence[fc.RunRecord], budgets: Sequence[int], chosen
         for budget in budgets:
             mine = by_budget.get(budget, {})
             if label == baselines.get(fraction):
-                values = list(mine.values())
-                cells.append(
-                    f"{statistics.fmean(values):.1f}"
-                    + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
-                    if values
-                    else "–"
-                )
+                cells.append(format_mean_std(*mean_std(mine.values())[:2], ".1f") if mine else "–")
                 continue
-            theirs = base.get(budget, {})
-            diffs = [mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))]
-            cells.append(
-                "–"
-                if not diffs
-                else f"{statistics.fmean(diffs):+.1f}"
-                + (f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else "")
-                + f" (n={len(diffs)})"
-            )
+            delta = paired_delta(sorted(mine.items()), base.get(budget, {}).items())
+            cells.append(format_delta(delta, fmt="+.1f") if delta[2] else "–")
         lines.append(
-            f"| {fc._percent(fraction)} | {label}{' (score)' if label == baselines.get(fraction) else ''} | "
+            f"| {percent(fraction)} | {label}{' (score)' if label == baselines.get(fraction) else ''} | "
             + " | ".join(cells)
             + " |"
         )
@@ -336,7 +332,7 @@ def budget_table(records: Sequence[fc.RunRecord], budgets: Sequence[int], chosen
 class StudyResult:
     out: Path
     chosen: dict[str, float] = field(default_factory=dict)
-    report: fc.Report | None = None
+    report: Report | None = None
     seconds: float = 0.0
     time: dict = field(default_factory=dict)  # grid.study_seconds: the total over every call
 
@@ -349,19 +345,19 @@ def run_study(study: FinetuneStudy) -> StudyResult:
     if len(sam) == len(study.preset.optimizers):
         raise UserError("the fine-tuning study needs a baseline (a method without a perturbation)")
     parse_rho(study.preset.rho, sam)
-    say(f"study finetune: ρ sweep at {fc._percent(study.preset.sweep_fraction)} of the training data")
-    sweep_dirs = fc.run_grid(study.sweep())["steps"]
-    sweep = [fc.load_run(p) for p in sweep_dirs]
+    say(f"study finetune: ρ sweep at {percent(study.preset.sweep_fraction)} of the training data")
+    sweep_dirs = run_grid(study.sweep())["steps"]
+    sweep = [load_run(p) for p in sweep_dirs]
     chosen = choose_rho(sweep, study.preset.sweep_fraction)
     missing = [m for m in sam if m not in chosen]
     if missing:
         raise UserError(f"the ρ sweep has no scored run of {', '.join(missing)} to choose from")
     say("study finetune: chosen " + ", ".join(f"{m} ρ={r:g}" for m, r in chosen.items()))
-    main_dirs = fc.run_grid(study.fractions(chosen))["steps"]
+    main_dirs = run_grid(study.fractions(chosen))["steps"]
     result = StudyResult(out=out, chosen=chosen, seconds=0.0)
-    result.report = fc.compare_runs(main_dirs, out)
-    sweep_report = fc.compare_runs(sweep_dirs, out / "rho-sweep")
-    records = [fc.load_run(p) for p in main_dirs]
+    result.report = compare_runs(main_dirs, out)
+    sweep_report = compare_runs(sweep_dirs, out / "rho-sweep")
+    records = [load_run(p) for p in main_dirs]
     result.seconds = time.perf_counter() - started
     result.time = study_seconds(out / STUDY_FILE, result.seconds, restart=study.overwrite)
     io.atomic_write_text(out / REPORT_FILE, study_markdown(study, result, records, sweep_report))
@@ -387,20 +383,20 @@ def run_study(study: FinetuneStudy) -> StudyResult:
     return result
 
 
-def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[fc.RunRecord], sweep: fc.Report) -> str:
+def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[RunRecord], sweep: Report) -> str:
     base, preset, report = study.base, study.preset, result.report
-    split = fc.split_text(records)
+    split = split_text(records)
     lines = [
         "# samlm study finetune",
         "",
         f"Preset: {preset.description}. {base.steps} steps of batch {base.batch}, lr {base.lr:g} "
         f"({base.lr_schedule}, warmup {base.warmup}), evaluation every {base.eval_every} steps on {split}; "
         f"seeds {','.join(map(str, study.seeds or preset.seeds))}; data fractions "
-        f"{', '.join(fc._percent(f) for f in preset.fractions)} of the training split (the same subset for every "
+        f"{', '.join(percent(f) for f in preset.fractions)} of the training split (the same subset for every "
         "method and seed).",
         "",
         "Protocol (Bahri et al. 2022): each task-metric at its own best checkpoint; the score from those values. "
-        f"ρ of each SAM-family method from the sweep {preset.rho} at {fc._percent(preset.sweep_fraction)} of the "
+        f"ρ of each SAM-family method from the sweep {preset.rho} at {percent(preset.sweep_fraction)} of the "
         f"data (highest mean best-checkpoint score over the seeds): "
         + ", ".join(f"{m} ρ={r:g}" for m, r in result.chosen.items())
         + f". Selection and reporting both use {split}, so the chosen ρ's numbers are optimistic (as the paper's, "
@@ -413,7 +409,7 @@ def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[
         "",
         "![gain vs data fraction](gain.png)",
         "",
-        f"## ρ sweep at {fc._percent(preset.sweep_fraction)} of the data",
+        f"## ρ sweep at {percent(preset.sweep_fraction)} of the data",
         "",
         _rho_table(sweep),
         "",
@@ -433,29 +429,29 @@ def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[
     return "\n".join(lines) + "\n"
 
 
-def _gain_table(report: fc.Report) -> str:
-    rows = [g for g in report.gains if g.selection == "best" and g.metric == fc.SCORE]
+def _gain_table(report: Report) -> str:
+    rows = [g for g in report.gains if g.selection == "best" and g.metric == SCORE]
     base = {(g.model, g.subsample): g.baseline_mean for g in rows}
     lines = ["| model | data | baseline score | method | Δ score | Δ% | seeds |", "|---|---:|---:|---|---:|---:|---:|"]
     for g in rows:
         lines.append(
-            f"| {g.model} | {fc._percent(g.subsample)} | {base[(g.model, g.subsample)]:.1f} | {g.method} | "
-            f"{fc._gain_text(g)} | {g.relative:+.1f}% | {len(g.diffs)} |"
+            f"| {g.model} | {percent(g.subsample)} | {base[(g.model, g.subsample)]:.1f} | {g.method} | "
+            f"{gain_text(g)} | {g.relative:+.1f}% | {len(g.diffs)} |"
         )
     return "\n".join(lines)
 
 
-def _rho_table(sweep: fc.Report) -> str:
+def _rho_table(sweep: Report) -> str:
     """The ρ sweep's groups (the compare Report of its runs): each point's best-checkpoint score,
     mean ± std over seeds, and its gain over the baseline, paired by seed."""
-    gains = {g.method: g for g in sweep.gains if g.selection == "best" and g.metric == fc.SCORE}
+    gains = {g.method: g for g in sweep.gains if g.selection == "best" and g.metric == SCORE}
     lines = ["| method | ρ | score (best checkpoint) | Δ vs baseline (paired) |", "|---|---:|---:|---:|"]
     for group in sweep.groups:
-        score = group.cell("best", fc.SCORE).text()
+        score = group.cell("best", SCORE).text()
         if group.is_baseline:
             lines.append(f"| {group.family} | – | {score} | (baseline) |")
             continue
         gain = gains.get(group.method)
-        delta = fc._gain_text(gain) + (f" (n={len(gain.diffs)})" if gain is not None and gain.paired else "")
+        delta = gain_text(gain) + (f" (n={len(gain.diffs)})" if gain is not None and gain.paired else "")
         lines.append(f"| {group.family} | {value_text(group.rho)} | {score} | {delta} |")
     return "\n".join(lines)

@@ -129,7 +129,8 @@ def study_time_text(time: Mapping[str, Any], seconds: float) -> str:
     )
 
 
-BUDGETS = ("steps", "compute")
+BUDGET_HEADERS = {"steps": "equal steps", "compute": "equal compute"}  # each budget as the reports name it
+BUDGETS = tuple(BUDGET_HEADERS)
 
 
 def parse_budget(text: str) -> tuple[str, ...]:

@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from samlm import io
-from samlm.data.prepared import Budget, is_prepared_dir
+from samlm.data import Budget, is_prepared_dir
 from samlm.errors import UserError
 from samlm.harness import settings
 from samlm.harness.pretrain import PretrainConfig
 from samlm.harness.pretrain.config import TextDataSettings
 from samlm.harness.settings import setting
 from samlm.progress import say
-from samlm.studies import report
 from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
 from samlm.studies.grid import (
     StudySettings,
@@ -55,6 +54,8 @@ from samlm.studies.grid import (
     study_seconds,
     study_time_text,
 )
+from samlm.studies.runs import REPORT_KEY, Column, group_runs, load_run, seed_values, tuned_point
+from samlm.studies.stats import format_delta, format_mean_std, mean_std, paired_delta, value_text
 
 STUDY_OPTIMIZERS = ("adamw", "sam", "fsam", "psam", "pfsam")
 STUDY_FILE = "study.json"
@@ -141,7 +142,8 @@ _CPU_BASE = PretrainConfig(
     threads=1,
     progress=False,
 )
-_GPU_BASE = PretrainConfig(
+# The GPU presets' run settings (the robustness study's gpu-24m preset starts from them too).
+GPU_BASE = PretrainConfig(
     arch="llama",
     context=512,
     data="allenai/c4:en",
@@ -202,7 +204,7 @@ PRESETS: dict[str, StudyPreset] = {
     "gpu-24m": StudyPreset(
         "a ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 (prepared once into OUT/data), 20 tokens/param",
         (ModelSize("24m", 6, 320, 5),),
-        _GPU_BASE,
+        GPU_BASE,
         GPU_LR,
         GPU_RHO,
         jobs=1,
@@ -212,7 +214,7 @@ PRESETS: dict[str, StudyPreset] = {
         "~24M and ~118M-parameter llama-style models (GPT-2 tokenizer) on C4 (prepared once into OUT/data), "
         "20 tokens/param",
         (ModelSize("24m", 6, 320, 5), ModelSize("118m", 12, 768, 12)),
-        _GPU_BASE,
+        GPU_BASE,
         GPU_LR,
         GPU_RHO,
         jobs=1,
@@ -233,7 +235,7 @@ PRESETS: dict[str, StudyPreset] = {
         "the ~24M-parameter llama-style model (GPT-2 tokenizer) on C4 around AdamW and around Muon+AdamW, "
         "20 tokens/param",
         (ModelSize("24m", 6, 320, 5),),
-        _GPU_BASE,
+        GPU_BASE,
         GPU_LR,
         GPU_RHO,
         jobs=1,
@@ -312,7 +314,8 @@ class PretrainStudy:
         """Prepare the preset's corpus once into ``OUT/data`` (resumable, idempotent)."""
         import os
 
-        from samlm.data.prepared import META_FILE, prepare
+        from samlm.data import prepare
+        from samlm.data.store import META_FILE
 
         budget, source = self.data_budget(), self.configured()
         if budget is None or (self.data_dir() / META_FILE).exists() or is_prepared_dir(source.data):
@@ -479,10 +482,10 @@ def _restrict(spec: str, optimizers: Sequence[str]) -> str | None:
 
 def choose(sweep_dir: Path, runs: Sequence[str], optimizers: Sequence[str]) -> dict[str, tuple[float | None, float]]:
     """Each method's (ρ, lr) with the lowest mean tuning-slice val loss over the sweep seeds."""
-    groups = report.group_runs([report.load_run(sweep_dir / name) for name in runs])
+    groups = group_runs([load_run(sweep_dir / name) for name in runs])
     chosen = {}
     for optimizer in optimizers:
-        key = report.tuned_point(groups, optimizer)
+        key = tuned_point(groups, optimizer)
         if key is None:
             raise UserError(f"the sweep in {sweep_dir} has no finished {optimizer} run to choose from")
         chosen[optimizer] = (key[1], key[2])
@@ -546,11 +549,11 @@ def size_key(size: ModelSize, base: str) -> str:
 
 # The Tables 2-4 columns: the loss the choice did not see, and the four curvatures.
 TABLE_COLUMNS = (
-    report.Column("report_loss", "report loss", ".4f"),
-    report.Column("hessian_lambda_max", "λ_max(H)", ".3g"),
-    report.Column("gauss_newton_lambda_max", "λ_max(GN)", ".3g"),
-    report.Column("functional_lambda", "λ_max(H_F)", ".3g"),
-    report.Column("preconditioned_lambda_max", "λ_max(P⁻¹H)", ".3g"),
+    Column("report_loss", "report loss", ".4f"),
+    Column("hessian_lambda_max", "λ_max(H)", ".3g"),
+    Column("gauss_newton_lambda_max", "λ_max(GN)", ".3g"),
+    Column("functional_lambda", "λ_max(H_F)", ".3g"),
+    Column("preconditioned_lambda_max", "λ_max(P⁻¹H)", ".3g"),
 )
 
 
@@ -564,7 +567,7 @@ def size_table(
     report loss to AdamW at equal steps and at equal compute, and the sharpness columns.
     ``grid``: each method's swept values (``{"lr": [...], "rho": [...]}``); a chosen value on the
     edge of a grid of 3 or more is marked, since the optimum may lie beyond it."""
-    runs = [report.load_run(final_dir / name) for name in names if (final_dir / name).is_dir()]
+    runs = [load_run(final_dir / name) for name in names if (final_dir / name).is_dir()]
     steps_runs = [r for r in runs if not r.name.endswith(COMPUTE_SUFFIX)]
     compute = {r.summary.get("optimizer"): r for r in runs if r.name.endswith(COMPUTE_SUFFIX)}
     budgets = {
@@ -572,19 +575,11 @@ def size_table(
         "compute": [r for r in runs if r.name.endswith(COMPUTE_SUFFIX)]
         + [r for r in steps_runs if r.summary.get("optimizer") not in compute],
     }
-    groups = {kind: report.group_runs(rs) for kind, rs in budgets.items()}
+    groups = {kind: group_runs(rs) for kind, rs in budgets.items()}
     references = {kind: next((k for k in g if k[0] == reference), None) for kind, g in groups.items()}
     ref = {"adamw": "AdamW", "muon": "Muon"}.get(reference, reference)
-    headers = [
-        "method",
-        "lr",
-        "ρ",
-        "seeds",
-        "steps",
-        TABLE_COLUMNS[0].header,
-        f"Δ vs {ref} (equal steps)",
-        f"Δ vs {ref} (equal compute)",
-    ] + [c.header for c in TABLE_COLUMNS[1:]]
+    headers = ["method", "lr", "ρ", "seeds", "steps", TABLE_COLUMNS[0].header]
+    headers += [f"Δ vs {ref} (equal steps)", f"Δ vs {ref} (equal compute)"] + [c.header for c in TABLE_COLUMNS[1:]]
     lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|" + "---:|" * (len(headers) - 5)]
     order = {name: i for i, name in enumerate(STUDY_OPTIMIZERS)}
     order[reference] = order["adamw"]
@@ -592,12 +587,12 @@ def size_table(
         swept = (grid or {}).get(key[0], {})
         cells = [
             key[0],
-            report.value_text(key[2]) + _edge(key[2], swept.get("lr")),
-            report.value_text(key[1]) + _edge(key[1], swept.get("rho")),
+            value_text(key[2]) + edge_mark(key[2], swept.get("lr")),
+            value_text(key[1]) + edge_mark(key[1], swept.get("rho")),
             str(len(members)),
             str(members[0].summary.get("steps")),
         ]
-        cells.append(report.format_mean_std(*report.mean_std(r.summary.get("report_loss") for r in members)[:2]))
+        cells.append(format_mean_std(*mean_std(r.summary.get("report_loss") for r in members)[:2]))
         for kind in ("steps", "compute"):
             g, ref = groups[kind], references[kind]
             mine = next((v for k, v in g.items() if k[0] == key[0]), [])
@@ -606,16 +601,15 @@ def size_table(
             elif key[0] == reference:
                 cells.append("(reference)")
             else:
-                cells.append(report.format_delta(report.paired_delta(mine, g[ref], report.REPORT_KEY)))
+                cells.append(format_delta(paired_delta(seed_values(mine, REPORT_KEY), seed_values(g[ref], REPORT_KEY))))
         for column in TABLE_COLUMNS[1:]:
-            cells.append(
-                report.format_mean_std(*report.mean_std(r.summary.get(column.key) for r in members)[:2], column.fmt)
-            )
+            cells.append(format_mean_std(*mean_std(r.summary.get(column.key) for r in members)[:2], column.fmt))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _edge(value: float | None, values: Sequence[float | None] | None) -> str:
+def edge_mark(value: float | None, values: Sequence[float | None] | None) -> str:
+    """``" (edge)"`` when ``value`` is the smallest or largest of a grid of 3 or more ``values``."""
     values = sorted(v for v in (values or []) if v is not None)
     return " (edge)" if value is not None and len(values) >= 3 and value in (values[0], values[-1]) else ""
 

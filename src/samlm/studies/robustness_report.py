@@ -18,24 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from samlm.diagnostics.robustness import forgetting_summary
-from samlm.studies.report import (
-    BUDGET_HEADERS,
-    REFERENCE_OPTIMIZER,
-    Run,
-    _colors,
-    _finish_figure,
-    _point_cells,
-    _pyplot,
-    _several_lrs,
-    finite_number,
-    format_delta,
-    format_mean_std,
-    group_label,
-    group_runs,
-    mean_std,
-    paired_delta,
-    tuned_point,
-)
+from samlm.studies.grid import BUDGET_HEADERS
+from samlm.studies.plots import colors, finish_figure, point_label, pyplot
+from samlm.studies.runs import REFERENCE_OPTIMIZER, Run, group_runs, point_cells, seed_values, several_lrs, tuned_point
+from samlm.studies.stats import finite_number, format_delta, mean_std, paired_delta
 
 FRONTIER_PLOT = "forgetting.png"
 FORGET_KEY = "robust_forgetting"
@@ -111,25 +97,27 @@ def budget_robustness_table(runs: Sequence[Run], reference: str = REFERENCE_OPTI
     flat = [flatten(r, level) for r in runs]
     groups = group_runs(flat)
     reference_key = tuned_point(groups, reference)
-    with_lr = _several_lrs(groups)
+    with_lr = several_lrs(groups)
     metric_columns = columns(runs)
     headers = ["optimizer", "ρ"] + ["lr"] * with_lr + ["seeds"]
     for _, header in metric_columns:
         headers += [f"{header} Δloss", f"{header}: Δ vs {reference}"]
     lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---|" * with_lr + "---:|" * (len(headers) - 2 - with_lr)]
     for key, members in groups.items():
-        cells = _point_cells(key, with_lr) + [str(len(members))]
+        cells = point_cells(key, with_lr) + [str(len(members))]
         for flat_key, _ in metric_columns:
-            mean, std, n = mean_std(r.summary.get(flat_key) for r in members)
-            cells.append(
-                format_mean_std(mean, std, "+.4f").replace("± +", "± ") + (f" (n={n})" if 0 < n < len(members) else "")
-            )
+            stat = mean_std(r.summary.get(flat_key) for r in members)
+            cells.append(format_delta(stat, show_n=0 < stat[2] < len(members)))
             if reference_key is None:
                 cells.append("n/a")
             elif key == reference_key:
                 cells.append("(reference)")
             else:
-                cells.append(format_delta(paired_delta(members, groups[reference_key], flat_key)))
+                cells.append(
+                    format_delta(
+                        paired_delta(seed_values(members, flat_key), seed_values(groups[reference_key], flat_key))
+                    )
+                )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), level
 
@@ -172,8 +160,7 @@ def mean_frontier(members: Sequence[Run]) -> tuple[list[float], list[float]]:
     """The start (before fine-tuning, no increase) and each lr's point, means over the seeds."""
     starts, by_lr = [], {}
     for run in members:
-        forget = run.summary.get("forgetting")
-        if not isinstance(forget, Mapping) or not forget.get("points"):
+        if (forget := _forgetting(run)) is None:
             continue
         starts.append(finite_number((forget.get("before") or {}).get("learning")))
         for point in forget["points"]:
@@ -194,24 +181,19 @@ def plot_frontier(budgets: Mapping[str, Sequence[Run]], path: str | Path, *, tit
     """The learning–forgetting frontier: the original corpus's val-loss increase against the second
     corpus's val loss, one curve per (optimizer, ρ, lr) group through its mean start point and its
     mean point at each fine-tuning lr (in lr order); one panel per budget; x* dotted."""
-    budgets = {
-        kind: runs
-        for kind, runs in budgets.items()
-        if any(isinstance(r.summary.get("forgetting"), Mapping) and r.summary["forgetting"].get("points") for r in runs)
-    }
+    budgets = {kind: runs for kind, runs in budgets.items() if any(_forgetting(r) is not None for r in runs)}
     if not budgets:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.2), squeeze=False)
     for ax, (kind, runs) in zip(axes[0], budgets.items()):
         groups = group_runs(runs)
-        colors = _colors(groups)
-        with_lr = _several_lrs(groups)
+        palette = colors(groups)
+        with_lr = several_lrs(groups)
         for key, members in groups.items():
             xs, ys = mean_frontier(members)
             if xs:
-                label = f"{group_label(*(key if with_lr else key[:2]))} (n={len(members)})"
-                ax.plot(xs, ys, marker="o", markersize=4, color=colors[key], label=label)
+                ax.plot(xs, ys, marker="o", markersize=4, color=palette[key], label=point_label(key, members, with_lr))
         level = matched_level(runs)
         if level is not None:
             ax.axvline(level, color="#777777", linestyle=":", linewidth=1)
@@ -220,4 +202,4 @@ def plot_frontier(budgets: Mapping[str, Sequence[Run]], path: str | Path, *, tit
         ax.set_ylabel("original val loss increase (forgetting)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _finish_figure(plt, fig, path, title)
+    return finish_figure(plt, fig, path, title)

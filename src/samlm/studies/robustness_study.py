@@ -34,7 +34,7 @@ from samlm.harness import settings
 from samlm.harness.pretrain import PretrainConfig
 from samlm.harness.settings import setting
 from samlm.progress import say
-from samlm.studies import report
+from samlm.studies import robustness_report
 from samlm.studies.compare import CompareConfig, CompareResult, compare
 from samlm.studies.grid import (
     StudySettings,
@@ -44,8 +44,11 @@ from samlm.studies.grid import (
     study_seconds,
     study_time_text,
 )
+from samlm.studies.report import REPORT_FILE
+from samlm.studies.runs import Run, group_label, group_runs, load_run
+from samlm.studies.stats import format_delta, mean_std
 
-STUDY_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
+ROBUSTNESS_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")  # pinned with the CPU preset's (lr, ρ) below
 STUDY_FILE = "study.json"
 RUNS_DIR = "runs"
 
@@ -87,10 +90,10 @@ def _cpu_base() -> PretrainConfig:
 
 
 def _gpu_base() -> PretrainConfig:
-    from samlm.studies.pretrain_study import _GPU_BASE
+    from samlm.studies.pretrain_study import GPU_BASE
 
     return dataclasses.replace(
-        _GPU_BASE,
+        GPU_BASE,
         layers=6,
         width=320,
         heads=5,
@@ -137,7 +140,7 @@ PRESET_NAMES = ("cpu", "gpu-24m")
 class RobustnessStudy:
     out: str
     preset: RobustnessPreset
-    optimizers: tuple[str, ...] = STUDY_OPTIMIZERS
+    optimizers: tuple[str, ...] = ROBUSTNESS_OPTIMIZERS
     seeds: tuple[int, ...] | None = None
     jobs: int | None = None
     steps: int | None = None
@@ -183,7 +186,7 @@ class RobustnessStudySettings(StudySettings):
     )
     out: str = settings.override(StudySettings, "out", default="runs/study-robustness")
     optimizers: str = setting(
-        ",".join(STUDY_OPTIMIZERS),
+        ",".join(ROBUSTNESS_OPTIMIZERS),
         "comma-separated methods (must include adamw)",
         check=lambda flag, value: parse_optimizers(value),
         group="study",
@@ -245,7 +248,7 @@ def measure_along_training(run_dir: Path) -> list[dict]:
     return measured
 
 
-def along_table(runs: dict[str, list[report.Run]], along: dict[str, list[dict]]) -> str:
+def along_table(runs: dict[str, list[Run]], along: dict[str, list[dict]]) -> str:
     """Markdown: per method (ρ, lr group) and checkpoint step, mean over seeds of the int8, int4 and
     largest-σ noise Δloss (equal-steps runs)."""
     lines = [
@@ -259,12 +262,10 @@ def along_table(runs: dict[str, list[report.Run]], along: dict[str, list[dict]])
                 by_step.setdefault(point["step"], []).append(point)
         for step in sorted(by_step):
             points = by_step[step]
-            int8 = report.mean_std(p["quantization"]["int8"]["delta"] for p in points)
-            int4 = report.mean_std(p["quantization"]["int4"]["delta"] for p in points)
-            noise = report.mean_std(p["weight_noise"]["delta_mean"][-1] for p in points)
-            cells = [label, str(step), str(len(points))] + [
-                report.format_mean_std(m, s, "+.4f").replace("± +", "± ") for m, s, _ in (int8, int4, noise)
-            ]
+            int8 = mean_std(p["quantization"]["int8"]["delta"] for p in points)
+            int4 = mean_std(p["quantization"]["int4"]["delta"] for p in points)
+            noise = mean_std(p["weight_noise"]["delta_mean"][-1] for p in points)
+            cells = [label, str(step), str(len(points))] + [format_delta(d, show_n=False) for d in (int8, int4, noise)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -294,7 +295,7 @@ def run_study(study: RobustnessStudy) -> StudyResult:
 
 
 def write_study(out: Path, study: RobustnessStudy, config: CompareConfig, result: StudyResult) -> None:
-    compare_report = Path(config.out) / report.REPORT_FILE
+    compare_report = Path(config.out) / REPORT_FILE
     lines = [
         f"# samlm study robustness ({study.preset.description})",
         "",
@@ -305,10 +306,8 @@ def write_study(out: Path, study: RobustnessStudy, config: CompareConfig, result
         "",
     ]
     if result.compare is not None and compare_report.is_file():
-        from samlm.studies import robustness_report
-
         planned = config.runs()
-        finished = {r.name: report.load_run(Path(r.config.out)) for r in planned if r.name in result.compare.summaries}
+        finished = {r.name: load_run(Path(r.config.out)) for r in planned if r.name in result.compare.summaries}
         budgets = {
             kind: [finished[r.name] for r in planned if r.name in finished and kind in r.budgets]
             for kind in ("steps", "compute")
@@ -317,15 +316,15 @@ def write_study(out: Path, study: RobustnessStudy, config: CompareConfig, result
         if (Path(config.out) / robustness_report.FRONTIER_PLOT).is_file():
             lines += [f"![learning–forgetting frontier]({RUNS_DIR}/{robustness_report.FRONTIER_PLOT})", ""]
     if result.along:
-        loaded = {name: report.load_run(Path(config.out) / name) for name in result.along}
-        groups = report.group_runs(list(loaded.values()))
+        loaded = {name: load_run(Path(config.out) / name) for name in result.along}
+        groups = group_runs(list(loaded.values()))
         lines += [
             "## Along training (equal steps)",
             "",
             "Weight noise (largest σ) and int8/int4 Δloss at every kept checkpoint, mean ± std over seeds "
             "(no forgetting runs: `samlm robustness --all-checkpoints --forget-steps 0`).",
             "",
-            along_table({report.group_label(*key): members for key, members in groups.items()}, result.along),
+            along_table({group_label(*key): members for key, members in groups.items()}, result.along),
             "",
         ]
     if result.interrupted:
