@@ -27,6 +27,9 @@ When a method ran at several (lr, ρ) points, results.md gains a "Tuned" table: 
 fraction, each method's point with the highest mean best-checkpoint score (:func:`tuned_groups`),
 and its gain over the tuned baseline. The summaries hold one evaluation split per task, so the
 point, the checkpoint and the reported number are all chosen and measured on that split.
+
+This module renders; the grid is :mod:`samlm.studies.finetune_grid`, the runs read back and
+aggregated (groups, gains, tuned points) :mod:`samlm.studies.finetune_runs`.
 """
 
 from __future__ import annotations

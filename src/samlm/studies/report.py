@@ -8,11 +8,10 @@ Pure functions (no training, no model): ``samlm compare`` and ``samlm demo`` cal
     print(markdown_table(rows))
     print(tuned_table(runs))               # each method's best (lr, rho) on the tuning slice, on the report slice
 
-The pieces live by subject: the runs and their aggregation over seeds in :mod:`samlm.studies.runs`,
-the numbers' rules in :mod:`samlm.studies.stats` (mean ± the *sample* standard deviation, n − 1 in
-the denominator; differences paired by seed), the tables in :mod:`samlm.studies.tables`, the plots
-in :mod:`samlm.studies.plots` and the robustness section in :mod:`samlm.studies.robustness_report`;
-this module puts them together. Every file is written atomically (:mod:`samlm.io`).
+The runs and their aggregation over seeds live in :mod:`samlm.studies.runs`, the numbers' rules in
+:mod:`samlm.studies.stats` (mean ± the *sample* standard deviation, n − 1 in the denominator;
+differences paired by seed), the plots in :mod:`samlm.studies.plots` and the robustness section in
+:mod:`samlm.studies.robustness_report`; the tables are here. Every file is written atomically.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """Finished pretraining runs read back from their files, grouped by their point of the grid
-(optimizer, ρ, peak lr) and aggregated over seeds: what every table and plot of
-:mod:`samlm.studies.report` is made of.
-
-A value only some runs of a group have says ``(n=k)``; a value no run has shows ``n/a``
-(:mod:`samlm.studies.stats` has the numbers' rules).
-"""
+(optimizer, ρ, peak lr) and aggregated over seeds (:mod:`samlm.studies.stats`): what the tables and
+plots of a comparison are made of. A value only some runs of a group have says ``(n=k)``; a value no
+run has shows ``n/a``."""
 
 from __future__ import annotations
 
