@@ -28,7 +28,6 @@ import torch
 
 from samlm import cli, io
 from samlm.data import demo_data_dir
-from samlm.harness import loop as train_loop
 from samlm.integrations import distributed
 from tinymodels import SUBPROCESS_ENV, save_bert, save_t5
 
@@ -338,8 +337,8 @@ def test_rank_shard_takes_its_contiguous_rows_and_shares_the_data_position():
 
 def test_one_process_agrees_with_itself():
     stats = {"loss": 1.5, "skipped": False}
-    assert train_loop._agree_across_processes(stats, 10) == (stats, 10)
-    assert train_loop._agree_on_stop("SIGTERM") == "SIGTERM" and train_loop._agree_on_stop(None) is None
+    assert distributed.agree_across_processes(stats, 10) == (stats, 10)
+    assert distributed.agree_on_stop("SIGTERM") == "SIGTERM" and distributed.agree_on_stop(None) is None
 
 
 def test_torchrun_reports_to_trackers_from_the_main_process_only(tmp_path):

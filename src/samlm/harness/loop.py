@@ -16,11 +16,11 @@ Run directory (``config.out``, a :class:`~samlm.harness.rundir.RunDir`)::
     checkpoints/checkpoint-<step>/{model.safetensors, state.pt, manifest.json}   (samlm.io)
     summary.json                 written by the harness from ``LoopResult.summary()``
 
-Exact resume: a checkpoint holds the weights, the optimizer / scheduler / grad-scaler
-state, every RNG, the data iterator position, the loop counters (including the partial sums
-of the current logging window) and the metrics history. ``resume=True`` restores all of it
-and rewrites ``metrics.jsonl`` to the checkpoint's history, dropping lines written after the
-checkpoint, so on CPU the resumed run continues bitwise identically to an uninterrupted one
+Exact resume (:mod:`samlm.harness.resume`): a checkpoint holds the weights, the optimizer /
+scheduler / grad-scaler state, every RNG, the data iterator position, the loop counters (including
+the partial sums of the current logging window) and the metrics history. ``resume=True`` restores
+all of it and rewrites ``metrics.jsonl`` to the checkpoint's history, dropping lines written after
+the checkpoint, so on CPU the resumed run continues bitwise identically to an uninterrupted one
 (only wall-clock fields — ``tokens_per_s``, ``step_s`` — differ).
 
 Non-finite steps: a step whose loss is NaN/Inf or whose update the optimizer skipped
@@ -29,10 +29,10 @@ Non-finite steps: a step whose loss is NaN/Inf or whose update the optimizer ski
 are NaN/Inf are never saved: a save that meets them raises ``NonFiniteLossError`` (whatever
 the policy) and the previous checkpoint stays the newest one on disk.
 
-Signals: SIGINT and SIGTERM ask the loop to stop; it finishes the current step (and its
-evaluation), saves a checkpoint and returns with ``LoopResult.interrupted`` set. A second
-SIGINT raises ``KeyboardInterrupt`` at once (the last checkpoint written stays valid). The
-harnesses turn an interrupted result into exit code 130 (``samlm.cli``).
+Signals (:mod:`samlm.harness.signals`): SIGINT and SIGTERM ask the loop to stop; it finishes the
+current step (and its evaluation), saves a checkpoint and returns with ``LoopResult.interrupted``
+set. A second SIGINT raises ``KeyboardInterrupt`` at once (the last checkpoint written stays
+valid). The harnesses turn an interrupted result into exit code 130 (``samlm.cli``).
 
 Data parallelism (``torchrun``/``accelerate launch``): pass the DDP/FSDP-wrapped model; every
 process runs this loop on its own rows (``samlm.integrations.distributed.shard_batches``). Each step, the
@@ -50,34 +50,29 @@ run that ``resume=True`` continues exactly from its newest good checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import random
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
 from samlm import io
-from samlm.data.text import count_targets, lm_loss
+from samlm.data import count_targets, lm_loss
 from samlm.errors import NonFiniteLossError, UserError, first_line
 from samlm.harness import settings as s
+from samlm.harness.resume import LoopState, TrainingRun, Window
 from samlm.harness.rundir import RunDir
 from samlm.harness.settings import BatchSettings, LoopSettings, ScheduleSettings, override, setting
+from samlm.harness.signals import StopSignals
 from samlm.integrations import distributed
 from samlm.models import lm_forward
 from samlm.optim import SharpnessAware, train_step
 from samlm.progress import progress_bar, say
-
-TRAIN_STATE_FORMAT = "samlm-train-state"
 
 
 class ResumableIterator(Protocol):
@@ -130,63 +125,6 @@ class LoopConfig:
         d = asdict(self)
         d["out"] = str(self.out)
         return d
-
-
-# --------------------------------------------------------------------------- loop state
-
-
-@dataclass
-class _Window:
-    """Sums over the steps since the last metrics line (their means go into the next line)."""
-
-    steps: int = 0
-    seconds: float = 0.0
-    tokens: int = 0
-    sums: dict[str, float] = field(default_factory=dict)  # finite StepStats values, summed
-    counts: dict[str, int] = field(default_factory=dict)
-    flags: bool = False  # also average the bool statistics (sam_step: the share of SAM steps)
-
-    def add(self, stats: Mapping[str, Any], tokens: int, seconds: float) -> None:
-        self.steps += 1
-        self.tokens += tokens
-        self.seconds += seconds
-        for key, value in stats.items():
-            if isinstance(value, bool) and self.flags:
-                value = float(value)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                continue
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        return {f"train_{k}": self.sums[k] / self.counts[k] for k in self.sums}
-
-
-@dataclass
-class _LoopState:
-    step: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    nonfinite_steps: int = 0  # steps with a non-finite loss or a skipped update
-    nonfinite_streak: int = 0
-    ascent_nonfinite_steps: int = 0
-    last_lr: float | None = None
-    window: _Window = field(default_factory=_Window)
-    history: list[dict] = field(default_factory=list)
-
-    def to_state(self) -> dict:
-        # JSON strings keep the checkpoint free of anything weights_only loading refuses.
-        d = asdict(self)
-        d["window"] = json.dumps(d["window"])
-        d["history"] = json.dumps(io.json_safe(self.history))
-        return d
-
-    @classmethod
-    def from_state(cls, d: Mapping[str, Any]) -> _LoopState:
-        d = dict(d)
-        d["window"] = _Window(**json.loads(d["window"]))
-        d["history"] = json.loads(d["history"])
-        return cls(**d)
 
 
 @dataclass
@@ -320,51 +258,8 @@ def _to_device(batch, device):
     return batch.to(device)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python ``random``, numpy and torch (CPU and CUDA) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
-
-
-# --------------------------------------------------------------------------- signals
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM ask the loop to stop after the current step (a 2nd SIGINT stops at once).
-
-    Handlers can only be installed from the main thread; elsewhere this does nothing.
-    """
-
-    SIGNALS = ("SIGINT", "SIGTERM")
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if self.enabled:
-            for name in self.SIGNALS:
-                signum = getattr(signal, name, None)
-                if signum is not None:
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        # Only set a flag: printing or saving from inside a signal handler can deadlock.
-        name = signal.Signals(signum).name
-        if self.received is not None and name == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
-        self.received = name
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -408,9 +303,8 @@ def train(
     """
     config.validate()
     _check_optimizer_settings(optimizer)
-    run_dir = RunDir(config.out)
     forward = forward or lm_forward(model)
-    run = _Run(model, optimizer, train_batches, config, scheduler, scaler)
+    run = TrainingRun(model, optimizer, train_batches, config, scheduler, scaler)
     state, checkpoint = run.start()
     distributed.barrier()  # the main process has cleaned or rewritten the run directory
     start_step = state.step
@@ -421,21 +315,21 @@ def train(
         step_args["split"] = True
 
     trackers = _open_trackers(run, state)
-    tracked = _Window(flags=True)  # the steps since the trackers' last training log
+    tracked = Window(flags=True)  # the steps since the trackers' last training log
 
-    def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
-        record = _measurement(
-            step, state, run.module, evaluate if do_eval else None, sharpness if do_sharpness else None
-        )
+    def write(record: dict) -> None:  # one metrics line: the history, metrics.jsonl, the trackers
         state.history.append(record)
         if run.main:
-            run_dir.append_metrics(record)
-            trackers.log(_tracked_measurement(record), step)
+            run.run_dir.append_metrics(record)
+            trackers.log(_tracked_measurement(record), record["step"])
+
+    def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
+        write(_measurement(step, state, run.module, evaluate if do_eval else None, sharpness if do_sharpness else None))
 
     bar = progress_bar(config.steps, initial=state.step, enabled=config.progress and run.main)
     interrupted = None
     try:
-        with _StopSignals(config.handle_signals) as signals:
+        with StopSignals(config.handle_signals) as signals:
             if config.eval_at_start and state.step == 0 and not state.history and evaluate is not None:
                 measure(0, do_eval=True, do_sharpness=False)
             while state.step < config.steps:
@@ -445,7 +339,7 @@ def train(
                     tracked.add(stats, state.tokens - tokens, state.train_seconds - seconds)
                     if _due(state.step, config.log_every) or state.step == config.steps:
                         trackers.log(_tracked_training(tracked, state.last_lr), state.step)
-                        tracked = _Window(flags=True)
+                        tracked = Window(flags=True)
                 _apply_nonfinite_policy(state, stats, config)
                 bar.update(1)
                 bar.set_postfix(_postfix(stats, state), refresh=False)
@@ -458,7 +352,7 @@ def train(
                     measure(step, do_eval, do_sharpness)
                 if on_step is not None:
                     on_step(step, stats)
-                interrupted = _agree_on_stop(signals.received)
+                interrupted = distributed.agree_on_stop(signals.received)
                 if interrupted:
                     say(f"received {interrupted}: saving a checkpoint at step {step}, then stopping")
                 if is_last or interrupted or _due(step, config.save_every):
@@ -479,13 +373,9 @@ def train(
             and state.step >= config.steps
             and not (last.get("step") == state.step and "sharpness" in last)
         ):
-            record = io.json_safe({"step": state.step, "sharpness": _in_eval_mode(run.module, sharpness)})
-            state.history.append(record)
-            if run.main:
-                run_dir.append_metrics(record)
-                trackers.log(_tracked_measurement(record), state.step)
+            write(io.json_safe({"step": state.step, "sharpness": _in_eval_mode(run.module, sharpness)}))
     return LoopResult(
-        out_dir=run_dir.path,
+        out_dir=run.out_dir,
         config=config,
         step=state.step,
         start_step=start_step,
@@ -503,7 +393,7 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _one_step(run: _Run, state: _LoopState, forward, loss, count_tokens, step_args) -> dict:
+def _one_step(run: TrainingRun, state: LoopState, forward, loss, count_tokens, step_args) -> dict:
     """Draw the micro-batches, take one optimizer step, step the scheduler, update counters.
     Returns the step's statistics (agreed across processes)."""
     started = time.perf_counter()  # step time includes fetching the data
@@ -531,7 +421,7 @@ def _one_step(run: _Run, state: _LoopState, forward, loss, count_tokens, step_ar
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             run.scheduler.step()
     tokens = sum(count_tokens(b) for b in micro_batches)
-    stats, tokens = _agree_across_processes(stats, tokens)
+    stats, tokens = distributed.agree_across_processes(stats, tokens)
     seconds = time.perf_counter() - started
 
     state.step += 1
@@ -540,33 +430,6 @@ def _one_step(run: _Run, state: _LoopState, forward, loss, count_tokens, step_ar
     state.last_lr = lr
     state.window.add(stats, tokens, seconds)
     return stats
-
-
-def _agree_across_processes(stats: dict, tokens: int) -> tuple[dict, int]:
-    """Under data parallelism every process must take the same decisions (non-finite policy,
-    evaluation, saving): one small all-reduce gives all of them the mean of each statistic
-    (NaN anywhere stays NaN), any skipped step and the total tokens."""
-    if not distributed.is_distributed():
-        return stats, tokens
-    keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)))
-    values = torch.tensor([float(stats[k]) for k in keys] + [float(tokens)], dtype=torch.float64)
-    total = distributed.agree(values).tolist()
-    world = distributed.get_world_size()
-    agreed = dict(stats)
-    for key, value in zip(keys, total):
-        agreed[key] = value > 0 if isinstance(stats[key], bool) else value / world
-    return agreed, int(total[-1])
-
-
-def _agree_on_stop(received: str | None) -> str | None:
-    """The signal that stops the run, if any process received one (all stop at the same step)."""
-    if not distributed.is_distributed():
-        return received
-    anyone = distributed.agree(torch.tensor([0.0 if received is None else 1.0]), op="max")
-    return (received or "a signal to another process") if float(anyone) > 0 else None
-
-
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _check_optimizer_settings(optimizer: torch.optim.Optimizer) -> None:
@@ -581,7 +444,7 @@ def _check_optimizer_settings(optimizer: torch.optim.Optimizer) -> None:
         return (
             isinstance(value, (int, float))
             and not isinstance(value, bool)
-            and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX)
+            and not (math.isfinite(value) and abs(value) <= s.FLOAT32_MAX)
         )
 
     settings: list[tuple[str, Any]] = []
@@ -600,7 +463,7 @@ def _check_optimizer_settings(optimizer: torch.optim.Optimizer) -> None:
             name = "lr" if key == "initial_lr" else key
             raise UserError(
                 f"optimizer setting {name}={value!r} is not a finite number within float32's range "
-                f"(|x| <= {_FLOAT32_MAX:.3g})"
+                f"(|x| <= {s.FLOAT32_MAX:.3g})"
             )
 
 
@@ -622,7 +485,7 @@ def _check_step_plan(optimizer, micro_batches: list) -> None:
         raise UserError(f"cannot split a training step of {rows} rows for SAM: {exc}") from None
 
 
-def _apply_nonfinite_policy(state: _LoopState, stats: Mapping[str, Any], config: LoopConfig) -> None:
+def _apply_nonfinite_policy(state: LoopState, stats: Mapping[str, Any], config: LoopConfig) -> None:
     loss_value = stats.get("loss", float("nan"))
     nonfinite = bool(stats.get("skipped")) or not math.isfinite(loss_value)
     if stats.get("ascent_nonfinite"):
@@ -640,7 +503,7 @@ def _apply_nonfinite_policy(state: _LoopState, stats: Mapping[str, Any], config:
         )
 
 
-def _measurement(step: int, state: _LoopState, model: nn.Module, evaluate, sharpness) -> dict:
+def _measurement(step: int, state: LoopState, model: nn.Module, evaluate, sharpness) -> dict:
     """One metrics line: training means since the last line, then evaluation and sharpness.
 
     Fields: step, train_<StepStats field> means (train_loss, train_grad_norm, ...), val metrics
@@ -659,11 +522,11 @@ def _measurement(step: int, state: _LoopState, model: nn.Module, evaluate, sharp
     record["tokens_per_s"] = window.tokens / window.seconds if window.seconds else None
     record["step_s"] = window.seconds / window.steps if window.steps else None
     record["nonfinite_steps"] = state.nonfinite_steps
-    state.window = _Window()
+    state.window = Window()
     return io.json_safe(record)
 
 
-def _open_trackers(run: _Run, state: _LoopState):
+def _open_trackers(run: TrainingRun, state: LoopState):
     """The run's ``--report-to`` trackers (rank 0 only; the others get none), its settings as
     hyperparameters: ``config.json`` as the harness wrote it, else the loop's own."""
     from samlm.integrations import tracking
@@ -683,7 +546,7 @@ def _open_trackers(run: _Run, state: _LoopState):
     )
 
 
-def _tracked_training(window: _Window, lr: float | None) -> dict:
+def _tracked_training(window: Window, lr: float | None) -> dict:
     """A tracker's training log: the means since the last one (``train/loss``, SAM's signals,
     ``train/sam_step`` the share of SAM steps), the lr, tokens/s and the mean step time."""
     values = {"train/" + k[len("train_") :]: v for k, v in window.means().items()}
@@ -712,7 +575,7 @@ def _in_eval_mode(model: nn.Module, fn: Callable[[nn.Module], Mapping[str, Any]]
         model.train(was_training)
 
 
-def _postfix(stats: Mapping[str, Any], state: _LoopState) -> dict:
+def _postfix(stats: Mapping[str, Any], state: LoopState) -> dict:
     window = state.window
     postfix = {"loss": f"{stats.get('loss', float('nan')):.4f}"}
     if window.seconds:
@@ -720,126 +583,3 @@ def _postfix(stats: Mapping[str, Any], state: _LoopState) -> dict:
     if state.nonfinite_steps:
         postfix["nonfinite"] = state.nonfinite_steps
     return postfix
-
-
-# --------------------------------------------------------------------------- run directory + checkpoints
-
-
-class _Run:
-    """The stateful objects of a run, and how they go to and come back from a checkpoint."""
-
-    def __init__(self, model, optimizer, train_batches, config: LoopConfig, scheduler, scaler):
-        self.model = model
-        self.module = distributed.unwrap_model(model)  # evaluated, measured and saved without DDP/FSDP1
-        self.main = distributed.is_main_process()  # the one process that writes
-        self.optimizer = optimizer
-        self.train_batches = train_batches
-        self.config = config
-        self.scheduler = scheduler
-        self.scaler = scaler
-        self.run_dir = RunDir(config.out)
-        self.out_dir = self.run_dir.path
-        self.checkpoint_root = self.run_dir.checkpoints
-        self.step_plan_checked = False
-
-    def start(self) -> tuple[_LoopState, Path | None]:
-        """Fresh state, or the state of the latest good checkpoint when resuming."""
-        if self.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.run_dir.resumes(self.config.resume):
-            checkpoint = io.load_latest_checkpoint(self.checkpoint_root)  # warns about bad ones
-            state = self.restore(checkpoint)
-            # Drop lines written after the checkpoint (they will be written again).
-            if self.main:
-                self.run_dir.rewrite_metrics(state.history)
-            skipped = ", ".join(path.name for path, _ in checkpoint.skipped)
-            say(
-                f"resumed from {checkpoint.path} at step {state.step}"
-                + (f" (newer checkpoint(s) {skipped} unusable, see the warning above)" if skipped else "")
-            )
-            return state, checkpoint.path
-        if self.main:  # LoopConfig.validate has checked that starting over here is allowed
-            self.run_dir.clear()
-        if self.config.seed is not None:
-            seed_everything(self.config.seed)
-        return _LoopState(), None
-
-    def save(self, state: _LoopState) -> Path:
-        """Write a checkpoint (main process; the others take part in gathering FSDP shards)."""
-        path = self.checkpoint_root / f"{io.CHECKPOINT_PREFIX}{state.step}"
-        if distributed.is_distributed() and not distributed.all_finite(self.module.parameters()):
-            # Every process stops here together (a single rank raising would leave the others waiting).
-            previous = io.checkpoint_dirs(self.checkpoint_root)
-            last_good = previous[-1][1] if previous else "none"
-            raise NonFiniteLossError(
-                f"weights at step {state.step} are not finite; the weights diverged. Last checkpoint: {last_good}"
-            )
-        model_state = distributed.model_state_to_save(self.module)
-        optimizer_state = distributed.optimizer_state_to_save(self.module, self.optimizer)
-        if self.main:
-            path = self._write(state, model_state, optimizer_state)
-        distributed.barrier()
-        return path
-
-    def _write(self, state: _LoopState, model_state: dict, optimizer_state: dict) -> Path:
-        extra = {
-            "format": TRAIN_STATE_FORMAT,
-            "loop": state.to_state(),
-            "config": json.dumps(self.config.as_dict()),
-            "optimizer": optimizer_state,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "data": self.train_batches.state_dict(),
-            "rng": io.capture_rng_state(),
-        }
-        try:
-            return io.save_checkpoint(
-                self.checkpoint_root, state.step, model_state, extra, keep=self.config.keep_checkpoints
-            )
-        except io.NonFiniteWeightsError as exc:
-            previous = io.checkpoint_dirs(self.checkpoint_root)
-            last_good = previous[-1][1] if previous else "none"
-            raise NonFiniteLossError(f"{exc}; the weights diverged. Last checkpoint: {last_good}") from None
-
-    def restore(self, checkpoint: io.Checkpoint) -> _LoopState:
-        extra = checkpoint.extra_state
-        if not isinstance(extra, Mapping) or extra.get("format") != TRAIN_STATE_FORMAT:
-            raise UserError(f"{checkpoint.path} is not a samlm training checkpoint")
-        self._load_model(checkpoint)
-        try:
-            distributed.load_optimizer_state(self.module, self.optimizer, extra["optimizer"])
-            _load_optional("scheduler", self.scheduler, extra.get("scheduler"), checkpoint.path)
-            _load_optional("grad scaler", self.scaler, extra.get("scaler"), checkpoint.path)
-            self.train_batches.load_state_dict(extra["data"])
-            io.restore_rng_state(extra["rng"])
-            return _LoopState.from_state(extra["loop"])
-        except UserError:
-            raise
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
-            # A checkpoint of another optimizer / schedule / data pipeline: a different run.
-            raise UserError(
-                f"checkpoint {checkpoint.path} does not match this run ({type(exc).__name__}: "
-                f"{first_line(exc)}); resume with the flags it was saved with, or start over"
-            ) from None
-
-    def _load_model(self, checkpoint: io.Checkpoint) -> None:
-        try:
-            missing, unexpected = distributed.load_model_state(self.module, checkpoint.model_state)
-        except RuntimeError as exc:  # shapes differ: another architecture
-            raise UserError(f"checkpoint {checkpoint.path} does not match the model: {first_line(exc)}") from None
-        if missing or unexpected:
-            raise UserError(
-                f"checkpoint {checkpoint.path} does not match the model: "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-
-
-def _load_optional(what: str, obj, state, path: Path) -> None:
-    if obj is None and state is None:
-        return
-    if obj is None or state is None:
-        raise UserError(
-            f"checkpoint {path} was saved {'with' if state is not None else 'without'} a {what}, "
-            f"but this run has {'none' if obj is None else 'one'}"
-        )
-    obj.load_state_dict(state)

@@ -354,6 +354,29 @@ def agree(values: Tensor, op: str = "sum") -> Tensor:
     return reduced.to(values.device)
 
 
+def agree_across_processes(stats: dict, tokens: int) -> tuple[dict, int]:
+    """A step's statistics and token count agreed by one small all-reduce, so every process takes the
+    same decisions: the mean of each number (NaN anywhere stays NaN), any flag set, the total tokens."""
+    if not is_distributed():
+        return stats, tokens
+    keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)))
+    values = torch.tensor([float(stats[k]) for k in keys] + [float(tokens)], dtype=torch.float64)
+    total = agree(values).tolist()
+    world = get_world_size()
+    agreed = dict(stats)
+    for key, value in zip(keys, total):
+        agreed[key] = value > 0 if isinstance(stats[key], bool) else value / world
+    return agreed, int(total[-1])
+
+
+def agree_on_stop(received: str | None) -> str | None:
+    """The signal that stops the run, if any process received one (all stop at the same step)."""
+    if not is_distributed():
+        return received
+    anyone = agree(torch.tensor([0.0 if received is None else 1.0]), op="max")
+    return (received or "a signal to another process") if float(anyone) > 0 else None
+
+
 # -- checkpoints: full (unsharded) state on the main process -------------------------------------
 def is_fsdp2(module: nn.Module) -> bool:
     try:
