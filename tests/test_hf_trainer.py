@@ -252,7 +252,7 @@ def test_bad_configurations_are_refused_with_clear_messages(tmp_path):
             sam_method="sam",
             optimizers=(samlm.SAM(torch.optim.AdamW(model.parameters())), None),
         )
-    with pytest.raises(ValueError, match="DeepSpeed"):
+    with pytest.raises(ValueError, match="DeepSpeed"):  # reaches inside: a DeepSpeed Trainer needs deepspeed installed
         _refuse_deepspeed(SimpleNamespace(is_deepspeed_enabled=True))
 
 

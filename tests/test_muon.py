@@ -589,8 +589,8 @@ def test_sam_trainer_refuses_an_unknown_base_and_a_base_beside_its_own_optimizer
 
 def test_base_muon_bad_inputs_are_one_line_errors(capsys, tmp_path):
     from samlm.errors import UserError
-    from samlm.harness.pretrain.build import build_run_optimizer
     from samlm.harness.pretrain.config import PretrainConfig
+    from samlm.harness.settings import build_run_optimizer
 
     config = PretrainConfig(out=str(tmp_path / "x"), optimizer="psam", base="muon")
     no_matrices = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4))

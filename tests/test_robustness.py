@@ -438,6 +438,21 @@ def test_bad_inputs_are_one_line(trained, tmp_path, capsys):
     assert not (tmp_path / "new").exists()  # refused before anything was written
 
 
+def test_a_run_directory_without_a_run_configuration_is_one_line_in_every_command(trained, tmp_path, capsys):
+    """robustness, sharpness and a resume read a run's config.json the same way: one without its
+    settings is not a run, whatever reads it."""
+    run = shutil.copytree(trained, tmp_path / "run")
+    (run / "config.json").write_text("{}")
+    expected = f"{run} is not a samlm pretrain run (config.json has no run configuration)"
+    for argv in (
+        ["robustness", "--run", run],
+        ["sharpness", "--run", run],
+        ["pretrain", *TINY, "--out", run, "--resume"],
+    ):
+        capsys.readouterr()
+        assert_one_line_error(run_cli(argv), capsys.readouterr().err, expected)
+
+
 # --------------------------------------------------------------------------- the compare report
 
 

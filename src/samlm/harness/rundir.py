@@ -19,6 +19,7 @@ from typing import Any
 
 from samlm import io
 from samlm.errors import UserError
+from samlm.harness import settings
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -49,6 +50,14 @@ class RunDir:
 
     def read_config(self) -> dict | None:
         return _read_json(self.config_file, "run configuration")
+
+    def read_record(self, harness: str) -> dict | None:
+        """``config.json``'s record of a samlm ``harness`` run (``{"config": {...}, "resolved": ...}``),
+        None without a ``config.json``; one without a run configuration is a one-line ``UserError``."""
+        record = self.read_config()
+        if record is None or (isinstance(record, dict) and isinstance(record.get("config"), dict)):
+            return record
+        raise UserError(f"{self.path} is not a samlm {harness} run ({CONFIG_FILE} has no run configuration)")
 
     def read_summary(self) -> dict | None:
         return _read_json(self.summary_file, "summary")
@@ -84,19 +93,19 @@ class RunDir:
         """This start continues a checkpoint (else it starts over, clearing what is here)."""
         return resume and self.has_checkpoint()
 
-    def check_resume(self, record: Mapping[str, Any], identity: Callable[[Mapping[str, Any]], dict]) -> None:
-        """A resume continues the same run: ``identity(saved record) == identity(record)``."""
-        saved = self.read_config() if self.has_checkpoint() else None
+    def check_resume(
+        self, record: Mapping[str, Any], identity: Callable[[Mapping[str, Any]], dict], harness: str
+    ) -> None:
+        """A resume continues the same samlm ``harness`` run: ``identity(saved record) == identity(record)``."""
+        saved = self.read_record(harness) if self.has_checkpoint() else None
         if saved is None:
             return
         before, now = identity(saved), identity(record)
-        keys = sorted(k for k in set(before) | set(now) if _norm(before.get(k)) != _norm(now.get(k)))
+        keys = settings.differences(before, now)
         if keys:
-            shown = ", ".join(f"{k} ({before.get(k)!r} in the run, {now.get(k)!r} now)" for k in keys[:6])
-            more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
             raise UserError(
-                f"cannot resume {self.path}: it was run with a different configuration: {shown}{more}; "
-                "use the same flags, or --overwrite to start over"
+                f"cannot resume {self.path}: it was run with a different configuration: "
+                f"{settings.describe_differences(before, now, keys)}; use the same flags, or --overwrite to start over"
             )
 
     # -- writing ------------------------------------------------------------------------------
@@ -125,10 +134,6 @@ class RunDir:
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         io.atomic_write_json(self.summary_file, summary)
-
-
-def _norm(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _read_json(path: Path, what: str) -> dict | None:

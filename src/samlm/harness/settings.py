@@ -150,6 +150,26 @@ def sam_schedule(config, total_steps: int) -> dict:
     }
 
 
+def build_run_optimizer(config, params, *, total_steps: int, sam_kwargs=None, **resolved):
+    """A run's optimizer from its :class:`OptimizerSettings` (``resolved``: values a harness resolved
+    in their place): what a harness trains with and ``samlm sharpness`` loads a checkpoint's state
+    into. ``params``: the model (``--base muon`` splits it), or its parameters."""
+    from samlm.optim import build_optimizer
+
+    values = dict(base=config.base, lr=config.lr, rho=config.rho, weight_decay=config.weight_decay)
+    values.update(betas=config.betas, eps=config.adam_eps, ascent_fraction=config.ascent_fraction, m=config.m)
+    try:
+        return build_optimizer(
+            config.optimizer,
+            params,
+            sam_kwargs=sam_kwargs,
+            **{**values, **resolved},
+            **sam_schedule(config, total_steps),
+        )
+    except ValueError as exc:
+        raise UserError(f"cannot build optimizer {config.optimizer}: {exc}") from None
+
+
 def known_method(flag: str, value) -> None:
     if value not in METHODS:
         raise UserError(f"unknown optimizer '{value}' (choose from {', '.join(METHODS)})")
@@ -227,6 +247,11 @@ class BatchSettings:
     batch: int | None = setting(32, "examples (sequences) per optimizer step", check=positive_int)
     grad_accum: int = setting(1, "split each step's batch into this many micro-batches", check=positive_int)
     seed: int = setting(0, "initial weights (or a new head), data order, dropout", check=seed)
+
+    @property
+    def micro_batch(self) -> int:
+        """Examples of one micro-batch (all processes together)."""
+        return self.batch // self.grad_accum
 
 
 TRACKING = "experiment trackers (watching a run)"

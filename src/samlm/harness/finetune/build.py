@@ -13,18 +13,8 @@ import torch
 
 from samlm.data.formats import Example, load_generic, parse_column_mapping
 from samlm.data.metrics import AVERAGED_TASKS, benchmark_average, compute_metrics, task_score
-from samlm.data.tasks import (
-    CLASSIFICATION,
-    GENERATION,
-    MIXTURES,
-    TASKS,
-    MixtureSampler,
-    Task,
-    generic_task,
-    load_task,
-    parse_mixture,
-    subsample,
-)
+from samlm.data.mixtures import MixtureSampler, parse_mixture, subsample
+from samlm.data.tasks import CLASSIFICATION, GENERATION, MIXTURES, TASKS, Task, generic_task, load_task
 from samlm.errors import UserError
 from samlm.harness.finetune.config import FinetuneConfig
 
@@ -201,15 +191,15 @@ def overall_score(
             if any(v is None for v in metrics.values()):
                 return _score_name(eval_keys), None
             per_key[key] = metrics
-    names = set(eval_keys)
-    for benchmark, members in AVERAGED_TASKS.items():
-        if names == set(members):
-            try:
-                return f"{benchmark} average", benchmark_average(per_key, benchmark)
-            except UserError:
-                break  # evaluated on other splits: fall back to the plain mean
+    name = _score_name(eval_keys)
+    benchmark = name.removesuffix(" average")
+    if benchmark in AVERAGED_TASKS:
+        try:
+            return name, benchmark_average(per_key, benchmark)
+        except UserError:
+            pass  # evaluated on other splits: fall back to the plain mean
     task_means = [sum(task_score(tasks[n], per_key[k]) for k in keys) / len(keys) for n, keys in eval_keys.items()]
-    return _score_name(eval_keys), sum(task_means) / len(task_means)
+    return name, sum(task_means) / len(task_means)
 
 
 def _score_name(eval_keys: Mapping[str, Sequence[str]]) -> str:

@@ -156,10 +156,6 @@ class FinetuneConfig(
         parallel.resolve_device(self.device)
 
     @property
-    def micro_batch(self) -> int:
-        return self.batch // self.grad_accum
-
-    @property
     def is_sam(self) -> bool:
         return method(self.optimizer).is_sam
 

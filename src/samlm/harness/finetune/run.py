@@ -32,7 +32,8 @@ import torch
 
 from samlm import io
 from samlm.data.formats import Example
-from samlm.data.tasks import MixtureSampler, Task
+from samlm.data.mixtures import MixtureSampler
+from samlm.data.tasks import Task
 from samlm.errors import UserError
 from samlm.harness.finetune.build import (
     EvalSet,
@@ -47,7 +48,7 @@ from samlm.harness.finetune.build import (
 )
 from samlm.harness.finetune.config import FinetuneConfig, identity, resolve, validate
 from samlm.harness.rundir import RunDir
-from samlm.harness.settings import sam_schedule
+from samlm.harness.settings import build_run_optimizer
 from samlm.progress import say
 
 SUMMARY_FORMAT = "samlm-finetune-summary"
@@ -136,7 +137,7 @@ def prepare(config: FinetuneConfig) -> Plan:
         device=run_device(config.device),
     )
     if config.resume:  # the launch is compared once the processes are known (execute)
-        run_dir.check_resume(plan.record(), functools.partial(identity, parallel=False))
+        run_dir.check_resume(plan.record(), functools.partial(identity, parallel=False), "finetune")
     return plan
 
 
@@ -146,7 +147,6 @@ def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -
     from samlm.harness.loop import LoopConfig, train
     from samlm.integrations import distributed
     from samlm.models.finetune import load_finetune_model
-    from samlm.optim import build_optimizer
 
     s = plan.config
     run_dir = plan.run_dir
@@ -171,25 +171,16 @@ def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -
         )
     record = plan.record(par.describe())
     if s.resume:
-        run_dir.check_resume(record, identity)
+        run_dir.check_resume(record, identity, "finetune")
     model = par.module
-    try:
-        optimizer = build_optimizer(
-            s.optimizer,
-            model,
-            base=s.base or "adamw",
-            lr=s.lr,
-            rho=s.rho,
-            ascent_fraction=s.ascent_fraction if s.ascent_fraction is not None else 0.25,
-            m=s.m,
-            weight_decay=s.weight_decay,
-            betas=s.betas,
-            eps=s.adam_eps,
-            sam_kwargs=par.sam_kwargs,
-            **sam_schedule(s, s.steps),
-        )
-    except ValueError as exc:
-        raise UserError(f"cannot build optimizer {s.optimizer}: {exc}") from None
+    optimizer = build_run_optimizer(
+        s,
+        model,
+        total_steps=s.steps,
+        sam_kwargs=par.sam_kwargs,
+        base=s.base or "adamw",
+        ascent_fraction=s.ascent_fraction if s.ascent_fraction is not None else 0.25,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s.lr_schedule, s.warmup, s.steps))
     sampler = MixtureSampler(plan.train, limit=s.mixture_limit, seed=s.seed)
     batches = distributed.shard_batches(

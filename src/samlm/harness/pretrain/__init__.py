@@ -8,6 +8,7 @@
     summary = pretrain(PretrainConfig(optimizer="fsam", rho=0.1, steps=400, out="runs/fsam"))
 """
 
+from samlm.harness.pretrain import robustness  # noqa: F401  (registers the --robustness run hook)
 from samlm.harness.pretrain.config import PretrainConfig, config_from_args, validate
 from samlm.harness.pretrain.run import TIMING_KEYS, pretrain
 

@@ -22,11 +22,11 @@ DEFAULT_TOKENS_PER_PARAM = 20.0
 class RunData:
     """A run's tokens and tokenizer (:func:`load_data`)."""
 
-    dataset: Any  # samlm.data.text.LMDataset over the prepared memory maps
+    dataset: Any  # samlm.data.windows.LMDataset over the prepared memory maps
     tokenizer: Any
     tokenizer_name: str  # what the run records: as given (bytes, a hub id, bpe:8192)
     vocab_size: int
-    prepared: Any  # samlm.data.prepared.PreparedTokens
+    prepared: Any  # samlm.data.store.PreparedTokens
 
     def describe(self) -> dict:
         """``config.json``'s ``resolved.data``: the prepared data the run reads."""
@@ -35,11 +35,10 @@ class RunData:
 
 def load_data(config: PretrainConfig, *, progress: bool | None = None) -> RunData:
     """The prepared tokens of ``--data`` (a prepared directory as it is; a raw spec prepared once
-    into the cache and reused by every later run, :func:`samlm.data.prepared.ensure_prepared`),
+    into the cache and reused by every later run, :func:`samlm.data.cache.ensure_prepared`),
     memory-mapped, and the tokenizer they were made with. A prepared directory whose tokenizer
     differs from ``--tokenizer`` (or ``--model``'s own) is refused in one line."""
-    from samlm.data.prepared import Budget, ensure_prepared, is_prepared_dir, load_prepared
-    from samlm.data.text import LMDataset, load_tokenizer
+    from samlm.data import Budget, LMDataset, ensure_prepared, is_prepared_dir, load_prepared, load_tokenizer
 
     if is_prepared_dir(config.data):
         prepared = load_prepared(config.data)
@@ -66,9 +65,16 @@ def load_data(config: PretrainConfig, *, progress: bool | None = None) -> RunDat
     return RunData(dataset, tokenizer, name, prepared.vocab_size, prepared)
 
 
+def tokenizer_sha256(spec: str, *, trust_remote_code: bool = False) -> str:
+    """The sha256 of tokenizer ``spec``'s definition (``bytes``, a directory or a hub id), as prepared
+    tokens record the tokenizer they were made with; one that does not load is a ``UserError``."""
+    from samlm.data.tokenizers import describe_tokenizer, load_tokenizer
+
+    return describe_tokenizer(load_tokenizer(spec, trust_remote_code=trust_remote_code), spec).sha256
+
+
 def _check_prepared_tokenizer(config: PretrainConfig, prepared) -> None:
-    from samlm.data.prepared import describe_tokenizer, parse_bpe
-    from samlm.data.text import load_tokenizer
+    from samlm.data.tokenizers import parse_bpe
 
     asked, flag = (config.tokenizer, "--tokenizer") if config.tokenizer is not None else (config.model, "--model")
     if asked is None:
@@ -81,12 +87,12 @@ def _check_prepared_tokenizer(config: PretrainConfig, prepared) -> None:
             )
         return
     try:
-        tokenizer = load_tokenizer(asked, trust_remote_code=config.trust_remote_code)
+        sha256 = tokenizer_sha256(asked, trust_remote_code=config.trust_remote_code)
     except UserError:
         if flag == "--model":
             return  # a model directory without a tokenizer: its vocabulary is checked with the model
         raise
-    if describe_tokenizer(tokenizer, asked).sha256 != prepared.tokenizer_sha256:
+    if sha256 != prepared.tokenizer_sha256:
         raise UserError(
             f"--data {config.data} was prepared with tokenizer '{prepared.tokenizer_name}', which is not "
             f"{flag} {asked}'s tokenizer: prepare the data with that tokenizer (samlm prepare "
@@ -136,32 +142,6 @@ def build_model(config: PretrainConfig, vocab_size: int):
     if positions is not None and config.context > positions:
         raise UserError(f"--context {config.context} is longer than model {config.model}'s {positions} positions")
     return model
-
-
-def build_run_optimizer(config: PretrainConfig, params, *, total_steps: int, sam_kwargs=None) -> torch.optim.Optimizer:
-    """The run's optimizer from its settings: what ``pretrain`` trains with and ``samlm sharpness``
-    loads a checkpoint's optimizer state into. ``params``: the model (``--base muon`` splits it),
-    or its parameters."""
-    from samlm.harness.settings import sam_schedule
-    from samlm.optim import build_optimizer
-
-    try:
-        return build_optimizer(
-            config.optimizer,
-            params,
-            base=config.base,
-            lr=config.lr,
-            rho=config.rho,
-            weight_decay=config.weight_decay,
-            betas=config.betas,
-            eps=config.adam_eps,
-            ascent_fraction=config.ascent_fraction,
-            m=config.m,
-            sam_kwargs=sam_kwargs,
-            **sam_schedule(config, total_steps),
-        )
-    except ValueError as exc:
-        raise UserError(f"cannot build optimizer {config.optimizer}: {exc}") from None
 
 
 def max_positions(model) -> int | None:
@@ -233,7 +213,7 @@ def sharpness_probe(
 
     With the run's ``optimizer``, also λ_max(P⁻¹H) with P = √v̂ + eps read from its second moments at
     the time of each call (``preconditioned_lambda_max``; absent before its first step, or for SGD)."""
-    from samlm.data.text import lm_loss
+    from samlm.data import lm_loss
     from samlm.diagnostics import measure_sharpness
     from samlm.models import lm_forward
 

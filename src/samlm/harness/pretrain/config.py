@@ -243,10 +243,6 @@ class PretrainConfig(
 
         parallel.resolve_device(self.device)
 
-    @property
-    def micro_batch(self) -> int:
-        return self.batch // self.grad_accum
-
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PretrainConfig:
         return s.from_mapping(cls, values, what="pretrain setting")

@@ -1,11 +1,10 @@
-"""Measuring a pretraining run's (or a causal LM's) sharpness after the fact: rebuild its model,
-optimizer state and validation data from the run directory, then measure on fixed validation
-batches with :func:`samlm.diagnostics.measure_sharpness` (``samlm sharpness``)."""
+"""A finished pretraining run read back (``config.json``, its model, a checkpoint's weights; what
+``samlm sharpness`` and ``samlm robustness`` measure), and its (or a causal LM's) sharpness after
+the fact: measured on fixed validation batches with :func:`samlm.diagnostics.measure_sharpness`."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,12 +12,7 @@ from typing import Any
 from samlm import io
 from samlm.errors import UserError
 from samlm.harness import settings
-from samlm.harness.pretrain.build import (
-    build_model,
-    build_run_optimizer,
-    load_data,
-    sharpness_probe,
-)
+from samlm.harness.pretrain.build import RunData, build_model, load_data, sharpness_probe
 from samlm.harness.pretrain.config import PretrainConfig
 from samlm.harness.rundir import CONFIG_FILE, RunDir
 
@@ -30,28 +24,36 @@ def read_run_config(run_dir: Path) -> tuple[dict, PretrainConfig]:
         raise UserError(f"run directory {run_dir} not found")
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir} is a file, not a run directory")
-    config_file = run_dir / CONFIG_FILE
-    if not config_file.is_file():
+    record = RunDir(run_dir).read_record("pretrain")
+    if record is None:
         raise UserError(f"{run_dir} is not a samlm pretrain run (no {CONFIG_FILE})")
     try:
-        record = json.loads(config_file.read_text())
         return record, PretrainConfig.from_mapping(record["config"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{config_file} is unreadable ({exc})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{run_dir / CONFIG_FILE} is unreadable ({exc})") from None
+
+
+def build_run(config: PretrainConfig) -> tuple[RunData, Any]:
+    """The run's data (read quietly) and a model of its shape, to load a checkpoint's weights into."""
+    data = load_data(config, progress=False)
+    return data, build_model(config, data.vocab_size)
+
+
+def load_weights(model, checkpoint: io.Checkpoint) -> None:
+    """The checkpoint's weights into the run's ``model``; another model's is a one-line ``UserError``."""
+    loaded = model.load_state_dict(checkpoint.model_state, strict=False)
+    if loaded.missing_keys or loaded.unexpected_keys:
+        raise UserError(f"checkpoint {checkpoint.path} does not match the run's model")
 
 
 def load_run(run_dir: Path):
     """(config, model with the latest checkpoint's weights, its optimizer (or None), dataset, checkpoint step)."""
     record, config = read_run_config(run_dir)
     checkpoint = io.load_latest_checkpoint(RunDir(run_dir).checkpoints)
-    data = load_data(config, progress=False)
-    dataset = data.dataset
-    model = build_model(config, data.vocab_size)
-    result = model.load_state_dict(checkpoint.model_state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise UserError(f"checkpoint {checkpoint.path} does not match the run's model")
+    data, model = build_run(config)
+    load_weights(model, checkpoint)
     total_steps = (record.get("resolved") or {}).get("total_steps") or config.steps or 1
-    return config, model, _load_optimizer(config, model, checkpoint, total_steps), dataset, checkpoint.step
+    return config, model, _load_optimizer(config, model, checkpoint, total_steps), data.dataset, checkpoint.step
 
 
 def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint, total_steps: int):
@@ -61,7 +63,7 @@ def _load_optimizer(config: PretrainConfig, model, checkpoint: io.Checkpoint, to
     state = extra.get("optimizer") if isinstance(extra, Mapping) else None
     if not isinstance(state, Mapping) or state.get("sharded"):
         return None
-    optimizer = build_run_optimizer(config, model, total_steps=total_steps)
+    optimizer = settings.build_run_optimizer(config, model, total_steps=total_steps)
     try:
         optimizer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
@@ -77,8 +79,7 @@ def load_model(config: PretrainConfig):
 
     config = dataclasses.replace(config, tokenizer=config.tokenizer or config.model)
     settings.validate(config)
-    data = load_data(config, progress=False)
-    model = build_model(config, data.vocab_size)
+    data, model = build_run(config)
     return config, model, data.dataset
 
 

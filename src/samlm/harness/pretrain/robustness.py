@@ -2,7 +2,8 @@
 
 The measures are :mod:`samlm.diagnostics.robustness`; this module feeds them a run's model and
 data (the run's own validation batches and validation loss) and runs the forgetting measure's
-fine-tuning runs. ``pretrain(--robustness)`` measures at the end of the run, ``samlm robustness
+fine-tuning runs. ``pretrain(--robustness)`` measures at the end of the run (this module's
+:class:`RobustnessHook`, a :data:`~samlm.harness.pretrain.run.RUN_HOOKS` entry), ``samlm robustness
 --run DIR`` measures a finished run's checkpoints afterwards. docs/robustness.md has the formulas.
 
 Forgetting: the checkpoint's weights are exported once as a causal-LM directory
@@ -29,8 +30,12 @@ import torch
 
 from samlm import io
 from samlm.errors import UserError
-from samlm.harness.pretrain.build import build_model, validation_slices
+from samlm.harness import settings
+from samlm.harness.pretrain.build import load_data, tokenizer_sha256, validation_slices
 from samlm.harness.pretrain.config import PretrainConfig, RobustnessSettings
+from samlm.harness.pretrain.measure import build_run, load_weights
+from samlm.harness.pretrain.measure import read_run_config as read_run
+from samlm.harness.pretrain.run import RUN_HOOKS, RunEnd, pretrain
 from samlm.harness.rundir import RunDir
 from samlm.progress import say
 
@@ -69,7 +74,7 @@ def check_model(config: PretrainConfig, model) -> None:
 
 
 def _prepared_dir(spec: str) -> bool:
-    from samlm.data.prepared import is_prepared_dir
+    from samlm.data import is_prepared_dir
 
     return is_prepared_dir(spec)
 
@@ -78,20 +83,17 @@ def check_tokenizer(config: PretrainConfig, data) -> None:
     """The second corpus must be in the run's tokenizer (``data``: the run's
     :class:`~samlm.harness.pretrain.build.RunData`): a prepared directory made with another
     tokenizer, or a ``--forget-tokenizer`` that is not the run's, is a one-line error."""
-    from samlm.data.prepared import describe_tokenizer, load_prepared
-    from samlm.data.text import load_tokenizer
+    from samlm.data import load_prepared
 
-    run_sha = data.prepared.tokenizer_sha256
     if _prepared_dir(config.forget_data):
         other = load_prepared(config.forget_data)
         other_name, other_sha = other.tokenizer_name, other.tokenizer_sha256
     elif config.forget_tokenizer is not None:
         other_name = config.forget_tokenizer
-        loaded = load_tokenizer(other_name, trust_remote_code=config.trust_remote_code)
-        other_sha = describe_tokenizer(loaded, other_name).sha256
+        other_sha = tokenizer_sha256(other_name, trust_remote_code=config.trust_remote_code)
     else:
         return  # read with the run's own tokenizer
-    if other_sha != run_sha:
+    if other_sha != data.prepared.tokenizer_sha256:
         raise UserError(
             f"the second corpus's tokenizer ({other_name}) does not match the run's ({data.tokenizer_name}): "
             "the model's embeddings index the run's tokens; give --forget-data in the run's tokenizer"
@@ -102,8 +104,6 @@ def check_config(config: PretrainConfig, model, data) -> None:
     """Everything that can be checked before the run (or the measures): the group size, the
     second corpus's tokenizer, and the second corpus itself (read, and prepared once into the
     cache, now rather than after training)."""
-    from samlm.harness.pretrain.build import load_data
-
     check_model(config, model)
     if config.forget_steps:
         check_tokenizer(config, data)
@@ -241,10 +241,10 @@ def _same(saved: Mapping[str, Any], config: PretrainConfig) -> bool:
 
 def _saved_config(out: Path) -> dict | None:
     try:
-        record = RunDir(out).read_config()
+        record = RunDir(out).read_record("pretrain")
     except UserError:
         return None
-    return record.get("config") if isinstance(record, dict) and isinstance(record.get("config"), dict) else None
+    return record["config"] if record is not None else None
 
 
 def _same_finished(config: PretrainConfig) -> dict | None:
@@ -269,8 +269,6 @@ def forgetting(
     ``run_dir/robustness/step<step>/``) and summarise with
     :func:`samlm.diagnostics.robustness.forgetting_summary`."""
     from samlm.diagnostics.robustness import forgetting_summary
-    from samlm.harness.pretrain.build import load_data
-    from samlm.harness.pretrain.run import pretrain
 
     started = time.perf_counter()
     root = Path(run_dir).resolve() / ROBUSTNESS_DIR / f"step{step}"
@@ -296,8 +294,7 @@ def forgetting(
         if not summary.get("completed"):
             model.train(training)
             return {"interrupted": summary.get("interrupted") or "stopped", "run": str(run_config.out)}
-        checkpoint = io.load_latest_checkpoint(RunDir(run_config.out).checkpoints)
-        tuned.load_state_dict(checkpoint.model_state, strict=False)
+        load_weights(tuned, io.load_latest_checkpoint(RunDir(run_config.out).checkpoints))
         tuned.eval()
         points.append(
             {
@@ -325,10 +322,7 @@ def forgetting(
 
 def read_run_config(run_dir: Path, overrides: Mapping[str, Any]) -> PretrainConfig:
     """The run's settings from ``config.json``, with the robustness settings of ``overrides``."""
-    from samlm.harness import settings
-    from samlm.harness.pretrain.measure import read_run_config as read_record
-
-    _, config = read_record(run_dir)
+    _, config = read_run(run_dir)
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise UserError(f"not a robustness setting: {', '.join(unknown)}")
@@ -347,15 +341,12 @@ def measure_run(
     """``samlm robustness --run DIR``: the measures of the latest checkpoint (``all_checkpoints``:
     of every kept one, oldest first). ``{"run", "checkpoints": [{"step", "weight_noise",
     "quantization", "forgetting"}, ...]}``, plus the latest one's keys at the top level."""
-    from samlm.harness.pretrain.build import load_data
-
     run_dir = Path(run_dir)
     config = read_run_config(run_dir, overrides or {})
     found = io.checkpoint_dirs(RunDir(run_dir).checkpoints)
     if not found:
         raise UserError(f"run directory {run_dir} has no checkpoint to measure (checkpoints/ is empty)")
-    data = load_data(dataclasses.replace(config, progress=False))
-    model = build_model(config, data.vocab_size)
+    data, model = build_run(config)
     check_config(config, model, data)
     tuning, _ = validation_slices(data.dataset.val_batches(config.micro_batch), config.val_batches)
     chosen = found if all_checkpoints else found[-1:]
@@ -365,9 +356,7 @@ def measure_run(
             checkpoint = io.load_checkpoint(path)
         except io.CheckpointError as exc:
             raise UserError(f"checkpoint {path} is unusable ({exc})") from None
-        loaded = model.load_state_dict(checkpoint.model_state, strict=False)
-        if loaded.missing_keys or loaded.unexpected_keys:
-            raise UserError(f"checkpoint {path} does not match the run's model")
+        load_weights(model, checkpoint)
         say(f"robustness of {run_dir} at step {step}")
         measured = measure_model(
             config,
@@ -388,3 +377,50 @@ def interrupted(result: Mapping[str, Any]) -> str | None:
     """The signal that stopped a forgetting run of a measurement, else None."""
     forget = result.get("forgetting")
     return forget.get("interrupted") if isinstance(forget, Mapping) else None
+
+
+class RobustnessHook:
+    """``--robustness`` in a run (:class:`~samlm.harness.pretrain.run.RunHook`): its settings checked
+    before training, the measures of the final weights added to ``summary.json`` under
+    ``weight_noise``, ``quantization`` and ``forgetting`` at the end."""
+
+    def check(self, config: PretrainConfig, model, data, world_size: int) -> None:
+        if not config.robustness:
+            return
+        if world_size > 1:
+            raise UserError(
+                "--robustness measures on one process: measure the finished run with "
+                "'samlm robustness --run DIR' instead"
+            )
+        check_config(config, model, data)
+
+    def finish(self, end: RunEnd) -> dict:
+        config = end.config
+        if not config.robustness:
+            return end.summary
+        started = time.perf_counter()
+        measured = measure_model(
+            config,
+            end.model,
+            end.tuning,
+            run_dir=end.run_dir.path,
+            step=end.step,
+            run_tokenizer=end.data.prepared.tokenizer_path(),
+            on_step=end.on_step,
+        )
+        summary = io.json_safe({**end.summary, **measured, "robustness_seconds": time.perf_counter() - started})
+        stopped = interrupted(measured)
+        if stopped:
+            summary.update(completed=False, interrupted=stopped)
+        end.run_dir.write_summary(summary)
+        if config.report_to != "none":  # the run's trackers, continued: robustness/<measure>/...
+            from samlm.integrations import tracking
+
+            with tracking.continue_run(
+                end.run_dir.path, config.report_to, run_name=config.run_name, group=config.run_group
+            ) as trackers:
+                trackers.log_final({k: measured[k] for k in KEYS if isinstance(measured.get(k), dict)}, end.step)
+        return summary
+
+
+RUN_HOOKS.append(RobustnessHook())

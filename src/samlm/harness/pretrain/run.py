@@ -17,14 +17,14 @@ import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from samlm.errors import UserError
 from samlm.harness.pretrain.build import (
+    RunData,
     build_model,
-    build_run_optimizer,
     load_data,
     lr_schedule,
     resolve_steps,
@@ -33,6 +33,7 @@ from samlm.harness.pretrain.build import (
 )
 from samlm.harness.pretrain.config import PretrainConfig, identity, validate
 from samlm.harness.rundir import RunDir
+from samlm.harness.settings import build_run_optimizer
 from samlm.progress import say
 
 # Summary keys that are wall-clock measurements (differ between otherwise identical runs).
@@ -62,6 +63,33 @@ class Resolved:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class RunEnd:
+    """A completed run, as a :class:`RunHook` finishes it (on the main process)."""
+
+    config: PretrainConfig
+    model: Any  # the trained module (unwrapped): the final weights
+    data: RunData
+    tuning: list  # the tuning slice's validation batches
+    step: int
+    summary: dict  # as written to summary.json
+    run_dir: RunDir
+    on_step: Callable[[int, dict], None] | None
+
+
+class RunHook(Protocol):
+    """Work a run does besides training, for the settings that ask for it (``--robustness``):
+    ``check`` before training, nothing written yet (it refuses settings it cannot honour);
+    ``finish`` after a completed run, on the main process (the summary, written by the hook)."""
+
+    def check(self, config: PretrainConfig, model, data: RunData, world_size: int) -> None: ...
+    def finish(self, end: RunEnd) -> dict: ...
+
+
+# Every run's hooks; the package registers --robustness's (samlm.harness.pretrain.robustness).
+RUN_HOOKS: list[RunHook] = []
 
 
 def _check_step_split(config: PretrainConfig, world_size: int) -> None:
@@ -122,15 +150,8 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     data = load_data(config, progress=config.progress and info.is_main)
     dataset, tokenizer_name, vocab_size = data.dataset, data.tokenizer_name, data.vocab_size
     model = build_model(config, vocab_size)
-    if config.robustness:  # bad robustness settings fail before training, not after it
-        from samlm.harness.pretrain import robustness
-
-        if info.world_size > 1:
-            raise UserError(
-                "--robustness measures on one process: measure the finished run with "
-                "'samlm robustness --run DIR' instead"
-            )
-        robustness.check_config(config, model, data)
+    for hook in RUN_HOOKS:  # bad settings of what runs after training fail before it
+        hook.check(config, model, data, info.world_size)
     params = count_parameters(model)
     non_embedding = count_parameters(model, exclude_embeddings=True)
     total_steps, warmup_steps = resolve_steps(config, params, non_embedding)
@@ -170,7 +191,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     )
     record = {"config": config.as_dict(), "resolved": resolved.as_dict()}
     if config.resume:
-        run_dir.check_resume(record, identity)
+        run_dir.check_resume(record, identity, "pretrain")
 
     train_batches = dataset.train_batches(config.micro_batch, seed=config.seed)  # checks batch vs corpus size
     train_batches = distributed.shard_batches(train_batches, info.rank, info.world_size)
@@ -225,47 +246,12 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     )
     if info.is_main:
         run_dir.write_summary(summary)
-    if config.robustness and summary.get("completed") and info.is_main:
-        summary = _measure_robustness(config, model, tuning, result, summary, run_dir, data, on_step)
+    if summary.get("completed") and info.is_main:
+        end = RunEnd(config, model, data, tuning, result.step, summary, run_dir, on_step)
+        for hook in RUN_HOOKS:
+            end.summary = hook.finish(end)
+        summary = end.summary
     distributed.barrier()
-    return summary
-
-
-def _measure_robustness(config, model, tuning, result, summary: dict, run_dir: RunDir, data, on_step) -> dict:
-    """``--robustness``: the measures of the final weights (:mod:`samlm.harness.pretrain.robustness`),
-    added to ``summary.json`` under ``weight_noise``, ``quantization`` and ``forgetting``."""
-    from samlm import io
-    from samlm.harness.pretrain import robustness
-
-    started = time.perf_counter()
-    measured = robustness.measure_model(
-        config,
-        model,
-        tuning,
-        run_dir=run_dir.path,
-        step=result.step,
-        run_tokenizer=data.prepared.tokenizer_path(),
-        on_step=on_step,
-    )
-    summary = io.json_safe({**summary, **measured, "robustness_seconds": time.perf_counter() - started})
-    stopped = robustness.interrupted(measured)
-    if stopped:
-        summary.update(completed=False, interrupted=stopped)
-    run_dir.write_summary(summary)
-    if config.report_to != "none":  # the run's trackers, continued: robustness/<measure>/...
-        from samlm.integrations import tracking
-
-        with tracking.continue_run(
-            run_dir.path, config.report_to, run_name=config.run_name, group=config.run_group
-        ) as trackers:
-            trackers.log_final(
-                {
-                    k: measured[k]
-                    for k in ("weight_noise", "quantization", "forgetting")
-                    if isinstance(measured.get(k), dict)
-                },
-                result.step,
-            )
     return summary
 
 
