@@ -51,14 +51,10 @@ RUN = [
 
 
 def documents() -> list[str]:
-    import importlib.resources
-
-    from samlm.data.text import load_corpus, read_jsonl_documents
+    from samlm.data.sources import load_corpus, open_source
 
     shakespeare = [p for p in load_corpus("tinyshakespeare").split("\n\n") if p.strip()]
-    with importlib.resources.as_file(importlib.resources.files("samlm.resources") / "python_stdlib.jsonl") as path:
-        code = list(read_jsonl_documents(Path(path)))
-    return shakespeare + code
+    return shakespeare + list(open_source("python-stdlib").documents())
 
 
 def write_corpus(path: Path, megabytes: int, *, jsonl: bool) -> Path:

@@ -30,7 +30,7 @@ from samlm.data import (
     subsample,
     task_names,
 )
-from samlm.data.formats import parse_webquestions_target
+from samlm.data.official import parse_webquestions_target
 from samlm.data.tasks import mark_wsc_spans, pad_punctuation
 from samlm.errors import UserError
 

@@ -1,4 +1,4 @@
-"""Prepared token data (``samlm prepare``, ``samlm.data.prepared``): tokenize once, memory-map everywhere.
+"""Prepared token data (``samlm prepare``, ``samlm.data.writer``): tokenize once, memory-map everywhere.
 
 Pinned down here: the windows a run reads from a prepared directory equal the in-memory windows
 bitwise; the split rules (tail, every k-th document, the source's own validation split through a
@@ -21,9 +21,7 @@ import pytest
 import torch
 
 from samlm import cli
-from samlm.data import prepared as P
-from samlm.data import text as T
-from samlm.data.text import LMDataset
+from samlm.data import Budget, LMDataset, ensure_prepared, load_prepared, prepare, sources, store, tokenizers, writer
 from samlm.errors import UserError
 from tinymodels import SUBPROCESS_ENV
 
@@ -81,7 +79,7 @@ def test_prepared_windows_equal_the_in_memory_windows_bitwise(spec, tmp_path):
     if spec == "file":
         spec = tmp_path / "corpus.txt"
         spec.write_bytes("\ufeffTo be, or not to be — that is the question:\n".encode() * 300)
-    meta = P.prepare(spec, tmp_path / "prep", max_chars=30_000)
+    meta = prepare(spec, tmp_path / "prep", max_chars=30_000)
     assert meta["split"] == {"rule": "tail", "fraction": 0.1}
     memory = LMDataset.from_corpus(spec, context=16, max_chars=30_000)
     mapped = LMDataset.from_prepared(tmp_path / "prep", context=16)
@@ -97,7 +95,7 @@ def test_prepared_windows_equal_the_in_memory_windows_bitwise(spec, tmp_path):
 
 
 def test_iterator_resume_over_a_memory_map_is_exact(tmp_path):
-    P.prepare("tinyshakespeare", tmp_path / "prep", max_chars=5_000)
+    prepare("tinyshakespeare", tmp_path / "prep", max_chars=5_000)
     data = LMDataset.from_prepared(tmp_path / "prep", context=8)
     first = data.train_batches(4, seed=1)
     [next(first) for _ in range(150)]
@@ -112,10 +110,10 @@ def test_iterator_resume_over_a_memory_map_is_exact(tmp_path):
 
 def test_every_kth_document_is_validation_and_documents_are_separated(tmp_path):
     docs = documents(30)
-    meta = P.prepare(write_jsonl(tmp_path / "c.jsonl", docs), tmp_path / "prep")
+    meta = prepare(write_jsonl(tmp_path / "c.jsonl", docs), tmp_path / "prep")
     assert meta["split"] == {"rule": "every_kth_document", "k": 10}
     assert meta["documents"] == {"train": 27, "val": 3}
-    prepared = P.load_prepared(tmp_path / "prep")
+    prepared = load_prepared(tmp_path / "prep")
     expect_val = "\n\n".join(docs[i] for i in (9, 19, 29)).encode()
     expect_train = "\n\n".join(d for i, d in enumerate(docs) if i % 10 != 9).encode()
     assert bytes(np.asarray(prepared.val, dtype=np.uint8)) == expect_val
@@ -125,16 +123,16 @@ def test_every_kth_document_is_validation_and_documents_are_separated(tmp_path):
 
 def test_budgets_cap_training_tokens_and_validation_documents(tmp_path):
     source = write_jsonl(tmp_path / "c.jsonl", documents(60))
-    meta = P.prepare(source, tmp_path / "a", budget=P.Budget(max_tokens=1000, val_documents=2))
+    meta = prepare(source, tmp_path / "a", budget=Budget(max_tokens=1000, val_documents=2))
     assert meta["tokens"]["train"] == 1000 and meta["documents"]["val"] == 2
-    meta = P.prepare(source, tmp_path / "b", budget=P.Budget(val_tokens=500))
+    meta = prepare(source, tmp_path / "b", budget=Budget(val_tokens=500))
     assert meta["tokens"]["val"] == 500
-    meta = P.prepare("tinyshakespeare", tmp_path / "c", budget=P.Budget(max_tokens=9000, val_tokens=1000))
+    meta = prepare("tinyshakespeare", tmp_path / "c", budget=Budget(max_tokens=9000, val_tokens=1000))
     assert meta["tokens"] == {"train": 9000, "val": 1000}
 
 
 def test_token_dtype_is_uint16_when_the_vocabulary_fits():
-    assert P.token_dtype(65536) == np.uint16 and P.token_dtype(65537) == np.uint32
+    assert store.token_dtype(65536) == np.uint16 and store.token_dtype(65537) == np.uint32
 
 
 def test_streamed_local_dataset_uses_its_own_validation_split(tmp_path):
@@ -144,10 +142,10 @@ def test_streamed_local_dataset_uses_its_own_validation_split(tmp_path):
     train, val = documents(40, seed=1), documents(5, seed=2)
     write_jsonl(folder / "train.jsonl", train)
     write_jsonl(folder / "validation.jsonl", val)
-    meta = P.prepare(f"hf:{folder}", tmp_path / "prep")
+    meta = prepare(f"hf:{folder}", tmp_path / "prep")
     assert meta["split"] == {"rule": "source_split", "validation_split": "validation"}
     assert meta["source"]["kind"] == "hub" and meta["documents"] == {"train": 40, "val": 5}
-    prepared = P.load_prepared(tmp_path / "prep")
+    prepared = load_prepared(tmp_path / "prep")
     assert bytes(np.asarray(prepared.val, dtype=np.uint8)) == "\n\n".join(val).encode()
     assert bytes(np.asarray(prepared.train, dtype=np.uint8)) == "\n\n".join(train).encode()
 
@@ -166,24 +164,24 @@ def test_prepare_again_does_nothing_and_another_spec_is_refused(tmp_path, capsys
     code, _, err = run_cli(["prepare", "--data", "python-stdlib", "--out", out], capsys)
     assert code == 2 and err.count("\n") == 1 and "another source, tokenizer" in err and "--overwrite" in err
     code, text, _ = run_cli(["prepare", "--data", "python-stdlib", "--out", out, "--overwrite"], capsys)
-    assert code == 0 and P.load_prepared(out).meta["source"]["spec"] == "python-stdlib"
+    assert code == 0 and load_prepared(out).meta["source"]["spec"] == "python-stdlib"
 
 
 def test_the_cache_tokenizes_a_raw_spec_once(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMLM_CACHE", str(tmp_path / "cache"))
     calls = []
-    real = P._prepare_locked
-    monkeypatch.setattr(P, "_prepare_locked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = writer.Preparation.run
+    monkeypatch.setattr(writer.Preparation, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     corpus = tmp_path / "c.jsonl"
     write_jsonl(corpus, documents(50))
-    first = P.ensure_prepared(corpus)
-    second = P.ensure_prepared(corpus)
+    first = ensure_prepared(corpus)
+    second = ensure_prepared(corpus)
     assert len(calls) == 1 and first.path == second.path
     assert first.path.parent == tmp_path / "cache" / "prepared"
-    P.ensure_prepared(corpus, budget=P.Budget(val_fraction=0.2))  # another split rule: another entry
+    ensure_prepared(corpus, budget=Budget(val_fraction=0.2))  # another split rule: another entry
     assert len(calls) == 2 and len(list((tmp_path / "cache" / "prepared").iterdir())) == 2
     write_jsonl(corpus, documents(51))  # the file changed: prepared again
-    assert P.ensure_prepared(corpus).path != first.path
+    assert ensure_prepared(corpus).path != first.path
 
 
 def test_concurrent_prepares_of_one_directory_tokenize_once(tmp_path):
@@ -198,17 +196,17 @@ def test_concurrent_prepares_of_one_directory_tokenize_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs
     said = sorted("already prepared" in o for o, _ in outputs)
     assert said == [False, True], outputs  # one tokenized, the other waited and reused it
-    P.load_prepared(out)
+    load_prepared(out)
 
 
 # --------------------------------------------------------------------------- interruption and resume
 
 
 def test_an_interrupted_prepare_resumes_to_the_same_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "CHUNK_CHARS", 2_000)
+    monkeypatch.setattr(writer, "CHUNK_CHARS", 2_000)
     corpus = write_jsonl(tmp_path / "c.jsonl", documents(300))
-    P.prepare(corpus, tmp_path / "whole")
-    real, calls = P._write_chunk, []
+    prepare(corpus, tmp_path / "whole")
+    real, calls = writer.SplitWriter.write, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -216,27 +214,27 @@ def test_an_interrupted_prepare_resumes_to_the_same_files(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "_write_chunk", interrupted)
+    monkeypatch.setattr(writer.SplitWriter, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        P.prepare(corpus, tmp_path / "cut")
+        prepare(corpus, tmp_path / "cut")
     cut = tmp_path / "cut"
-    assert not (cut / P.META_FILE).exists() and (cut / P.PROGRESS_FILE).exists()
+    assert not (cut / store.META_FILE).exists() and (cut / store.PROGRESS_FILE).exists()
     with pytest.raises(UserError, match="partial prepared dataset"):
-        P.load_prepared(cut)
+        load_prepared(cut)
     with open(cut / "train.bin.partial", "ab") as f:  # a torn write after the last checkpoint (kill -9)
         f.write(b"\x07" * 13)
-    monkeypatch.setattr(P, "_write_chunk", real)
-    meta = P.prepare(corpus, cut)
+    monkeypatch.setattr(writer.SplitWriter, "write", real)
+    meta = prepare(corpus, cut)
     assert not meta["reused"]
     for name in ("train.bin", "val.bin"):
         assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
-    assert meta["source"]["content_sha256"] == P.load_prepared(tmp_path / "whole").meta["source"]["content_sha256"]
+    assert meta["source"]["content_sha256"] == load_prepared(tmp_path / "whole").meta["source"]["content_sha256"]
 
 
 def test_a_full_disk_is_one_line_and_the_prepare_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "CHUNK_CHARS", 2_000)
+    monkeypatch.setattr(writer, "CHUNK_CHARS", 2_000)
     corpus = write_jsonl(tmp_path / "c.jsonl", documents(200))
-    real, calls = P._Streams.append, []
+    real, calls = store.TokenFiles.append, []
 
     def full(self, split, tokens):
         calls.append(1)
@@ -244,12 +242,12 @@ def test_a_full_disk_is_one_line_and_the_prepare_resumes(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, split, tokens)
 
-    monkeypatch.setattr(P._Streams, "append", full)
+    monkeypatch.setattr(store.TokenFiles, "append", full)
     with pytest.raises(UserError, match="no space left on the device while preparing .* rerun the same command"):
-        P.prepare(corpus, tmp_path / "prep")
-    monkeypatch.setattr(P._Streams, "append", real)
-    P.prepare(corpus, tmp_path / "prep")
-    P.prepare(corpus, tmp_path / "whole")
+        prepare(corpus, tmp_path / "prep")
+    monkeypatch.setattr(store.TokenFiles, "append", real)
+    prepare(corpus, tmp_path / "prep")
+    prepare(corpus, tmp_path / "whole")
     assert (tmp_path / "prep" / "train.bin").read_bytes() == (tmp_path / "whole" / "train.bin").read_bytes()
 
 
@@ -257,7 +255,7 @@ def test_a_full_disk_is_one_line_and_the_prepare_resumes(tmp_path, monkeypatch):
 
 
 def test_bpe_is_deterministic_and_stored_with_the_data(tmp_path, capsys):
-    metas = [P.prepare("python-stdlib", tmp_path / name, tokenizer="bpe:600", max_chars=150_000) for name in ("a", "b")]
+    metas = [prepare("python-stdlib", tmp_path / name, tokenizer="bpe:600", max_chars=150_000) for name in ("a", "b")]
     a, b = tmp_path / "a", tmp_path / "b"
     assert (a / "tokenizer" / "tokenizer.json").read_bytes() == (b / "tokenizer" / "tokenizer.json").read_bytes()
     assert (a / "train.bin").read_bytes() == (b / "train.bin").read_bytes()
@@ -275,9 +273,9 @@ def test_bpe_is_deterministic_and_stored_with_the_data(tmp_path, capsys):
 
 def test_bpe_spec_is_checked():
     with pytest.raises(UserError, match="integer >= 257"):
-        P.parse_bpe("bpe:lots")
+        tokenizers.parse_bpe("bpe:lots")
     with pytest.raises(UserError, match="integer >= 257"):
-        P.parse_bpe("bpe:100")
+        tokenizers.parse_bpe("bpe:100")
 
 
 # --------------------------------------------------------------------------- runs through the cache
@@ -303,7 +301,7 @@ def test_pretrain_and_resume_read_the_cache(tmp_path, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     out = tmp_path_factory.mktemp("good") / "prep"
-    P.prepare("tinyshakespeare", out, max_chars=5_000)
+    prepare("tinyshakespeare", out, max_chars=5_000)
     return out
 
 
@@ -369,8 +367,8 @@ def test_prepare_flags_are_checked(tmp_path, capsys):
 
 def test_parallel_workers_write_the_same_tokens(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", documents(400))
-    one = P.prepare(corpus, tmp_path / "one", tokenizer="bpe:400")
-    two = P.prepare(corpus, tmp_path / "two", tokenizer="bpe:400", workers=2)
+    one = prepare(corpus, tmp_path / "one", tokenizer="bpe:400")
+    two = prepare(corpus, tmp_path / "two", tokenizer="bpe:400", workers=2)
     assert one["tokens"] == two["tokens"]
     assert (tmp_path / "one" / "train.bin").read_bytes() == (tmp_path / "two" / "train.bin").read_bytes()
 
@@ -429,17 +427,17 @@ def test_out_with_other_files_is_refused_and_a_one_document_source_has_no_valida
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("my own file")
     with pytest.raises(UserError, match="is not empty and holds no prepared dataset"):
-        P.prepare("tinyshakespeare", tmp_path / "mine", max_chars=5000)
+        prepare("tinyshakespeare", tmp_path / "mine", max_chars=5000)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "my own file"
     with pytest.raises(UserError, match="--val-documents: tinyshakespeare is one document"):
-        P.prepare("tinyshakespeare", tmp_path / "x", budget=P.Budget(val_documents=3))
+        prepare("tinyshakespeare", tmp_path / "x", budget=Budget(val_documents=3))
     assert not (tmp_path / "x").exists()  # nothing written before the failure
 
 
 def test_bpe_on_a_one_document_source_never_sees_the_validation_tail(tmp_path):
     text = tmp_path / "one.txt"
     text.write_text("alpha beta gamma\n" * 900 + "zzqzzq zzqzzq\n" * 100)  # the tail: a word found nowhere else
-    seen = "".join(P._training_text(P.open_source(text), P.Budget(), 10**9))
+    seen = "".join(writer.training_text(sources.open_source(text), Budget(), 10**9))
     assert "zzqzzq" not in seen and seen.count("alpha") >= 880  # 90% of the characters
 
 
@@ -449,18 +447,18 @@ def test_a_cached_hub_dataset_is_found_without_asking_the_hub(tmp_path, monkeypa
     write_jsonl(folder / "train.jsonl", documents(30))
     write_jsonl(folder / "validation.jsonl", documents(4, seed=9))
     monkeypatch.setenv("SAMLM_CACHE", str(tmp_path / "cache"))
-    first = P.ensure_prepared(f"hf:{folder}")
+    first = ensure_prepared(f"hf:{folder}")
     assert first.meta["split"]["rule"] == "source_split"
 
     def offline(*args, **kwargs):
         raise AssertionError("the hub was asked")
 
-    monkeypatch.setattr(P, "_hub_split_names", offline)
-    monkeypatch.setattr(T, "hub_documents", offline)
-    assert P.ensure_prepared(f"hf:{folder}").path == first.path
+    monkeypatch.setattr(sources, "hub_split_names", offline)
+    monkeypatch.setattr(sources, "hub_documents", offline)
+    assert ensure_prepared(f"hf:{folder}").path == first.path
 
 
 def test_a_corpus_with_too_few_documents_for_a_validation_split_is_one_line(tmp_path):
     with pytest.raises(UserError, match="corpus too small: .* gave no validation tokens .* every 10th document"):
-        P.prepare(write_jsonl(tmp_path / "c.jsonl", documents(5)), tmp_path / "prep")
+        prepare(write_jsonl(tmp_path / "c.jsonl", documents(5)), tmp_path / "prep")
     assert not (tmp_path / "prep" / "meta.json").exists()

@@ -57,7 +57,7 @@ def test_trust_remote_code_is_never_hard_wired_on(path):
 
 
 def test_loaders_default_trust_remote_code_to_false():
-    from samlm.data.text import load_tokenizer
+    from samlm.data import load_tokenizer
     from samlm.models import load_causal_lm
 
     for loader in (load_tokenizer, load_causal_lm):

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from samlm.data import prepared as P
+from samlm.data import load_prepared, prepare, writer
 from samlm.errors import UserError
 from samlm.harness.pretrain.build import resolve_steps
 from samlm.models import build_decoder, count_parameters
@@ -73,12 +73,12 @@ def _tiny_budget_preset() -> ps.StudyPreset:
 
 def test_a_preset_with_a_data_budget_prepares_once_into_the_study(tmp_path, monkeypatch):
     calls = []
-    real = P._prepare_locked
-    monkeypatch.setattr(P, "_prepare_locked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = writer.Preparation.run
+    monkeypatch.setattr(writer.Preparation, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     study = ps.PretrainStudy(out=str(tmp_path / "study"), preset=_tiny_budget_preset(), optimizers=["adamw", "fsam"])
     result = ps.run_study(study)
     assert result.interrupted is None
-    meta = P.load_prepared(tmp_path / "study" / "data").meta
+    meta = load_prepared(tmp_path / "study" / "data").meta
     assert meta["tokens"] == {"train": 6000, "val": 700}
     run = next(iter(result.stages["1x8/final"].summaries))
     config = json.loads((tmp_path / "study" / "1x8" / "final" / run / "config.json").read_text())
@@ -90,7 +90,7 @@ def test_a_preset_with_a_data_budget_prepares_once_into_the_study(tmp_path, monk
 
 def test_study_overrides_replace_the_presets_settings(tmp_path):
     other = tmp_path / "prep"
-    P.prepare("python-stdlib", other, max_chars=300_000)
+    prepare("python-stdlib", other, max_chars=300_000)
     study = ps.PretrainStudy(
         out=str(tmp_path / "s"),
         preset=ps.PRESETS["gpu-24m"],
@@ -148,7 +148,7 @@ def test_the_demo_takes_a_prepared_directory(tmp_path, capsys):
     from samlm.cli import main
 
     prepared = tmp_path / "prep"
-    P.prepare("python-stdlib", prepared, tokenizer="bpe:300", max_chars=300_000)
+    prepare("python-stdlib", prepared, tokenizer="bpe:300", max_chars=300_000)
     out = tmp_path / "demo"
     assert (
         main(["demo", "--data", str(prepared), "--steps", "2", "--seeds", "0", "--jobs", "1", "--out", str(out)]) == 0

@@ -1,16 +1,17 @@
-"""samlm.data.text: corpora, tokenizers, split, resumable batches, lm_loss."""
+"""samlm.data.sources, tokenizers and windows: corpora, tokenizers, split, resumable batches, lm_loss."""
 
+import hashlib
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samlm.data import ByteTokenizer, LMDataset, lm_loss, load_corpus, load_tokenizer
-from samlm.data.text import encode_text
+from samlm.data import ByteTokenizer, LMDataset, encode_text, lm_loss, load_corpus, load_tokenizer
 from samlm.errors import UserError
 
 # --------------------------------------------------------------------------- tokenizers
@@ -90,6 +91,13 @@ def test_non_utf8_names_file_and_position(tmp_path):
     assert str(path) in message and "byte 11" in message and "line 2" in message
 
 
+def test_a_byte_order_mark_does_not_shift_the_location_of_invalid_utf8(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfTo be\nto b\xe9, that")
+    with pytest.raises(UserError, match=r"byte 13 \(line 2, column 5\) is b'\\xe9'$"):
+        load_corpus(path)
+
+
 class FakeDatasets:
     """Stands in for the ``datasets`` module: records calls, never touches the network."""
 
@@ -144,6 +152,18 @@ def test_hub_dataset_failure_is_one_line_user_error(fake_datasets):
 
 def small_dataset(context=8, chars=4000):
     return LMDataset.from_corpus("tinyshakespeare", context=context, max_chars=chars)
+
+
+def test_the_quickstart_windows_are_pinned_bitwise():
+    """``LMDataset.from_corpus`` (read by samlm.data.sources, encoded by samlm.data.tokenizers):
+    its tokens and windows are pinned, so the demo's numbers cannot move."""
+    data = small_dataset(context=16, chars=50_000)
+    iterator = data.train_batches(8, seed=3)
+    digest = hashlib.sha256(data.train_tokens.tobytes() + data.val_tokens.tobytes())
+    for batch in [next(iterator) for _ in range(3)] + data.val_batches(8, max_batches=2):
+        digest.update(batch["input_ids"].numpy().tobytes() + batch["labels"].numpy().tobytes())
+    assert data.train_tokens.dtype == np.int32
+    assert digest.hexdigest() == "e2e12f12c64eafe608b046cb3d9d45dcf9fc2fa5fcd3074a7fe6426923dc3c81"
 
 
 def test_split_is_the_last_tenth_and_batches_are_shifted():

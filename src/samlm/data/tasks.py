@@ -6,10 +6,8 @@ metrics and splits, how to format a raw record in T5's text-to-text convention a
 encoder-classifier text (pair), and where the data lives on the Hugging Face hub.
 
 - :func:`load_task` reads a split from local files in the official formats
-  (:mod:`samlm.data.formats`) or from the hub.
-- :func:`subsample` draws a deterministic fraction of a training set.
-- :func:`parse_mixture` / :class:`MixtureSampler` mix several tasks example-proportionally,
-  optionally with T5's per-task cap K (``examples-proportional`` mixing with a limit).
+  (:mod:`samlm.data.official`) or from the hub.
+- Subsampling and mixing tasks: :mod:`samlm.data.mixtures`.
 
 The T5 formatting follows ``t5.data.preprocessors`` (``glue``, ``stsb``, ``wsc``,
 ``record``), the T5 closed-book-QA preprocessors and mT5's TyDiQA preprocessing; see
@@ -18,41 +16,18 @@ The T5 formatting follows ``t5.data.preprocessors`` (``glue``, ``stsb``, ``wsc``
 
 from __future__ import annotations
 
-import bisect
 import difflib
-import math
-import random
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from samlm.data import formats
-from samlm.data.formats import Example, Row
+import samlm.data.official as official
+from samlm.data.formats import Example, LabelParser, Row, class_label_parser, score_label_parser
 from samlm.errors import UserError
-
-__all__ = [
-    "CLASSIFICATION",
-    "REGRESSION",
-    "GENERATION",
-    "Task",
-    "TASKS",
-    "MIXTURES",
-    "task_names",
-    "get_task",
-    "generic_task",
-    "load_task",
-    "one_example_per_answer",
-    "subsample",
-    "parse_mixture",
-    "mixing_rates",
-    "MixtureSampler",
-    "stsb_target",
-    "demo_data_dir",
-]
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -560,22 +535,22 @@ def _check_split(task: Task, split: str) -> None:
     raise UserError(f"{task.name} has no split {split!r} (splits: {', '.join(task.splits)}){hint}")
 
 
-def _label_parser(task: Task) -> formats.LabelParser:
+def _label_parser(task: Task) -> LabelParser:
     if task.kind == REGRESSION:
-        return formats.score_label_parser(0.0, 5.0)  # STS-B similarity scores
-    return formats.class_label_parser(task.labels)
+        return score_label_parser(0.0, 5.0)  # STS-B similarity scores
+    return class_label_parser(task.labels)
 
 
 def _read_local_rows(task: Task, data_dir: Path, split: str) -> list[Row]:
     if task.benchmark == "glue":
-        return formats.load_glue_rows(task.short_name, data_dir, split, _label_parser(task))
+        return official.load_glue_rows(task.short_name, data_dir, split, _label_parser(task))
     if task.benchmark == "superglue":
-        return formats.load_superglue_rows(task.short_name, data_dir, split, _label_parser(task))
+        return official.load_superglue_rows(task.short_name, data_dir, split, _label_parser(task))
     readers = {
-        "cbqa/nq": formats.load_nq_open_rows,
-        "cbqa/webquestions": formats.load_webquestions_rows,
-        "cbqa/triviaqa": formats.load_triviaqa_rows,
-        "tydiqa/goldp": formats.load_tydiqa_rows,
+        "cbqa/nq": official.load_nq_open_rows,
+        "cbqa/webquestions": official.load_webquestions_rows,
+        "cbqa/triviaqa": official.load_triviaqa_rows,
+        "tydiqa/goldp": official.load_tydiqa_rows,
     }
     return readers[task.name](data_dir, split)
 
@@ -685,7 +660,7 @@ def _hub_row(task: Task, record: Mapping[str, Any], n: int, where: str) -> Row:
         answers = tuple(dict.fromkeys(v for v in values if v and v != "<unk>"))
         return Row(str(record.get("question_id", n)), {"question": record["question"]}, answers=answers, where=where)
     if name == "tydiqa/goldp":
-        return formats.tydiqa_row(
+        return official.tydiqa_row(
             record["id"], record["question"], record["context"], list(record["answers"]["text"]), where
         )
 
@@ -706,134 +681,3 @@ def _hub_label(task: Task, raw: Any, where: str) -> int | float | None:
     if raw is None or raw == -1:
         return None
     return _label_parser(task)(raw, where)
-
-
-# --------------------------------------------------------------------------------------
-# Subsampling
-# --------------------------------------------------------------------------------------
-
-
-def subsample(examples: Sequence[Example], rate: float, seed: int = 0) -> list[Example]:
-    """A deterministic random fraction ``rate`` in (0, 1] of ``examples``, in original order.
-
-    - Units are groups: examples sharing a ``group`` (a MultiRC question's answer options,
-      ReCoRD's per-answer copies) are kept or dropped together; other examples are their own
-      unit. ``round(rate * units)`` units are kept (halves round up), at least one.
-    - Not stratified: the label mix of the sample follows chance.
-    - Nested: with the same seed, the sample at a smaller rate is a subset of the sample at
-      a larger one (both take a prefix of one seeded permutation).
-    """
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
-        percent = isinstance(rate, (int, float)) and 1 < rate <= 100
-        hint = f" (did you mean {rate / 100:g}?)" if percent else ""
-        raise UserError(f"subsample rate must be in (0, 1], got {rate!r}{hint}")
-    if not examples:
-        raise UserError("cannot subsample an empty list of examples")
-    units: dict[str, list[int]] = {}
-    for i, example in enumerate(examples):
-        units.setdefault(example.group or f"\0{example.uid}\0{i}", []).append(i)
-    keys = list(units)
-    keep = max(1, math.floor(rate * len(keys) + 0.5))
-    order = list(range(len(keys)))
-    random.Random(f"samlm-subsample:{seed}").shuffle(order)
-    chosen = sorted(i for k in order[:keep] for i in units[keys[k]])
-    return [examples[i] for i in chosen]
-
-
-# --------------------------------------------------------------------------------------
-# Mixtures
-# --------------------------------------------------------------------------------------
-
-
-def parse_mixture(spec: str) -> list[Task]:
-    """Tasks named by a comma-separated list (``"glue/rte,superglue/cb"``).
-
-    The names ``glue`` and ``superglue`` stand for T5's mixtures of the benchmark's tasks
-    (GLUE without WNLI). Repeats are an error.
-    """
-    names: list[str] = []
-    for part in (p.strip().lower() for p in str(spec).split(",")):
-        if part:
-            names.extend(MIXTURES.get(part, (part,)))
-    if not names:
-        raise UserError(f"empty task mixture {spec!r}; name one or more tasks, comma-separated")
-    tasks = [get_task(n) for n in names]
-    seen = set()
-    for task in tasks:
-        if task.name in seen:
-            raise UserError(f"task mixture {spec!r} names {task.name} twice")
-        seen.add(task.name)
-    return tasks
-
-
-def mixing_rates(sizes: Mapping[str, int], limit: int | None = None) -> dict[str, float]:
-    """T5's examples-proportional rates: ``min(size, limit) / sum`` over tasks."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"mixture limit must be a positive integer, got {limit!r}")
-    capped = {name: min(size, limit) if limit else size for name, size in sizes.items()}
-    total = sum(capped.values())
-    if total <= 0:
-        raise UserError("cannot mix tasks that have no examples")
-    return {name: size / total for name, size in capped.items()}
-
-
-class MixtureSampler:
-    """A deterministic, endless stream of examples mixed across tasks.
-
-    Each draw picks a task with probability given by :func:`mixing_rates` (examples-
-    proportional, each task's size capped at ``limit`` when given), then takes that task's
-    next example. Every task is walked in epochs, each a fresh seeded permutation, so within
-    a task every example is seen once before any is repeated.
-
-    The stream is a pure function of ``(examples, limit, seed)``: ``iterate(start)`` resumes
-    at draw ``start`` by replaying the draws before it (cheap: no example is copied).
-    """
-
-    def __init__(
-        self, examples_by_task: Mapping[str, Sequence[Example]], limit: int | None = None, seed: int = 0
-    ) -> None:
-        if not examples_by_task:
-            raise UserError("a task mixture needs at least one task")
-        empty = [name for name, examples in examples_by_task.items() if not examples]
-        if empty:
-            raise UserError(f"task {empty[0]} has no examples to mix")
-        self.examples = {name: list(examples) for name, examples in examples_by_task.items()}
-        self.seed = seed
-        self.rates = mixing_rates({n: len(e) for n, e in self.examples.items()}, limit)
-        self._names = list(self.rates)
-        cumulative, total = [], 0.0
-        for name in self._names:
-            total += self.rates[name]
-            cumulative.append(total)
-        self._cumulative = cumulative
-
-    def iterate(self, start: int = 0) -> Iterator[Example]:
-        """Examples from draw number ``start`` (0-based) on, forever."""
-        choose = random.Random(f"samlm-mixture:{self.seed}")
-        streams = {name: self._task_stream(name) for name in self._names}
-        draw = 0
-        while True:
-            index = bisect.bisect_right(self._cumulative, choose.random() * self._cumulative[-1])
-            name = self._names[min(index, len(self._names) - 1)]
-            example = next(streams[name])
-            if draw >= start:
-                yield example
-            draw += 1
-
-    def take(self, count: int, start: int = 0) -> list[Example]:
-        """``count`` examples from draw ``start`` on."""
-        stream = self.iterate(start)
-        return [next(stream) for _ in range(count)]
-
-    def __iter__(self) -> Iterator[Example]:
-        return self.iterate(0)
-
-    def _task_stream(self, name: str) -> Iterator[Example]:
-        examples = self.examples[name]
-        epoch = 0
-        while True:
-            order = list(range(len(examples)))
-            random.Random(f"samlm-mixture:{self.seed}:{name}:{epoch}").shuffle(order)
-            for i in order:
-                yield examples[i]
-            epoch += 1

@@ -2,14 +2,15 @@
 
 ``--data``, ``--tokenizer``, ``--max-chars`` and ``--trust-remote-code`` are the pretraining
 settings themselves (one definition, the same meaning in every command); ``--out``,
-``--overwrite`` and ``--no-progress`` are the loop's. The work is :func:`samlm.data.prepared.prepare`.
+``--overwrite`` and ``--no-progress`` are the loop's. The work is :func:`samlm.data.writer.prepare`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from samlm.data.prepared import DEFAULT_BPE_TRAIN_CHARS, Budget
+from samlm.data import writer
+from samlm.data.tokenizers import DEFAULT_BPE_TRAIN_CHARS
 from samlm.errors import UserError
 from samlm.harness import settings as s
 from samlm.harness.pretrain.config import ModelSettings, TextDataSettings
@@ -67,16 +68,14 @@ class PrepareConfig:
         if self.out is None:
             raise UserError("--out is required: the directory to write the prepared dataset to")
 
-    def budget(self) -> Budget:
-        return Budget(max_tokens=self.max_tokens, val_tokens=self.val_tokens, val_documents=self.val_documents)
+    def budget(self) -> writer.Budget:
+        return writer.Budget(max_tokens=self.max_tokens, val_tokens=self.val_tokens, val_documents=self.val_documents)
 
 
 def prepare(config: PrepareConfig) -> dict:
     """Run a prepare from its settings; returns the directory's meta.json (``reused``: it was complete)."""
-    from samlm.data import prepared
-
     s.validate(config)
-    return prepared.prepare(
+    return writer.prepare(
         config.data,
         config.out,
         tokenizer=config.tokenizer,

@@ -90,7 +90,7 @@ def demo_config(
     budget = {} if steps is None else {"steps": steps, "tokens_per_param": None}
     base = dataclasses.replace(DEMO_BASE, threads=threads, **budget)
     if data is not None:
-        from samlm.data.prepared import is_prepared_dir
+        from samlm.data import is_prepared_dir
 
         base = dataclasses.replace(base, data=data, tokenizer=None if is_prepared_dir(data) else base.tokenizer)
     if sweep:
