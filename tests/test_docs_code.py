@@ -83,3 +83,39 @@ def test_every_relative_link_of_the_readme_and_docs_resolves():
             if not (page.parent / target).exists():
                 missing.append(f"{page.name} -> {target}")
     assert not missing, missing
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings (outside code fences), duplicates numbered."""
+    found: set[str] = set()
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        heading = re.match(r"#{1,6} (.+)", line)
+        if fenced or not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        n, unique = 0, slug
+        while unique in found:
+            n += 1
+            unique = f"{slug}-{n}"
+        found.add(unique)
+    return found
+
+
+def test_every_anchor_link_of_the_readme_and_docs_names_a_heading():
+    """A link into a section (``page.md#anchor`` or ``#anchor``) points at a heading that exists."""
+    broken = []
+    for page in PAGES:
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*)#([^)\s]+)\)", page.read_text()):
+            linked = (page.parent / target) if target else page
+            if linked.exists() and anchor not in anchors(linked.read_text()):
+                broken.append(f"{page.name} -> {target}#{anchor}")
+    assert not broken, broken
+
+
+def test_anchors_are_githubs():
+    page_text = "# A `b` c: d\n```bash\n# not a heading\n```\n## What `--data` reads\n## Result\n## Result\n"
+    assert anchors(page_text) == {"a-b-c-d", "what---data-reads", "result", "result-1"}

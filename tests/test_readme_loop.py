@@ -49,7 +49,7 @@ def test_the_readme_loop_trains_and_evaluates_on_a_prepared_bpe_corpus(tmp_path,
 
     block = readme_block("LMDataset.from_prepared")
     code, switched = PREPARED_LINE.subn(r"\1", block)
-    assert switched == 1, "the README loop should show `# data = LMDataset.from_prepared(\"data/corpus\", ...)`"
+    assert switched == 1, 'the README loop should show `# data = LMDataset.from_prepared("data/corpus", ...)`'
     assert "vocab_size=data.vocab_size" in code, "the README loop should size the model by data.vocab_size"
 
     namespace: dict = {"__name__": "__readme__"}
