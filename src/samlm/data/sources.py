@@ -93,7 +93,8 @@ class Source:
     def _stream(self, split: str) -> Iterator[str]:
         if self.kind == "builtin":
             with importlib.resources.as_file(self.resource) as path:
-                yield from (jsonl_documents if path.suffix == ".jsonl" else utf8_blocks)(Path(path))
+                read = jsonl_documents if path.suffix == ".jsonl" else utf8_blocks
+                yield from read(path)
         elif self.kind == "text-file":
             yield from utf8_blocks(self.path)
         elif self.kind == "jsonl-file":

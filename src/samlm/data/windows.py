@@ -163,7 +163,7 @@ class LMDataset:
         max_chars: int | None = None,
     ) -> LMDataset:
         """A corpus read (:func:`samlm.data.sources.load_corpus`) and tokenized in memory (bytes by
-        default): the tokens and windows of ``samlm prepare`` with the tail rule."""
+        default), split by the tail rule: for a one-document corpus, the windows of ``samlm prepare``."""
         text = load_corpus(spec, max_chars=max_chars)
         return cls.from_text(text, tokenizer or ByteTokenizer(), context=context, val_fraction=val_fraction)
 
