@@ -64,6 +64,7 @@ from torch import nn
 from samlm import io
 from samlm.data import count_targets, lm_loss
 from samlm.errors import NonFiniteLossError, UserError, first_line
+from samlm.harness import checks
 from samlm.harness import settings as s
 from samlm.harness.resume import LoopState, TrainingRun, Window
 from samlm.harness.rundir import RunDir
@@ -302,7 +303,7 @@ def train(
             by a resumed run: it is deterministic).
     """
     config.validate()
-    _check_optimizer_settings(optimizer)
+    checks.optimizer_settings(optimizer)
     forward = forward or lm_forward(model)
     run = TrainingRun(model, optimizer, train_batches, config, scheduler, scaler)
     state, checkpoint = run.start()
@@ -400,7 +401,7 @@ def _one_step(run: TrainingRun, state: LoopState, forward, loss, count_tokens, s
     device = next(run.model.parameters()).device
     micro_batches = [_to_device(next(run.train_batches), device) for _ in range(run.config.grad_accum)]
     if not run.step_plan_checked:
-        _check_step_plan(run.optimizer, micro_batches)
+        checks.step_plan(run.optimizer, micro_batches)
         run.step_plan_checked = True
     batch = micro_batches if len(micro_batches) > 1 else micro_batches[0]
     lr = current_lr(run.optimizer)
@@ -430,59 +431,6 @@ def _one_step(run: TrainingRun, state: LoopState, forward, loss, count_tokens, s
     state.last_lr = lr
     state.window.add(stats, tokens, seconds)
     return stats
-
-
-def _check_optimizer_settings(optimizer: torch.optim.Optimizer) -> None:
-    """Every number an optimizer step multiplies with must be finite and fit in float32.
-
-    torch applies ``lr``, ``weight_decay``, ``eps``, ... to fp32 weights; a value beyond
-    float32's range (``lr=1e39``) fails inside the step with an overflow traceback, and NaN
-    silently ruins the weights. Checked before anything is written.
-    """
-
-    def bad(value) -> bool:
-        return (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and not (math.isfinite(value) and abs(value) <= s.FLOAT32_MAX)
-        )
-
-    settings: list[tuple[str, Any]] = []
-    for group in optimizer.param_groups:
-        for key, value in group.items():
-            if key == "params":
-                continue
-            values = value if isinstance(value, (tuple, list)) else (value,)
-            settings.extend((key, v) for v in values)
-    if isinstance(optimizer, SharpnessAware):
-        settings.append(("rho", optimizer.rho))
-    for key, value in settings:
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if bad(value):
-            name = "lr" if key == "initial_lr" else key
-            raise UserError(
-                f"optimizer setting {name}={value!r} is not a finite number within float32's range "
-                f"(|x| <= {s.FLOAT32_MAX:.3g})"
-            )
-
-
-def _check_step_plan(optimizer, micro_batches: list) -> None:
-    """A SAM-family optimizer must be able to split a step's rows into its m groups.
-
-    Checked on the first step of a run, so that a batch that ``m`` does not divide (or too small
-    for any ascent row) is one ``UserError`` line before anything is trained or saved.
-    """
-    if not isinstance(optimizer, SharpnessAware):
-        return
-    from samlm.optim.batching import batch_rows, plan_step
-
-    try:
-        sizes = [batch_rows(b) for b in micro_batches]
-        plan_step(sizes, optimizer.ascent_fraction, optimizer.m)
-    except ValueError as exc:
-        rows = " + ".join(str(batch_rows(b)) for b in micro_batches) if micro_batches else "0"
-        raise UserError(f"cannot split a training step of {rows} rows for SAM: {exc}") from None
 
 
 def _apply_nonfinite_policy(state: LoopState, stats: Mapping[str, Any], config: LoopConfig) -> None:

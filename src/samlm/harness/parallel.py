@@ -18,7 +18,6 @@ and without it each replica perturbs with its own ε (m-sharpness, m = N; Foret 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,43 +26,6 @@ from torch import nn
 
 from samlm.errors import UserError
 from samlm.integrations import distributed
-
-STRATEGIES = distributed.STRATEGIES
-MIXED_PRECISION = distributed.MIXED_PRECISION
-
-
-def add_arguments(parser, *, device_flag: bool = True) -> None:
-    """``--device``, ``--strategy``, ``--sync-ascent``, ``--mixed-precision`` (on a parser or a group)."""
-    group = (
-        parser
-        if not isinstance(parser, argparse.ArgumentParser)
-        else parser.add_argument_group(
-            "devices and processes (multi-GPU: torchrun --nproc-per-node N -m samlm ... or accelerate launch -m samlm ...)"
-        )
-    )
-    if device_flag:
-        group.add_argument(
-            "--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu, cuda"
-        )
-    group.add_argument(
-        "--strategy",
-        choices=STRATEGIES,
-        default="auto",
-        help="data parallelism across processes: auto (FSDP under accelerate's --use_fsdp, else "
-        "DDP when launched on several processes), ddp, fsdp (FSDP2), none",
-    )
-    group.add_argument(
-        "--sync-ascent",
-        action="store_true",
-        help="average SAM's ascent gradient over processes (exact global SAM); default: each "
-        "process perturbs with its own gradient (m-sharpness with m = processes, as in the papers)",
-    )
-    group.add_argument(
-        "--mixed-precision",
-        choices=MIXED_PRECISION,
-        default=None,
-        help="no | bf16 (autocast) | fp16 (autocast + GradScaler); default: accelerate's setting, else no",
-    )
 
 
 def resolve_device(spec: str) -> torch.device | None:
@@ -166,11 +128,11 @@ def parallelize(
     sam: bool = True,
 ) -> Parallel:
     """Wrap ``model`` for this launch and choose the SAM and mixed-precision settings."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{strategy}'")
+    if strategy not in distributed.STRATEGIES:
+        raise UserError(f"--strategy must be one of {', '.join(distributed.STRATEGIES)}, got '{strategy}'")
     mixed = mixed_precision or info.mixed_precision
-    if mixed not in MIXED_PRECISION:
-        raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got '{mixed}'")
+    if mixed not in distributed.MIXED_PRECISION:
+        raise UserError(f"--mixed-precision must be one of {', '.join(distributed.MIXED_PRECISION)}, got '{mixed}'")
     if mixed == "fp16" and info.device.type != "cuda":
         raise UserError("--mixed-precision fp16 needs a CUDA device (use bf16 on the CPU)")
     if strategy == "fsdp" and not info.is_distributed:

@@ -1,2 +1,2 @@
-"""Integrations with the tools users train with: torch.distributed / accelerate (``distributed``)
-and the Hugging Face Trainer (``hf``)."""
+"""Integrations with the tools users train with: torch.distributed / accelerate (``distributed``),
+the Hugging Face Trainer (``hf``; TRL's ``SFTTrainer``: ``sft``) and experiment trackers (``tracking``)."""

@@ -21,7 +21,6 @@ from samlm.harness.settings import override, setting
 from samlm.optim.registry import METHODS, method
 
 KINDS = (CLASSIFICATION, REGRESSION, GENERATION)
-MODEL_DEFAULT = "the model's: 1e-3 T5, 2e-5 encoders"
 
 
 def _subsample(flag: str, value) -> None:

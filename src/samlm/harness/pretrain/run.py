@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from samlm.errors import UserError
+from samlm.harness import checks
 from samlm.harness.pretrain.build import (
     RunData,
     build_model,
@@ -92,26 +93,6 @@ class RunHook(Protocol):
 RUN_HOOKS: list[RunHook] = []
 
 
-def _check_step_split(config: PretrainConfig, world_size: int) -> None:
-    """Each process's rows of a step (micro-batch/processes × grad-accum) must split into --m
-    groups, each with an ascent row: checked before anything is written."""
-    from samlm.optim.batching import plan_step
-    from samlm.optim.registry import method
-
-    if not method(config.optimizer).is_sam:
-        return
-    rows = config.micro_batch // world_size
-    try:
-        plan_step([rows] * config.grad_accum, config.ascent_fraction, config.m)
-    except ValueError as exc:
-        per = f" per process ({world_size} processes)" if world_size > 1 else ""
-        raise UserError(
-            f"cannot split a step of {rows * config.grad_accum} rows{per} for SAM "
-            f"(--batch {config.batch}, --grad-accum {config.grad_accum}, --m {config.m}, "
-            f"--ascent-fraction {config.ascent_fraction:g}): {exc}"
-        ) from None
-
-
 def _resolve_rho(config: PretrainConfig) -> float | None:
     from samlm.optim.registry import method
 
@@ -145,7 +126,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
         torch.set_num_threads(config.threads)
     info = parallel.setup(config.device)
     distributed.check_batch_split(config.micro_batch, info.world_size)
-    _check_step_split(config, info.world_size)
+    checks.step_split(config, info.world_size)
 
     data = load_data(config, progress=config.progress and info.is_main)
     dataset, tokenizer_name, vocab_size = data.dataset, data.tokenizer_name, data.vocab_size
