@@ -32,9 +32,31 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/samlm bench --steps 20 --json runs/bench.json
 
-# on one CUDA GPU, ~8 min: bench at GPT-2-small shape, bf16+compile, fp16, torchrun (scripts/gpu_check.sh)
-gpu-check: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 bash scripts/gpu_check.sh
+# on one CUDA GPU, ~8 min: bench at GPT-2-small shape, bf16+compile, fp16, torchrun (scripts/gpu_check.sh).
+# PYTHON=python3: the cluster's Python with its own CUDA PyTorch runs it from this checkout, with no
+# venv and no pip (a pre-flight names anything missing first).
+PYTHON ?=
+gpu-check: $(if $(PYTHON),,$(STAMP))
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHON="$(or $(PYTHON),$(PY))" bash scripts/gpu_check.sh
+
+# An offline install for an air-gapped node (docs/scale.md). `make wheels` (on a machine with an
+# index) writes WHEELS: samlm's wheel and its EXTRAS' dependencies for the node's Python and
+# platform, without torch or its CUDA wheels (the node has its own PyTorch, TORCH_VERSION).
+# `make install-wheels WHEELS=DIR PYTHON=python3` (on the node) makes VENV over the node's torch
+# (--system-site-packages) and installs from DIR with no index.
+WHEELS         ?= dist/wheelhouse
+EXTRAS         ?= harness
+WHEEL_PYTHON   ?= 3.11
+WHEEL_PLATFORM ?= manylinux2014_x86_64
+TORCH_VERSION  ?= $(patsubst torch==%,%,$(TORCH))
+.PHONY: wheels install-wheels
+wheels:
+	$(or $(PYTHON),python3) scripts/wheelhouse.py "$(WHEELS)" --extras "$(EXTRAS)" --python-version $(WHEEL_PYTHON) \
+		$(foreach p,$(WHEEL_PLATFORM),--platform $(p)) --torch $(TORCH_VERSION)
+
+install-wheels:
+	test -x $(PY) || $(or $(PYTHON),python3) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --no-index --find-links "$(WHEELS)" 'samlm[$(EXTRAS)]'
 
 clean:
 	rm -rf $(VENV) runs
