@@ -221,11 +221,7 @@ def test_the_private_name_check_sees_imports_and_attributes(source, expected):
 def test_the_core_and_diagnostics_import_nothing_outside_torch_and_the_core():
     allowed = {"torch", "numpy", "samlm", "__future__"}
     # build_base_optimizer("adafactor") imports Hugging Face's Adafactor when asked for by name.
-    # The quantization measure imports torchao's affine primitives when it runs (the harness extra).
-    asked_for = {
-        ("optim/__init__.py", "transformers.optimization"),
-        ("diagnostics/robustness.py", "torchao.quantization.quant_primitives"),
-    }
+    asked_for = {("optim/__init__.py", "transformers.optimization")}
     stdlib_like = set(sys.stdlib_module_names)
     wrong = []
     for folder in ("optim", "diagnostics"):
