@@ -38,31 +38,32 @@ def check(smoke: bool) -> tuple[list[str], list[str]]:
     missing: list[str] = []
     if sys.version_info < (3, 10):  # noqa: UP036 - the cluster's Python may be older than samlm's
         missing.append(f"Python >= 3.10 (this is {sys.version.split()[0]})")
+    for name in IMPORTS:  # find_spec: each missing one named, none imported yet
+        if importlib.util.find_spec(name) is None:
+            missing.append(f"{name} (import {name}): {HINT}")
+    if importlib.util.find_spec("samlm") is None:
+        missing.append("samlm (import samlm): run from the checkout with PYTHONPATH=src, or install it")
     try:
         import torch
     except Exception as err:  # whatever breaks `import torch` is the one line
-        return notes, [f"torch ({type(err).__name__}: {err}); install the cluster's PyTorch or {HINT}"]
+        missing.insert(0, f"torch ({type(err).__name__}: {err}); install the cluster's PyTorch or {HINT}")
+        return notes, missing
     low, high = TORCH_RANGE
     if not low <= _version(torch.__version__) < high:
         missing.append(f"torch >=2.4,<2.15 (this is {torch.__version__})")
     notes.append(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), Python {sys.version.split()[0]}")
 
-    for name in IMPORTS:
-        if importlib.util.find_spec(name) is None:
-            missing.append(f"{name} (import {name}): {HINT}")
-    if importlib.util.find_spec("samlm") is None:
-        missing.append("samlm (import samlm): run from the checkout with PYTHONPATH=src, or install it")
-    elif not missing:
+    if not missing:  # samlm's modules import the rest: only once all of it is there
         for name in SAMLM_MODULES:
             try:
                 importlib.import_module(name)
             except ImportError as err:
                 missing.append(f"{err.name or name} (import {name}: {err}): {HINT}")
-            except Exception as err:  # a broken install: still one line, and the check stops here
+            except Exception as err:  # a broken install: still one line
                 missing.append(f"a working {name} ({type(err).__name__}: {err})")
-        import samlm
-
-        notes.append(f"samlm {samlm.__version__} from {samlm.__path__[0]}")
+        samlm = sys.modules.get("samlm")
+        if samlm is not None:
+            notes.append(f"samlm {samlm.__version__} from {samlm.__path__[0]}")
 
     import torch.distributed as dist
 
