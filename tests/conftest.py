@@ -36,7 +36,7 @@ def float64_default():
 
 
 def pytest_configure(config):
-    """Prepared-data cache (samlm.data.prepared) in a temporary directory, never ~/.cache: every
+    """Prepared-data cache (samlm.data.cache) in a temporary directory, never ~/.cache: every
     test process (and the CLI subprocesses they start) shares it, as runs on one machine do.
 
     And a per-session temporary directory as TMPDIR for every process started from here on (xdist

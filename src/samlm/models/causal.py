@@ -290,7 +290,7 @@ def lm_forward(model: nn.Module) -> Callable[[Batch], torch.Tensor]:
 
     The batch is ``{"input_ids", "labels", optional "attention_mask"}``, an ``(input_ids, labels)``
     tuple, or a bare ``input_ids`` tensor. Labels are never passed to the model (they are
-    already shifted; see ``samlm.data.text``), and no KV cache is kept.
+    already shifted; see ``samlm.data.windows``), and no KV cache is kept.
     """
 
     def forward(batch: Batch) -> torch.Tensor:

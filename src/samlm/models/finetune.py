@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from samlm.data.formats import Example
 from samlm.data.metrics import postprocess_generation
 from samlm.data.tasks import CLASSIFICATION, GENERATION, REGRESSION, Task
+from samlm.data.windows import IGNORE_INDEX
 from samlm.errors import UserError, first_line
 from samlm.models.causal import load_model_config
 from samlm.models.causal import quiet_transformers as _quiet_transformers
@@ -47,7 +48,6 @@ from samlm.models.causal import quiet_transformers as _quiet_transformers
 SEQ2SEQ = "seq2seq"
 CLASSIFIER = "classifier"
 FAMILIES = (SEQ2SEQ, CLASSIFIER)
-IGNORE_INDEX = -100
 
 # T5-family model types whose Bahri et al. defaults apply (ByT5 checkpoints are "t5").
 T5_TYPES = ("t5", "mt5", "umt5")
