@@ -7,8 +7,7 @@ from samlm.integrations.hf import __all__  # noqa: F401
 
 
 def __getattr__(name: str):
-    """``SAMSFTTrainer``, built the first time it is asked for (it needs TRL); any other name of
-    :mod:`samlm.integrations.hf`."""
+    """``SAMSFTTrainer``, built the first time it is asked for (it needs TRL); else ``integrations.hf``'s."""
     if name == "SAMSFTTrainer":
         import importlib.util
 

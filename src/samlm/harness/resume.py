@@ -1,8 +1,7 @@
-"""A training run's state, to a checkpoint and back: the loop's counters (:class:`LoopState`, with
-the open logging :class:`Window`) and its stateful objects (:class:`TrainingRun`). A fresh start
-clears the run directory and seeds the RNGs; a resume restores everything from the newest good
-checkpoint (weights, optimizer / scheduler / grad-scaler state, data position, RNGs, counters,
-metrics history) and rewrites ``metrics.jsonl`` to that history. Checkpoint files: :mod:`samlm.io`."""
+"""A training run's state, to a checkpoint (:mod:`samlm.io`) and back: the loop's counters
+(:class:`LoopState`, with the open logging :class:`Window`) and its stateful objects
+(:class:`TrainingRun`). A fresh start clears the run directory and seeds the RNGs; a resume
+restores all of it from the newest good checkpoint and rewrites ``metrics.jsonl`` to its history."""
 
 from __future__ import annotations
 

@@ -73,19 +73,13 @@ def check_model(config: PretrainConfig, model) -> None:
         raise UserError(f"--quant-group-size: {exc}") from None
 
 
-def _prepared_dir(spec: str) -> bool:
-    from samlm.data import is_prepared_dir
-
-    return is_prepared_dir(spec)
-
-
 def check_tokenizer(config: PretrainConfig, data) -> None:
     """The second corpus must be in the run's tokenizer (``data``: the run's
     :class:`~samlm.harness.pretrain.build.RunData`): a prepared directory made with another
     tokenizer, or a ``--forget-tokenizer`` that is not the run's, is a one-line error."""
-    from samlm.data import load_prepared
+    from samlm.data import is_prepared_dir, load_prepared
 
-    if _prepared_dir(config.forget_data):
+    if is_prepared_dir(config.forget_data):
         other = load_prepared(config.forget_data)
         other_name, other_sha = other.tokenizer_name, other.tokenizer_sha256
     elif config.forget_tokenizer is not None:
@@ -114,7 +108,9 @@ def second_corpus_config(config: PretrainConfig, run_tokenizer: str) -> Pretrain
     """``config`` reading the second corpus: a prepared directory with its own tokenizer (checked
     to be the run's), a raw spec with the run's tokenizer (``run_tokenizer``: ``bytes`` or the
     run's tokenizer directory, so a BPE trained for the run is reused, not retrained)."""
-    tokenizer = None if _prepared_dir(config.forget_data) else run_tokenizer
+    from samlm.data import is_prepared_dir
+
+    tokenizer = None if is_prepared_dir(config.forget_data) else run_tokenizer
     return dataclasses.replace(config, data=config.forget_data, max_chars=None, tokenizer=tokenizer, progress=False)
 
 
