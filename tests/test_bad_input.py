@@ -1,4 +1,4 @@
-"""Every bad input is answered clearly (GitHub issue #6): for each case, through the CLI,
+"""Every bad input is answered clearly: for each case, through the CLI,
 
 * exit code 2 and exactly ONE stderr line, ``samlm: error: <message naming the problem>``;
 * no traceback;

@@ -1,4 +1,4 @@
-"""Crash safety of both harnesses, end to end through the CLI (GitHub issue #6).
+"""Crash safety of both harnesses, end to end through the CLI.
 
 * ``kill -9`` at a seeded random point mid-run, then ``--resume``: the same final weights
   (``torch.equal``) and the same metrics (timing fields aside) as an uninterrupted run.

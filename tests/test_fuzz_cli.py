@@ -1,4 +1,4 @@
-"""Fuzzing every command's flags with hypothesis (GitHub issue #6).
+"""Fuzzing every command's flags with hypothesis.
 
 Random argument lists (valid flags with random or invalid values, unknown flags, garbage
 strings, negative / huge / NaN numbers, flags missing their value) must end in exit 0, or in

@@ -1,4 +1,4 @@
-"""The SAM family around Muon (issue 19): several base optimizers under one wrapper, Muon's
+"""The SAM family around Muon: several base optimizers under one wrapper, Muon's
 geometry for the perturbation (its Newton–Schulz orthogonalization), the spectral-ball rule, the
 diagonal-preconditioner readers of torch.optim's adaptive optimizers, and --base muon through
 the commands."""

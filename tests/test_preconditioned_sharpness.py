@@ -1,4 +1,4 @@
-"""Preconditioned sharpness λ_max(P^{-1/2} H P^{-1/2}) (issue 12, item 3) against dense closed forms (float64):
+"""Preconditioned sharpness λ_max(P^{-1/2} H P^{-1/2}) against dense closed forms (float64):
 a quadratic with a given diagonal P, and a tiny MLP with P read from real AdamW / Adafactor states."""
 
 import json

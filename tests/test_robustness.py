@@ -1,4 +1,4 @@
-"""Robustness measures (issue 20): weight noise, RTN quantization, forgetting.
+"""Robustness measures: weight noise, RTN quantization, forgetting.
 
 What is pinned down: σ = 0 and on-grid weights leave the loss bitwise unchanged; RTN equals a plain
 round-to-nearest reference (and GPT-2's transposed Conv1D is quantized per *output* channel);

@@ -64,7 +64,7 @@ def test_loaders_default_trust_remote_code_to_false():
         assert inspect.signature(loader).parameters["trust_remote_code"].default is False
 
 
-# --------------------------------------------------------------------------- gaps closed for issue #6
+# --------------------------------------------------------------------------- bad files and paths
 
 
 def _keyword_names_in_dicts(tree) -> set[str]:

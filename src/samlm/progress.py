@@ -47,8 +47,8 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-# Loggers of libraries that warn on every import here and mean nothing for a run: torchao (imported
-# by transformers when installed) about its CUDA kernels, torch's pytree about torchao's enums.
+# Loggers of libraries that warn on every import and mean nothing for a run, when the environment
+# has torchao (transformers imports it when installed; samlm does not need it) about its CUDA kernels, torch's pytree about torchao's enums.
 QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 

@@ -105,7 +105,7 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-# Loggers that speak when transformers imports torchao on a CPU-only machine (its CUDA kernels
+# Loggers that speak when the environment has torchao and transformers imports it on a CPU-only machine (its CUDA kernels
 # that cannot load here, torch's pytree deprecation notes): not the user's concern, and they
 # would break the one-line error of a bad input.
 def _setup_logging() -> None:
