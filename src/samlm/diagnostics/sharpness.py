@@ -33,13 +33,14 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import Tensor
 
 from samlm.optim.preconditioners import FrozenMuon, Preconditioners
 from samlm.optim.split import PathGradients, path_gradients
+from samlm.optim.types import Batch, ForwardFn, LossFn
 
 __all__ = [
     "EigenResult",
@@ -57,10 +58,9 @@ __all__ = [
     "trainable_parameters",
 ]
 
-Batch = Any
-Forward = Callable[[Batch], Tensor]
-Loss = Callable[[Tensor, Batch], Tensor]
 MatVec = Callable[[Sequence[Tensor]], list[Tensor]]
+# one(params, batch, forward, loss, v): a curvature matrix-vector product on one batch
+BatchMatVec = Callable[[Sequence[Tensor], Batch, ForwardFn, LossFn, Sequence[Tensor]], list[Tensor]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def _as_batch_list(batches: Batch) -> list[Batch]:
     return [batches]
 
 
-def _outputs(forward: Forward, batch: Batch) -> Tensor:
+def _outputs(forward: ForwardFn, batch: Batch) -> Tensor:
     z = forward(batch)
     if not isinstance(z, Tensor):
         raise TypeError(f"forward(batch) must return a tensor of outputs, got {type(z).__name__}")
@@ -91,7 +91,7 @@ def _outputs(forward: Forward, batch: Batch) -> Tensor:
 def _grad(
     outputs: Sequence[Tensor],
     inputs: Sequence[Tensor],
-    grad_outputs: Sequence[Tensor] | None = None,
+    grad_outputs: Sequence[Tensor | None] | None = None,
     *,
     create_graph: bool = False,
     retain_graph: bool | None = None,
@@ -116,7 +116,7 @@ def _grad(
     return [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
 
 
-def _output_grad(z: Tensor, batch: Batch, loss: Loss, *, create_graph: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _output_grad(z: Tensor, batch: Batch, loss: LossFn, *, create_graph: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """r = ∂ℓ/∂z at the outputs z (cut from the model's graph). Returns (r, ℓ, the leaf z)."""
     z_leaf = z.detach().requires_grad_(True)
     value = loss(z_leaf, batch)
@@ -147,7 +147,7 @@ def _jvp(z: Tensor, params: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
     return jv
 
 
-def _output_hvp(z: Tensor, batch: Batch, loss: Loss, t: Tensor) -> Tensor:
+def _output_hvp(z: Tensor, batch: Batch, loss: LossFn, t: Tensor) -> Tensor:
     """H_z t: Hessian of the loss w.r.t. the outputs times t, exact for any loss (double backward)."""
     r, _, z_leaf = _output_grad(z, batch, loss, create_graph=True)
     (hz_t,) = _grad([r], [z_leaf], [t])
@@ -158,21 +158,27 @@ def _output_hvp(z: Tensor, batch: Batch, loss: Loss, t: Tensor) -> Tensor:
 # curvature matrix-vector products (one batch each, then averaged)
 
 
-def _hvp_one(params, batch, forward, loss, v):
+def _hvp_one(
+    params: Sequence[Tensor], batch: Batch, forward: ForwardFn, loss: LossFn, v: Sequence[Tensor]
+) -> list[Tensor]:
     """H v = ∂/∂w ⟨∇L(w), v⟩ (Pearlmutter / double backward)."""
     value = loss(_outputs(forward, batch), batch)
     g = _grad([value], params, create_graph=True)
     return _grad(g, params, v)
 
 
-def _gnvp_one(params, batch, forward, loss, v):
+def _gnvp_one(
+    params: Sequence[Tensor], batch: Batch, forward: ForwardFn, loss: LossFn, v: Sequence[Tensor]
+) -> list[Tensor]:
     """H_O v = Jᵀ H_z J v: J v by double backward, H_z(J v) on the outputs, then a VJP."""
     z = _outputs(forward, batch)
     jv = _jvp(z, params, v)
     return _vjp(z, params, _output_hvp(z, batch, loss, jv))
 
 
-def _fhvp_one(params, batch, forward, loss, v):
+def _fhvp_one(
+    params: Sequence[Tensor], batch: Batch, forward: ForwardFn, loss: LossFn, v: Sequence[Tensor]
+) -> list[Tensor]:
     """H_F v = Σ_k r_k ∇²F_k v = ∂/∂w ⟨J(w)ᵀ r̄, v⟩ with r̄ = ∂ℓ/∂z held fixed."""
     z = _outputs(forward, batch)
     r, _, _ = _output_grad(z, batch, loss)
@@ -192,7 +198,7 @@ def _math_attention() -> Iterator[None]:
         yield
 
 
-def _averaged(one: Callable, params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss) -> MatVec:
+def _averaged(one: BatchMatVec, params: Sequence[Tensor], batches: Batch, forward: ForwardFn, loss: LossFn) -> MatVec:
     """v ↦ (1/B) Σ_b one(params, batch_b, forward, loss, v): the average of per-batch operators."""
     params = list(params)
     batches = _as_batch_list(batches)
@@ -202,21 +208,22 @@ def _averaged(one: Callable, params: Sequence[Tensor], batches: Batch, forward: 
         if len(v) != len(params) or any(vi.shape != p.shape for vi, p in zip(v, params)):
             raise ValueError("vector must be a list of tensors shaped like params")
         with torch.enable_grad(), _math_attention():
-            total = None
+            total: list[Tensor] | None = None
             for batch in batches:
                 out = [o.detach() for o in one(params, batch, forward, loss, v)]
                 total = out if total is None else [t.add_(o) for t, o in zip(total, out)]
+        assert total is not None  # batches is never empty
         return [t.div_(len(batches)) for t in total]
 
     return matvec
 
 
-def hessian_vector_product(params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss) -> MatVec:
+def hessian_vector_product(params: Sequence[Tensor], batches: Batch, forward: ForwardFn, loss: LossFn) -> MatVec:
     """v ↦ H v with H = ∇²L(w), by double backward; averaged over the batches."""
     return _averaged(_hvp_one, params, batches, forward, loss)
 
 
-def gauss_newton_vector_product(params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss) -> MatVec:
+def gauss_newton_vector_product(params: Sequence[Tensor], batches: Batch, forward: ForwardFn, loss: LossFn) -> MatVec:
     """v ↦ H_O v = Jᵀ H_z J v (Gauss-Newton / outer-product term); averaged over the batches.
 
     No loss is assumed: H_z is the exact Hessian of ``loss`` w.r.t. the outputs, applied by autograd.
@@ -224,7 +231,9 @@ def gauss_newton_vector_product(params: Sequence[Tensor], batches: Batch, forwar
     return _averaged(_gnvp_one, params, batches, forward, loss)
 
 
-def functional_hessian_vector_product(params: Sequence[Tensor], batches: Batch, forward: Forward, loss: Loss) -> MatVec:
+def functional_hessian_vector_product(
+    params: Sequence[Tensor], batches: Batch, forward: ForwardFn, loss: LossFn
+) -> MatVec:
     """v ↦ H_F v = (H − H_O) v = Σ_k r_k ∇²F_k v; averaged over the batches.
 
     Computed directly (one double backward of Jᵀr̄ with r̄ fixed) rather than as Hv − Gv: the same
@@ -249,7 +258,7 @@ def preconditioned_vector_product(matvec: MatVec, preconditioner: Sequence[Tenso
 
 
 def preconditioner_tensors(
-    preconditioner: Callable[[Tensor], Tensor | None] | torch.optim.Optimizer, params: Sequence[Tensor]
+    preconditioner: Callable[[Tensor], Tensor | FrozenMuon | None] | torch.optim.Optimizer, params: Sequence[Tensor]
 ) -> list[Tensor | FrozenMuon] | None:
     """P for each of ``params``, from a callable ``param -> P`` (same shape) or an optimizer.
 
@@ -262,7 +271,7 @@ def preconditioner_tensors(
     params = list(params)
     if isinstance(preconditioner, torch.optim.Optimizer):
         preconditioner = Preconditioners(getattr(preconditioner, "base_optimizer", preconditioner), params).frozen
-    tensors = []
+    tensors: list[Tensor | FrozenMuon] = []
     for param in params:
         p = preconditioner(param)
         if p is None:
@@ -315,14 +324,14 @@ def _flatten(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 def _unflatten(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
-    chunks = flat.split([p.numel() for p in params])
+    chunks = flat.split([p.numel() for p in params])  # type: ignore[no-untyped-call]  # untyped in torch
     return [c.view(p.shape).to(p.dtype) for c, p in zip(chunks, params)]
 
 
 def _random_unit(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
     """A unit Gaussian vector, drawn on the CPU so the same seed gives the same vector on any device."""
     v = torch.randn(n, generator=generator, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
-    return v / v.norm()
+    return v / cast(Tensor, v.norm())  # Tensor.norm: untyped in torch
 
 
 def _orthogonalize_(w: Tensor, basis: Sequence[Tensor]) -> Tensor:
@@ -339,7 +348,7 @@ def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[Tensor, 
     if betas:
         off = torch.tensor(betas, dtype=torch.float64)
         t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigh(t)
+    return cast("tuple[Tensor, Tensor]", torch.linalg.eigh(t))  # torch.linalg: untyped
 
 
 def _lanczos(
@@ -481,8 +490,8 @@ def top_eigenvalue(
 def functional_hessian_top_eigenvalue(
     params: Sequence[Tensor],
     batches: Batch,
-    forward: Forward,
-    loss: Loss,
+    forward: ForwardFn,
+    loss: LossFn,
     *,
     iters: int = 20,
     tol: float = 1e-5,
@@ -531,7 +540,9 @@ def _ratio(numerator: float, denominator: float) -> float:
     return math.inf if numerator > 0 else math.nan
 
 
-def sam_path_split(params: Sequence[Tensor], batch: Batch, forward: Forward, loss: Loss, rho: float) -> SamPathSplit:
+def sam_path_split(
+    params: Sequence[Tensor], batch: Batch, forward: ForwardFn, loss: LossFn, rho: float
+) -> SamPathSplit:
     """g, g_SAM = J(w+ε)ᵀ r(w+ε) and g_F = J(w+ε)ᵀ r(w) at ε = ρ g/‖g‖ (0 when g = 0).
 
     Over a list of batches every gradient is the average of per-batch gradients and ε uses the
@@ -551,7 +562,7 @@ def sam_path_split(params: Sequence[Tensor], batch: Batch, forward: Forward, los
 
 
 def sam_path_norms(
-    params: Sequence[Tensor], batch: Batch, forward: Forward, loss: Loss, rho: float
+    params: Sequence[Tensor], batch: Batch, forward: ForwardFn, loss: LossFn, rho: float
 ) -> dict[str, float]:
     """‖δ_logit‖, ‖δ_func‖, their ratio and cosines with g_SAM − g = δ_logit + δ_func (see module doc).
 
@@ -581,6 +592,13 @@ def sam_path_norms(
 
 # --------------------------------------------------------------------------------------------------
 # everything at once, on a model
+
+
+class _SolveOptions(TypedDict):
+    iters: int
+    tol: float
+    seed: int
+    method: str
 
 
 @contextlib.contextmanager
@@ -616,8 +634,8 @@ def _measurement_mode(model: torch.nn.Module) -> Iterator[None]:
 def measure_sharpness(
     model: torch.nn.Module,
     batches: Batch,
-    forward: Forward,
-    loss: Loss,
+    forward: ForwardFn,
+    loss: LossFn,
     *,
     iters: int = 20,
     seed: int = 0,
@@ -652,7 +670,7 @@ def measure_sharpness(
         raise ValueError("the model has no parameters with requires_grad=True")
     batches = _as_batch_list(batches)
     p_diag = None if preconditioner is None else preconditioner_tensors(preconditioner, params)
-    solve = dict(iters=iters, tol=tol, seed=seed, method=method)
+    solve: _SolveOptions = dict(iters=iters, tol=tol, seed=seed, method=method)
     with _measurement_mode(model):
         hvp = hessian_vector_product(params, batches, forward, loss)
         hessian = top_eigenvalue(hvp, params, k=k, **solve)

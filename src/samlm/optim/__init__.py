@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
+from torch import Tensor
 
 from .bases import CombinedOptimizer, muon_split, params_of
 from .descents import DescentRule, Functional, Standard
@@ -24,16 +26,17 @@ from .sam import (
     train_step,
 )
 from .schedule import SamSchedule
+from .types import ParamGroup
 
 # Derived from the registry, for existing callers.
 
 
 def build_muon(
-    model,
+    model: torch.nn.Module,
     *,
     lr: float,
     weight_decay: float = 0.0,
-    betas=(0.9, 0.999),
+    betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     momentum: float = 0.95,
     no_decay: Collection[str] = (),
@@ -55,6 +58,7 @@ def build_muon(
             "Muon orthogonalizes whole weight matrices, which FSDP shards across processes: "
             "use DDP (--strategy ddp) with --base muon / --optimizer muon"
         )
+    others: list[Tensor] | list[ParamGroup]  # AdamW's: parameters, or groups by weight decay
     matrices, others = muon_split(model)
     muon = torch.optim.Muon(
         matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True, adjust_lr_fn="match_rms_adamw"
@@ -71,20 +75,22 @@ def build_muon(
             for skip in (False, True)
         ]
         others = [g for g in groups if g["params"]]
-    adamw = torch.optim.AdamW(others, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    adamw = torch.optim.AdamW(
+        others, lr=lr, betas=cast("tuple[float, float]", tuple(betas)), eps=eps, weight_decay=weight_decay
+    )
     return CombinedOptimizer([muon, adamw])
 
 
 def build_base_optimizer(
     name: str,
-    params,
+    params: torch.nn.Module | Iterable[Tensor],
     *,
     lr: float,
     weight_decay: float = 0.0,
-    betas=(0.9, 0.999),
+    betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     momentum: float = 0.0,
-):
+) -> torch.optim.Optimizer:
     """AdamW, SGD, Adafactor or Muon over ``params`` (a module, or an iterable of parameters).
 
     ``muon``: needs the module (``params`` = the model): ``torch.optim.Muon`` on its hidden 2-D
@@ -93,10 +99,13 @@ def build_base_optimizer(
     to AdamW's RMS (Liu et al. 2025), so one lr serves both; momentum 0.95 with Nesterov and 5
     Newton–Schulz steps are torch's (Jordan et al.'s) defaults."""
     if name == "muon":
-        return build_muon(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        # build_muon raises a ValueError unless params is the model
+        return build_muon(cast(torch.nn.Module, params), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     params = params_of(params)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=cast("tuple[float, float]", tuple(betas)), eps=eps, weight_decay=weight_decay
+        )
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adafactor":
@@ -106,27 +115,28 @@ def build_base_optimizer(
             raise ValueError("base optimizer adafactor needs transformers: pip install 'samlm[harness]'") from None
 
         # Bahri et al.: Adafactor with a constant lr (1e-3), no relative step, no warmup init.
-        return Adafactor(
+        adafactor: torch.optim.Optimizer = Adafactor(
             params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=weight_decay
         )
+        return adafactor
     raise ValueError(f"base optimizer must be one of {BASE_OPTIMIZERS}, got {name!r}")
 
 
 def build_optimizer(
     name: str,
-    params,
+    params: torch.nn.Module | Iterable[Tensor],
     *,
     base: str = "adamw",
     lr: float,
-    rho=None,
+    rho: float | None = None,
     ascent_fraction: float = 0.25,
     m: int = 1,
     sam_every: int = 1,
-    sam_start=0,
-    total_steps=None,
-    sam_kwargs=None,
-    **base_kwargs,
-):
+    sam_start: int | float = 0,
+    total_steps: int | None = None,
+    sam_kwargs: Mapping[str, Any] | None = None,
+    **base_kwargs: Any,
+) -> torch.optim.Optimizer:
     """A registered method: a base optimizer alone, or a SAM-family wrapper around ``base``.
 
     ``rho`` None: the method's registry default. ``sam_every``/``sam_start``/``total_steps``: the
@@ -137,7 +147,8 @@ def build_optimizer(
     if not entry.is_sam:
         return build_base_optimizer(name, params, lr=lr, **base_kwargs)
     inner = build_base_optimizer(base, params, lr=lr, **base_kwargs)
-    return entry.cls(
+    assert entry.cls is not None  # a SAM-family method
+    optimizer: SharpnessAware = entry.cls(
         inner,
         rho=rho,
         ascent_fraction=ascent_fraction,
@@ -147,6 +158,7 @@ def build_optimizer(
         total_steps=total_steps,
         **dict(sam_kwargs or {}),
     )
+    return optimizer
 
 
 __all__ = [

@@ -15,22 +15,30 @@ embedding and head are not "hidden": their gradients are sparse or tied to the v
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
+from .types import ParamGroup
+
 __all__ = ["CombinedOptimizer", "as_optimizer", "muon_split", "HEAD_NAMES"]
 
+# A base optimizer, or several acting as one (``[muon, adamw]``)
+OptimizerOrList: TypeAlias = torch.optim.Optimizer | list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...]
 
-def _is_sam(optimizer) -> bool:
+
+def _is_sam(optimizer: object) -> bool:
     return hasattr(optimizer, "perturbation") and hasattr(optimizer, "base_optimizer")
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
     """Several base optimizers as one: each keeps its own parameters, groups and state."""
 
-    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+    optimizers: tuple[torch.optim.Optimizer, ...]
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         optimizers = tuple(optimizers)
         if not optimizers:
             raise ValueError("a list of base optimizers must hold at least one optimizer")
@@ -49,31 +57,32 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     # -- the bases' groups and state, never copies --------------------------------------------
     @property
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[ParamGroup]:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
     @param_groups.setter
-    def param_groups(self, groups) -> None:
+    def param_groups(self, groups: list[ParamGroup]) -> None:
         # Optimizer.__init__ of a wrapper around this one assigns [] and re-adds the same groups
         # (the wrapper's add_param_group): both leave the bases' groups as they are.
         if not (getattr(self, "_adopting", False) or all(self._owns(g) for g in groups)):
             raise AttributeError("set the param_groups of a base optimizer, not of their combination")
 
-    @property
-    def state(self) -> dict:
+    # torch declares ``state`` a defaultdict; this merged, read-only view is a plain dict (no lookup adds an entry)
+    @property  # type: ignore[override]
+    def state(self) -> dict[Tensor, Any]:
         """Every base's per-parameter state, in one (read-only) mapping."""
         return {p: s for opt in self.optimizers for p, s in opt.state.items()}
 
     @state.setter
-    def state(self, value) -> None:
+    def state(self, value: dict[Tensor, Any]) -> None:
         if not getattr(self, "_adopting", False):
             raise AttributeError("set the state of a base optimizer, not of their combination")
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: ParamGroup) -> None:
         if not (getattr(self, "_adopting", False) or self._owns(param_group)):
             raise ValueError("add the parameter group to one of the base optimizers (combined.optimizers[i])")
 
-    def _owns(self, group) -> bool:
+    def _owns(self, group: ParamGroup) -> bool:
         return any(group is g for g in self.param_groups)
 
     def base_of(self, param: Tensor) -> torch.optim.Optimizer:
@@ -84,7 +93,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
         raise KeyError("parameter not in any base optimizer")
 
     # -- the optimizer surface ----------------------------------------------------------------
-    def step(self, closure=None):
+    # torch declares float losses (and None without a closure); this returns the closure's tensor
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -97,13 +107,13 @@ class CombinedOptimizer(torch.optim.Optimizer):
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "classes": [type(opt).__name__ for opt in self.optimizers],
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
         if not isinstance(states, list) or len(states) != len(self.optimizers):
             raise ValueError(f"not a state dict of {len(self.optimizers)} combined base optimizers")
@@ -134,7 +144,7 @@ def _check_disjoint(optimizers: Sequence[torch.optim.Optimizer]) -> None:
                     )
 
 
-def as_optimizer(base) -> torch.optim.Optimizer:
+def as_optimizer(base: OptimizerOrList) -> torch.optim.Optimizer:
     """An optimizer instance as it is; a list/tuple of them as their ``CombinedOptimizer``
     (one element: that optimizer)."""
     if isinstance(base, (list, tuple)):
@@ -178,7 +188,9 @@ def muon_split(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
             module = None
         if isinstance(module, nn.Module):
             excluded.update(id(p) for p in module.parameters())
-    matrices, others, seen = [], [], set()
+    matrices: list[Tensor] = []
+    others: list[Tensor] = []
+    seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -192,6 +204,6 @@ def muon_split(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
     return matrices, others
 
 
-def params_of(params: Iterable) -> list:
+def params_of(params: nn.Module | Iterable[Tensor]) -> list[Tensor]:
     """The parameters of a module, or the given iterable as a list."""
     return list(params.parameters()) if isinstance(params, nn.Module) else list(params)

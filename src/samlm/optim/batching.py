@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-Batch = Any  # Tensor | tuple[Tensor, ...] | dict[str, Tensor]
+from .types import Batch
 
 
 def _tensors(batch: Batch) -> list[torch.Tensor]:
@@ -40,7 +40,7 @@ def batch_rows(batch: Batch) -> int:
 def slice_rows(batch: Batch, start: int, stop: int) -> Batch:
     """Rows [start, stop) of every tensor in the batch (views, no copies)."""
 
-    def cut(value):
+    def cut(value: Any) -> Any:
         return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() > 0 else value
 
     if isinstance(batch, torch.Tensor):

@@ -12,10 +12,31 @@ r = ∂L/∂outputs. A rule is a small frozen object beside the perturbation rul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from .batching import Piece
+from .types import Batch
+
+
+class Passes(Protocol):
+    """The step's passes over pieces of its micro-batches, as a descent rule runs them (driver.py)."""
+
+    def forward(self, piece: Piece) -> tuple[Tensor, Batch]:
+        """The outputs at the current weights, and the piece's rows."""
+        ...
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor: ...
+
+    def backward(self, loss: Tensor) -> None: ...
+
+
+class Cotangents(Protocol):
+    """A group's clean output cotangents r(w), one buffer per descent piece (driver.py)."""
+
+    def take(self, piece: Piece) -> Tensor: ...
 
 
 @runtime_checkable
@@ -23,7 +44,7 @@ class DescentRule(Protocol):
     name: str
     needs_clean_cotangent: bool
 
-    def backward(self, passes, piece, weight: float, cotangents) -> Tensor:
+    def backward(self, passes: Passes, piece: Piece, weight: float, cotangents: Cotangents | None) -> Tensor:
         """Forward ``piece`` at w+ε and accumulate its descent gradient, weighted by ``weight``
         (its share of the step's rows), into p.grad. Returns the piece's mean loss L(w+ε)."""
         ...
@@ -36,7 +57,7 @@ class Standard:
     name = "standard"
     needs_clean_cotangent = False
 
-    def backward(self, passes, piece, weight, cotangents):
+    def backward(self, passes: Passes, piece: Piece, weight: float, cotangents: Cotangents | None) -> Tensor:
         outputs, rows = passes.forward(piece)
         value = passes.loss(outputs, rows)
         del outputs  # not held through the backward: the graph keeps what it needs
@@ -51,7 +72,8 @@ class Functional:
     name = "functional"
     needs_clean_cotangent = True
 
-    def backward(self, passes, piece, weight, cotangents):
+    def backward(self, passes: Passes, piece: Piece, weight: float, cotangents: Cotangents | None) -> Tensor:
+        assert cotangents is not None  # the driver keeps r(w) for a rule that needs_clean_cotangent
         outputs, rows = passes.forward(piece)
         outputs = outputs_tensor(outputs, "Functional-SAM")
         with torch.no_grad():  # L(w+ε) for the stats only
@@ -62,10 +84,10 @@ class Functional:
         return value
 
 
-DESCENTS = {rule.name: rule for rule in (Standard(), Functional())}
+DESCENTS: dict[str, DescentRule] = {rule.name: rule for rule in (Standard(), Functional())}
 
 
-def as_descent_rule(descent) -> DescentRule:
+def as_descent_rule(descent: DescentRule | str) -> DescentRule:
     """A rule object, or its name ("standard", "functional")."""
     if isinstance(descent, DescentRule):
         return descent
@@ -81,7 +103,7 @@ def at_least_fp32(t: Tensor) -> Tensor:
     return t.detach().to(torch.promote_types(t.dtype, torch.float32))
 
 
-def outputs_tensor(outputs, what: str) -> Tensor:
+def outputs_tensor(outputs: object, what: str) -> Tensor:
     if not isinstance(outputs, Tensor):
         raise ValueError(
             f"{what} needs forward(batch) to return the output tensor (logits), got {type(outputs).__name__}"
@@ -89,7 +111,7 @@ def outputs_tensor(outputs, what: str) -> Tensor:
     return outputs
 
 
-def loss_and_cotangent(passes, outputs: Tensor, rows) -> tuple[Tensor, Tensor]:
+def loss_and_cotangent(passes: Passes, outputs: Tensor, rows: Batch) -> tuple[Tensor, Tensor]:
     """The loss and r = ∂loss/∂outputs, through the loss alone (on a detached copy of the
     outputs): the model's graph is traversed once, by the backward that follows. FSDP1 frees
     its gathered weights after the first traversal that reaches its output hooks."""
@@ -108,7 +130,8 @@ def vjp_root(outputs: Tensor, cotangent: Tensor) -> Tensor:
     backward, where the step's memory peaks. Callers pass the cotangent as a temporary and
     drop their own reference to ``outputs`` before the backward.
     """
-    return _SendCotangent.apply(outputs, cotangent)
+    root: Tensor = _SendCotangent.apply(outputs, cotangent)  # type: ignore[no-untyped-call]  # untyped in torch
+    return root
 
 
 class _SendCotangent(torch.autograd.Function):
@@ -116,12 +139,12 @@ class _SendCotangent(torch.autograd.Function):
     GradScaler's power-of-two scale, in at least fp32) into ``outputs``."""
 
     @staticmethod
-    def forward(ctx, outputs: Tensor, cotangent: Tensor) -> Tensor:
+    def forward(ctx: Any, outputs: Tensor, cotangent: Tensor) -> Tensor:
         ctx.save_for_backward(cotangent.detach())
         ctx.outputs_dtype = outputs.dtype
         return torch.zeros((), dtype=torch.float32, device=outputs.device)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (cotangent,) = ctx.saved_tensors
         return (at_least_fp32(cotangent) * grad).to(ctx.outputs_dtype), None

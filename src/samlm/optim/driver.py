@@ -28,20 +28,59 @@ This module sees the optimizer through its public API only and imports no optimi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .batching import GroupPlan, Piece, as_micro_batches, batch_rows, plan_step, slice_rows
-from .descents import at_least_fp32, loss_and_cotangent, outputs_tensor, vjp_root
+from .descents import DescentRule, at_least_fp32, loss_and_cotangent, outputs_tensor, vjp_root
 from .perturbations import local_tensor, squared_norm
 from .running_stats import frozen_running_stats, norm_layers
 from .split import path_gradients
+from .types import Batch, ForwardFn, GradNormFn, LossFn, ParamGroup
 
-Forward = Callable[..., Tensor]
-Loss = Callable[[Tensor, object], Tensor]
+if TYPE_CHECKING:
+    from torch.amp import GradScaler
+
+
+class SamOptimizer(Protocol):
+    """A SAM-family optimizer as the driver sees it: the public API of ``samlm.optim.SharpnessAware``."""
+
+    base_optimizer: torch.optim.Optimizer
+    descent_rule: DescentRule
+    ascent_fraction: float
+    m: int
+    sync_ascent: bool
+    running_stats: str
+    grad_norm_fn: GradNormFn | None
+
+    @property
+    def param_groups(self) -> list[ParamGroup]: ...
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def sam_step_due(self) -> bool: ...
+
+    def perturb(self) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def params_with_grad(self) -> list[Tensor]: ...
+
+    def epsilon(self) -> Sequence[Tensor]: ...
+
+    def restore(self) -> None: ...
+
+    def record_step(
+        self,
+        *,
+        skipped: bool = False,
+        ascent_nonfinite: bool = False,
+        zero_grad_norm: bool = False,
+        sam_step: bool = True,
+    ) -> None: ...
 
 
 @dataclass(kw_only=True)
@@ -59,20 +98,34 @@ class StepStats:
     logit_path_norm: float | None = None  # ‖g_SAM − g_F‖, with split=True
     functional_path_norm: float | None = None  # ‖g_F − g‖, with split=True
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+class _TensorOptions(TypedDict):
+    dtype: torch.dtype
+    device: torch.device
 
 
 class _Passes:
     """Runs forward/backward on pieces of the step's micro-batches with the step's settings."""
 
-    def __init__(self, micro_batches, forward, loss, model, scaler, autocast_dtype, device):
+    def __init__(
+        self,
+        micro_batches: list[Batch],
+        forward: ForwardFn,
+        loss: LossFn,
+        model: nn.Module | None,
+        scaler: GradScaler | None,
+        autocast_dtype: torch.dtype | None,
+        device: torch.device,
+    ) -> None:
         self.micro_batches = micro_batches
         self.forward_fn = forward
         self.loss_fn = loss
         self.model = model
         self.scaler = scaler
-        self.autocast = (
+        self.autocast: Callable[[], AbstractContextManager[object]] = (
             (lambda: torch.autocast(device_type=device.type, dtype=autocast_dtype))
             if autocast_dtype is not None
             else contextlib.nullcontext
@@ -86,26 +139,27 @@ class _Passes:
             hasattr(self.model, "no_sync") or hasattr(self.model, "set_requires_gradient_sync")
         )
 
-    def no_sync(self, skip_sync: bool = True):
+    def no_sync(self, skip_sync: bool = True) -> AbstractContextManager[object]:
         if skip_sync and self.model is not None:
             if hasattr(self.model, "no_sync"):
-                return self.model.no_sync()
+                # DDP's or FSDP1's method, which nn.Module's __getattr__ types as a Tensor | Module attribute
+                return self.model.no_sync()  # type: ignore[operator, no-any-return]
             if hasattr(self.model, "set_requires_gradient_sync"):
                 return _fsdp2_no_sync(self.model)
         return contextlib.nullcontext()
 
-    def rows(self, piece: Piece):
+    def rows(self, piece: Piece) -> Batch:
         return slice_rows(self.micro_batches[piece.micro], piece.start, piece.stop)
 
-    def outputs(self, batch):
+    def outputs(self, batch: Batch) -> Tensor:
         with self.autocast():
             return self.forward_fn(batch)
 
-    def forward(self, piece: Piece):
+    def forward(self, piece: Piece) -> tuple[Tensor, Batch]:
         batch = self.rows(piece)
         return self.outputs(batch), batch
 
-    def loss(self, outputs: Tensor, batch) -> Tensor:
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         with self.autocast():
             value = self.loss_fn(outputs, batch)
         if not (isinstance(value, Tensor) and value.dim() == 0):
@@ -113,11 +167,12 @@ class _Passes:
         return value
 
     def backward(self, loss: Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        # Tensor.backward is unannotated in torch
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # type: ignore[no-untyped-call]
 
 
 @contextlib.contextmanager
-def _fsdp2_no_sync(model):
+def _fsdp2_no_sync(model: Any) -> Iterator[None]:
     """FSDP2 (``fully_shard``) has no ``no_sync()``: accumulate unsharded gradients locally."""
     model.set_requires_gradient_sync(False)
     try:
@@ -126,7 +181,7 @@ def _fsdp2_no_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def _sharding(model) -> str | None:
+def _sharding(model: nn.Module | None) -> str | None:
     """ "fsdp1" (``FullyShardedDataParallel``), "fsdp2" (``fully_shard``) or None."""
     if model is None:
         return None
@@ -139,7 +194,7 @@ def _sharding(model) -> str | None:
     return "fsdp2" if isinstance(model, FSDPModule) else None
 
 
-def _check_sharded(opt, sharding: str | None, plans, split: bool) -> None:
+def _check_sharded(opt: SamOptimizer, sharding: str | None, plans: list[GroupPlan], split: bool) -> None:
     if sharding is None:
         return
     if not opt.sync_ascent:
@@ -158,7 +213,7 @@ def _check_sharded(opt, sharding: str | None, plans, split: bool) -> None:
         )
 
 
-def _reshard_fsdp2(model) -> None:
+def _reshard_fsdp2(model: nn.Module) -> None:
     """FSDP2 keeps the root's gathered weights after a forward, for the backward that usually
     follows; after a forward without backward they would be stale once w moves: free them."""
     from torch.distributed.fsdp import FSDPModule
@@ -168,7 +223,7 @@ def _reshard_fsdp2(model) -> None:
             module.reshard()
 
 
-def _stats_module(model, forward) -> torch.nn.Module | None:
+def _stats_module(model: nn.Module | None, forward: ForwardFn) -> torch.nn.Module | None:
     """The module whose norm layers' running statistics the step manages: ``model``, else
     ``forward`` itself when it is a module (or a module's bound method)."""
     if model is not None:
@@ -179,11 +234,16 @@ def _stats_module(model, forward) -> torch.nn.Module | None:
     return None
 
 
-def _descent_params(optimizer) -> list[Tensor]:
+def _descent_params(optimizer: torch.optim.Optimizer | SamOptimizer) -> list[Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
 
 
-def _unscale_and_check(optimizer, scaler, max_grad_norm, norm_fn=None) -> Tensor:
+def _unscale_and_check(
+    optimizer: torch.optim.Optimizer,
+    scaler: GradScaler | None,
+    max_grad_norm: float | None,
+    norm_fn: GradNormFn | None = None,
+) -> Tensor:
     """Unscale (GradScaler), clip if asked, and return ‖d‖ (non-finite if any entry is).
 
     ``norm_fn`` (a SAM wrapper's ``grad_norm_fn``) reduces the local squared norm to the
@@ -198,7 +258,7 @@ def _unscale_and_check(optimizer, scaler, max_grad_norm, norm_fn=None) -> Tensor
             return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         return torch.nn.utils.get_total_norm([p.grad for p in params])
     # norm_fn may be a collective: every process calls it, even one whose shards are empty
-    grads = [local_tensor(p.grad) for p in params]  # FSDP2: this process's shards
+    grads = cast(list[Tensor], [local_tensor(p.grad) for p in params])  # FSDP2: this process's shards
     squares = [squared_norm(g).to(torch.float64 if g.dtype == torch.float64 else torch.float32) for g in grads]
     local = torch.stack(squares).sum() if squares else torch.zeros((), device=_device_of(optimizer))
     total = norm_fn(local).sqrt()
@@ -209,28 +269,29 @@ def _unscale_and_check(optimizer, scaler, max_grad_norm, norm_fn=None) -> Tensor
     return total
 
 
-def _validate_step_args(batch, forward, loss):
+def _validate_step_args(batch: Batch, forward: ForwardFn, loss: LossFn) -> tuple[list[Batch], list[int]]:
     if not callable(forward) or not callable(loss):
         raise ValueError("train_step(batch, forward, loss): forward and loss must be callables")
     micro_batches = as_micro_batches(batch)
     return micro_batches, [batch_rows(b) for b in micro_batches]
 
 
-def _device_of(optimizer) -> torch.device:
-    return next(p for g in optimizer.param_groups for p in g["params"]).device
+def _device_of(optimizer: torch.optim.Optimizer | SamOptimizer) -> torch.device:
+    param: Tensor = next(p for g in optimizer.param_groups for p in g["params"])
+    return param.device
 
 
 def plain_step(
     optimizer: torch.optim.Optimizer,
-    batch,
-    forward: Forward,
-    loss: Loss,
+    batch: Batch,
+    forward: ForwardFn,
+    loss: LossFn,
     *,
-    model=None,
-    scaler=None,
-    autocast_dtype=None,
-    max_grad_norm=None,
-    split=False,
+    model: nn.Module | None = None,
+    scaler: GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
+    split: bool = False,
 ) -> StepStats:
     """One step of a plain optimizer with the same conventions as the SAM driver."""
     if split:
@@ -239,7 +300,15 @@ def plain_step(
 
 
 def _one_pass_step(
-    optimizer, batch, forward, loss, model, scaler, autocast_dtype, max_grad_norm, norm_fn=None
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    forward: ForwardFn,
+    loss: LossFn,
+    model: nn.Module | None,
+    scaler: GradScaler | None,
+    autocast_dtype: torch.dtype | None,
+    max_grad_norm: float | None,
+    norm_fn: GradNormFn | None = None,
 ) -> StepStats:
     """One forward+backward per micro-batch on all rows (no_sync but for the last), then the step."""
     micro_batches, sizes = _validate_step_args(batch, forward, loss)
@@ -269,7 +338,7 @@ def _one_pass_step(
     )
 
 
-def _finish_step(optimizer, scaler, update_norm: Tensor) -> bool:
+def _finish_step(optimizer: torch.optim.Optimizer, scaler: GradScaler | None, update_norm: Tensor) -> bool:
     """Take ``optimizer``'s step unless the descent gradient is non-finite. Returns skipped."""
     if scaler is not None:
         scale_before = scaler.get_scale()
@@ -286,15 +355,15 @@ def _finish_step(optimizer, scaler, update_norm: Tensor) -> bool:
 
 
 def sharpness_aware_step(
-    opt,
-    batch,
-    forward: Forward,
-    loss: Loss,
+    opt: SamOptimizer,
+    batch: Batch,
+    forward: ForwardFn,
+    loss: LossFn,
     *,
-    model=None,
-    scaler=None,
-    autocast_dtype=None,
-    max_grad_norm=None,
+    model: nn.Module | None = None,
+    scaler: GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    max_grad_norm: float | None = None,
     split: bool = False,
 ) -> StepStats:
     """One step of ``opt`` (a SharpnessAware) over ``batch`` (a list = accumulated micro-batches).
@@ -341,17 +410,20 @@ def sharpness_aware_step(
     stats_module = _stats_module(model, forward)
     stats_layers = norm_layers(stats_module) if stats_module is not None else []
 
-    def running_stats_move_in(phase: str):
+    def running_stats_move_in(phase: str) -> AbstractContextManager[None]:
         if opt.running_stats in ("all", phase) or not stats_layers:
             return contextlib.nullcontext()
         return frozen_running_stats(stats_layers)
 
     opt.zero_grad(set_to_none=True)
-    f32 = dict(dtype=torch.promote_types(params[0].dtype, torch.float32), device=device)
+    f32: _TensorOptions = dict(dtype=torch.promote_types(params[0].dtype, torch.float32), device=device)
     loss_clean, loss_perturbed = torch.zeros((), **f32), torch.zeros((), **f32)
-    grad_norms, eps_norms, oks = [], [], []
-    epsilons = [] if split else None  # split=True: each group's ε, for the measurement after the passes
-    descent_so_far: list | None = None  # m > 1: earlier groups' descent gradients, set aside
+    grad_norms: list[Tensor] = []
+    eps_norms: list[Tensor] = []
+    oks: list[Tensor] = []
+    # split=True: each group's ε (by id of its parameter), for the measurement after the passes
+    epsilons: list[dict[int, Tensor]] | None = [] if split else None
+    descent_so_far: list[Tensor | None] | None = None  # m > 1: earlier groups' descent gradients, set aside
     for index, plan in enumerate(plans):
         if index > 0:
             descent_so_far = [p.grad for p in params]
@@ -367,6 +439,7 @@ def sharpness_aware_step(
             with running_stats_move_in("clean"):
                 _clean_cotangents(passes, plan, cotangents)
             if sharding == "fsdp2":
+                assert model is not None  # sharded: the model was given
                 _reshard_fsdp2(model)
         if opt.sync_ascent and not sync_ascent_in_model:
             _all_reduce_mean([p.grad for p in params if p.grad is not None])
@@ -375,7 +448,9 @@ def sharpness_aware_step(
 
         # 3. perturb
         grad_norm, eps_norm, ok = opt.perturb()
-        grad_norms.append(grad_norm), eps_norms.append(eps_norm), oks.append(ok)
+        grad_norms.append(grad_norm)
+        eps_norms.append(eps_norm)
+        oks.append(ok)
         if epsilons is not None:
             epsilons.append(dict(zip(map(id, opt.params_with_grad()), opt.epsilon())))
         for p, g in zip(params, descent_so_far or [None] * len(params)):
@@ -394,12 +469,12 @@ def sharpness_aware_step(
             # 5. restore w exactly, even if a pass raised
             opt.restore()
 
-    split_norms = _measure_split(passes, plans, total, epsilons, params, stats_layers) if split else []
+    split_norms = _measure_split(passes, plans, total, epsilons, params, stats_layers) if epsilons is not None else []
     update_norm = _unscale_and_check(opt.base_optimizer, scaler, max_grad_norm, opt.grad_norm_fn)
     skipped = _finish_step(opt.base_optimizer, scaler, update_norm)
     grad_norm = torch.stack(grad_norms).square().mean().sqrt()
     eps_norm = torch.stack(eps_norms).square().mean().sqrt()
-    ascent_nonfinite = ~torch.stack([torch.isfinite(n) for n in grad_norms]).all()
+    nonfinite = ~torch.stack([torch.isfinite(n) for n in grad_norms]).all()
     zero_norm = torch.stack([n == 0 for n in grad_norms]).any()
     values = torch.stack(
         [
@@ -410,7 +485,7 @@ def sharpness_aware_step(
                 grad_norm,
                 eps_norm,
                 update_norm.to(device),
-                ascent_nonfinite,
+                nonfinite,
                 zero_norm,
                 *split_norms,
             )
@@ -482,6 +557,7 @@ def _ascent(passes: _Passes, plan: GroupPlan, cotangents: _Cotangents | None, sy
                 passes.backward(value * weight)
         term = at_least_fp32(value) * weight
         loss_sum = term if loss_sum is None else loss_sum + term
+    assert loss_sum is not None  # a group has ascent rows
     return loss_sum
 
 
@@ -507,7 +583,12 @@ def _scaled(t: Tensor, factor: float) -> Tensor:
 
 
 def _descent(
-    passes: _Passes, plan: GroupPlan, total: int, descent_rule, cotangents: _Cotangents | None, sync_at_end: bool
+    passes: _Passes,
+    plan: GroupPlan,
+    total: int,
+    descent_rule: DescentRule,
+    cotangents: _Cotangents | None,
+    sync_at_end: bool,
 ) -> Tensor:
     """Descent gradient at w+ε, weighted by each piece's share of the step's rows, into p.grad."""
     loss_sum = None
@@ -518,14 +599,24 @@ def _descent(
             value = descent_rule.backward(passes, piece, weight, cotangents)
         term = at_least_fp32(value) * weight
         loss_sum = term if loss_sum is None else loss_sum + term
+    assert loss_sum is not None  # a group has rows
     return loss_sum
 
 
-def _measure_split(passes: _Passes, plans, total: int, epsilons: list[dict], params, stats_layers) -> list[Tensor]:
+def _measure_split(
+    passes: _Passes,
+    plans: list[GroupPlan],
+    total: int,
+    epsilons: list[dict[int, Tensor]],
+    params: list[Tensor],
+    stats_layers: list[nn.Module],
+) -> list[Tensor]:
     """split=True: (‖g_SAM − g_F‖, ‖g_F − g‖) over the step's rows, each group at w with its own ε."""
     device = params[0].device
     rng_devices = [] if device.type == "cpu" else [device]
-    g = g_sam = g_func = None
+    g: list[Tensor] | None = None
+    g_sam: list[Tensor] | None = None
+    g_func: list[Tensor] | None = None
     with (
         torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"),
         frozen_running_stats(stats_layers) if stats_layers else contextlib.nullcontext(),
@@ -546,11 +637,13 @@ def _measure_split(passes: _Passes, plans, total: int, epsilons: list[dict], par
                 new if old is None else [a + b for a, b in zip(old, new)]
                 for old, new in ((g, paths.g), (g_sam, paths.g_sam), (g_func, paths.g_func))
             )
+    assert g is not None and g_sam is not None and g_func is not None  # there is a group
     return [_norm_of_difference(g_sam, g_func), _norm_of_difference(g_func, g)]
 
 
 def _norm_of_difference(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return torch.stack([torch.linalg.vector_norm(x - y) for x, y in zip(a, b)]).norm()
+    # Tensor.norm is unannotated in torch
+    return cast(Tensor, torch.stack([torch.linalg.vector_norm(x - y) for x, y in zip(a, b)]).norm())
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:
@@ -562,14 +655,14 @@ def _all_reduce_mean(tensors: list[Tensor]) -> None:
             t.div_(dist.get_world_size())
 
 
-def _ascent_overflowed(opt, scaler, agree: bool = False) -> bool:
+def _ascent_overflowed(opt: SamOptimizer, scaler: GradScaler, agree: bool = False) -> bool:
     """fp16: unscale the ascent gradient in place; True if it is non-finite (one host sync).
 
     ``agree``: replicas of a DDP/FSDP model decide together (an all-reduce MAX of the flag),
     so that all skip or none does; one replica skipping alone would leave the others waiting
     in the descent's gradient all-reduce."""
     inv_scale = 1.0 / scaler.get_scale()
-    grads = [local_tensor(p.grad) for p in opt.params_with_grad()]
+    grads = cast(list[Tensor], [local_tensor(p.grad) for p in opt.params_with_grad()])
     torch._foreach_mul_(grads, inv_scale)
     norm = torch.nn.utils.get_total_norm(grads)
     found = (~torch.isfinite(norm)).to(torch.float32)
@@ -582,12 +675,12 @@ def _ascent_overflowed(opt, scaler, agree: bool = False) -> bool:
     return bool(found)
 
 
-def _skip_for_overflow(opt, scaler, loss_clean: Tensor) -> StepStats:
+def _skip_for_overflow(opt: SamOptimizer, scaler: GradScaler, loss_clean: Tensor) -> StepStats:
     """The ascent gradient overflowed: skip the perturbation and the step, and let GradScaler
     back off its scale exactly as it does for a non-finite gradient."""
     # A replica whose own ascent gradient was finite skips with the others: mark its gradient
     # non-finite so that its GradScaler skips and backs off identically.
-    local_tensor(opt.params_with_grad()[0].grad).fill_(float("inf"))
+    local_tensor(cast(Tensor, opt.params_with_grad()[0].grad)).fill_(float("inf"))
     scaler.unscale_(opt.base_optimizer)  # records the inf for this optimizer
     scaler.step(opt.base_optimizer)  # skipped: inf found
     scaler.update()  # backs the scale off

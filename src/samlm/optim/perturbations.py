@@ -26,22 +26,29 @@ Frobenius-ball ε on transformer-sized matrices.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from .preconditioners import Precond, PrecondOf
+
+_T = TypeVar("_T")
+
 
 @runtime_checkable
 class PerturbationRule(Protocol):
-    rho: float
-    needs_preconditioner: bool
+    @property
+    def rho(self) -> float: ...
 
-    def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Tensor | None) -> Tensor: ...
+    @property
+    def needs_preconditioner(self) -> bool: ...
 
-    def direction(self, param: Tensor, grad: Tensor, precond: Tensor | None) -> Tensor: ...
+    def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor: ...
+
+    def direction(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor: ...
 
 
 def _check_rho(rho: float) -> None:
@@ -56,13 +63,13 @@ class Euclidean:
     rho: float
     needs_preconditioner = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_rho(self.rho)
 
-    def scaled_gradient(self, param, grad, precond):
+    def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return grad
 
-    def direction(self, param, grad, precond):
+    def direction(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return grad
 
 
@@ -74,22 +81,22 @@ class Adaptive:
     eta: float = 0.01
     needs_preconditioner = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_rho(self.rho)
         if not self.eta >= 0:
             raise ValueError(f"eta must be >= 0, got {self.eta!r}")
 
-    def _t(self, param):
+    def _t(self, param: Tensor) -> Tensor:
         return param.abs().add_(self.eta)
 
-    def scaled_gradient(self, param, grad, precond):
+    def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return self._t(param).mul_(grad)
 
-    def direction(self, param, grad, precond):
+    def direction(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return self._t(param).square_().mul_(grad)
 
 
-def precondition(grad: Tensor, precond) -> Tensor:
+def precondition(grad: Tensor, precond: Precond) -> Tensor:
     """u: g itself without a geometry, g/P for a diagonal P, the geometry's direction otherwise."""
     if precond is None:
         return grad
@@ -109,13 +116,13 @@ class Preconditioned:
     rho: float
     needs_preconditioner = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_rho(self.rho)
 
-    def scaled_gradient(self, param, grad, precond):
+    def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return precondition(grad, precond)
 
-    def direction(self, param, grad, precond):
+    def direction(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return precondition(grad, precond)
 
 
@@ -130,22 +137,22 @@ class Spectral:
     needs_preconditioner = True
     normalize = False  # a radius per matrix, no global norm
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_rho(self.rho)
 
-    def scaled_gradient(self, param, grad, precond):
+    def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return grad
 
-    def direction(self, param, grad, precond):
-        orthogonalize = getattr(precond, "orthogonalize", None)
+    def direction(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
+        orthogonalize: Callable[[Tensor], Tensor] | None = getattr(precond, "orthogonalize", None)
         return orthogonalize(grad) if orthogonalize is not None else torch.zeros_like(grad)
 
 
-def local_tensor(t: Tensor | None) -> Tensor | None:
+def local_tensor(t: _T) -> _T:
     """This process's shard of a DTensor (FSDP2 parameters, gradients, optimizer state), else
     ``t`` itself. Under no_grad it is the DTensor's own storage: in-place ops act on it."""
     to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+    return cast(_T, to_local()) if callable(to_local) else t
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -154,7 +161,7 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 def squared_norm(t: Tensor) -> Tensor:
     """‖t‖², accumulated in at least float32 (float64 stays float64)."""
-    return torch.linalg.vector_norm(t, dtype=_accumulator(t.dtype)).square()
+    return cast(Tensor, torch.linalg.vector_norm(t, dtype=_accumulator(t.dtype))).square()  # torch.linalg: untyped
 
 
 def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
@@ -174,7 +181,7 @@ def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
 CHUNK_ELEMENTS = 1 << 25
 
 
-def _chunks(params: Sequence[Tensor], grads: Sequence[Tensor]):
+def _chunks(params: Sequence[Tensor], grads: Sequence[Tensor]) -> Iterator[list[tuple[Tensor, Tensor]]]:
     chunk: list[tuple[Tensor, Tensor]] = []
     size = 0
     for p, g in zip(params, grads):
@@ -187,31 +194,41 @@ def _chunks(params: Sequence[Tensor], grads: Sequence[Tensor]):
         yield chunk
 
 
-def perturbation_norm(rule: PerturbationRule, params, grads, precond) -> Tensor:
+def perturbation_norm(
+    rule: PerturbationRule, params: Sequence[Tensor], grads: Sequence[Tensor], precond: PrecondOf
+) -> Tensor:
     """‖scaled_gradient‖₂ over all local tensors. (Euclidean: ‖g‖, with no copies of g.)"""
-    return sum(
+    squares = (
         sum_of_squares([rule.scaled_gradient(p, g, precond(p)) for p, g in chunk]) for chunk in _chunks(params, grads)
-    ).sqrt()
+    )
+    return cast(Tensor, sum(squares)).sqrt()  # params is never empty: a tensor
 
 
 @torch.no_grad()
-def add_perturbation_(rule: PerturbationRule, params, grads, precond, scale: Tensor, ok: Tensor) -> Tensor:
+def add_perturbation_(
+    rule: PerturbationRule,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    precond: PrecondOf,
+    scale: Tensor,
+    ok: Tensor,
+) -> Tensor:
     """w ← w + ε in place, ε = scale · direction(w, g), or ε = 0 where ``ok`` is False.
 
     ``scale`` (ρ/‖scaled_gradient‖) and ``ok`` are 0-dim tensors on the gradients' device.
     Returns ‖ε‖² over these local tensors.
     """
-    eps_sq = 0
+    eps_sq: Tensor | int = 0
     for chunk in _chunks(params, grads):
         # out of place: direction() may return p.grad itself (Euclidean does)
         eps = torch._foreach_mul([rule.direction(p, g, precond(p)) for p, g in chunk], scale)
         _zero_unless(ok, eps)
         eps_sq = eps_sq + sum_of_squares(eps)
         torch._foreach_add_([p for p, _ in chunk], [e.to(p.dtype) for e, (p, _) in zip(eps, chunk)])
-    return eps_sq
+    return cast(Tensor, eps_sq)  # params is never empty: a tensor
 
 
-def _zero_unless(ok: Tensor, tensors: list[Tensor]) -> None:
+def _zero_unless(ok: Tensor, tensors: list[Tensor] | tuple[Tensor, ...]) -> None:
     """Zero ``tensors`` in place unless ``ok`` (a 0-dim bool tensor)."""
     if _readable_without_sync(ok):
         if not bool(ok):

@@ -19,17 +19,31 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias, cast
 
 import torch
 from torch import Tensor
 
-# reader(optimizer, group, param, state) -> P or None (None: no moments yet)
-PreconditionerReader = Callable[[torch.optim.Optimizer, dict, Tensor, dict], Tensor | None]
+from .types import ParamGroup, ParamState
+
+
+class Geometry(Protocol):
+    """A non-diagonal geometry: ``geometry(g)`` is the direction u of a gradient g."""
+
+    def __call__(self, g: Tensor, /) -> Tensor: ...
+
+
+# A parameter's preconditioner: P (a tensor shaped like the parameter), a Geometry, or None (none yet)
+Precond: TypeAlias = Tensor | Geometry | None
+# param -> its preconditioner
+PrecondOf: TypeAlias = Callable[[Tensor], Precond]
+# reader(optimizer, group, param, state) -> P, a Geometry, or None (None: no moments yet)
+PreconditionerReader: TypeAlias = Callable[[torch.optim.Optimizer, ParamGroup, Tensor, ParamState], Precond]
 
 _READERS: dict[type, PreconditionerReader] = {}
-_STATELESS: set = set()  # readers whose geometry needs no optimizer state (Muon's)
+_STATELESS: set[PreconditionerReader] = set()  # readers whose geometry needs no optimizer state (Muon's)
 
 
 def register_preconditioner(optimizer_cls: type, reader: PreconditionerReader, *, stateless: bool = False) -> None:
@@ -70,31 +84,35 @@ def _register_hf_adafactor(optimizer_cls: type) -> bool:
     return True
 
 
-def _step_count(state: dict) -> float:
+def _step_count(state: ParamState) -> float:
     step = state.get("step", 0)
     return float(step.item() if isinstance(step, Tensor) else step)
 
 
-def adam_preconditioner(optimizer, group, param, state):
+def adam_preconditioner(
+    optimizer: torch.optim.Optimizer, group: ParamGroup, param: Tensor, state: ParamState
+) -> Tensor | None:
     """Adam/AdamW: P = √(exp_avg_sq / (1 − β₂ᵏ)) + eps, the denominator of Adam's own update."""
     if "exp_avg_sq" not in state or _step_count(state) == 0:
         return None
     k = _step_count(state)
     beta2 = group["betas"][1]
-    v_hat = state["exp_avg_sq"] / (1 - beta2**k)
+    v_hat: Tensor = state["exp_avg_sq"] / (1 - beta2**k)
     if group.get("amsgrad") and "max_exp_avg_sq" in state:
         v_hat = state["max_exp_avg_sq"] / (1 - beta2**k)
     return v_hat.sqrt_().add_(group["eps"])
 
 
-def torch_adafactor_preconditioner(optimizer, group, param, state):
+def torch_adafactor_preconditioner(
+    optimizer: torch.optim.Optimizer, group: ParamGroup, param: Tensor, state: ParamState
+) -> Tensor | None:
     """torch.optim.Adafactor: v̂ = row_var·col_var / mean(row_var) (rank-1 factored), P = √v̂."""
     if _step_count(state) == 0:
         return None
     eps1 = group.get("eps1") or torch.finfo(param.dtype).eps
     if state.get("row_var") is not None and state.get("col_var") is not None:
         row, col = state["row_var"], state["col_var"]
-        v_hat = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp(min=eps1))
+        v_hat: Tensor = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp(min=eps1))
     elif state.get("variance") is not None:
         v_hat = state["variance"].clone()
     else:
@@ -102,13 +120,15 @@ def torch_adafactor_preconditioner(optimizer, group, param, state):
     return v_hat.clamp_(min=eps1 * eps1).sqrt_()
 
 
-def hf_adafactor_preconditioner(optimizer, group, param, state):
+def hf_adafactor_preconditioner(
+    optimizer: torch.optim.Optimizer, group: ParamGroup, param: Tensor, state: ParamState
+) -> Tensor | None:
     """transformers.Adafactor: v̂ = (row / mean(row)) ⊗ col, P = √v̂ (its update is g/√v̂)."""
     if _step_count(state) == 0:
         return None
     if "exp_avg_sq_row" in state:
         row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        v_hat = (row / row.mean(dim=-1, keepdim=True)).unsqueeze(-1) * col.unsqueeze(-2)
+        v_hat: Tensor = (row / row.mean(dim=-1, keepdim=True)).unsqueeze(-1) * col.unsqueeze(-2)
     elif "exp_avg_sq" in state:
         v_hat = state["exp_avg_sq"].clone()
     else:
@@ -117,7 +137,9 @@ def hf_adafactor_preconditioner(optimizer, group, param, state):
     return v_hat.add_(eps1).sqrt_().to(param.dtype)
 
 
-def radam_preconditioner(optimizer, group, param, state):
+def radam_preconditioner(
+    optimizer: torch.optim.Optimizer, group: ParamGroup, param: Tensor, state: ParamState
+) -> Tensor | None:
     """RAdam: P = (√exp_avg_sq + eps)/√(1 − β₂ᵏ) once its rectification is on (ρ_k > 5); before
     that RAdam steps unpreconditioned (SGD with momentum): P = 1."""
     if "exp_avg_sq" not in state or _step_count(state) == 0:
@@ -128,31 +150,37 @@ def radam_preconditioner(optimizer, group, param, state):
     rho_k = rho_inf - 2 * k * beta2**k / (1 - beta2**k)
     if rho_k <= 5.0:
         return torch.ones_like(state["exp_avg_sq"])
-    return state["exp_avg_sq"].sqrt().add_(group["eps"]).div_((1 - beta2**k) ** 0.5)
+    return cast(Tensor, state["exp_avg_sq"]).sqrt().add_(group["eps"]).div_((1 - beta2**k) ** 0.5)
 
 
-def adamax_preconditioner(optimizer, group, param, state):
+def adamax_preconditioner(
+    optimizer: torch.optim.Optimizer, group: ParamGroup, param: Tensor, state: ParamState
+) -> Tensor | None:
     """Adamax: P = exp_inf, the running max of |g| (its eps is already inside)."""
     if "exp_inf" not in state or _step_count(state) == 0:
         return None
-    return state["exp_inf"].clone()
+    return cast(Tensor, state["exp_inf"]).clone()
 
 
-def rmsprop_preconditioner(optimizer, group, param, state):
+def rmsprop_preconditioner(
+    optimizer: torch.optim.Optimizer, group: ParamGroup, param: Tensor, state: ParamState
+) -> Tensor | None:
     """RMSprop: P = √(square_avg − grad_avg² if centered) + eps."""
     if "square_avg" not in state or _step_count(state) == 0:
         return None
-    avg = state["square_avg"]
+    avg: Tensor = state["square_avg"]
     if group.get("centered") and "grad_avg" in state:
         avg = avg.addcmul(state["grad_avg"], state["grad_avg"], value=-1)
     return avg.sqrt().add_(group["eps"])
 
 
-def adagrad_preconditioner(optimizer, group, param, state):
+def adagrad_preconditioner(
+    optimizer: torch.optim.Optimizer, group: ParamGroup, param: Tensor, state: ParamState
+) -> Tensor | None:
     """Adagrad: P = √sum + eps."""
     if "sum" not in state or _step_count(state) == 0:
         return None
-    return state["sum"].sqrt().add_(group["eps"])
+    return cast(Tensor, state["sum"]).sqrt().add_(group["eps"])
 
 
 register_preconditioner(torch.optim.Adam, adam_preconditioner)
@@ -172,7 +200,11 @@ MUON_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults (Jor
 
 
 def newton_schulz(
-    g: Tensor, coefficients=MUON_COEFFICIENTS, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+    g: Tensor,
+    coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
+    steps: int = 5,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Tensor:
     """orth(G) ≈ UVᵀ (G = USVᵀ), as torch.optim.Muon computes it (in bf16, its default):
 
@@ -193,7 +225,7 @@ def newton_schulz(
     return (x.T if tall else x).to(g.dtype)
 
 
-def muon_lr_ratio(adjust_lr_fn: str | None, shape) -> float:
+def muon_lr_ratio(adjust_lr_fn: str | None, shape: Sequence[int]) -> float:
     """Muon's step per unit lr scales NS(G) by this (torch.optim.Muon's ``adjust_lr_fn``):
     "match_rms_adamw": 0.2·√max(A, B) (Liu et al. 2025: the update's RMS matches AdamW's, 0.2);
     None/"original": √max(1, A/B) (Jordan et al.)."""
@@ -212,7 +244,7 @@ class Orthogonalized:
     ``orthogonalize(g)`` is NS(g) (spectral norm ≈ 1); ``self(g)`` = scale·NS(g), the direction of
     Muon's own step, comparable with an AdamW step g/P in a joint norm (same lr)."""
 
-    coefficients: tuple = MUON_COEFFICIENTS
+    coefficients: tuple[float, float, float] = MUON_COEFFICIENTS
     steps: int = 5
     eps: float = 1e-7
     scale: float = 1.0
@@ -258,7 +290,7 @@ class FrozenMuon:
     inverse_sqrt: Tensor
     tall: bool
 
-    def to(self, *, device=None, dtype=None) -> FrozenMuon:
+    def to(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FrozenMuon:
         """The same block with its factor on ``device`` in ``dtype`` (as ``Tensor.to``)."""
         return FrozenMuon(self.inverse_sqrt.to(device=device, dtype=dtype), self.tall)
 
@@ -266,7 +298,9 @@ class FrozenMuon:
         return v @ self.inverse_sqrt if self.tall else self.inverse_sqrt @ v
 
 
-def muon_geometry(optimizer, group, param, state):
+def muon_geometry(
+    optimizer: torch.optim.Optimizer, group: ParamGroup, param: Tensor, state: ParamState
+) -> Orthogonalized:
     """torch.optim.Muon: its orthogonalization with the group's coefficients, steps, eps and lr
     adjustment. Needs no state: ready at the first step."""
     return Orthogonalized(
@@ -300,7 +334,8 @@ class Preconditioners:
         bases = getattr(optimizer, "optimizers", None)
         bases = bases if isinstance(bases, tuple) else (optimizer,)
         self.reader = find_reader(optimizer)
-        self.where: dict[int, tuple] = {}  # id(param) -> (base, group, reader)
+        # id(param) -> (base, group, reader)
+        self.where: dict[int, tuple[torch.optim.Optimizer, ParamGroup, PreconditionerReader | None]] = {}
         for base in bases:
             reader = find_reader(base)
             for g in base.param_groups:
@@ -315,13 +350,15 @@ class Preconditioners:
             return False
         if reader in _STATELESS:
             return True
-        state = base.state.get(p)
+        assert base is not None  # p has an entry in ``where``: it has a reader
+        state = base.state.get(p, {})
         return bool(state) and _step_count(state) > 0
 
-    def geometry(self, param: Tensor):
+    def geometry(self, param: Tensor) -> Precond:
         if not (self.available if self.joint else self._ready(param)):
             return None
         base, group, reader = self.where[id(param)]
+        assert reader is not None  # available or ready: every base has a reader
         found = reader(base, group, param, base.state.get(param, {}))
         if found is None or isinstance(found, Tensor):
             return found
@@ -331,7 +368,7 @@ class Preconditioners:
         found = self.geometry(param)
         return found if isinstance(found, Tensor) else None
 
-    def frozen(self, param: Tensor):
+    def frozen(self, param: Tensor) -> Tensor | FrozenMuon | None:
         """P as a fixed linear operator, for curvature measures: the diagonal P (a tensor), or for
         Muon's matrices its map at the current momentum (``FrozenMuon``); None when there is none
         (no moments or no momentum yet, or a geometry that cannot be frozen)."""
@@ -347,15 +384,20 @@ class Preconditioners:
 class _Once:
     """A geometry's direction, computed once per gradient tensor (other attributes delegated)."""
 
-    def __init__(self, geometry):
+    geometry: Geometry
+    grad: Tensor | None
+    value: Tensor | None
+
+    def __init__(self, geometry: Geometry) -> None:
         self.geometry, self.grad, self.value = geometry, None, None
 
     def __call__(self, g: Tensor) -> Tensor:
         if self.grad is not g:
             self.grad, self.value = g, self.geometry(g)
+        assert self.value is not None  # set with self.grad
         return self.value
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         if name == "geometry":  # not set yet (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.geometry, name)

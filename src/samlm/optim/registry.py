@@ -18,6 +18,7 @@ of every row that any optimizer runs:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from .sam import ASAM, SAM, FunctionalSAM, PreconditionedFunctionalSAM, PreconditionedSAM, SharpnessAware
 
@@ -28,7 +29,8 @@ CLEAN_FORWARD = "clean_forward"
 
 @dataclass(frozen=True)
 class Method:
-    """One optimization method. ``cls`` is None for a plain base optimizer."""
+    """One optimization method. ``cls`` is None for a plain base optimizer, else a ``SharpnessAware``
+    subclass built as ``cls(base, rho=..., **options)``."""
 
     name: str
     description: str
@@ -42,7 +44,8 @@ class Method:
     @property
     def functional(self) -> bool:
         """Descends along J(w+ε)ᵀ r(w) (Functional-SAM), which needs r(w) on every row."""
-        return self.is_sam and self.cls.descent_rule.needs_clean_cotangent
+        # register() checks that cls is a SharpnessAware subclass
+        return self.is_sam and cast("type[SharpnessAware]", self.cls).descent_rule.needs_clean_cotangent
 
     @property
     def extra_passes(self) -> tuple[str, ...]:
@@ -112,7 +115,7 @@ def method(name: str) -> Method:
         raise ValueError(f"unknown optimizer {name!r} (choose from {', '.join(METHODS)})") from None
 
 
-def method_of(optimizer) -> Method | None:
+def method_of(optimizer: object) -> Method | None:
     """The entry whose class built ``optimizer`` (a SharpnessAware instance), else None."""
     if not isinstance(optimizer, SharpnessAware):
         return None

@@ -19,7 +19,7 @@ Which pass counts is the optimizer's ``running_stats`` policy:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.nn.modules.batchnorm import _NormBase
@@ -41,7 +41,7 @@ def _tensors(layers: Iterable[torch.nn.Module]) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def frozen_running_stats(model: torch.nn.Module | list | None):
+def frozen_running_stats(model: torch.nn.Module | list[torch.nn.Module] | None) -> Iterator[None]:
     """Leave the running statistics of ``model``'s norm layers bitwise as they were before
     the block, whatever forwards run inside it. ``model``: a module, a list of norm layers
     (``norm_layers(model)``), or None (nothing to freeze).

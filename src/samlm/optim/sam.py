@@ -14,12 +14,14 @@ default ρ is its entry's in ``registry.py``, which sets ``default_rho``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
-from .bases import as_optimizer
+from .bases import OptimizerOrList, as_optimizer
 from .descents import DescentRule, Functional, Standard, as_descent_rule
 from .driver import StepStats, plain_step, sharpness_aware_step
 from .perturbations import (
@@ -32,9 +34,10 @@ from .perturbations import (
     local_tensor,
     perturbation_norm,
 )
-from .preconditioners import Preconditioners, find_reader
+from .preconditioners import Preconditioners, PrecondOf, find_reader
 from .running_stats import check_policy
 from .schedule import SamSchedule
+from .types import Batch, ForwardFn, GradNormFn, LossFn, ParamGroup
 
 __all__ = [
     "SharpnessAware",
@@ -49,7 +52,7 @@ __all__ = [
 ]
 
 
-def _on_shards(precond, owner: dict):
+def _on_shards(precond: PrecondOf, owner: dict[int, Tensor]) -> PrecondOf:
     """``precond`` keyed by a DTensor parameter → keyed by its local shard, returning shards."""
     return lambda shard: local_tensor(precond(owner[id(shard)]))
 
@@ -89,19 +92,19 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def __init__(
         self,
-        base: torch.optim.Optimizer,
+        base: OptimizerOrList,
         perturbation: PerturbationRule,
         *,
-        descent=None,
+        descent: DescentRule | str | None = None,
         ascent_fraction: float = 0.25,
         m: int = 1,
         sync_ascent: bool = False,
-        grad_norm_fn: Callable[[Tensor], Tensor] | None = None,
+        grad_norm_fn: GradNormFn | None = None,
         running_stats: str = "ascent",
         sam_every: int = 1,
         sam_start: int | float = 0,
         total_steps: int | None = None,
-    ):
+    ) -> None:
         base = as_optimizer(base)
         if not isinstance(base, torch.optim.Optimizer):
             raise ValueError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
@@ -157,11 +160,11 @@ class SharpnessAware(torch.optim.Optimizer):
 
     # -- param_groups are the base optimizer's, always (LR schedulers act on either) --------
     @property
-    def param_groups(self):
+    def param_groups(self) -> list[ParamGroup]:
         return self.base_optimizer.param_groups
 
     @param_groups.setter
-    def param_groups(self, groups):
+    def param_groups(self, groups: list[ParamGroup]) -> None:
         if not getattr(self, "_adopting", False):
             self.base_optimizer.param_groups = groups
 
@@ -170,7 +173,7 @@ class SharpnessAware(torch.optim.Optimizer):
         return self.perturbation.rho
 
     @property
-    def base_optimizers(self) -> tuple:
+    def base_optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
         """The base optimizers: several when built from a list, else the one."""
         return getattr(self.base_optimizer, "optimizers", (self.base_optimizer,))
 
@@ -188,7 +191,7 @@ class SharpnessAware(torch.optim.Optimizer):
             raise ValueError(f"{cls.__name__} has no default rho: pass rho=")
         return cls.default_rho
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: ParamGroup) -> None:
         if not getattr(self, "_adopting", False):
             self.base_optimizer.add_param_group(param_group)
 
@@ -213,7 +216,7 @@ class SharpnessAware(torch.optim.Optimizer):
         params = self.params_with_grad()
         if not params:
             raise RuntimeError("no parameter has a gradient: run backward on the ascent loss first")
-        grads = [local_tensor(p.grad) for p in params]
+        grads = cast(list[Tensor], [local_tensor(p.grad) for p in params])
         precond = self._preconditioner(params)
         shards = [local_tensor(p) for p in params]
         if any(shard is not p for shard, p in zip(shards, params)):
@@ -235,7 +238,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self._perturbed = True
         return norm, self._global_norm(eps_sq), ok
 
-    def _preconditioner(self, params):
+    def _preconditioner(self, params: list[Tensor]) -> PrecondOf:
         if self.perturbation.needs_preconditioner:
             view = Preconditioners(self.base_optimizer, params, joint=getattr(self.perturbation, "normalize", True))
             return view.geometry
@@ -260,10 +263,11 @@ class SharpnessAware(torch.optim.Optimizer):
         return self._perturbed
 
     @torch.no_grad()
-    def epsilon(self) -> list[Tensor]:
+    def epsilon(self) -> Sequence[Tensor]:
         """ε = (w+ε) − w while perturbed, one tensor per parameter with a gradient."""
         if not self._perturbed:
             raise RuntimeError("epsilon() needs perturb() first")
+        assert self._saved is not None  # saved by perturb()
         return torch._foreach_sub(self._saved_params, self._saved)
 
     @torch.no_grad()
@@ -271,6 +275,7 @@ class SharpnessAware(torch.optim.Optimizer):
         """w+ε → w, bitwise: a copy of the saved weights, never w+ε−ε."""
         if not self._perturbed:
             return
+        assert self._saved is not None  # saved by perturb()
         torch._foreach_copy_(self._saved_params, self._saved)
         self._perturbed = False
 
@@ -328,7 +333,8 @@ class SharpnessAware(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], Tensor] | None = None):
+    # torch declares float losses (and None without a closure); this returns the closure's tensor, or None
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """A step with a closure that computes the loss and calls backward (it may zero the
         gradients first).
 
@@ -359,15 +365,15 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def _has_gradient(self) -> bool:
         """Some gradient is non-zero (None, or zeros from ``zero_grad(set_to_none=False)``, is none)."""
-        grads = [local_tensor(p.grad) for p in self.params_with_grad()]
+        grads = cast(list[Tensor], [local_tensor(p.grad) for p in self.params_with_grad()])
         return bool(grads) and bool(torch.stack([g.any() for g in grads]).any())
 
-    def train_step(self, batch, forward, loss, **kwargs) -> StepStats:
+    def train_step(self, batch: Batch, forward: ForwardFn, loss: LossFn, **kwargs: Any) -> StepStats:
         """One optimizer step that owns all passes; see ``samlm.optim.driver.sharpness_aware_step``."""
         return sharpness_aware_step(self, batch, forward, loss, **kwargs)
 
     # -- checkpointing: the base optimizer's full state, nothing transient ------------------
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {
             "class": type(self).__name__,
             "perturbation": type(self.perturbation).__name__,
@@ -382,14 +388,14 @@ class SharpnessAware(torch.optim.Optimizer):
             "total_steps": self.total_steps,
         }
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "base_optimizer": self.base_optimizer.state_dict(),
             "counters": dict(self.counters),
             "config": self.config(),
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "base_optimizer" not in state_dict:
             if "state" in state_dict and "param_groups" in state_dict:
                 # A plain optimizer's state dict: load it into the base optimizer.
@@ -407,12 +413,17 @@ class SharpnessAware(torch.optim.Optimizer):
 _WRAPPER_OPTIONS = ("sync_ascent", "grad_norm_fn", "running_stats", "sam_every", "sam_start", "total_steps")
 
 
-def _has_muon(base) -> bool:
+def _has_muon(base: torch.optim.Optimizer) -> bool:
     muon = getattr(torch.optim, "Muon", None)
     return muon is not None and any(isinstance(b, muon) for b in getattr(base, "optimizers", (base,)))
 
 
-def _wrap_base(base, base_optimizer, base_kwargs, name):
+def _wrap_base(
+    base: OptimizerOrList | ParamsT,
+    base_optimizer: type[torch.optim.Optimizer] | None,
+    base_kwargs: dict[str, Any],
+    name: str,
+) -> torch.optim.Optimizer:
     """Accept an optimizer instance (or a list of them), or davda54's (params, base_optimizer_cls, **kwargs)."""
     if isinstance(base, (list, tuple)) and base and all(isinstance(b, torch.optim.Optimizer) for b in base):
         base = as_optimizer(base)
@@ -421,7 +432,7 @@ def _wrap_base(base, base_optimizer, base_kwargs, name):
             raise ValueError(f"{name}: pass either an optimizer instance or (params, optimizer class, **kwargs)")
         return base
     if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
-        return base_optimizer(base, **base_kwargs)
+        return base_optimizer(cast(ParamsT, base), **base_kwargs)  # davda54's form: base is the parameters
     raise ValueError(
         f"{name} wraps a torch.optim.Optimizer instance, e.g. {name}(torch.optim.AdamW(model.parameters()))"
     )
@@ -436,16 +447,16 @@ class SAM(SharpnessAware):
 
     def __init__(
         self,
-        base,
-        base_optimizer=None,
+        base: OptimizerOrList | ParamsT,
+        base_optimizer: type[torch.optim.Optimizer] | None = None,
         *,
         rho: float | None = None,
         adaptive: bool = False,
         eta: float = 0.0,
         ascent_fraction: float = 0.25,
         m: int = 1,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         sam_kwargs = {k: kwargs.pop(k) for k in _WRAPPER_OPTIONS if k in kwargs}
         base = _wrap_base(base, base_optimizer, kwargs, type(self).__name__)
         rho = self.resolve_rho(rho)
@@ -458,14 +469,14 @@ class ASAM(SharpnessAware):
 
     def __init__(
         self,
-        base,
+        base: OptimizerOrList,
         rho: float | None = None,
         eta: float = 0.01,
         *,
         ascent_fraction: float = 0.25,
         m: int = 1,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         super().__init__(
             base, Adaptive(rho=self.resolve_rho(rho), eta=eta), ascent_fraction=ascent_fraction, m=m, **kwargs
         )
@@ -475,9 +486,17 @@ class _FixedRules(SharpnessAware):
     """A method given by two class attributes: ``perturbation_rule`` (a rule class, built with ρ)
     and ``descent_rule``."""
 
-    perturbation_rule: type
+    perturbation_rule: Callable[..., PerturbationRule]
 
-    def __init__(self, base, rho: float | None = None, *, ascent_fraction: float = 0.25, m: int = 1, **kwargs):
+    def __init__(
+        self,
+        base: OptimizerOrList,
+        rho: float | None = None,
+        *,
+        ascent_fraction: float = 0.25,
+        m: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(
             base, self.perturbation_rule(rho=self.resolve_rho(rho)), ascent_fraction=ascent_fraction, m=m, **kwargs
         )
@@ -512,7 +531,7 @@ class SpectralSAM(_FixedRules):
     default_rho = None  # not a registry method: ρ (per matrix, operator norm) is the caller's to choose
 
 
-def train_step(optimizer: torch.optim.Optimizer, batch, forward, loss, **kwargs) -> StepStats:
+def train_step(optimizer: OptimizerOrList, batch: Batch, forward: ForwardFn, loss: LossFn, **kwargs: Any) -> StepStats:
     """One optimizer step for any optimizer: SAM-family wrappers run their passes, plain
     optimizers one forward/backward per micro-batch. Same arguments as ``sharpness_aware_step``.
     A SAM-family optimizer inside a wrapper's ``.optimizer`` (accelerate's AcceleratedOptimizer)
@@ -525,7 +544,7 @@ def train_step(optimizer: torch.optim.Optimizer, batch, forward, loss, **kwargs)
     return plain_step(optimizer, batch, forward, loss, **kwargs)
 
 
-def sharpness_aware_inside(optimizer) -> SharpnessAware | None:
+def sharpness_aware_inside(optimizer: object) -> SharpnessAware | None:
     """``optimizer`` if SAM-family, else the SAM-family optimizer its ``.optimizer`` chain wraps."""
     for _ in range(8):  # wrappers of wrappers, never a cycle
         if isinstance(optimizer, SharpnessAware):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .descents import at_least_fp32
+from .types import Batch, ForwardFn, LossFn
 
 
 @dataclass
@@ -64,9 +65,9 @@ def perturbed(params: Sequence[Tensor], eps: Sequence[Tensor]) -> Iterator[None]
 
 def path_gradients(
     params: Sequence[Tensor],
-    batches: Sequence,
-    forward: Callable,
-    loss: Callable,
+    batches: Sequence[Batch],
+    forward: ForwardFn,
+    loss: LossFn,
     eps: Sequence[Tensor] | Callable[[list[Tensor]], list[Tensor]],
     weights: Sequence[float],
 ) -> PathGradients:
@@ -81,7 +82,8 @@ def path_gradients(
     params = list(params)
     g, g_sam, g_func = ([torch.zeros_like(at_least_fp32(p)) for p in params] for _ in range(3))
     with torch.enable_grad():
-        residuals, loss_w = [], 0
+        residuals: list[Tensor] = []
+        loss_w: Tensor | int = 0
         for batch, c in zip(batches, weights):
             z = forward(batch)
             r, value = _output_grad(z, batch, loss)
@@ -89,7 +91,7 @@ def path_gradients(
             residuals.append(r)
             loss_w = loss_w + at_least_fp32(value) * c
         eps = eps(g) if callable(eps) else list(eps)
-        loss_eps = 0
+        loss_eps: Tensor | int = 0
         with perturbed(params, eps):
             for batch, c, r in zip(batches, weights, residuals):
                 z = forward(batch)
@@ -100,7 +102,7 @@ def path_gradients(
     return PathGradients(g=g, g_sam=g_sam, g_func=g_func, eps=eps, loss=loss_w, loss_perturbed=loss_eps)
 
 
-def _output_grad(z: Tensor, batch, loss: Callable) -> tuple[Tensor, Tensor]:
+def _output_grad(z: Tensor, batch: Batch, loss: LossFn) -> tuple[Tensor, Tensor]:
     """r = ∂ℓ/∂z at the outputs z (cut from the model's graph), and ℓ."""
     if not isinstance(z, Tensor):
         raise TypeError(f"forward(batch) must return a tensor of outputs, got {type(z).__name__}")
@@ -112,14 +114,14 @@ def _output_grad(z: Tensor, batch, loss: Callable) -> tuple[Tensor, Tensor]:
     return r, value.detach()
 
 
-def _vjp(z: Tensor, params: list[Tensor], cotangent: Tensor, retain_graph: bool = False) -> list:
+def _vjp(z: Tensor, params: list[Tensor], cotangent: Tensor, retain_graph: bool = False) -> Sequence[Tensor | None]:
     """J(w)ᵀ u; None for a parameter z does not depend on."""
     if not z.requires_grad:
         return [None] * len(params)
     return torch.autograd.grad(z, params, cotangent.to(z.dtype), retain_graph=retain_graph, allow_unused=True)
 
 
-def _add(buffers: list[Tensor], grads, weight: float) -> None:
+def _add(buffers: list[Tensor], grads: Sequence[Tensor | None], weight: float) -> None:
     for b, g in zip(buffers, grads):
         if g is not None:
             b.add_(g, alpha=weight)
