@@ -65,16 +65,8 @@ def load_data(config: PretrainConfig, *, progress: bool | None = None) -> RunDat
     return RunData(dataset, tokenizer, name, prepared.vocab_size, prepared)
 
 
-def tokenizer_sha256(spec: str, *, trust_remote_code: bool = False) -> str:
-    """The sha256 of tokenizer ``spec``'s definition (``bytes``, a directory or a hub id), as prepared
-    tokens record the tokenizer they were made with; one that does not load is a ``UserError``."""
-    from samlm.data.tokenizers import describe_tokenizer, load_tokenizer
-
-    return describe_tokenizer(load_tokenizer(spec, trust_remote_code=trust_remote_code), spec).sha256
-
-
 def _check_prepared_tokenizer(config: PretrainConfig, prepared) -> None:
-    from samlm.data.tokenizers import parse_bpe
+    from samlm.data.tokenizers import parse_bpe, tokenizer_sha256
 
     asked, flag = (config.tokenizer, "--tokenizer") if config.tokenizer is not None else (config.model, "--model")
     if asked is None:

@@ -31,7 +31,7 @@ import torch
 from samlm import io
 from samlm.errors import UserError
 from samlm.harness import settings
-from samlm.harness.pretrain.build import load_data, tokenizer_sha256, validation_slices
+from samlm.harness.pretrain.build import load_data, validation_slices
 from samlm.harness.pretrain.config import PretrainConfig, RobustnessSettings
 from samlm.harness.pretrain.measure import build_run, load_weights
 from samlm.harness.pretrain.measure import read_run_config as read_run
@@ -78,6 +78,7 @@ def check_tokenizer(config: PretrainConfig, data) -> None:
     :class:`~samlm.harness.pretrain.build.RunData`): a prepared directory made with another
     tokenizer, or a ``--forget-tokenizer`` that is not the run's, is a one-line error."""
     from samlm.data import is_prepared_dir, load_prepared
+    from samlm.data.tokenizers import tokenizer_sha256
 
     if is_prepared_dir(config.forget_data):
         other = load_prepared(config.forget_data)
