@@ -199,7 +199,7 @@ def test_finetune_compare_reports_both_budgets(tmp_path):
     longer = json.loads((out / "runs" / ("adafactor-sub1-seed0" + COMPUTE_SUFFIX) / "summary.json").read_text())
     assert longer["config"]["steps"] == 6 and longer["config"]["eval_every"] == 3  # 1.5x the compute per step
     text = (out / "results.md").read_text()
-    assert "| equal steps | equal compute |" in text and "(n=2)" in text
+    assert "| equal steps | 95% CI | verdict | equal compute | 95% CI | verdict |" in text and "(n=2)" in text
     assert (out / "equal-compute" / "results.md").is_file()
 
 

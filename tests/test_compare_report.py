@@ -114,7 +114,7 @@ def test_aggregate_groups_by_optimizer_and_rho(runs):
     columns = {c.key: c for c in COLUMNS}
     adamw, sam = rows
     assert adamw.cell(columns["val_loss"]) == "2.1000 ± 0.1414"
-    assert adamw.cell(columns["step_s"]) == "11.0 ± 1.4"  # milliseconds
+    assert adamw.cell(columns["step_s"]) == "11.0 (10.0–12.0)"  # milliseconds: median (min–max) over seeds
     assert adamw.cell(columns["hessian_lambda_max"]) == "10 (n=1)"  # one of the two runs has it
     assert adamw.cell(columns["val_ppl"]) == "n/a"
     assert sam.cell(columns["val_loss"]) == "1.9500"  # one seed: no ±
@@ -138,9 +138,11 @@ def test_tables_and_csv(runs):
     rows = report.aggregate(runs)
     table = report.markdown_table(rows)
     lines = table.splitlines()
-    assert lines[0].startswith("| optimizer | ρ | seeds | val loss | Δ val loss vs adamw (paired) | val ppl |")
+    assert lines[0].startswith(
+        "| optimizer | ρ | seeds | val loss | Δ val loss vs adamw (paired) | 95% CI | verdict | val ppl |"
+    )
     assert lines[2].startswith("| adamw | – | 2 | 2.1000 ± 0.1414 | (reference) |")
-    assert lines[3].startswith("| sam | 0.05 | 1 | 1.9500 | -0.0500 |")
+    assert lines[3].startswith("| sam | 0.05 | 1 | 1.9500 | -0.0500 | no interval (n=1) | undecided (n=1) |")
     assert "2.1000 ± 0.1414" in report.text_table(rows)
 
     parsed = list(csv.DictReader(stdio.StringIO(report.results_csv(runs))))

@@ -184,11 +184,17 @@ def test_the_tuned_table_reports_the_tuning_choice_on_the_report_slice():
     header, _, adamw, sam = report.tuned_table(FAKES).splitlines()
     assert header == (
         "| method | points | chosen lr | chosen ρ | seeds | val loss (tuning slice) | "
-        "report loss (report slice) | Δ report loss vs tuned adamw (paired) |"
+        "report loss (report slice) | Δ report loss vs tuned adamw (paired) | 95% CI | verdict |"
     )
-    assert adamw == "| adamw | 2 | 0.001 | – | 2 | 2.0500 ± 0.0707 | 2.5500 ± 0.0707 | (reference) |"
-    # sam ρ=0.05 (best on the tuning slice), not ρ=0.1 (best on the report slice): 2.4-2.5, 2.5-2.6
-    assert sam == "| sam | 2 | 0.003 | 0.05 | 2 | 1.9500 ± 0.0707 | 2.4500 ± 0.0707 | -0.1000 ± 0.0000 (n=2) |"
+    assert adamw == (
+        "| adamw | 2 | 0.001 | – | 2 | 2.0500 ± 0.0707 | 2.5500 ± 0.0707 | (reference) | (reference) | (reference) |"
+    )
+    # sam ρ=0.05 (best on the tuning slice), not ρ=0.1 (best on the report slice): 2.4-2.5, 2.5-2.6; the
+    # same difference at both seeds: a zero-width interval, which excludes 0
+    assert sam == (
+        "| sam | 2 | 0.003 | 0.05 | 2 | 1.9500 ± 0.0707 | 2.4500 ± 0.0707 | -0.1000 ± 0.0000 (n=2) "
+        "| [-0.1000, -0.1000] | ahead |"
+    )
     assert report.tuned_table([r for r in FAKES if r.summary["lr"] == 1e-3 or r.summary["rho"] == 0.1]) is None
 
     rows = report.aggregate(FAKES)  # the full table: every point, Δ to the tuned AdamW
@@ -234,12 +240,15 @@ def test_the_choice_is_made_per_budget():
     assert "separately under each budget" in text and "At equal steps:" in text and "At equal compute:" in text
     steps_table, compute_table = [line for line in text.splitlines() if line.startswith("| adamw |")]
     assert "| 0.001 |" in steps_table and "| 0.003 |" in compute_table
-    assert "| sam | 2 | 0.003 | 0.05 | 2 | 1.9500 ± 0.0707 | 2.4500 ± 0.0707 | +0.4000 ± 0.0000 (n=2) |" in text
+    assert "| sam | 2 | 0.003 | 0.05 | 2 | 1.9500 ± 0.0707 | 2.4500 ± 0.0707 | +0.4000 ± 0.0000 (n=2) | " in text
     # the budget table's Δ (val loss) is to the tuned AdamW of each budget too
     low, high = [
         line for line in full.split("## Equal steps and equal compute")[1].splitlines() if line.startswith("| adamw |")
     ]
-    assert low.endswith("| 6 | (reference) | 9 | +0.3000 ± 0.0000 (n=2) |") and high.endswith("| 9 | (reference) |")
+    assert low.endswith(
+        "| 6 | (reference) | (reference) | (reference) | 9 | +0.3000 ± 0.0000 (n=2) | [+0.3000, +0.3000] | behind |"
+    )
+    assert high.endswith("| 9 | (reference) | (reference) | (reference) |")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -288,6 +297,7 @@ def test_lr_grid_end_to_end_and_resume_after_an_interruption(tmp_path):
     for name, summary in straight.summaries.items():
         again = resumed.summaries[name]
         assert (again["val_loss"], again["report_loss"]) == (summary["val_loss"], summary["report_loss"]), name
-    tables = [(tmp_path / d / "report.md").read_text().split("## Tuned")[1] for d in ("ref", "cmp")]
+    # up to the run list, which names the step-time outliers of each (wall-clock) execution
+    tables = [(tmp_path / d / "report.md").read_text().split("## Tuned")[1].split("Runs: ")[0] for d in ("ref", "cmp")]
     assert tables[0] == tables[1]
     assert json.loads((run_dir / "summary.json").read_text())["completed"]

@@ -52,7 +52,7 @@ from samlm.studies.finetune_runs import (
 )
 from samlm.studies.grid import BUDGET_HEADERS
 from samlm.studies.plots import png_bytes
-from samlm.studies.stats import csv_text, format_delta, percent, value_text
+from samlm.studies.stats import csv_text, format_delta, format_interval, percent, value_text
 
 
 def compare_runs(
@@ -99,22 +99,27 @@ def budget_markdown(reports: Mapping[str, Report]) -> str:
             if g.selection == "best" and g.metric == SCORE:
                 method = g.method
                 n = f" (n={len(g.diffs)})" if g.paired else " (unpaired)"
-                cells.setdefault((g.model, g.subsample, method), {})[budget] = gain_text(g) + n
+                cells.setdefault((g.model, g.subsample, method), {})[budget] = " | ".join(
+                    [gain_text(g) + n, interval_text(g), g.verdict]
+                )
     lines = [
         "## Gain over the baseline at equal steps and at equal compute (best checkpoints, score)",
         "",
-        "Paired by seed: mean ± std of (method − baseline) over seeds, n seed pairs. **Equal steps**: every method "
+        "Paired by seed: mean ± std of (method − baseline) over seeds, n seed pairs; 95% CI: the Student-t "
+        "interval of the mean gain; verdict: ahead or behind only when it excludes 0. **Equal steps**: every method "
         "the same number of steps. **Equal compute**: every method the forward+backward compute of the costliest "
         "method (a backward counted as 2 forwards; cheaper methods run proportionally more steps, with warmup, "
         "evaluation and checkpoint cadence stretched), so one baseline run per seed serves every method. Each "
         "budget's full tables: this file (equal steps) and equal-compute/results.md.",
         "",
-        "| model | data | method | " + " | ".join(BUDGET_HEADERS[b] for b in reports) + " |",
-        "|---|---:|---|" + "---:|" * len(reports),
+        "| model | data | method | " + " | ".join(f"{BUDGET_HEADERS[b]} | 95% CI | verdict" for b in reports) + " |",
+        "|---|---:|---|" + "---:|" * 3 * len(reports),
     ]
     for (model, rate, method), by_budget in cells.items():
         lines.append(
-            f"| {model} | {percent(rate)} | {method} | " + " | ".join(by_budget.get(b, "–") for b in reports) + " |"
+            f"| {model} | {percent(rate)} | {method} | "
+            + " | ".join(by_budget.get(b, "– | – | –") for b in reports)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -157,7 +162,9 @@ def render_markdown(report: Report) -> str:
         lines += [f"## Gain over the baseline ({selection} checkpoint)", ""]
         lines.append(
             "Paired by seed (mean ± std of the differences) when the runs share seeds; relative gain in % "
-            "of the baseline's score."
+            f"of the baseline's score; 95% CI: the Student-t interval of the mean gain in {report.score_name} "
+            "over the seed pairs (none with one pair or unpaired seeds), and the verdict: ahead or behind the "
+            "baseline only when it excludes 0, within noise otherwise."
             + (
                 " The baseline ran at several (lr, ρ) points: the reference is its tuned point at each data "
                 "fraction (see Tuned)."
@@ -167,6 +174,7 @@ def render_markdown(report: Report) -> str:
         )
         lines.append("")
         header = ["Δ " + report.score_name, "Δ% " + report.score_name] + ["Δ " + _short(k) for k in report.metric_keys]
+        header += [f"95% CI Δ {report.score_name}", "verdict"]
         lines.append("| model | data | method | " + " | ".join(header) + " |")
         lines.append("|---|---|---|" + "---|" * len(header))
         rows = dict.fromkeys((g.model, g.subsample, g.method) for g in gains)
@@ -175,6 +183,7 @@ def render_markdown(report: Report) -> str:
             score = by_metric.get(SCORE)
             cells = [gain_text(score), f"{score.relative:+.1f}%" if score and score.relative is not None else "–"]
             cells += [gain_text(by_metric.get(k)) for k in report.metric_keys]
+            cells += [interval_text(score), score.verdict if score else "–"]
             lines.append(f"| {model} | {percent(rate)} | {method} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += tuned_markdown(report)
@@ -204,19 +213,20 @@ def tuned_markdown(report: Report) -> list[str]:
         "as in Bahri et al. (2022), who also select on validation.",
         "",
         f"| model | data | method | points | chosen lr | chosen ρ | seeds | {score} (best checkpoint) | "
-        f"Δ {score} vs tuned baseline (paired) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"Δ {score} vs tuned baseline (paired) | 95% CI | verdict |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (model, rate, family), g in chosen.items():
         baseline = report.baselines.get(model)
         ref = chosen.get((model, rate, baseline.family)) if baseline is not None else None
         if ref is None:
-            delta = "–"
+            delta = ["–"] * 3
         elif g is ref:
-            delta = "(reference)"
+            delta = ["(reference)"] * 3
         else:
             gain = gain_over(g, ref, "best", SCORE)
-            delta = gain_text(gain) + ((f" (n={len(gain.diffs)})" if gain.paired else " (unpaired)") if gain else "")
+            n = (f" (n={len(gain.diffs)})" if gain.paired else " (unpaired)") if gain else ""
+            delta = [gain_text(gain) + n, interval_text(gain), gain.verdict if gain else "–"]
         cells = [
             model,
             percent(rate),
@@ -226,7 +236,7 @@ def tuned_markdown(report: Report) -> list[str]:
             value_text(g.rho),
             str(len(g.runs)),
             g.cell("best", SCORE).text(),
-            delta,
+            *delta,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -256,6 +266,13 @@ def gain_text(gain: Gain | None) -> str:
     if gain is None or gain.mean is None:
         return "–"
     return format_delta((gain.mean, gain.std, len(gain.diffs)), show_n=False, fmt="+.1f")
+
+
+def interval_text(gain: Gain | None) -> str:
+    """A gain's 95% interval cell: ``[+0.5, +5.5]``; ``no interval (n=1)`` / ``(unpaired)``; ``–`` without one."""
+    if gain is None or gain.mean is None:
+        return "–"
+    return format_interval(gain.delta, fmt="+.1f") if gain.paired else "no interval (unpaired)"
 
 
 def _results_csv(report: Report) -> str:
@@ -318,6 +335,8 @@ def _gains_csv(report: Report) -> str:
             g.std,
             g.baseline_mean,
             g.relative,
+            *(g.interval or (None, None)),
+            g.verdict,
         ]
         for g in report.gains
     ]
@@ -334,6 +353,9 @@ def _gains_csv(report: Report) -> str:
             "gain_std",
             "baseline",
             "relative_gain_pct",
+            "gain_ci95_low",
+            "gain_ci95_high",
+            "verdict",
         ],
         rows,
     )

@@ -15,7 +15,16 @@ from typing import Any, NamedTuple
 from samlm.errors import UserError
 from samlm.harness.rundir import SUMMARY_FILE
 from samlm.optim.registry import METHODS
-from samlm.studies.stats import finite_number, format_mean_std, mean_std, paired_differences, percent
+from samlm.studies.stats import (
+    Stat,
+    finite_number,
+    format_mean_std,
+    mean_std,
+    paired_differences,
+    percent,
+    t_interval,
+    verdict,
+)
 
 SELECTIONS = ("best", "final")
 SCORE = "score"
@@ -204,6 +213,23 @@ class Gain:
     @property
     def std(self) -> float | None:
         return mean_std(self.diffs)[1] if self.paired else None
+
+    @property
+    def delta(self) -> Stat:
+        """(mean, std, seed pairs) of the paired differences; unpaired, no pairs (and no interval)."""
+        return mean_std(self.diffs) if self.paired else (self.mean, None, 0)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95% Student-t interval of the mean paired difference (None: unpaired or one pair)."""
+        return t_interval(self.delta)
+
+    @property
+    def verdict(self) -> str:
+        """ahead / behind the baseline when :attr:`interval` excludes 0, else within noise."""
+        if not self.paired:
+            return "undecided (unpaired)"
+        return verdict(self.delta, higher_is_better=True)  # scores and task metrics (losses are not reported)
 
     @property
     def relative(self) -> float | None:

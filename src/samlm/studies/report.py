@@ -16,16 +16,17 @@ differences paired by seed), the plots in :mod:`samlm.studies.plots` and the rob
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from samlm import io
 from samlm.optim.registry import METHODS
-from samlm.studies import robustness_report
+from samlm.studies import report_checks, robustness_report
 from samlm.studies.grid import BUDGET_HEADERS, start_fraction
-from samlm.studies.plots import SHARPNESS_PLOT, VAL_LOSS_PLOT, plot_sharpness, plot_val_loss
+from samlm.studies.plots import write_plots
+from samlm.studies.report_checks import every_run
 from samlm.studies.runs import (
     COLUMNS,
     REFERENCE_OPTIMIZER,
@@ -35,18 +36,34 @@ from samlm.studies.runs import (
     Row,
     Run,
     aggregate,
+    distinct,
     group_runs,
     point_cells,
     seed_values,
     several_lrs,
+    step_time,
+    step_time_outliers,
     tuned_point,
+    typical_step_time,
 )
 from samlm.studies.runs import load_run as load_run  # re-exported: the docstring's report.load_run
-from samlm.studies.stats import csv_text, format_delta, format_mean_std, mean_std, paired_delta, value_text
+from samlm.studies.stats import (
+    Stat,
+    csv_text,
+    format_delta,
+    format_interval,
+    format_mean_std,
+    mean_std,
+    paired_delta,
+    value_text,
+    verdict,
+)
 
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.csv"
 DELTA_HEADER = "Δ val loss vs adamw (paired)"
+INTERVAL_HEADER = "95% CI"
+VERDICT_HEADER = "verdict"
 
 CSV_FIELDS = (
     "run",
@@ -94,23 +111,35 @@ def results_csv(runs: Sequence[Run], budgets: Mapping[str, Sequence[Run]] | None
             robust += [robustness_report.FORGET_KEY, "robust_forgetting_level"]
             runs = [replace(r, summary={**r.summary, "robust_forgetting_level": level}) for r in runs]
     fields = (*CSV_FIELDS, *robust)
+    slow = {o.run for o in step_time_outliers(runs)}
     rows = []
     for run in runs:
         kinds = [kind for kind, group in (budgets or {}).items() if any(r.name == run.name for r in group)]
-        rows.append([run.name, *(run.summary.get(key) for key in fields[1:]), "+".join(kinds) or "steps"])
-    return csv_text((*fields, "budget"), rows)
+        timing = step_time(run)
+        rows.append(
+            [
+                run.name,
+                *(run.summary.get(key) for key in fields[1:]),
+                "+".join(kinds) or "steps",
+                timing.seconds,
+                timing.source,
+                run.name in slow,
+            ]
+        )
+    # step_time_s: the run's median step time (samlm.studies.runs.step_time), step_s its mean
+    return csv_text((*fields, "budget", "step_time_s", "step_time_from", "step_time_outlier"), rows)
 
 
 def _table_cells(rows: Sequence[Row], columns: Sequence[Column]) -> tuple[list[str], list[list[str]], int]:
     with_delta = any(r.is_reference for r in rows)
     with_lr = several_lrs((r.optimizer, r.rho, r.lr) for r in rows)
     headers = ["optimizer", "ρ"] + ["lr"] * with_lr + ["seeds"] + [c.header for c in columns[:1]]
-    headers += [DELTA_HEADER] if with_delta else []
+    headers += [DELTA_HEADER, INTERVAL_HEADER, VERDICT_HEADER] if with_delta else []
     headers += [c.header for c in columns[1:]]
     body = []
     for row in rows:
         cells = point_cells((row.optimizer, row.rho, row.lr), with_lr) + [str(row.n), row.cell(columns[0])]
-        cells += [row.delta_cell()] if with_delta else []
+        cells += [row.delta_cell(), row.interval_cell(), row.verdict_cell()] if with_delta else []
         cells += [row.cell(c) for c in columns[1:]]
         body.append(cells)
     return headers, body, 3 + with_lr
@@ -173,10 +202,19 @@ def describe_setup(summary: Mapping[str, Any], several_lrs: bool = False) -> str
     return "; ".join(parts) + "."
 
 
-def budget_table(budgets: Mapping[str, Sequence[Run]], reference: str = REFERENCE_OPTIMIZER) -> str | None:
+def delta_cells(delta: Stat) -> list[str]:
+    """A paired Δ's three cells: mean ± std (n), its 95% interval and the verdict."""
+    return [format_delta(delta), format_interval(delta), verdict(delta)]
+
+
+def budget_table(
+    budgets: Mapping[str, Sequence[Run]], reference: str = REFERENCE_OPTIMIZER, outliers: Iterable[str] | None = None
+) -> str | None:
     """Markdown: each method's val-loss Δ to ``reference``, paired by seed, at equal steps and at
-    equal compute (mean ± std over seed pairs, and their number), beside the step cost the
-    compute budget assumed and the step-time ratio measured. None without the reference."""
+    equal compute (mean ± std over seed pairs and their number, the 95% interval, the verdict),
+    beside the step cost the compute budget assumed and the step-time ratio measured (the medians
+    of every run of each point, at either budget, the step-time ``outliers`` left out: by default
+    :func:`samlm.studies.runs.step_time_outliers`). None without the reference."""
     groups = {kind: group_runs(runs) for kind, runs in budgets.items()}
     references = {kind: tuned_point(g, reference) for kind, g in groups.items()}
     if not any(references.values()):
@@ -184,11 +222,14 @@ def budget_table(budgets: Mapping[str, Sequence[Run]], reference: str = REFERENC
     order = list(dict.fromkeys(key for g in groups.values() for key in g))
     with_lr = several_lrs(order)
     timing_kind = "steps" if "steps" in groups else "compute"
-    timing, timing_reference = groups[timing_kind], references[timing_kind]
-    ref_step = mean_std(r.summary.get("step_s") for r in timing.get(timing_reference, []))[0]
+    all_runs = distinct(r for runs in budgets.values() for r in runs)
+    every = group_runs(all_runs)
+    skip = [o.run for o in step_time_outliers(all_runs)] if outliers is None else list(outliers)
+    timing_reference = references[timing_kind]
+    ref_step = typical_step_time(every.get(timing_reference, []), skip) if timing_reference else None
     headers = ["optimizer", "ρ"] + ["lr"] * with_lr + ["step cost (model)", "step time (measured)"]
     for kind in budgets:
-        headers += [f"steps ({BUDGET_HEADERS[kind]})", BUDGET_HEADERS[kind]]
+        headers += [f"steps ({BUDGET_HEADERS[kind]})", BUDGET_HEADERS[kind], INTERVAL_HEADER, VERDICT_HEADER]
     lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---|" * with_lr + "---:|" * (len(headers) - 2 - with_lr)]
     for key in order:
         sample = next(g[key][0] for g in groups.values() if key in g)
@@ -201,7 +242,7 @@ def budget_table(budgets: Mapping[str, Sequence[Run]], reference: str = REFERENC
             if key[0] in METHODS
             else None
         )
-        step = mean_std(r.summary.get("step_s") for r in timing.get(key, []))[0]
+        step = typical_step_time(every.get(key, []), skip)
         measured = f"{step / ref_step:.2f}x" if step and ref_step else "n/a"
         cells = point_cells(key, with_lr) + ["n/a" if cost is None else f"{cost:.3g}x", measured]
         for kind, g in groups.items():
@@ -209,14 +250,12 @@ def budget_table(budgets: Mapping[str, Sequence[Run]], reference: str = REFERENC
             steps = sorted({r.summary.get("steps") for r in members})
             cells.append(", ".join(map(str, steps)) or "–")
             if key == references[kind]:
-                cells.append("(reference)")
+                cells += ["(reference)"] * 3
             elif not members or references[kind] is None:
-                cells.append("n/a")
+                cells += ["n/a"] * 3
             else:
-                cells.append(
-                    format_delta(
-                        paired_delta(seed_values(members, "val_loss"), seed_values(g[references[kind]], "val_loss"))
-                    )
+                cells += delta_cells(
+                    paired_delta(seed_values(members, "val_loss"), seed_values(g[references[kind]], "val_loss"))
                 )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -248,17 +287,16 @@ def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> st
     reference_runs = groups[chosen[reference]] if reference in chosen else None
     headers = ["method", "points", "chosen lr", "chosen ρ", "seeds", "val loss (tuning slice)"]
     headers += ["report loss (report slice)", f"Δ report loss vs tuned {reference} (paired)"]
-    lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    headers += [INTERVAL_HEADER, VERDICT_HEADER]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for method in methods:
         key, members = chosen[method], groups[chosen[method]]
         if reference_runs is None:
-            delta = "n/a"
+            delta = ["n/a"] * 3
         elif method == reference:
-            delta = "(reference)"
+            delta = ["(reference)"] * 3
         else:
-            delta = format_delta(
-                paired_delta(seed_values(members, REPORT_KEY), seed_values(reference_runs, REPORT_KEY))
-            )
+            delta = delta_cells(paired_delta(seed_values(members, REPORT_KEY), seed_values(reference_runs, REPORT_KEY)))
         cells = [
             method,
             str(points[method]),
@@ -267,7 +305,7 @@ def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> st
             str(len(members)),
             format_mean_std(*mean_std(r.summary.get(TUNING_KEY) for r in members)[:2]),
             format_mean_std(*mean_std(r.summary.get(REPORT_KEY) for r in members)[:2]),
-            delta,
+            *delta,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -282,18 +320,21 @@ def report_markdown(
     plots: Sequence[str] = (),
     budgets: Mapping[str, Sequence[Run]] | None = None,
 ) -> str:
-    rows = aggregate(runs)
+    every = every_run(runs, budgets)
+    outliers = step_time_outliers(every)
+    rows = aggregate(runs, outliers=[o.run for o in outliers])
     lines = [f"# {title}", ""]
     if runs:
         lines += [describe_setup(runs[0].summary, several_lrs(r.group for r in runs)), ""]
+        warned = report_checks.warnings(every, outliers)
+        lines += ["Warnings:", "", *warned, ""] if warned else []
         config = runs[0].summary.get("config", {})
         sharp = runs[0].summary.get("sharpness") or {}
         lines += [
             "Mean ± sample standard deviation over seeds; **seeds** is the number of runs behind each row "
             "(one run: no ±). val loss/ppl: the final validation loss (nats per token) and perplexity on the "
             "tuning slice of the validation split; report loss: on the disjoint report slice after it; "
-            "train loss: mean over the last evaluation window; step time and tokens/s exclude evaluation "
-            "and sharpness measurements.",
+            "train loss: mean over the last evaluation window; " + report_checks.timing_note(every, outliers),
             "",
         ]
         if config.get("sharpness", True):
@@ -316,27 +357,33 @@ def report_markdown(
             )
             lines += [
                 f"{DELTA_HEADER}: mean ± std over seeds of (val loss − AdamW's val loss at the same seed{tuned}). "
-                "The "
-                "seed fixes the initial weights and the order of the training batches for every optimizer, so "
-                "this paired difference is free of most seed-to-seed variation; a difference smaller than "
-                "about twice its std/√n is within noise.",
+                "The seed fixes the initial weights and the order of the training batches for every optimizer, so "
+                f"this paired difference is free of most seed-to-seed variation. {INTERVAL_HEADER}: the Student-t "
+                "95% interval of the mean difference, mean ± t(0.975, n − 1)·std/√n over the n seed pairs (none "
+                f"with one pair). {VERDICT_HEADER}: **ahead** (lower loss) or **behind** AdamW only when the "
+                "interval excludes 0, **within noise** otherwise; with two seeds t is 12.7, so only a large, "
+                "consistent difference decides.",
                 "",
             ]
         lines += [markdown_table(rows), ""]
         lines += _tuned_section(budgets or {"steps": runs})
-        compute = budget_table(budgets) if budgets and "compute" in budgets else None
+        compute = (
+            budget_table(budgets, outliers=[o.run for o in outliers]) if budgets and "compute" in budgets else None
+        )
         if compute is not None:
             lines += [
                 "## Equal steps and equal compute",
                 "",
-                "Δ val loss vs AdamW, paired by seed (mean ± std over seed pairs, n = pairs). **Equal steps**: every "
+                "Δ val loss vs AdamW, paired by seed (mean ± std over seed pairs, n = pairs; 95% CI and verdict as "
+                "above). **Equal steps**: every "
                 "method runs the same number of steps (the SAM family then spends more compute). **Equal compute**: "
                 "every method gets the forward+backward compute of the costliest method in the comparison, so "
                 "cheaper methods (AdamW first) run proportionally more steps, with their warmup, schedule and "
                 "evaluation cadence stretched to their own length; one AdamW run per seed serves every method. "
                 "Step cost (model): a step's passes over the batch counted with a backward as 2 forwards, relative "
                 "to AdamW (SAM: + the ascent rows; Functional-SAM: + a forward of the other rows), from the method "
-                "registry; step time (measured): this comparison's mean step time over AdamW's (wall clock, noisy "
+                "registry; step time (measured): the median step time of the method's runs (both budgets) over "
+                "AdamW's, step-time outliers left out (wall clock, noisy "
                 "on a shared machine; `samlm bench` measures it side by side).",
                 "",
                 compute,
@@ -355,7 +402,7 @@ def report_markdown(
     if unfinished:
         lines += ["Unfinished runs (not in the table): " + ", ".join(unfinished), ""]
     if runs:
-        lines += ["Runs: " + ", ".join(f"`{r.name}`" for r in runs), ""]
+        lines += report_checks.run_list(runs, budgets, outliers)
     return "\n".join(lines)
 
 
@@ -395,12 +442,8 @@ def write_report(
     measured by ``--robustness``, a robustness section and ``forgetting.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
     plot_title = title
-    for key, plot in (("val_loss", plot_val_loss), ("sharpness", plot_sharpness)):
-        path = plot(runs, out_dir / (VAL_LOSS_PLOT if key == "val_loss" else SHARPNESS_PLOT), title=plot_title)
-        if path is not None:
-            written[key] = path
+    written = write_plots(runs, out_dir, title=plot_title, budgets=budgets)
     frontier = robustness_report.plot_frontier(
         budgets or {"steps": runs}, out_dir / robustness_report.FRONTIER_PLOT, title=plot_title
     )

@@ -1,12 +1,18 @@
 """Finished pretraining runs read back from their files, grouped by their point of the grid
 (optimizer, ρ, peak lr) and aggregated over seeds (:mod:`samlm.studies.stats`): what the tables and
 plots of a comparison are made of. A value only some runs of a group have says ``(n=k)``; a value no
-run has shows ``n/a``."""
+run has shows ``n/a``.
+
+A run's step time is a median after warm-up, not its mean (which holds start-up and any moment a
+busy core slowed it): :func:`step_time`. Over seeds the step-time columns give the median and the
+range, and a run more than twice as slow as the median of its point's other runs is a step-time
+outlier (:func:`step_time_outliers`), left out of them."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,11 +22,29 @@ from typing import Any
 from samlm import io
 from samlm.errors import UserError
 from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
-from samlm.studies.stats import Stat, finite_number, format_delta, format_mean_std, mean_std, paired_delta, value_text
+from samlm.studies.stats import (
+    Spread,
+    Stat,
+    finite_number,
+    format_delta,
+    format_interval,
+    format_mean_std,
+    format_median_range,
+    mean_std,
+    median_range,
+    paired_delta,
+    value_text,
+    verdict,
+)
 
 REFERENCE_OPTIMIZER = "adamw"
 TUNING_KEY = "val_loss"  # measured on the tuning slice: what the tuned tables select by
 REPORT_KEY = "report_loss"  # measured on the disjoint report slice: what they report
+
+
+# summary.json's median step time after warm-up, where the harness records it (seconds)
+RECORDED_MEDIAN_KEY = "step_s_median"
+OUTLIER_FACTOR = 2.0  # a run this many times slower than its point's other runs' median is an outlier
 
 
 @dataclass(frozen=True)
@@ -29,6 +53,8 @@ class Column:
     header: str  # table header
     fmt: str  # format spec of mean and std
     scale: float = 1.0
+    # wall clock: each run's robust value (step_time), the median (min–max) over seeds, outliers left out
+    timing: bool = False
 
 
 COLUMNS = (
@@ -40,8 +66,8 @@ COLUMNS = (
     Column("gauss_newton_lambda_max", "λ_max(GN)", ".3g"),
     Column("preconditioned_lambda_max", "λ_max(P⁻¹H)", ".3g"),
     Column("logit_functional_ratio", "logit/func", ".3g"),
-    Column("step_s", "step (ms)", ".1f", 1000.0),
-    Column("tokens_per_s", "tokens/s", ".0f"),
+    Column("step_s", "step (ms)", ".1f", 1000.0, timing=True),
+    Column("tokens_per_s", "tokens/s", ".0f", timing=True),
 )
 
 
@@ -95,6 +121,102 @@ def load_run(path: str | Path) -> Run:
     return Run(name=path.name, path=path, summary=summary, metrics=io.read_jsonl(path / METRICS_FILE))
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """A run's step time in seconds and where it came from: ``recorded`` (summary.json's
+    ``step_s_median``, the median over its timed steps after warm-up), ``windows`` (the median of
+    metrics.jsonl's timing windows after the first, which holds start-up: each line's ``step_s`` is
+    the mean over the steps since the previous line) or ``mean`` (summary.json's ``step_s``, the mean
+    over every step, start-up included: the run logged one timing window)."""
+
+    seconds: float | None
+    source: str  # "recorded", "windows", "mean" or "none"
+    windows: int = 0  # the windows the median is over (source "windows")
+
+
+def step_time(run: Run) -> StepTime:
+    """The run's step time (:class:`StepTime`): the recorded median, else the windows' median, else the mean."""
+    recorded = finite_number(run.summary.get(RECORDED_MEDIAN_KEY))
+    if recorded is not None:
+        return StepTime(recorded, "recorded")
+    windows = [
+        seconds
+        for record in run.metrics
+        if isinstance(record.get("step"), int) and (seconds := finite_number(record.get("step_s"))) is not None
+    ]
+    if len(windows) > 1:
+        return StepTime(statistics.median(windows[1:]), "windows", len(windows) - 1)
+    mean = finite_number(run.summary.get("step_s"))
+    return StepTime(mean, "none" if mean is None else "mean")
+
+
+def tokens_per_second(run: Run) -> float | None:
+    """Training tokens per second at the run's :func:`step_time`."""
+    seconds = step_time(run).seconds
+    steps, tokens = finite_number(run.summary.get("step")), finite_number(run.summary.get("tokens"))
+    per_step = (
+        tokens / steps
+        if steps and tokens
+        else finite_number((run.summary.get("resolved") or {}).get("tokens_per_step"))
+    )
+    if seconds and per_step:
+        return per_step / seconds
+    return finite_number(run.summary.get("tokens_per_s"))
+
+
+def column_value(run: Run, column: Column) -> Any:
+    """The run's value in ``column``: its summary's, the step time and tokens/s from :func:`step_time`."""
+    if column.key == "step_s":
+        return step_time(run).seconds
+    if column.key == "tokens_per_s":
+        return tokens_per_second(run)
+    return run.summary.get(column.key)
+
+
+@dataclass(frozen=True)
+class Outlier:
+    """A run whose step time is over :data:`OUTLIER_FACTOR` × the median of its point's other runs."""
+
+    run: str
+    label: str  # its point
+    seconds: float
+    others: float  # the median of the point's other runs
+
+
+def distinct(runs: Iterable[Run]) -> list[Run]:
+    """Each run once (by name), in order: a run serving both budgets is in both lists."""
+    return list({r.name: r for r in runs}.values())
+
+
+def equal_compute_only(budgets: Mapping[str, Sequence[Run]]) -> list[Run]:
+    """The runs that serve only the equal-compute comparison (the cheaper methods given the costliest
+    one's compute as extra steps), when there is an equal-steps one beside it; else none."""
+    if "steps" not in budgets or "compute" not in budgets:
+        return []
+    at_steps = {r.name for r in budgets["steps"]}
+    return distinct(r for r in budgets["compute"] if r.name not in at_steps)
+
+
+def step_time_outliers(runs: Iterable[Run], factor: float = OUTLIER_FACTOR) -> list[Outlier]:
+    """The runs more than ``factor`` times slower per step than the median of the other runs of
+    their point (optimizer, ρ, lr; its runs at every budget take the same steps). The median of the
+    *others*, so that with two seeds the slow one is measured against the normal one."""
+    found = []
+    for key, members in group_runs(distinct(runs)).items():
+        times = {r.name: step_time(r).seconds for r in members}
+        for name, seconds in times.items():
+            others = [t for other, t in times.items() if other != name and t is not None]
+            if seconds is not None and others and seconds > factor * statistics.median(others):
+                found.append(Outlier(name, group_label(*key), seconds, statistics.median(others)))
+    return found
+
+
+def typical_step_time(runs: Iterable[Run], left_out: Iterable[str] = ()) -> float | None:
+    """The median step time over ``runs`` but those named in ``left_out`` (the outliers)."""
+    skip = set(left_out)
+    return median_range(step_time(r).seconds for r in distinct(runs) if r.name not in skip)[0]
+
+
 def seed_values(runs: Iterable[Run], key: str) -> list[tuple[Any, Any]]:
     """``(seed, summary[key])`` of each run: what :func:`samlm.studies.stats.paired_delta` pairs."""
     return [(r.summary.get("seed"), r.summary.get(key)) for r in runs]
@@ -131,6 +253,8 @@ class Row:
     # val loss minus the reference's (AdamW's) at the same seed: (mean, std, number of seed pairs)
     delta: Stat | None = None
     is_reference: bool = False
+    timing: dict[str, Spread] = field(default_factory=dict)  # median (min–max) of the timing columns
+    left_out: list[str] = field(default_factory=list)  # step-time outliers kept out of the timing columns
 
     @property
     def n(self) -> int:
@@ -145,6 +269,10 @@ class Row:
         return group_label(self.optimizer, self.rho, self.lr)
 
     def cell(self, column: Column) -> str:
+        if column.timing:
+            spread = self.timing[column.key]
+            text = format_median_range(spread, column.fmt, column.scale)
+            return text + (f" (n={spread[3]})" if 0 < spread[3] < self.n else "")
         mean, std, n = self.stats[column.key]
         scale = column.scale
         text = format_mean_std(None if mean is None else mean * scale, None if std is None else std * scale, column.fmt)
@@ -159,20 +287,41 @@ class Row:
             return "n/a"
         return format_delta(self.delta, show_n=self.delta[2] < self.n)
 
+    def interval_cell(self) -> str:
+        """The delta's 95% interval (:func:`samlm.studies.stats.t_interval`)."""
+        if self.is_reference:
+            return "(reference)"
+        return "n/a" if self.delta is None else format_interval(self.delta)
+
+    def verdict_cell(self) -> str:
+        """ahead / behind (the interval excludes 0) / within noise."""
+        if self.is_reference:
+            return "(reference)"
+        return "n/a" if self.delta is None else verdict(self.delta)
+
 
 def aggregate(
-    runs: Sequence[Run], columns: Sequence[Column] = COLUMNS, reference: str | None = REFERENCE_OPTIMIZER
+    runs: Sequence[Run],
+    columns: Sequence[Column] = COLUMNS,
+    reference: str | None = REFERENCE_OPTIMIZER,
+    outliers: Iterable[str] | None = None,
 ) -> list[Row]:
-    """One :class:`Row` per (optimizer, rho, lr) group with mean ± std of each column over its seeds,
-    and (when ``reference`` ran) the val-loss difference to it paired by seed (to its tuned point,
-    :func:`tuned_point`, when it ran at several learning rates)."""
+    """One :class:`Row` per (optimizer, rho, lr) group with mean ± std of each column over its seeds
+    (the timing columns: median and range, the step-time ``outliers`` left out; by default those of
+    :func:`step_time_outliers` over ``runs``), and (when ``reference`` ran) the val-loss difference
+    to it paired by seed (to its tuned point, :func:`tuned_point`, when it ran at several learning rates)."""
+    skip = {o.run for o in step_time_outliers(runs)} if outliers is None else set(outliers)
     groups = group_runs(runs)
     reference_key = tuned_point(groups, reference) if reference else None
     reference_runs = groups[reference_key] if reference_key else None
     rows = []
     for (optimizer, rho, lr), members in groups.items():
-        stats = {c.key: mean_std(r.summary.get(c.key) for r in members) for c in columns}
-        row = Row(optimizer, rho, lr, members, stats)
+        stats = {c.key: mean_std(r.summary.get(c.key) for r in members) for c in columns if not c.timing}
+        kept = [r for r in members if r.name not in skip]
+        timing = {c.key: median_range(column_value(r, c) for r in kept) for c in columns if c.timing}
+        row = Row(
+            optimizer, rho, lr, members, stats, timing=timing, left_out=[r.name for r in members if r.name in skip]
+        )
         if reference_runs:
             row.is_reference = members is reference_runs
             if not row.is_reference:

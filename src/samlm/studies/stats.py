@@ -3,7 +3,11 @@
 A group of runs is summarised by the mean ± the *sample* standard deviation (n − 1 in the
 denominator) of the finite values it has, with their number; a method is compared to a reference
 *paired by seed* (the seed fixes the initial weights and the data order for every method), as the
-mean ± std of the per-seed differences over the seeds both have.
+mean ± std of the per-seed differences over the seeds both have, with the Student-t 95% interval of
+their mean (:func:`t_interval`). A method is ahead or behind the reference only when that interval
+excludes 0 (:func:`verdict`); with one seed pair there is no interval. Wall-clock numbers, whose
+noise is one-sided (a busy core only slows a run), are summarised by the median and the range
+(:func:`median_range`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 Stat = tuple[float | None, float | None, int]  # (mean, sample std, n): std None when n < 2, mean None when n = 0
+Spread = tuple[float | None, float | None, float | None, int]  # (median, min, max, n): None when n = 0
+CONFIDENCE = 0.95
+AHEAD, BEHIND, WITHIN_NOISE = "ahead", "behind", "within noise"
 
 
 def finite_number(value: Any) -> float | None:
@@ -49,6 +56,55 @@ def paired_differences(mine: Iterable[tuple[Any, Any]], theirs: Iterable[tuple[A
 def paired_delta(mine: Iterable[tuple[Any, Any]], theirs: Iterable[tuple[Any, Any]]) -> Stat:
     """(mean, sample std, number of seed pairs) of :func:`paired_differences`."""
     return mean_std(paired_differences(mine, theirs))
+
+
+def t_interval(delta: Stat, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """The Student-t interval of a mean from its (mean, sample std, n): mean ± t(1 − α/2, n − 1) · std / √n
+    (for a paired delta, the interval of the mean per-seed difference); None when n < 2."""
+    mean, std, n = delta
+    if mean is None or std is None or n < 2:
+        return None
+    from scipy.stats import t  # scipy is slow to import and only the reports need it
+
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def verdict(delta: Stat, *, higher_is_better: bool = False, confidence: float = CONFIDENCE) -> str:
+    """``ahead`` or ``behind`` the reference when the delta's :func:`t_interval` excludes 0, else
+    ``within noise``; ``undecided (n=1)`` with one pair (no interval), ``n/a`` with none."""
+    interval = t_interval(delta, confidence)
+    if interval is None:
+        return "undecided (n=1)" if delta[2] == 1 else "n/a"
+    low, high = interval
+    if low <= 0 <= high:
+        return WITHIN_NOISE
+    return AHEAD if (low > 0) == higher_is_better else BEHIND
+
+
+def format_interval(delta: Stat, fmt: str = "+.4f", confidence: float = CONFIDENCE) -> str:
+    """``"[-0.0800, -0.0200]"`` (:func:`t_interval`); ``"no interval (n=1)"``; ``"n/a"`` without pairs."""
+    interval = t_interval(delta, confidence)
+    if interval is None:
+        return "no interval (n=1)" if delta[2] == 1 else "n/a"
+    return f"[{format(interval[0], fmt)}, {format(interval[1], fmt)}]"
+
+
+def median_range(values: Iterable[Any]) -> Spread:
+    """(median, min, max, n) of the finite numbers among ``values``."""
+    numbers = sorted(v for v in (finite_number(x) for x in values) if v is not None)
+    if not numbers:
+        return None, None, None, 0
+    return statistics.median(numbers), numbers[0], numbers[-1], len(numbers)
+
+
+def format_median_range(spread: Spread, fmt: str = ".1f", scale: float = 1.0) -> str:
+    """``"15.5 (13.2–17.0)"``: the median and the range; ``"15.5"`` for one value; ``"n/a"`` for none."""
+    median, low, high, n = spread
+    if median is None or low is None or high is None:
+        return "n/a"
+    text = format(median * scale, fmt)
+    return text if n < 2 else f"{text} ({format(low * scale, fmt)}–{format(high * scale, fmt)})"
 
 
 def format_mean_std(mean: float | None, std: float | None, fmt: str = ".4f") -> str:
