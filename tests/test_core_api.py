@@ -92,7 +92,7 @@ def test_step_stats_are_built_by_keyword():
     with pytest.raises(TypeError):
         StepStats(1.0, 1.0, 0.0, 0.0, 0.0, False, False)
     stats = StepStats(
-        loss=1.0,
+        ascent_loss=1.0,
         loss_perturbed=1.0,
         grad_norm=0.0,
         eps_norm=0.0,

@@ -173,7 +173,7 @@ def test_a_trainer_step_is_the_driver_step_on_the_window_with_the_models_loss(tm
         max_grad_norm=1.0,
     )
     torch.testing.assert_close(flat(trainer.model), flat(model), rtol=0, atol=1e-6)
-    assert trainer.state.log_history[0]["loss"] == pytest.approx(stats.loss, rel=1e-5)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(stats.ascent_loss, rel=1e-5)
     assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(stats.update_grad_norm, rel=1e-5)
     assert trainer.state.log_history[0]["loss_perturbed"] == pytest.approx(stats.loss_perturbed, rel=1e-4)
 

@@ -69,10 +69,10 @@ logits at w of every row the step evaluates there) and ``sam_clean_outputs_done`
 The logged ``loss`` means a plain run's: the clean loss at w on the whole batch, weighted as
 Trainer weights it, where the step computes it (Functional-SAM, ``ascent_fraction=1``, the plain
 steps of a schedule) or ``clean_loss=True`` pays one forward for it. Otherwise (SAM with
-``ascent_fraction < 1``) the loss at w on the ascent rows is logged as ``ascent_loss``, never as
-``loss``. Also logged: ``loss_perturbed`` (at w+ε, all rows), ``sam_eps_norm``,
-``sam_ascent_grad_norm``, ``sam_skipped_steps``. With ρ = 0 the weights and the logged losses
-are the plain trainer's (tested against ``trl.SFTTrainer``).
+``ascent_fraction < 1``) the loss at w on the ascent rows is logged as ``ascent_loss`` (the
+step's ``StepStats.ascent_loss``), never as ``loss``. Also logged: ``loss_perturbed`` (at w+ε,
+all rows), ``sam_eps_norm``, ``sam_ascent_grad_norm``, ``sam_skipped_steps``. With ρ = 0 the
+weights and the logged losses are the plain trainer's (tested against ``trl.SFTTrainer``).
 
 Not supported: DeepSpeed (refused: its engine steps inside ``backward()``, so a two-pass SAM
 step would take two optimizer steps, and ZeRO partitions the gradient ε is built from). With
@@ -83,7 +83,6 @@ expect); see ``samlm.integrations.distributed``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
@@ -313,6 +312,7 @@ class SAMTrainerMixin:
         self.sam_loss = sam_loss
         self.sam_clean_loss = clean_loss
         self.sam_last_stats: StepStats | None = None
+        self.sam_last_loss: float | None = None  # what the last step reports to Trainer as its loss
         self._sam_window: list = []
         self._sam_num_items = None
         self._sam_log_sums: dict[str, float] = {}
@@ -390,12 +390,14 @@ class SAMTrainerMixin:
             return torch.zeros((), device=self.args.device)
         window, self._sam_window = self._sam_window, []
         self._sam_num_items = num_items_in_batch
-        stats = self.sam_step(model, window)
-        return torch.tensor(stats.loss, device=self.args.device)
+        self.sam_step(model, window)
+        return torch.tensor(self.sam_last_loss, device=self.args.device)
 
     def sam_step(self, model, micro_batches: list) -> StepStats:
         """One SAM-family step over the window's micro-batches (the model as Trainer wraps it).
-        ``stats.loss`` is the clean loss on the whole window when known (see ``clean_loss``)."""
+        Returns the driver's statistics; the loss Trainer logs is ``sam_last_loss``: the clean
+        loss on the whole window when known (logged as ``loss``, see ``clean_loss``), else the
+        step's ``ascent_loss`` (logged as ``ascent_loss``)."""
         opt = self.sam_optimizer
         forward, loss = self.sam_forward_and_loss(model, opt, micro_batches)
         clean = loss.clean if isinstance(loss, _Recorder) else None
@@ -411,16 +413,19 @@ class SAMTrainerMixin:
         )
         if hasattr(self.optimizer, "_is_overflow"):
             self.optimizer._is_overflow = stats.skipped  # accelerate: a skipped step keeps the LR
+        logged = stats.ascent_loss
         if clean is not None:
             rows = sum(_rows(b) for b in micro_batches)
             complete = clean.rows >= rows  # every row was seen at w: the plain run's loss
             if complete and loss.tokens is not None:  # Trainer's: summed / num_items_in_batch
-                stats = dataclasses.replace(stats, loss=clean.total / (loss.tokens[0] * rows))
+                logged = clean.total / (loss.tokens[0] * rows)
             elif clean.count:  # the mean loss of the rows seen at w
-                stats = dataclasses.replace(stats, loss=clean.value())
+                logged = clean.value()
             self._sam_log_ascent_only |= not complete
             self.sam_clean_outputs_done(micro_batches, complete)
-        self.sam_last_stats = stats
+        else:  # the model's own loss: every row was seen at w on a plain step, or with ascent_fraction=1
+            self._sam_log_ascent_only |= stats.sam_step and opt.ascent_fraction < 1
+        self.sam_last_stats, self.sam_last_loss = stats, logged
         for key, value in (
             ("loss_perturbed", stats.loss_perturbed),
             ("sam_eps_norm", stats.eps_norm),

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .bases import CombinedOptimizer, muon_split, params_of
 from .descents import DescentRule, Functional, Standard
-from .driver import StepStats, plain_step, sharpness_aware_step
+from .driver import plain_step, sharpness_aware_step
 from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, Spectral
 from .preconditioners import Orthogonalized, newton_schulz, register_preconditioner
 from .registry import BASE_OPTIMIZERS, METHODS, SAM_FAMILY, Method, method, register, sam_family
@@ -26,6 +26,7 @@ from .sam import (
     train_step,
 )
 from .schedule import SamSchedule
+from .step_stats import StepStats
 from .types import ParamGroup
 
 # Derived from the registry, for existing callers.

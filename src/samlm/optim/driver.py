@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import torch
@@ -41,6 +40,7 @@ from .descents import DescentRule, at_least_fp32, loss_and_cotangent, outputs_te
 from .perturbations import local_tensor, squared_norm
 from .running_stats import frozen_running_stats, norm_layers
 from .split import path_gradients
+from .step_stats import StepStats
 from .types import Batch, ForwardFn, GradNormFn, LossFn, ParamGroup
 
 if TYPE_CHECKING:
@@ -81,25 +81,6 @@ class SamOptimizer(Protocol):
         zero_grad_norm: bool = False,
         sam_step: bool = True,
     ) -> None: ...
-
-
-@dataclass(kw_only=True)
-class StepStats:
-    """What one optimizer step measured (floats; built by keyword)."""
-
-    loss: float  # mean loss at w (ascent rows; all rows for plain optimizers)
-    loss_perturbed: float  # mean loss at w+ε over all rows
-    grad_norm: float  # ‖g‖ of the ascent gradient (scaled by the rule's T or 1/P)
-    eps_norm: float  # ‖ε‖
-    update_grad_norm: float  # ‖d‖ of the descent gradient fed to the base optimizer
-    skipped: bool  # the base step was not taken (non-finite gradient)
-    ascent_nonfinite: bool  # the ascent gradient was non-finite (ε = 0 or step skipped)
-    sam_step: bool = True  # a SAM-family step (False: a plain step, of any optimizer)
-    logit_path_norm: float | None = None  # ‖g_SAM − g_F‖, with split=True
-    functional_path_norm: float | None = None  # ‖g_F − g‖, with split=True
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class _TensorOptions(TypedDict):
@@ -327,7 +308,7 @@ def _one_pass_step(
     skipped = _finish_step(optimizer, scaler, update_norm)
     loss_value, norm_value = torch.stack([loss_sum, update_norm.to(loss_sum)]).tolist()
     return StepStats(
-        loss=loss_value,
+        ascent_loss=loss_value,
         loss_perturbed=loss_value,
         grad_norm=norm_value,
         eps_norm=0.0,
@@ -496,7 +477,7 @@ def sharpness_aware_step(
         skipped=skipped, ascent_nonfinite=ascent_nonfinite, zero_grad_norm=bool(values[6]) and not ascent_nonfinite
     )
     return StepStats(
-        loss=values[0],
+        ascent_loss=values[0],
         loss_perturbed=values[1],
         grad_norm=values[2],
         eps_norm=values[3],
@@ -688,7 +669,7 @@ def _skip_for_overflow(opt: SamOptimizer, scaler: GradScaler, loss_clean: Tensor
     opt.record_step(skipped=True, ascent_nonfinite=True)
     nan = float("nan")
     return StepStats(
-        loss=float(loss_clean),
+        ascent_loss=float(loss_clean),
         loss_perturbed=nan,
         grad_norm=nan,
         eps_norm=0.0,

@@ -23,7 +23,7 @@ from torch.optim.optimizer import ParamsT
 
 from .bases import OptimizerOrList, as_optimizer
 from .descents import DescentRule, Functional, Standard, as_descent_rule
-from .driver import StepStats, plain_step, sharpness_aware_step
+from .driver import plain_step, sharpness_aware_step
 from .perturbations import (
     Adaptive,
     Euclidean,
@@ -37,6 +37,7 @@ from .perturbations import (
 from .preconditioners import Preconditioners, PrecondOf, find_reader
 from .running_stats import check_policy
 from .schedule import SamSchedule
+from .step_stats import StepStats
 from .types import Batch, ForwardFn, GradNormFn, LossFn, ParamGroup
 
 __all__ = [
