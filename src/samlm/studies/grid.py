@@ -18,13 +18,28 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from samlm.errors import UserError
 from samlm.harness import settings as s
 from samlm.harness.settings import setting
 from samlm.optim.registry import METHODS, sam_family
 from samlm.progress import say
+
+
+def check_optimizers(flag: str, value: Any) -> None:
+    """A setting's check: ``value`` is a list of methods (:func:`parse_optimizers`)."""
+    parse_optimizers(value)
+
+
+def check_seeds(flag: str, value: Any) -> None:
+    """A setting's check: ``value`` is a list of seeds (:func:`parse_seeds`)."""
+    parse_seeds(value, flag)
+
+
+def check_budget(flag: str, value: Any) -> None:
+    """A setting's check: ``value`` is a budget (:func:`parse_budget`)."""
+    parse_budget(value)
 
 
 @dataclass
@@ -51,7 +66,7 @@ class GridSettings:
         "steps: every method the same number of steps; compute: the same "
         "forward+backward compute (cheaper methods get proportionally more steps); "
         "steps,compute: both",
-        check=lambda flag, value: parse_budget(value),
+        check=check_budget,
     )
 
 
@@ -79,7 +94,7 @@ class StudySettings:
         None,
         "comma-separated seeds of the final runs",
         default_text="the preset's",
-        check=lambda flag, value: parse_seeds(value, flag),
+        check=check_seeds,
     )
     jobs: int | None = setting(None, "runs at a time", check=s.positive_int, default_text="the preset's")
     steps: int | None = setting(
@@ -251,7 +266,7 @@ def parse_grid(
     spec: str | float | Mapping[str, Sequence[float] | float] | None,
     optimizers: Sequence[str],
     flag: str,
-    default: Callable[[str], float],
+    default: Callable[[str], float | None],
     *,
     applies: Sequence[str] | None = None,
     positive: bool = False,
@@ -265,7 +280,7 @@ def parse_grid(
     bare: list[float] = []
     if isinstance(spec, Mapping):
         for name, values in spec.items():
-            named[name] = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+            named[name] = [float(v) for v in (values if isinstance(values, (list, tuple)) else [cast(float, values)])]
     elif isinstance(spec, (int, float)):
         bare = [float(spec)]
     elif spec is not None and str(spec).strip():
@@ -284,8 +299,8 @@ def parse_grid(
             raise UserError(f"{flag} gives a value for {name}, which is not in --optimizers ({','.join(optimizers)})")
     result: dict[str, list[float | None]] = {}
     for name in optimizers:
-        values = (named.get(name) or bare or [default(name)]) if name in applies else [None]
-        result[name] = list(dict.fromkeys(values))  # dedupe, keep order
+        given: Sequence[float | None] = (named.get(name) or bare or [default(name)]) if name in applies else [None]
+        result[name] = list(dict.fromkeys(given))  # dedupe, keep order
     return result
 
 
@@ -297,8 +312,10 @@ def parse_rho(
 
 
 def parse_lr(
-    spec: str | float | Mapping[str, Sequence[float] | float] | None, optimizers: Sequence[str], default: float
-) -> dict[str, list[float]]:
+    spec: str | float | Mapping[str, Sequence[float] | float] | None,
+    optimizers: Sequence[str],
+    default: float | None,
+) -> dict[str, list[float | None]]:
     """Peak learning rates per optimizer (default: ``default``, the run's ``--lr``)."""
     return parse_grid(spec, optimizers, "--lr", lambda name: default, positive=True)
 
