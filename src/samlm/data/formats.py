@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from samlm.data.readers import UTF8_BOM, InvalidUtf8, decode_utf8, jsonl_records, numbered_lines, read_bytes
 from samlm.errors import UserError
@@ -192,6 +192,7 @@ def read_tsv(path: str | Path, columns: Sequence[str] | None = None) -> TsvTable
         columns = _split_tsv_line(header_line, path, 1)
         if not lines:
             raise UserError(f"{path}: no data rows after the header")
+    assert columns is not None
     expected = len(columns)
     rows = []
     for number, line in lines:
@@ -388,7 +389,7 @@ def _generic_records(path: Path, mapping: Mapping[str, str]) -> list[tuple[str, 
 def _csv_records(path: Path, mapping: Mapping[str, str], delimiter: str) -> list[tuple[str, dict[str, Any]]]:
     # CSV uses standard quoting (a quoted field may span lines), so each record is reported
     # at the line where it starts. TSV follows GLUE: no quoting.
-    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    quoting: Literal[0, 3] = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
     reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
     try:
         header = next(reader)
@@ -436,8 +437,9 @@ def _generic_example(
         target = text("target") if "target" in mapping else (answers[0] if answers else "")
         answers = dedupe((target, *answers)) if target else answers
     else:
+        assert parse_target is not None, "a classification or regression mapping has a label parser"
         label = parse_target(record[mapping["target"]], where)
-        target = labels[label] if kind == "classification" else format(label, "g")
+        target = cast(Sequence[str], labels)[int(label)] if kind == "classification" else format(label, "g")
 
     uid = str(record[mapping["id"]]) if "id" in mapping else where.rsplit("/", 1)[-1]
     group = str(record[mapping["group"]]) if "group" in mapping else None

@@ -70,10 +70,20 @@ class Source:
     resource: Any = None  # a built-in corpus
     streaming: bool = True  # a hub dataset is streamed, not downloaded whole
 
+    def hub_dataset(self) -> tuple:
+        """(name, config, split) of a hub source."""
+        assert self.hub is not None, f"{self.spec} is not a hub dataset"
+        return self.hub
+
+    def local_path(self) -> Path:
+        """The file or directory of a local source."""
+        assert self.path is not None, f"{self.spec} is not a local file or directory"
+        return self.path
+
     def resolve_splits(self) -> None:
         """For a hub dataset whose split was not named: does it have a ``validation`` split?"""
         if self.has_validation_split is None:
-            name, config, _ = self.hub
+            name, config, _ = self.hub_dataset()
             self.has_validation_split = "validation" in hub_split_names(self.spec, name, config)
 
     def documents(self, split: str = "train") -> Iterator[str]:
@@ -96,16 +106,16 @@ class Source:
                 read = jsonl_documents if path.suffix == ".jsonl" else utf8_blocks
                 yield from read(path)
         elif self.kind == "text-file":
-            yield from utf8_blocks(self.path)
+            yield from utf8_blocks(self.local_path())
         elif self.kind == "jsonl-file":
-            yield from jsonl_documents(self.path)
+            yield from jsonl_documents(self.local_path())
         elif self.kind == "directory":
-            for path in directory_files(self.path):
+            for path in directory_files(self.local_path()):
                 text = read_utf8(path)
                 if text:
                     yield text
         else:
-            name, config, own_split = self.hub
+            name, config, own_split = self.hub_dataset()
             split = own_split if split == "train" else "validation"
             yield from hub_documents(self.spec, name, config, split, streaming=self.streaming)
 
@@ -178,7 +188,7 @@ def load_corpus(
     """
     source = open_source(spec, max_chars=max_chars)
     if source.kind == "hub":
-        source.streaming = source.hub[0] in STREAMING_DATASETS if streaming is None else streaming
+        source.streaming = source.hub_dataset()[0] in STREAMING_DATASETS if streaming is None else streaming
         if source.streaming and max_chars is None:
             source.max_chars = max_chars = DEFAULT_STREAMING_MAX_CHARS
     text = ("" if source.single_document else DOCUMENT_SEPARATOR).join(source.documents())

@@ -87,20 +87,22 @@ class LMDataset:
 
     ``LMDataset(tokens, ...)`` splits one stream: the last ``val_fraction`` is validation."""
 
+    val_fraction: float | None  # None: the splits came separately (a prepared directory)
+
     def __init__(self, tokens: torch.Tensor, *, context: int, vocab_size: int, val_fraction: float = 0.1):
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        tokens = _token_array(tokens, vocab_size)
-        if tokens.size and int(tokens.max()) >= vocab_size:
-            raise UserError(f"token id {int(tokens.max())} is outside the vocabulary of size {vocab_size}")
-        n_val = int(round(tokens.size * val_fraction))
-        n_train = tokens.size - n_val
+        array = _token_array(tokens, vocab_size)
+        if array.size and int(array.max()) >= vocab_size:
+            raise UserError(f"token id {int(array.max())} is outside the vocabulary of size {vocab_size}")
+        n_val = int(round(array.size * val_fraction))
+        n_train = array.size - n_val
         self.serve_splits(
-            tokens[:n_train],
-            tokens[n_train:],
+            array[:n_train],
+            array[n_train:],
             context=context,
             vocab_size=vocab_size,
-            what=f"{tokens.size} tokens in all, val_fraction={val_fraction}",
+            what=f"{array.size} tokens in all, val_fraction={val_fraction}",
         )
         self.val_fraction = val_fraction
 

@@ -338,6 +338,11 @@ class Preparation:
     content: Any = field(init=False, default=None)  # the sha256 of every document read
     started: float = field(init=False, default=0.0)
 
+    def ready_encoder(self) -> Encoder:
+        """The encoder, once :meth:`ready_tokenizer` has trained or found it."""
+        assert self.encoder is not None, "ready_tokenizer() runs first"
+        return self.encoder
+
     def run(self) -> dict:
         existing = self.existing()
         if existing is not None:
@@ -393,23 +398,24 @@ class Preparation:
                 )
                 train_bpe(training_text(self.source, self.budget, self.bpe_train_chars), self.bpe, tokenizer_dir)
             self.encoder = describe_tokenizer(load_tokenizer(str(tokenizer_dir)), self.tokenizer_name)
-        elif not self.encoder.is_bytes and not tokenizer_dir.exists():
-            io.atomic_save_pretrained(self.encoder.tokenizer, tokenizer_dir)
+        elif not self.ready_encoder().is_bytes and not tokenizer_dir.exists():
+            io.atomic_save_pretrained(self.ready_encoder().tokenizer, tokenizer_dir)
 
     def tokenize(self, state: dict | None) -> tuple[store.TokenFiles, SplitWriter]:
         """Tokenize the source's documents chunk by chunk, workers running ahead of the writer, with
         a checkpoint after each chunk (from ``state``'s, when resuming)."""
         rule = split_rule(self.source, self.budget)
-        files = store.TokenFiles(self.directory, store.token_dtype(self.encoder.vocab_size))
-        writer = SplitWriter(files, rule, self.budget, self.encoder, self.source.single_document)
+        files = store.TokenFiles(self.directory, store.token_dtype(self.ready_encoder().vocab_size))
+        writer = SplitWriter(files, rule, self.budget, self.ready_encoder(), self.source.single_document)
         done = {"train": 0, "val": 0}
         if state is not None:
             files.tokens, done, writer.counts = dict(state["tokens"]), dict(state["documents"]), dict(state["counts"])
             say(f"resuming the prepare in {self.directory}: {sum(files.tokens.values()):,} tokens already written")
         self.content = hashlib.sha256()
         pool = None
-        if self.workers > 1 and self.encoder.definition is not None:
-            pool = EncoderPool(self.encoder.definition, self.workers)
+        definition = self.ready_encoder().definition
+        if self.workers > 1 and definition is not None:
+            pool = EncoderPool(definition, self.workers)
         bar = _bar(self.progress)
         self.started = time.perf_counter()
         files.open()
@@ -425,7 +431,7 @@ class Preparation:
                 bar.set_postfix_str(f"{sum(files.tokens.values()) / seconds / 1e6:.2f}M tokens/s", refresh=False)
 
             def submit(documents, phase, end, chars) -> None:
-                pending.append(Chunk.start(documents, phase, end, chars, writer, self.encoder, pool))
+                pending.append(Chunk.start(documents, phase, end, chars, writer, self.ready_encoder(), pool))
                 while len(pending) > (pool.workers if pool is not None else 0):
                     write(pending.pop(0))
 
@@ -491,9 +497,9 @@ class Preparation:
             "identity": self.identity,
             "tokenizer": {
                 "name": self.tokenizer_name,
-                "kind": "bytes" if self.encoder.is_bytes else "huggingface",
-                "sha256": self.encoder.sha256,
-                "vocab_size": self.encoder.vocab_size,
+                "kind": "bytes" if self.ready_encoder().is_bytes else "huggingface",
+                "sha256": self.ready_encoder().sha256,
+                "vocab_size": self.ready_encoder().vocab_size,
                 "max_id": counts["max_id"],
             },
             "dtype": files.dtype.name,

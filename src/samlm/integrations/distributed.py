@@ -36,6 +36,7 @@ import datetime
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -118,15 +119,15 @@ def setup_distributed(
         if device.index is None:
             device = torch.device("cuda", info["local_rank"])
         torch.cuda.set_device(device)
-    chosen = None
+    chosen: str | None = None
     if dist.is_available() and dist.is_initialized():
-        chosen = dist.get_backend()
+        chosen = str(dist.get_backend())
         info["rank"], info["world_size"] = dist.get_rank(), dist.get_world_size()
     elif info["world_size"] > 1:
         if not dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
         chosen = backend or ("nccl" if device.type == "cuda" else "gloo")
-        kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        kwargs: dict[str, Any] = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         if chosen == "nccl":
             kwargs["device_id"] = device
         dist.init_process_group(
@@ -268,6 +269,7 @@ def prepare(
     if strategy == "auto":
         strategy = ("fsdp" if info.use_fsdp else "ddp") if info.is_distributed else "none"
     model = model.to(info.device)
+    wrapped: nn.Module
     if strategy == "ddp" and info.is_distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(
@@ -399,7 +401,7 @@ def model_state_to_save(module: nn.Module) -> dict[str, Tensor]:
         return module.state_dict()
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(module, options=_full_state_options(cpu_offload=True))
+    return cast(dict[str, Tensor], get_model_state_dict(module, options=_full_state_options(cpu_offload=True)))
 
 
 def load_model_state(module: nn.Module, state: Mapping[str, Tensor]):

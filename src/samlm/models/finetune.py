@@ -277,7 +277,7 @@ def load_finetune_model(
                     model = AutoModelForSeq2SeqLM.from_pretrained(info.source, dtype=torch.float32, **kwargs)
                 else:
                     regression = task.kind == REGRESSION
-                    head = {
+                    head: dict[str, Any] = {
                         "num_labels": task.num_labels,
                         "problem_type": "regression" if regression else "single_label_classification",
                     }
@@ -309,7 +309,7 @@ class FinetuneModel:
             raise UserError("maximum input and target lengths must be >= 1")
         self.info = info
         self.family = info.family
-        self.model = model
+        self.model: Any = model  # a transformers model: its config and generate() are read below
         self.tokenizer = tokenizer
         self.max_target_length = max_target_length
         self.max_input_length = max_input_length
@@ -389,10 +389,10 @@ class FinetuneModel:
         return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
     def _label_tensor(self, examples: Sequence[Example]) -> Tensor:
-        labels = [e.label for e in examples]
-        if any(label is None for label in labels):
-            missing = next(e for e in examples if e.label is None)
+        missing = next((e for e in examples if e.label is None), None)
+        if missing is not None:
             raise UserError(f"example {missing.uid} has no label")
+        labels = [e.label for e in examples if e.label is not None]
         if self.model.config.problem_type == "regression":
             return torch.tensor([float(x) for x in labels], dtype=torch.float32)
         return torch.tensor([int(x) for x in labels], dtype=torch.long)
