@@ -36,6 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from samlm import io
 from samlm.data import Budget, is_prepared_dir
@@ -48,7 +49,9 @@ from samlm.progress import say
 from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
 from samlm.studies.grid import (
     StudySettings,
+    check_optimizers,
     check_out_dir,
+    check_seeds,
     parse_optimizers,
     parse_seeds,
     study_seconds,
@@ -247,9 +250,9 @@ PRESETS: dict[str, StudyPreset] = {
 STUDY_BASES = ("adamw", "muon")
 
 
-def _for_base(spec: str | None, base: str) -> str | None:
+def _for_base(spec: str, base: str) -> str:
     """A per-method grid spec with AdamW's entries given to the plain ``base`` (its reference)."""
-    if spec is None or base == "adamw":
+    if base == "adamw":
         return spec
     return ",".join(
         f"{base}={item.partition('=')[2]}" if item.partition("=")[0] == "adamw" else item for item in spec.split(",")
@@ -291,7 +294,8 @@ class PretrainStudy:
 
     def configured(self) -> PretrainConfig:
         """The preset's run settings with the overrides, as given (``data`` a raw spec or a directory)."""
-        return dataclasses.replace(self.preset.base, **{k: v for k, v in self.overrides.items() if v is not None})
+        changes: dict[str, Any] = {k: v for k, v in self.overrides.items() if v is not None}
+        return dataclasses.replace(self.preset.base, **changes)
 
     def base_config(self) -> PretrainConfig:
         """The run settings (data: the prepared ``OUT/data`` once it exists)."""
@@ -337,7 +341,7 @@ class PretrainStudy:
         )
 
     def _base(self, size: ModelSize, base: str = "adamw") -> PretrainConfig:
-        budget = {} if self.steps is None else {"steps": self.steps, "tokens_per_param": None}
+        budget: dict[str, Any] = {} if self.steps is None else {"steps": self.steps, "tokens_per_param": None}
         return dataclasses.replace(
             self.base_config(), layers=size.layers, width=size.width, heads=size.heads, base=base, **budget
         )
@@ -389,6 +393,10 @@ class PretrainStudy:
         )
 
 
+def _check_bases(flag: str, value: Any) -> None:
+    parse_bases(value)
+
+
 @dataclass
 class PretrainStudySettings(StudySettings):
     """study"""
@@ -403,14 +411,14 @@ class PretrainStudySettings(StudySettings):
     optimizers: str = setting(
         ",".join(STUDY_OPTIMIZERS),
         "comma-separated methods (must include adamw)",
-        check=lambda flag, value: parse_optimizers(value),
+        check=check_optimizers,
         group="study",
     )
     sweep_seeds: str | None = setting(
         None,
         "comma-separated seeds of the sweep",
         default_text="the preset's",
-        check=lambda flag, value: parse_seeds(value, flag),
+        check=check_seeds,
         group="study",
     )
     # The pretraining settings themselves (one definition), as overrides of the preset's.
@@ -439,7 +447,7 @@ class PretrainStudySettings(StudySettings):
         "comma-separated base optimizers: the whole study around each (adamw; muon: "
         "Muon on the hidden matrices + AdamW, its plain run the reference)",
         default_text="the preset's",
-        check=lambda flag, value: parse_bases(value),
+        check=_check_bases,
         group="study",
     )
 
@@ -594,14 +602,16 @@ def size_table(
         ]
         cells.append(format_mean_std(*mean_std(r.summary.get("report_loss") for r in members)[:2]))
         for kind in ("steps", "compute"):
-            g, ref = groups[kind], references[kind]
+            g, ref_key = groups[kind], references[kind]
             mine = next((v for k, v in g.items() if k[0] == key[0]), [])
-            if ref is None or not mine:
+            if ref_key is None or not mine:
                 cells.append("n/a")
             elif key[0] == reference:
                 cells.append("(reference)")
             else:
-                cells.append(format_delta(paired_delta(seed_values(mine, REPORT_KEY), seed_values(g[ref], REPORT_KEY))))
+                cells.append(
+                    format_delta(paired_delta(seed_values(mine, REPORT_KEY), seed_values(g[ref_key], REPORT_KEY)))
+                )
         for column in TABLE_COLUMNS[1:]:
             cells.append(format_mean_std(*mean_std(r.summary.get(column.key) for r in members)[:2], column.fmt))
         lines.append("| " + " | ".join(cells) + " |")
