@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from samlm.studies import robustness_report
 from samlm.studies.compare import CompareConfig, CompareResult, compare
 from samlm.studies.grid import (
     StudySettings,
+    check_optimizers,
     check_out_dir,
     parse_optimizers,
     parse_seeds,
@@ -140,8 +142,8 @@ PRESET_NAMES = ("cpu", "gpu-24m")
 class RobustnessStudy:
     out: str
     preset: RobustnessPreset
-    optimizers: tuple[str, ...] = ROBUSTNESS_OPTIMIZERS
-    seeds: tuple[int, ...] | None = None
+    optimizers: Sequence[str] = ROBUSTNESS_OPTIMIZERS
+    seeds: Sequence[int] | None = None
     jobs: int | None = None
     steps: int | None = None
     overwrite: bool = False
@@ -188,7 +190,7 @@ class RobustnessStudySettings(StudySettings):
     optimizers: str = setting(
         ",".join(ROBUSTNESS_OPTIMIZERS),
         "comma-separated methods (must include adamw)",
-        check=lambda flag, value: parse_optimizers(value),
+        check=check_optimizers,
         group="study",
     )
     lr: str | None = setting(
