@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 from samlm.diagnostics.robustness import forgetting_summary
 from samlm.studies.grid import BUDGET_HEADERS
@@ -129,7 +130,7 @@ def section(budgets: Mapping[str, Sequence[Run]], plot: str | None = None) -> li
         return []
     sample = next(r for runs in budgets.values() for r in runs if measured([r])).summary
     noise, quant = sample.get("weight_noise") or {}, sample.get("quantization") or {}
-    forget = sample.get("forgetting") if isinstance(sample.get("forgetting"), Mapping) else {}
+    forget = cast(Mapping[str, Any], sample.get("forgetting")) if isinstance(sample.get("forgetting"), Mapping) else {}
     lines = [
         "## Robustness",
         "",
@@ -158,7 +159,8 @@ def section(budgets: Mapping[str, Sequence[Run]], plot: str | None = None) -> li
 
 def mean_frontier(members: Sequence[Run]) -> tuple[list[float], list[float]]:
     """The start (before fine-tuning, no increase) and each lr's point, means over the seeds."""
-    starts, by_lr = [], {}
+    starts: list[float | None] = []
+    by_lr: dict[float, list[tuple[Any, Any]]] = {}
     for run in members:
         if (forget := _forgetting(run)) is None:
             continue
