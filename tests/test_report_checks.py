@@ -237,7 +237,7 @@ def test_the_sharpness_plot_is_per_method_with_the_legend_off_the_data():
     assert len(fig.axes) == 3  # no run measured λ_max(P⁻¹H): no empty panel
     for ax in fig.axes:
         assert ax.get_xlabel() != "step"
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["adamw", "sam ρ=0.1", "adamw\nequal compute, 10 steps"]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["adamw", "sam ρ=0.1", "adamw\n(equal compute)"]
         # each method's seeds and their mean ± std, as points: no line over steps
         assert all(len(line.get_xdata()) <= 1 or line.get_linestyle() == "None" for line in ax.get_lines())
     fig.canvas.draw()

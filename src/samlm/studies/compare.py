@@ -43,6 +43,7 @@ from samlm.studies.grid import (
     stretched,
     tracked,
 )
+from samlm.studies.runs import step_time, step_time_outliers
 
 DEFAULT_OPTIMIZERS = ("adamw", "sam", "fsam", "pfsam")
 # The settings a finished run must share with the comparison asking for it: those a resume
@@ -231,9 +232,11 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
             say(f"{job.name} stopped at step {summary.get('step')}: run the same command again to resume")
             return False
         summaries[job.name] = summary
+        timing = step_time(report.load_run(out / job.name))
+        how = "mean, start-up included" if timing.source == "mean" else "median after warm-up"
         say(
             f"[{job.index}/{len(plan)}] {job.name}: val loss {summary.get('val_loss'):.4f}, "
-            f"{(summary.get('step_s') or 0) * 1000:.1f} ms/step"
+            f"{(timing.seconds or 0) * 1000:.1f} ms/step ({how})"
         )
         return True
 
@@ -248,7 +251,8 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
     files = report.write_report(
         out, runs, title=config.title, notes=config.notes, unfinished=unfinished, budgets=by_budget
     )
-    table = report.text_table(report.aggregate(runs))
+    slow = [o.run for o in step_time_outliers(list(loaded.values()))]  # as report.md: over both budgets' runs
+    table = report.text_table(report.aggregate(runs, outliers=slow))
     return CompareResult(
         out=out,
         summaries=summaries,

@@ -117,7 +117,8 @@ class Series:
     @property
     def short(self) -> str:
         """Its tick label on a per-method chart."""
-        return self.label.rsplit(" (n=", 1)[0].replace(", equal compute", "\nequal compute")
+        point = self.label.rsplit(" (n=", 1)[0].split(", equal compute")[0]
+        return point + "\n(equal compute)" if self.equal_compute else point
 
 
 def series(runs: Sequence[Run], equal_compute: Sequence[Run] = ()) -> list[Series]:
@@ -274,7 +275,7 @@ def sharpness_figure(runs: Sequence[Run], *, equal_compute: Sequence[Run] = ()):
     for ax, (key, name) in zip(axes[0], panels):
         _per_method(ax, lines, key)
         _log_if_wide(ax, [finite_number(r.summary.get(key)) for r in every])
-        ax.set_title(name, fontsize=10)
+        ax.set_title(f"{name} at the end of training", fontsize=10)
     fig.tight_layout()
     _marker_legend(fig, any(line.equal_compute for line in lines))
     return fig
