@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -68,10 +69,12 @@ def extra_passes(name: str, base: str = "adamw") -> tuple[str, ...]:
 def reads_geometry(name: str) -> bool:
     """The SAM-family method's perturbation reads its base optimizer's geometry (preconditioned)."""
     probe = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-    return bool(method(name).cls(probe, rho=0.1).perturbation.needs_preconditioner)
+    cls = method(name).cls
+    assert cls is not None  # a SAM-family method
+    return bool(cls(probe, rho=0.1).perturbation.needs_preconditioner)
 
 
-def method_rho(args, name: str) -> float:
+def method_rho(args, name: str) -> float | None:
     """--rho, or the registry default of the method ``name`` runs."""
     return args.rho if args.rho is not None else method(PSEUDO_METHODS.get(name, (name,))[0]).default_rho
 
@@ -211,22 +214,26 @@ def make_stepper(name: str, model, args):
     """A callable(batch, forward, autocast) that takes one optimizer step of ``name``."""
     if name == "peer_sam":
         return _PeerStep(model, args)
+    base: torch.optim.Optimizer
     if reference_method(args) == "muon":
         base = build_muon(model, lr=1e-4, weight_decay=0.01)  # AdamW's default weight decay, as below
     else:
         base = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt: torch.optim.Optimizer
     if name == reference_method(args):
         opt = base
     else:
         runs = PSEUDO_METHODS.get(name, (name,))[0]
         fraction = 1.0 if name == "sam_full" else args.ascent_fraction
-        opt = method(runs).cls(base, rho=method_rho(args, name), ascent_fraction=fraction, sam_every=cycle(args, name))
+        cls = method(runs).cls
+        assert cls is not None  # every benchmarked method but the reference is SAM-family
+        opt = cls(base, rho=method_rho(args, name), ascent_fraction=fraction, sam_every=cycle(args, name))
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
 
     def step(batch, forward, autocast):
         train_step(opt, batch, forward, lm_loss, autocast_dtype=autocast_dtype)
 
-    step.optimizer = opt
+    cast(Any, step).optimizer = opt
     return step
 
 
@@ -445,7 +452,7 @@ def machine_description(device: str) -> str:
 
 def ratios(
     times: dict[str, list[float]], methods: list[str], cycles=None, base: str = "adamw"
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Each method's median step time, median per-round ratio against the plain ``base`` (AdamW;
     and its quartiles: the machine's noise), and floor (the base's step plus the method's extra
     bare passes, over the base's step; per round, then the median). ``cycles``: a method's steps
