@@ -9,7 +9,7 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from samlm.errors import UserError
 from samlm.harness import settings
@@ -70,7 +70,7 @@ class FinetuneGrid:
         factor (:func:`samlm.studies.grid.compute_factors`), in ``<name>-equal-compute``."""
         from samlm.models.finetune import inspect_model, paper_defaults
 
-        info = inspect_model(self.base.model, trust_remote_code=self.base.trust_remote_code)
+        info = inspect_model(cast(str, self.base.model), trust_remote_code=self.base.trust_remote_code)
         baseline = paper_defaults(info)["optimizer"]
         optimizers = parse_optimizers(self.optimizers or f"{baseline},sam")
         rhos = parse_rho(self.rho, optimizers)
@@ -97,6 +97,7 @@ class FinetuneGrid:
                             + f"-sub{rate:g}-seed{seed}"
                         )
                         sam = METHODS[optimizer].is_sam
+                        plain: dict[str, Any] = {} if sam else {"base": None, "ascent_fraction": None, "m": 1}
                         config = dataclasses.replace(
                             self.base,
                             optimizer=optimizer,
@@ -107,7 +108,7 @@ class FinetuneGrid:
                             out=str(Path(self.out) / "runs" / name),
                             resume=False,
                             overwrite=self.overwrite,
-                            **({} if sam else {"base": None, "ascent_fraction": None, "m": 1}),
+                            **plain,
                         )
                         factor = factors[optimizer] if "compute" in budgets else 1.0
                         if factor == 1.0:
@@ -152,6 +153,7 @@ def run_grid(grid: FinetuneGrid) -> dict[str, list[Path]]:
     runs = grid.runs()
     todo: list[Job] = []
     for number, (name, config, _) in enumerate(runs, start=1):
+        assert config.out is not None  # FinetuneGrid.runs sets it
         run_dir = RunDir(config.out)
         if run_dir.finished_summary() is not None and not grid.overwrite:
             say(f"[{number}/{len(runs)}] {name}: done, skipping")
@@ -164,10 +166,9 @@ def run_grid(grid: FinetuneGrid) -> dict[str, list[Path]]:
             prepare(dataclasses.replace(config, dry_run=True))  # every run's mistakes before any training
         except UserError as err:
             raise UserError(f"run {name}: {err}") from None
-        cost = (
-            METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25, sam_every=config.sam_every)
-            * config.steps
-        )
+        assert config.optimizer is not None  # FinetuneGrid.runs sets it
+        step_cost = METHODS[config.optimizer].step_cost(config.ascent_fraction or 0.25, sam_every=config.sam_every)
+        cost = step_cost * cast(int, config.steps)
         todo.append(Job(number, name + (" (resuming)" if config.resume else ""), config, cost))
 
     interrupted = run_jobs(
@@ -176,6 +177,6 @@ def run_grid(grid: FinetuneGrid) -> dict[str, list[Path]]:
     if interrupted:
         raise UserError(f"the grid stopped before the end ({interrupted}); run the same command to resume")
     return {
-        budget: [Path(config.out) for _, config, serves in runs if budget in serves]
+        budget: [Path(cast(str, config.out)) for _, config, serves in runs if budget in serves]
         for budget in parse_budget(grid.budget)
     }
