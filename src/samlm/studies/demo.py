@@ -19,6 +19,7 @@ sharpness.png}`` and every run's directory. The command is :mod:`samlm.cli.demo`
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 from samlm.harness import settings
 from samlm.harness.pretrain import PretrainConfig
@@ -74,7 +75,7 @@ def demo_config(
     seeds=None,
     steps: int | None = None,
     jobs: int = DEMO_JOBS,
-    threads: int = DEMO_BASE.threads,
+    threads: int = cast(int, DEMO_BASE.threads),
     resume: bool = False,
     sweep: bool = False,
     data: str | None = None,
@@ -87,12 +88,13 @@ def demo_config(
         settings.positive_int("--steps", steps)
     settings.positive_int("--jobs", jobs)
     settings.threads("--threads", threads)
-    budget = {} if steps is None else {"steps": steps, "tokens_per_param": None}
+    budget: dict[str, Any] = {} if steps is None else {"steps": steps, "tokens_per_param": None}
     base = dataclasses.replace(DEMO_BASE, threads=threads, **budget)
     if data is not None:
         from samlm.data import is_prepared_dir
 
         base = dataclasses.replace(base, data=data, tokenizer=None if is_prepared_dir(data) else base.tokenizer)
+    variant: dict[str, Any]
     if sweep:
         variant = dict(
             out=out or "runs/demo-sweep",
