@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from samlm import io
 from samlm.errors import UserError
@@ -159,12 +160,12 @@ class FinetuneStudy:
     jobs: int | None = None
     steps: int | None = None  # instead of the preset's (a quick look; budgets beyond it are dropped)
     overwrite: bool = False
-    tracking: Mapping[str, object] = field(default_factory=dict)  # report_to, run_name, log_every of every run
+    tracking: Mapping[str, Any] = field(default_factory=dict)  # report_to, run_name, log_every of every run
 
     @property
     def base(self) -> FinetuneConfig:
         preset = self.preset.base
-        steps = self.steps or preset.steps
+        steps = cast(int, self.steps or preset.steps)  # every preset has its steps
         label = self.model_label if self.model_label is not None else (None if self.model else preset.model_label)
         return dataclasses.replace(
             preset,
@@ -172,7 +173,7 @@ class FinetuneStudy:
             model_label=label,
             data_dir=self.data_dir or preset.data_dir,
             steps=steps,
-            eval_every=min(preset.eval_every, steps),
+            eval_every=min(cast(int, preset.eval_every), steps),
             save_every=min(preset.save_every or steps, steps),
             **self.tracking,
         )
@@ -180,6 +181,7 @@ class FinetuneStudy:
     @property
     def budgets(self) -> list[int]:
         steps = self.base.steps
+        assert steps is not None  # base sets it
         return sorted({b for b in self.preset.budgets if b <= steps} | {steps})
 
     def _grid(self, subsample: str, rho: str | None) -> FinetuneGrid:
@@ -243,10 +245,10 @@ def choose_rho(records: Sequence[RunRecord], fraction: float) -> dict[str, float
     scores: dict[tuple[str, float], list[float]] = {}
     for r in records:
         if not r.is_baseline and r.subsample == fraction and r.values["best"].get(SCORE) is not None:
-            scores.setdefault((r.optimizer, r.rho), []).append(r.values["best"][SCORE])
+            scores.setdefault((r.optimizer, cast(float, r.rho)), []).append(cast(float, r.values["best"][SCORE]))
     chosen: dict[str, tuple[float, float]] = {}
     for (optimizer, rho), values in scores.items():
-        mean = mean_std(values)[0]
+        mean = cast(float, mean_std(values)[0])
         if optimizer not in chosen or mean > chosen[optimizer][1]:
             chosen[optimizer] = (rho, mean)
     return {optimizer: rho for optimizer, (rho, _) in chosen.items()}
@@ -308,7 +310,7 @@ def budget_table(records: Sequence[RunRecord], budgets: Sequence[int], chosen: M
     for (fraction, label), by_budget in sorted(
         at.items(), key=lambda item: (item[0][0], item[0][1] not in baselines.values())
     ):
-        base = at.get((fraction, baselines.get(fraction)), {})
+        base = at.get((fraction, cast(str, baselines.get(fraction))), {})
         cells = []
         for budget in budgets:
             mine = by_budget.get(budget, {})
@@ -385,6 +387,7 @@ def run_study(study: FinetuneStudy) -> StudyResult:
 
 def study_markdown(study: FinetuneStudy, result: StudyResult, records: Sequence[RunRecord], sweep: Report) -> str:
     base, preset, report = study.base, study.preset, result.report
+    assert report is not None  # run_study sets it before the report is written
     split = split_text(records)
     lines = [
         "# samlm study finetune",
