@@ -57,12 +57,19 @@ def test_pretrain_runs_every_registered_method(name, tmp_path):
     assert summary["rho"] == METHODS[name].default_rho  # the registry's default, or None for a plain optimizer
 
 
+def needs_momentum(name: str) -> bool:
+    """Momentum-SAM perturbs along the base's momentum: T5's default base, Adafactor, keeps none."""
+    rule = getattr(METHODS[name].cls, "perturbation_rule", None)
+    return not getattr(rule, "needs_ascent_gradient", True)
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_finetune_runs_every_registered_method(name, t5_dir, tmp_path):
     out = tmp_path / name
     assert (
         run_cli(
             "finetune",
+            *(["--base", "adamw"] if needs_momentum(name) else []),
             "--model",
             t5_dir,
             "--task",
@@ -124,6 +131,8 @@ def test_finetune_compare_runs_every_registered_method(t5_dir, tmp_path):
             4,
             "--baseline",
             "adafactor",
+            "--base",
+            "adamw",  # every method runs on it (Momentum-SAM needs a base with momentum)
         )
         == 0
     )

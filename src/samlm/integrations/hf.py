@@ -70,7 +70,8 @@ The logged ``loss`` means a plain run's: the clean loss at w on the whole batch,
 Trainer weights it, where the step computes it (Functional-SAM, ``ascent_fraction=1``, the plain
 steps of a schedule) or ``clean_loss=True`` pays one forward for it. Otherwise (SAM with
 ``ascent_fraction < 1``) the loss at w on the ascent rows is logged as ``ascent_loss`` (the
-step's ``StepStats.ascent_loss``), never as ``loss``. Also logged: ``loss_perturbed`` (at w+ε,
+step's ``StepStats.ascent_loss``), never as ``loss``; Momentum-SAM (msam, pmsam) has no pass at
+w and logs its one loss as ``loss_perturbed``, with no ``loss`` unless ``clean_loss=True``. Also logged: ``loss_perturbed`` (at w+ε,
 all rows), ``sam_eps_norm``, ``sam_ascent_grad_norm``, ``sam_skipped_steps``. With ρ = 0 the
 weights and the logged losses are the plain trainer's (tested against ``trl.SFTTrainer``).
 
@@ -318,6 +319,7 @@ class SAMTrainerMixin:
         self._sam_log_sums: dict[str, float] = {}
         self._sam_log_steps = 0
         self._sam_log_ascent_only = False
+        self._sam_log_no_clean = False
 
     # -- the optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -381,6 +383,7 @@ class SAMTrainerMixin:
     def train(self, *args, **kwargs):
         self._sam_window = []  # a window left open by a stopped run is never stepped on later
         self._sam_log_sums, self._sam_log_steps, self._sam_log_ascent_only = {}, 0, False
+        self._sam_log_no_clean = False
         return super().train(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -425,6 +428,8 @@ class SAMTrainerMixin:
             self.sam_clean_outputs_done(micro_batches, complete)
         else:  # the model's own loss: every row was seen at w on a plain step, or with ascent_fraction=1
             self._sam_log_ascent_only |= stats.sam_step and opt.ascent_fraction < 1
+        if logged is None:  # no pass at w (Momentum-SAM): its one loss, at w+ε, is logged as loss_perturbed
+            logged, self._sam_log_no_clean = stats.loss_perturbed, True
         self.sam_last_stats, self.sam_last_loss = stats, logged
         for key, value in (
             ("loss_perturbed", stats.loss_perturbed),
@@ -437,7 +442,9 @@ class SAMTrainerMixin:
 
     def _sam_computes_clean(self, opt: SharpnessAware) -> bool:
         """The step itself evaluates every row at w (no extra forward needed)."""
-        return (not opt.sam_step_due()) or opt.descent_rule.needs_clean_cotangent or opt.ascent_fraction >= 1
+        if not opt.sam_step_due():
+            return True
+        return opt.needs_ascent_gradient and (opt.descent_rule.needs_clean_cotangent or opt.ascent_fraction >= 1)
 
     def sam_forward_and_loss(self, model, opt: SharpnessAware, micro_batches: list | None = None):
         """The driver's ``forward(batch)`` and ``loss(outputs, batch)`` for this model.
@@ -541,12 +548,15 @@ class SAMTrainerMixin:
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._sam_log_steps:
             logs = dict(logs)
-            if self._sam_log_ascent_only:  # not the plain run's loss: under its own name
+            if self._sam_log_no_clean:  # some steps had no loss at w: loss_perturbed has theirs
+                logs.pop("loss")
+            elif self._sam_log_ascent_only:  # not the plain run's loss: under its own name
                 logs["ascent_loss"] = logs.pop("loss")
             for key, total in self._sam_log_sums.items():
                 logs[key] = round(total / self._sam_log_steps, 6)
             logs["sam_skipped_steps"] = self.sam_optimizer.counters["skipped_steps"]
             self._sam_log_sums, self._sam_log_steps, self._sam_log_ascent_only = {}, 0, False
+            self._sam_log_no_clean = False
         super().log(logs, *args, **kwargs)
 
 

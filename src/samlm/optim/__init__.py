@@ -11,6 +11,8 @@ from torch import Tensor
 from .bases import CombinedOptimizer, muon_split, params_of
 from .descents import DescentRule, Functional, Standard
 from .driver import plain_step, sharpness_aware_step
+from .looksam import LookSAM
+from .momentum import Momentum, PreconditionedMomentum
 from .perturbations import Adaptive, Euclidean, PerturbationRule, Preconditioned, Spectral
 from .preconditioners import Orthogonalized, newton_schulz, register_preconditioner
 from .registry import BASE_OPTIMIZERS, METHODS, SAM_FAMILY, Method, method, register, sam_family
@@ -19,7 +21,9 @@ from .sam import (
     ASAM,
     SAM,
     FunctionalSAM,
+    MomentumSAM,
     PreconditionedFunctionalSAM,
+    PreconditionedMomentumSAM,
     PreconditionedSAM,
     SharpnessAware,
     SpectralSAM,
@@ -169,11 +173,16 @@ __all__ = [
     "PreconditionedSAM",
     "PreconditionedFunctionalSAM",
     "SpectralSAM",
+    "MomentumSAM",
+    "PreconditionedMomentumSAM",
+    "LookSAM",
     "SharpnessAware",
     "Euclidean",
     "Adaptive",
     "Preconditioned",
     "Spectral",
+    "Momentum",
+    "PreconditionedMomentum",
     "PerturbationRule",
     "CombinedOptimizer",
     "muon_split",

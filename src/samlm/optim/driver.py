@@ -39,7 +39,7 @@ from .batching import GroupPlan, Piece, as_micro_batches, batch_rows, plan_step,
 from .descents import DescentRule, at_least_fp32, loss_and_cotangent, outputs_tensor, vjp_root
 from .perturbations import local_tensor, squared_norm
 from .running_stats import frozen_running_stats, norm_layers
-from .split import path_gradients
+from .split import measure_split
 from .step_stats import StepStats
 from .types import Batch, ForwardFn, GradNormFn, LossFn, ParamGroup
 
@@ -65,9 +65,18 @@ class SamOptimizer(Protocol):
 
     def sam_step_due(self) -> bool: ...
 
+    def perturbs_this_step(self) -> bool: ...
+
     def perturb(self) -> tuple[Tensor, Tensor, Tensor]: ...
 
+    @property
+    def needs_ascent_gradient(self) -> bool: ...
+
     def params_with_grad(self) -> list[Tensor]: ...
+
+    def perturbed_params(self) -> list[Tensor]: ...
+
+    def adjust_descent_gradient(self, sam_step: bool) -> None: ...
 
     def epsilon(self) -> Sequence[Tensor]: ...
 
@@ -224,13 +233,17 @@ def _unscale_and_check(
     scaler: GradScaler | None,
     max_grad_norm: float | None,
     norm_fn: GradNormFn | None = None,
+    adjust: Callable[[], None] | None = None,
 ) -> Tensor:
     """Unscale (GradScaler), clip if asked, and return ‖d‖ (non-finite if any entry is).
+    ``adjust`` (the optimizer's ``adjust_descent_gradient``) sees d unscaled, before the clip.
 
     ``norm_fn`` (a SAM wrapper's ``grad_norm_fn``) reduces the local squared norm to the
     global one, e.g. summed over FSDP shards, so clipping uses the global norm."""
     if scaler is not None:
         scaler.unscale_(optimizer)
+    if adjust is not None:
+        adjust()
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if norm_fn is None:
         if not params:
@@ -290,6 +303,7 @@ def _one_pass_step(
     autocast_dtype: torch.dtype | None,
     max_grad_norm: float | None,
     norm_fn: GradNormFn | None = None,
+    adjust: Callable[[], None] | None = None,
 ) -> StepStats:
     """One forward+backward per micro-batch on all rows (no_sync but for the last), then the step."""
     micro_batches, sizes = _validate_step_args(batch, forward, loss)
@@ -304,7 +318,7 @@ def _one_pass_step(
             del outputs  # not held through the backward: the graph keeps what it needs
             passes.backward(value * (size / total))
         loss_sum = loss_sum.to(value.device) + at_least_fp32(value) * (size / total)
-    update_norm = _unscale_and_check(optimizer, scaler, max_grad_norm, norm_fn)
+    update_norm = _unscale_and_check(optimizer, scaler, max_grad_norm, norm_fn, adjust)
     skipped = _finish_step(optimizer, scaler, update_norm)
     loss_value, norm_value = torch.stack([loss_sum, update_norm.to(loss_sum)]).tolist()
     return StepStats(
@@ -368,11 +382,23 @@ def sharpness_aware_step(
     On the plain steps of ``opt``'s schedule (``sam_every``, ``sam_start``) the base optimizer
     steps after one forward+backward per micro-batch, as ``plain_step`` (``split`` is not measured).
     """
-    if not opt.sam_step_due():
+    due = opt.sam_step_due()
+    if not (due and opt.perturbs_this_step()):
+        # a plain step, or a SAM-family step without a perturbation (LookSAM's reuse of g_v)
         stats = _one_pass_step(
-            opt.base_optimizer, batch, forward, loss, model, scaler, autocast_dtype, max_grad_norm, opt.grad_norm_fn
+            opt.base_optimizer,
+            batch,
+            forward,
+            loss,
+            model,
+            scaler,
+            autocast_dtype,
+            max_grad_norm,
+            opt.grad_norm_fn,
+            lambda: opt.adjust_descent_gradient(sam_step=due),
         )
-        opt.record_step(skipped=stats.skipped, sam_step=False)
+        opt.record_step(skipped=stats.skipped, sam_step=due)
+        stats.sam_step = due
         return stats
     micro_batches, sizes = _validate_step_args(batch, forward, loss)
     plans = plan_step(sizes, opt.ascent_fraction, opt.m)
@@ -390,9 +416,11 @@ def sharpness_aware_step(
     sync_ascent_in_model = opt.sync_ascent and passes.reduces_gradients
     stats_module = _stats_module(model, forward)
     stats_layers = norm_layers(stats_module) if stats_module is not None else []
+    ascends = opt.needs_ascent_gradient  # False: ε from the base's state, no pass at w (momentum.py)
 
     def running_stats_move_in(phase: str) -> AbstractContextManager[None]:
-        if opt.running_stats in ("all", phase) or not stats_layers:
+        # without an ascent pass the descent is the step's one pass over every row: it moves them
+        if opt.running_stats in ("all", phase) or not stats_layers or (phase == "descent" and not ascends):
             return contextlib.nullcontext()
         return frozen_running_stats(stats_layers)
 
@@ -413,18 +441,19 @@ def sharpness_aware_step(
 
         # 1-2. ascent gradient at w (and, when needed, the clean output cotangents r(w))
         cotangents = _Cotangents(plan, total) if descent_rule.needs_clean_cotangent else None
-        with running_stats_move_in("ascent"):
-            ascent_loss = _ascent(passes, plan, cotangents, sync_at_end=sync_ascent_in_model)
-        loss_clean += ascent_loss * (plan.ascent_rows / sum(pl.ascent_rows for pl in plans))
+        if ascends:
+            with running_stats_move_in("ascent"):
+                ascent_loss = _ascent(passes, plan, cotangents, sync_at_end=sync_ascent_in_model)
+            loss_clean += ascent_loss * (plan.ascent_rows / sum(pl.ascent_rows for pl in plans))
         if cotangents is not None:
             with running_stats_move_in("clean"):
                 _clean_cotangents(passes, plan, cotangents)
             if sharding == "fsdp2":
                 assert model is not None  # sharded: the model was given
                 _reshard_fsdp2(model)
-        if opt.sync_ascent and not sync_ascent_in_model:
+        if ascends and opt.sync_ascent and not sync_ascent_in_model:
             _all_reduce_mean([p.grad for p in params if p.grad is not None])
-        if scaler is not None and _ascent_overflowed(opt, scaler, agree=passes.reduces_gradients):
+        if ascends and scaler is not None and _ascent_overflowed(opt, scaler, agree=passes.reduces_gradients):
             return _skip_for_overflow(opt, scaler, loss_clean)
 
         # 3. perturb
@@ -433,7 +462,7 @@ def sharpness_aware_step(
         eps_norms.append(eps_norm)
         oks.append(ok)
         if epsilons is not None:
-            epsilons.append(dict(zip(map(id, opt.params_with_grad()), opt.epsilon())))
+            epsilons.append(dict(zip(map(id, opt.perturbed_params()), opt.epsilon())))
         for p, g in zip(params, descent_so_far or [None] * len(params)):
             p.grad = g  # the descent accumulates onto earlier groups' gradients
 
@@ -450,8 +479,10 @@ def sharpness_aware_step(
             # 5. restore w exactly, even if a pass raised
             opt.restore()
 
-    split_norms = _measure_split(passes, plans, total, epsilons, params, stats_layers) if epsilons is not None else []
-    update_norm = _unscale_and_check(opt.base_optimizer, scaler, max_grad_norm, opt.grad_norm_fn)
+    split_norms = measure_split(passes, plans, total, epsilons, params, stats_layers) if epsilons is not None else []
+    update_norm = _unscale_and_check(
+        opt.base_optimizer, scaler, max_grad_norm, opt.grad_norm_fn, lambda: opt.adjust_descent_gradient(sam_step=True)
+    )
     skipped = _finish_step(opt.base_optimizer, scaler, update_norm)
     grad_norm = torch.stack(grad_norms).square().mean().sqrt()
     eps_norm = torch.stack(eps_norms).square().mean().sqrt()
@@ -477,7 +508,7 @@ def sharpness_aware_step(
         skipped=skipped, ascent_nonfinite=ascent_nonfinite, zero_grad_norm=bool(values[6]) and not ascent_nonfinite
     )
     return StepStats(
-        ascent_loss=values[0],
+        ascent_loss=values[0] if ascends else None,
         loss_perturbed=values[1],
         grad_norm=values[2],
         eps_norm=values[3],
@@ -582,49 +613,6 @@ def _descent(
         loss_sum = term if loss_sum is None else loss_sum + term
     assert loss_sum is not None  # a group has rows
     return loss_sum
-
-
-def _measure_split(
-    passes: _Passes,
-    plans: list[GroupPlan],
-    total: int,
-    epsilons: list[dict[int, Tensor]],
-    params: list[Tensor],
-    stats_layers: list[nn.Module],
-) -> list[Tensor]:
-    """split=True: (‖g_SAM − g_F‖, ‖g_F − g‖) over the step's rows, each group at w with its own ε."""
-    device = params[0].device
-    rng_devices = [] if device.type == "cpu" else [device]
-    g: list[Tensor] | None = None
-    g_sam: list[Tensor] | None = None
-    g_func: list[Tensor] | None = None
-    with (
-        torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"),
-        frozen_running_stats(stats_layers) if stats_layers else contextlib.nullcontext(),
-        passes.no_sync(),
-    ):
-        for plan, eps_of in zip(plans, epsilons):
-            eps = [eps_of[id(p)] if id(p) in eps_of else torch.zeros_like(p) for p in params]
-            pieces = plan.descent
-            paths = path_gradients(
-                params,
-                [passes.rows(piece) for piece in pieces],
-                passes.outputs,
-                passes.loss,
-                eps,
-                [piece.rows / total for piece in pieces],
-            )
-            g, g_sam, g_func = (
-                new if old is None else [a + b for a, b in zip(old, new)]
-                for old, new in ((g, paths.g), (g_sam, paths.g_sam), (g_func, paths.g_func))
-            )
-    assert g is not None and g_sam is not None and g_func is not None  # there is a group
-    return [_norm_of_difference(g_sam, g_func), _norm_of_difference(g_func, g)]
-
-
-def _norm_of_difference(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    # Tensor.norm is unannotated in torch
-    return cast(Tensor, torch.stack([torch.linalg.vector_norm(x - y) for x, y in zip(a, b)]).norm())
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:

@@ -51,7 +51,7 @@ class PerturbationRule(Protocol):
     def direction(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor: ...
 
 
-def _check_rho(rho: float) -> None:
+def check_rho(rho: float) -> None:
     if not (isinstance(rho, (int, float)) and rho >= 0 and rho == rho and rho != float("inf")):
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
 
@@ -64,7 +64,7 @@ class Euclidean:
     needs_preconditioner = False
 
     def __post_init__(self) -> None:
-        _check_rho(self.rho)
+        check_rho(self.rho)
 
     def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return grad
@@ -82,7 +82,7 @@ class Adaptive:
     needs_preconditioner = False
 
     def __post_init__(self) -> None:
-        _check_rho(self.rho)
+        check_rho(self.rho)
         if not self.eta >= 0:
             raise ValueError(f"eta must be >= 0, got {self.eta!r}")
 
@@ -117,7 +117,7 @@ class Preconditioned:
     needs_preconditioner = True
 
     def __post_init__(self) -> None:
-        _check_rho(self.rho)
+        check_rho(self.rho)
 
     def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return precondition(grad, precond)
@@ -138,7 +138,7 @@ class Spectral:
     normalize = False  # a radius per matrix, no global norm
 
     def __post_init__(self) -> None:
-        _check_rho(self.rho)
+        check_rho(self.rho)
 
     def scaled_gradient(self, param: Tensor, grad: Tensor, precond: Precond) -> Tensor:
         return grad

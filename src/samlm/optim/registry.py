@@ -20,7 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-from .sam import ASAM, SAM, FunctionalSAM, PreconditionedFunctionalSAM, PreconditionedSAM, SharpnessAware
+from .looksam import LookSAM
+from .sam import (
+    ASAM,
+    SAM,
+    FunctionalSAM,
+    MomentumSAM,
+    PreconditionedFunctionalSAM,
+    PreconditionedMomentumSAM,
+    PreconditionedSAM,
+    SharpnessAware,
+)
 
 BACKWARD_TO_FORWARD = 2.0
 ASCENT = "ascent"
@@ -51,19 +61,23 @@ class Method:
     def extra_passes(self) -> tuple[str, ...]:
         if not self.is_sam:
             return ()
+        rule = getattr(self.cls, "perturbation_rule", None)
+        if not getattr(rule, "needs_ascent_gradient", True):
+            return ()  # ε from the base's momentum: the descent is the step's one pass (Momentum-SAM)
         return (ASCENT, CLEAN_FORWARD) if self.functional else (ASCENT,)
 
     def step_cost(self, ascent_fraction: float = 0.25, sam_every: int = 1, sam_start_fraction: float = 0.0) -> float:
         """Forward+backward compute of one step relative to a plain optimizer's step, averaged
         over the run: the extra passes on every ``sam_every``-th step after the first
-        ``sam_start_fraction`` of the run."""
+        ``sam_start_fraction`` of the run (LookSAM: every ``sam_every``·look_every-th, its default)."""
         full = 1.0 + BACKWARD_TO_FORWARD
         cost = 1.0
         if ASCENT in self.extra_passes:
             cost += ascent_fraction
         if CLEAN_FORWARD in self.extra_passes:
             cost += (1.0 - ascent_fraction) / full
-        return 1.0 + (1.0 - sam_start_fraction) * (cost - 1.0) / sam_every  # cost - 1.0 is exact
+        every = sam_every * getattr(self.cls, "default_look_every", 1)
+        return 1.0 + (1.0 - sam_start_fraction) * (cost - 1.0) / every  # cost - 1.0 is exact
 
 
 # Base optimizers: what a SAM-family method wraps (``--base``), and plain methods of their own.
@@ -101,6 +115,18 @@ for _entry in (
     Method("fsam", "Functional-SAM (Singh et al. 2025): functional descent path only", FunctionalSAM, 0.05),
     Method("psam", "preconditioned SAM (Singh et al. 2025): ε scaled by 1/(√v̂+eps)", PreconditionedSAM, 0.05),
     Method("pfsam", "preconditioned Functional-SAM (Singh et al. 2025)", PreconditionedFunctionalSAM, 0.05),
+    Method(
+        "msam", "Momentum-SAM (Becker et al. 2024): ε = −ρ m/‖m‖ from the base's momentum, no ascent", MomentumSAM, 0.3
+    ),
+    Method(
+        "pmsam",
+        "preconditioned Momentum-SAM: ε along the base's update direction (AdamW m̂/(√v̂+eps)), no ascent",
+        PreconditionedMomentumSAM,
+        0.05,
+    ),
+    Method(
+        "looksam", "LookSAM (Liu et al. 2022): SAM every 5th step, its orthogonal part reused between", LookSAM, 0.05
+    ),
 ):
     register(_entry)
 

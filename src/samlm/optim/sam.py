@@ -24,6 +24,7 @@ from torch.optim.optimizer import ParamsT
 from .bases import OptimizerOrList, as_optimizer
 from .descents import DescentRule, Functional, Standard, as_descent_rule
 from .driver import plain_step, sharpness_aware_step
+from .momentum import Momentum, PreconditionedMomentum, check_without_ascent, momenta
 from .perturbations import (
     Adaptive,
     Euclidean,
@@ -48,6 +49,8 @@ __all__ = [
     "PreconditionedSAM",
     "PreconditionedFunctionalSAM",
     "SpectralSAM",
+    "MomentumSAM",
+    "PreconditionedMomentumSAM",
     "train_step",
     "local_tensor",
 ]
@@ -127,6 +130,8 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"geometry it can read (Adam, AdamW, NAdam, RAdam, Adamax, RMSprop, Adagrad, Adafactor, Muon, or "
                 f"one registered with register_preconditioner); got {', '.join(names)}"
             )
+        if not getattr(perturbation, "needs_ascent_gradient", True):
+            check_without_ascent(base, descent_rule.needs_clean_cotangent, m)
         if isinstance(perturbation, Spectral) and not _has_muon(base):
             raise ValueError(
                 "the spectral perturbation perturbs Muon's matrices: it needs a Muon base "
@@ -199,6 +204,19 @@ class SharpnessAware(torch.optim.Optimizer):
     def params_with_grad(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
 
+    @property
+    def needs_ascent_gradient(self) -> bool:
+        """The perturbation is built from an ascent gradient at w (False: from the base
+        optimizer's state, Momentum-SAM, and the driver runs no ascent pass)."""
+        return bool(getattr(self.perturbation, "needs_ascent_gradient", True))
+
+    def perturbed_params(self) -> list[Tensor]:
+        """The parameters ``perturb()`` moves: those with a gradient, or every trainable one for
+        a rule without an ascent gradient (``epsilon()`` is in this order)."""
+        if self.needs_ascent_gradient:
+            return self.params_with_grad()
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
     # -- the math of one step ---------------------------------------------------------------
     def _global_norm(self, squared: Tensor) -> Tensor:
         if self.grad_norm_fn is not None:
@@ -210,14 +228,19 @@ class SharpnessAware(torch.optim.Optimizer):
         """w ← w + ε(w, g) with g in ``p.grad``; saves w for an exact restore.
 
         Returns (‖scaled g‖, ‖ε‖, ok). ``ok`` is False when g is non-finite or zero; then
-        ε = 0 (an unperturbed step), decided on the device without a host sync.
+        ε = 0 (an unperturbed step), decided on the device without a host sync. A rule without
+        an ascent gradient gets the base optimizer's momentum in place of g (momentum.py).
         """
         if self._perturbed:
             raise RuntimeError("perturb() called twice without restore(); call restore() first")
-        params = self.params_with_grad()
+        params = self.perturbed_params()
         if not params:
             raise RuntimeError("no parameter has a gradient: run backward on the ascent loss first")
-        grads = cast(list[Tensor], [local_tensor(p.grad) for p in params])
+        grads: Sequence[Tensor] = (
+            cast(list[Tensor], [local_tensor(p.grad) for p in params])
+            if self.needs_ascent_gradient
+            else momenta(self.base_optimizer, params)
+        )
         precond = self._preconditioner(params)
         shards = [local_tensor(p) for p in params]
         if any(shard is not p for shard, p in zip(shards, params)):
@@ -280,6 +303,10 @@ class SharpnessAware(torch.optim.Optimizer):
         torch._foreach_copy_(self._saved_params, self._saved)
         self._perturbed = False
 
+    def adjust_descent_gradient(self, sam_step: bool) -> None:
+        """Called by the driver with the step's descent gradient in ``p.grad`` (unscaled, before
+        clipping and the base step); a method may rewrite it there (LookSAM). Default: nothing."""
+
     def base_step(self, sam_step: bool = True) -> None:
         self.base_optimizer.step()
         self.record_step(sam_step=sam_step)
@@ -287,6 +314,11 @@ class SharpnessAware(torch.optim.Optimizer):
     def sam_step_due(self) -> bool:
         """The next step is a SAM-family step of the schedule (else a plain one)."""
         return self.schedule.is_sam_step(self.counters["steps"] + self.counters["skipped_steps"])
+
+    def perturbs_this_step(self) -> bool:
+        """A SAM-family step of the schedule runs the ascent and perturbs (LookSAM: only every
+        ``look_every``-th; its others are one pass at w, rewritten by ``adjust_descent_gradient``)."""
+        return True
 
     def record_step(
         self,
@@ -343,6 +375,7 @@ class SharpnessAware(torch.optim.Optimizer):
         then at w+ε; returns the loss at w and leaves no gradient. The gradient at w already in
         ``p.grad`` (davda54/sam): the closure runs at w+ε; returns its loss. A plain step of the
         schedule runs the closure at w only if no gradient is there (returns its loss, or None).
+        A SAM step of a rule without an ascent gradient (Momentum-SAM) runs it at w+ε only.
         """
         self._require_standard("step(closure)")
         if closure is None:
@@ -352,14 +385,15 @@ class SharpnessAware(torch.optim.Optimizer):
             )
         closure = torch.enable_grad()(closure)
         given = self._has_gradient()
-        loss = None if given else closure()
+        at_w = not given and (self.needs_ascent_gradient or not self.sam_step_due())
+        loss = closure() if at_w else None
         if not self.sam_step_due():
             self.base_step(sam_step=False)
         else:
             self.first_step(zero_grad=True)
             loss_perturbed = closure()
             self.second_step()
-            loss = loss_perturbed if given else loss
+            loss = loss if at_w else loss_perturbed
         if not given:
             self.zero_grad(set_to_none=True)  # the next step(closure) sees no gradient either
         return loss
@@ -521,6 +555,22 @@ class PreconditionedFunctionalSAM(_FixedRules):
 
     perturbation_rule = Preconditioned
     descent_rule = Functional()
+
+
+class MomentumSAM(_FixedRules):
+    """Momentum-SAM (Becker, Altrock and Risse 2024): ε = −ρ m/‖m‖ along the base optimizer's own
+    momentum (AdamW's m̂, SGD's or Muon's buffer), no ascent pass: one forward+backward per step,
+    at w+ε. The base must keep a momentum (a ValueError otherwise); its first step, before any
+    momentum, is a plain one (ε = 0). ``ascent_fraction`` is accepted and unused (no ascent)."""
+
+    perturbation_rule = Momentum
+
+
+class PreconditionedMomentumSAM(_FixedRules):
+    """Momentum-SAM in the base's geometry: ε = −ρ u/‖u‖ with u the base's update direction
+    (AdamW: m̂/(√v̂ + eps); Muon's matrices: s·NS(m)), one forward+backward per step."""
+
+    perturbation_rule = PreconditionedMomentum
 
 
 class SpectralSAM(_FixedRules):

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .batching import GroupPlan, Piece
 from .descents import at_least_fp32
+from .running_stats import frozen_running_stats
 from .types import Batch, ForwardFn, LossFn
 
 
@@ -125,3 +128,60 @@ def _add(buffers: list[Tensor], grads: Sequence[Tensor | None], weight: float) -
     for b, g in zip(buffers, grads):
         if g is not None:
             b.add_(g, alpha=weight)
+
+
+class SplitPasses(Protocol):
+    """The step's passes as the split measures them (the driver's)."""
+
+    def no_sync(self, skip_sync: bool = True) -> AbstractContextManager[object]: ...
+
+    def rows(self, piece: Piece) -> Batch: ...
+
+    def outputs(self, batch: Batch) -> Tensor: ...
+
+    def loss(self, outputs: Tensor, batch: Batch) -> Tensor: ...
+
+
+def measure_split(
+    passes: SplitPasses,
+    plans: list[GroupPlan],
+    total: int,
+    epsilons: list[dict[int, Tensor]],
+    params: list[Tensor],
+    stats_layers: list[nn.Module],
+) -> list[Tensor]:
+    """``train_step(split=True)``: (‖g_SAM − g_F‖, ‖g_F − g‖) over the step's rows, each group at w
+    with its own ε (by id of its parameter), in extra passes that leave the RNG and the running
+    statistics as they were."""
+    device = params[0].device
+    rng_devices = [] if device.type == "cpu" else [device]
+    g: list[Tensor] | None = None
+    g_sam: list[Tensor] | None = None
+    g_func: list[Tensor] | None = None
+    with (
+        torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"),
+        frozen_running_stats(stats_layers) if stats_layers else contextlib.nullcontext(),
+        passes.no_sync(),
+    ):
+        for plan, eps_of in zip(plans, epsilons):
+            eps = [eps_of[id(p)] if id(p) in eps_of else torch.zeros_like(p) for p in params]
+            pieces = plan.descent
+            paths = path_gradients(
+                params,
+                [passes.rows(piece) for piece in pieces],
+                passes.outputs,
+                passes.loss,
+                eps,
+                [piece.rows / total for piece in pieces],
+            )
+            g, g_sam, g_func = (
+                new if old is None else [a + b for a, b in zip(old, new)]
+                for old, new in ((g, paths.g), (g_sam, paths.g_sam), (g_func, paths.g_func))
+            )
+    assert g is not None and g_sam is not None and g_func is not None  # there is a group
+    return [_norm_of_difference(g_sam, g_func), _norm_of_difference(g_func, g)]
+
+
+def _norm_of_difference(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    # Tensor.norm is unannotated in torch
+    return cast(Tensor, torch.stack([torch.linalg.vector_norm(x - y) for x, y in zip(a, b)]).norm())

@@ -24,10 +24,11 @@ class StepStats:
     """What one optimizer step measured (floats; built by keyword).
 
     A plain step (a plain optimizer, or a plain step of a SAM schedule) has one pass at w over
-    every row: there ``ascent_loss`` and ``loss_perturbed`` are both that batch mean.
+    every row: there ``ascent_loss`` and ``loss_perturbed`` are both that batch mean. A step with
+    no pass at w (Momentum-SAM's ε comes from the base's momentum) has ``ascent_loss`` None.
     """
 
-    ascent_loss: float  # mean loss at w on the ascent rows (every row for a plain step)
+    ascent_loss: float | None  # mean loss at w on the ascent rows (every row for a plain step)
     loss_perturbed: float  # mean loss at w+ε over all rows
     grad_norm: float  # ‖g‖ of the ascent gradient (scaled by the rule's T or 1/P)
     eps_norm: float  # ‖ε‖
@@ -43,11 +44,16 @@ class StepStats:
         """Deprecated: ``ascent_loss`` (the loss at w on the ascent rows, not the batch's)."""
         # FutureWarning, as torch deprecates: shown to users by default, once per call site
         warnings.warn(_LOSS_DEPRECATED, FutureWarning, stacklevel=2)
-        return self.ascent_loss
+        return self._old_loss()
+
+    def _old_loss(self) -> float:
+        # a step without a pass at w has one loss, at w+ε: the old name keeps a finite value there
+        return self.loss_perturbed if self.ascent_loss is None else self.ascent_loss
 
     def as_dict(self) -> dict[str, float]:
         """The fields that are set, by name. Until the next release it also holds ``"loss"``
-        (= ``ascent_loss``) for readers of the old key, which a dict cannot warn about."""
+        (= ``ascent_loss``, or ``loss_perturbed`` for a step without a pass at w) for readers of
+        the old key, which a dict cannot warn about."""
         values = {k: v for k, v in asdict(self).items() if v is not None}
-        values["loss"] = self.ascent_loss
+        values["loss"] = self._old_loss()
         return values
