@@ -36,7 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from samlm import io
 from samlm.data import Budget, is_prepared_dir
@@ -393,10 +393,6 @@ class PretrainStudy:
         )
 
 
-def _check_bases(flag: str, value: Any) -> None:
-    parse_bases(value)
-
-
 @dataclass
 class PretrainStudySettings(StudySettings):
     """study"""
@@ -447,7 +443,7 @@ class PretrainStudySettings(StudySettings):
         "comma-separated base optimizers: the whole study around each (adamw; muon: "
         "Muon on the hidden matrices + AdamW, its plain run the reference)",
         default_text="the preset's",
-        check=_check_bases,
+        check=cast(settings.Check, lambda flag, value: parse_bases(value)),
         group="study",
     )
 
@@ -585,9 +581,9 @@ def size_table(
     }
     groups = {kind: group_runs(rs) for kind, rs in budgets.items()}
     references = {kind: next((k for k in g if k[0] == reference), None) for kind, g in groups.items()}
-    ref = {"adamw": "AdamW", "muon": "Muon"}.get(reference, reference)
+    name = {"adamw": "AdamW", "muon": "Muon"}.get(reference, reference)
     headers = ["method", "lr", "ρ", "seeds", "steps", TABLE_COLUMNS[0].header]
-    headers += [f"Δ vs {ref} (equal steps)", f"Δ vs {ref} (equal compute)"] + [c.header for c in TABLE_COLUMNS[1:]]
+    headers += [f"Δ vs {name} (equal steps)", f"Δ vs {name} (equal compute)"] + [c.header for c in TABLE_COLUMNS[1:]]
     lines = ["| " + " | ".join(headers) + " |", "|---|---:|---:|---:|---:|" + "---:|" * (len(headers) - 5)]
     order = {name: i for i, name in enumerate(STUDY_OPTIMIZERS)}
     order[reference] = order["adamw"]
@@ -602,16 +598,14 @@ def size_table(
         ]
         cells.append(format_mean_std(*mean_std(r.summary.get("report_loss") for r in members)[:2]))
         for kind in ("steps", "compute"):
-            g, ref_key = groups[kind], references[kind]
+            g, ref = groups[kind], references[kind]
             mine = next((v for k, v in g.items() if k[0] == key[0]), [])
-            if ref_key is None or not mine:
+            if ref is None or not mine:
                 cells.append("n/a")
             elif key[0] == reference:
                 cells.append("(reference)")
             else:
-                cells.append(
-                    format_delta(paired_delta(seed_values(mine, REPORT_KEY), seed_values(g[ref_key], REPORT_KEY)))
-                )
+                cells.append(format_delta(paired_delta(seed_values(mine, REPORT_KEY), seed_values(g[ref], REPORT_KEY))))
         for column in TABLE_COLUMNS[1:]:
             cells.append(format_mean_std(*mean_std(r.summary.get(column.key) for r in members)[:2], column.fmt))
         lines.append("| " + " | ".join(cells) + " |")
