@@ -363,3 +363,25 @@ def test_ddp_via_accelerate_runs_the_ascent_under_no_sync_and_syncs_once_per_ste
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("method,clean_loss", [("msam", None), ("msam", True), ("looksam", None)])
+def test_the_logged_losses_name_what_each_method_measured(tmp_path, method, clean_loss):
+    """Momentum-SAM has no pass at w: its one loss is loss_perturbed and Trainer's loss is not
+    logged, unless clean_loss=True pays for it; LookSAM's full SAM steps log ascent_loss (the ascent
+    rows at w), its cheap steps, one pass at w over every row, the plain run's loss."""
+    trainer = SAMTrainer(
+        model=tiny_gpt2(),
+        args=make_args(tmp_path, max_steps=3, gradient_accumulation_steps=1),
+        train_dataset=token_data(),
+        sam_method=method,
+        clean_loss=clean_loss,
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss_perturbed" in log]
+    assert len(logs) == 3
+    if method == "msam":
+        assert all(("loss" in log) == bool(clean_loss) and "ascent_loss" not in log for log in logs)
+        assert trainer.sam_last_stats.ascent_loss is None
+    else:
+        assert [("ascent_loss" in log, "loss" in log) for log in logs] == [(True, False), (False, True), (False, True)]

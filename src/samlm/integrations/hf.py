@@ -442,8 +442,8 @@ class SAMTrainerMixin:
 
     def _sam_computes_clean(self, opt: SharpnessAware) -> bool:
         """The step itself evaluates every row at w (no extra forward needed)."""
-        if not opt.sam_step_due():
-            return True
+        if not (opt.sam_step_due() and opt.perturbs_this_step()):
+            return True  # a plain step, or LookSAM's cheap one: one pass at w over every row
         return opt.needs_ascent_gradient and (opt.descent_rule.needs_clean_cotangent or opt.ascent_fraction >= 1)
 
     def sam_forward_and_loss(self, model, opt: SharpnessAware, micro_batches: list | None = None):
