@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig, pretrain, validate
@@ -87,7 +88,7 @@ def _at_compute(config: PretrainConfig, factor: float) -> PretrainConfig:
         **budget,
         warmup=stretched(config.warmup, factor),
         eval_every=stretched(config.eval_every, factor),
-        sharpness_every=stretched(config.sharpness_every, factor),
+        sharpness_every=cast(int, stretched(config.sharpness_every, factor)),  # an int in, an int out
     )
 
 
