@@ -291,7 +291,7 @@ BAD_FLAGS = [
     (["--data", "./missing.txt"], "corpus file ./missing.txt not found"),
     (["--model", "gpt2", "--layers", "2"], "--model loads an existing model: --layers"),
     (["--arch", "bert"], "invalid choice"),
-    (["--split"], "--split measures SAM's logit/functional paths"),
+    (["--path-norms"], "--path-norms measures SAM's logit/functional paths"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 
 def progress_enabled(requested: bool = True) -> bool:
@@ -23,6 +24,65 @@ def progress_bar(total: int, *, initial: int = 0, enabled: bool = True, desc: st
         disable=not progress_enabled(enabled),
         leave=True,
     )
+
+
+class RunProgress:
+    """What a training run shows as it goes (main process only, when ``enabled``): on a terminal,
+    the step bar with the last training and validation loss; otherwise (a log file, a pipe) one
+    line per evaluation and one at the end, so a long run is never silent in a log."""
+
+    def __init__(self, total: int, *, initial: int = 0, enabled: bool = True):
+        self.enabled = bool(enabled) and _is_main_process()
+        self.terminal = progress_enabled(self.enabled)
+        self.bar = progress_bar(total, initial=initial, enabled=self.enabled)
+        self.total, self.initial = total, initial
+        self.started = time.perf_counter()
+        self.validation: tuple[str, float] | None = None  # the last evaluation's (name, loss)
+
+    def step(self, postfix: dict) -> None:
+        """One step done; ``postfix``: the bar's numbers (the training loss, tokens/s)."""
+        self.bar.update(1)
+        if self.validation is not None:
+            postfix = {**postfix, "val": f"{self.validation[1]:.4f}"}
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def evaluated(self, step: int, train_loss: float | None, validation: tuple[str, float] | None, tokens_per_s):
+        """An evaluation at ``step``: the bar's postfix, or a line."""
+        if validation is not None:
+            self.validation = validation
+        if not self.enabled or self.terminal:
+            return
+        parts = [f"step {step}/{self.total}"]
+        if train_loss is not None:
+            parts.append(f"train loss {train_loss:.4f}")
+        if validation is not None:
+            parts.append(f"{validation[0].replace('_', ' ')} {validation[1]:.4f}")
+        if tokens_per_s:
+            parts.append(f"{tokens_per_s:,.0f} tokens/s")
+        done = step - self.initial
+        if 0 < done and step < self.total:
+            left = (time.perf_counter() - self.started) / done * (self.total - step)
+            parts.append(f"ETA {duration(left)}")
+        say(", ".join(parts))
+
+    def finished(self, step: int) -> None:
+        """The loop ended at ``step`` (the last line, without a terminal)."""
+        if self.enabled and not self.terminal:
+            elapsed = time.perf_counter() - self.started
+            say(f"trained to step {step}/{self.total} in {duration(elapsed)}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def say(message: str) -> None:

@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     rate = source["characters"] / max(meta["seconds"], 1e-9) / 1e6
     print(
         f"prepared {config.out}: {tokens['train']:,} training and {tokens['val']:,} validation tokens "
-        f"({meta['dtype']}, vocabulary {meta['tokenizer']['vocab_size']:,}) from {source['documents']:,} documents "
+        f"({meta['dtype']}, vocabulary {meta['tokenizer']['vocab_size']:,}) from {source['documents']:,} "
+        f"{'document' if source['documents'] == 1 else 'documents'} "
         f"of {source['spec']}, split by {meta['split']['rule']}, in {meta['seconds']:.1f} s ({rate:.2f} M chars/s)"
     )
     print(f"  use it with: samlm pretrain --data {config.out}")

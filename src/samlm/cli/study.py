@@ -12,6 +12,9 @@ from samlm.progress import say
 from samlm.studies import finetune_study, pretrain_study, robustness_study
 
 STUDIES = ("pretrain", "finetune", "robustness")
+# The parsed arguments' attribute holding (run function, settings class) of the chosen study: a
+# name no flag can take (as samlm.cli's own).
+STUDY_ATTR = "_samlm_study"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=pretrain_study.__doc__.strip().splitlines()[0],
     )
     settings.add_arguments(pretrain, pretrain_study.PretrainStudySettings)
-    pretrain.set_defaults(_study_run=_run_pretrain, _settings=pretrain_study.PretrainStudySettings)
+    pretrain.set_defaults(**{STUDY_ATTR: (_run_pretrain, pretrain_study.PretrainStudySettings)})
 
     finetune = sub.add_parser(
         "finetune",
@@ -33,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=finetune_study.__doc__.strip().splitlines()[0],
     )
     settings.add_arguments(finetune, finetune_study.FinetuneStudySettings)
-    finetune.set_defaults(_study_run=_run_finetune, _settings=finetune_study.FinetuneStudySettings)
+    finetune.set_defaults(**{STUDY_ATTR: (_run_finetune, finetune_study.FinetuneStudySettings)})
 
     robustness = sub.add_parser(
         "robustness",
@@ -43,17 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=robustness_study.__doc__.strip().splitlines()[0],
     )
     settings.add_arguments(robustness, robustness_study.RobustnessStudySettings)
-    robustness.set_defaults(_study_run=_run_robustness, _settings=robustness_study.RobustnessStudySettings)
+    robustness.set_defaults(**{STUDY_ATTR: (_run_robustness, robustness_study.RobustnessStudySettings)})
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "_study_run", None) is None:
+    study = getattr(args, STUDY_ATTR, None)
+    if study is None:
         from samlm.errors import UserError
 
         raise UserError("samlm study needs a study: " + " or ".join(STUDIES))
-    config = settings.from_args(args._settings, args)
+    run_study, settings_class = study
+    config = settings.from_args(settings_class, args)
     settings.validate(config)
-    return args._study_run(config)
+    return run_study(config)
 
 
 def _run_pretrain(config) -> int:

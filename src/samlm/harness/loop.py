@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -73,7 +74,7 @@ from samlm.harness.signals import StopSignals
 from samlm.integrations import distributed
 from samlm.models import lm_forward
 from samlm.optim import SharpnessAware, train_step
-from samlm.progress import progress_bar, say
+from samlm.progress import RunProgress, say
 
 
 class ResumableIterator(Protocol):
@@ -89,12 +90,12 @@ class LoopConfig:
 
     out: str | Path = override(LoopSettings, "out", default=dataclasses.MISSING)
     steps: int = setting(0, "optimizer steps", check=s.nonnegative_int)
-    eval_every: int = override(LoopSettings, "eval_every")
+    eval_every: int | None = override(LoopSettings, "eval_every")  # None: resolved from steps
     save_every: int = override(LoopSettings, "save_every")
     keep_checkpoints: int = override(LoopSettings, "keep_checkpoints")
     grad_accum: int = override(BatchSettings, "grad_accum")
     sharpness_every: int = setting(0, "sharpness every N steps (0: never)", check=s.nonnegative_int)
-    split: bool = setting(False, "train_step(split=True): logit/functional path norms (SAM only)")
+    path_norms: bool = setting(False, "train_step(split=True): logit/functional path norms (SAM only)")
     clip: float | None = override(ScheduleSettings, "clip")
     nonfinite: str = override(LoopSettings, "nonfinite")
     max_nonfinite: int = override(LoopSettings, "max_nonfinite")
@@ -110,6 +111,9 @@ class LoopConfig:
     run_group: str | None = override(LoopSettings, "run_group")
     log_every: int = override(LoopSettings, "log_every")
     handle_signals: bool = setting(True, "SIGINT/SIGTERM: finish the step, checkpoint, return")
+
+    def __post_init__(self) -> None:
+        self.eval_every = s.resolve_eval_every(self.eval_every, self.steps)
 
     @classmethod
     def from_settings(cls, config, **values) -> LoopConfig:
@@ -143,6 +147,8 @@ class LoopResult:
     ascent_nonfinite_steps: int
     interrupted: str | None = None  # "SIGINT" / "SIGTERM" if a signal ended the run early
     checkpoint: Path | None = None  # the last checkpoint written or loaded
+    step_times: list[float] = dataclasses.field(default_factory=list)  # steps after each start's warm-up
+    warmup_steps: int = 0  # steps left out of step_times
 
     @property
     def completed(self) -> bool:
@@ -182,6 +188,8 @@ class LoopResult:
                 "train_seconds": self.train_seconds,
                 "step_s": self.train_seconds / self.step if self.step else None,
                 "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
+                "step_time_median_ms": 1000 * statistics.median(self.step_times) if self.step_times else None,
+                "step_time_warmup_steps": self.warmup_steps,
                 "nonfinite_steps": self.nonfinite_steps,
                 "ascent_nonfinite_steps": self.ascent_nonfinite_steps,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
@@ -310,9 +318,9 @@ def train(
     distributed.barrier()  # the main process has cleaned or rewritten the run directory
     start_step = state.step
     step_args = dict(step_kwargs or {}, model=model, max_grad_norm=config.clip, scaler=scaler)
-    if config.split:
+    if config.path_norms:
         if not isinstance(optimizer, SharpnessAware):
-            raise UserError("split=True measures SAM's logit/functional paths: it needs a SAM-family optimizer")
+            raise UserError("path_norms=True measures SAM's logit/functional paths: it needs a SAM-family optimizer")
         step_args["split"] = True
 
     trackers = _open_trackers(run, state)
@@ -327,7 +335,9 @@ def train(
     def measure(step: int, do_eval: bool, do_sharpness: bool) -> None:
         write(_measurement(step, state, run.module, evaluate if do_eval else None, sharpness if do_sharpness else None))
 
-    bar = progress_bar(config.steps, initial=state.step, enabled=config.progress and run.main)
+    progress = RunProgress(config.steps, initial=state.step, enabled=config.progress and run.main)
+    warmup = timing_warmup(config.steps)
+    eval_every = s.resolve_eval_every(config.eval_every, config.steps)
     interrupted = None
     try:
         with StopSignals(config.handle_signals) as signals:
@@ -336,21 +346,29 @@ def train(
             while state.step < config.steps:
                 tokens, seconds = state.tokens, state.train_seconds
                 stats = _one_step(run, state, forward, loss, count_tokens, step_args)
+                if state.step - start_step > warmup:  # start-up and compilation are over
+                    state.step_times.append(state.train_seconds - seconds)
+                else:
+                    state.warmup_steps += 1
                 if trackers:
                     tracked.add(stats, state.tokens - tokens, state.train_seconds - seconds)
                     if _due(state.step, config.log_every) or state.step == config.steps:
                         trackers.log(_tracked_training(tracked, state.last_lr), state.step)
                         tracked = Window(flags=True)
                 _apply_nonfinite_policy(state, stats, config)
-                bar.update(1)
-                bar.set_postfix(_postfix(stats, state), refresh=False)
+                progress.step(_postfix(stats, state))
 
                 step = state.step
                 is_last = step == config.steps
-                do_eval = evaluate is not None and (is_last or _due(step, config.eval_every))
+                do_eval = evaluate is not None and (is_last or _due(step, eval_every))
                 do_sharpness = sharpness is not None and _due(step, config.sharpness_every)
                 if do_eval or do_sharpness or (is_last and evaluate is None):
                     measure(step, do_eval, do_sharpness)
+                    if do_eval:
+                        record = state.history[-1]
+                        progress.evaluated(
+                            step, record.get("train_loss"), _headline(record), record.get("tokens_per_s")
+                        )
                 if on_step is not None:
                     on_step(step, stats)
                 interrupted = distributed.agree_on_stop(signals.received)
@@ -365,7 +383,8 @@ def train(
         trackers.finish()
         raise
     finally:
-        bar.close()
+        progress.close()
+    progress.finished(state.step)
     with trackers:
         last = state.history[-1] if state.history else {}
         if (
@@ -387,7 +406,28 @@ def train(
         ascent_nonfinite_steps=state.ascent_nonfinite_steps,
         interrupted=interrupted,
         checkpoint=checkpoint,
+        step_times=state.step_times,
+        warmup_steps=state.warmup_steps,
     )
+
+
+# The first steps of each start (or resume) are left out of the median step time: start-up,
+# torch.compile and the allocator's first passes make them slower than the run.
+TIMING_WARMUP_STEPS = 10
+
+
+def timing_warmup(steps: int) -> int:
+    """Steps of a start left out of the median step time: 10, at most a fifth of a short run, at least 1."""
+    return max(1, min(TIMING_WARMUP_STEPS, steps // 5))
+
+
+def _headline(record: Mapping[str, Any]) -> tuple[str, float] | None:
+    """The loss a progress line shows: ``val_loss``, else the first evaluation loss."""
+    metrics = evaluation_metrics(record)
+    if "val_loss" in metrics:
+        return "val_loss", metrics["val_loss"]
+    losses = [key for key in metrics if key.endswith("loss")]
+    return (losses[0], metrics[losses[0]]) if losses else None
 
 
 def _due(step: int, every: int) -> bool:

@@ -36,7 +36,7 @@ class PrepareConfig:
         "out",
         default=None,
         help="the prepared directory to write",
-        default_text="required",
+        required=True,
         group="output",
     )
     max_tokens: int | None = setting(

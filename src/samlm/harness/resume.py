@@ -65,12 +65,15 @@ class LoopState:
     last_lr: float | None = None
     window: Window = field(default_factory=Window)
     history: list[dict] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)  # seconds of each step after a warm-up
+    warmup_steps: int = 0  # steps not in step_times: each start's (or resume's) first steps
 
     def to_state(self) -> dict:
         # JSON strings keep the checkpoint free of anything weights_only loading refuses.
         d = asdict(self)
         d["window"] = json.dumps(d["window"])
         d["history"] = json.dumps(io.json_safe(self.history))
+        d["step_times"] = json.dumps([round(t, 7) for t in self.step_times])
         return d
 
     @classmethod
@@ -78,6 +81,7 @@ class LoopState:
         d = dict(d)
         d["window"] = Window(**json.loads(d["window"]))
         d["history"] = json.loads(d["history"])
+        d["step_times"] = json.loads(d.get("step_times", "[]"))  # a checkpoint from before they were kept
         return cls(**d)
 
 

@@ -45,10 +45,16 @@ def setting(
     metavar: str | None = None,
     default_text: str | None = None,
     group: str | None = None,
+    aliases: tuple[str, ...] = (),
+    deprecated: tuple[str, ...] = (),
+    required: bool = False,
 ) -> Any:
     """A run setting. ``resume=False``: may change between a run and its ``--resume``.
     ``cli=False``: a setting of the library API only (no flag). ``default_text``: how help shows
-    a default that is resolved later (``None`` in the dataclass)."""
+    a default that is resolved later (``None`` in the dataclass). ``aliases``: other flags of the
+    same setting; ``deprecated``: old flags still accepted with a note (and old ``config.json``
+    keys, ``--split`` → ``split``, still read). ``required``: help says so (the config's
+    ``check()`` refuses its absence)."""
     return dataclasses.field(
         default=default,
         metadata={
@@ -61,6 +67,9 @@ def setting(
             "metavar": metavar,
             "default_text": default_text,
             "group": group,
+            "aliases": tuple(aliases),
+            "deprecated": tuple(deprecated),
+            "required": required,
         },
     )
 
@@ -207,7 +216,13 @@ class OptimizerSettings:
         "share of the batch for SAM's ascent gradient (Bahri et al. 0.25; 1 = classic SAM)",
         check=finite(0.0, 1.0, low_open=True),
     )
-    m: int = setting(1, "m-sharpness groups per batch (each group its own ε)", check=positive_int)
+    m: int = setting(
+        1,
+        "SAM's m-sharpness (Foret et al.): the batch's rows in m groups, each perturbed by the ascent "
+        "gradient of its own rows (its own ε); 1: one ε for the whole batch",
+        check=positive_int,
+        aliases=("--m-sharpness",),
+    )
     lr: float | None = setting(3e-3, "peak learning rate", check=finite(0.0, low_open=True))
     weight_decay: float = setting(0.1, "decoupled weight decay", check=finite(0.0))
     sam_every: int = setting(
@@ -219,7 +234,7 @@ class OptimizerSettings:
     sam_start: float = setting(
         0,
         "plain base-optimizer steps before this step (an integer), or before this "
-        "fraction of the run (in (0, 1); 0.8: SAM in the last 20%%)",
+        "fraction of the run (in (0, 1); 0.8: SAM in the last 20%)",
         check=sam_start,
         metavar="STEP_OR_FRACTION",
     )
@@ -256,6 +271,14 @@ class BatchSettings:
 
 TRACKING = "experiment trackers (watching a run)"
 
+# --eval-every's default: a run's curves have this many points whatever its length.
+EVALUATIONS_PER_RUN = 20
+
+
+def resolve_eval_every(eval_every: int | None, steps: int) -> int:
+    """``--eval-every`` as given, else about :data:`EVALUATIONS_PER_RUN` evaluations over ``steps``."""
+    return eval_every if eval_every is not None else max(1, round(steps / EVALUATIONS_PER_RUN))
+
 
 def _check_report_to(flag: str, value) -> None:
     from samlm.integrations.tracking import check_report_to
@@ -267,8 +290,12 @@ def _check_report_to(flag: str, value) -> None:
 class LoopSettings:
     """loop, evaluation and checkpoints"""
 
-    eval_every: int = setting(
-        100, "evaluate every N steps and at the end (0: only at the end)", check=nonnegative_int, resume=False
+    eval_every: int | None = setting(
+        None,
+        "evaluate every N steps and at the end; 0: only at the end",
+        check=nonnegative_int,
+        resume=False,
+        default_text=f"about {EVALUATIONS_PER_RUN} evaluations per run: steps / {EVALUATIONS_PER_RUN}",
     )
     save_every: int | None = setting(
         0, "checkpoint every N steps (0: only at the end; always on Ctrl-C)", check=nonnegative_int, resume=False
@@ -425,13 +452,15 @@ def add_arguments(
         help_text = field.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
         name = flag_of(field)
+        names = (name, *field.metadata.get("aliases", ()))
         if hint is bool:
             if field.default is True:
-                name = "--no-" + name[2:]
+                names = tuple("--no-" + n[2:] for n in names)
                 kwargs.update(action="store_false", help=f"no {help_text}" if help_text else None)
             else:
                 kwargs.update(action="store_true", help=help_text)
-            group.add_argument(name, **kwargs)
+            group.add_argument(*names, **kwargs)
+            _add_deprecated(group, field, names[0], kwargs)
             continue
         if typing.get_origin(hint) is tuple:
             kwargs["type"] = _parse_pair
@@ -442,8 +471,37 @@ def add_arguments(
         if field.metadata.get("metavar"):
             kwargs["metavar"] = field.metadata["metavar"]
         default = _default_text(field).replace("%", "%%")
-        kwargs["help"] = f"{help_text} (default {default})" if default not in ("None", "") else help_text
-        group.add_argument(name, **kwargs)
+        if field.metadata.get("required"):
+            kwargs["help"] = f"{help_text} (required)"
+        else:
+            kwargs["help"] = f"{help_text} (default {default})" if default not in ("None", "") else help_text
+        group.add_argument(*names, **kwargs)
+        _add_deprecated(group, field, names[0], kwargs)
+
+
+class DeprecatedFlag(argparse.Action):
+    """An old flag of a setting: sets it as the current flag does, after a one-line note."""
+
+    def __init__(self, option_strings, dest, *, current: str, flag_value: Any = None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.current = current
+        self.flag_value = flag_value  # a bool setting's value (the flag takes no argument)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from samlm.progress import say
+
+        say(f"{option_string} is deprecated and goes in the next release: use {self.current} (same effect)")
+        setattr(namespace, self.dest, self.flag_value if self.nargs == 0 else values)
+
+
+def _add_deprecated(group, field: dataclasses.Field, current: str, kwargs: dict[str, Any]) -> None:
+    """The setting's deprecated flags: accepted, hidden from help, a note when used."""
+    kwargs = dict(kwargs, help=argparse.SUPPRESS, current=current)
+    action = kwargs.pop("action", None)
+    if action in ("store_true", "store_false"):
+        kwargs.update(nargs=0, flag_value=action == "store_true")
+    for old in field.metadata.get("deprecated", ()):
+        group.add_argument(old, action=DeprecatedFlag, **kwargs)
 
 
 def given(args: argparse.Namespace, cls) -> dict[str, Any]:
@@ -480,8 +538,16 @@ def as_dict(config) -> dict:
     return {f.name: (list(v) if isinstance(v := getattr(config, f.name), tuple) else v) for f in fields(config)}
 
 
+def renamed(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with the keys of deprecated flags (an older ``config.json``: ``split``) under
+    their settings' current names."""
+    old_names = {old[2:].replace("-", "_"): f.name for f in fields(cls) for old in f.metadata.get("deprecated", ())}
+    return {old_names.get(k, k) if old_names.get(k, k) not in values else k: v for k, v in values.items()}
+
+
 def from_mapping(cls, values: Mapping[str, Any], what: str = "setting"):
     """A ``cls`` from a mapping (a Python dict, or ``config.json``); unknown keys are refused."""
+    values = renamed(cls, values)
     names = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:

@@ -131,7 +131,7 @@ class FinetuneConfig(
     adam_eps: float = override(s.OptimizerSettings, "adam_eps", default=1e-8)
     batch: int | None = override(s.BatchSettings, "batch", default=None, default_text="128 for T5, 32 for encoders")
     save_every: int | None = override(s.LoopSettings, "save_every", default=None, default_text="--eval-every")
-    out: str | None = override(s.LoopSettings, "out", default=None, default_text="required")
+    out: str | None = override(s.LoopSettings, "out", default=None, required=True)
 
     def check(self) -> None:
         if self.out is None:
@@ -179,6 +179,7 @@ def resolve(config: FinetuneConfig, defaults: Mapping[str, Any]) -> FinetuneConf
     else:
         base, rho, ascent_fraction = None, None, None
     batch = config.batch or defaults["batch"]
+    eval_every = s.resolve_eval_every(config.eval_every, config.steps or 0)
     if batch % config.grad_accum:
         raise UserError(f"--batch {batch} is not divisible by --grad-accum {config.grad_accum}")
     if sam and batch % config.m:
@@ -194,7 +195,8 @@ def resolve(config: FinetuneConfig, defaults: Mapping[str, Any]) -> FinetuneConf
         ascent_fraction=ascent_fraction,
         lr=config.lr if config.lr is not None else defaults["lr"],
         batch=batch,
-        save_every=config.save_every if config.save_every is not None else config.eval_every,
+        eval_every=eval_every,
+        save_every=config.save_every if config.save_every is not None else eval_every,
     )
 
 

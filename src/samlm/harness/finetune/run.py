@@ -123,6 +123,7 @@ def prepare(config: FinetuneConfig) -> Plan:
         "labels": list(tasks[0].labels) if config.columns is not None else None,
         "kind": tasks[0].kind if config.columns is not None else None,
         "defaults_from": defaults["source"],
+        "eval_every": resolved_config.eval_every,
     }
     _check_training_set(config, train, resolved_config.batch)
     plan = Plan(
@@ -252,6 +253,8 @@ def build_summary(result, plan: Plan, extra: Mapping[str, Any]) -> dict:
             "interrupted": loop["interrupted"],
             "step": loop["step"],
             "steps": loop["steps"],
+            "step_time_median_ms": loop["step_time_median_ms"],
+            "step_time_warmup_steps": loop["step_time_warmup_steps"],
             "metrics": metrics,
             "score": {
                 "name": name,

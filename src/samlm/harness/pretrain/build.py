@@ -27,6 +27,7 @@ class RunData:
     tokenizer_name: str  # what the run records: as given (bytes, a hub id, bpe:8192)
     vocab_size: int
     prepared: Any  # samlm.data.store.PreparedTokens
+    origin: str | None = None  # a raw spec: where the cache keeps its tokens (said once the run starts)
 
     def describe(self) -> dict:
         """``config.json``'s ``resolved.data``: the prepared data the run reads."""
@@ -39,13 +40,16 @@ def load_data(config: PretrainConfig, *, progress: bool | None = None) -> RunDat
     memory-mapped, and the tokenizer they were made with. A prepared directory whose tokenizer
     differs from ``--tokenizer`` (or ``--model``'s own) is refused in one line."""
     from samlm.data import Budget, LMDataset, ensure_prepared, is_prepared_dir, load_prepared, load_tokenizer
+    from samlm.data.store import META_FILE
 
     if is_prepared_dir(config.data):
         prepared = load_prepared(config.data)
         _check_prepared_tokenizer(config, prepared)
         name = prepared.tokenizer_name
+        origin = None
     else:
         name = resolve_tokenizer_name(config)
+        started = time.time()
         prepared = ensure_prepared(
             config.data,
             name,
@@ -54,6 +58,9 @@ def load_data(config: PretrainConfig, *, progress: bool | None = None) -> RunDat
             trust_remote_code=config.trust_remote_code,
             progress=config.progress if progress is None else progress,
         )
+        # meta.json is the last file a prepare writes: newer than this call, the tokens are new.
+        fresh = (prepared.path / META_FILE).stat().st_mtime >= started
+        origin = f"data {config.data}: {'prepared into' if fresh else 'read from'} the cache, {prepared.path}"
     tokenizer = load_tokenizer(prepared.tokenizer_path())
     dataset = LMDataset.from_splits(
         prepared.train,
@@ -62,7 +69,7 @@ def load_data(config: PretrainConfig, *, progress: bool | None = None) -> RunDat
         vocab_size=prepared.vocab_size,
         what=f"{len(prepared.train)} training and {len(prepared.val)} validation tokens of {config.data}",
     )
-    return RunData(dataset, tokenizer, name, prepared.vocab_size, prepared)
+    return RunData(dataset, tokenizer, name, prepared.vocab_size, prepared, origin)
 
 
 def _check_prepared_tokenizer(config: PretrainConfig, prepared) -> None:

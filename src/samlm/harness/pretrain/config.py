@@ -124,7 +124,11 @@ class SharpnessSettings:
         "rho of the logit/functional path split (the same for every optimizer)",
         check=s.finite(0.0, low_open=True),
     )
-    split: bool = setting(False, "log SAM's logit/functional path norms every step (SAM family; one extra VJP)")
+    path_norms: bool = setting(
+        False,
+        "log SAM's logit/functional path norms every step (SAM family; one extra VJP)",
+        deprecated=("--split",),  # its name until 2026-12; "split" also meant train/val
+    )
 
 
 def number_list(low: float, *, low_open: bool = False):
@@ -237,8 +241,8 @@ class PretrainConfig(
             raise UserError(f"--m {self.m} is larger than --batch {self.batch} (each m-group needs a row)")
         if self.steps is not None and self.tokens_per_param is not None:
             raise UserError("give either --steps or --tokens-per-param, not both")
-        if self.split and not method(self.optimizer).is_sam:
-            raise UserError("--split measures SAM's logit/functional paths: it needs a SAM-family --optimizer")
+        if self.path_norms and not method(self.optimizer).is_sam:
+            raise UserError("--path-norms measures SAM's logit/functional paths: it needs a SAM-family --optimizer")
         from samlm.harness import parallel
 
         parallel.resolve_device(self.device)
@@ -275,7 +279,7 @@ MODEL_DATA_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSettings)) + t
 def identity(record: Mapping[str, Any]) -> dict:
     """The part of a run's ``config.json`` record (``config`` and ``resolved``) that a resume must
     match: the settings declared ``resume=True`` and the values resolved from the others."""
-    saved = record.get("config", {})
+    saved = s.renamed(PretrainConfig, record.get("config", {}))  # a run from before a flag's rename
     names = {f.name for f in dataclasses.fields(PretrainConfig) if f.metadata.get("resume", True)}
     ident = {k: v for k, v in saved.items() if k in names}
     if saved.get("sharpness") is False:  # the measurement's settings act only when it is on

@@ -206,7 +206,7 @@ def finetune_config(
         warmup=None,
         sam_every=1,
         sam_start=0,
-        split=False,
+        path_norms=False,
         sharpness=False,
         sharpness_every=0,
         robustness=False,

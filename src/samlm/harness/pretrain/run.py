@@ -34,12 +34,21 @@ from samlm.harness.pretrain.build import (
 )
 from samlm.harness.pretrain.config import PretrainConfig, identity, validate
 from samlm.harness.rundir import RunDir
-from samlm.harness.settings import build_run_optimizer
+from samlm.harness.settings import build_run_optimizer, resolve_eval_every
 from samlm.progress import say
 
 # Summary keys that are wall-clock measurements (differ between otherwise identical runs).
 TIMING_KEYS = frozenset(
-    {"step_s", "tokens_per_s", "train_seconds", "wall_seconds", "sharpness_seconds", "robustness_seconds"}
+    {
+        "step_s",
+        "tokens_per_s",
+        "train_seconds",
+        "wall_seconds",
+        "sharpness_seconds",
+        "robustness_seconds",
+        "step_time_median_ms",
+        "step_time_warmup_steps",  # each resume has its own warm-up
+    }
 )
 
 
@@ -50,6 +59,7 @@ class Resolved:
     tokenizer: str
     total_steps: int
     warmup_steps: int
+    eval_every: int  # --eval-every, or its default from the steps
     rho: float | None
     params: int
     non_embedding_params: int
@@ -158,6 +168,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
         tokenizer=tokenizer_name,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
+        eval_every=resolve_eval_every(config.eval_every, total_steps),
         rho=rho,
         params=params,
         non_embedding_params=non_embedding,
@@ -195,6 +206,14 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
     loop_config = LoopConfig.from_settings(
         config, steps=total_steps, sharpness_every=config.sharpness_every if probe is not None else 0
     )
+    # Notes once every check passed (a mistake stays one line on stderr):
+    if data.origin is not None and config.progress:
+        say(data.origin)
+    if config.val_batches and not held_out:
+        say(
+            f"warning: the validation split has no batches left after the {len(tuning)} of the tuning slice "
+            "(--val-batches): no report slice, so no report_loss; use more validation data or fewer --val-batches"
+        )
     if config.dry_run:
         return {"dry_run": True, **record, **_environment(info.world_size)}
     if info.is_main:
@@ -286,6 +305,8 @@ def build_summary(
         "logit_functional_ratio": sharp.get("logit_functional_ratio"),
         "sharpness_step": sharp_lines[-1]["step"] if sharp_lines else None,
         "step_s": loop["step_s"],
+        "step_time_median_ms": loop["step_time_median_ms"],
+        "step_time_warmup_steps": loop["step_time_warmup_steps"],
         "tokens_per_s": loop["tokens_per_s"],
         "train_seconds": loop["train_seconds"],
         "wall_seconds": wall_seconds,
