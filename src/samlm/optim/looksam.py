@@ -18,6 +18,10 @@ It composes with the wrapper's schedule (schedule.py): the SAM-family steps of `
 steps (``StepStats.sam_step`` True, ``eps_norm`` 0); the steps off the schedule are plain. Before
 the first full SAM step there is no g_v and the cheap steps are plain ones. g_v is in ``state_dict``.
 
+Memory: g_v, one gradient-sized buffer, held between full steps, and a copy of g during a full
+step. A cheap step's ``StepStats`` report ‖d‖, the rewritten gradient, as ``grad_norm`` and
+``update_grad_norm``.
+
 Where it does not compose: the functional descent (Functional-SAM's J(w+ε)ᵀ r(w) is not the SAM
 gradient whose orthogonal part the cheap steps reuse, and it needs r(w) from a pass over every
 row on each step), perturbations other than SAM's ρ g/‖g‖, m-sharpness (one g_v per step), and

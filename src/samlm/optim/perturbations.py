@@ -18,6 +18,9 @@ tensor: ε = ρ · direction(w, g), no global norm.
 | Preconditioned (Singh et al.) | u = g/P, or s·NS(g) | u | ρ u/‖u‖ (one joint Frobenius radius) |
 | Spectral (Zhong et al. 2026) | g | NS(G) on Muon's matrices, 0 elsewhere | ρ NS(G) per matrix |
 
+Momentum-SAM's rules (``Momentum``, ``PreconditionedMomentum``: momentum.py) take the base
+optimizer's momentum in place of g and declare ``needs_ascent_gradient = False``.
+
 Radii: ``Preconditioned`` keeps ‖ε‖₂ = ρ over all parameters, as SAM. ``Spectral`` puts each of
 Muon's matrices in its own operator-norm ball, ‖ε_i‖₂→₂ ≈ ρ, so its Frobenius size is about
 ρ·√rank(G_i) per matrix (ρ·√(Σ rank) over all): at the same nominal ρ it is 5–20× larger than a

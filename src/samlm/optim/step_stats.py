@@ -30,7 +30,7 @@ class StepStats:
 
     ascent_loss: float | None  # mean loss at w on the ascent rows (every row for a plain step)
     loss_perturbed: float  # mean loss at w+ε over all rows
-    grad_norm: float  # ‖g‖ of the ascent gradient (scaled by the rule's T or 1/P)
+    grad_norm: float  # ‖g‖ of the ascent gradient (scaled by the rule's T or 1/P; Momentum-SAM: ‖m‖ or ‖u‖)
     eps_norm: float  # ‖ε‖
     update_grad_norm: float  # ‖d‖ of the descent gradient fed to the base optimizer
     skipped: bool  # the base step was not taken (non-finite gradient)
