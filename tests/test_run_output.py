@@ -210,3 +210,25 @@ def test_prepare_counts_one_document_in_the_singular(tmp_path, capsys):
     corpus.write_text("one document, no blank line in it.\n" * 100)
     assert main(["prepare", "--data", str(corpus), "--out", str(tmp_path / "p"), "--no-progress"]) == 0
     assert " from 1 document of " in capsys.readouterr().out
+
+
+def test_a_finetune_run_evaluates_by_default_and_records_its_step_times(tmp_path, capsys):
+    """The shared flag, the same default: 20 steps evaluate every step; a line per evaluation."""
+    import re
+    from pathlib import Path
+
+    from tinymodels import save_bert
+
+    glue = Path(__file__).parent / "fixtures" / "finetune" / "glue"
+    text = " ".join((glue / "SST-2" / name).read_text(encoding="utf-8") for name in ("train.tsv", "dev.tsv"))
+    words = sorted(set(re.findall(r"[a-z]+", text.lower())))
+    model = save_bert(tmp_path / "bert", words)
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(model), "--task", "glue/sst2", "--data-dir", str(glue), "--batch", "2"]
+    assert main([*argv, "--steps", "20", "--eval-examples", "4", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resolved"]["eval_every"] == 1 and summary["config"]["save_every"] == 1
+    assert len(io.read_jsonl(out / "metrics.jsonl")) == 20
+    assert summary["step_time_warmup_steps"] == 4 and summary["step_time_median_ms"] > 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("samlm: step ")]
+    assert len(lines) == 20 and "glue/sst2/loss " in lines[0]
