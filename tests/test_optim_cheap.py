@@ -106,17 +106,22 @@ def test_msam_and_pmsam_with_adamw_are_their_updates_in_float64(preconditioned):
     assert max_error(model, w) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["msam", "pmsam", "looksam"])
-def test_rho_zero_is_the_base_optimizer_bitwise(name):
+@pytest.mark.parametrize("name,ascent_fraction", [("msam", 0.25), ("pmsam", 0.25), ("looksam", 1.0), ("looksam", 0.25)])
+def test_rho_zero_is_the_base_optimizer(name, ascent_fraction):
+    """Bitwise, but for LookSAM's full steps with an ascent fraction: their descent runs the ascent
+    rows and the others in two pieces, which sums the same gradient in another order."""
     model_a, batches = problem(2, dtype=torch.float32)
     model_b = copy.deepcopy(model_a)
-    kwargs = {"ascent_fraction": 1.0} if name == "looksam" else {}  # see test_looksam_at_rho_zero_...
-    opt = build_optimizer(name, model_a.parameters(), lr=1e-2, rho=0.0, **kwargs)
+    opt = build_optimizer(name, model_a.parameters(), lr=1e-2, rho=0.0, ascent_fraction=ascent_fraction)
     base = build_optimizer("adamw", model_b.parameters(), lr=1e-2)
     for batch in batches:
         opt.train_step(batch, fwd(model_a), ce)
         samlm.optim.train_step(base, batch, fwd(model_b), ce)
-    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        if name == "looksam" and ascent_fraction < 1:
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(p, q)
 
 
 def test_the_first_momentum_sam_step_is_a_plain_step():
@@ -172,18 +177,21 @@ def test_msam_closure_surface_runs_once_at_w_plus_eps():
 
 
 def looksam_reference(model, batches, *, lr, mu, rho, k, alpha, ascent_rows):
-    """Liu et al.'s Algorithm 1 (global vectors) on SGD with momentum, in float64."""
+    """Liu et al.'s Algorithm 1 (global vectors) on SGD with momentum, in float64; with an ascent
+    fraction, g_v is formed on the ascent rows and the full step descends with all rows' g_s."""
     w = [p.detach().clone() for p in model.parameters()]
     buf = None
     g_v = None
     for t, batch in enumerate(batches):
         if t % k == 0:
-            g = grads_at(model, w, (batch[0][:ascent_rows], batch[1][:ascent_rows]))
+            rows = (batch[0][:ascent_rows], batch[1][:ascent_rows])
+            g = grads_at(model, w, rows)
             n = norm(g)
-            g_s = grads_at(model, [a + rho * b / (n + 1e-12) for a, b in zip(w, g)], batch)
+            perturbed = [a + rho * b / (n + 1e-12) for a, b in zip(w, g)]
+            g_s = grads_at(model, perturbed, rows)
             coef = sum(float((a * b).sum()) for a, b in zip(g_s, g)) / n**2
             g_v = [a - coef * b for a, b in zip(g_s, g)]
-            d = g_s
+            d = grads_at(model, perturbed, batch)
         else:
             g = grads_at(model, w, batch)
             d = [a + alpha * norm(g) / norm(g_v) * b for a, b in zip(g, g_v)]
@@ -238,19 +246,6 @@ def test_looksam_equals_pytorch_optimizer_looksam_on_one_parameter_tensor():
     assert error < 1e-6, error
 
 
-def test_looksam_at_rho_zero_with_an_ascent_fraction_reuses_the_rows_difference():
-    """Documented: with ascent_fraction < 1, g_v is not zero at ρ = 0 (the batch's gradient minus the
-    ascent rows'), so the cheap steps differ from the base's."""
-    model_a, batches = problem(7, dtype=torch.float32)
-    model_b = copy.deepcopy(model_a)
-    opt = LookSAM(torch.optim.SGD(model_a.parameters(), lr=0.1), rho=0.0, look_every=2, ascent_fraction=0.25)
-    base = torch.optim.SGD(model_b.parameters(), lr=0.1)
-    for batch in batches[:2]:
-        opt.train_step(batch, fwd(model_a), ce)
-        samlm.optim.train_step(base, batch, fwd(model_b), ce)
-    assert not all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
-
-
 def test_looksam_refuses_what_it_cannot_do():
     params = list(torch.nn.Linear(3, 2).parameters())
     with pytest.raises(ValueError, match="look_every must be an integer >= 1"):
@@ -259,6 +254,8 @@ def test_looksam_refuses_what_it_cannot_do():
         LookSAM(torch.optim.AdamW(params), descent="functional")
     with pytest.raises(ValueError, match="m-sharpness"):
         LookSAM(torch.optim.AdamW(params), m=2)
+    with pytest.raises(ValueError, match="FSDP"):
+        LookSAM(torch.optim.AdamW(params), grad_norm_fn=lambda x: x)
     with pytest.raises(ValueError, match="alpha"):
         LookSAM(torch.optim.AdamW(params), alpha=-1.0)
     opt = LookSAM(torch.optim.AdamW(params))

@@ -2,8 +2,8 @@
 
 Momentum-SAM's ε comes from the base's momentum, the same on every replica, and its one pass is
 DDP's all-reduced descent: one process on the global batch is the reference. LookSAM with
-``sync_ascent=True`` and ``ascent_fraction=1`` is global SAM on its full steps and the same g_v
-everywhere; with per-replica ε each replica forms its own g_v, and their mean keeps the replicas'
+``sync_ascent=True`` is global SAM on its full steps, and the mean of the replicas' g_v (each on
+its own ascent rows) is the one process's g_v; with per-replica ε that mean keeps the replicas'
 cheap steps (and weights) the same.
 """
 
@@ -53,6 +53,9 @@ CASES = {
     "looksam-sync": lambda params: LookSAM(
         torch.optim.SGD(params, lr=0.1, momentum=0.9), rho=0.2, look_every=2, ascent_fraction=1.0, sync_ascent=True
     ),
+    "looksam-sync-half": lambda params: LookSAM(
+        torch.optim.SGD(params, lr=0.1, momentum=0.9), rho=0.2, look_every=2, ascent_fraction=0.5, sync_ascent=True
+    ),
     "looksam-local": lambda params: LookSAM(
         torch.optim.SGD(params, lr=0.1, momentum=0.9), rho=0.2, look_every=2, ascent_fraction=0.5
     ),
@@ -87,14 +90,18 @@ def results(tmp_path_factory):
 
 
 def one_process(name):
+    """The global batch, ordered so that its first half is the replicas' ascent rows (each
+    replica's first half); a mean over the rows does not see the order."""
     model = make_model()
     opt = CASES[name](model.parameters())
+    half = ROWS // 2
+    order = [*range(half), *range(ROWS, ROWS + half), *range(half, ROWS), *range(ROWS + half, 2 * ROWS)]
     for batch in global_batches():
-        opt.train_step(batch, lambda b: model(b[0]), ce)
+        opt.train_step(tuple(t[order] for t in batch), lambda b: model(b[0]), ce)
     return flat(model)
 
 
-@pytest.mark.parametrize("name", ["msam", "pmsam", "looksam-sync"])
+@pytest.mark.parametrize("name", ["msam", "pmsam", "looksam-sync", "looksam-sync-half"])
 def test_ddp_equals_one_process_on_the_global_batch(results, name):
     expected = one_process(name)
     for res in results:

@@ -116,3 +116,15 @@ def plan_step(sizes: Sequence[int], ascent_fraction: float, m: int) -> list[Grou
         )
         for g in range(m)
     ]
+
+
+def split_at_ascent_rows(plan: GroupPlan) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
+    """The group's descent rows as two runs of pieces: its ascent rows, then the others."""
+    ascent_by_micro = {piece.micro: piece for piece in plan.ascent}
+    rest = []
+    for piece in plan.descent:
+        done = ascent_by_micro.get(piece.micro)
+        start = done.stop if done is not None else piece.start
+        if start < piece.stop:
+            rest.append(Piece(piece.micro, start, piece.stop))
+    return plan.ascent, tuple(rest)

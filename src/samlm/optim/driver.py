@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 import torch
 from torch import Tensor, nn
 
-from .batching import GroupPlan, Piece, as_micro_batches, batch_rows, plan_step, slice_rows
+from .batching import GroupPlan, Piece, as_micro_batches, batch_rows, plan_step, slice_rows, split_at_ascent_rows
 from .descents import DescentRule, at_least_fp32, loss_and_cotangent, outputs_tensor, vjp_root
 from .perturbations import local_tensor, squared_norm
 from .running_stats import frozen_running_stats, norm_layers
@@ -55,6 +55,7 @@ class SamOptimizer(Protocol):
     ascent_fraction: float
     m: int
     sync_ascent: bool
+    observes_ascent_rows_descent: bool
     running_stats: str
     grad_norm_fn: GradNormFn | None
 
@@ -77,6 +78,8 @@ class SamOptimizer(Protocol):
     def perturbed_params(self) -> list[Tensor]: ...
 
     def adjust_descent_gradient(self, sam_step: bool) -> None: ...
+
+    def ascent_rows_descended(self) -> None: ...
 
     def epsilon(self) -> Sequence[Tensor]: ...
 
@@ -470,11 +473,15 @@ def sharpness_aware_step(
         try:
             # FSDP keeps unsynced gradients in its own buffers, which the next group's synced
             # ascent would flush: there every group's descent ends with a reduction.
-            last_group = index == len(plans) - 1
+            synced = index == len(plans) - 1 or sharded
+            # LookSAM: the ascent rows' descent first, its gradient seen before the other rows add theirs
+            first, rest = split_at_ascent_rows(plan) if opt.observes_ascent_rows_descent else (plan.descent, ())
             with running_stats_move_in("descent"):
-                loss_perturbed += _descent(
-                    passes, plan, total, descent_rule, cotangents, sync_at_end=last_group or sharded
-                )
+                loss_perturbed += _descent(passes, first, total, descent_rule, cotangents, synced and not rest)
+                if opt.observes_ascent_rows_descent:
+                    opt.ascent_rows_descended()
+                if rest:
+                    loss_perturbed += _descent(passes, rest, total, descent_rule, cotangents, synced)
         finally:
             # 5. restore w exactly, even if a pass raised
             opt.restore()
@@ -596,7 +603,7 @@ def _scaled(t: Tensor, factor: float) -> Tensor:
 
 def _descent(
     passes: _Passes,
-    plan: GroupPlan,
+    pieces: Sequence[Piece],
     total: int,
     descent_rule: DescentRule,
     cotangents: _Cotangents | None,
@@ -604,8 +611,8 @@ def _descent(
 ) -> Tensor:
     """Descent gradient at w+ε, weighted by each piece's share of the step's rows, into p.grad."""
     loss_sum = None
-    last = len(plan.descent) - 1
-    for j, piece in enumerate(plan.descent):
+    last = len(pieces) - 1
+    for j, piece in enumerate(pieces):
         weight = piece.rows / total
         with passes.no_sync(skip_sync=not (sync_at_end and j == last)):
             value = descent_rule.backward(passes, piece, weight, cotangents)

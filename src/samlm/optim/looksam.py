@@ -1,6 +1,6 @@
 """LookSAM (Liu, Mai, Chen, Hsieh and You, CVPR 2022): a SAM step every k-th step, cheap steps between.
 
-Every ``look_every``-th step is a SAM step (ascent g at w, ε = ρ g/‖g‖, descent g_s = ∇L(w+ε))
+Every ``look_every``-th step is a full SAM step (ascent g at w, ε = ρ g/‖g‖, descent g_s = ∇L(w+ε))
 that also keeps the part of g_s orthogonal to g,
 
     g_v = g_s − (⟨g_s, g⟩/‖g‖²) g
@@ -10,24 +10,29 @@ The steps between take one forward+backward at w (gradient g) and step along
     d = g + α (‖g‖/‖g_v‖) g_v
 
 so a step costs 1 + ascent_fraction/look_every plain steps on average. With ``ascent_fraction`` < 1
-the g of a SAM step is the ascent rows' gradient (Bahri et al.), g_s the whole batch's at w+ε,
-so g_v also holds the batch's gradient minus the ascent rows' (even at ρ = 0); the paper's
-LookSAM is ``ascent_fraction=1``, and at ρ = 0 it is then the base optimizer, bitwise.
+(Bahri et al.) g is the ascent rows' gradient, and g_v is formed on those same rows: the descent
+at w+ε runs the ascent rows first (their g_s is read before the other rows add theirs; the same
+rows and passes, in two pieces where a micro-batch holds both kinds), then the others, and the
+base steps with the whole batch's g_s. Comparing g_s of all rows with g of a quarter of them would
+put the batch-versus-quarter sampling difference into g_v; on the same rows g_v is SAM's own
+change, and at ρ = 0 LookSAM is the base optimizer. A g_v below 1e-6·‖g_s‖ counts as none.
+
 It composes with the wrapper's schedule (schedule.py): the SAM-family steps of ``sam_every`` and
 ``sam_start`` are LookSAM's, every ``look_every``-th of them a full SAM step, the others its cheap
 steps (``StepStats.sam_step`` True, ``eps_norm`` 0); the steps off the schedule are plain. Before
-the first full SAM step there is no g_v and the cheap steps are plain ones. g_v is in ``state_dict``.
+the first full SAM step there is no g_v and the cheap steps are plain ones. g_v (as a unit
+vector) is in ``state_dict``. Under DDP each replica forms g_v on its own rows: their mean is
+kept (one all-reduce every ``look_every`` steps), so the replicas' cheap steps agree.
 
-Memory: g_v, one gradient-sized buffer, held between full steps, and a copy of g during a full
-step. A cheap step's ``StepStats`` report ‖d‖, the rewritten gradient, as ``grad_norm`` and
-``update_grad_norm``.
+Memory: g_v, one gradient-sized buffer, held between full steps, and copies of g and of the
+ascent rows' g_s during a full step. A cheap step's ``StepStats`` report ‖d‖, the rewritten
+gradient, as ``grad_norm`` and ``update_grad_norm``.
 
 Where it does not compose: the functional descent (Functional-SAM's J(w+ε)ᵀ r(w) is not the SAM
 gradient whose orthogonal part the cheap steps reuse, and it needs r(w) from a pass over every
-row on each step), perturbations other than SAM's ρ g/‖g‖, m-sharpness (one g_v per step), and
-the ``step(closure)``/``first_step`` surface (the cheap steps need the driver: ``train_step``).
-Under DDP with per-replica ε each replica's g_v differs: their mean is kept (one all-reduce every
-``look_every`` steps), so the replicas' cheap steps stay the same.
+row on each step), perturbations other than SAM's ρ g/‖g‖, m-sharpness (one g_v per step),
+sharded gradients (FSDP), and the ``step(closure)``/``first_step`` surface (the cheap steps need
+the driver: ``train_step``). With BatchNorm, the two descent pieces normalize over their own rows.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class LookSAM(SharpnessAware):
     SAM step's g_v (see the module docstring). ``alpha``: the reuse weight (0.7 in the paper)."""
 
     default_look_every = 5  # the registry's cost assumes this period (registry.py)
+    observes_ascent_rows_descent = True
 
     def __init__(
         self,
@@ -76,6 +82,8 @@ class LookSAM(SharpnessAware):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if m != 1:
             raise ValueError(f"LookSAM keeps one g_v per step: m-sharpness (m={m!r}) does not compose with it")
+        if kwargs.get("grad_norm_fn") is not None:
+            raise ValueError("LookSAM forms and reuses g_v on whole gradients: sharded ones (FSDP) are not supported")
         if "descent" in kwargs and as_descent_rule(kwargs["descent"]).needs_clean_cotangent:
             raise ValueError(
                 "LookSAM reuses the orthogonal part of the SAM gradient ∇L(w+ε); the functional descent "
@@ -90,12 +98,18 @@ class LookSAM(SharpnessAware):
         )
         self.look_every, self.alpha = look_every, float(alpha)
         self.look_direction: dict[Tensor, Tensor] = {}  # param -> g_v of the last SAM step
-        self._ascent: dict[Tensor, Tensor] | None = None  # the SAM step's g, until g_v is formed
+        self._ascent: dict[Tensor, Tensor] | None = None  # a full step's g, until g_v is formed
+        self._ascent_descent: dict[Tensor, Tensor] | None = None  # its g_s on the ascent rows
 
     @torch.no_grad()
     def perturb(self) -> tuple[Tensor, Tensor, Tensor]:
         self._ascent = {p: local_tensor(cast(Tensor, p.grad)).clone() for p in self.params_with_grad()}
         return super().perturb()
+
+    @torch.no_grad()
+    def ascent_rows_descended(self) -> None:
+        if self._ascent is not None:  # a full step: g_s on the ascent rows, before the others add theirs
+            self._ascent_descent = {p: local_tensor(p.grad).clone() for p in self._ascent if isinstance(p.grad, Tensor)}
 
     def perturbs_this_step(self) -> bool:
         """Every ``look_every``-th step of the wrapper's schedule (asked when one is due)."""
@@ -111,25 +125,27 @@ class LookSAM(SharpnessAware):
         elif self.look_direction:
             self._reuse()
 
-    def _global(self, local: Tensor) -> Tensor:
-        return self.grad_norm_fn(local) if self.grad_norm_fn is not None else local
-
     def _keep_orthogonal_part(self) -> None:
-        ascent, self._ascent = self._ascent, None
-        if not ascent:
+        ascent, descent = self._ascent, self._ascent_descent
+        self._ascent = self._ascent_descent = None
+        if not ascent or not descent:
             return
-        params = [p for p in ascent if p.grad is not None]
+        params = [p for p in ascent if p in descent]
         g = [ascent[p] for p in params]
-        g_s = [local_tensor(cast(Tensor, p.grad)) for p in params]
-        g_sq = self._global(_dot(g, g))  # the same reduction as ⟨g_s, g⟩: g_s = g gives g_v = 0 exactly
-        coef = torch.where(g_sq > 0, self._global(_dot(g_s, g)) / g_sq.clamp(min=1e-30), torch.zeros_like(g_sq))
+        g_s = [descent[p] for p in params]
+        # ⟨g, g⟩ by the same reduction as ⟨g_s, g⟩: where g_s = c·g exactly (ρ = 0), g_v = 0 exactly
+        g_sq = _dot(g, g)
+        coef = torch.where(g_sq > 0, _dot(g_s, g) / g_sq.clamp(min=1e-30), torch.zeros_like(g_sq))
         g_v = [s.to(coef.dtype) - coef * a.to(coef.dtype) for s, a in zip(g_s, g)]
-        if not self.sync_ascent:  # each replica's own ε, so its own g_v
-            _mean_over_replicas(g_v)
-        # a non-finite g_v (an overflowed step) keeps the last good one rather than poisoning the next steps
-        finite = torch.isfinite(sum_of_squares(g_v))
+        _mean_over_replicas(g_v)  # per-replica rows (and ε): one g_v, so the replicas' cheap steps agree
+        v_norm = sum_of_squares(g_v).sqrt()
+        # kept as a unit vector (the reuse scales it by ‖g‖); below rounding of g_s it is no
+        # direction (zero: the cheap steps are plain); non-finite (an overflow): the last one stays
+        real = v_norm > 1e-6 * sum_of_squares(g_s).sqrt()
+        unit = torch.where(real, 1 / v_norm.clamp(min=1e-30), torch.zeros_like(v_norm))
+        finite = torch.isfinite(v_norm)
         for p, v in zip(params, g_v):
-            v = v.to(p.grad.dtype if p.grad is not None else v.dtype)
+            v = (v * unit).to(p.dtype)
             old = self.look_direction.get(p)
             self.look_direction[p] = torch.where(finite, v, old if old is not None else torch.zeros_like(v))
 
@@ -138,12 +154,9 @@ class LookSAM(SharpnessAware):
         if not params:
             return
         g = [local_tensor(cast(Tensor, p.grad)) for p in params]
-        g_v = [self.look_direction[p] for p in params]
-        g_norm = self._global(sum_of_squares(g)).sqrt()
-        v_norm = self._global(sum_of_squares(g_v)).sqrt()
-        scale = torch.where(v_norm > 0, self.alpha * g_norm / v_norm.clamp(min=1e-30), torch.zeros_like(v_norm))
-        for grad, v in zip(g, g_v):
-            grad.add_((scale * v).to(grad.dtype))
+        scale = self.alpha * sum_of_squares(g).sqrt()  # α‖g‖ along the unit g_v
+        for grad, p in zip(g, params):
+            grad.add_((scale * self.look_direction[p]).to(grad.dtype))
 
     # -- the closure surface cannot take the cheap steps ----------------------------------------
     def first_step(self, zero_grad: bool = False) -> None:

@@ -93,6 +93,7 @@ class SharpnessAware(torch.optim.Optimizer):
 
     descent_rule: DescentRule = Standard()
     default_rho: float | None = None  # set from the class's registry entry (registry.py)
+    observes_ascent_rows_descent = False  # True: the driver calls ascent_rows_descended() (LookSAM)
 
     def __init__(
         self,
@@ -306,6 +307,10 @@ class SharpnessAware(torch.optim.Optimizer):
     def adjust_descent_gradient(self, sam_step: bool) -> None:
         """Called by the driver with the step's descent gradient in ``p.grad`` (unscaled, before
         clipping and the base step); a method may rewrite it there (LookSAM). Default: nothing."""
+
+    def ascent_rows_descended(self) -> None:
+        """With ``observes_ascent_rows_descent``, called once the descent at w+ε has covered the
+        ascent rows, before the other rows add theirs to ``p.grad``. Default: nothing."""
 
     def base_step(self, sam_step: bool = True) -> None:
         self.base_optimizer.step()
