@@ -90,7 +90,7 @@ def test_stretched_schedules_keep_their_shape():
 
 def test_budget_flag_values():
     assert parse_budget("steps") == ("steps",) and parse_budget("compute,steps") == ("steps", "compute")
-    with pytest.raises(UserError, match="--budget must be steps, compute or steps,compute"):
+    with pytest.raises(UserError, match="--budget must be steps, compute, time or a comma-separated list"):
         parse_budget("flops")
 
 

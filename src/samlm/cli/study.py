@@ -9,9 +9,9 @@ from samlm.progress import say
 
 # At import, not in add_arguments: a missing harness dependency then makes this command a stub
 # that names what to install (samlm.cli.build_parser).
-from samlm.studies import finetune_study, pretrain_study, robustness_study
+from samlm.studies import cheap_study, finetune_study, pretrain_study, robustness_study
 
-STUDIES = ("pretrain", "finetune", "robustness")
+STUDIES = ("pretrain", "finetune", "robustness", "cheap")
 # The parsed arguments' attribute holding (run function, settings class) of the chosen study: a
 # name no flag can take (as samlm.cli's own).
 STUDY_ATTR = "_samlm_study"
@@ -47,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     settings.add_arguments(robustness, robustness_study.RobustnessStudySettings)
     robustness.set_defaults(**{STUDY_ATTR: (_run_robustness, robustness_study.RobustnessStudySettings)})
+
+    cheap = sub.add_parser(
+        "cheap",
+        help="SAM at the base optimizer's price: AdamW, SAM, F-SAM, Momentum-SAM, PMSAM, LookSAM and "
+        "SAM every 5th step, tuned, 5 seeds, equal steps and equal compute by the model and by the clock, "
+        "robustness, on two corpora",
+        description=cheap_study.__doc__.strip().splitlines()[0],
+    )
+    settings.add_arguments(cheap, cheap_study.CheapStudySettings)
+    cheap.set_defaults(**{STUDY_ATTR: (_run_cheap, cheap_study.CheapStudySettings)})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,6 +149,43 @@ def _run_robustness(config) -> int:
             validate(run_config)
             print(f"{run.name}: {run_config.out} ({'+'.join(run.budgets)})")
         say(f"dry run: {len(planned)} runs are fine; nothing was written")
+        return 0
+    return _finished(run_study(study))
+
+
+def _run_cheap(config) -> int:
+    from samlm.harness.pretrain import validate
+    from samlm.studies.cheap_study import estimate_seconds, minutes_text, run_study
+
+    study = config.study()
+    if config.dry_run:
+        import dataclasses
+
+        import torch
+
+        total, unchecked = 0, False
+        for corpus in study.preset.corpora:
+            for stage, planned in (("sweep", study.sweep(corpus).runs()), ("final", study.final_runs(corpus))):
+                for run in planned:
+                    run_config = run.config
+                    if run_config.device.startswith("cuda") and not torch.cuda.is_available():
+                        run_config, unchecked = dataclasses.replace(run_config, device="cpu"), True
+                    validate(run_config)
+                    steps = "the calibration's steps" if run.estimated else f"{run.factor:.3g}x the steps"
+                    print(f"{corpus.name} {stage}: {run.name} ({'+'.join(run.budgets)}; {steps})")
+                total += len(planned)
+        print(
+            "final runs are listed at each method's first grid point: the sweep chooses the points; the "
+            "clock budget's steps come from the calibration measured before the final runs (until then the "
+            "FLOP model's)"
+        )
+        print(
+            f"estimated time (preset's step times, {study.jobs or study.preset.jobs} at a time): "
+            + minutes_text(estimate_seconds(study))
+        )
+        if unchecked:
+            say("no CUDA here: every setting but the device was checked")
+        say(f"dry run: {total} runs are fine; nothing was written")
         return 0
     return _finished(run_study(study))
 

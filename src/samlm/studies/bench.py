@@ -34,6 +34,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -304,23 +305,41 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
         steppers[f"pass:{kind}"] = getattr(probes, kind)
         models[f"pass:{kind}"] = passes_model
     autocast = _autocast_factory(args)
-    times: dict[str, list[float]] = {name: [] for name in steppers}
-    order = list(steppers)
     calls = {name: torch.compile(model) if args.compile else model for name, model in models.items()}
-    for i in range(args.untimed_steps + args.steps):
-        # Round-robin, so every method sees the same machine conditions, in a fresh order each
-        # round, so that no method always follows the same neighbour (allocator, cache state).
+
+    def step_of(name):
+        forward = lambda batch, model=calls[name]: model(input_ids=batch).logits  # noqa: E731
+        return lambda k: steppers[name](batches[k % len(batches)], forward, autocast)
+
+    return round_robin(
+        {name: step_of(name) for name in steppers},
+        rounds=args.steps,
+        untimed=args.untimed_steps,
+        per_round=args.sam_every,
+        device=args.device,
+    )
+
+
+def round_robin(
+    steps: Mapping[str, Callable[[int], object]], *, rounds: int, untimed: int = 0, per_round: int = 1, device="cpu"
+) -> dict[str, list[float]]:
+    """Time ``steps[name](k)`` (one step of ``name`` on its ``k``-th batch) side by side: ``untimed`` +
+    ``rounds`` rounds, each running every name ``per_round`` times in a row (a whole cycle of a SAM
+    schedule, whatever its phase), timed together. Returns each name's mean step time per timed round.
+    Round-robin, so every name sees the same machine conditions, in a fresh order each round, so that
+    no name always follows the same neighbour (allocator, cache state)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for i in range(untimed + rounds):
         random.Random(i).shuffle(order)
         for name in order:
-            model = calls[name]
-            forward = lambda batch, model=model: model(input_ids=batch).logits  # noqa: E731
-            _sync(args.device)
+            _sync(device)
             start = time.perf_counter()
-            for j in range(args.sam_every):
-                steppers[name](batches[(i * args.sam_every + j) % len(batches)], forward, autocast)
-            _sync(args.device)
-            if i >= args.untimed_steps:
-                times[name].append((time.perf_counter() - start) / args.sam_every)
+            for j in range(per_round):
+                steps[name](i * per_round + j)
+            _sync(device)
+            if i >= untimed:
+                times[name].append((time.perf_counter() - start) / per_round)
     return times
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from samlm.errors import UserError
 from samlm.harness.pretrain import PretrainConfig, pretrain, validate
@@ -29,13 +29,14 @@ from samlm.harness.pretrain.build import DEFAULT_TOKENS_PER_PARAM
 from samlm.harness.rundir import RunDir
 from samlm.optim.registry import METHODS
 from samlm.progress import say
-from samlm.studies import report
+from samlm.studies import clock, report
 from samlm.studies.grid import (
     Job,
     check_out_dir,
     compute_factors,
     parse_budget,
     parse_lr,
+    parse_method,
     parse_optimizers,
     parse_rho,
     parse_seeds,
@@ -63,6 +64,7 @@ def run_name(optimizer: str, rho: float | None, seed: int, lr: float | None = No
 
 
 COMPUTE_SUFFIX = "-equal-compute"
+BUDGET_SUFFIXES = {"compute": COMPUTE_SUFFIX, "time": clock.CLOCK_SUFFIX}  # a run's name beyond its budget's
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class PlannedRun:
     config: PretrainConfig
     budgets: tuple[str, ...]
     factor: float = 1.0  # its steps relative to --steps (equal compute: cost of the costliest / its own)
+    method: str = ""  # its method's label in the comparison (a variant: sam@every5)
+    estimated: bool = False  # a clock-budget run planned before the calibration: the model's steps
 
 
 def _at_compute(config: PretrainConfig, factor: float) -> PretrainConfig:
@@ -114,51 +118,99 @@ class CompareConfig:
     budget: str = "steps"
     lr_in_names: bool = False  # name every run's lr (default: only a method's with several)
 
-    def runs(self) -> list[PlannedRun]:
-        """Every run, seed by seed (a partial comparison has every optimizer)."""
+    def runs(self, calibration: Mapping | None = None) -> list[PlannedRun]:
+        """Every run, seed by seed (a partial comparison has every optimizer). With the clock budget,
+        its steps come from ``calibration`` (default: the one stored in ``out``, else the FLOP
+        model's as an estimate: :attr:`PlannedRun.estimated`)."""
         optimizers = parse_optimizers(self.optimizers)
-        seeds = parse_seeds(self.seeds)
+        budgets = parse_budget(self.budget)
+        factors: dict[str, Mapping[str, float]] = {"steps": dict.fromkeys(optimizers, 1.0)}
+        if "compute" in budgets or "time" in budgets:
+            factors["compute"] = compute_factors(
+                optimizers,
+                self.base.ascent_fraction,
+                sam_every=self.base.sam_every,
+                sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps),
+            )
+        estimated = False
+        if "time" in budgets:
+            clock.check(self.method_configs())
+            if calibration is None:
+                calibration = clock.stored(self.out, self.method_configs())
+            estimated = calibration is None
+            factors["time"] = factors["compute"] if calibration is None else clock.time_factors(calibration)
+        return [
+            run for seed in parse_seeds(self.seeds) for run in self._seed_runs(seed, optimizers, factors, estimated)
+        ]
+
+    def _seed_runs(
+        self, seed: int, optimizers: Sequence[str], factors: Mapping[str, Mapping[str, float]], estimated: bool
+    ) -> list[PlannedRun]:
+        budgets = parse_budget(self.budget)
         rhos = parse_rho(self.rho, optimizers)
         lrs = parse_lr(self.lr, optimizers, self.base.lr)
-        budgets = parse_budget(self.budget)
-        factors = compute_factors(
-            optimizers,
-            self.base.ascent_fraction,
-            sam_every=self.base.sam_every,
-            sam_start_fraction=start_fraction(self.base.sam_start, self.base.steps),
-        )
         runs = []
-        for seed in seeds:
-            for optimizer in optimizers:
-                for lr, rho in itertools.product(lrs[optimizer], rhos[optimizer]):
-                    name = run_name(optimizer, rho, seed, lr if self.lr_in_names or len(lrs[optimizer]) > 1 else None)
-                    variants = []  # (name, factor, budgets)
-                    stretch = factors[optimizer] if "compute" in budgets else 1.0
-                    if stretch == 1.0:
-                        variants.append((name, 1.0, budgets))
-                    else:
-                        if "steps" in budgets:
-                            variants.append((name, 1.0, ("steps",)))
-                        variants.append((name + COMPUTE_SUFFIX, stretch, ("compute",)))
-                    for run, factor, serves in variants:
-                        out = Path(self.out) / run
-                        # Resume where a checkpoint exists; otherwise start clean (a run killed before
-                        # its first checkpoint leaves only a partial metrics.jsonl behind).
-                        resume = not self.overwrite and RunDir(out).has_checkpoint()
-                        config = dataclasses.replace(
-                            self.base,
-                            optimizer=optimizer,
-                            rho=rho,
-                            lr=lr,
-                            seed=seed,
-                            out=str(out),
-                            resume=resume,
-                            overwrite=not resume,
+        for optimizer in optimizers:
+            registered, every = parse_method(optimizer)
+            for lr, rho in itertools.product(lrs[optimizer], rhos[optimizer]):
+                name = run_name(optimizer, rho, seed, lr if self.lr_in_names or len(lrs[optimizer]) > 1 else None)
+                # budgets whose steps are the same share a run: factor -> the budgets it serves
+                variants: dict[Any, list[str]] = {}
+                for kind in budgets:
+                    factor = factors[kind][optimizer]
+                    # before the calibration the clock's steps are unknown: its own run but the costliest's
+                    apart = estimated and kind == "time" and factor != 1.0
+                    variants.setdefault((kind, factor) if apart else factor, []).append(kind)
+                for share, serves in variants.items():
+                    factor = share[1] if isinstance(share, tuple) else share
+                    run = name if factor == 1.0 else name + BUDGET_SUFFIXES[serves[0]]
+                    out = Path(self.out) / run
+                    # Resume where a checkpoint exists; otherwise start clean (a run killed before
+                    # its first checkpoint leaves only a partial metrics.jsonl behind).
+                    resume = not self.overwrite and RunDir(out).has_checkpoint()
+                    config = dataclasses.replace(
+                        self.base,
+                        optimizer=registered,
+                        rho=rho,
+                        lr=lr,
+                        seed=seed,
+                        out=str(out),
+                        resume=resume,
+                        overwrite=not resume,
+                        sam_every=self.base.sam_every if every is None else every,
+                    )
+                    if factor != 1.0:
+                        config = _at_compute(config, factor)
+                    runs.append(
+                        PlannedRun(
+                            run,
+                            tracked(config, run, self.out),
+                            tuple(serves),
+                            factor,
+                            optimizer,
+                            isinstance(share, tuple),
                         )
-                        if factor != 1.0:
-                            config = _at_compute(config, factor)
-                        runs.append(PlannedRun(run, tracked(config, run, self.out), serves, factor))
+                    )
         return runs
+
+    def method_configs(self) -> dict[str, PretrainConfig]:
+        """Each method's run settings at its first (lr, ρ) point and the first seed: what the clock
+        budget's calibration times (only the step matters: not the budget, not the lr)."""
+        optimizers = parse_optimizers(self.optimizers)
+        rhos = parse_rho(self.rho, optimizers)
+        lrs = parse_lr(self.lr, optimizers, self.base.lr)
+        configs = {}
+        for optimizer in optimizers:
+            name, every = parse_method(optimizer)
+            configs[optimizer] = dataclasses.replace(
+                self.base,
+                optimizer=name,
+                rho=rhos[optimizer][0],
+                lr=lrs[optimizer][0],
+                seed=parse_seeds(self.seeds)[0],
+                sam_every=self.base.sam_every if every is None else every,
+            )
+        return configs
 
     def plan(self) -> list[tuple[str, PretrainConfig]]:
         """(run name, config) of every run."""
@@ -206,12 +258,16 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
     """
     started = time.perf_counter()
     planned = config.runs()
-    plan = [(r.name, r.config) for r in planned]
-    for _, run_config in plan:
-        validate(run_config)
+    for run in planned:
+        validate(run.config)
     if not isinstance(config.jobs, int) or config.jobs < 1:
         raise UserError(f"--jobs must be a positive integer, got {config.jobs!r}")
     out = check_out_dir(config.out)
+    calibration = None
+    if "time" in parse_budget(config.budget):  # every setting checked first: the calibration takes a while
+        calibration = clock.calibrate(out, config.method_configs(), overwrite=config.overwrite)
+        planned = config.runs(calibration)
+    plan = [(r.name, r.config) for r in planned]
     summaries: dict[str, dict] = {}
     skipped: list[str] = []
     todo: list[Job] = []
@@ -248,9 +304,18 @@ def compare(config: CompareConfig, *, on_run: Callable[[str, dict], None] | None
         budget: [loaded[r.name] for r in planned if r.name in loaded and budget in r.budgets]
         for budget in parse_budget(config.budget)
     }
-    runs = by_budget.get("steps") or by_budget["compute"]
+    runs = by_budget.get("steps") or next(iter(by_budget.values()))
     files = report.write_report(
-        out, runs, title=config.title, notes=config.notes, unfinished=unfinished, budgets=by_budget
+        out,
+        runs,
+        title=config.title,
+        notes=config.notes,
+        unfinished=unfinished,
+        budgets=by_budget,
+        calibration=calibration,
+        clock_steps={
+            r.method: summaries[r.name].get("steps") for r in planned if "time" in r.budgets and r.name in summaries
+        },
     )
     slow = [o.run for o in step_time_outliers(list(loaded.values()))]  # as report.md: over both budgets' runs
     table = report.text_table(report.aggregate(runs, outliers=slow))

@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -64,8 +64,9 @@ class GridSettings:
     budget: str = setting(
         "steps",
         "steps: every method the same number of steps; compute: the same "
-        "forward+backward compute (cheaper methods get proportionally more steps); "
-        "steps,compute: both",
+        "forward+backward compute by the FLOP model (cheaper methods get proportionally more steps); "
+        "time: the same measured time on this machine (a calibration of every method's step time, "
+        "stored in OUT/calibration.json); a comma-separated list (steps,compute,time) runs several",
         check=check_budget,
     )
 
@@ -144,16 +145,49 @@ def study_time_text(time: Mapping[str, Any], seconds: float) -> str:
     )
 
 
-BUDGET_HEADERS = {"steps": "equal steps", "compute": "equal compute"}  # each budget as the reports name it
+# Each budget as the reports name it. "time" is equal compute by the clock: every method the measured
+# time of the costliest one (samlm.studies.clock); beside it, "compute" is named by its model.
+BUDGET_HEADERS = {"steps": "equal steps", "compute": "equal compute", "time": "equal compute (clock)"}
 BUDGETS = tuple(BUDGET_HEADERS)
+MODEL_HEADER = "equal compute (model)"
+
+
+def budget_headers(budgets: Iterable[str]) -> dict[str, str]:
+    """The reports' name of each budget: with the clock budget beside it, the FLOP-model one is
+    "equal compute (model)", so that neither is mistaken for the other."""
+    kinds = list(budgets)
+    return {k: MODEL_HEADER if k == "compute" and "time" in kinds else BUDGET_HEADERS.get(k, k) for k in kinds}
 
 
 def parse_budget(text: str) -> tuple[str, ...]:
-    """``steps``, ``compute`` or both (``steps,compute``)."""
+    """``steps``, ``compute``, ``time`` or several (``steps,compute,time``), in that order."""
     items = tuple(dict.fromkeys(t.strip() for t in str(text).split(",")))
     if not items or any(item not in BUDGETS for item in items):
-        raise UserError(f"--budget must be steps, compute or steps,compute, got '{text}'")
+        raise UserError(f"--budget must be steps, compute, time or a comma-separated list of them, got '{text}'")
     return tuple(b for b in BUDGETS if b in items)
+
+
+# A method variant: a registered SAM-family method with its own SAM schedule, ``sam@every5`` (a SAM
+# step every 5th step), so that one comparison holds SAM and SAM every k-th step side by side.
+VARIANT_SEPARATOR = "@every"
+
+
+def parse_method(label: str) -> tuple[str, int | None]:
+    """``(registered name, its own sam_every or None)`` of a method label (``sam``, ``sam@every5``)."""
+    name, sep, every = str(label).partition(VARIANT_SEPARATOR)
+    if not sep:
+        return name, None
+    if name not in METHODS or not METHODS[name].is_sam:
+        raise UserError(f"{label}: only a SAM-family method has a SAM schedule (NAME{VARIANT_SEPARATOR}K)")
+    if not every.isdigit() or int(every) < 1:
+        raise UserError(f"{label}: K in NAME{VARIANT_SEPARATOR}K must be an integer >= 1")
+    return name, int(every)
+
+
+def method_cost(label: str, ascent_fraction: float, *, sam_every: int = 1, sam_start_fraction: float = 0.0) -> float:
+    """``Method.step_cost`` of a method label (a variant's own ``sam_every`` replaces the run's)."""
+    name, every = parse_method(label)
+    return METHODS[name].step_cost(ascent_fraction, sam_every=every or sam_every, sam_start_fraction=sam_start_fraction)
 
 
 def compute_factors(
@@ -164,7 +198,7 @@ def compute_factors(
     every ``sam_every`` steps after ``sam_start_fraction`` of the run), so one run of the
     costliest method and one baseline run per seed serve every comparison."""
     costs = {
-        name: METHODS[name].step_cost(ascent_fraction, sam_every=sam_every, sam_start_fraction=sam_start_fraction)
+        name: method_cost(name, ascent_fraction, sam_every=sam_every, sam_start_fraction=sam_start_fraction)
         for name in optimizers
     }
     most = max(costs.values())
@@ -218,7 +252,7 @@ def parse_list(text: str, what: str) -> list[str]:
 
 def parse_optimizers(text: str | Sequence[str]) -> list[str]:
     names = parse_list(text, "optimizers") if isinstance(text, str) else list(text)
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if parse_method(n)[0] not in METHODS]
     if unknown:
         raise UserError(f"unknown optimizer(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     if len(set(names)) != len(names):
@@ -275,7 +309,8 @@ def parse_grid(
     every method), or per method (``name=value``, repeated for a grid; a bare value applies to the
     methods not named). Methods without a value get ``default(name)``; methods the flag does not
     apply to (``applies``; default: every registered method), ``[None]``. ``positive``: 0 is refused too."""
-    applies = list(METHODS) if applies is None else applies
+    applies = list(METHODS) if applies is None else list(applies)
+    applies += [name for name in optimizers if name not in applies and parse_method(name)[0] in applies]  # variants
     named: dict[str, list[float]] = {}
     bare: list[float] = []
     if isinstance(spec, Mapping):
@@ -308,7 +343,9 @@ def parse_rho(
     spec: str | float | Mapping[str, Sequence[float] | float] | None, optimizers: Sequence[str]
 ) -> dict[str, list[float | None]]:
     """ρ values per optimizer (plain optimizers: ``[None]``; default: the registry's ρ)."""
-    return parse_grid(spec, optimizers, "--rho", lambda name: METHODS[name].default_rho, applies=sam_family())
+    return parse_grid(
+        spec, optimizers, "--rho", lambda name: METHODS[parse_method(name)[0]].default_rho, applies=sam_family()
+    )
 
 
 def parse_lr(

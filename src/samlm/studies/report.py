@@ -23,8 +23,8 @@ from typing import Any
 
 from samlm import io
 from samlm.optim.registry import METHODS
-from samlm.studies import report_checks, robustness_report
-from samlm.studies.grid import BUDGET_HEADERS, start_fraction
+from samlm.studies import clock, report_checks, robustness_report
+from samlm.studies.grid import budget_headers, method_cost, parse_method, start_fraction
 from samlm.studies.plots import write_plots
 from samlm.studies.report_checks import every_run
 from samlm.studies.runs import (
@@ -64,6 +64,12 @@ RESULTS_FILE = "results.csv"
 DELTA_HEADER = "Δ val loss vs adamw (paired)"
 INTERVAL_HEADER = "95% CI"
 VERDICT_HEADER = "verdict"
+CLOCK_NOTE = (
+    "Two budgets equalise compute here. **Equal compute (model)** counts passes (the FLOP model above; it "
+    "transfers across machines). **Equal compute (clock)** gives every method the steps whose *measured* time "
+    "on this machine equals the costliest method's, from the calibration below: it is the one this report calls "
+    "equal compute, since the model leaves out what a step costs beyond its passes."
+)
 
 CSV_FIELDS = (
     "run",
@@ -208,13 +214,17 @@ def delta_cells(delta: Stat) -> list[str]:
 
 
 def budget_table(
-    budgets: Mapping[str, Sequence[Run]], reference: str = REFERENCE_OPTIMIZER, outliers: Iterable[str] | None = None
+    budgets: Mapping[str, Sequence[Run]],
+    reference: str = REFERENCE_OPTIMIZER,
+    outliers: Iterable[str] | None = None,
+    loss_key: str = "val_loss",
 ) -> str | None:
     """Markdown: each method's val-loss Δ to ``reference``, paired by seed, at equal steps and at
     equal compute (mean ± std over seed pairs and their number, the 95% interval, the verdict),
     beside the step cost the compute budget assumed and the step-time ratio measured (the medians
     of every run of each point, at either budget, the step-time ``outliers`` left out: by default
-    :func:`samlm.studies.runs.step_time_outliers`). None without the reference."""
+    :func:`samlm.studies.runs.step_time_outliers`). ``loss_key``: the loss compared (``report_loss``: the
+    slice a tuned choice did not see). None without the reference."""
     groups = {kind: group_runs(runs) for kind, runs in budgets.items()}
     references = {kind: tuned_point(g, reference) for kind, g in groups.items()}
     if not any(references.values()):
@@ -228,8 +238,9 @@ def budget_table(
     timing_reference = references[timing_kind]
     ref_step = typical_step_time(every.get(timing_reference, []), skip) if timing_reference else None
     headers = ["optimizer", "ρ"] + ["lr"] * with_lr + ["step cost (model)", "step time (measured)"]
+    names = budget_headers(budgets)
     for kind in budgets:
-        headers += [f"steps ({BUDGET_HEADERS[kind]})", BUDGET_HEADERS[kind], INTERVAL_HEADER, VERDICT_HEADER]
+        headers += [f"steps ({names[kind]})", names[kind], INTERVAL_HEADER, VERDICT_HEADER]
     lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---|" * with_lr + "---:|" * (len(headers) - 2 - with_lr)]
     for key in order:
         sample = next(g[key][0] for g in groups.values() if key in g)
@@ -238,8 +249,8 @@ def budget_table(
         # the schedule the run used: a SAM step every k-th step, plain steps before --sam-start
         start = start_fraction(float(config.get("sam_start") or 0), sample.summary.get("steps") or config.get("steps"))
         cost = (
-            METHODS[key[0]].step_cost(fraction, sam_every=int(config.get("sam_every") or 1), sam_start_fraction=start)
-            if key[0] in METHODS
+            method_cost(key[0], fraction, sam_every=int(config.get("sam_every") or 1), sam_start_fraction=start)
+            if parse_method(key[0])[0] in METHODS
             else None
         )
         step = typical_step_time(every.get(key, []), skip)
@@ -255,7 +266,7 @@ def budget_table(
                 cells += ["n/a"] * 3
             else:
                 cells += delta_cells(
-                    paired_delta(seed_values(members, "val_loss"), seed_values(g[references[kind]], "val_loss"))
+                    paired_delta(seed_values(members, loss_key), seed_values(g[references[kind]], loss_key))
                 )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -319,7 +330,11 @@ def report_markdown(
     unfinished: Sequence[str] = (),
     plots: Sequence[str] = (),
     budgets: Mapping[str, Sequence[Run]] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    clock_steps: Mapping[str, Any] | None = None,
 ) -> str:
+    """The report's Markdown; ``calibration``: the clock budget's (:mod:`samlm.studies.clock`), with
+    the steps it gave each method (``clock_steps``)."""
     every = every_run(runs, budgets)
     outliers = step_time_outliers(every)
     rows = aggregate(runs, outliers=[o.run for o in outliers])
@@ -367,8 +382,11 @@ def report_markdown(
             ]
         lines += [markdown_table(rows), ""]
         lines += _tuned_section(budgets or {"steps": runs})
+        kinds = set(budgets or {})
         compute = (
-            budget_table(budgets, outliers=[o.run for o in outliers]) if budgets and "compute" in budgets else None
+            budget_table(budgets, outliers=[o.run for o in outliers])
+            if budgets and kinds & {"compute", "time"}
+            else None
         )
         if compute is not None:
             lines += [
@@ -386,9 +404,12 @@ def report_markdown(
                 "AdamW's, step-time outliers left out (wall clock, noisy "
                 "on a shared machine; `samlm bench` measures it side by side).",
                 "",
-                compute,
-                "",
             ]
+            if "time" in kinds:
+                lines += [CLOCK_NOTE, ""]
+            lines += [compute, ""]
+        if calibration is not None:
+            lines += clock.calibration_section(calibration, clock_steps)
         frontier = next((p for p in plots if Path(p).name == robustness_report.FRONTIER_PLOT), None)
         lines += robustness_report.section(budgets or {"steps": runs}, plot=frontier)
     else:
@@ -424,8 +445,9 @@ def _tuned_section(budgets: Mapping[str, Sequence[Run]]) -> list[str]:
         f"{REFERENCE_OPTIMIZER}'s at the same seed (mean ± std over seed pairs, n = pairs).{per_budget}",
         "",
     ]
+    names = budget_headers(budgets)
     for kind, table in tables.items():
-        lines += [f"At {BUDGET_HEADERS[kind]}:", "", table, ""]
+        lines += [f"At {names[kind]}:", "", table, ""]
     return lines
 
 
@@ -437,6 +459,8 @@ def write_report(
     notes: str = "",
     unfinished: Sequence[str] = (),
     budgets: Mapping[str, Sequence[Run]] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    clock_steps: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """``report.md``, ``results.csv``, ``val_loss.png`` and ``sharpness.png`` in ``out_dir``; with runs
     measured by ``--robustness``, a robustness section and ``forgetting.png``."""
@@ -459,6 +483,8 @@ def write_report(
         unfinished=unfinished,
         plots=[p.name for k, p in written.items() if k != "csv"],
         budgets=budgets,
+        calibration=calibration,
+        clock_steps=clock_steps,
     )
     io.atomic_write_text(out_dir / REPORT_FILE, text)
     written["report"] = out_dir / REPORT_FILE

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from samlm.diagnostics.robustness import forgetting_summary
-from samlm.studies.grid import BUDGET_HEADERS
+from samlm.studies.grid import budget_headers
 from samlm.studies.plots import colors, finish_figure, point_label, pyplot
 from samlm.studies.runs import REFERENCE_OPTIMIZER, Run, group_runs, point_cells, seed_values, several_lrs, tuned_point
 from samlm.studies.stats import finite_number, format_delta, mean_std, paired_delta
@@ -148,10 +148,11 @@ def section(budgets: Mapping[str, Sequence[Run]], plot: str | None = None) -> li
         "Δ vs the baseline is paired by seed (mean ± std over seed pairs).",
         "",
     ]
+    names = budget_headers(budgets)
     for kind, runs in budgets.items():
         table, level = budget_robustness_table(runs)
         at = f" (x* = {level:.4f})" if level is not None else ""
-        lines += [f"At {BUDGET_HEADERS.get(kind, kind)}{at}:", "", table, ""]
+        lines += [f"At {names[kind]}{at}:", "", table, ""]
     if plot:
         lines += [f"![learning–forgetting frontier]({Path(plot).name})", ""]
     return lines
@@ -199,7 +200,7 @@ def plot_frontier(budgets: Mapping[str, Sequence[Run]], path: str | Path, *, tit
         level = matched_level(runs)
         if level is not None:
             ax.axvline(level, color="#777777", linestyle=":", linewidth=1)
-        ax.set_title(f"{BUDGET_HEADERS.get(kind, kind)}")
+        ax.set_title(budget_headers(budgets)[kind])
         ax.set_xlabel("second corpus val loss after fine-tuning (learning)")
         ax.set_ylabel("original val loss increase (forgetting)")
         ax.grid(alpha=0.3)

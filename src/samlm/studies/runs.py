@@ -22,6 +22,7 @@ from typing import Any
 from samlm import io
 from samlm.errors import UserError
 from samlm.harness.rundir import METRICS_FILE, SUMMARY_FILE
+from samlm.studies.grid import VARIANT_SEPARATOR
 from samlm.studies.stats import (
     Spread,
     Stat,
@@ -82,9 +83,17 @@ class Run:
 
     @property
     def group(self) -> tuple[str, float | None, float | None]:
-        """The run's point of the grid: (optimizer, ρ, peak lr)."""
+        """The run's point of the grid: (method, ρ, peak lr); the method is the optimizer, or the
+        variant the comparison named the run after (``sam@every5-rho0.1-seed0``: ``sam@every5``)."""
         lr = self.summary.get("lr", (self.summary.get("config") or {}).get("lr"))  # older summaries: config's
-        return (self.summary.get("optimizer", "?"), finite_number(self.summary.get("rho")), finite_number(lr))
+        return (self.method, finite_number(self.summary.get("rho")), finite_number(lr))
+
+    @property
+    def method(self) -> str:
+        """The optimizer, or its variant in the comparison (:data:`VARIANT_SEPARATOR` in the run's name)."""
+        optimizer = self.summary.get("optimizer", "?")
+        first = self.name.split("-", 1)[0]
+        return first if first.startswith(optimizer + VARIANT_SEPARATOR) else optimizer
 
     @property
     def label(self) -> str:
@@ -189,12 +198,13 @@ def distinct(runs: Iterable[Run]) -> list[Run]:
 
 
 def equal_compute_only(budgets: Mapping[str, Sequence[Run]]) -> list[Run]:
-    """The runs that serve only the equal-compute comparison (the cheaper methods given the costliest
-    one's compute as extra steps), when there is an equal-steps one beside it; else none."""
-    if "steps" not in budgets or "compute" not in budgets:
+    """The runs that serve only an equal-compute comparison, by the model or by the clock (the
+    cheaper methods given the costliest one's compute or time as extra steps), when there is an
+    equal-steps one beside it; else none."""
+    if "steps" not in budgets:
         return []
     at_steps = {r.name for r in budgets["steps"]}
-    return distinct(r for r in budgets["compute"] if r.name not in at_steps)
+    return distinct(r for kind in ("compute", "time") for r in budgets.get(kind, ()) if r.name not in at_steps)
 
 
 def step_time_outliers(runs: Iterable[Run], factor: float = OUTLIER_FACTOR) -> list[Outlier]:
