@@ -241,3 +241,21 @@ def test_cheap_study_end_to_end_and_resumed(tmp_path, monkeypatch):
     assert "| sam@every5 | 0.01 | 0.1 |" in text and "equal compute (model)" in text
     again = cheap_study.run_study(study)
     assert all(len(stage.skipped) == len(stage.summaries) for stage in again.stages.values())
+
+
+def test_a_tuned_choice_on_the_edge_of_its_grid_is_marked():
+    def run(lr, seed, loss):
+        summary = {"optimizer": "adamw", "rho": None, "lr": lr, "seed": seed, "val_loss": loss, "report_loss": loss}
+        return Run(f"adamw-lr{lr:g}-seed{seed}", None, summary)
+
+    runs = [run(lr, s, loss) for s in (0, 1) for lr, loss in ((1e-3, 2.0), (3e-3, 2.1), (1e-2, 2.2))]
+    assert "| 0.001 (edge) |" in report.tuned_table(runs)
+    runs = [run(lr, s, loss) for s in (0, 1) for lr, loss in ((1e-3, 2.1), (3e-3, 2.0), (1e-2, 2.2))]
+    assert "(edge)" not in report.tuned_table(runs).split("\n", 2)[2]
+
+
+def test_compare_dry_run_marks_the_clock_runs_planned_by_the_model(capsys):
+    args = ["compare", "--optimizers", "adamw,sam", "--budget", "steps,time", "--steps", "40", "--dry-run"]
+    assert main([*args, "--out", "/nonexistent/cmp"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw-seed0-equal-clock" in out and "(time; 50 steps (the FLOP model's, until the calibration))" in out

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
             budget = (
                 run.config.steps if run.config.steps is not None else f"{run.config.tokens_per_param:g} tokens/param"
             )
-            print(f"{run.name}: {run.config.out} ({'+'.join(run.budgets)}; {budget} steps)")
+            until = " (the FLOP model's, until the calibration)" if run.estimated else ""
+            print(f"{run.name}: {run.config.out} ({'+'.join(run.budgets)}; {budget} steps{until})")
         say(f"dry run: {len(plan)} runs are fine; nothing was written")
         return 0
     result = compare(config)

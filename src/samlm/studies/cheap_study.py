@@ -60,12 +60,11 @@ from samlm.studies.pretrain_study import (
     PretrainStudy,
     StudyPreset,
     choose,
-    edge_mark,
     swept_values,
 )
 from samlm.studies.report import budget_table
 from samlm.studies.runs import REPORT_KEY, load_run
-from samlm.studies.stats import value_text
+from samlm.studies.stats import edge_mark, value_text
 
 CHEAP_OPTIMIZERS = ("adamw", "sam", "fsam", "msam", "pmsam", "looksam", "sam@every5")
 CHEAP_BUDGET = "steps,compute,time"

@@ -58,7 +58,7 @@ from samlm.studies.grid import (
     study_time_text,
 )
 from samlm.studies.runs import REPORT_KEY, Column, group_runs, load_run, seed_values, tuned_point
-from samlm.studies.stats import format_delta, format_mean_std, mean_std, paired_delta, value_text
+from samlm.studies.stats import edge_mark, format_delta, format_mean_std, mean_std, paired_delta, value_text
 
 STUDY_OPTIMIZERS = ("adamw", "sam", "fsam", "psam", "pfsam")
 STUDY_FILE = "study.json"
@@ -610,12 +610,6 @@ def size_table(
             cells.append(format_mean_std(*mean_std(r.summary.get(column.key) for r in members)[:2], column.fmt))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def edge_mark(value: float | None, values: Sequence[float | None] | None) -> str:
-    """``" (edge)"`` when ``value`` is the smallest or largest of a grid of 3 or more ``values``."""
-    values = sorted(v for v in (values or []) if v is not None)
-    return " (edge)" if value is not None and len(values) >= 3 and value in (values[0], values[-1]) else ""
 
 
 def swept_values(study: PretrainStudy, size: ModelSize, base: str | None = None) -> dict[str, dict[str, list]]:

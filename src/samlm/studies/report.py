@@ -50,6 +50,7 @@ from samlm.studies.runs import load_run as load_run  # re-exported: the docstrin
 from samlm.studies.stats import (
     Stat,
     csv_text,
+    edge_mark,
     format_delta,
     format_interval,
     format_mean_std,
@@ -308,11 +309,12 @@ def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> st
             delta = ["(reference)"] * 3
         else:
             delta = delta_cells(paired_delta(seed_values(members, REPORT_KEY), seed_values(reference_runs, REPORT_KEY)))
+        swept = [k for k in groups if k[0] == method]
         cells = [
             method,
             str(points[method]),
-            value_text(key[2]),
-            value_text(key[1]),
+            value_text(key[2]) + edge_mark(key[2], [k[2] for k in swept]),
+            value_text(key[1]) + edge_mark(key[1], [k[1] for k in swept]),
             str(len(members)),
             format_mean_std(*mean_std(r.summary.get(TUNING_KEY) for r in members)[:2]),
             format_mean_std(*mean_std(r.summary.get(REPORT_KEY) for r in members)[:2]),
@@ -440,7 +442,9 @@ def _tuned_section(budgets: Mapping[str, Sequence[Run]]) -> list[str]:
         "## Tuned",
         "",
         f"For each method, the (lr, ρ) point chosen by mean val loss (over seeds) on {slices_text(sample)}, "
-        "which the choice did not see, so the reported loss is free of the selection's optimism. points: the "
+        "which the choice did not see, so the reported loss is free of the selection's optimism. (edge): the "
+        "chosen value is the smallest or largest of 3 or more the method ran, so its optimum may lie beyond "
+        "them. points: the "
         f"(lr, ρ) points the method ran (every one is in the table above); Δ: report loss minus the tuned "
         f"{REFERENCE_OPTIMIZER}'s at the same seed (mean ± std over seed pairs, n = pairs).{per_budget}",
         "",

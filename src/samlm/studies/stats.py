@@ -128,6 +128,13 @@ def value_text(value: float | None) -> str:
     return "–" if value is None else f"{value:g}"
 
 
+def edge_mark(value: float | None, values: Iterable[float | None] | None) -> str:
+    """``" (edge)"`` when ``value`` is the smallest or largest of a grid of 3 or more ``values``: a
+    tuned choice there may have its optimum beyond the grid."""
+    grid = sorted({v for v in (values or []) if v is not None})
+    return " (edge)" if value is not None and len(grid) >= 3 and value in (grid[0], grid[-1]) else ""
+
+
 def percent(rate: float) -> str:
     """A fraction as a percentage in a table: ``0.05`` -> ``5%``."""
     return f"{100 * rate:g}%"
