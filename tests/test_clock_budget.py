@@ -196,6 +196,16 @@ def test_seed_defaults():
     assert list(sweep.seeds) == [0, 1] and sweep.budget == "steps"
     final = study.final(study.preset.corpora[0], {"adamw": (None, 0.01), "sam": (0.1, 0.01)})
     assert list(final.seeds) == [0, 1, 2, 3, 4] and final.budget == "steps,compute,time" and final.base.robustness
+    # the other studies: 5 seeds and a 2-seed sweep where the budget allows; the CPU presets keep their
+    # documented times (3 seeds, a 1-seed sweep)
+    from samlm.studies import pretrain_study, robustness_study
+
+    for name, preset in pretrain_study.PRESETS.items():
+        powered = not name.startswith("cpu")
+        assert preset.seeds == ((0, 1, 2, 3, 4) if powered else (0, 1, 2)), name
+        assert preset.sweep_seeds == ((0, 1) if powered else (0,)), name
+    assert robustness_study.presets()["gpu-24m"].seeds == (0, 1, 2, 3, 4)
+    assert robustness_study.presets()["cpu"].seeds == (0, 1, 2)
     # the second corpus: BPE-512 on Python source, forgetting measured on the other corpus
     second = study.corpus_study(study.preset.corpora[1]).base_config()
     assert (second.data, second.tokenizer, second.forget_data) == ("python-stdlib", "bpe:512", "tinyshakespeare")

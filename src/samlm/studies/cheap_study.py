@@ -83,7 +83,7 @@ class Corpus:
     tokenizer: str | None
     forget_data: str
     steps: int
-    step_seconds: float
+    step_seconds: float | None  # None: not measured, no estimate
     data_tokens: tuple[int, int] | None = None  # prepared once into OUT/<corpus>/data (the GPU preset)
 
 
@@ -124,6 +124,12 @@ GPU_RHO = _grid(
     | {"looksam": ("0.01", "0.05"), "sam@every5": ("0.01", "0.05")}
 )
 
+# What the GPU preset prepares: up to twice the 24M model's 3589 steps at 20 tokens/param (batch 256 x
+# context 512), room for the longest run at equal compute by the clock (AdamW's, at the costliest
+# method's measured ratio, ~1.5-1.9x), plus the token that ends the last window; the validation
+# tokens of the pretraining study's GPU presets. A longer run would start a second epoch.
+CHEAP_GPU_TOKENS = (2 * 3589 * 256 * 512 + 1, GPU_24M_TOKENS[1])
+
 PRESETS: dict[str, CheapPreset] = {
     "cpu": CheapPreset(
         "the demo's 2x32 GPT-2 (context 64, 20 tokens/param) on Tiny Shakespeare (bytes) and on python-stdlib "
@@ -143,7 +149,7 @@ PRESETS: dict[str, CheapPreset] = {
         "20 tokens/param; the small built-in corpora hold far less than 20 tokens/param of this size",
         ModelSize("24m", 6, 320, 5),
         GPU_BASE,
-        (Corpus("c4", "allenai/c4:en", "gpt2", "python-stdlib", 3632, 0.35, GPU_24M_TOKENS),),
+        (Corpus("c4", "allenai/c4:en", "gpt2", "python-stdlib", 3589, None, CHEAP_GPU_TOKENS),),
         GPU_LR,
         GPU_RHO,
         jobs=1,
@@ -217,12 +223,15 @@ class CheapStudy:
         return self.final(corpus, chosen).runs()
 
 
-def estimate_seconds(study: CheapStudy) -> dict[str, float]:
+def estimate_seconds(study: CheapStudy) -> dict[str, float] | None:
     """The study's time by the FLOP model: every run's steps × its step cost × the corpus's AdamW
-    step time, plus the preset's per-run seconds, over the runs at a time. Per stage."""
+    step time, plus the preset's per-run seconds, over the runs at a time. Per stage; None where
+    the preset's step times were not measured."""
     seconds: dict[str, float] = {}
     jobs = study.jobs or study.preset.jobs
     for corpus in study.preset.corpora:
+        if corpus.step_seconds is None:
+            return None
         stages = (("sweep", study.sweep(corpus).runs()), ("final", study.final_runs(corpus)))
         for (stage, runs), overhead in zip(stages, study.preset.run_seconds):
             total = 0.0
@@ -414,7 +423,10 @@ class CheapStudySettings(StudySettings):
         )
 
 
-def minutes_text(seconds: Mapping[str, float]) -> str:
+def minutes_text(seconds: Mapping[str, float] | None) -> str:
+    """The estimate of :func:`estimate_seconds` per stage and in all."""
+    if seconds is None:
+        return "none (the preset's step times were not measured)"
     return ", ".join(f"{stage} {s / 60:.0f} min" for stage, s in seconds.items()) + (
         f"; {math.fsum(seconds.values()) / 60:.0f} min in all"
     )
