@@ -110,7 +110,7 @@ def test_step_time_is_a_median_after_warm_up():
     assert (step_time(windows).seconds, step_time(windows).source) == (0.011, "windows")  # the first window left out
     one = fake_run("b", "adamw", 0, windows=[0.2], step_s=0.2)
     assert (step_time(one).seconds, step_time(one).source) == (0.2, "mean")
-    recorded = fake_run("c", "adamw", 0, windows=[0.5, 0.02], step_s=0.2, step_s_median=0.009)
+    recorded = fake_run("c", "adamw", 0, windows=[0.5, 0.02], step_s=0.2, step_time_median_ms=9.0)
     assert (step_time(recorded).seconds, step_time(recorded).source) == (0.009, "recorded")
     # tokens/s at the median step time: 100 tokens per step / 0.011 s
     row = report.aggregate([windows])[0]
@@ -163,6 +163,7 @@ def _set_times(out, times):
         io.write_jsonl(out / name / "metrics.jsonl", lines)
         summary = json.loads((out / name / "summary.json").read_text())
         summary["step_s"] = seconds * 3
+        summary["step_time_median_ms"] = seconds * 1000
         io.atomic_write_json(out / name / "summary.json", summary)
 
 
@@ -210,7 +211,7 @@ def test_a_slowed_run_is_named_and_left_out_of_the_cost_ratio(tmp_path):
     files = report.write_report(tmp_path / "rewritten", steps, budgets=budgets)
     rows = {r["run"]: r for r in csv.DictReader(stdio.StringIO(files["csv"].read_text()))}
     assert rows["adamw-seed0"]["step_time_outlier"] == "True" and rows["adamw-seed1"]["step_time_outlier"] == "False"
-    assert float(rows["adamw-seed1"]["step_time_s"]) == 0.012 and rows["adamw-seed1"]["step_time_from"] == "windows"
+    assert float(rows["adamw-seed1"]["step_time_s"]) == 0.012 and rows["adamw-seed1"]["step_time_from"] == "recorded"
 
     # both kinds of run in the plots, the equal-compute ones dashed and labelled
     fig = plots.val_loss_figure(steps, equal_compute=[r for r in budgets["compute"] if r.name.endswith(COMPUTE_SUFFIX)])

@@ -44,7 +44,7 @@ REPORT_KEY = "report_loss"  # measured on the disjoint report slice: what they r
 
 
 # summary.json's median step time after warm-up, where the harness records it (seconds)
-RECORDED_MEDIAN_KEY = "step_s_median"
+RECORDED_MEDIAN_KEY = "step_time_median_ms"  # written by the training loop, in milliseconds
 OUTLIER_FACTOR = 2.0  # a run this many times slower than its point's other runs' median is an outlier
 
 
@@ -133,7 +133,7 @@ def load_run(path: str | Path) -> Run:
 @dataclass(frozen=True)
 class StepTime:
     """A run's step time in seconds and where it came from: ``recorded`` (summary.json's
-    ``step_s_median``, the median over its timed steps after warm-up), ``windows`` (the median of
+    ``step_time_median_ms``, the median over its timed steps after warm-up), ``windows`` (the median of
     metrics.jsonl's timing windows after the first, which holds start-up: each line's ``step_s`` is
     the mean over the steps since the previous line) or ``mean`` (summary.json's ``step_s``, the mean
     over every step, start-up included: the run logged one timing window)."""
@@ -145,9 +145,9 @@ class StepTime:
 
 def step_time(run: Run) -> StepTime:
     """The run's step time (:class:`StepTime`): the recorded median, else the windows' median, else the mean."""
-    recorded = finite_number(run.summary.get(RECORDED_MEDIAN_KEY))
-    if recorded is not None:
-        return StepTime(recorded, "recorded")
+    recorded_ms = finite_number(run.summary.get(RECORDED_MEDIAN_KEY))
+    if recorded_ms is not None:
+        return StepTime(recorded_ms / 1000, "recorded")
     windows = [
         seconds
         for record in run.metrics
