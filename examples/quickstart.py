@@ -30,7 +30,7 @@ for method in (samlm.SAM, samlm.ASAM, samlm.FunctionalSAM, samlm.PreconditionedS
         stats = opt.train_step(batch, forward, loss)  # ascent on the first quarter of the rows
         schedule.step()
     print(
-        f"{method.__name__:<28} loss {stats.loss:.3f}  loss(w+eps) {stats.loss_perturbed:.3f}  "
+        f"{method.__name__:<28} ascent-rows loss at w {stats.ascent_loss:.3f}  batch loss at w+eps {stats.loss_perturbed:.3f}  "
         f"|eps| {stats.eps_norm:.3f}"
     )
 

@@ -48,8 +48,8 @@ SCRIPT = textwrap.dedent("""
         opt = build_optimizer(name, model.parameters(), lr=1e-2)
         assert isinstance(opt.base_optimizer, torch.optim.AdamW) and opt.rho == METHODS[name].default_rho
         stats = opt.train_step(batch, lambda b: model(b[0]), ce, split=True)
-        assert not stats.skipped and stats.loss == stats.loss and stats.logit_path_norm is not None, name
-        assert samlm.optim.train_step(opt, batch, lambda b: model(b[0]), ce).loss > 0
+        assert not stats.skipped and stats.loss_perturbed == stats.loss_perturbed and stats.logit_path_norm is not None, name
+        assert samlm.optim.train_step(opt, batch, lambda b: model(b[0]), ce).loss_perturbed > 0
     out = samlm.diagnostics.measure_sharpness(model, batch, lambda b: model(b[0]), ce, iters=3)
     assert out["hessian_lambda_max"] == out["hessian_lambda_max"]
     loaded = {m.partition(".")[0] for m in sys.modules}

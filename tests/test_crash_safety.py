@@ -370,7 +370,7 @@ def test_finetune_max_nonfinite_sets_the_patience(t5_dir, tmp_path, capsys, monk
     def nan_from_step_2(*args, **kwargs):  # the loss turns NaN at step 2 and stays so
         stats = real_step(*args, **kwargs)
         calls["n"] += 1
-        return dataclasses.replace(stats, loss=math.nan) if calls["n"] >= 2 else stats
+        return dataclasses.replace(stats, ascent_loss=math.nan, loss_perturbed=math.nan) if calls["n"] >= 2 else stats
 
     monkeypatch.setattr(loop, "train_step", nan_from_step_2)
     out = tmp_path / "ft"

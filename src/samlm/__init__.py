@@ -1,45 +1,9 @@
-"""samlm: sharpness-aware optimization (SAM, ASAM, Functional-SAM, preconditioned SAM) for LMs."""
+"""samlm: sharpness-aware optimization (SAM, ASAM, Functional-SAM, preconditioned SAM, Momentum-SAM,
+LookSAM) for LMs. The package root re-exports the optimizer core, :mod:`samlm.optim`."""
 
-from .optim import (
-    ASAM,
-    SAM,
-    Adaptive,
-    CombinedOptimizer,
-    Euclidean,
-    FunctionalSAM,
-    PerturbationRule,
-    Preconditioned,
-    PreconditionedFunctionalSAM,
-    PreconditionedSAM,
-    SharpnessAware,
-    Spectral,
-    SpectralSAM,
-    StepStats,
-    build_optimizer,
-    frozen_running_stats,
-    register_preconditioner,
-    train_step,
-)
+from . import optim
+from .optim import *  # noqa: F403 (the core's public names, listed once in samlm.optim.__all__)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SAM",
-    "ASAM",
-    "FunctionalSAM",
-    "PreconditionedSAM",
-    "PreconditionedFunctionalSAM",
-    "SharpnessAware",
-    "Euclidean",
-    "Adaptive",
-    "Preconditioned",
-    "PerturbationRule",
-    "StepStats",
-    "train_step",
-    "build_optimizer",
-    "register_preconditioner",
-    "frozen_running_stats",
-    "SpectralSAM",
-    "Spectral",
-    "CombinedOptimizer",
-]
+__all__ = list(optim.__all__)
