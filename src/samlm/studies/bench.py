@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import platform
 import random
@@ -83,6 +84,13 @@ def method_rho(args, name: str) -> float | None:
 def cycle(args, name: str) -> int:
     """Steps per SAM step of ``name``: ``--sam-every`` for samlm's SAM-family methods, else 1."""
     return 1 if name in (reference_method(args), "peer_sam") else args.sam_every
+
+
+def schedule_cycle(args, name: str) -> int:
+    """Steps of one whole cycle of ``name``'s schedule: :func:`cycle`, times LookSAM's ``look_every``
+    (one full SAM step, then cheap steps reusing it)."""
+    cls = method(PSEUDO_METHODS.get(name, (name,))[0]).cls
+    return cycle(args, name) * (getattr(cls, "default_look_every", 1) if name != "peer_sam" else 1)
 
 
 def reference_method(args) -> str:
@@ -290,8 +298,8 @@ def _sync(device):
 
 def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
     """Per-round step times of every method, and of every bare pass the methods need (keyed
-    ``pass:NAME``), in one round-robin: a round runs each ``--sam-every`` times, timed together
-    (a whole cycle of the SAM schedule), and records the mean."""
+    ``pass:NAME``), in one round-robin: a round runs each as many steps as the longest schedule
+    cycle (``--sam-every``, times LookSAM's ``look_every``), timed together, and records the mean."""
     reference = build_model(args)
     generator = torch.Generator().manual_seed(1)
     batches = [
@@ -315,7 +323,7 @@ def time_methods(args, methods: list[str]) -> dict[str, list[float]]:
         {name: step_of(name) for name in steppers},
         rounds=args.steps,
         untimed=args.untimed_steps,
-        per_round=args.sam_every,
+        per_round=math.lcm(*(schedule_cycle(args, name) for name in methods)),
         device=args.device,
     )
 
@@ -502,7 +510,7 @@ def run_bench(args: BenchConfig) -> dict:
     times = time_methods(args, methods)
     params = sum(p.numel() for p in build_model(args).parameters())
     ref = reference_method(args)
-    results = ratios(times, methods, {name: cycle(args, name) for name in methods}, base=ref)
+    results = ratios(times, methods, {name: schedule_cycle(args, name) for name in methods}, base=ref)
     passes = {
         name.removeprefix("pass:"): round(statistics.median(t), 5)
         for name, t in times.items()
