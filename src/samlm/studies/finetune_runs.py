@@ -365,7 +365,10 @@ def gain_over(group: Group, ref: Group, selection: str, key: str) -> Gain | None
     diffs = paired_differences(sorted(mine.items()), theirs.items())
     paired, baseline_mean = bool(diffs), mean_std(theirs.values())[0]
     if not paired:
-        diffs = [mean_std(mine.values())[0] - baseline_mean]
+        own_mean = mean_std(mine.values())[0]
+        if own_mean is None or baseline_mean is None:  # by_seed keeps finite values only: not reached
+            return None
+        diffs = [own_mean - baseline_mean]
     return Gain(group.model, group.subsample, group.method, selection, key, diffs, paired, baseline_mean)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from samlm import io
 from samlm.optim.registry import METHODS
@@ -259,15 +259,16 @@ def budget_table(
         cells = point_cells(key, with_lr) + ["n/a" if cost is None else f"{cost:.3g}x", measured]
         for kind, g in groups.items():
             members = g.get(key, [])
-            steps = sorted({r.summary.get("steps") for r in members})
+            steps = sorted({int(r.summary["steps"]) for r in members})
             cells.append(", ".join(map(str, steps)) or "–")
-            if key == references[kind]:
+            reference_key = references[kind]
+            if key == reference_key:
                 cells += ["(reference)"] * 3
-            elif not members or references[kind] is None:
+            elif not members or reference_key is None:
                 cells += ["n/a"] * 3
             else:
                 cells += delta_cells(
-                    paired_delta(seed_values(members, loss_key), seed_values(g[references[kind]], loss_key))
+                    paired_delta(seed_values(members, loss_key), seed_values(g[reference_key], loss_key))
                 )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -295,7 +296,8 @@ def tuned_table(runs: Sequence[Run], reference: str = REFERENCE_OPTIMIZER) -> st
     points = {m: sum(key[0] == m for key in groups) for m in methods}
     if max(points.values(), default=0) < 2:
         return None
-    chosen = {m: tuned_point(groups, m) for m in methods}
+    # every method has a point here: methods are read off the groups' keys
+    chosen = {m: cast(tuple, tuned_point(groups, m)) for m in methods}
     reference_runs = groups[chosen[reference]] if reference in chosen else None
     headers = ["method", "points", "chosen lr", "chosen ρ", "seeds", "val loss (tuning slice)"]
     headers += ["report loss (report slice)", f"Δ report loss vs tuned {reference} (paired)"]
