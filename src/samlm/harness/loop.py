@@ -537,7 +537,7 @@ def _open_trackers(run: TrainingRun, state: LoopState):
 def _tracked_training(window: Window, lr: float | None) -> dict:
     """A tracker's training log: the means since the last one (``train/loss``, SAM's signals,
     ``train/sam_step`` the share of SAM steps), the lr, tokens/s and the mean step time."""
-    values = {"train/" + k[len("train_") :]: v for k, v in window.means().items()}
+    values: dict[str, float | None] = {"train/" + k[len("train_") :]: v for k, v in window.means().items()}
     values["train/lr"] = lr
     if window.seconds:
         values["train/tokens_per_s"] = window.tokens / window.seconds
@@ -565,7 +565,7 @@ def _in_eval_mode(model: nn.Module, fn: Callable[[nn.Module], Mapping[str, Any]]
 
 def _postfix(stats: Mapping[str, Any], state: LoopState) -> dict:
     window = state.window
-    postfix = {"loss": f"{stats.get('loss', float('nan')):.4f}"}
+    postfix: dict[str, str | int] = {"loss": f"{stats.get('loss', float('nan')):.4f}"}
     if window.seconds:
         postfix["tok/s"] = f"{window.tokens / window.seconds:,.0f}"
     if state.nonfinite_steps:

@@ -75,6 +75,7 @@ class PrepareConfig:
 def prepare(config: PrepareConfig) -> dict:
     """Run a prepare from its settings; returns the directory's meta.json (``reused``: it was complete)."""
     s.validate(config)
+    assert config.out is not None  # check() refuses None
     return writer.prepare(
         config.data,
         config.out,

@@ -23,14 +23,14 @@ import math
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from samlm.errors import UserError
 from samlm.optim.registry import BASE_OPTIMIZERS, METHODS
 
 FLOAT32_MAX = 3.4028234663852886e38  # lr, rho, ... multiply float32 weights
 MAX_SEED = 2**63  # torch.manual_seed takes a 64-bit signed seed
-Check = Callable[[str, Any], None]  # check(flag, value) raises UserError
+Check = Callable[[str, Any], object]  # check(flag, value) raises UserError (any value it returns is unused)
 
 
 def setting(
@@ -201,7 +201,7 @@ def _parse_pair(text: str) -> tuple[float, float]:
 class OptimizerSettings:
     """optimizer and SAM"""
 
-    optimizer: str = setting(
+    optimizer: str | None = setting(
         "adamw", "a plain optimizer, or a SAM-family method around --base: " + "|".join(METHODS), check=known_method
     )
     base: str | None = setting("adamw", "the base optimizer a SAM-family method wraps", choices=BASE_OPTIMIZERS)
@@ -211,7 +211,7 @@ class OptimizerSettings:
         check=finite(0.0),
         default_text=", ".join(f"{m.name} {m.default_rho:g}" for m in METHODS.values() if m.is_sam),
     )
-    ascent_fraction: float = setting(
+    ascent_fraction: float | None = setting(
         0.25,
         "share of the batch for SAM's ascent gradient (Bahri et al. 0.25; 1 = classic SAM)",
         check=finite(0.0, 1.0, low_open=True),
@@ -266,7 +266,7 @@ class BatchSettings:
     @property
     def micro_batch(self) -> int:
         """Examples of one micro-batch (all processes together)."""
-        return self.batch // self.grad_accum
+        return cast(int, self.batch) // self.grad_accum  # set by now (finetune: by resolve())
 
 
 TRACKING = "experiment trackers (watching a run)"
@@ -313,7 +313,7 @@ class LoopSettings:
     )
     progress: bool = setting(True, "progress bar", resume=False)
     threads: int | None = setting(None, "torch CPU threads (default: torch's choice)", check=threads, resume=False)
-    out: str = setting("runs/run", "run directory", resume=False)
+    out: str | None = setting("runs/run", "run directory", resume=False)
     resume: bool = setting(False, "continue the run in --out from its latest checkpoint", resume=False)
     overwrite: bool = setting(False, "start over in an --out that holds a run", resume=False)
     dry_run: bool = setting(
@@ -410,7 +410,7 @@ def _base_type(hint) -> Any:
     )
 
 
-def _group_title(cls, field: dataclasses.Field) -> str:
+def _group_title(cls: type, field: dataclasses.Field) -> str:
     if field.metadata.get("group"):
         return field.metadata["group"]
     for klass in cls.__mro__[1:]:  # the most derived setting group that has the field

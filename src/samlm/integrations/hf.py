@@ -85,6 +85,7 @@ expect); see ``samlm.integrations.distributed``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import Trainer
@@ -96,6 +97,11 @@ from samlm.optim.registry import method, sam_family
 __all__ = ["SAMTrainer", "SAMTrainerMixin", "TrainerOptimizer", "head_kind", "head_loss"]
 
 SamLoss = Callable[[torch.Tensor, Mapping], torch.Tensor]
+
+if TYPE_CHECKING:  # the mixin's trainer attributes (args, accelerator, optimizer, ...) and super() are Trainer's
+    from transformers import Trainer as _TrainerBase
+else:
+    _TrainerBase = object
 
 
 class TrainerOptimizer(torch.optim.Optimizer):
@@ -166,7 +172,7 @@ def _refuse_deepspeed(trainer) -> None:
 
 
 def _flat_names(mapping) -> set:
-    names = set()
+    names: set[str] = set()
     for value in mapping.values():
         names.update(value if isinstance(value, (tuple, list)) else (value,))
     return names
@@ -240,7 +246,7 @@ def head_loss(
 SAM_BASES = (None, "muon")
 
 
-class SAMTrainerMixin:
+class SAMTrainerMixin(_TrainerBase):
     """SAM-family steps for ``transformers.Trainer`` or any subclass of it; see the module docstring.
 
     ``class MyTrainer(SAMTrainerMixin, SomeTrainer)`` (the mixin first): :class:`SAMTrainer` is
@@ -270,6 +276,9 @@ class SAMTrainerMixin:
             forward pass without backward on the whole batch for it (and for the subclass's
             metrics from the logits, e.g. SFTTrainer's ``entropy``/``mean_token_accuracy``).
     """
+
+    if TYPE_CHECKING:  # Trainer's, or accelerate's wrapper around it once training runs
+        optimizer: torch.optim.Optimizer | None
 
     def __init__(
         self,
@@ -351,14 +360,14 @@ class SAMTrainerMixin:
         )
 
     def _build_sam(self, base: torch.optim.Optimizer) -> SharpnessAware:
-        entry = method(self.sam_method)
+        entry = method(cast(str, self.sam_method))  # set when SAMTrainer builds the optimizer
         rho = entry.default_rho if self.sam_rho is None else self.sam_rho
-        kwargs = {"rho": rho, "ascent_fraction": self.sam_ascent_fraction, "m": self.sam_m}
+        kwargs: dict[str, Any] = {"rho": rho, "ascent_fraction": self.sam_ascent_fraction, "m": self.sam_m}
         if self.is_fsdp_enabled:
             kwargs.update(sam_kwargs_for("fsdp"))
         elif self.sam_sync_ascent:
             kwargs["sync_ascent"] = True
-        return entry.cls(base, **kwargs)
+        return cast("type[SharpnessAware]", entry.cls)(base, **kwargs)  # a SAM-family entry
 
     @property
     def sam_optimizer(self) -> SharpnessAware:
@@ -415,7 +424,7 @@ class SAMTrainerMixin:
             batch, forward, loss, model=model, scaler=self._take_over_grad_scaler(), max_grad_norm=max_norm
         )
         if hasattr(self.optimizer, "_is_overflow"):
-            self.optimizer._is_overflow = stats.skipped  # accelerate: a skipped step keeps the LR
+            cast(Any, self.optimizer)._is_overflow = stats.skipped  # accelerate: a skipped step keeps the LR
         logged = stats.ascent_loss
         if clean is not None:
             rows = sum(_rows(b) for b in micro_batches)

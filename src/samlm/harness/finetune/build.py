@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -190,7 +190,7 @@ def overall_score(
             metrics = {m: values.get(f"{key}/{m}") for m in tasks[name].metrics}
             if any(v is None for v in metrics.values()):
                 return _score_name(eval_keys), None
-            per_key[key] = metrics
+            per_key[key] = cast("dict[str, float]", metrics)  # no None: returned above
     name = _score_name(eval_keys)
     benchmark = name.removesuffix(" average")
     if benchmark in AVERAGED_TASKS:

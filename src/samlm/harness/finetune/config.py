@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from samlm.data.tasks import CLASSIFICATION, GENERATION, REGRESSION
 from samlm.errors import UserError
@@ -156,7 +156,7 @@ class FinetuneConfig(
 
     @property
     def is_sam(self) -> bool:
-        return method(self.optimizer).is_sam
+        return method(cast(str, self.optimizer)).is_sam  # set by resolve()
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> FinetuneConfig:

@@ -26,7 +26,7 @@ import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -106,6 +106,7 @@ def prepare(config: FinetuneConfig) -> Plan:
     from samlm.models import finetune as modeling
 
     validate(config)
+    assert config.out is not None and config.model is not None  # check() refuses None
     run_dir = RunDir(config.out)
     run_dir.check_start(resume=config.resume, overwrite=config.overwrite)
     tasks = resolve_tasks(config)
@@ -125,6 +126,7 @@ def prepare(config: FinetuneConfig) -> Plan:
         "defaults_from": defaults["source"],
         "eval_every": resolved_config.eval_every,
     }
+    assert resolved_config.batch is not None  # resolve() sets it
     _check_training_set(config, train, resolved_config.batch)
     plan = Plan(
         config=resolved_config,
@@ -174,15 +176,16 @@ def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -
     if s.resume:
         run_dir.check_resume(record, identity, "finetune")
     model = par.module
+    steps, warmup = cast(int, s.steps), cast(int, s.warmup)  # ints unless set to None through the API
     optimizer = build_run_optimizer(
         s,
         model,
-        total_steps=s.steps,
+        total_steps=steps,
         sam_kwargs=par.sam_kwargs,
         base=s.base or "adamw",
         ascent_fraction=s.ascent_fraction if s.ascent_fraction is not None else 0.25,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s.lr_schedule, s.warmup, s.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s.lr_schedule, warmup, steps))
     sampler = MixtureSampler(plan.train, limit=s.mixture_limit, seed=s.seed)
     batches = distributed.shard_batches(
         TrainBatches(sampler, fm.collate, s.micro_batch, data_fingerprint(plan.train)), info.rank, info.world_size
@@ -207,7 +210,9 @@ def execute(plan: Plan, *, on_step: Callable[[int, dict], None] | None = None) -
         config=LoopConfig.from_settings(s),
         evaluate=evaluate,
         scheduler=scheduler,
-        forward=functools.partial(fm.forward, module=torch.compile(par.model) if s.compile else par.model),
+        forward=functools.partial(
+            fm.forward, module=cast(torch.nn.Module, torch.compile(par.model)) if s.compile else par.model
+        ),
         loss=fm.loss,
         scaler=par.scaler,
         step_kwargs=par.step_kwargs,

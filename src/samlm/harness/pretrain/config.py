@@ -223,6 +223,10 @@ class PretrainConfig(
     """Everything a pretraining run depends on; the flags of ``samlm pretrain``, one to one."""
 
     out: str = override(s.LoopSettings, "out", default="runs/pretrain")
+    # Set in every pretraining run (None is a fine-tuning run's "the model's default" in the shared groups):
+    optimizer: str = override(s.OptimizerSettings, "optimizer")
+    ascent_fraction: float = override(s.OptimizerSettings, "ascent_fraction")
+    batch: int = override(s.BatchSettings, "batch")
 
     def check(self) -> None:
         """Rules across settings (each field's own check has run)."""

@@ -101,6 +101,7 @@ def measure(
         source = {"run": str(run_dir), "step": step}
         defaults = (config.sharpness_batches, config.sharpness_batch_size, config.sharpness_rho)
     else:
+        assert model_config is not None  # a run_dir or a model_config (samlm sharpness passes one)
         config, model, dataset = load_model(model_config)
         optimizer = None
         source = {"model": config.model, "step": None}

@@ -17,7 +17,7 @@ import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -221,7 +221,7 @@ def pretrain(config: PretrainConfig | Mapping[str, Any], *, on_step: Callable[[i
 
     # --compile: the training forward runs the compiled module; evaluation, sharpness and
     # checkpoints use the module itself (the same parameters).
-    forward = lm_forward(torch.compile(par.model)) if config.compile else None
+    forward = lm_forward(cast(torch.nn.Module, torch.compile(par.model))) if config.compile else None
     result = train(
         par.model,
         optimizer,
