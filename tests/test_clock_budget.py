@@ -115,6 +115,9 @@ def test_the_calibration_is_stored_and_reused_on_resume(tmp_path, monkeypatch):
     assert clock.stored(config.out, config.method_configs()) is not None
     other = dataclasses.replace(config, base=dataclasses.replace(TINY, width=32))
     assert clock.stored(other.out, other.method_configs()) is None
+    # continued with other --threads/--jobs: the same calibration, so the runs keep their steps
+    threads = dataclasses.replace(config, jobs=2, base=dataclasses.replace(TINY, threads=2))
+    assert clock.stored(threads.out, threads.method_configs()) is not None
     compare(dataclasses.replace(config, overwrite=True))  # --overwrite measures again
     assert len(calls) == 2
 

@@ -59,8 +59,7 @@ TIMING_FIELDS = (
     "mixed_precision",
     "compile",
     "strategy",
-    "threads",
-)
+)  # not --threads or --jobs: a comparison continued with others keeps its runs' steps
 
 
 def identity(configs: Mapping[str, Any]) -> dict:
