@@ -272,3 +272,18 @@ def test_compare_dry_run_marks_the_clock_runs_planned_by_the_model(capsys):
     assert main([*args, "--out", "/nonexistent/cmp"]) == 0
     out = capsys.readouterr().out
     assert "adamw-seed0-equal-clock" in out and "(time; 50 steps (the FLOP model's, until the calibration))" in out
+
+
+def test_finetune_compare_refuses_the_clock_budget_and_method_variants(tmp_path):
+    from pathlib import Path
+
+    from samlm.harness.finetune.config import FinetuneConfig
+    from samlm.studies.finetune_grid import FinetuneGrid
+    from tinymodels import save_t5
+
+    glue = Path(__file__).parent / "fixtures" / "glue"
+    base = FinetuneConfig(model=str(save_t5(tmp_path / "t5")), task="glue/rte", data_dir=str(glue), steps=2)
+    with pytest.raises(UserError, match="--budget time .* is samlm compare's"):
+        FinetuneGrid(out=str(tmp_path / "o"), base=base, optimizers="adafactor,sam", budget="steps,time").runs()
+    with pytest.raises(UserError, match="sam@every5: method variants"):
+        FinetuneGrid(out=str(tmp_path / "o"), base=base, optimizers="adafactor,sam@every5").runs()

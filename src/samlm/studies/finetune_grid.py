@@ -24,6 +24,7 @@ from samlm.studies.grid import (
     compute_factors,
     parse_budget,
     parse_lr,
+    parse_method,
     parse_numbers,
     parse_optimizers,
     parse_rho,
@@ -70,9 +71,17 @@ class FinetuneGrid:
         factor (:func:`samlm.studies.grid.compute_factors`), in ``<name>-equal-compute``."""
         from samlm.models.finetune import inspect_model, paper_defaults
 
+        if "time" in parse_budget(self.budget):
+            raise UserError(
+                "--budget time (equal compute by the clock) is samlm compare's; finetune-compare has steps and compute"
+            )
+
         info = inspect_model(cast(str, self.base.model), trust_remote_code=self.base.trust_remote_code)
         baseline = paper_defaults(info)["optimizer"]
         optimizers = parse_optimizers(self.optimizers or f"{baseline},sam")
+        variants = [name for name in optimizers if parse_method(name)[1] is not None]
+        if variants:
+            raise UserError(f"{variants[0]}: method variants (NAME@everyK) are samlm compare's; use --sam-every")
         rhos = parse_rho(self.rho, optimizers)
         lrs = parse_lr(self.lr, optimizers, self.base.lr)
         rates = parse_numbers(self.subsample, "--subsample")
