@@ -249,6 +249,10 @@ def test_cheap_study_end_to_end_and_resumed(tmp_path, monkeypatch):
     # measured (the fake calibration): sam@every5 the slowest, so SAM and AdamW get clock runs of their own
     assert any(n.startswith("sam-") and n.endswith(clock.CLOCK_SUFFIX) for n in final.summaries)
     assert not any(n.startswith("sam@every5-") and n.endswith(clock.CLOCK_SUFFIX) for n in final.summaries)
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "cheap" / "python" / "1x16" / "final" / "results.csv").open()))
+    assert {(r["optimizer"], r["method"]) for r in rows} == {("adamw", "adamw"), ("sam", "sam"), ("sam", "sam@every5")}
     text = (tmp_path / "cheap" / "report.md").read_text()
     assert text.count("### Equal compute by the clock: the calibration") == 2
     assert "| sam@every5 | 0.01 | 0.1 |" in text and "equal compute (model)" in text

@@ -131,10 +131,12 @@ def results_csv(runs: Sequence[Run], budgets: Mapping[str, Sequence[Run]] | None
                 timing.seconds,
                 timing.source,
                 run.name in slow,
+                run.method,
             ]
         )
-    # step_time_s: the run's median step time (samlm.studies.runs.step_time), step_s its mean
-    return csv_text((*fields, "budget", "step_time_s", "step_time_from", "step_time_outlier"), rows)
+    # step_time_s: the run's median step time (samlm.studies.runs.step_time), step_s its mean; method:
+    # the optimizer, or its variant in the comparison (sam@every5), what the tables group by
+    return csv_text((*fields, "budget", "step_time_s", "step_time_from", "step_time_outlier", "method"), rows)
 
 
 def _table_cells(rows: Sequence[Row], columns: Sequence[Column]) -> tuple[list[str], list[list[str]], int]:
