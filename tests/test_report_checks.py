@@ -281,3 +281,29 @@ def test_few_evaluations_and_an_empty_report_slice_are_warned_about(tmp_path):
     fine = _seeds("adamw", [2.0, 2.1], curve=curves, windows=[0.1, 0.01, 0.01])
     assert "Warnings:" not in report.report_markdown(fine)
     assert report_checks.evaluations(fine[0]) == 5
+
+
+def test_a_60_step_compare_with_the_default_cadence_draws_curves_of_at_least_5_points(tmp_path):
+    """--eval-every unset: about 20 evaluations per run whatever --steps is, so every run of a short
+    comparison (the equal-compute ones too) has a curve, and the report warns of no short curve."""
+    base = PretrainConfig(
+        layers=1,
+        width=16,
+        heads=2,
+        context=8,
+        batch=4,
+        max_chars=4000,
+        val_batches=1,
+        steps=60,
+        sharpness=False,
+        progress=False,
+    )
+    out = tmp_path / "cmp"
+    compare(CompareConfig(out=str(out), optimizers=["adamw", "sam"], seeds=[0], base=base, budget="steps,compute"))
+    runs = sorted(p for p in out.iterdir() if (p / "summary.json").is_file())
+    assert len(runs) == 3  # adamw, sam, adamw at equal compute
+    for run in runs:
+        points = [line for line in io.read_jsonl(run / "metrics.jsonl") if line.get("val_loss") is not None]
+        assert len(points) >= 5, (run.name, len(points))
+    assert f"fewer than {report_checks.MIN_EVALUATIONS}" not in (out / "report.md").read_text()
+    assert (out / "val_loss.png").is_file()
