@@ -188,6 +188,22 @@ def test_nonfinite_skip_counts_and_continues(dataset, tmp_path):
     assert io.load_latest_checkpoint(tmp_path / "checkpoints").step == 6
 
 
+def test_nonfinite_policy_reads_the_named_loss_fields_not_the_deprecated_key(dataset, tmp_path, monkeypatch):
+    """The loop must keep counting non-finite steps once ``as_dict`` drops the old ``"loss"`` key."""
+    from samlm.optim.step_stats import StepStats
+
+    as_dict = StepStats.as_dict
+
+    def without_old_key(self):
+        values = as_dict(self)
+        del values["loss"]
+        return values
+
+    monkeypatch.setattr(StepStats, "as_dict", without_old_key)
+    result, _ = run(dataset, tmp_path, steps=6, loss=nan_loss_on({2, 3}), nonfinite="skip")
+    assert result.completed and result.nonfinite_steps == 2
+
+
 def test_nonfinite_stop_after_consecutive_steps(dataset, tmp_path):
     always_nan = nan_loss_on(set(range(100)))
     with pytest.raises(NonFiniteLossError, match="step 3: 3 consecutive steps with a non-finite loss"):

@@ -103,6 +103,7 @@ def test_checks_name_the_flag_in_one_line():
         (FinetuneConfig(model="m", out="o", subsample=1.5), "--subsample must be in (0, 1]"),
         (FinetuneConfig(model="m", out="o", optimizer="adamw", rho=0.1), "--rho applies to SAM-family"),
         (FinetuneConfig(model="m"), "--out is required"),
+        (FinetuneConfig(model="m", out="o", steps=None), "--steps is required for fine-tuning"),
     ]:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             settings.validate(config)

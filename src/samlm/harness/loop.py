@@ -473,8 +473,15 @@ def _one_step(run: TrainingRun, state: LoopState, forward, loss, count_tokens, s
     return stats
 
 
+def _step_loss(stats: Mapping[str, Any]) -> float:
+    """The step's training loss by its named fields: the loss at w (``ascent_loss``), or at w+ε
+    for a step without a pass at w (Momentum-SAM)."""
+    value = stats.get("ascent_loss", stats.get("loss_perturbed"))
+    return float("nan") if value is None else float(value)
+
+
 def _apply_nonfinite_policy(state: LoopState, stats: Mapping[str, Any], config: LoopConfig) -> None:
-    loss_value = stats.get("loss", float("nan"))
+    loss_value = _step_loss(stats)
     nonfinite = bool(stats.get("skipped")) or not math.isfinite(loss_value)
     if stats.get("ascent_nonfinite"):
         state.ascent_nonfinite_steps += 1
@@ -565,7 +572,7 @@ def _in_eval_mode(model: nn.Module, fn: Callable[[nn.Module], Mapping[str, Any]]
 
 def _postfix(stats: Mapping[str, Any], state: LoopState) -> dict:
     window = state.window
-    postfix: dict[str, str | int] = {"loss": f"{stats.get('loss', float('nan')):.4f}"}
+    postfix: dict[str, str | int] = {"loss": f"{_step_loss(stats):.4f}"}
     if window.seconds:
         postfix["tok/s"] = f"{window.tokens / window.seconds:,.0f}"
     if state.nonfinite_steps:

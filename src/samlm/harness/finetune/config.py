@@ -138,6 +138,8 @@ class FinetuneConfig(
             raise UserError("--out is required (the run directory)")
         if self.model is None:
             raise UserError("--model is required (a local model directory or a hub id)")
+        if self.steps is None:  # only the library can leave it unset: the flag has a default
+            raise UserError("--steps is required for fine-tuning (the number of optimizer steps)")
         if self.optimizer is not None and not method(self.optimizer).is_sam:
             for name in ("rho", "base", "ascent_fraction"):
                 if getattr(self, name) is not None:
