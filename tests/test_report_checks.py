@@ -185,7 +185,7 @@ def test_a_slowed_run_is_named_and_left_out_of_the_cost_ratio(tmp_path):
     out = _tiny_compare(tmp_path)
     text = (out / "report.md").read_text()
     # equal-compute runs: in the run list (marked), in the plots
-    assert "Equal-compute runs" in text and f"`adamw-seed0{COMPUTE_SUFFIX}` (equal compute, 12 steps" in text
+    assert "Equal-compute runs" in text and f"`adamw-seed0{COMPUTE_SUFFIX}` (equal compute (model), 12 steps" in text
     assert "![val_loss](val_loss.png)" in text
 
     copy = tmp_path / "copy"
@@ -307,3 +307,17 @@ def test_a_60_step_compare_with_the_default_cadence_draws_curves_of_at_least_5_p
         assert len(points) >= 5, (run.name, len(points))
     assert f"fewer than {report_checks.MIN_EVALUATIONS}" not in (out / "report.md").read_text()
     assert (out / "val_loss.png").is_file()
+
+
+def test_the_run_list_names_the_budget_of_each_equal_compute_run(tmp_path):
+    from samlm.studies.runs import Run
+
+    def run(name, steps):
+        return Run(name, tmp_path / name, {"steps": steps, "optimizer": name.split("-")[0]})
+
+    at_steps = [run("adamw-seed0", 10), run("sam-seed0", 10)]
+    by_model, by_clock = run("adamw-seed0-equal-compute", 12), run("adamw-seed0-equal-clock", 14)
+    budgets = {"steps": at_steps, "compute": [by_model, at_steps[1]], "time": [by_clock, at_steps[1]]}
+    text = "\n".join(report_checks.run_list(at_steps, budgets, []))
+    assert "`adamw-seed0-equal-compute` (equal compute (model), 12 steps)" in text
+    assert "`adamw-seed0-equal-clock` (equal compute (clock), 14 steps)" in text

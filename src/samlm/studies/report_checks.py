@@ -108,13 +108,18 @@ def run_list(
         marks += ["step-time outlier"] if run.name in slow else []
         return f"`{run.name}`" + (f" ({', '.join(marks)})" if marks else "")
 
+    by_clock = {r.name for r in (budgets or {}).get("time", ())}
+
+    def budget_of(run: Run) -> str:
+        return "equal compute (clock)" if run.name in by_clock else "equal compute (model)"
+
     lines = ["Runs: " + ", ".join(name(r) for r in runs), ""]
     longer = equal_compute_only(budgets or {})
     if longer:
         lines += [
             "Equal-compute runs (given the costliest method's compute as extra steps; in the equal-compute "
             "columns, dashed in the plots): "
-            + ", ".join(name(r, f"equal compute, {r.summary.get('steps', '?')} steps") for r in longer),
+            + ", ".join(name(r, f"{budget_of(r)}, {r.summary.get('steps', '?')} steps") for r in longer),
             "",
         ]
     return lines
