@@ -221,3 +221,26 @@ def test_diverged_weights_are_never_saved(dataset, tmp_path):
     with pytest.raises(NonFiniteLossError, match="refusing to save checkpoint at step 4"):
         train(**parts, on_step=poison, config=config)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
+
+
+def test_the_median_step_time_counts_a_periodic_schedule_at_its_share():
+    """One SAM step (30 ms) every 5th step (10 ms otherwise): a median over single steps would say
+    10 ms; over whole cycles it is the mean of a cycle, 14 ms, and a slowed cycle is still left out."""
+    from samlm.harness.loop import median_step_ms
+
+    cheap, sam = 0.010, 0.030
+    cycle = [sam, cheap, cheap, cheap, cheap]
+    times = cycle * 6 + [sam, cheap, 1.0, cheap, cheap]  # one cycle slowed by the machine
+    assert median_step_ms(times, 1) == pytest.approx(10.0)
+    assert median_step_ms(times, 5) == pytest.approx(14.0)
+    assert median_step_ms(times[:3], 5) == pytest.approx(1000 * sum(times[:3]) / 3)
+    assert median_step_ms([], 5) is None
+
+
+def test_the_loop_times_looksam_over_its_whole_cycle(dataset, tmp_path):
+    from samlm.optim import build_optimizer as build
+
+    assert build("sam", [torch.nn.Parameter(torch.ones(2))], lr=0.1, rho=0.05, sam_every=3).steps_per_cycle == 3
+    result, parts = run(dataset, tmp_path, steps=6, optimizer="looksam")
+    assert parts["optimizer"].steps_per_cycle == parts["optimizer"].look_every == 5
+    assert result.steps_per_cycle == 5

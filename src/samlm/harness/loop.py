@@ -149,6 +149,7 @@ class LoopResult:
     checkpoint: Path | None = None  # the last checkpoint written or loaded
     step_times: list[float] = dataclasses.field(default_factory=list)  # steps after each start's warm-up
     warmup_steps: int = 0  # steps left out of step_times
+    steps_per_cycle: int = 1  # the optimizer's schedule repeats every this many steps
 
     @property
     def completed(self) -> bool:
@@ -188,7 +189,7 @@ class LoopResult:
                 "train_seconds": self.train_seconds,
                 "step_s": self.train_seconds / self.step if self.step else None,
                 "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else None,
-                "step_time_median_ms": 1000 * statistics.median(self.step_times) if self.step_times else None,
+                "step_time_median_ms": median_step_ms(self.step_times, self.steps_per_cycle),
                 "step_time_warmup_steps": self.warmup_steps,
                 "nonfinite_steps": self.nonfinite_steps,
                 "ascent_nonfinite_steps": self.ascent_nonfinite_steps,
@@ -408,12 +409,25 @@ def train(
         checkpoint=checkpoint,
         step_times=state.step_times,
         warmup_steps=state.warmup_steps,
+        steps_per_cycle=int(getattr(run.optimizer, "steps_per_cycle", 1)),
     )
 
 
 # The first steps of each start (or resume) are left out of the median step time: start-up,
 # torch.compile and the allocator's first passes make them slower than the run.
 TIMING_WARMUP_STEPS = 10
+
+
+def median_step_ms(step_times: list[float], steps_per_cycle: int = 1) -> float | None:
+    """The run's step time in ms: the median over whole cycles of the optimizer's schedule of each
+    cycle's mean step. A SAM step every k-th step (or LookSAM's full step) is in every cycle at its
+    share, where a median over single steps would report the cheap step alone; the median still
+    leaves out a cycle slowed by the machine. Fewer steps than a cycle: their mean."""
+    if not step_times:
+        return None
+    k = max(1, steps_per_cycle)
+    cycles = [sum(step_times[i : i + k]) / k for i in range(0, len(step_times) - k + 1, k)]
+    return 1000 * (statistics.median(cycles) if cycles else statistics.fmean(step_times))
 
 
 def timing_warmup(steps: int) -> int:

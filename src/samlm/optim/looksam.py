@@ -111,6 +111,10 @@ class LookSAM(SharpnessAware):
         if self._ascent is not None:  # a full step: g_s on the ascent rows, before the others add theirs
             self._ascent_descent = {p: local_tensor(p.grad).clone() for p in self._ascent if isinstance(p.grad, Tensor)}
 
+    @property
+    def steps_per_cycle(self) -> int:
+        return self.schedule.every * self.look_every
+
     def perturbs_this_step(self) -> bool:
         """Every ``look_every``-th step of the wrapper's schedule (asked when one is due)."""
         n = self.counters["steps"] + self.counters["skipped_steps"]

@@ -320,6 +320,12 @@ class SharpnessAware(torch.optim.Optimizer):
         """The next step is a SAM-family step of the schedule (else a plain one)."""
         return self.schedule.is_sam_step(self.counters["steps"] + self.counters["skipped_steps"])
 
+    @property
+    def steps_per_cycle(self) -> int:
+        """Steps after which the schedule's mix of step kinds repeats (``sam_every``; LookSAM: times
+        ``look_every``): a step time taken over any whole cycle counts each kind at its share."""
+        return self.schedule.every
+
     def perturbs_this_step(self) -> bool:
         """A SAM-family step of the schedule runs the ascent and perturbs (LookSAM: only every
         ``look_every``-th; its others are one pass at w, rewritten by ``adjust_descent_gradient``)."""
