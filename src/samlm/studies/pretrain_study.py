@@ -48,6 +48,7 @@ from samlm.harness.pretrain.config import TextDataSettings
 from samlm.harness.settings import setting
 from samlm.progress import say
 from samlm.studies.compare import COMPUTE_SUFFIX, CompareConfig, CompareResult, compare
+from samlm.studies.demo import CPU_RUN
 from samlm.studies.grid import (
     StudySettings,
     check_optimizers,
@@ -130,22 +131,6 @@ GPU_LR = _grid(
 )
 GPU_RHO = _grid({"sam": ("0.01", "0.05"), "fsam": ("0.01", "0.05"), "psam": ("0.05", "0.2"), "pfsam": ("0.05", "0.2")})
 
-_CPU_BASE = PretrainConfig(
-    arch="gpt2",
-    context=64,
-    data="tinyshakespeare",
-    tokenizer="bytes",
-    batch=32,
-    tokens_per_param=20,
-    eval_every=100,
-    val_batches=16,
-    sharpness_every=0,
-    sharpness_iters=10,
-    sharpness_batches=1,
-    sharpness_batch_size=8,
-    threads=1,
-    progress=False,
-)
 # The GPU presets' run settings (the robustness study's gpu-24m preset starts from them too).
 GPU_BASE = PretrainConfig(
     arch="llama",
@@ -191,7 +176,7 @@ PRESETS: dict[str, StudyPreset] = {
     "cpu": StudyPreset(
         "two byte-level GPT-2 models (2x32 and 2x40, context 64) on Tiny Shakespeare, 20 tokens/param",
         (ModelSize("2x32", 2, 32, 4), ModelSize("2x40", 2, 40, 4)),
-        _CPU_BASE,
+        CPU_RUN,
         CPU_LR,
         CPU_RHO,
         jobs=2,
@@ -202,7 +187,7 @@ PRESETS: dict[str, StudyPreset] = {
         "a 2x32 GPT-2 model (context 64) on Tiny Shakespeare with a byte-level BPE of 512 tokens trained on its "
         "training split, 20 tokens/param",
         (ModelSize("2x32-bpe512", 2, 32, 4),),
-        dataclasses.replace(_CPU_BASE, tokenizer="bpe:512"),
+        dataclasses.replace(CPU_RUN, tokenizer="bpe:512"),
         CPU_LR,
         CPU_RHO,
         jobs=2,
@@ -232,7 +217,7 @@ PRESETS: dict[str, StudyPreset] = {
         "the cpu preset's 2x32 byte-level GPT-2 model on Tiny Shakespeare around Muon+AdamW (--base muon), "
         "20 tokens/param",
         (ModelSize("2x32", 2, 32, 4),),
-        _CPU_BASE,
+        CPU_RUN,
         CPU_MUON_LR,
         CPU_RHO,
         jobs=2,
