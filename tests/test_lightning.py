@@ -71,3 +71,18 @@ def test_lightning_resume_restores_the_base_optimizers_moments(tmp_path):
     assert opt.base_optimizer.state_dict()["state"][0]["step"] == 8
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_lightning_trains_with_looksam_and_momentum_sam_through_the_closure():
+    """LookSAM's and Momentum-SAM's step(closure) under Lightning: the full and cheap steps counted."""
+    for build, sam_steps in (
+        (lambda params: samlm.LookSAM(torch.optim.AdamW(params, lr=1e-2), rho=0.1, look_every=3), 6),
+        (lambda params: samlm.MomentumSAM(torch.optim.AdamW(params, lr=1e-2), rho=0.1), 6),
+    ):
+        module = Tiny()
+        module.configure_optimizers = lambda m=module, b=build: b(m.parameters())
+        before = [p.detach().clone() for p in module.parameters()]
+        trainer(max_steps=6).fit(module, loader())
+        assert any(not torch.equal(a, p) for a, p in zip(before, module.parameters()))
+        opt = module.optimizers().optimizer
+        assert opt.counters["steps"] == 6 and opt.counters["sam_steps"] == sam_steps

@@ -246,6 +246,36 @@ def test_looksam_equals_pytorch_optimizer_looksam_on_one_parameter_tensor():
     assert error < 1e-6, error
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_looksam_closure_surface_takes_the_drivers_steps(given):
+    """step(closure), as Lightning calls it (no gradient yet) or as davda54/sam's users do (the
+    gradient at w already computed): the driver's update, with two passes on the full SAM steps
+    and one on the cheap ones."""
+    model_a, batches = problem(7)
+    model_b = copy.deepcopy(model_a)
+    a = LookSAM(torch.optim.AdamW(model_a.parameters(), lr=1e-2), rho=0.2, look_every=3, ascent_fraction=1.0)
+    b = LookSAM(torch.optim.AdamW(model_b.parameters(), lr=1e-2), rho=0.2, look_every=3, ascent_fraction=1.0)
+    passes = []
+    for batch in batches:
+
+        def closure():
+            passes.append(a.perturbed)
+            a.zero_grad()
+            value = ce(model_a(batch[0]), batch)
+            value.backward()
+            return value
+
+        if given:
+            closure()
+        a.step(closure)
+        b.train_step(batch, fwd(model_b), ce)
+    full, cheap = [False, True], [False]
+    assert passes == (full + cheap + cheap) * 2 + full + cheap
+    assert a.counters["sam_steps"] == b.counters["sam_steps"] == len(batches)
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-14) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    assert all(p.grad is None for p in model_a.parameters()) != given
+
+
 def test_looksam_refuses_what_it_cannot_do():
     params = list(torch.nn.Linear(3, 2).parameters())
     with pytest.raises(ValueError, match="look_every must be an integer >= 1"):
@@ -258,9 +288,10 @@ def test_looksam_refuses_what_it_cannot_do():
         LookSAM(torch.optim.AdamW(params), grad_norm_fn=lambda x: x)
     with pytest.raises(ValueError, match="alpha"):
         LookSAM(torch.optim.AdamW(params), alpha=-1.0)
-    opt = LookSAM(torch.optim.AdamW(params))
-    with pytest.raises(RuntimeError, match="train_step"):
-        opt.step(lambda: torch.zeros(()))
+    with pytest.raises(RuntimeError, match=r"use opt.step\(closure\)"):
+        LookSAM(torch.optim.AdamW(params)).first_step()
+    with pytest.raises(ValueError, match="needs a closure"):
+        LookSAM(torch.optim.AdamW(params)).step()
 
 
 # -- both: checkpoints, costs ---------------------------------------------------------------------

@@ -31,8 +31,8 @@ gradient, as ``grad_norm`` and ``update_grad_norm``.
 Where it does not compose: the functional descent (Functional-SAM's J(w+ε)ᵀ r(w) is not the SAM
 gradient whose orthogonal part the cheap steps reuse, and it needs r(w) from a pass over every
 row on each step), perturbations other than SAM's ρ g/‖g‖, m-sharpness (one g_v per step),
-sharded gradients (FSDP), and the ``step(closure)``/``first_step`` surface (the cheap steps need
-the driver: ``train_step``). With BatchNorm, the two descent pieces normalize over their own rows.
+sharded gradients (FSDP), and the ``first_step``/``second_step`` surface (a cheap step is one pass
+at w, which that surface cannot express; ``step(closure)`` and ``train_step`` take it). With BatchNorm, the two descent pieces normalize over their own rows.
 """
 
 from __future__ import annotations
@@ -162,16 +162,44 @@ class LookSAM(SharpnessAware):
         for grad, p in zip(g, params):
             grad.add_((scale * self.look_direction[p]).to(grad.dtype))
 
-    # -- the closure surface cannot take the cheap steps ----------------------------------------
+    # -- the closure surface (Lightning's automatic optimization) -------------------------------
     def first_step(self, zero_grad: bool = False) -> None:
-        raise RuntimeError("LookSAM's steps need the driver: use opt.train_step(batch, forward, loss)")
+        raise RuntimeError(_CLOSURE_ONLY)
 
     def second_step(self, zero_grad: bool = False) -> None:
-        raise RuntimeError("LookSAM's steps need the driver: use opt.train_step(batch, forward, loss)")
+        raise RuntimeError(_CLOSURE_ONLY)
 
     # the signature of SharpnessAware.step
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        raise RuntimeError("LookSAM's steps need the driver: use opt.train_step(batch, forward, loss)")
+        """A step with a closure that computes the loss and calls backward (it may zero the
+        gradients first): at w on every step (skipped where ``p.grad`` already holds the gradient
+        at w), and at w+ε on the full SAM steps. Both gradients cover the closure's whole batch
+        (``ascent_fraction`` is for ``train_step``). Returns the loss at w, or at w+ε when the
+        gradient at w was given; leaves the gradients as it found them (none, or given)."""
+        if closure is None:
+            raise ValueError(
+                f"LookSAM.step() needs a closure that re-evaluates the loss and calls backward(); {_DRIVER}"
+            )
+        closure = torch.enable_grad()(closure)
+        given = self._has_gradient()
+        loss = None if given else closure()
+        due = self.sam_step_due()
+        if due and self.perturbs_this_step():
+            with torch.no_grad():
+                norm, _, ok = self.perturb()  # keeps g (this step's ascent gradient)
+            if not bool(ok):
+                self.counters["ascent_nonfinite" if not bool(torch.isfinite(norm)) else "zero_grad_norm"] += 1
+            self.zero_grad()
+            loss_perturbed = closure()
+            self.ascent_rows_descended()  # g_s, on the same rows as g
+            with torch.no_grad():
+                self.restore()
+            loss = loss_perturbed if loss is None else loss
+        self.adjust_descent_gradient(sam_step=due)
+        self.base_step(sam_step=due)
+        if not given:
+            self.zero_grad(set_to_none=True)
+        return loss
 
     # -- checkpointing: g_v beside the base's state -------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -193,6 +221,13 @@ class LookSAM(SharpnessAware):
             params[int(i)]: v.to(device=params[int(i)].device, dtype=params[int(i)].dtype)
             for i, v in state_dict.get("look_direction", {}).items()
         }
+
+
+_DRIVER = "or use opt.train_step(batch, forward, loss)"
+_CLOSURE_ONLY = (
+    "LookSAM's cheap steps take one pass at w, which first_step()/second_step() cannot express: "
+    f"use opt.step(closure), {_DRIVER}"
+)
 
 
 def _mean_over_replicas(tensors: list[Tensor]) -> None:
