@@ -97,6 +97,8 @@ CASES = {
     "asam-fsdp1": (samlm.ASAM, "fsdp1", True, None),
     "fsam-fsdp2-accum": (samlm.FunctionalSAM, "fsdp2", True, SPLITS),
     "psam-fsdp2-accum": (samlm.PreconditionedSAM, "fsdp2", True, SPLITS),
+    "msam-fsdp2-accum": (samlm.MomentumSAM, "fsdp2", True, SPLITS),
+    "looksam-fsdp2-accum": (samlm.LookSAM, "fsdp2", True, SPLITS),
 }
 
 
@@ -359,6 +361,8 @@ def test_ddp_sync_pattern_per_step(results, name, forwards, allreduces):
         ("asam-fsdp1", samlm.ASAM),
         ("fsam-fsdp2-accum", samlm.FunctionalSAM),
         ("psam-fsdp2-accum", samlm.PreconditionedSAM),
+        ("msam-fsdp2-accum", samlm.MomentumSAM),
+        ("looksam-fsdp2-accum", samlm.LookSAM),
     ],
 )
 def test_fsdp_with_sharded_norms_equals_global_sam(results, name, method):
@@ -367,9 +371,12 @@ def test_fsdp_with_sharded_norms_equals_global_sam(results, name, method):
     assert not torch.allclose(expected, reference_sync(method), rtol=0, atol=1e-6)  # the clip mattered
     for res in results:
         torch.testing.assert_close(res[name]["params"], expected, rtol=0, atol=1e-10)
-        for stats in res[name]["stats"]:
-            if method is not samlm.ASAM:
-                assert stats["eps_norm"] == pytest.approx(0.05, rel=1e-9)  # global ‖ε‖ = ρ
+        perturbed = [stats["eps_norm"] for stats in res[name]["stats"] if stats["eps_norm"] > 0]
+        # every step perturbs, but Momentum-SAM's first (no momentum yet) and LookSAM's cheap steps
+        assert len(perturbed) == {samlm.MomentumSAM: STEPS - 1, samlm.LookSAM: -(-STEPS // 5)}.get(method, STEPS)
+        if method is not samlm.ASAM:
+            rho = 0.3 if method is samlm.MomentumSAM else 0.05  # the registry's default ρ
+            assert perturbed == pytest.approx([rho] * len(perturbed), rel=1e-9)  # global ‖ε‖ = ρ
 
 
 def test_fsdp_refuses_what_it_cannot_do_with_a_clear_message(results):

@@ -284,8 +284,6 @@ def test_looksam_refuses_what_it_cannot_do():
         LookSAM(torch.optim.AdamW(params), descent="functional")
     with pytest.raises(ValueError, match="m-sharpness"):
         LookSAM(torch.optim.AdamW(params), m=2)
-    with pytest.raises(ValueError, match="FSDP"):
-        LookSAM(torch.optim.AdamW(params), grad_norm_fn=lambda x: x)
     with pytest.raises(ValueError, match="alpha"):
         LookSAM(torch.optim.AdamW(params), alpha=-1.0)
     with pytest.raises(RuntimeError, match=r"use opt.step\(closure\)"):
@@ -330,3 +328,13 @@ def test_looksam_composes_with_the_schedule():
     stats = [opt.train_step(batch, fwd(model), ce) for batch in batches]
     assert [s.sam_step for s in stats] == [t % 2 == 1 for t in range(8)]
     assert [s.eps_norm > 0 for s in stats] == [t in (1, 5) for t in range(8)]
+
+
+def test_looksam_names_fsdp1_when_a_gradient_changes_shape_within_a_step():
+    """FSDP1's flat parameters show a sharded gradient at the ascent and a whole one at the
+    descent: one clear error instead of a broadcasting failure deep in the projection."""
+    param = torch.nn.Parameter(torch.ones(12, 6))
+    opt = LookSAM(torch.optim.AdamW([param]))
+    opt._ascent, opt._ascent_descent = {param: torch.ones(6)}, {param: torch.ones(12, 6)}
+    with pytest.raises(RuntimeError, match="use FSDP2"):
+        opt.adjust_descent_gradient(sam_step=True)

@@ -475,9 +475,11 @@ def sharpness_aware_step(
             # ascent would flush: there every group's descent ends with a reduction.
             synced = index == len(plans) - 1 or sharded
             # LookSAM: the ascent rows' descent first, its gradient seen before the other rows add theirs
+            # (sharded: reduced first, since FSDP's p.grad holds only reduced gradients)
             first, rest = split_at_ascent_rows(plan) if opt.observes_ascent_rows_descent else (plan.descent, ())
             with running_stats_move_in("descent"):
-                loss_perturbed += _descent(passes, first, total, descent_rule, cotangents, synced and not rest)
+                first_synced = synced and (sharded or not rest)
+                loss_perturbed += _descent(passes, first, total, descent_rule, cotangents, first_synced)
                 if opt.observes_ascent_rows_descent:
                     opt.ascent_rows_descended()
                 if rest:

@@ -22,7 +22,9 @@ It composes with the wrapper's schedule (schedule.py): the SAM-family steps of `
 steps (``StepStats.sam_step`` True, ``eps_norm`` 0); the steps off the schedule are plain. Before
 the first full SAM step there is no g_v and the cheap steps are plain ones. g_v (as a unit
 vector) is in ``state_dict``. Under DDP each replica forms g_v on its own rows: their mean is
-kept (one all-reduce every ``look_every`` steps), so the replicas' cheap steps agree.
+kept (one all-reduce every ``look_every`` steps), so the replicas' cheap steps agree. Under FSDP
+(``grad_norm_fn``, ``sync_ascent``) each process holds its shard of the global g and g_s, and the
+inner products and norms are summed over the shards; FSDP1's flat parameters are refused.
 
 Memory: g_v, one gradient-sized buffer, held between full steps, and copies of g and of the
 ascent rows' g_s during a full step. A cheap step's ``StepStats`` report ‖d‖, the rewritten
@@ -31,7 +33,7 @@ gradient, as ``grad_norm`` and ``update_grad_norm``.
 Where it does not compose: the functional descent (Functional-SAM's J(w+ε)ᵀ r(w) is not the SAM
 gradient whose orthogonal part the cheap steps reuse, and it needs r(w) from a pass over every
 row on each step), perturbations other than SAM's ρ g/‖g‖, m-sharpness (one g_v per step),
-sharded gradients (FSDP), and the ``first_step``/``second_step`` surface (a cheap step is one pass
+and the ``first_step``/``second_step`` surface (a cheap step is one pass
 at w, which that surface cannot express; ``step(closure)`` and ``train_step`` take it). With BatchNorm, the two descent pieces normalize over their own rows.
 """
 
@@ -82,8 +84,6 @@ class LookSAM(SharpnessAware):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if m != 1:
             raise ValueError(f"LookSAM keeps one g_v per step: m-sharpness (m={m!r}) does not compose with it")
-        if kwargs.get("grad_norm_fn") is not None:
-            raise ValueError("LookSAM forms and reuses g_v on whole gradients: sharded ones (FSDP) are not supported")
         if "descent" in kwargs and as_descent_rule(kwargs["descent"]).needs_clean_cotangent:
             raise ValueError(
                 "LookSAM reuses the orthogonal part of the SAM gradient ∇L(w+ε); the functional descent "
@@ -137,15 +137,21 @@ class LookSAM(SharpnessAware):
         params = [p for p in ascent if p in descent]
         g = [ascent[p] for p in params]
         g_s = [descent[p] for p in params]
+        if any(a.shape != b.shape for a, b in zip(g, g_s)):
+            raise RuntimeError(
+                "LookSAM: a gradient changed shape between the ascent and the descent (FSDP1's flat "
+                "parameters); use FSDP2 (torch.distributed.fsdp.fully_shard, samlm's --strategy fsdp)"
+            )
         # ⟨g, g⟩ by the same reduction as ⟨g_s, g⟩: where g_s = c·g exactly (ρ = 0), g_v = 0 exactly
-        g_sq = _dot(g, g)
-        coef = torch.where(g_sq > 0, _dot(g_s, g) / g_sq.clamp(min=1e-30), torch.zeros_like(g_sq))
+        g_sq = self._over_shards(_dot(g, g))
+        coef = torch.where(g_sq > 0, self._over_shards(_dot(g_s, g)) / g_sq.clamp(min=1e-30), torch.zeros_like(g_sq))
         g_v = [s.to(coef.dtype) - coef * a.to(coef.dtype) for s, a in zip(g_s, g)]
-        _mean_over_replicas(g_v)  # per-replica rows (and ε): one g_v, so the replicas' cheap steps agree
-        v_norm = sum_of_squares(g_v).sqrt()
+        if self.grad_norm_fn is None:  # DDP: per-replica rows (and ε); one g_v, so the cheap steps agree
+            _mean_over_replicas(g_v)
+        v_norm = self._over_shards(sum_of_squares(g_v)).sqrt()
         # kept as a unit vector (the reuse scales it by ‖g‖); below rounding of g_s it is no
         # direction (zero: the cheap steps are plain); non-finite (an overflow): the last one stays
-        real = v_norm > 1e-6 * sum_of_squares(g_s).sqrt()
+        real = v_norm > 1e-6 * self._over_shards(sum_of_squares(g_s)).sqrt()
         unit = torch.where(real, 1 / v_norm.clamp(min=1e-30), torch.zeros_like(v_norm))
         finite = torch.isfinite(v_norm)
         for p, v in zip(params, g_v):
@@ -153,12 +159,17 @@ class LookSAM(SharpnessAware):
             old = self.look_direction.get(p)
             self.look_direction[p] = torch.where(finite, v, old if old is not None else torch.zeros_like(v))
 
+    def _over_shards(self, local_sum: Tensor) -> Tensor:
+        """A sum over this process's shards → over the whole tensors (FSDP: ``grad_norm_fn``
+        all-reduces it; whole gradients: itself)."""
+        return local_sum if self.grad_norm_fn is None else self.grad_norm_fn(local_sum)
+
     def _reuse(self) -> None:
         params = [p for p in self.params_with_grad() if p in self.look_direction]
         if not params:
             return
         g = [local_tensor(cast(Tensor, p.grad)) for p in params]
-        scale = self.alpha * sum_of_squares(g).sqrt()  # α‖g‖ along the unit g_v
+        scale = self.alpha * self._over_shards(sum_of_squares(g)).sqrt()  # α‖g‖ along the unit g_v
         for grad, p in zip(g, params):
             grad.add_((scale * self.look_direction[p]).to(grad.dtype))
 
