@@ -9,6 +9,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from samlm import cli
 from samlm.errors import UserError
@@ -275,3 +276,17 @@ def test_sam_schedule_flags_reach_the_optimizer_in_both_harnesses(tmp_path):
     counters = io.load_latest_checkpoint(tmp_path / "f" / "checkpoints").extra_state["optimizer"]["counters"]
     assert (counters["sam_steps"], counters["plain_steps"]) == (1, 2)
     assert cli.main(["pretrain", *flags, "--sam-start", "1.5", "--out", str(tmp_path / "q")]) == 2
+
+
+def test_looksam_flags_reach_the_optimizer_and_are_refused_for_another_method():
+    from samlm.harness.settings import build_run_optimizer
+
+    params = list(torch.nn.Linear(3, 2).parameters())
+    opt = build_run_optimizer(PretrainConfig(optimizer="looksam", look_every=3, look_alpha=0.2), params, total_steps=9)
+    assert (opt.look_every, opt.alpha, opt.steps_per_cycle) == (3, 0.2, 3)
+    assert build_run_optimizer(PretrainConfig(optimizer="looksam"), params, total_steps=9).look_every == 5
+    for change, name in (({"look_every": 3}, "--look-every"), ({"look_alpha": 0.2}, "--look-alpha")):
+        with pytest.raises(UserError, match=f"^{name} applies to --optimizer looksam, not sam$"):
+            build_run_optimizer(PretrainConfig(optimizer="sam", **change), params, total_steps=9)
+    with pytest.raises(UserError, match="--look-every must be a positive integer"):
+        settings.validate(PretrainConfig(optimizer="looksam", look_every=0))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from samlm.errors import UserError
+from samlm.optim.looksam import LookSAM
 from samlm.optim.registry import BASE_OPTIMIZERS, METHODS
 
 FLOAT32_MAX = 3.4028234663852886e38  # lr, rho, ... multiply float32 weights
@@ -165,6 +166,7 @@ def build_run_optimizer(config, params, *, total_steps: int, sam_kwargs=None, **
     into. ``params``: the model (``--base muon`` splits it), or its parameters."""
     from samlm.optim import build_optimizer
 
+    sam_kwargs = {**(sam_kwargs or {}), **_looksam_settings(config)}
     values = dict(base=config.base, lr=config.lr, rho=config.rho, weight_decay=config.weight_decay)
     values.update(betas=config.betas, eps=config.adam_eps, ascent_fraction=config.ascent_fraction, m=config.m)
     try:
@@ -177,6 +179,16 @@ def build_run_optimizer(config, params, *, total_steps: int, sam_kwargs=None, **
         )
     except ValueError as exc:
         raise UserError(f"cannot build optimizer {config.optimizer}: {exc}") from None
+
+
+def _looksam_settings(config) -> dict:
+    """``--look-every``/``--look-alpha`` as LookSAM takes them; refused for another method."""
+    if config.optimizer == "looksam":
+        return {"look_every": config.look_every, "alpha": config.look_alpha}
+    for name, default in (("look_every", LookSAM.default_look_every), ("look_alpha", LookSAM.default_alpha)):
+        if getattr(config, name) != default:
+            raise UserError(f"{flag(config, name)} applies to --optimizer looksam, not {config.optimizer}")
+    return {}
 
 
 def known_method(flag: str, value) -> None:
@@ -237,6 +249,18 @@ class OptimizerSettings:
         "fraction of the run (in (0, 1); 0.8: SAM in the last 20%)",
         check=sam_start,
         metavar="STEP_OR_FRACTION",
+    )
+    look_every: int = setting(
+        LookSAM.default_look_every,
+        "LookSAM: a full SAM step every K-th step, the steps between reuse its direction "
+        "(a step costs about 1 + ascent_fraction/K plain ones)",
+        check=positive_int,
+        metavar="K",
+    )
+    look_alpha: float = setting(
+        LookSAM.default_alpha,
+        "LookSAM: the weight alpha of the reused direction, g + alpha |g| g_v/|g_v|",
+        check=finite(0.0),
     )
     betas: tuple[float, float] = setting(
         (0.9, 0.98), "AdamW betas", check=pair(finite(0.0, 1.0, high_open=True)), metavar="B1,B2"

@@ -63,6 +63,7 @@ class LookSAM(SharpnessAware):
     SAM step's g_v (see the module docstring). ``alpha``: the reuse weight (0.7 in the paper)."""
 
     default_look_every = 5  # the registry's cost assumes this period (registry.py)
+    default_alpha = 0.7  # Liu et al.'s
     observes_ascent_rows_descent = True
 
     def __init__(
@@ -71,7 +72,7 @@ class LookSAM(SharpnessAware):
         rho: float | None = None,
         *,
         look_every: int = default_look_every,
-        alpha: float = 0.7,
+        alpha: float = default_alpha,
         ascent_fraction: float = 0.25,
         m: int = 1,
         **kwargs: Any,

@@ -212,7 +212,8 @@ def cycle(label: str, config: Any) -> int:
     from samlm.optim.registry import METHODS
 
     entry = METHODS[parse_method(label)[0]]
-    return int(config.sam_every) * int(getattr(entry.cls, "default_look_every", 1)) if entry.is_sam else 1
+    looks = hasattr(entry.cls, "default_look_every")  # LookSAM: its period is the run's --look-every
+    return int(config.sam_every) * (int(config.look_every) if looks else 1) if entry.is_sam else 1
 
 
 def _to_device(batch, device):
