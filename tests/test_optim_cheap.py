@@ -152,6 +152,19 @@ def test_momentum_sam_refuses_a_base_without_momentum_and_what_needs_an_ascent()
         PreconditionedMomentumSAM(torch.optim.SGD(params, lr=0.1, momentum=0.9))
 
 
+def recording_closure(opt, model, batch, calls):
+    """A step(closure) closure that records, at each call, whether the weights are perturbed."""
+
+    def closure():
+        calls.append(opt.perturbed)
+        opt.zero_grad()
+        value = ce(model(batch[0]), batch)
+        value.backward()
+        return value
+
+    return closure
+
+
 def test_msam_closure_surface_runs_once_at_w_plus_eps():
     model_a, batches = problem(4)
     model_b = copy.deepcopy(model_a)
@@ -159,15 +172,7 @@ def test_msam_closure_surface_runs_once_at_w_plus_eps():
     b = MomentumSAM(torch.optim.AdamW(model_b.parameters(), lr=1e-2), rho=0.2)
     calls = []
     for batch in batches[:4]:
-
-        def closure():
-            calls.append(a.perturbed)
-            a.zero_grad()
-            value = ce(model_a(batch[0]), batch)
-            value.backward()
-            return value
-
-        a.step(closure)
+        a.step(recording_closure(a, model_a, batch, calls))
         b.train_step(batch, fwd(model_b), ce)
     assert calls == [True] * 4  # one forward+backward per step, at w+ε
     assert all(torch.allclose(p, q, rtol=0, atol=1e-14) for p, q in zip(model_a.parameters(), model_b.parameters()))
@@ -257,14 +262,7 @@ def test_looksam_closure_surface_takes_the_drivers_steps(given):
     b = LookSAM(torch.optim.AdamW(model_b.parameters(), lr=1e-2), rho=0.2, look_every=3, ascent_fraction=1.0)
     passes = []
     for batch in batches:
-
-        def closure():
-            passes.append(a.perturbed)
-            a.zero_grad()
-            value = ce(model_a(batch[0]), batch)
-            value.backward()
-            return value
-
+        closure = recording_closure(a, model_a, batch, passes)
         if given:
             closure()
         a.step(closure)

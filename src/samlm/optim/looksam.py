@@ -197,11 +197,7 @@ class LookSAM(SharpnessAware):
         loss = None if given else closure()
         due = self.sam_step_due()
         if due and self.perturbs_this_step():
-            with torch.no_grad():
-                norm, _, ok = self.perturb()  # keeps g (this step's ascent gradient)
-            if not bool(ok):
-                self.counters["ascent_nonfinite" if not bool(torch.isfinite(norm)) else "zero_grad_norm"] += 1
-            self.zero_grad()
+            SharpnessAware.first_step(self, zero_grad=True)  # perturb() keeps g, this step's ascent gradient
             loss_perturbed = closure()
             self.ascent_rows_descended()  # g_s, on the same rows as g
             with torch.no_grad():
